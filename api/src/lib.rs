@@ -1,0 +1,212 @@
+//! The per-node dataplane state: what the controller computes for one node and the node's
+//! agent writes into its eBPF maps. It holds only what the node's own endpoints need
+//! (their rule sets, the peer classes those rule sets reference, verdicts, routes), so its
+//! size follows the node, not the cluster — except the address → class table, which can
+//! name any pod in the cluster that a local policy selects.
+//!
+//! Ids (rule sets, classes, rules) are small integers chosen by the controller and kept
+//! stable across recompilations, so that a change in the cluster becomes a small diff.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+mod diff;
+
+pub use diff::{NodeStateDiff, TableDiff};
+
+/// Rule-set id meaning "no policy selects the endpoint in this direction".
+pub const NOT_ISOLATED: u32 = 0;
+/// Class of addresses that no peer of the node's policies matches.
+pub const CLASS_UNMATCHED: u32 = 0;
+
+/// A pod, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for PodKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The compiled rule sets that apply to a local pod (ids into the verdict table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EndpointPolicy {
+    /// Rule set for traffic to the pod, [`NOT_ISOLATED`] if no policy selects it for ingress.
+    pub ingress: u32,
+    /// Rule set for traffic from the pod, likewise for egress.
+    pub egress: u32,
+}
+
+/// Protocol numbers as in IP headers.
+pub type IpProto = u8;
+
+/// A port range aligned to a power of two: `port .. port + 2^(16 - len)`.
+/// `len == 16` is a single port; `len == 0` is every port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortPrefix {
+    pub port: u16,
+    pub len: u8,
+}
+
+impl PortPrefix {
+    /// Returns None if `len > 16` or `port` has bits set below the prefix.
+    pub fn new(port: u16, len: u8) -> Option<Self> {
+        if len > 16 {
+            return None;
+        }
+        let host_bits = 16 - u32::from(len);
+        let mask = if host_bits == 16 { 0 } else { u16::MAX << host_bits };
+        (port & !mask == 0).then_some(Self { port, len })
+    }
+
+    pub fn first(&self) -> u16 {
+        self.port
+    }
+
+    pub fn last(&self) -> u16 {
+        let host_bits = 16 - u32::from(self.len);
+        if host_bits == 16 {
+            u16::MAX
+        } else {
+            self.port | !(u16::MAX << host_bits)
+        }
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first()..=self.last()).contains(&port)
+    }
+}
+
+/// The match part of a verdict entry. Longest match wins in the dataplane: a key with a
+/// protocol beats one without, a longer port prefix beats a shorter one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct VerdictMatch {
+    pub rule_set: u32,
+    pub class: u32,
+    /// None: every protocol (and then `ports` must be None).
+    pub proto: Option<IpProto>,
+    /// None: every port of `proto`.
+    pub ports: Option<PortPrefix>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VerdictEntry {
+    pub action: Action,
+    /// Rule that produced the verdict (an id in [`NodeState::rules`]), 0 if none.
+    pub rule: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// A policy object, by kind, namespace (empty for cluster-scoped kinds) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PolicyRef {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{}/{}", self.kind, self.name)
+        } else {
+            write!(f, "{}/{}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// What a rule id stands for: rule `index` of a policy's ingress or egress list.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RuleRef {
+    pub policy: PolicyRef,
+    pub direction: Direction,
+    pub index: u32,
+}
+
+/// What a rule-set id stands for: the policies whose union it is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RuleSetInfo {
+    pub direction: Direction,
+    pub policies: Vec<PolicyRef>,
+}
+
+/// Another node's pod CIDR and how to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeRoute {
+    pub node: String,
+    pub node_ip: IpAddr,
+}
+
+/// Everything one node's dataplane needs. Maps serialise as lists of `[key, value]` pairs
+/// (their keys are not strings).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Pods scheduled to this node (host-network pods excluded) and their rule sets.
+    #[serde(with = "pairs")]
+    pub endpoints: BTreeMap<PodKey, EndpointPolicy>,
+    /// Address prefix → peer class. Addresses matching no prefix are [`CLASS_UNMATCHED`].
+    #[serde(with = "pairs")]
+    pub peer_classes: BTreeMap<IpNet, u32>,
+    #[serde(with = "pairs")]
+    pub verdicts: BTreeMap<VerdictMatch, VerdictEntry>,
+    #[serde(with = "pairs")]
+    pub rules: BTreeMap<u32, RuleRef>,
+    #[serde(with = "pairs")]
+    pub rule_sets: BTreeMap<u32, RuleSetInfo>,
+    /// Pod CIDRs of other nodes.
+    #[serde(with = "pairs")]
+    pub routes: BTreeMap<IpNet, NodeRoute>,
+}
+
+/// Serde for maps whose keys are not strings: a list of `[key, value]` pairs.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
+    }
+}

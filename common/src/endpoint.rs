@@ -1,0 +1,86 @@
+//! Local endpoints: pods on this node, keyed by address.
+
+/// Value of the `ENDPOINTS` hash map (key: the pod's [`crate::ip::IpKey`]).
+///
+/// The agent writes one entry per pod address on its node. The entry serves three purposes:
+/// anti-spoofing (a packet entering from a pod's veth must carry that pod's address and MAC),
+/// local delivery (where to redirect a packet for this address) and policy (which compiled
+/// rule set isolates the pod in each direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointInfo {
+    /// Host-side veth of the pod.
+    ifindex: u32,
+    /// Compiled ingress rule set, [`crate::policy::NOT_ISOLATED`] when no policy selects the pod.
+    ingress_policy: u32,
+    /// Compiled egress rule set, likewise.
+    egress_policy: u32,
+    flags: u32,
+    /// MAC of the pod's interface.
+    pod_mac: [u8; 6],
+    /// MAC of the host-side veth: the pod's gateway.
+    gateway_mac: [u8; 6],
+    _pad: [u8; 4],
+}
+
+impl EndpointInfo {
+    /// The controller has not yet told the agent which policies select this pod.
+    pub const FLAG_POLICY_PENDING: u32 = 1 << 0;
+
+    pub const fn new(ifindex: u32, pod_mac: [u8; 6], gateway_mac: [u8; 6]) -> Self {
+        Self {
+            ifindex,
+            ingress_policy: crate::policy::NOT_ISOLATED,
+            egress_policy: crate::policy::NOT_ISOLATED,
+            flags: Self::FLAG_POLICY_PENDING,
+            pod_mac,
+            gateway_mac,
+            _pad: [0; 4],
+        }
+    }
+
+    pub const fn with_policies(mut self, ingress: u32, egress: u32) -> Self {
+        self.ingress_policy = ingress;
+        self.egress_policy = egress;
+        self.flags &= !Self::FLAG_POLICY_PENDING;
+        self
+    }
+
+    pub const fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+    pub const fn ingress_policy(&self) -> u32 {
+        self.ingress_policy
+    }
+    pub const fn egress_policy(&self) -> u32 {
+        self.egress_policy
+    }
+    pub const fn flags(&self) -> u32 {
+        self.flags
+    }
+    pub const fn policy_pending(&self) -> bool {
+        self.flags & Self::FLAG_POLICY_PENDING != 0
+    }
+    pub const fn pod_mac(&self) -> [u8; 6] {
+        self.pod_mac
+    }
+    pub const fn gateway_mac(&self) -> [u8; 6] {
+        self.gateway_mac
+    }
+}
+
+/// Value of the `HOST_ADDRS` hash map (key: an address of this node).
+///
+/// Traffic from the node to its own pods is always allowed (kubelet probes), so the
+/// ingress path checks the source against this map before policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostAddr {
+    flags: u32,
+}
+
+impl HostAddr {
+    pub const fn new() -> Self {
+        Self { flags: 0 }
+    }
+}

@@ -1,0 +1,95 @@
+//! Why packets are dropped, and the flow events sent over the `EVENTS` ring buffer.
+
+use crate::ip::IpKey;
+
+/// Index into the per-CPU `DROPS` counter array, and the reason carried by drop events.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Packet too short or malformed headers.
+    Malformed = 1,
+    /// Source address or MAC is not the pod's own.
+    Spoofed = 2,
+    /// Denied by the source pod's egress policy.
+    PolicyEgress = 3,
+    /// Denied by the destination pod's ingress policy.
+    PolicyIngress = 4,
+    /// An established flow that a policy change no longer allows.
+    PolicyRevoked = 5,
+    /// Ethertype the datapath does not forward for pods (e.g. IPv6 before dual stack).
+    UnsupportedL3 = 6,
+    /// A redirect helper failed.
+    RedirectFailed = 7,
+    /// No route to the destination node.
+    NoRoute = 8,
+}
+
+impl DropReason {
+    /// Size of the `DROPS` array (reasons are 1-based; slot 0 stays unused).
+    pub const COUNT: u32 = 9;
+    pub const ALL: [DropReason; 8] = [
+        DropReason::Malformed,
+        DropReason::Spoofed,
+        DropReason::PolicyEgress,
+        DropReason::PolicyIngress,
+        DropReason::PolicyRevoked,
+        DropReason::UnsupportedL3,
+        DropReason::RedirectFailed,
+        DropReason::NoRoute,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Spoofed => "spoofed",
+            DropReason::PolicyEgress => "policy_egress",
+            DropReason::PolicyIngress => "policy_ingress",
+            DropReason::PolicyRevoked => "policy_revoked",
+            DropReason::UnsupportedL3 => "unsupported_l3",
+            DropReason::RedirectFailed => "redirect_failed",
+            DropReason::NoRoute => "no_route",
+        }
+    }
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(DropReason::Malformed),
+            2 => Some(DropReason::Spoofed),
+            3 => Some(DropReason::PolicyEgress),
+            4 => Some(DropReason::PolicyIngress),
+            5 => Some(DropReason::PolicyRevoked),
+            6 => Some(DropReason::UnsupportedL3),
+            7 => Some(DropReason::RedirectFailed),
+            8 => Some(DropReason::NoRoute),
+            _ => None,
+        }
+    }
+}
+
+/// A flow event: every drop, and a sample of newly admitted flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub ts_ns: u64,
+    pub saddr: IpKey,
+    pub daddr: IpKey,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`FlowEvent::VERDICT_ALLOW`] or [`FlowEvent::VERDICT_DROP`].
+    pub verdict: u8,
+    pub _pad: [u8; 2],
+    /// A [`DropReason`] for drops, 0 otherwise.
+    pub reason: u32,
+    /// Interface the packet was seen on.
+    pub ifindex: u32,
+    /// Rule set that decided (0 if none).
+    pub policy: u32,
+    /// Rule that decided (0 if none, e.g. a default deny).
+    pub rule: u32,
+}
+
+impl FlowEvent {
+    pub const VERDICT_ALLOW: u8 = 1;
+    pub const VERDICT_DROP: u8 = 2;
+}

@@ -1,0 +1,80 @@
+//! Map keys and values shared by weir's eBPF programs and its user-space agent.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding fields, so a key built in user space
+//! hashes to the same bytes as one built in the kernel (uninitialised padding in a hash-map key
+//! silently breaks lookups). Fields are private: constructors and accessors own byte order.
+//!
+//! Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`), so IPv6 is an
+//! addition to the maps' contents, not to their layout.
+#![no_std]
+
+pub mod config;
+pub mod conntrack;
+pub mod endpoint;
+pub mod event;
+pub mod ip;
+pub mod policy;
+pub mod route;
+
+#[cfg(feature = "user")]
+mod pod;
+
+/// Version of the map layouts. It is part of every pin path, so an agent with a different
+/// layout never reuses maps pinned by another one.
+pub const ABI_VERSION: u32 = 1;
+
+/// Names of the maps, shared by the programs and the loader.
+pub mod maps {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const PEER_CLASSES: &str = "PEER_CLASSES";
+    pub const VERDICTS: &str = "VERDICTS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const ROUTES: &str = "ROUTES";
+    pub const HOST_ADDRS: &str = "HOST_ADDRS";
+    pub const NODE_CONFIG: &str = "NODE_CONFIG";
+    pub const DROPS: &str = "DROPS";
+    pub const RULE_HITS: &str = "RULE_HITS";
+    pub const POLICY_DROPS: &str = "POLICY_DROPS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+
+    /// Every map the agent pins.
+    pub const ALL: &[&str] = &[
+        ENDPOINTS,
+        PEER_CLASSES,
+        VERDICTS,
+        CONNTRACK,
+        ROUTES,
+        HOST_ADDRS,
+        NODE_CONFIG,
+        DROPS,
+        RULE_HITS,
+        POLICY_DROPS,
+        EVENTS,
+        FRAGMENTS,
+    ];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    /// TC ingress of a pod's host-side veth: traffic the pod sends.
+    pub const FROM_POD: &str = "from_pod";
+    /// TC egress of a pod's host-side veth: traffic the host stack delivers to the pod.
+    pub const TO_POD: &str = "to_pod";
+    /// TC ingress of the node's uplink and of the tunnel device.
+    pub const FROM_NETWORK: &str = "from_network";
+}
+
+/// Map capacities. The peer-class map is the one that grows with the cluster.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const PEER_CLASSES: u32 = 262_144;
+    pub const VERDICTS: u32 = 524_288;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const ROUTES: u32 = 16_384;
+    pub const HOST_ADDRS: u32 = 256;
+    pub const RULE_HITS: u32 = 65_536;
+    pub const POLICY_DROPS: u32 = 16_384;
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    pub const FRAGMENTS: u32 = 8192;
+}

@@ -1,0 +1,129 @@
+//! Stateful enforcement: a flow is decided once; later packets and replies take the fast
+//! path. Entries remember the policy generation they were decided under, so a policy change
+//! re-decides established flows on their next packet (revoked access stops existing flows).
+
+use aya_ebpf::{helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns}, programs::TcContext};
+use weir_common::{
+    conntrack::{CtEntry, CtKey},
+    endpoint::EndpointInfo,
+    event::{DropReason, FlowEvent},
+};
+
+use crate::{
+    events::{emit, record_drop},
+    maps::{count, node_config, CONNTRACK, RULE_HITS},
+    parse::{Packet, TCP_FIN, TCP_RST},
+    policy::admit,
+};
+
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// Runs conntrack and policy for `pkt`. `src_ep`/`dst_ep` are the local endpoints owning the
+/// packet's source and destination addresses, if any. Ok: forward. Err: already counted and
+/// reported, drop.
+#[inline(always)]
+pub fn enforce(
+    ctx: &TcContext,
+    pkt: &Packet,
+    src_ep: Option<&EndpointInfo>,
+    dst_ep: Option<&EndpointInfo>,
+) -> Result<(), ()> {
+    let key = pkt.ct_key();
+    let generation = node_config().policy_gen();
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; concurrent updates only race on advisory fields.
+        let entry = unsafe { &mut *entry };
+        if entry.policy_gen() != generation {
+            recheck(ctx, &key, src_ep, dst_ep, entry, generation)?;
+        }
+        touch(entry, now, pkt.tcp_flags, false);
+        return Ok(());
+    }
+    let reverse = key.reversed();
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&reverse) {
+        // SAFETY: as above.
+        let entry = unsafe { &mut *entry };
+        if entry.policy_gen() != generation {
+            // The flow was opened from the other end: decide it in its own direction.
+            recheck(ctx, &reverse, dst_ep, src_ep, entry, generation)?;
+        }
+        touch(entry, now, pkt.tcp_flags, true);
+        return Ok(());
+    }
+
+    let admission = match admit(&key, src_ep, dst_ep) {
+        Ok(a) => a,
+        Err(d) => {
+            record_drop(ctx, Some(&key), d.reason, d.policy, d.rule);
+            return Err(());
+        }
+    };
+    let mut flags = 0;
+    if src_ep.is_some() {
+        flags |= CtEntry::FLAG_EGRESS_CHECKED;
+    }
+    if dst_ep.is_some() {
+        flags |= CtEntry::FLAG_INGRESS_CHECKED;
+    }
+    let entry = CtEntry::new(now, generation, flags, admission.egress_rule, admission.ingress_rule);
+    let _ = CONNTRACK.insert(&key, &entry, 0);
+    if admission.egress_rule != 0 {
+        count(&RULE_HITS, admission.egress_rule);
+    }
+    if admission.ingress_rule != 0 {
+        count(&RULE_HITS, admission.ingress_rule);
+    }
+    let rate = node_config().sample_rate();
+    // SAFETY: helper without preconditions.
+    if rate != 0 && unsafe { bpf_get_prandom_u32() } % rate == 0 {
+        let rule = if admission.ingress_rule != 0 {
+            admission.ingress_rule
+        } else {
+            admission.egress_rule
+        };
+        emit(ctx, Some(&key), FlowEvent::VERDICT_ALLOW, 0, 0, rule);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn recheck(
+    ctx: &TcContext,
+    flow: &CtKey,
+    src_ep: Option<&EndpointInfo>,
+    dst_ep: Option<&EndpointInfo>,
+    entry: &mut CtEntry,
+    generation: u32,
+) -> Result<(), ()> {
+    match admit(flow, src_ep, dst_ep) {
+        Ok(_) => {
+            entry.set_policy_gen(generation);
+            Ok(())
+        }
+        Err(d) => {
+            let _ = CONNTRACK.remove(flow);
+            record_drop(ctx, Some(flow), DropReason::PolicyRevoked, d.policy, d.rule);
+            Err(())
+        }
+    }
+}
+
+#[inline(always)]
+fn touch(entry: &mut CtEntry, now: u64, tcp_flags: u8, reply: bool) {
+    let mut flags = entry.flags();
+    if reply {
+        flags |= CtEntry::FLAG_REPLIED;
+    }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flags |= CtEntry::FLAG_CLOSING;
+    }
+    if flags != entry.flags() {
+        entry.set_flags(flags);
+    }
+    if now.wrapping_sub(entry.last_seen_ns()) > REFRESH_NS {
+        entry.set_last_seen_ns(now);
+    }
+}

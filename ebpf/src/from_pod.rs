@@ -1,0 +1,63 @@
+//! TC ingress of a pod's host-side veth: everything the pod sends.
+//!
+//! Order: ARP is answered here; the source must be the pod's own address and MAC; then
+//! conntrack and policy (the pod's egress rules, and the destination's ingress rules when it
+//! is a pod on this node); then delivery: straight into a local pod, or up the host stack.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use weir_common::event::DropReason;
+
+use crate::{
+    arp,
+    conntrack::enforce,
+    events::record_drop,
+    forward,
+    maps::ENDPOINTS,
+    parse::{self, L3},
+};
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    let pkt = match parse::parse(ctx) {
+        Ok(L3::Ip(pkt)) => pkt,
+        Ok(L3::Arp) => return arp::from_pod(ctx),
+        Ok(L3::Other) => return drop(ctx, DropReason::UnsupportedL3),
+        Err(reason) => return drop(ctx, reason),
+    };
+    // Anti-spoofing: the source address must belong to the pod behind this very veth,
+    // and the frame must come from that pod's MAC.
+    // SAFETY: value copied out of the map.
+    let Some(src_ep) = (unsafe { ENDPOINTS.get(&pkt.saddr) }).copied() else {
+        return drop(ctx, DropReason::Spoofed);
+    };
+    // SAFETY: context pointer valid for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Ok(eth) = parse::eth(ctx) else {
+        return drop(ctx, DropReason::Malformed);
+    };
+    // SAFETY: bounds checked by parse::eth.
+    let eth_src = unsafe { (*eth).src };
+    if src_ep.ifindex() != ifindex || src_ep.pod_mac() != eth_src {
+        return drop(ctx, DropReason::Spoofed);
+    }
+    // SAFETY: value copied out of the map.
+    let dst_ep = unsafe { ENDPOINTS.get(&pkt.daddr) }.copied();
+    if enforce(ctx, &pkt, Some(&src_ep), dst_ep.as_ref()).is_err() {
+        return TC_ACT_SHOT;
+    }
+    match dst_ep {
+        Some(dst) => forward::to_local_pod(ctx, &dst),
+        // The node itself, or (until routes are programmed) anything else: the host stack.
+        None => TC_ACT_OK,
+    }
+}
+
+#[inline(always)]
+fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
+    record_drop(ctx, None, reason, 0, 0);
+    TC_ACT_SHOT
+}
+

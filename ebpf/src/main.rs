@@ -1,0 +1,37 @@
+//! weir's eBPF programs. One module per program (`from_pod`, `to_pod`), one per mechanism
+//! (`parse`, `conntrack`, `policy`, `forward`, `arp`, `events`), maps in `maps`.
+#![no_std]
+#![no_main]
+
+mod arp;
+mod conntrack;
+mod events;
+mod forward;
+mod from_pod;
+mod maps;
+mod parse;
+mod policy;
+mod to_pod;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    from_pod::run(&ctx)
+}
+
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    to_pod::run(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that can reach this: panics cannot happen at run time.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,76 @@
+//! The maps, all pinned by name so they outlive the agent (hitless restarts and upgrades).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use weir_common::{
+    capacity,
+    config::NodeConfig,
+    conntrack::{CtEntry, CtKey, FragKey, FragPorts},
+    endpoint::{EndpointInfo, HostAddr},
+    event::DropReason,
+    ip::IpKey,
+    policy::{PeerClass, Verdict, VerdictKey},
+    route::RouteEntry,
+};
+
+#[map]
+pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> =
+    HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map]
+pub static HOST_ADDRS: HashMap<IpKey, HostAddr> = HashMap::pinned(capacity::HOST_ADDRS, 0);
+
+#[map]
+pub static PEER_CLASSES: LpmTrie<IpKey, PeerClass> =
+    LpmTrie::pinned(capacity::PEER_CLASSES, 0);
+
+#[map]
+pub static VERDICTS: LpmTrie<VerdictKey, Verdict> = LpmTrie::pinned(capacity::VERDICTS, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::pinned(capacity::FRAGMENTS, 0);
+
+#[map]
+pub static ROUTES: LpmTrie<IpKey, RouteEntry> = LpmTrie::pinned(capacity::ROUTES, 0);
+
+#[map]
+pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+#[map]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+#[map]
+pub static RULE_HITS: PerCpuHashMap<u32, u64> = PerCpuHashMap::pinned(capacity::RULE_HITS, 0);
+
+#[map]
+pub static POLICY_DROPS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::pinned(capacity::POLICY_DROPS, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+
+#[inline(always)]
+pub fn node_config() -> NodeConfig {
+    match NODE_CONFIG.get(0) {
+        Some(c) => *c,
+        None => NodeConfig::new(0, 0, 0),
+    }
+}
+
+/// Adds one to a per-CPU counter keyed by `key`, creating it if needed.
+#[inline(always)]
+pub fn count(map: &PerCpuHashMap<u32, u64>, key: u32) {
+    match map.get_ptr_mut(key) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        Some(v) => unsafe { *v += 1 },
+        None => {
+            let _ = map.insert(key, 1u64, 0);
+        }
+    }
+}
