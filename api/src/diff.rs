@@ -29,7 +29,11 @@ impl<K: Ord + Clone, V: PartialEq + Clone> TableDiff<K, V> {
             .filter(|(k, v)| old.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let remove = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
+        let remove = old
+            .keys()
+            .filter(|k| !new.contains_key(*k))
+            .cloned()
+            .collect();
         Self { upsert, remove }
     }
 

@@ -7,11 +7,7 @@
 //! Ids (rule sets, classes, rules) are small integers chosen by the controller and kept
 //! stable across recompilations, so that a change in the cluster becomes a small diff.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -74,7 +70,11 @@ impl PortPrefix {
             return None;
         }
         let host_bits = 16 - u32::from(len);
-        let mask = if host_bits == 16 { 0 } else { u16::MAX << host_bits };
+        let mask = if host_bits == 16 {
+            0
+        } else {
+            u16::MAX << host_bits
+        };
         (port & !mask == 0).then_some(Self { port, len })
     }
 

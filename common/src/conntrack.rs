@@ -30,7 +30,13 @@ impl CtKey {
 
     /// The key of the same flow seen from the other end.
     pub const fn reversed(&self) -> Self {
-        Self::new(self.daddr, self.saddr, self.dport_be, self.sport_be, self.proto)
+        Self::new(
+            self.daddr,
+            self.saddr,
+            self.dport_be,
+            self.sport_be,
+            self.proto,
+        )
     }
 
     pub const fn saddr(&self) -> &IpKey {
@@ -75,7 +81,13 @@ impl CtEntry {
     /// The flow was admitted by the ingress check of a local destination pod.
     pub const FLAG_INGRESS_CHECKED: u32 = 1 << 3;
 
-    pub const fn new(now_ns: u64, policy_gen: u32, flags: u32, egress_rule: u32, ingress_rule: u32) -> Self {
+    pub const fn new(
+        now_ns: u64,
+        policy_gen: u32,
+        flags: u32,
+        egress_rule: u32,
+        ingress_rule: u32,
+    ) -> Self {
         Self {
             last_seen_ns: now_ns,
             policy_gen,

@@ -16,7 +16,8 @@ impl IpKey {
     pub const fn from_v4(octets: [u8; 4]) -> Self {
         Self {
             bytes: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2],
+                octets[3],
             ],
         }
     }
@@ -34,7 +35,12 @@ impl IpKey {
     }
 
     pub fn v4_octets(&self) -> [u8; 4] {
-        [self.bytes[12], self.bytes[13], self.bytes[14], self.bytes[15]]
+        [
+            self.bytes[12],
+            self.bytes[13],
+            self.bytes[14],
+            self.bytes[15],
+        ]
     }
 }
 

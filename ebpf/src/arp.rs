@@ -12,7 +12,7 @@ use weir_common::{event::DropReason, ip::IpKey};
 use crate::{
     events::record_drop,
     maps::ENDPOINTS,
-    parse::{ptr_at, EthHdr, ETH_HLEN},
+    parse::{ETH_HLEN, EthHdr, ptr_at},
 };
 
 #[repr(C)]
@@ -39,8 +39,15 @@ pub fn from_pod(ctx: &TcContext) -> i32 {
         return TC_ACT_SHOT;
     };
     // SAFETY: bounds checked by ptr_at.
-    let (oper, sha, spa, tpa, eth_src) =
-        unsafe { (u16::from_be((*arp).oper_be), (*arp).sha, (*arp).spa, (*arp).tpa, (*eth).src) };
+    let (oper, sha, spa, tpa, eth_src) = unsafe {
+        (
+            u16::from_be((*arp).oper_be),
+            (*arp).sha,
+            (*arp).spa,
+            (*arp).tpa,
+            (*eth).src,
+        )
+    };
     // Only the pod's own address and MAC may speak ARP here (also for gratuitous ARP).
     // SAFETY: value copied out of the map.
     let Some(ep) = (unsafe { ENDPOINTS.get(&IpKey::from_v4(spa)) }).copied() else {

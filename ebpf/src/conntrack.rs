@@ -2,7 +2,10 @@
 //! path. Entries remember the policy generation they were decided under, so a policy change
 //! re-decides established flows on their next packet (revoked access stops existing flows).
 
-use aya_ebpf::{helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns}, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::TcContext,
+};
 use weir_common::{
     conntrack::{CtEntry, CtKey},
     endpoint::EndpointInfo,
@@ -11,7 +14,7 @@ use weir_common::{
 
 use crate::{
     events::{emit, record_drop},
-    maps::{count, node_config, CONNTRACK, RULE_HITS},
+    maps::{CONNTRACK, RULE_HITS, count, node_config},
     parse::{Packet, TCP_FIN, TCP_RST},
     policy::admit,
 };
@@ -68,7 +71,13 @@ pub fn enforce(
     if dst_ep.is_some() {
         flags |= CtEntry::FLAG_INGRESS_CHECKED;
     }
-    let entry = CtEntry::new(now, generation, flags, admission.egress_rule, admission.ingress_rule);
+    let entry = CtEntry::new(
+        now,
+        generation,
+        flags,
+        admission.egress_rule,
+        admission.ingress_rule,
+    );
     let _ = CONNTRACK.insert(&key, &entry, 0);
     if admission.egress_rule != 0 {
         count(&RULE_HITS, admission.egress_rule);

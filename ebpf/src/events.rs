@@ -1,13 +1,22 @@
 //! Drop counters and flow events.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use weir_common::{conntrack::CtKey, event::{DropReason, FlowEvent}};
+use weir_common::{
+    conntrack::CtKey,
+    event::{DropReason, FlowEvent},
+};
 
-use crate::maps::{count, DROPS, EVENTS, POLICY_DROPS};
+use crate::maps::{DROPS, EVENTS, POLICY_DROPS, count};
 
 /// Counts a drop by reason (and by rule set for policy drops) and reports it as a flow event.
 #[inline(always)]
-pub fn record_drop(ctx: &TcContext, flow: Option<&CtKey>, reason: DropReason, policy: u32, rule: u32) {
+pub fn record_drop(
+    ctx: &TcContext,
+    flow: Option<&CtKey>,
+    reason: DropReason,
+    policy: u32,
+    rule: u32,
+) {
     if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU counter.
         unsafe { *c += 1 };
@@ -15,11 +24,25 @@ pub fn record_drop(ctx: &TcContext, flow: Option<&CtKey>, reason: DropReason, po
     if policy != 0 {
         count(&POLICY_DROPS, policy);
     }
-    emit(ctx, flow, FlowEvent::VERDICT_DROP, reason as u32, policy, rule);
+    emit(
+        ctx,
+        flow,
+        FlowEvent::VERDICT_DROP,
+        reason as u32,
+        policy,
+        rule,
+    );
 }
 
 #[inline(always)]
-pub fn emit(ctx: &TcContext, flow: Option<&CtKey>, verdict: u8, reason: u32, policy: u32, rule: u32) {
+pub fn emit(
+    ctx: &TcContext,
+    flow: Option<&CtKey>,
+    verdict: u8,
+    reason: u32,
+    policy: u32,
+    rule: u32,
+) {
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         return;
     };

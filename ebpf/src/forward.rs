@@ -1,13 +1,9 @@
 //! Delivery without the host stack.
 
-use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
-    helpers::generated::bpf_redirect_peer,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::generated::bpf_redirect_peer, programs::TcContext};
 use weir_common::endpoint::EndpointInfo;
 
-use crate::parse::{eth, EthHdr};
+use crate::parse::{EthHdr, eth};
 
 /// Rewrites the Ethernet header to gateway → pod and hands the packet straight to the
 /// pod's interface inside its namespace. `bpf_redirect_peer` (kernel ≥ 5.10) only works

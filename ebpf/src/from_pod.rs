@@ -60,4 +60,3 @@ fn drop(ctx: &TcContext, reason: DropReason) -> i32 {
     record_drop(ctx, None, reason, 0, 0);
     TC_ACT_SHOT
 }
-

@@ -1,4 +1,5 @@
-//! The maps, all pinned by name so they outlive the agent (hitless restarts and upgrades).
+//! The maps. The agent pins every one of them under a versioned path, so they outlive the
+//! agent (hitless restarts and upgrades); tests load them unpinned.
 
 use aya_ebpf::{
     macros::map,
@@ -17,43 +18,47 @@ use weir_common::{
 
 #[map]
 pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> =
-    HashMap::pinned(capacity::ENDPOINTS, 0);
+    HashMap::with_max_entries(capacity::ENDPOINTS, 0);
 
 #[map]
-pub static HOST_ADDRS: HashMap<IpKey, HostAddr> = HashMap::pinned(capacity::HOST_ADDRS, 0);
+pub static HOST_ADDRS: HashMap<IpKey, HostAddr> =
+    HashMap::with_max_entries(capacity::HOST_ADDRS, 0);
 
 #[map]
 pub static PEER_CLASSES: LpmTrie<IpKey, PeerClass> =
-    LpmTrie::pinned(capacity::PEER_CLASSES, 0);
+    LpmTrie::with_max_entries(capacity::PEER_CLASSES, 0);
 
 #[map]
-pub static VERDICTS: LpmTrie<VerdictKey, Verdict> = LpmTrie::pinned(capacity::VERDICTS, 0);
+pub static VERDICTS: LpmTrie<VerdictKey, Verdict> =
+    LpmTrie::with_max_entries(capacity::VERDICTS, 0);
 
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
-    LruHashMap::pinned(capacity::FRAGMENTS, 0);
+    LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
 
 #[map]
-pub static ROUTES: LpmTrie<IpKey, RouteEntry> = LpmTrie::pinned(capacity::ROUTES, 0);
+pub static ROUTES: LpmTrie<IpKey, RouteEntry> = LpmTrie::with_max_entries(capacity::ROUTES, 0);
 
 #[map]
-pub static NODE_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
 
 #[map]
-pub static RULE_HITS: PerCpuHashMap<u32, u64> = PerCpuHashMap::pinned(capacity::RULE_HITS, 0);
+pub static RULE_HITS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(capacity::RULE_HITS, 0);
 
 #[map]
 pub static POLICY_DROPS: PerCpuHashMap<u32, u64> =
-    PerCpuHashMap::pinned(capacity::POLICY_DROPS, 0);
+    PerCpuHashMap::with_max_entries(capacity::POLICY_DROPS, 0);
 
 #[map]
-pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 
 #[inline(always)]
 pub fn node_config() -> NodeConfig {

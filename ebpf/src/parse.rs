@@ -92,7 +92,13 @@ pub struct Packet {
 impl Packet {
     #[inline(always)]
     pub fn ct_key(&self) -> CtKey {
-        CtKey::new(self.saddr, self.daddr, self.sport_be, self.dport_be, self.proto)
+        CtKey::new(
+            self.saddr,
+            self.daddr,
+            self.sport_be,
+            self.dport_be,
+            self.proto,
+        )
     }
 }
 
@@ -192,7 +198,14 @@ fn parse_v6(ctx: &TcContext) -> Result<Packet, DropReason> {
         tcp_flags: 0,
     };
     // Extension headers are not walked: such packets are classified as portless.
-    l4_ports(ctx, ETH_HLEN + size_of::<Ipv6Hdr>(), &mut pkt, proto::ICMPV6, 128, 129)?;
+    l4_ports(
+        ctx,
+        ETH_HLEN + size_of::<Ipv6Hdr>(),
+        &mut pkt,
+        proto::ICMPV6,
+        128,
+        129,
+    )?;
     Ok(pkt)
 }
 

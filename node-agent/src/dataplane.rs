@@ -1,0 +1,349 @@
+//! Loading the eBPF object, pinning its maps, attaching programs to interfaces.
+//!
+//! Everything that must survive an agent restart lives in bpffs under
+//! `<bpffs>/weir/<node>/v<ABI>/`: `maps/<NAME>` and `links/<ifname>-<direction>`. A restarted
+//! agent reopens the maps (so conntrack and policy state carry over) and atomically swaps
+//! its freshly loaded programs into the pinned links (`BPF_LINK_UPDATE`), so no packet ever
+//! meets an interface without a program. The ABI version in the path keeps an agent with
+//! another map layout from reusing maps it cannot read.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{self, SchedClassifierLink, TcAttachOptions},
+    },
+};
+use thiserror::Error;
+use weir_common::{ABI_VERSION, maps, programs};
+
+/// The compiled eBPF object.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object (pins under {pins})")]
+    Load {
+        pins: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("{action} program {program} on {ifname}")]
+    Program {
+        action: &'static str,
+        program: &'static str,
+        ifname: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("pinned link {path}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning link at {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("adding clsact qdisc to {ifname}")]
+    Qdisc {
+        ifname: String,
+        #[source]
+        source: tc::TcError,
+    },
+    #[error("{action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// Where one node's pins live.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    /// `bpffs` is the bpffs mount (normally `/sys/fs/bpf`).
+    pub fn new(bpffs: &Path, node: &str) -> Self {
+        Self {
+            root: bpffs
+                .join("weir")
+                .join(node)
+                .join(format!("v{ABI_VERSION}")),
+        }
+    }
+    /// The node's directory (parent of every ABI version).
+    pub fn node_dir(&self) -> &Path {
+        self.root.parent().unwrap_or(&self.root)
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    fn link_path(&self, ifname: &str, dir: TcAttachType) -> PathBuf {
+        let suffix = match dir {
+            TcAttachType::Ingress => "ingress",
+            TcAttachType::Egress => "egress",
+            TcAttachType::Custom(_) => "custom",
+        };
+        self.links_dir().join(format!("{ifname}-{suffix}"))
+    }
+    fn create_dirs(&self) -> Result<()> {
+        for dir in [self.maps_dir(), self.links_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
+                action: "creating pin directory",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+    /// Removes every pin of this node (all ABI versions): detaches its links, frees its maps
+    /// once no program uses them.
+    pub fn remove_all(&self) -> Result<()> {
+        match fs::remove_dir_all(self.node_dir()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DataplaneError::Io {
+                action: "removing pins",
+                path: self.node_dir().to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+/// How programs get onto an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links (kernel ≥ 6.6): pinned, atomically replaceable.
+    Tcx,
+    /// clsact qdisc + cls_bpf filters (older kernels): filters persist with the qdisc.
+    Netlink,
+}
+
+/// The loaded programs and the maps they share.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pins: Option<PinLayout>,
+    mode: AttachMode,
+}
+
+impl Dataplane {
+    /// Loads the programs. With `pins`, maps are reopened from (or pinned to) the node's pin
+    /// directory; without, they are private to this instance (tests, benchmarks).
+    pub fn load(pins: Option<PinLayout>) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&'static str, PathBuf)> = match &pins {
+            Some(p) => {
+                p.create_dirs()?;
+                maps::ALL
+                    .iter()
+                    .map(|name| (*name, p.maps_dir().join(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load {
+                pins: pins
+                    .as_ref()
+                    .map(|p| p.root.display().to_string())
+                    .unwrap_or_else(|| "none".into()),
+                source: Box::new(source),
+            })?;
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            let prog = classifier(&mut ebpf, name)?;
+            prog.load().map_err(|source| DataplaneError::Program {
+                action: "loading",
+                program: name,
+                ifname: String::new(),
+                source,
+            })?;
+        }
+        let mode = if tcx_supported() {
+            AttachMode::Tcx
+        } else {
+            AttachMode::Netlink
+        };
+        Ok(Self { ebpf, pins, mode })
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    pub fn pins(&self) -> Option<&PinLayout> {
+        self.pins.as_ref()
+    }
+
+    /// Takes a map out of the object, for the map writers.
+    pub fn take_map(&mut self, name: &'static str) -> Result<Map> {
+        self.ebpf
+            .take_map(name)
+            .ok_or(DataplaneError::MissingMap { name })
+    }
+
+    /// A program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
+        classifier(&mut self.ebpf, name)
+    }
+
+    /// Attaches the pod programs to a pod's host-side veth: `from_pod` on ingress (what the
+    /// pod sends), `to_pod` on egress. Reuses pinned links left by a previous agent,
+    /// swapping in this agent's programs, so re-attaching is hitless and idempotent.
+    pub fn attach_pod_interface(&mut self, ifname: &str) -> Result<()> {
+        self.attach(ifname, programs::FROM_POD, TcAttachType::Ingress)?;
+        self.attach(ifname, programs::TO_POD, TcAttachType::Egress)
+    }
+
+    /// Detaches the pod programs (removing their pins). Missing links are not an error:
+    /// deleting a veth already detached them.
+    pub fn detach_pod_interface(&mut self, ifname: &str) -> Result<()> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let path = pins.link_path(ifname, dir);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DataplaneError::Io {
+                        action: "unpinning link",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, ifname: &str, program: &'static str, dir: TcAttachType) -> Result<()> {
+        let link_path = self.pins.as_ref().map(|p| p.link_path(ifname, dir));
+        let mode = self.mode;
+        let prog = classifier(&mut self.ebpf, program)?;
+        let err = |action, source| DataplaneError::Program {
+            action,
+            program,
+            ifname: ifname.to_string(),
+            source,
+        };
+        match mode {
+            AttachMode::Tcx => {
+                if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
+                    // A previous agent's link: swap our program in, keep the pin.
+                    let pinned =
+                        PinnedLink::from_pin(path).map_err(|source| DataplaneError::Link {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    let link =
+                        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                            DataplaneError::Link {
+                                path: path.clone(),
+                                source,
+                            }
+                        })?;
+                    let id = prog.attach_to_link(link).map_err(|e| err("replacing", e))?;
+                    // The pin keeps the link attached; our fd can go.
+                    drop(prog.take_link(id).map_err(|e| err("releasing", e))?);
+                    return Ok(());
+                }
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        dir,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| err("attaching", e))?;
+                let link = prog.take_link(id).map_err(|e| err("releasing", e))?;
+                match link_path {
+                    Some(path) => {
+                        let fd = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                            path: path.clone(),
+                            source,
+                        })?;
+                        fd.pin(&path)
+                            .map_err(|source| DataplaneError::Pin { path, source })?;
+                    }
+                    // Unpinned (tests): keep the link alive as long as the process.
+                    None => std::mem::forget(link),
+                }
+                Ok(())
+            }
+            AttachMode::Netlink => {
+                if let Err(source) = tc::qdisc_add_clsact(ifname) {
+                    // EEXIST: the qdisc is already there.
+                    let exists = matches!(&source, tc::TcError::NetlinkError(e)
+                        if e.raw_os_error() == Some(libc::EEXIST));
+                    if !exists {
+                        return Err(DataplaneError::Qdisc {
+                            ifname: ifname.to_string(),
+                            source,
+                        });
+                    }
+                }
+                let id = prog.attach(ifname, dir).map_err(|e| err("attaching", e))?;
+                // Filters stay with the qdisc when the agent exits.
+                std::mem::forget(prog.take_link(id).map_err(|e| err("releasing", e))?);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        .ok_or(DataplaneError::MissingProgram { name })
+}
+
+/// TCX needs Linux 6.6.
+fn tcx_supported() -> bool {
+    let Ok(u) = nix::sys::utsname::uname() else {
+        return false;
+    };
+    let release = u.release().to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 6)
+}
+
+/// Opens a map of the node's pins without loading programs (read-only tools).
+pub fn open_pinned_map(pins: &PinLayout, name: &str) -> Result<MapData> {
+    let path = pins.maps_dir().join(name);
+    MapData::from_pin(&path).map_err(|e| DataplaneError::Io {
+        action: "opening pinned map",
+        path,
+        source: io::Error::other(e.to_string()),
+    })
+}

@@ -1,0 +1,27 @@
+//! Shared helpers for the agent's integration tests.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+pub mod packet;
+
+/// Moves the calling test thread into a fresh, private network namespace (only this thread:
+/// libtest runs each test on its own thread), so interfaces a test creates never touch the
+/// host. Fails loudly when not root: these tests must not pass by skipping.
+pub fn private_netns() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (CAP_NET_ADMIN, CAP_BPF); run it through `cargo xtask test`"
+    );
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+}
+
+/// Creates an interface (one end of a veth pair; the dummy driver may be missing) in the
+/// current thread's namespace and returns its ifindex.
+pub fn dummy_interface(name: &str) -> u32 {
+    let peer = format!("{name}-p");
+    let status = std::process::Command::new("ip")
+        .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
+        .status()
+        .expect("running ip");
+    assert!(status.success(), "ip link add {name} failed");
+    nix::net::if_::if_nametoindex(name).expect("if_nametoindex")
+}
