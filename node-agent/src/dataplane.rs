@@ -45,25 +45,25 @@ pub enum DataplaneError {
         program: &'static str,
         ifname: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("pinned link {path}")]
     Link {
         path: PathBuf,
         #[source]
-        source: aya::programs::links::LinkError,
+        source: Box<aya::programs::links::LinkError>,
     },
     #[error("pinning link at {path}")]
     Pin {
         path: PathBuf,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     #[error("adding clsact qdisc to {ifname}")]
     Qdisc {
         ifname: String,
         #[source]
-        source: tc::TcError,
+        source: Box<tc::TcError>,
     },
     #[error("{action} {path}")]
     Io {
@@ -184,7 +184,7 @@ impl Dataplane {
                 action: "loading",
                 program: name,
                 ifname: String::new(),
-                source,
+                source: Box::new(source),
             })?;
         }
         let mode = if tcx_supported() {
@@ -254,7 +254,7 @@ impl Dataplane {
             action,
             program,
             ifname: ifname.to_string(),
-            source,
+            source: Box::new(source),
         };
         match mode {
             AttachMode::Tcx => {
@@ -263,13 +263,13 @@ impl Dataplane {
                     let pinned =
                         PinnedLink::from_pin(path).map_err(|source| DataplaneError::Link {
                             path: path.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
                     let link =
                         SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
                             DataplaneError::Link {
                                 path: path.clone(),
-                                source,
+                                source: Box::new(source),
                             }
                         })?;
                     let id = prog.attach_to_link(link).map_err(|e| err("replacing", e))?;
@@ -289,10 +289,12 @@ impl Dataplane {
                     Some(path) => {
                         let fd = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
                             path: path.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
-                        fd.pin(&path)
-                            .map_err(|source| DataplaneError::Pin { path, source })?;
+                        fd.pin(&path).map_err(|source| DataplaneError::Pin {
+                            path,
+                            source: Box::new(source),
+                        })?;
                     }
                     // Unpinned (tests): keep the link alive as long as the process.
                     None => std::mem::forget(link),
@@ -307,7 +309,7 @@ impl Dataplane {
                     if !exists {
                         return Err(DataplaneError::Qdisc {
                             ifname: ifname.to_string(),
-                            source,
+                            source: Box::new(source),
                         });
                     }
                 }

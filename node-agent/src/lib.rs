@@ -1,6 +1,14 @@
 //! weir's node agent: loads and pins the dataplane, configures pod networking for the CNI
 //! plugin, and applies the controller's per-node state to the eBPF maps.
 
+pub mod agent;
+pub mod cni_service;
 pub mod dataplane;
+pub mod endpoints;
 pub mod maps;
 pub mod netlink;
+pub mod podnet;
+
+/// Bytes VXLAN adds to a packet (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8); pod MTUs
+/// leave room for it so that encapsulated traffic never needs fragmenting.
+pub const VXLAN_OVERHEAD: u32 = 50;

@@ -1,1 +1,101 @@
-fn main() {}
+//! `weir-agent`: the node agent (a DaemonSet pod: hostNetwork, privileged).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ipnet::IpNet;
+use tokio::{signal::unix::SignalKind, sync::Mutex};
+use tracing::{info, warn};
+use weir_agent::{
+    agent::{Agent, AgentConfig},
+    cni_service::CniService,
+};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "weir node agent")]
+struct Args {
+    /// This node's name (as in the Kubernetes Node object).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// IPAM and endpoint state.
+    #[arg(long, env = "WEIR_STATE_DIR", default_value = "/var/lib/weir")]
+    state_dir: PathBuf,
+    /// Unix socket the CNI plugin talks to.
+    #[arg(long, env = "WEIR_CNI_SOCKET", default_value = "/run/weir/cni.sock")]
+    cni_socket: PathBuf,
+    /// The bpffs mount; pins live under <bpffs>/weir/<node>/.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+    /// This node's pod CIDR (repeat for dual stack).
+    #[arg(long = "pod-cidr", env = "WEIR_POD_CIDR", value_delimiter = ',')]
+    pod_cidrs: Vec<IpNet>,
+    /// MTU of pod interfaces; 0 picks the uplink's MTU minus VXLAN overhead.
+    #[arg(long, default_value_t = 0)]
+    pod_mtu: u32,
+    /// Report one in N new flows as a flow event (0: only drops).
+    #[arg(long, default_value_t = 0)]
+    flow_sample_rate: u32,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let pod_mtu = if args.pod_mtu == 0 {
+        weir_agent::netlink::uplink_mtu()
+            .await
+            .map(|m| m.saturating_sub(weir_agent::VXLAN_OVERHEAD))
+            .unwrap_or(1450)
+    } else {
+        args.pod_mtu
+    };
+    let cfg = AgentConfig {
+        node_name: args.node_name.clone(),
+        state_dir: args.state_dir.clone(),
+        bpffs: args.bpffs.clone(),
+        pod_cidrs: args.pod_cidrs.clone(),
+        pod_mtu,
+        flow_sample_rate: args.flow_sample_rate,
+    };
+    let agent = Agent::start(cfg).await.context("starting the dataplane")?;
+    info!(node = %args.node_name, pod_cidrs = ?args.pod_cidrs, pod_mtu, "dataplane loaded");
+    let agent = Arc::new(Mutex::new(agent));
+
+    // The socket appears only now: a plugin STATUS that reaches us means ADD can be served.
+    let listener = weir_cni::server::bind(&args.cni_socket)
+        .with_context(|| format!("binding {}", args.cni_socket.display()))?;
+    let cni = Arc::new(CniService::new(agent.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = weir_cni::server::serve(listener, cni).await {
+            warn!(error = %e, "CNI server stopped");
+        }
+    });
+    info!(socket = %args.cni_socket.display(), "serving the CNI plugin");
+
+    let refresher = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            if let Err(e) = refresher.lock().await.refresh_host_addrs().await {
+                warn!(error = %e, "refreshing node addresses");
+            }
+        }
+    });
+
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Programs, links and maps stay pinned: pods keep their connectivity and policy while
+    // no agent runs, and the next agent takes over without a gap.
+    info!("exiting; the dataplane stays in place");
+    Ok(())
+}

@@ -33,7 +33,7 @@ pub enum MapsError {
         map: &'static str,
         action: String,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
 }
 
@@ -44,7 +44,7 @@ fn map_err(map: &'static str, action: impl Into<String>) -> impl FnOnce(MapError
     move |source| MapsError::Map {
         map,
         action,
-        source,
+        source: Box::new(source),
     }
 }
 

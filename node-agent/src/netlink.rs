@@ -124,6 +124,16 @@ impl Netlink {
         }
     }
 
+    /// Indices of every interface in the namespace.
+    pub async fn link_indices(&self) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(l) = links.try_next().await.map_err(req("listing interfaces"))? {
+            out.push(l.header.index);
+        }
+        Ok(out)
+    }
+
     pub async fn link_index(&self, name: &str) -> Result<u32> {
         self.link_by_name(name)
             .await?
@@ -355,4 +365,38 @@ pub fn write_sysctl(ns: Option<&File>, key: &str, value: &str) -> Result<()> {
         None => write(),
     };
     r.map_err(|source| NetlinkError::Sysctl { path, source })
+}
+
+/// MTU of the node's uplink: the smallest MTU among interfaces (other than loopback and
+/// weir's own) that carry an address. None if there is none.
+pub async fn uplink_mtu() -> Option<u32> {
+    let nl = Netlink::current().ok()?;
+    let mut links = nl.handle.link().get().execute();
+    let mut best: Option<u32> = None;
+    while let Ok(Some(l)) = links.try_next().await {
+        let name = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        });
+        let mtu = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        });
+        let (Some(name), Some(mtu)) = (name, mtu) else {
+            continue;
+        };
+        if name == "lo" || name.starts_with("weir") {
+            continue;
+        }
+        if nl
+            .addresses(l.header.index)
+            .await
+            .map(|a| a.is_empty())
+            .unwrap_or(true)
+        {
+            continue;
+        }
+        best = Some(best.map_or(mtu, |b| b.min(mtu)));
+    }
+    best
 }

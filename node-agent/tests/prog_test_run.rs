@@ -127,12 +127,12 @@ impl Node {
         (res.return_value, out)
     }
 
-    fn from_a(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn sent_by_a(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let ifindex = self.veth_a;
         self.run(FROM_POD, ifindex, frame)
     }
 
-    fn from_b(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn sent_by_b(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let ifindex = self.veth_b;
         self.run(FROM_POD, ifindex, frame)
     }
@@ -154,7 +154,7 @@ fn syn_a_to_b(sport: u16, dport: u16) -> Vec<u8> {
 #[test]
 fn pod_to_local_pod_is_redirected_to_the_peer_with_rewritten_macs() {
     let mut node = Node::new();
-    let (verdict, out) = node.from_a(&syn_a_to_b(40000, 80));
+    let (verdict, out) = node.sent_by_a(&syn_a_to_b(40000, 80));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(packet::dst_mac(&out), MAC_B, "delivered to B's MAC");
     assert_eq!(packet::src_mac(&out), GW_B, "from B's gateway MAC");
@@ -164,7 +164,7 @@ fn pod_to_local_pod_is_redirected_to_the_peer_with_rewritten_macs() {
 fn pod_to_host_goes_up_the_stack_untouched() {
     let mut node = Node::new();
     let frame = packet::tcp(MAC_A, GW_A, IP_A, NODE_IP, 40000, 10250, TCP_SYN);
-    let (verdict, out) = node.from_a(&frame);
+    let (verdict, out) = node.sent_by_a(&frame);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, frame);
 }
@@ -181,10 +181,10 @@ fn spoofed_source_address_is_dropped() {
         80,
         TCP_SYN,
     );
-    assert_eq!(node.from_a(&frame).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&frame).0, TC_ACT_SHOT);
     // Another local pod's address, sent from A's interface.
     let frame = packet::tcp(MAC_A, GW_A, IP_B, IP_A, 1, 80, TCP_SYN);
-    assert_eq!(node.from_a(&frame).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&frame).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::Spoofed), 2);
 }
 
@@ -192,7 +192,7 @@ fn spoofed_source_address_is_dropped() {
 fn spoofed_source_mac_is_dropped() {
     let mut node = Node::new();
     let frame = packet::tcp([0x02, 9, 9, 9, 9, 9], GW_A, IP_A, IP_B, 1, 80, TCP_SYN);
-    assert_eq!(node.from_a(&frame).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&frame).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::Spoofed), 1);
 }
 
@@ -201,7 +201,7 @@ fn non_ip_frames_from_a_pod_are_dropped_and_counted() {
     let mut node = Node::new();
     let mut lldp = packet::eth(MAC_A, [0x01, 0x80, 0xc2, 0, 0, 0x0e], 0x88cc);
     lldp.extend_from_slice(&[0u8; 46]);
-    assert_eq!(node.from_a(&lldp).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&lldp).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::UnsupportedL3), 1);
 }
 
@@ -212,14 +212,14 @@ fn ip_header_longer_than_the_packet_is_dropped_as_malformed() {
     // Claim a 60-byte IP header: the TCP ports would lie beyond the end of the frame.
     frame[14] = 0x4f;
     frame.truncate(14 + 40);
-    assert_eq!(node.from_a(&frame).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&frame).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::Malformed), 1);
 }
 
 #[test]
 fn arp_request_for_the_gateway_is_answered_with_the_host_veth_mac() {
     let mut node = Node::new();
-    let (verdict, out) = node.from_a(&packet::arp_request(MAC_A, IP_A, GATEWAY));
+    let (verdict, out) = node.sent_by_a(&packet::arp_request(MAC_A, IP_A, GATEWAY));
     assert_eq!(verdict, TC_ACT_REDIRECT, "sent back out of the same veth");
     assert_eq!(packet::dst_mac(&out), MAC_A);
     assert_eq!(packet::src_mac(&out), GW_A);
@@ -238,7 +238,7 @@ fn arp_request_for_the_gateway_is_answered_with_the_host_veth_mac() {
 #[test]
 fn arp_from_a_spoofed_sender_is_dropped() {
     let mut node = Node::new();
-    let (verdict, _) = node.from_a(&packet::arp_request(MAC_A, IP_B, GATEWAY));
+    let (verdict, _) = node.sent_by_a(&packet::arp_request(MAC_A, IP_B, GATEWAY));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::Spoofed), 1);
 }
@@ -250,12 +250,12 @@ fn ingress_policy_allows_only_the_listed_port_and_peer() {
     node.set_endpoints(0, 0, 7, 0);
     node.classify("10.244.0.10/32", 3);
     node.allow(7, 3, Some(packet::TCP), PortPrefix::new(80, 16), 70);
-    assert_eq!(node.from_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
-    assert_eq!(node.from_a(&syn_a_to_b(40001, 81)).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 81)).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::PolicyIngress), 1);
     // UDP/80 is not TCP/80.
     let udp = packet::ipv4(MAC_A, GW_A, IP_A, IP_B, packet::UDP, 40002, 80, 0);
-    assert_eq!(node.from_a(&udp).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&udp).0, TC_ACT_SHOT);
     let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits);
     assert_eq!(hits.get(&70), Some(&1), "the allowing rule is counted");
     let by_policy = DataplaneMaps::counter_totals(&node.maps.policy_drops);
@@ -280,7 +280,7 @@ fn port_range_prefix_covers_exactly_its_block() {
         (8088, TC_ACT_SHOT),
     ] {
         assert_eq!(
-            node.from_a(&syn_a_to_b(30000 + port, port)).0,
+            node.sent_by_a(&syn_a_to_b(30000 + port, port)).0,
             expect,
             "port {port}"
         );
@@ -293,9 +293,9 @@ fn portless_rule_allows_every_protocol_including_icmp() {
     node.set_endpoints(0, 0, 7, 0);
     node.allow(7, 0, None, None, 1);
     let icmp = packet::ipv4(MAC_A, GW_A, IP_A, IP_B, packet::ICMP, 77, 0, 0);
-    assert_eq!(node.from_a(&icmp).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&icmp).0, TC_ACT_REDIRECT);
     let sctp = packet::ipv4(MAC_A, GW_A, IP_A, IP_B, packet::SCTP, 5000, 80, 0);
-    assert_eq!(node.from_a(&sctp).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&sctp).0, TC_ACT_REDIRECT);
 }
 
 #[test]
@@ -303,15 +303,15 @@ fn egress_default_deny_blocks_new_flows_but_lets_replies_through() {
     let mut node = Node::new();
     // B opens a flow to A before A is isolated for egress.
     let syn = packet::tcp(MAC_B, GW_B, IP_B, IP_A, 5555, 80, TCP_SYN);
-    assert_eq!(node.from_b(&syn).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_b(&syn).0, TC_ACT_REDIRECT);
     // A becomes egress-isolated with nothing allowed (rule set 9 has no verdicts).
     node.set_endpoints(0, 9, 0, 0);
     // A's reply on the established flow passes (B → A was allowed when it started and an
     // egress rule does not cover replies).
     let reply = packet::tcp(MAC_A, GW_A, IP_A, IP_B, 80, 5555, TCP_SYN | TCP_ACK);
-    assert_eq!(node.from_a(&reply).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&reply).0, TC_ACT_REDIRECT);
     // A new flow from A is denied.
-    assert_eq!(node.from_a(&syn_a_to_b(40000, 80)).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::PolicyEgress), 1);
 }
 
@@ -321,9 +321,9 @@ fn a_policy_change_cuts_an_established_flow_it_no_longer_allows() {
     node.set_endpoints(0, 0, 7, 0);
     node.classify("10.244.0.10/32", 3);
     node.allow(7, 3, Some(packet::TCP), None, 1);
-    assert_eq!(node.from_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
     let ack = packet::tcp(MAC_A, GW_A, IP_A, IP_B, 40000, 80, TCP_ACK);
-    assert_eq!(node.from_a(&ack).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&ack).0, TC_ACT_REDIRECT);
     // The allowing verdict is withdrawn; without a generation bump the flow would survive.
     node.maps
         .verdicts
@@ -335,12 +335,12 @@ fn a_policy_change_cuts_an_established_flow_it_no_longer_allows() {
         }))
         .unwrap();
     node.maps.bump_policy_generation().unwrap();
-    assert_eq!(node.from_a(&ack).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&ack).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::PolicyRevoked), 1);
     // And the reply direction of that flow is cut as well (the entry is gone).
     let reply = packet::tcp(MAC_B, GW_B, IP_B, IP_A, 80, 40000, TCP_ACK);
     assert_eq!(
-        node.from_b(&reply).0,
+        node.sent_by_b(&reply).0,
         TC_ACT_REDIRECT,
         "B is not egress-isolated: a new flow B→A"
     );

@@ -1,1 +1,185 @@
-fn main() {}
+//! `cargo xtask <command>`: the developer and CI entry point.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use weir_localcluster::{ClusterOptions, LocalCluster, Topology};
+
+#[derive(Parser)]
+#[command(about = "weir developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what this machine lacks (packages, nightly rust-src, bpf-linker, bpffs).
+    Setup,
+    /// Build every binary (the eBPF programs are built by the agent's build script).
+    Build,
+    /// Start a local cluster in network namespaces and leave it running.
+    Up {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value = "l2")]
+        topology: Topology,
+        /// Pods to create on each node.
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+    },
+    /// Tear down every local cluster on this machine (or one run).
+    Down {
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Run every test: setup, build, unit, kernel and end-to-end tests.
+    Test,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => build().map(|_| ()),
+        Cmd::Up {
+            nodes,
+            topology,
+            pods_per_node,
+        } => up(nodes, topology, pods_per_node),
+        Cmd::Down { run } => down(run),
+        Cmd::Test => test(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let s = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !s.success() {
+        bail!("{cmd:?} failed ({s})");
+    }
+    Ok(())
+}
+
+/// Packages whose binaries make up a weir installation.
+const BIN_PACKAGES: &[&str] = &["weir-agent", "weir-cni"];
+
+/// Builds weir's binaries; returns the directory holding them.
+fn build() -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--bins"]);
+    for p in BIN_PACKAGES {
+        cmd.args(["-p", p]);
+    }
+    status(&mut cmd)?;
+    Ok(target_dir().join("debug"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn up(nodes: usize, topology: Topology, pods_per_node: usize) -> Result<()> {
+    let bin = build()?;
+    runtime().block_on(async {
+        let mut opts = ClusterOptions::new(bin);
+        opts.nodes = nodes;
+        opts.topology = topology;
+        let mut cluster = LocalCluster::up(opts).await?;
+        for n in 0..nodes {
+            for p in 0..pods_per_node {
+                cluster
+                    .add_pod(weir_localcluster::PodSpec {
+                        namespace: "default".into(),
+                        name: format!("pod-{}-{}", n + 1, p + 1),
+                        node: n,
+                        labels: [("app".to_string(), format!("demo-{}", p + 1))].into(),
+                        ports: vec![],
+                    })
+                    .await?;
+            }
+        }
+        println!("Local cluster {} is up.", cluster.run_id());
+        for node in cluster.nodes() {
+            println!(
+                "  node {:<12} ip {:<14} pod CIDR {:<16} namespace {}",
+                node.name,
+                node.ip,
+                node.pod_cidr,
+                node.netns.name()
+            );
+        }
+        for pod in cluster.pods() {
+            println!(
+                "  pod  {:<24} ip {:<14} on {:<12} namespace {}",
+                format!("{}/{}", pod.namespace, pod.name),
+                pod.ip,
+                pod.node,
+                pod.netns.name()
+            );
+        }
+        println!("State, logs and manifests: {}", cluster.dir().display());
+        println!("Try: ip netns exec <pod namespace> ping <pod ip>. Tear down: cargo xtask down");
+        cluster.detach();
+        Ok(())
+    })
+}
+
+fn down(run: Option<String>) -> Result<()> {
+    let removed = match run {
+        Some(id) => {
+            let dir = Path::new(weir_localcluster::record::RUNS_DIR).join(&id);
+            let rec = weir_localcluster::record::RunRecord::load(&dir)
+                .with_context(|| format!("no local cluster {id}"))?;
+            rec.teardown();
+            vec![id]
+        }
+        None => weir_localcluster::cluster::down_all(),
+    };
+    if removed.is_empty() {
+        println!("No local cluster to tear down.");
+    } else {
+        println!("Tore down: {}", removed.join(", "));
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    setup::run()?;
+    let bin = build()?;
+    // One test run for the whole workspace: unit, property, kernel (BPF_PROG_TEST_RUN) and
+    // end-to-end tests. The e2e tests find the binaries through WEIR_BIN_DIR.
+    status(
+        cargo()
+            .args(["test", "--workspace", "--all-features"])
+            .env("WEIR_BIN_DIR", &bin),
+    )?;
+    Ok(())
+}

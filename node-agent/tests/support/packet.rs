@@ -12,6 +12,10 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// An Ethernet + IPv4 frame with a TCP/UDP/SCTP header carrying `sport`/`dport`, or an ICMP
 /// echo request with identifier `sport`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one argument per header field under test"
+)]
 pub fn ipv4(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],

@@ -1,0 +1,624 @@
+//! The local cluster: nodes and pods as network namespaces, real agents, real CNI calls.
+//!
+//! Layout of a run (`<run>` is a short random id, so parallel runs never collide):
+//! * namespaces `weir-<run>-sw` (a bridge: the nodes' L2 segment; with the routed topology
+//!   two segments `-sw-a`/`-sw-b` joined by a router `-rtr`), `weir-<run>-ctl` (controller),
+//!   `weir-<node>` per node, `weir-<run>-<ns>-<pod>` per pod;
+//! * node `i` is named `<run>-n<i>`, owns pod CIDR `10.244.<i>.0/24`;
+//! * files under `/run/weir-local/<run>/`: the run record (for `down`), per-node agent state,
+//!   sockets and logs, and the manifest directory the controller reads.
+//!
+//! Nothing is created in the caller's network namespace and no namespace has a route out of
+//! the machine: the fabric's only links are between the run's own namespaces.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
+use serde_json::json;
+
+use crate::{
+    netns::{self, Netns},
+    record::{ProcessRecord, RUNS_DIR, RunRecord},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Every node on one L2 segment.
+    L2,
+    /// Nodes alternate between two subnets joined by a router.
+    Routed,
+}
+
+impl std::str::FromStr for Topology {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "l2" => Ok(Topology::L2),
+            "routed" => Ok(Topology::Routed),
+            other => Err(format!("unknown topology {other:?} (l2 or routed)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    pub topology: Topology,
+    /// Directory holding `weir-agent`, `weir-cni` (and `weir-controller`).
+    pub bin_dir: PathBuf,
+    pub bpffs: PathBuf,
+    /// `RUST_LOG` for the agents.
+    pub log: String,
+}
+
+impl ClusterOptions {
+    pub fn new(bin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            nodes: 1,
+            topology: Topology::L2,
+            bin_dir: bin_dir.into(),
+            bpffs: PathBuf::from("/sys/fs/bpf"),
+            log: "info".into(),
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub index: usize,
+    pub netns: Netns,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+    pub dir: PathBuf,
+    agent: Option<(Child, ProcessRecord)>,
+}
+
+impl Node {
+    pub fn cni_socket(&self) -> PathBuf {
+        self.dir.join("cni.sock")
+    }
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|(c, _)| c.id())
+    }
+}
+
+/// A pod as the cluster created it.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: Netns,
+    pub container_id: String,
+    pub ip: IpAddr,
+    pub labels: BTreeMap<String, String>,
+    /// (name, port, protocol) container ports, for named ports.
+    pub ports: Vec<(String, u16, String)>,
+}
+
+/// What to create.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    /// Index into the cluster's nodes.
+    pub node: usize,
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<(String, u16, String)>,
+}
+
+/// The result of one plugin invocation.
+#[derive(Debug)]
+pub struct CniOutcome {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOutcome {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+pub struct LocalCluster {
+    opts: ClusterOptions,
+    record: RunRecord,
+    nodes: Vec<Node>,
+    pods: BTreeMap<(String, String), Pod>,
+    torn_down: bool,
+}
+
+const CLUSTER_CIDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 0);
+
+fn random_run_id() -> String {
+    let mut b = [0u8; 3];
+    let _ =
+        fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    format!("w{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+}
+
+impl LocalCluster {
+    /// Builds the fabric and the nodes and starts an agent on each.
+    pub async fn up(opts: ClusterOptions) -> Result<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the local cluster needs root (network namespaces, eBPF)");
+        }
+        ensure_bpffs(&opts.bpffs)?;
+        let run = random_run_id();
+        let dir = Path::new(RUNS_DIR).join(&run);
+        fs::create_dir_all(dir.join("manifests"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let record = RunRecord {
+            run: run.clone(),
+            dir: dir.clone(),
+            bpffs: opts.bpffs.clone(),
+            ..Default::default()
+        };
+        record.save()?;
+        let mut cluster = Self {
+            opts,
+            record,
+            nodes: Vec::new(),
+            pods: BTreeMap::new(),
+            torn_down: false,
+        };
+        // On any error below, Drop tears down what exists.
+        cluster.build_fabric()?;
+        for i in 1..=cluster.opts.nodes {
+            cluster.start_agent(i - 1).await?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.record.run
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.record.dir
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.values()
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    fn ns_name(&self, what: &str) -> String {
+        format!("weir-{}-{what}", self.record.run)
+    }
+
+    fn new_netns(&mut self, name: &str) -> Result<Netns> {
+        // Record first: a crash between the two steps still gets cleaned up.
+        self.record.namespaces.push(name.to_string());
+        self.record.save()?;
+        Ok(Netns::create(name)?)
+    }
+
+    fn build_fabric(&mut self) -> Result<()> {
+        let n = self.opts.nodes;
+        match self.opts.topology {
+            Topology::L2 => {
+                let sw = self.new_netns(&self.ns_name("sw"))?;
+                sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+                sw.ip(&["link", "set", "br0", "up"])?;
+                for i in 1..=n {
+                    let ip = Ipv4Addr::new(172, 30, 0, 10 + i as u8);
+                    self.add_node(i, &sw, ip, 24, None)?;
+                }
+            }
+            Topology::Routed => {
+                let rtr = self.new_netns(&self.ns_name("rtr"))?;
+                rtr.sysctl("net.ipv4.ip_forward", "1")?;
+                let mut switches = Vec::new();
+                for (leg, subnet) in [("a", 1u8), ("b", 2u8)] {
+                    let sw = self.new_netns(&self.ns_name(&format!("sw-{leg}")))?;
+                    sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+                    sw.ip(&["link", "set", "br0", "up"])?;
+                    let port = format!("rtr-{leg}");
+                    netns::veth(&rtr, &format!("eth-{leg}"), &sw, &port)?;
+                    sw.ip(&["link", "set", &port, "master", "br0"])?;
+                    rtr.ip(&[
+                        "addr",
+                        "add",
+                        &format!("172.30.{subnet}.1/24"),
+                        "dev",
+                        &format!("eth-{leg}"),
+                    ])?;
+                    switches.push((sw, subnet));
+                }
+                for i in 1..=n {
+                    let (sw, subnet) = &switches[(i - 1) % 2];
+                    let ip = Ipv4Addr::new(172, 30, *subnet, 10 + i as u8);
+                    let gw = Ipv4Addr::new(172, 30, *subnet, 1);
+                    let sw = sw.clone();
+                    self.add_node(i, &sw, ip, 24, Some(gw))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn add_node(
+        &mut self,
+        i: usize,
+        sw: &Netns,
+        ip: Ipv4Addr,
+        prefix: u8,
+        gateway: Option<Ipv4Addr>,
+    ) -> Result<()> {
+        let name = format!("{}-n{i}", self.record.run);
+        self.record.nodes.push(name.clone());
+        let ns = self.new_netns(&format!("weir-{name}"))?;
+        let port = format!("n{i}");
+        netns::veth(&ns, "eth0", sw, &port)?;
+        sw.ip(&["link", "set", &port, "master", "br0"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/{prefix}"), "dev", "eth0"])?;
+        if let Some(gw) = gateway {
+            // The router is the nodes' only way to the other subnet; it has no way out.
+            ns.ip(&["route", "add", "172.30.0.0/16", "via", &gw.to_string()])?;
+        }
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        let dir = self.record.dir.join(&name);
+        fs::create_dir_all(&dir)?;
+        self.nodes.push(Node {
+            name,
+            index: i,
+            netns: ns,
+            ip,
+            pod_cidr: Ipv4Net::new(
+                Ipv4Addr::new(
+                    CLUSTER_CIDR.octets()[0],
+                    CLUSTER_CIDR.octets()[1],
+                    i as u8,
+                    0,
+                ),
+                24,
+            )
+            .expect("valid prefix"),
+            dir,
+            agent: None,
+        });
+        Ok(())
+    }
+
+    /// Starts (or restarts) the agent of node `idx` and waits until it reports ready.
+    pub async fn start_agent(&mut self, idx: usize) -> Result<()> {
+        let bin = self.opts.bin_dir.join("weir-agent");
+        let node = &self.nodes[idx];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.agent_log())?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--node-name", &node.name])
+            .arg("--state-dir")
+            .arg(node.dir.join("state"))
+            .arg("--cni-socket")
+            .arg(node.cni_socket())
+            .arg("--bpffs")
+            .arg(&self.opts.bpffs)
+            .args(["--pod-cidr", &node.pod_cidr.to_string()])
+            .env("RUST_LOG", &self.opts.log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = node
+            .netns
+            .spawn(&mut cmd)
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let rec = ProcessRecord::new(child.id(), format!("agent {}", node.name));
+        self.record.processes.push(rec.clone());
+        self.record.save()?;
+        self.nodes[idx].agent = Some((child, rec));
+        self.wait_agent_ready(idx, Duration::from_secs(30)).await
+    }
+
+    /// Kills node `idx`'s agent abruptly (SIGKILL), as a crash or OOM would.
+    pub fn kill_agent(&mut self, idx: usize) {
+        if let Some((mut child, rec)) = self.nodes[idx].agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.record.processes.retain(|p| p != &rec);
+            let _ = self.record.save();
+        }
+    }
+
+    /// Waits until the node's agent answers the plugin's STATUS.
+    pub async fn wait_agent_ready(&mut self, idx: usize, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some((child, _)) = self.nodes[idx].agent.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!(
+                    "agent on {} exited ({status}); log: {}\n{}",
+                    self.nodes[idx].name,
+                    self.nodes[idx].agent_log().display(),
+                    tail(&self.nodes[idx].agent_log(), 30)
+                );
+            }
+            let out = self.cni(idx, "STATUS", "", None, None).await?;
+            if out.success {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "agent on {} not ready after {timeout:?}: {}{}\n{}",
+                    self.nodes[idx].name,
+                    out.stdout,
+                    out.stderr,
+                    tail(&self.nodes[idx].agent_log(), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The network configuration the plugin gets on stdin.
+    pub fn cni_config(&self, idx: usize) -> serde_json::Value {
+        json!({
+            "cniVersion": "1.1.0",
+            "name": "weir",
+            "type": "weir-cni",
+            "agentSocket": self.nodes[idx].cni_socket(),
+        })
+    }
+
+    /// Runs the plugin binary exactly as a container runtime does: command and attachment in
+    /// `CNI_*` variables, network configuration on stdin, result on stdout.
+    pub async fn cni(
+        &self,
+        idx: usize,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        pod: Option<(&str, &str)>,
+    ) -> Result<CniOutcome> {
+        let mut config = self.cni_config(idx);
+        if command == "GC" {
+            let valid: Vec<serde_json::Value> = self
+                .pods
+                .values()
+                .filter(|p| p.node == self.nodes[idx].name)
+                .map(|p| json!({"containerID": p.container_id, "ifname": "eth0"}))
+                .collect();
+            config["cni.dev/valid-attachments"] = json!(valid);
+        }
+        let mut cmd = tokio::process::Command::new(self.opts.bin_dir.join("weir-cni"));
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_PATH", &self.opts.bin_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if !container_id.is_empty() {
+            cmd.env("CNI_CONTAINERID", container_id)
+                .env("CNI_IFNAME", "eth0");
+        }
+        if let Some(ns) = netns {
+            cmd.env("CNI_NETNS", ns);
+        }
+        if let Some((namespace, name)) = pod {
+            cmd.env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container_id}"
+                ),
+            );
+        }
+        let mut child = cmd.spawn().context("running weir-cni")?;
+        {
+            use tokio::io::AsyncWriteExt as _;
+            let mut stdin = child.stdin.take().expect("piped");
+            stdin.write_all(config.to_string().as_bytes()).await?;
+        }
+        let out = child.wait_with_output().await?;
+        Ok(CniOutcome {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Creates a pod: a namespace, then the plugin's ADD through the node's agent.
+    pub async fn add_pod(&mut self, spec: PodSpec) -> Result<Pod> {
+        let idx = spec.node;
+        let ns_name = self.ns_name(&format!("{}-{}", spec.namespace, spec.name));
+        let netns = self.new_netns(&ns_name)?;
+        let container_id = format!(
+            "{}{}",
+            self.record.run,
+            random_run_id().trim_start_matches('w')
+        ) + &format!("{:x}", self.pods.len());
+        let out = self
+            .cni(
+                idx,
+                "ADD",
+                &container_id,
+                Some(&netns.path()),
+                Some((&spec.namespace, &spec.name)),
+            )
+            .await?;
+        if !out.success {
+            bail!(
+                "CNI ADD for {}/{} failed: {}{}\nagent log:\n{}",
+                spec.namespace,
+                spec.name,
+                out.stdout,
+                out.stderr,
+                tail(&self.nodes[idx].agent_log(), 20)
+            );
+        }
+        let result = out.json();
+        let ip: IpAddr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("no address in the CNI result {}", out.stdout))?;
+        let pod = Pod {
+            namespace: spec.namespace,
+            name: spec.name,
+            node: self.nodes[idx].name.clone(),
+            netns,
+            container_id,
+            ip,
+            labels: spec.labels,
+            ports: spec.ports,
+        };
+        self.pods
+            .insert((pod.namespace.clone(), pod.name.clone()), pod.clone());
+        Ok(pod)
+    }
+
+    /// Deletes a pod: the plugin's DEL, then its namespace.
+    pub async fn remove_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
+        let Some(pod) = self.pods.remove(&(namespace.to_string(), name.to_string())) else {
+            return Ok(());
+        };
+        let idx = self.node_index(&pod.node)?;
+        let out = self
+            .cni(
+                idx,
+                "DEL",
+                &pod.container_id,
+                Some(&pod.netns.path()),
+                Some((namespace, name)),
+            )
+            .await?;
+        if !out.success {
+            bail!("CNI DEL for {namespace}/{name} failed: {}", out.stdout);
+        }
+        netns::delete(pod.netns.name());
+        self.record.namespaces.retain(|n| n != pod.netns.name());
+        self.record.save()?;
+        Ok(())
+    }
+
+    pub fn node_index(&self, name: &str) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    /// Writes a file under the manifest directory atomically (the controller watches it).
+    pub fn write_manifest(&self, rel: &str, contents: &str) -> Result<()> {
+        let path = self.record.dir.join("manifests").join(rel);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp~");
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Leaves the cluster running when this handle goes away; `cargo xtask down` (or
+    /// [`down_all`]) removes it later from the run record.
+    pub fn detach(mut self) {
+        for node in &mut self.nodes {
+            // The agents keep running; their PIDs are in the run record.
+            if let Some((child, _)) = node.agent.take() {
+                std::mem::forget(child);
+            }
+        }
+        self.torn_down = true;
+    }
+
+    /// Tears everything down now (Drop does the same).
+    pub fn down(mut self) {
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for node in &mut self.nodes {
+            if let Some((mut child, _)) = node.agent.take() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(child.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                while std::time::Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.record.teardown();
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Mounts bpffs at `path` if nothing is mounted there.
+pub fn ensure_bpffs(path: &Path) -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let target = path.to_string_lossy();
+    if mounts.lines().any(|l| {
+        l.split_whitespace().nth(1) == Some(&target) && l.split_whitespace().nth(2) == Some("bpf")
+    }) {
+        return Ok(());
+    }
+    fs::create_dir_all(path)?;
+    nix::mount::mount(
+        Some("bpffs"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting bpffs at {}", path.display()))
+}
+
+/// The last `n` lines of a file, for error messages.
+pub fn tail(path: &Path, n: usize) -> String {
+    let s = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Tears down every run left on this machine (after crashes). Returns their ids.
+pub fn down_all() -> Vec<String> {
+    let runs = crate::record::all_runs();
+    let ids = runs.iter().map(|r| r.run.clone()).collect();
+    for r in runs {
+        r.teardown();
+    }
+    ids
+}

@@ -1,0 +1,9 @@
+//! A weir cluster on one Linux machine: network namespaces as nodes and pods, the real
+//! agent on every node, pods created through the real CNI plugin. Used by `cargo xtask
+//! up/demo/conformance` and by the end-to-end tests.
+
+pub mod cluster;
+pub mod netns;
+pub mod record;
+
+pub use cluster::{ClusterOptions, LocalCluster, Node, Pod, PodSpec, Topology};

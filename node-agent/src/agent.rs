@@ -1,0 +1,350 @@
+//! The agent's core: one owner for the dataplane, the IPAM, the endpoint store and the
+//! controller's state, so that CNI calls and policy updates apply in a well-defined order.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use ipnet::IpNet;
+use thiserror::Error;
+use tracing::{info, warn};
+use weir_api::{NodeState, NodeStateDiff, PodKey};
+use weir_common::{config::NodeConfig, endpoint::EndpointInfo, ip::IpKey};
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError, PinLayout},
+    endpoints::{EndpointStore, EndpointStoreError, LocalEndpoint},
+    maps::{DataplaneMaps, MapsError},
+    netlink::{Netlink, NetlinkError},
+    podnet::{self, PodInterfaceSpec},
+};
+
+/// Settings the agent starts with.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    /// Where IPAM and endpoint state live.
+    pub state_dir: PathBuf,
+    /// The bpffs mount.
+    pub bpffs: PathBuf,
+    /// This node's pod CIDRs (one per family).
+    pub pod_cidrs: Vec<IpNet>,
+    /// MTU of pod interfaces.
+    pub pod_mtu: u32,
+    /// Sample one in N new flows into flow events (0: none).
+    pub flow_sample_rate: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Endpoints(#[from] EndpointStoreError),
+    #[error(transparent)]
+    Ipam(#[from] weir_ipam::IpamError),
+    #[error("creating state directory {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network namespace {0} does not exist")]
+    NoNetns(String),
+    #[error("{0}")]
+    Check(String),
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// An attachment request (CNI ADD).
+#[derive(Clone, Debug)]
+pub struct Attach {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+    pub pod: Option<PodKey>,
+}
+
+/// What ADD built, for the CNI result.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    pub endpoint: LocalEndpoint,
+    pub gateway: IpAddr,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    dp: Dataplane,
+    maps: DataplaneMaps,
+    ipam: weir_ipam::Ipam,
+    endpoints: EndpointStore,
+    node: Netlink,
+    /// The controller's latest state for this node, and its version (0: none yet).
+    policy: NodeState,
+    policy_version: u64,
+}
+
+impl Agent {
+    /// Loads (or reopens) the dataplane and re-adopts the pods a previous agent attached.
+    pub async fn start(cfg: AgentConfig) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let pins = PinLayout::new(&cfg.bpffs, &cfg.node_name);
+        let mut dp = Dataplane::load(Some(pins))?;
+        let mut maps = DataplaneMaps::take(&mut dp)?;
+        let mut config = maps.config()?;
+        if config == NodeConfig::default() {
+            config = NodeConfig::new(1, cfg.flow_sample_rate, 0);
+        } else {
+            config = NodeConfig::new(config.policy_gen(), cfg.flow_sample_rate, config.vni());
+        }
+        maps.set_config(config)?;
+        let ipam = weir_ipam::Ipam::open(&cfg.state_dir.join("ipam"), &cfg.pod_cidrs)?;
+        let endpoints = EndpointStore::open(&cfg.state_dir)?;
+        let node = Netlink::current()?;
+        let mut agent = Self {
+            cfg,
+            dp,
+            maps,
+            ipam,
+            endpoints,
+            node,
+            policy: NodeState::default(),
+            policy_version: 0,
+        };
+        agent.readopt().await?;
+        agent.refresh_host_addrs().await?;
+        Ok(agent)
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    pub fn maps(&self) -> &DataplaneMaps {
+        &self.maps
+    }
+
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
+    }
+
+    pub fn policy(&self) -> &NodeState {
+        &self.policy
+    }
+
+    pub fn endpoints(&self) -> &EndpointStore {
+        &self.endpoints
+    }
+
+    /// Swaps this agent's programs into the links of every pod it knows, and rewrites their
+    /// map entries. Pods whose interface vanished while no agent ran are left for DEL/GC.
+    async fn readopt(&mut self) -> Result<()> {
+        let known: Vec<LocalEndpoint> = self.endpoints.iter().cloned().collect();
+        for ep in &known {
+            match self.node.link_by_name(&ep.interface.host_ifname).await? {
+                Some(link) if link.header.index == ep.interface.host_ifindex => {
+                    self.dp.attach_pod_interface(&ep.interface.host_ifname)?;
+                }
+                _ => warn!(
+                    container = %ep.container_id,
+                    ifname = %ep.interface.host_ifname,
+                    "interface of a known pod is gone; waiting for DEL or GC"
+                ),
+            }
+        }
+        info!(pods = known.len(), "re-adopted pods");
+        self.sync_endpoint_map()
+    }
+
+    /// Addresses of this node, for "traffic from the node to its pods is always allowed".
+    pub async fn refresh_host_addrs(&mut self) -> Result<()> {
+        let mut addrs: Vec<IpAddr> = Vec::new();
+        for link in self.node.link_indices().await? {
+            for net in self.node.addresses(link).await? {
+                addrs.push(net.addr());
+            }
+        }
+        self.maps.sync_host_addrs(&addrs)?;
+        Ok(())
+    }
+
+    /// CNI ADD: address, interface, programs, map entries. Idempotent for a repeated ADD.
+    pub async fn add(&mut self, req: Attach) -> Result<Attached> {
+        if !podnet::netns_exists(&req.netns) {
+            return Err(AgentError::NoNetns(req.netns.display().to_string()));
+        }
+        let owner = weir_ipam::Owner {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            pod: req.pod.as_ref().map(|p| weir_ipam::PodRef {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+            }),
+        };
+        let allocation = self.ipam.allocate(&owner)?;
+        let ips: Vec<IpAddr> = allocation.addresses.iter().map(|n| n.addr()).collect();
+        let spec = PodInterfaceSpec {
+            container_id: req.container_id.clone(),
+            netns: req.netns.clone(),
+            ifname: req.ifname.clone(),
+            ips: ips.clone(),
+            mtu: self.cfg.pod_mtu,
+        };
+        let built = match podnet::setup(&self.node, &spec).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = self.ipam.release(&req.container_id, &req.ifname);
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.dp.attach_pod_interface(&built.host_ifname) {
+            let _ = podnet::teardown(&self.node, &built.host_ifname, &ips).await;
+            let _ = self.ipam.release(&req.container_id, &req.ifname);
+            return Err(e.into());
+        }
+        let ep = LocalEndpoint {
+            container_id: req.container_id,
+            ifname: req.ifname,
+            pod: req.pod,
+            netns: req.netns,
+            ips,
+            mtu: self.cfg.pod_mtu,
+            interface: built,
+        };
+        self.endpoints.insert(ep.clone())?;
+        self.sync_endpoint_map()?;
+        info!(container = %ep.container_id, pod = ?ep.pod, ips = ?ep.ips, ifname = %ep.interface.host_ifname, "pod attached");
+        Ok(Attached {
+            endpoint: ep,
+            gateway: IpAddr::V4(podnet::GATEWAY_V4),
+        })
+    }
+
+    /// CNI DEL: undoes ADD. Succeeds for unknown attachments and vanished namespaces.
+    pub async fn del(&mut self, container_id: &str, ifname: &str) -> Result<()> {
+        if let Some(ep) = self.endpoints.get(container_id, ifname).cloned() {
+            self.dp.detach_pod_interface(&ep.interface.host_ifname)?;
+            podnet::teardown(&self.node, &ep.interface.host_ifname, &ep.ips).await?;
+            self.endpoints.remove(container_id, ifname)?;
+            self.sync_endpoint_map()?;
+            info!(container = %container_id, pod = ?ep.pod, "pod detached");
+        } else {
+            // An ADD that failed half-way may have left an interface behind.
+            let host = podnet::host_ifname(container_id, ifname);
+            self.dp.detach_pod_interface(&host)?;
+            podnet::teardown(&self.node, &host, &[]).await?;
+        }
+        self.ipam.release(container_id, ifname)?;
+        Ok(())
+    }
+
+    /// CNI CHECK: the attachment exists and looks as ADD left it.
+    pub async fn check(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+        netns: &std::path::Path,
+    ) -> Result<LocalEndpoint> {
+        let ep = self
+            .endpoints
+            .get(container_id, ifname)
+            .cloned()
+            .ok_or_else(|| {
+                AgentError::Check(format!(
+                    "no attachment {container_id}/{ifname} on this node"
+                ))
+            })?;
+        let spec = PodInterfaceSpec {
+            container_id: ep.container_id.clone(),
+            netns: netns.to_path_buf(),
+            ifname: ep.ifname.clone(),
+            ips: ep.ips.clone(),
+            mtu: ep.mtu,
+        };
+        podnet::check(&self.node, &spec, &ep.interface)
+            .await
+            .map_err(AgentError::Check)?;
+        for ip in &ep.ips {
+            let present = self.maps.endpoints.get(&IpKey::from(*ip), 0).ok();
+            if present.map(|e| e.ifindex()) != Some(ep.interface.host_ifindex) {
+                return Err(AgentError::Check(format!(
+                    "dataplane entry for {ip} is missing or points elsewhere"
+                )));
+            }
+        }
+        Ok(ep)
+    }
+
+    /// CNI GC: removes every attachment not in `valid`. Returns how many were removed.
+    pub async fn gc(&mut self, valid: &[(String, String)]) -> Result<usize> {
+        let stale: Vec<(String, String)> = self
+            .endpoints
+            .iter()
+            .map(|e| (e.container_id.clone(), e.ifname.clone()))
+            .filter(|id| !valid.contains(id))
+            .collect();
+        for (c, i) in &stale {
+            self.del(c, i).await?;
+        }
+        let released = self.ipam.gc(valid)?;
+        Ok(stale.len().max(released.len()))
+    }
+
+    /// Replaces the controller state with a full snapshot (first contact, reconnect).
+    pub fn apply_full(&mut self, version: u64, state: NodeState) -> Result<()> {
+        self.maps.sync_policy(&state)?;
+        self.policy = state;
+        self.policy_version = version;
+        self.sync_endpoint_map()?;
+        self.maps.bump_policy_generation()?;
+        Ok(())
+    }
+
+    /// Applies an incremental update. Returns false (and changes nothing) if it does not
+    /// follow the version this agent holds: the caller must resync.
+    pub fn apply_diff(&mut self, diff: &NodeStateDiff) -> Result<bool> {
+        if diff.from_version != self.policy_version {
+            return Ok(false);
+        }
+        self.maps.apply_policy_diff(diff)?;
+        self.policy.apply(diff);
+        self.policy_version = diff.to_version;
+        if !diff.endpoints.is_empty() {
+            self.sync_endpoint_map()?;
+        }
+        self.maps.bump_policy_generation()?;
+        Ok(true)
+    }
+
+    /// The `ENDPOINTS` map as it should be: every local pod address, with the rule sets the
+    /// controller assigned to the pod (policy pending until it has).
+    fn endpoint_entries(&self) -> BTreeMap<IpKey, EndpointInfo> {
+        let mut out = BTreeMap::new();
+        for ep in self.endpoints.iter() {
+            let mut info = EndpointInfo::new(
+                ep.interface.host_ifindex,
+                ep.interface.pod_mac,
+                ep.interface.host_mac,
+            );
+            if let Some(p) = ep.pod.as_ref().and_then(|k| self.policy.endpoints.get(k)) {
+                info = info.with_policies(p.ingress, p.egress);
+            }
+            for ip in &ep.ips {
+                out.insert(IpKey::from(*ip), info);
+            }
+        }
+        out
+    }
+
+    fn sync_endpoint_map(&mut self) -> Result<()> {
+        let desired = self.endpoint_entries();
+        self.maps.sync_endpoints(&desired)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! The agent's side of the CNI plugin protocol: each command becomes a call on the
+//! [`Agent`], and every failure a CNI error with a code the runtime understands.
+
+use std::{net::IpAddr, sync::Arc};
+
+use ipnet::IpNet;
+use tokio::sync::Mutex;
+use weir_api::PodKey;
+use weir_cni::{
+    protocol::{AddRequest, CheckRequest, DelRequest, GcRequest, StatusRequest},
+    server::CniHandler,
+    spec::{CniError, CniResult, Interface, IpConfig, Route},
+};
+
+use crate::agent::{Agent, AgentError, Attach};
+
+pub struct CniService {
+    agent: Arc<Mutex<Agent>>,
+}
+
+impl CniService {
+    pub fn new(agent: Arc<Mutex<Agent>>) -> Self {
+        Self { agent }
+    }
+}
+
+/// The error and its causes, outermost first: the `details` of a CNI error.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+fn to_cni(e: AgentError) -> CniError {
+    let details = chain(&e);
+    match e {
+        AgentError::NoNetns(path) => CniError::new(
+            weir_cni::spec::code::INVALID_NETNS,
+            format!("network namespace {path} does not exist"),
+        ),
+        AgentError::Ipam(_) => CniError::internal("no pod address could be allocated on this node"),
+        _ => CniError::internal("the weir agent could not complete the request"),
+    }
+    .with_details(details)
+}
+
+fn pod_of(args: &weir_cni::spec::CniArgs) -> Option<PodKey> {
+    match (&args.k8s_pod_namespace, &args.k8s_pod_name) {
+        (Some(ns), Some(name)) => Some(PodKey::new(ns.clone(), name.clone())),
+        _ => None,
+    }
+}
+
+fn host_prefix(ip: IpAddr) -> IpNet {
+    IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("full-length prefix is valid")
+}
+
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl CniHandler for CniService {
+    async fn add(&self, request: AddRequest) -> Result<CniResult, CniError> {
+        let attach = Attach {
+            container_id: request.container_id.clone(),
+            ifname: request.ifname.clone(),
+            netns: request.netns.clone(),
+            pod: pod_of(&request.args),
+        };
+        let attached = self.agent.lock().await.add(attach).await.map_err(to_cni)?;
+        let ep = &attached.endpoint;
+        let interfaces = vec![
+            Interface {
+                name: ep.interface.host_ifname.clone(),
+                mac: Some(mac_string(ep.interface.host_mac)),
+                ..Interface::default()
+            },
+            Interface {
+                name: ep.ifname.clone(),
+                mac: Some(mac_string(ep.interface.pod_mac)),
+                mtu: Some(ep.mtu),
+                sandbox: Some(ep.netns.display().to_string()),
+                ..Interface::default()
+            },
+        ];
+        let ips = ep
+            .ips
+            .iter()
+            .map(|ip| IpConfig {
+                address: host_prefix(*ip),
+                gateway: ip.is_ipv4().then_some(attached.gateway),
+                interface: Some(1),
+            })
+            .collect();
+        let routes = vec![Route::new(
+            "0.0.0.0/0".parse().expect("literal"),
+            Some(attached.gateway),
+        )];
+        Ok(CniResult {
+            interfaces,
+            ips,
+            routes,
+            ..CniResult::default()
+        })
+    }
+
+    async fn del(&self, request: DelRequest) -> Result<(), CniError> {
+        self.agent
+            .lock()
+            .await
+            .del(&request.container_id, &request.ifname)
+            .await
+            .map_err(to_cni)
+    }
+
+    async fn check(&self, request: CheckRequest) -> Result<(), CniError> {
+        let ep = self
+            .agent
+            .lock()
+            .await
+            .check(&request.container_id, &request.ifname, &request.netns)
+            .await
+            .map_err(|e| match e {
+                AgentError::Check(msg) if msg.starts_with("no attachment") => {
+                    CniError::unknown_container(msg)
+                }
+                AgentError::Check(msg) => {
+                    CniError::internal("the pod's network is not as ADD left it").with_details(msg)
+                }
+                other => to_cni(other),
+            })?;
+        // The runtime's record of ADD must match what the agent built.
+        let expected: Vec<IpAddr> = request
+            .prev_result
+            .ips
+            .iter()
+            .map(|c| c.address.addr())
+            .collect();
+        for ip in &expected {
+            if !ep.ips.contains(ip) {
+                return Err(
+                    CniError::internal("prevResult does not match the attachment")
+                        .with_details(format!("prevResult has {ip}, the pod has {:?}", ep.ips)),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn status(&self, _request: StatusRequest) -> Result<(), CniError> {
+        // The socket is only served once the dataplane is loaded and pods re-adopted; being
+        // able to take the lock means ADD can be serviced now.
+        let _agent = self.agent.lock().await;
+        Ok(())
+    }
+
+    async fn gc(&self, request: GcRequest) -> Result<(), CniError> {
+        let valid: Vec<(String, String)> = request
+            .valid_attachments
+            .iter()
+            .map(|a| (a.container_id.clone(), a.ifname.clone()))
+            .collect();
+        self.agent
+            .lock()
+            .await
+            .gc(&valid)
+            .await
+            .map(|_| ())
+            .map_err(to_cni)
+    }
+}
