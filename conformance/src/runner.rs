@@ -1,0 +1,791 @@
+//! Plays case files through a cluster [`Driver`] and reports, case by case, whether the
+//! observed reachability matches the expected one.
+//!
+//! # Flow
+//!
+//! For every case: [`Driver::reset`], then for every step, in the order the format
+//! prescribes: pod labels, namespace labels (with `kubernetes.io/metadata.name` kept),
+//! `apply` in list order (after `{{ip ns/pod}}` substitution), `delete`, [`Driver::sync`],
+//! and finally each expect block: the full matrix of probes (every from pod × every to pod,
+//! self pairs included, × every port × every protocol of the block) in one concurrent
+//! [`Driver::probe`] call. A case keeps running after a step with mismatches (later steps
+//! often tell what went wrong) but stops at the first driver error, since the cluster's
+//! state is then unknown.
+//!
+//! # Re-probing: few false failures, no false passes
+//!
+//! A first observation that disagrees with the expectation is re-probed before it is
+//! reported, with rules that differ by direction because the two kinds of error differ:
+//!
+//! * **Expected allow, observed denied.** A denial can be an accident (a lost SYN inside a
+//!   short timeout, a slow first neighbour resolution). The pair is re-probed up to
+//!   [`RetryPolicy::allow_retries`] times, one round after another, each with the longer
+//!   [`RetryPolicy::retry_timeout`]. A completed connection is positive proof that the path
+//!   is open, so any connected attempt makes the pair pass; it is still listed as re-probed
+//!   in the report.
+//! * **Expected deny, observed connected.** A connection is never an accident: a packet got
+//!   through. The only excuse is that the change had not reached the dataplane yet, and
+//!   propagation is monotonic — once a policy is in force every later probe is denied. So
+//!   after [`RetryPolicy::propagation_grace`] the pair is probed
+//!   [`RetryPolicy::deny_confirmations`] more times, sequentially, each a fresh attempt with
+//!   the *longer* timeout (so a slow but open path shows as connected rather than timing out
+//!   into a pass). The pair passes only if every one of those attempts is denied; the first
+//!   connected attempt ends the retries and the pair fails. With
+//!   `deny_confirmations == 0` a connected expected-deny pair fails at once.
+//! * **Probe errors** (the probe could not be made at all) are never retried and always
+//!   fail: they say nothing about the dataplane, and hiding them would hide a broken
+//!   harness.
+//!
+//! Re-probes of all pairs that need them run together, one round per attempt, so a step
+//! with mismatches costs a few timeouts, not a few timeouts per pair.
+//!
+//! # Output
+//!
+//! For a failing step, every (port, protocol) of each failing block gets the expected and
+//! the observed matrix in the upstream truth-table style (rows = from, columns = to, `.`
+//! allowed, `X` denied, `?` probe error, `*` after a cell that does not match), followed by
+//! one line per mismatching pair with every attempt's outcome. Each case ends with
+//! `PASS|FAIL|SKIP <name> (<duration>)` and the run with `N passed, M failed` (then
+//! `, K skipped` when any case was skipped). [`RunOptions::verbose`] prints the tables of
+//! every block, passing or not. [`run`] also returns a [`RunSummary`] (serializable to JSON)
+//! with the same facts.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cases::{
+    Case, CaseFile, Expectation, Labels, Model, NAMESPACE_NAME_LABEL, ObjectRef, PodRef, Protocol,
+    Step, Verdict, placeholder_pods, substitute_ips,
+};
+use crate::probe::ProbeOutcome;
+use crate::{Error, Result};
+
+/// One connectivity check for [`Driver::probe`]: a client in pod `from` connects to
+/// `target` (pod `to`'s IP and a port) over `protocol`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub from: PodRef,
+    pub to: PodRef,
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+    /// How long the driver waits for the connection before reporting
+    /// [`ProbeOutcome::TimedOut`].
+    pub timeout: Duration,
+}
+
+/// A cluster the runner can drive: the local netns cluster, a kind cluster, or a fake.
+///
+/// The driver is built from the case file's [`Model`] (with any command-line overrides of
+/// `nodes`/`topology` already written into it) before [`run`] is called: every namespace
+/// holds every pod, each pod serves every model port on every model protocol under the
+/// container port names of [`Model::container_ports`], and labels are
+/// [`Model::namespace_labels`] / [`Model::pod_labels`].
+///
+/// Methods return `Send` futures so that a run can be spawned on a multi-threaded runtime;
+/// implementations may simply write `async fn`.
+pub trait Driver {
+    /// What the driver's operations fail with; only ever displayed.
+    type Error: fmt::Display;
+
+    /// Whether cases tagged `experimental` (fields of an API's experimental channel) can
+    /// run. Cases the driver cannot run are reported as skipped, never as passed.
+    fn supports_experimental(&self) -> bool {
+        false
+    }
+
+    /// The pod's address for probes and for `{{ip ns/pod}}` (the IPv4 address in a dual-stack
+    /// cluster, as the format specifies), or `None` if the pod has none.
+    fn pod_ip(&self, pod: &PodRef) -> impl Future<Output = Option<IpAddr>> + Send;
+
+    /// Returns the cluster to the model's initial state: deletes every object created by
+    /// `apply` in earlier cases (policies of every kind) and restores every pod's and
+    /// namespace's initial labels. Need not wait for the dataplane; the runner calls
+    /// [`Driver::sync`] before probing.
+    fn reset(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Replaces all labels of a pod.
+    fn set_pod_labels(
+        &mut self,
+        pod: &PodRef,
+        labels: Labels,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Replaces all labels of a namespace. The runner has already added
+    /// `kubernetes.io/metadata.name`.
+    fn set_namespace_labels(
+        &mut self,
+        namespace: &str,
+        labels: Labels,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Creates or replaces an object (placeholders already substituted).
+    fn apply(&mut self, object: Value) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Deletes an object.
+    fn delete(
+        &mut self,
+        object: &ObjectRef,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Returns once the dataplane reflects every change made so far (a barrier: the runner
+    /// probes right after it).
+    fn sync(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Runs every probe, concurrently, and returns one outcome per probe in the same order.
+    /// [`crate::probe::probe_many`] does exactly this given each pod's network namespace.
+    fn probe(&self, probes: &[Probe]) -> impl Future<Output = Vec<ProbeOutcome>> + Send;
+}
+
+/// How suspicious first observations are re-probed (see the module docs for the rules).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Extra attempts for a pair expected allowed but observed denied.
+    pub allow_retries: u32,
+    /// Attempts after the grace period that must all be denied for a pair expected denied
+    /// but first observed connected.
+    pub deny_confirmations: u32,
+    /// Timeout of every re-probe (longer than the first probe's).
+    pub retry_timeout: Duration,
+    /// Wait before re-probing a pair that connected but should be denied.
+    pub propagation_grace: Duration,
+    /// Wait between other re-probe rounds.
+    pub retry_pause: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            allow_retries: 2,
+            deny_confirmations: 2,
+            retry_timeout: Duration::from_secs(3),
+            propagation_grace: Duration::from_secs(1),
+            retry_pause: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Options of a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Timeout of each first probe.
+    pub probe_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Print every block's tables, not only failing ones.
+    pub verbose: bool,
+    /// Run only cases whose name contains this text (others are not counted).
+    pub case_filter: Option<String>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            probe_timeout: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
+            verbose: false,
+            case_filter: None,
+        }
+    }
+}
+
+/// Result of a whole run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunSummary {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub cases: Vec<CaseReport>,
+}
+
+impl RunSummary {
+    /// No case failed (skipped cases do not count against a run).
+    pub fn success(&self) -> bool {
+        self.failed == 0
+    }
+
+    /// The summary as pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail (no maps with non-string keys, no
+        // custom serializers that error).
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The closing line: `N passed, M failed` and `, K skipped` when any were skipped.
+    pub fn closing_line(&self) -> String {
+        let mut line = format!("{} passed, {} failed", self.passed, self.failed);
+        if self.skipped > 0 {
+            let _ = write!(line, ", {} skipped", self.skipped);
+        }
+        line
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaseStatus {
+    Pass,
+    Fail,
+    Skip,
+}
+
+impl fmt::Display for CaseStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CaseStatus::Pass => "PASS",
+            CaseStatus::Fail => "FAIL",
+            CaseStatus::Skip => "SKIP",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CaseReport {
+    pub name: String,
+    pub status: CaseStatus,
+    pub duration_seconds: f64,
+    /// Why the case was skipped, or the driver error that ended it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub steps: Vec<StepReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepReport {
+    /// 1-based step number.
+    pub step: usize,
+    /// The driver error that stopped the case at this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub blocks: Vec<BlockReport>,
+}
+
+impl StepReport {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && self.blocks.iter().all(|block| block.mismatches.is_empty())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BlockReport {
+    /// 1-based index of the expect block within its step.
+    pub block: usize,
+    /// Number of (from, to, port, protocol) pairs checked.
+    pub pairs: usize,
+    /// Pairs whose final result does not match.
+    pub mismatches: Vec<PairReport>,
+    /// Pairs that match only after re-probing.
+    pub reprobed: Vec<PairReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PairReport {
+    pub from: PodRef,
+    pub to: PodRef,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub expected: Verdict,
+    /// Every attempt's outcome, first probe first.
+    pub attempts: Vec<ProbeOutcome>,
+}
+
+impl fmt::Display for PairReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {} {}/{}: expected {}, observed {}",
+            self.from,
+            self.to,
+            self.protocol,
+            self.port,
+            self.expected,
+            self.attempts
+                .iter()
+                .map(ProbeOutcome::describe)
+                .collect::<Vec<_>>()
+                .join(", then "),
+        )
+    }
+}
+
+/// Runs every case of `file` through `driver`, writing the human report to `out`.
+///
+/// Fails only if writing to `out` fails; driver errors and mismatches are part of the
+/// summary.
+pub async fn run<D: Driver>(
+    file: &CaseFile,
+    driver: &mut D,
+    options: &RunOptions,
+    out: &mut (dyn Write + Send),
+) -> Result<RunSummary> {
+    let mut summary = RunSummary {
+        passed: 0,
+        failed: 0,
+        skipped: 0,
+        cases: Vec::new(),
+    };
+    for case in &file.cases {
+        if let Some(filter) = &options.case_filter
+            && !case.name.contains(filter.as_str())
+        {
+            continue;
+        }
+        let mut text = String::new();
+        let report = run_case(&file.model, case, driver, options, &mut text).await;
+        let _ = writeln!(
+            text,
+            "{} {} ({:.2}s)",
+            report.status, report.name, report.duration_seconds
+        );
+        out.write_all(text.as_bytes()).map_err(Error::Output)?;
+        out.flush().map_err(Error::Output)?;
+        match report.status {
+            CaseStatus::Pass => summary.passed += 1,
+            CaseStatus::Fail => summary.failed += 1,
+            CaseStatus::Skip => summary.skipped += 1,
+        }
+        summary.cases.push(report);
+    }
+    writeln!(out, "{}", summary.closing_line()).map_err(Error::Output)?;
+    Ok(summary)
+}
+
+async fn run_case<D: Driver>(
+    model: &Model,
+    case: &Case,
+    driver: &mut D,
+    options: &RunOptions,
+    text: &mut String,
+) -> CaseReport {
+    let started = Instant::now();
+    let mut report = CaseReport {
+        name: case.name.clone(),
+        status: CaseStatus::Pass,
+        duration_seconds: 0.0,
+        reason: None,
+        steps: Vec::new(),
+    };
+    if case.is_experimental() && !driver.supports_experimental() {
+        let reason = "uses experimental API fields this cluster does not support";
+        let _ = writeln!(text, "  skipped: {reason}");
+        report.status = CaseStatus::Skip;
+        report.reason = Some(reason.to_owned());
+        return report;
+    }
+    if let Err(error) = driver.reset().await {
+        let reason = format!("resetting the cluster: {error}");
+        let _ = writeln!(text, "  error: {reason}");
+        report.status = CaseStatus::Fail;
+        report.reason = Some(reason);
+    } else {
+        for (index, step) in case.steps.iter().enumerate() {
+            let (step_report, tables) = run_step(model, step, index + 1, driver, options).await;
+            let passed = step_report.passed();
+            write_step(text, &step_report, &tables, options.verbose);
+            if !passed {
+                report.status = CaseStatus::Fail;
+            }
+            let error = step_report.error.clone();
+            report.steps.push(step_report);
+            if let Some(error) = error {
+                report.reason = Some(error);
+                break;
+            }
+        }
+    }
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    report
+}
+
+/// Applies a step's changes in the format's order, syncs, and checks its expectations.
+async fn run_step<D: Driver>(
+    model: &Model,
+    step: &Step,
+    number: usize,
+    driver: &mut D,
+    options: &RunOptions,
+) -> (StepReport, Vec<BlockTables>) {
+    let mut report = StepReport {
+        step: number,
+        error: None,
+        blocks: Vec::new(),
+    };
+    if let Err(error) = apply_changes(step, driver).await {
+        report.error = Some(error);
+        return (report, Vec::new());
+    }
+    if let Err(error) = driver.sync().await {
+        report.error = Some(format!("waiting for the dataplane: {error}"));
+        return (report, Vec::new());
+    }
+    let mut tables = Vec::new();
+    for (index, block) in step.expect.iter().enumerate() {
+        let (block_report, block_tables) =
+            check_block(model, block, index + 1, driver, options).await;
+        report.blocks.push(block_report);
+        tables.push(block_tables);
+    }
+    (report, tables)
+}
+
+async fn apply_changes<D: Driver>(step: &Step, driver: &mut D) -> Result<(), String> {
+    for (pod, labels) in &step.set_pod_labels {
+        driver
+            .set_pod_labels(pod, labels.clone())
+            .await
+            .map_err(|error| format!("setting labels of pod {pod}: {error}"))?;
+    }
+    for (namespace, labels) in &step.set_namespace_labels {
+        let mut labels = labels.clone();
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone());
+        driver
+            .set_namespace_labels(namespace, labels)
+            .await
+            .map_err(|error| format!("setting labels of namespace {namespace}: {error}"))?;
+    }
+    for object in &step.apply {
+        let mut ips = BTreeMap::new();
+        for pod in placeholder_pods(object) {
+            if let Some(ip) = driver.pod_ip(&pod).await {
+                ips.insert(pod, ip);
+            }
+        }
+        let object = substitute_ips(object, &ips).map_err(|error| error.to_string())?;
+        let name = object_name(&object);
+        driver
+            .apply(object)
+            .await
+            .map_err(|error| format!("applying {name}: {error}"))?;
+    }
+    for object in &step.delete {
+        driver
+            .delete(object)
+            .await
+            .map_err(|error| format!("deleting {object}: {error}"))?;
+    }
+    Ok(())
+}
+
+/// `Kind namespace/name` of an object, for messages.
+fn object_name(object: &Value) -> String {
+    let text = |value: Option<&Value>| value.and_then(Value::as_str).unwrap_or("?").to_owned();
+    let metadata = object.get("metadata");
+    let name = text(metadata.and_then(|metadata| metadata.get("name")));
+    match metadata.and_then(|metadata| metadata.get("namespace")) {
+        Some(namespace) => format!(
+            "{} {}/{name}",
+            text(object.get("kind")),
+            text(Some(namespace))
+        ),
+        None => format!("{} {name}", text(object.get("kind"))),
+    }
+}
+
+/// One (from, to, port, protocol) pair of a block and what was seen for it.
+struct Cell {
+    from: usize,
+    to: usize,
+    port: u16,
+    protocol: Protocol,
+    expected: Verdict,
+    target: Option<SocketAddr>,
+    attempts: Vec<ProbeOutcome>,
+}
+
+impl Cell {
+    fn passed(&self, policy: &RetryPolicy) -> bool {
+        let Some(first) = self.attempts.first() else {
+            return false;
+        };
+        match self.expected {
+            Verdict::Allow => self.attempts.iter().any(ProbeOutcome::is_connected),
+            Verdict::Deny => {
+                first.is_denied()
+                    || (first.is_connected()
+                        && policy.deny_confirmations > 0
+                        && self.attempts.len() == 1 + policy.deny_confirmations as usize
+                        && self.attempts[1..].iter().all(ProbeOutcome::is_denied))
+            }
+        }
+    }
+
+    /// Whether another attempt could still change the result.
+    fn wants_retry(&self, policy: &RetryPolicy) -> bool {
+        let (Some(first), Some(last)) = (self.attempts.first(), self.attempts.last()) else {
+            return false;
+        };
+        if matches!(last, ProbeOutcome::Error(_)) || self.target.is_none() {
+            return false;
+        }
+        match self.expected {
+            Verdict::Allow => {
+                !self.attempts.iter().any(ProbeOutcome::is_connected)
+                    && self.attempts.len() < 1 + policy.allow_retries as usize
+            }
+            Verdict::Deny => {
+                first.is_connected()
+                    && !self.attempts[1..].iter().any(ProbeOutcome::is_connected)
+                    && self.attempts.len() < 1 + policy.deny_confirmations as usize
+            }
+        }
+    }
+
+    /// The outcome that decides the cell's observed verdict: a connection if one happened
+    /// where allow was expected (proof of an open path) or anywhere after the first attempt
+    /// where deny was expected; otherwise the last attempt.
+    fn observed(&self) -> Option<&ProbeOutcome> {
+        let connected = match self.expected {
+            Verdict::Allow => self.attempts.iter().find(|outcome| outcome.is_connected()),
+            Verdict::Deny => self
+                .attempts
+                .get(1..)
+                .unwrap_or_default()
+                .iter()
+                .rfind(|outcome| outcome.is_connected()),
+        };
+        connected.or(self.attempts.last())
+    }
+
+    fn report(&self, pods: &[PodRef]) -> PairReport {
+        PairReport {
+            from: pods[self.from].clone(),
+            to: pods[self.to].clone(),
+            port: self.port,
+            protocol: self.protocol,
+            expected: self.expected,
+            attempts: self.attempts.clone(),
+        }
+    }
+}
+
+/// What is needed to print a block's tables.
+struct BlockTables {
+    pods: Vec<PodRef>,
+    /// `(port, protocol, expected marks, observed marks)` with marks indexed
+    /// `[from * pods + to]`.
+    tables: Vec<(u16, Protocol, Vec<char>, Vec<String>)>,
+}
+
+async fn check_block<D: Driver>(
+    model: &Model,
+    block: &Expectation,
+    number: usize,
+    driver: &D,
+    options: &RunOptions,
+) -> (BlockReport, BlockTables) {
+    let pods = model.pod_refs();
+    let mut ips = Vec::with_capacity(pods.len());
+    for pod in &pods {
+        ips.push(driver.pod_ip(pod).await);
+    }
+    let mut cells = Vec::new();
+    for (port, protocol) in block.port_protocols() {
+        for (from, from_pod) in pods.iter().enumerate() {
+            for (to, to_pod) in pods.iter().enumerate() {
+                cells.push(Cell {
+                    from,
+                    to,
+                    port,
+                    protocol,
+                    expected: block.verdict(from_pod, to_pod),
+                    target: ips[to].map(|ip| SocketAddr::new(ip, port)),
+                    attempts: Vec::new(),
+                });
+            }
+        }
+    }
+
+    // First round: every cell.
+    let all: Vec<usize> = (0..cells.len()).collect();
+    probe_cells(driver, &pods, &mut cells, &all, options.probe_timeout).await;
+
+    // Re-probe rounds (see the module docs).
+    let policy = &options.retry;
+    loop {
+        let pending: Vec<usize> = (0..cells.len())
+            .filter(|&index| cells[index].wants_retry(policy))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        let awaiting_propagation = pending.iter().any(|&index| {
+            cells[index].expected == Verdict::Deny && cells[index].attempts.len() == 1
+        });
+        tokio::time::sleep(if awaiting_propagation {
+            policy.propagation_grace
+        } else {
+            policy.retry_pause
+        })
+        .await;
+        probe_cells(driver, &pods, &mut cells, &pending, policy.retry_timeout).await;
+    }
+
+    let mut report = BlockReport {
+        block: number,
+        pairs: cells.len(),
+        mismatches: Vec::new(),
+        reprobed: Vec::new(),
+    };
+    let mut tables = BlockTables {
+        pods: pods.clone(),
+        tables: Vec::new(),
+    };
+    let per_table = pods.len() * pods.len();
+    for chunk in cells.chunks(per_table.max(1)) {
+        let Some(first) = chunk.first() else { continue };
+        let mut expected = Vec::with_capacity(chunk.len());
+        let mut observed = Vec::with_capacity(chunk.len());
+        for cell in chunk {
+            let passed = cell.passed(policy);
+            expected.push(match cell.expected {
+                Verdict::Allow => '.',
+                Verdict::Deny => 'X',
+            });
+            let mark = match cell.observed() {
+                Some(ProbeOutcome::Connected) => '.',
+                Some(outcome) if outcome.is_denied() => 'X',
+                _ => '?',
+            };
+            observed.push(format!("{mark}{}", if passed { "" } else { "*" }));
+            if !passed {
+                report.mismatches.push(cell.report(&pods));
+            } else if cell.attempts.len() > 1 {
+                report.reprobed.push(cell.report(&pods));
+            }
+        }
+        tables
+            .tables
+            .push((first.port, first.protocol, expected, observed));
+    }
+    (report, tables)
+}
+
+/// Probes the cells at `indices` once, concurrently, appending each outcome.
+async fn probe_cells<D: Driver>(
+    driver: &D,
+    pods: &[PodRef],
+    cells: &mut [Cell],
+    indices: &[usize],
+    timeout: Duration,
+) {
+    let mut probes = Vec::new();
+    let mut probed = Vec::new();
+    for &index in indices {
+        let cell = &mut cells[index];
+        match cell.target {
+            Some(target) => {
+                probes.push(Probe {
+                    from: pods[cell.from].clone(),
+                    to: pods[cell.to].clone(),
+                    target,
+                    protocol: cell.protocol,
+                    timeout,
+                });
+                probed.push(index);
+            }
+            None => cell.attempts.push(ProbeOutcome::Error(format!(
+                "pod {} has no IP address",
+                pods[cell.to]
+            ))),
+        }
+    }
+    if probes.is_empty() {
+        return;
+    }
+    let outcomes = driver.probe(&probes).await;
+    if outcomes.len() != probes.len() {
+        let message = format!(
+            "the driver returned {} outcomes for {} probes",
+            outcomes.len(),
+            probes.len()
+        );
+        for index in probed {
+            cells[index]
+                .attempts
+                .push(ProbeOutcome::Error(message.clone()));
+        }
+        return;
+    }
+    for (index, outcome) in probed.into_iter().zip(outcomes) {
+        cells[index].attempts.push(outcome);
+    }
+}
+
+fn write_step(text: &mut String, report: &StepReport, tables: &[BlockTables], verbose: bool) {
+    if let Some(error) = &report.error {
+        let _ = writeln!(text, "  step {}: error: {error}", report.step);
+        return;
+    }
+    for (block, block_tables) in report.blocks.iter().zip(tables) {
+        let failed = !block.mismatches.is_empty();
+        if failed {
+            let _ = writeln!(
+                text,
+                "  step {}, expect block {}: {} of {} pairs do not match",
+                report.step,
+                block.block,
+                block.mismatches.len(),
+                block.pairs
+            );
+        } else if verbose {
+            let _ = writeln!(
+                text,
+                "  step {}, expect block {}: all {} pairs match",
+                report.step, block.block, block.pairs
+            );
+        }
+        if failed || verbose {
+            for (port, protocol, expected, observed) in &block_tables.tables {
+                let _ = writeln!(text, "    {protocol}/{port} expected:");
+                write_table(text, &block_tables.pods, |index| {
+                    expected[index].to_string()
+                });
+                let _ = writeln!(text, "    {protocol}/{port} observed (* = mismatch):");
+                write_table(text, &block_tables.pods, |index| observed[index].clone());
+            }
+        }
+        for pair in &block.mismatches {
+            let _ = writeln!(text, "    mismatch: {pair}");
+        }
+        for pair in &block.reprobed {
+            let _ = writeln!(text, "    re-probed: {pair}");
+        }
+    }
+}
+
+/// Upstream's truth-table layout: a `-` corner, the to-pods across, one row per from-pod.
+fn write_table(text: &mut String, pods: &[PodRef], mark: impl Fn(usize) -> String) {
+    let width = pods
+        .iter()
+        .map(|pod| pod.to_string().len())
+        .max()
+        .unwrap_or(1)
+        .max(2)
+        + 2;
+    let _ = write!(text, "    {:width$}", "-");
+    for pod in pods {
+        let _ = write!(text, "{:width$}", pod.to_string());
+    }
+    trim_line_end(text);
+    for (from, pod) in pods.iter().enumerate() {
+        let _ = write!(text, "    {:width$}", pod.to_string());
+        for to in 0..pods.len() {
+            let _ = write!(text, "{:width$}", mark(from * pods.len() + to));
+        }
+        trim_line_end(text);
+    }
+}
+
+/// Ends the current line without trailing spaces (they carry no information and make the
+/// tables awkward to compare).
+fn trim_line_end(text: &mut String) {
+    while text.ends_with(' ') {
+        text.pop();
+    }
+    text.push('\n');
+}
