@@ -207,6 +207,12 @@ impl LocalCluster {
         format!("weir-{}-{what}", self.record.run)
     }
 
+    /// A namespace recorded for teardown, named `weir-<run>-<what>`.
+    pub fn create_netns(&mut self, what: &str) -> Result<Netns> {
+        let name = self.ns_name(what);
+        self.new_netns(&name)
+    }
+
     fn new_netns(&mut self, name: &str) -> Result<Netns> {
         // Record first: a crash between the two steps still gets cleaned up.
         self.record.namespaces.push(name.to_string());
@@ -396,7 +402,21 @@ impl LocalCluster {
         netns: Option<&Path>,
         pod: Option<(&str, &str)>,
     ) -> Result<CniOutcome> {
-        let mut config = self.cni_config(idx);
+        let config = self.cni_config(idx);
+        self.cni_with_config(idx, command, container_id, netns, pod, config)
+            .await
+    }
+
+    /// [`Self::cni`] with a given network configuration (e.g. carrying `prevResult`).
+    pub async fn cni_with_config(
+        &self,
+        idx: usize,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        pod: Option<(&str, &str)>,
+        mut config: serde_json::Value,
+    ) -> Result<CniOutcome> {
         if command == "GC" {
             let valid: Vec<serde_json::Value> = self
                 .pods

@@ -94,24 +94,9 @@ impl Netns {
 
     /// Runs `f` on a thread inside the namespace. Sockets made there stay in it.
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let path = self.path();
-        let file = File::open(&path).map_err(|source| NetnsError::Enter {
-            path: path.display().to_string(),
-            source,
-        })?;
-        std::thread::spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| NetnsError::Enter {
-            path: path.display().to_string(),
-            source: std::io::Error::other("thread panicked"),
-        })?
-        .map_err(|source| NetnsError::Enter {
-            path: path.display().to_string(),
-            source,
+        weir_conformance::netns::run_in(&self.path(), f).map_err(|e| NetnsError::Enter {
+            path: self.name.clone(),
+            source: std::io::Error::other(e.to_string()),
         })
     }
 

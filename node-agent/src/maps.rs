@@ -234,17 +234,7 @@ impl DataplaneMaps {
 
     /// Per-reason drop counters, summed over CPUs.
     pub fn drop_counts(&self) -> Vec<(DropReason, u64)> {
-        DropReason::ALL
-            .iter()
-            .map(|r| {
-                let n = self
-                    .drops
-                    .get(&(*r as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
-                (*r, n)
-            })
-            .collect()
+        drop_counts(&self.drops)
     }
 
     /// Sum over CPUs of a per-CPU counter map.
@@ -254,4 +244,25 @@ impl DataplaneMaps {
             .map(|(k, v)| (k, v.iter().sum()))
             .collect()
     }
+}
+
+/// Per-reason drop counters of a node, read from its pinned map (no agent needed).
+pub fn pinned_drop_counts(pins: &crate::dataplane::PinLayout) -> Result<Vec<(DropReason, u64)>> {
+    let data = crate::dataplane::open_pinned_map(pins, names::DROPS)?;
+    let drops: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(map_err(names::DROPS, "opening"))?;
+    Ok(drop_counts(&drops))
+}
+
+fn drop_counts(drops: &PerCpuArray<MapData, u64>) -> Vec<(DropReason, u64)> {
+    DropReason::ALL
+        .iter()
+        .map(|r| {
+            let n = drops
+                .get(&(*r as u32), 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0);
+            (*r, n)
+        })
+        .collect()
 }

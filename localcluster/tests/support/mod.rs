@@ -1,0 +1,173 @@
+//! Helpers for the end-to-end tests: a cluster per test, pods, probes, a live TCP stream.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use weir_conformance::{Protocol, probe::ProbeOutcome};
+use weir_localcluster::{ClusterOptions, LocalCluster, Pod, PodSpec, Topology, netns::Netns};
+
+/// Where the weir binaries are: `WEIR_BIN_DIR` (set by `cargo xtask test`) or the
+/// workspace's debug target directory.
+pub fn bin_dir() -> PathBuf {
+    let dir = std::env::var_os("WEIR_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    assert!(
+        dir.join("weir-agent").exists() && dir.join("weir-cni").exists(),
+        "weir binaries not found in {}: run the tests through `cargo xtask test`",
+        dir.display()
+    );
+    dir
+}
+
+pub async fn cluster(nodes: usize, topology: Topology) -> LocalCluster {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (network namespaces, eBPF); run `cargo xtask test` as root"
+    );
+    let mut opts = ClusterOptions::new(bin_dir());
+    opts.nodes = nodes;
+    opts.topology = topology;
+    LocalCluster::up(opts).await.expect("cluster up")
+}
+
+pub async fn pod(c: &mut LocalCluster, namespace: &str, name: &str, node: usize) -> Pod {
+    c.add_pod(PodSpec {
+        namespace: namespace.into(),
+        name: name.into(),
+        node,
+        labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
+        ports: vec![],
+    })
+    .await
+    .expect("pod created")
+}
+
+pub async fn probe(from: &Netns, to: IpAddr, port: u16, protocol: Protocol) -> ProbeOutcome {
+    weir_conformance::probe::probe(
+        &from.path(),
+        SocketAddr::new(to, port),
+        protocol,
+        Duration::from_secs(2),
+    )
+    .await
+}
+
+/// `ping -c1` from inside `from`.
+pub fn ping(from: &Netns, to: IpAddr) -> bool {
+    std::process::Command::new("ip")
+        .args(["netns", "exec", from.name(), "ping", "-c", "1", "-W", "2"])
+        .arg(to.to_string())
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// A TCP connection that keeps sending, and counts what the other end received, to see
+/// whether traffic flows at every moment of a disruption.
+pub struct LiveStream {
+    received: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl LiveStream {
+    pub fn start(client: &Netns, server: &Netns, server_ip: IpAddr, port: u16) -> Self {
+        let listener = server
+            .within(move || TcpListener::bind(SocketAddr::new(server_ip, port)))
+            .expect("enter server namespace")
+            .expect("listen");
+        let received = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let received = received.clone();
+            let failed = failed.clone();
+            std::thread::spawn(move || {
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut buf = [0u8; 4096];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            received.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            failed.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            })
+        };
+        let mut conn = client
+            .within(move || {
+                TcpStream::connect_timeout(
+                    &SocketAddr::new(server_ip, port),
+                    Duration::from_secs(2),
+                )
+            })
+            .expect("enter client namespace")
+            .expect("connect");
+        let writer = {
+            let failed = failed.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                conn.set_write_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let chunk = [0x5au8; 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.write_all(&chunk).is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        Self {
+            received,
+            failed,
+            stop,
+            threads: vec![reader, writer],
+        }
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Asserts that data keeps arriving over `window`.
+    pub async fn assert_flowing(&self, what: &str, window: Duration) {
+        let before = self.received();
+        tokio::time::sleep(window).await;
+        let after = self.received();
+        assert!(!self.failed(), "{what}: the stream broke");
+        assert!(
+            after > before,
+            "{what}: no data arrived in {window:?} ({before} bytes total)"
+        );
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
