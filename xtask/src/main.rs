@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the developer and CI entry point.
 
+mod demo;
 mod setup;
 
 use std::{
@@ -34,6 +35,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
     },
+    /// Bring up a throwaway local cluster, show which pods reach which, tear it down.
+    Demo {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value = "l2")]
+        topology: Topology,
+    },
     /// Tear down every local cluster on this machine (or one run).
     Down {
         #[arg(long)]
@@ -53,6 +61,10 @@ fn main() -> Result<()> {
             topology,
             pods_per_node,
         } => up(nodes, topology, pods_per_node),
+        Cmd::Demo { nodes, topology } => {
+            let bin = build()?;
+            runtime().block_on(demo::run(bin, nodes, topology))
+        }
         Cmd::Down { run } => down(run),
         Cmd::Test => test(),
     }
