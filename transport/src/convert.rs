@@ -1,0 +1,825 @@
+//! Lossless conversions between [`weir_api`] types and their wire form in [`crate::pb`].
+//!
+//! Encoding cannot fail. Decoding checks everything the Rust types assume and the protobuf
+//! types cannot express (address lengths, prefix lengths, enum values, aligned port prefixes,
+//! unique map keys) and reports the first violation as a [`ProtoError`]; it never panics, so a
+//! malformed message from the wire costs one error, not the process.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use weir_api::{
+    Action, Direction, EndpointPolicy, IpProto, NodeRoute, NodeState, NodeStateDiff, PodKey,
+    PolicyRef, PortPrefix, RuleRef, RuleSetInfo, TableDiff, VerdictEntry, VerdictMatch,
+};
+
+use crate::pb;
+
+/// A message from the wire that does not describe a valid [`NodeState`] or [`NodeStateDiff`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("{field} is missing")]
+    MissingField { field: &'static str },
+    #[error("{field}: address has {len} bytes, expected 4 (IPv4) or 16 (IPv6)")]
+    AddressLength { field: &'static str, len: usize },
+    #[error("{field}: prefix length {len} is longer than the {max} bits of {address}")]
+    PrefixTooLong {
+        field: &'static str,
+        address: IpAddr,
+        len: u32,
+        max: u8,
+    },
+    #[error("{field}: {value} is not a known value of enum {enum_name}")]
+    UnknownEnum {
+        field: &'static str,
+        enum_name: &'static str,
+        value: i32,
+    },
+    #[error("{field}: port prefix {port}/{len} is not a 16-bit port aligned to its prefix length")]
+    PortPrefixInvalid {
+        field: &'static str,
+        port: u32,
+        len: u32,
+    },
+    #[error("{field}: {value} is out of range (at most {max})")]
+    OutOfRange {
+        field: &'static str,
+        value: u32,
+        max: u32,
+    },
+    #[error("{field}: a port prefix without a protocol (ports only exist per protocol)")]
+    PortsWithoutProto { field: &'static str },
+    #[error("{table}: key {key} appears more than once")]
+    DuplicateKey { table: &'static str, key: String },
+    #[error("snapshot has neither a state nor the unchanged marker")]
+    EmptySnapshot,
+    #[error("node update has neither a snapshot nor a diff")]
+    EmptyUpdate,
+}
+
+// ---- encoding -------------------------------------------------------------------------------
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_prefix(net: &IpNet) -> pb::IpPrefix {
+    pb::IpPrefix {
+        address: ip_bytes(net.addr()),
+        prefix_len: u32::from(net.prefix_len()),
+    }
+}
+
+fn pod_key(pod: &PodKey) -> pb::PodKey {
+    pb::PodKey {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+    }
+}
+
+fn endpoint(pod: &PodKey, policy: &EndpointPolicy) -> pb::Endpoint {
+    pb::Endpoint {
+        pod: Some(pod_key(pod)),
+        ingress_rule_set: policy.ingress,
+        egress_rule_set: policy.egress,
+    }
+}
+
+fn peer_class(prefix: &IpNet, class: u32) -> pb::PeerClass {
+    pb::PeerClass {
+        prefix: Some(ip_prefix(prefix)),
+        class,
+    }
+}
+
+fn verdict_match(m: &VerdictMatch) -> pb::VerdictMatch {
+    pb::VerdictMatch {
+        rule_set: m.rule_set,
+        class: m.class,
+        proto: m.proto.map(u32::from),
+        ports: m.ports.map(|p| pb::PortPrefix {
+            port: u32::from(p.port),
+            len: u32::from(p.len),
+        }),
+    }
+}
+
+fn action(a: Action) -> pb::Action {
+    match a {
+        Action::Allow => pb::Action::Allow,
+        Action::Deny => pb::Action::Deny,
+    }
+}
+
+fn direction(d: Direction) -> pb::Direction {
+    match d {
+        Direction::Ingress => pb::Direction::Ingress,
+        Direction::Egress => pb::Direction::Egress,
+    }
+}
+
+fn verdict(m: &VerdictMatch, e: &VerdictEntry) -> pb::Verdict {
+    pb::Verdict {
+        key: Some(verdict_match(m)),
+        action: action(e.action).into(),
+        rule: e.rule,
+    }
+}
+
+fn policy_ref(p: &PolicyRef) -> pb::PolicyRef {
+    pb::PolicyRef {
+        kind: p.kind.clone(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+    }
+}
+
+fn rule(id: u32, r: &RuleRef) -> pb::Rule {
+    pb::Rule {
+        id,
+        rule: Some(pb::RuleRef {
+            policy: Some(policy_ref(&r.policy)),
+            direction: direction(r.direction).into(),
+            index: r.index,
+        }),
+    }
+}
+
+fn rule_set(id: u32, info: &RuleSetInfo) -> pb::RuleSet {
+    pb::RuleSet {
+        id,
+        info: Some(pb::RuleSetInfo {
+            direction: direction(info.direction).into(),
+            policies: info.policies.iter().map(policy_ref).collect(),
+        }),
+    }
+}
+
+fn route(cidr: &IpNet, r: &NodeRoute) -> pb::Route {
+    pb::Route {
+        pod_cidr: Some(ip_prefix(cidr)),
+        route: Some(pb::NodeRoute {
+            node: r.node.clone(),
+            node_ip: ip_bytes(r.node_ip),
+        }),
+    }
+}
+
+impl From<&NodeState> for pb::NodeState {
+    fn from(s: &NodeState) -> Self {
+        Self {
+            endpoints: s.endpoints.iter().map(|(k, v)| endpoint(k, v)).collect(),
+            peer_classes: s
+                .peer_classes
+                .iter()
+                .map(|(k, v)| peer_class(k, *v))
+                .collect(),
+            verdicts: s.verdicts.iter().map(|(k, v)| verdict(k, v)).collect(),
+            rules: s.rules.iter().map(|(k, v)| rule(*k, v)).collect(),
+            rule_sets: s.rule_sets.iter().map(|(k, v)| rule_set(*k, v)).collect(),
+            routes: s.routes.iter().map(|(k, v)| route(k, v)).collect(),
+        }
+    }
+}
+
+impl From<&NodeStateDiff> for pb::NodeStateDiff {
+    fn from(d: &NodeStateDiff) -> Self {
+        Self {
+            from_version: d.from_version,
+            to_version: d.to_version,
+            upsert_endpoints: d
+                .endpoints
+                .upsert
+                .iter()
+                .map(|(k, v)| endpoint(k, v))
+                .collect(),
+            remove_endpoints: d.endpoints.remove.iter().map(pod_key).collect(),
+            upsert_peer_classes: d
+                .peer_classes
+                .upsert
+                .iter()
+                .map(|(k, v)| peer_class(k, *v))
+                .collect(),
+            remove_peer_classes: d.peer_classes.remove.iter().map(ip_prefix).collect(),
+            upsert_verdicts: d
+                .verdicts
+                .upsert
+                .iter()
+                .map(|(k, v)| verdict(k, v))
+                .collect(),
+            remove_verdicts: d.verdicts.remove.iter().map(verdict_match).collect(),
+            upsert_rules: d.rules.upsert.iter().map(|(k, v)| rule(*k, v)).collect(),
+            remove_rules: d.rules.remove.clone(),
+            upsert_rule_sets: d
+                .rule_sets
+                .upsert
+                .iter()
+                .map(|(k, v)| rule_set(*k, v))
+                .collect(),
+            remove_rule_sets: d.rule_sets.remove.clone(),
+            upsert_routes: d.routes.upsert.iter().map(|(k, v)| route(k, v)).collect(),
+            remove_routes: d.routes.remove.iter().map(ip_prefix).collect(),
+        }
+    }
+}
+
+// ---- decoding -------------------------------------------------------------------------------
+
+fn required<T>(value: Option<T>, field: &'static str) -> Result<T, ProtoError> {
+    value.ok_or(ProtoError::MissingField { field })
+}
+
+fn decode_ip(bytes: &[u8], field: &'static str) -> Result<IpAddr, ProtoError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        Ok(IpAddr::V4(Ipv4Addr::from(v4)))
+    } else if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        Ok(IpAddr::V6(Ipv6Addr::from(v6)))
+    } else {
+        Err(ProtoError::AddressLength {
+            field,
+            len: bytes.len(),
+        })
+    }
+}
+
+fn decode_prefix(p: &pb::IpPrefix, field: &'static str) -> Result<IpNet, ProtoError> {
+    let address = decode_ip(&p.address, field)?;
+    let max: u8 = if address.is_ipv4() { 32 } else { 128 };
+    let too_long = ProtoError::PrefixTooLong {
+        field,
+        address,
+        len: p.prefix_len,
+        max,
+    };
+    let len = u8::try_from(p.prefix_len).map_err(|_| too_long.clone())?;
+    IpNet::new(address, len).map_err(|_| too_long)
+}
+
+fn decode_pod(p: pb::PodKey) -> PodKey {
+    PodKey {
+        namespace: p.namespace,
+        name: p.name,
+    }
+}
+
+fn decode_endpoint(e: pb::Endpoint) -> Result<(PodKey, EndpointPolicy), ProtoError> {
+    let pod = required(e.pod, "Endpoint.pod")?;
+    Ok((
+        decode_pod(pod),
+        EndpointPolicy {
+            ingress: e.ingress_rule_set,
+            egress: e.egress_rule_set,
+        },
+    ))
+}
+
+fn decode_peer_class(c: &pb::PeerClass) -> Result<(IpNet, u32), ProtoError> {
+    let prefix = required(c.prefix.as_ref(), "PeerClass.prefix")?;
+    Ok((decode_prefix(prefix, "PeerClass.prefix")?, c.class))
+}
+
+fn decode_verdict_match(m: &pb::VerdictMatch) -> Result<VerdictMatch, ProtoError> {
+    let proto = m
+        .proto
+        .map(|p| {
+            IpProto::try_from(p).map_err(|_| ProtoError::OutOfRange {
+                field: "VerdictMatch.proto",
+                value: p,
+                max: u32::from(IpProto::MAX),
+            })
+        })
+        .transpose()?;
+    let ports = m
+        .ports
+        .as_ref()
+        .map(|p| {
+            let invalid = ProtoError::PortPrefixInvalid {
+                field: "VerdictMatch.ports",
+                port: p.port,
+                len: p.len,
+            };
+            let port = u16::try_from(p.port).map_err(|_| invalid.clone())?;
+            let len = u8::try_from(p.len).map_err(|_| invalid.clone())?;
+            PortPrefix::new(port, len).ok_or(invalid)
+        })
+        .transpose()?;
+    if proto.is_none() && ports.is_some() {
+        return Err(ProtoError::PortsWithoutProto {
+            field: "VerdictMatch.ports",
+        });
+    }
+    Ok(VerdictMatch {
+        rule_set: m.rule_set,
+        class: m.class,
+        proto,
+        ports,
+    })
+}
+
+fn decode_action(value: i32) -> Result<Action, ProtoError> {
+    match pb::Action::try_from(value) {
+        Ok(pb::Action::Allow) => Ok(Action::Allow),
+        Ok(pb::Action::Deny) => Ok(Action::Deny),
+        Ok(pb::Action::Unspecified) | Err(_) => Err(ProtoError::UnknownEnum {
+            field: "Verdict.action",
+            enum_name: "Action",
+            value,
+        }),
+    }
+}
+
+fn decode_direction(value: i32, field: &'static str) -> Result<Direction, ProtoError> {
+    match pb::Direction::try_from(value) {
+        Ok(pb::Direction::Ingress) => Ok(Direction::Ingress),
+        Ok(pb::Direction::Egress) => Ok(Direction::Egress),
+        Ok(pb::Direction::Unspecified) | Err(_) => Err(ProtoError::UnknownEnum {
+            field,
+            enum_name: "Direction",
+            value,
+        }),
+    }
+}
+
+fn decode_verdict(v: &pb::Verdict) -> Result<(VerdictMatch, VerdictEntry), ProtoError> {
+    let key = required(v.key.as_ref(), "Verdict.key")?;
+    Ok((
+        decode_verdict_match(key)?,
+        VerdictEntry {
+            action: decode_action(v.action)?,
+            rule: v.rule,
+        },
+    ))
+}
+
+fn decode_policy_ref(p: pb::PolicyRef) -> PolicyRef {
+    PolicyRef {
+        kind: p.kind,
+        namespace: p.namespace,
+        name: p.name,
+    }
+}
+
+fn decode_rule(r: pb::Rule) -> Result<(u32, RuleRef), ProtoError> {
+    let rule = required(r.rule, "Rule.rule")?;
+    let policy = required(rule.policy, "RuleRef.policy")?;
+    Ok((
+        r.id,
+        RuleRef {
+            policy: decode_policy_ref(policy),
+            direction: decode_direction(rule.direction, "RuleRef.direction")?,
+            index: rule.index,
+        },
+    ))
+}
+
+fn decode_rule_set(r: pb::RuleSet) -> Result<(u32, RuleSetInfo), ProtoError> {
+    let info = required(r.info, "RuleSet.info")?;
+    Ok((
+        r.id,
+        RuleSetInfo {
+            direction: decode_direction(info.direction, "RuleSetInfo.direction")?,
+            policies: info.policies.into_iter().map(decode_policy_ref).collect(),
+        },
+    ))
+}
+
+fn decode_route(r: pb::Route) -> Result<(IpNet, NodeRoute), ProtoError> {
+    let cidr = required(r.pod_cidr.as_ref(), "Route.pod_cidr")?;
+    let cidr = decode_prefix(cidr, "Route.pod_cidr")?;
+    let route = required(r.route, "Route.route")?;
+    Ok((
+        cidr,
+        NodeRoute {
+            node_ip: decode_ip(&route.node_ip, "NodeRoute.node_ip")?,
+            node: route.node,
+        },
+    ))
+}
+
+/// Collects decoded entries into a map, refusing a key that repeats: the sender's map cannot
+/// hold one twice, so a repeat means a corrupt or hostile message.
+fn collect_table<K: Ord + Debug, V, T>(
+    table: &'static str,
+    items: impl IntoIterator<Item = T>,
+    decode: impl Fn(T) -> Result<(K, V), ProtoError>,
+) -> Result<BTreeMap<K, V>, ProtoError> {
+    let mut map = BTreeMap::new();
+    for item in items {
+        let (k, v) = decode(item)?;
+        if let Some((k, _)) = map.remove_entry(&k) {
+            return Err(ProtoError::DuplicateKey {
+                table,
+                key: format!("{k:?}"),
+            });
+        }
+        map.insert(k, v);
+    }
+    Ok(map)
+}
+
+/// Decodes one table of a diff; a key may appear at most once among the upserts and at most
+/// once among the removals (as [`TableDiff::between`] produces them).
+fn decode_table_diff<K: Ord + Clone + Debug, V, U, R>(
+    table: &'static str,
+    upsert: impl IntoIterator<Item = U>,
+    remove: impl IntoIterator<Item = R>,
+    decode_upsert: impl Fn(U) -> Result<(K, V), ProtoError>,
+    decode_remove: impl Fn(R) -> Result<K, ProtoError>,
+) -> Result<TableDiff<K, V>, ProtoError> {
+    let duplicate = |k: &K| ProtoError::DuplicateKey {
+        table,
+        key: format!("{k:?}"),
+    };
+    let mut seen = BTreeSet::new();
+    let mut upserts = Vec::new();
+    for item in upsert {
+        let (k, v) = decode_upsert(item)?;
+        if !seen.insert(k.clone()) {
+            return Err(duplicate(&k));
+        }
+        upserts.push((k, v));
+    }
+    seen.clear();
+    let mut removes = Vec::new();
+    for item in remove {
+        let k = decode_remove(item)?;
+        if !seen.insert(k.clone()) {
+            return Err(duplicate(&k));
+        }
+        removes.push(k);
+    }
+    Ok(TableDiff {
+        upsert: upserts,
+        remove: removes,
+    })
+}
+
+impl TryFrom<pb::NodeState> for NodeState {
+    type Error = ProtoError;
+
+    fn try_from(s: pb::NodeState) -> Result<Self, ProtoError> {
+        Ok(Self {
+            endpoints: collect_table("endpoints", s.endpoints, decode_endpoint)?,
+            peer_classes: collect_table("peer_classes", &s.peer_classes, decode_peer_class)?,
+            verdicts: collect_table("verdicts", &s.verdicts, decode_verdict)?,
+            rules: collect_table("rules", s.rules, decode_rule)?,
+            rule_sets: collect_table("rule_sets", s.rule_sets, decode_rule_set)?,
+            routes: collect_table("routes", s.routes, decode_route)?,
+        })
+    }
+}
+
+impl TryFrom<pb::NodeStateDiff> for NodeStateDiff {
+    type Error = ProtoError;
+
+    fn try_from(d: pb::NodeStateDiff) -> Result<Self, ProtoError> {
+        Ok(Self {
+            from_version: d.from_version,
+            to_version: d.to_version,
+            endpoints: decode_table_diff(
+                "endpoints",
+                d.upsert_endpoints,
+                d.remove_endpoints,
+                decode_endpoint,
+                |p| Ok(decode_pod(p)),
+            )?,
+            peer_classes: decode_table_diff(
+                "peer_classes",
+                &d.upsert_peer_classes,
+                &d.remove_peer_classes,
+                decode_peer_class,
+                |p| decode_prefix(p, "NodeStateDiff.remove_peer_classes"),
+            )?,
+            verdicts: decode_table_diff(
+                "verdicts",
+                &d.upsert_verdicts,
+                &d.remove_verdicts,
+                decode_verdict,
+                decode_verdict_match,
+            )?,
+            rules: decode_table_diff("rules", d.upsert_rules, d.remove_rules, decode_rule, Ok)?,
+            rule_sets: decode_table_diff(
+                "rule_sets",
+                d.upsert_rule_sets,
+                d.remove_rule_sets,
+                decode_rule_set,
+                Ok,
+            )?,
+            routes: decode_table_diff(
+                "routes",
+                d.upsert_routes,
+                &d.remove_routes,
+                decode_route,
+                |p| decode_prefix(p, "NodeStateDiff.remove_routes"),
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use prost::Message;
+
+    use super::*;
+    use crate::testing::{arb_node_state, arb_verdict_match};
+
+    fn decode_state(s: pb::NodeState) -> Result<NodeState, ProtoError> {
+        NodeState::try_from(s)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// NodeState → bytes on the wire → NodeState is the identity.
+        #[test]
+        fn node_state_survives_the_wire(state in arb_node_state()) {
+            let bytes = pb::NodeState::from(&state).encode_to_vec();
+            let wire = pb::NodeState::decode(bytes.as_slice()).expect("decode own encoding");
+            prop_assert_eq!(decode_state(wire)?, state);
+        }
+
+        /// A diff between two states survives the wire and still turns the old into the new.
+        #[test]
+        fn node_state_diff_survives_the_wire(
+            old in arb_node_state(),
+            new in arb_node_state(),
+            from in any::<u64>(),
+            to in any::<u64>(),
+        ) {
+            let diff = old.diff(&new, from, to);
+            let bytes = pb::NodeStateDiff::from(&diff).encode_to_vec();
+            let wire = pb::NodeStateDiff::decode(bytes.as_slice()).expect("decode own encoding");
+            let back = NodeStateDiff::try_from(wire)?;
+            prop_assert_eq!(&back, &diff);
+            let mut applied = old.clone();
+            applied.apply(&back);
+            prop_assert_eq!(applied, new);
+        }
+
+        #[test]
+        fn verdict_match_survives_the_wire(m in arb_verdict_match()) {
+            prop_assert_eq!(decode_verdict_match(&verdict_match(&m))?, m);
+        }
+    }
+
+    fn prefix(address: Vec<u8>, prefix_len: u32) -> pb::IpPrefix {
+        pb::IpPrefix {
+            address,
+            prefix_len,
+        }
+    }
+
+    fn state_with_peer_class(p: pb::IpPrefix) -> pb::NodeState {
+        pb::NodeState {
+            peer_classes: vec![pb::PeerClass {
+                prefix: Some(p),
+                class: 1,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn address_of_five_bytes_is_rejected() {
+        let err = decode_state(state_with_peer_class(prefix(vec![10, 0, 0, 0, 1], 8))).unwrap_err();
+        assert_eq!(
+            err,
+            ProtoError::AddressLength {
+                field: "PeerClass.prefix",
+                len: 5
+            }
+        );
+    }
+
+    #[test]
+    fn ipv4_prefix_longer_than_32_bits_is_rejected() {
+        let err = decode_state(state_with_peer_class(prefix(vec![10, 0, 0, 0], 33))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtoError::PrefixTooLong {
+                    len: 33,
+                    max: 32,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A length that does not even fit a byte must not wrap around to a valid one.
+        let err = decode_state(state_with_peer_class(prefix(vec![0; 16], 256 + 64))).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtoError::PrefixTooLong {
+                    len: 320,
+                    max: 128,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    fn state_with_verdict(v: pb::Verdict) -> pb::NodeState {
+        pb::NodeState {
+            verdicts: vec![v],
+            ..Default::default()
+        }
+    }
+
+    fn tcp_match(ports: Option<pb::PortPrefix>) -> pb::VerdictMatch {
+        pb::VerdictMatch {
+            rule_set: 1,
+            class: 2,
+            proto: Some(6),
+            ports,
+        }
+    }
+
+    #[test]
+    fn unknown_and_unspecified_actions_are_rejected() {
+        for value in [0, 3, -1] {
+            let err = decode_state(state_with_verdict(pb::Verdict {
+                key: Some(tcp_match(None)),
+                action: value,
+                rule: 0,
+            }))
+            .unwrap_err();
+            assert_eq!(
+                err,
+                ProtoError::UnknownEnum {
+                    field: "Verdict.action",
+                    enum_name: "Action",
+                    value
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_direction_is_rejected() {
+        let s = pb::NodeState {
+            rule_sets: vec![pb::RuleSet {
+                id: 1,
+                info: Some(pb::RuleSetInfo {
+                    direction: 7,
+                    policies: vec![],
+                }),
+            }],
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode_state(s).unwrap_err(),
+            ProtoError::UnknownEnum {
+                enum_name: "Direction",
+                value: 7,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn port_prefix_with_host_bits_is_rejected() {
+        // 8081/15 would cover 8081..=8082, which is not a power-of-two aligned range.
+        for (port, len) in [(8081, 15), (1, 17), (70000, 16)] {
+            let err = decode_state(state_with_verdict(pb::Verdict {
+                key: Some(tcp_match(Some(pb::PortPrefix { port, len }))),
+                action: pb::Action::Allow.into(),
+                rule: 0,
+            }))
+            .unwrap_err();
+            assert_eq!(
+                err,
+                ProtoError::PortPrefixInvalid {
+                    field: "VerdictMatch.ports",
+                    port,
+                    len
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn ports_without_protocol_are_rejected() {
+        let mut key = tcp_match(Some(pb::PortPrefix { port: 80, len: 16 }));
+        key.proto = None;
+        let err = decode_state(state_with_verdict(pb::Verdict {
+            key: Some(key),
+            action: pb::Action::Deny.into(),
+            rule: 0,
+        }))
+        .unwrap_err();
+        assert!(matches!(err, ProtoError::PortsWithoutProto { .. }));
+    }
+
+    #[test]
+    fn protocol_above_255_is_rejected() {
+        let mut key = tcp_match(None);
+        key.proto = Some(256);
+        let err = decode_verdict_match(&key).unwrap_err();
+        assert!(matches!(err, ProtoError::OutOfRange { value: 256, .. }));
+    }
+
+    #[test]
+    fn missing_nested_message_is_named() {
+        let s = pb::NodeState {
+            endpoints: vec![pb::Endpoint {
+                pod: None,
+                ingress_rule_set: 1,
+                egress_rule_set: 0,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            decode_state(s).unwrap_err(),
+            ProtoError::MissingField {
+                field: "Endpoint.pod"
+            }
+        );
+    }
+
+    #[test]
+    fn repeated_key_in_a_snapshot_is_rejected() {
+        let entry = pb::Rule {
+            id: 4,
+            rule: Some(pb::RuleRef {
+                policy: Some(pb::PolicyRef::default()),
+                direction: pb::Direction::Ingress.into(),
+                index: 0,
+            }),
+        };
+        let s = pb::NodeState {
+            rules: vec![entry.clone(), entry],
+            ..Default::default()
+        };
+        assert_eq!(
+            decode_state(s).unwrap_err(),
+            ProtoError::DuplicateKey {
+                table: "rules",
+                key: "4".into()
+            }
+        );
+    }
+
+    #[test]
+    fn repeated_removal_in_a_diff_is_rejected() {
+        let d = pb::NodeStateDiff {
+            remove_rule_sets: vec![3, 3],
+            ..Default::default()
+        };
+        assert!(matches!(
+            NodeStateDiff::try_from(d).unwrap_err(),
+            ProtoError::DuplicateKey {
+                table: "rule_sets",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn route_with_bad_node_ip_is_rejected() {
+        let s = pb::NodeState {
+            routes: vec![pb::Route {
+                pod_cidr: Some(prefix(vec![10, 1, 0, 0], 24)),
+                route: Some(pb::NodeRoute {
+                    node: "n".into(),
+                    node_ip: vec![],
+                }),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            decode_state(s).unwrap_err(),
+            ProtoError::AddressLength {
+                field: "NodeRoute.node_ip",
+                len: 0
+            }
+        );
+    }
+
+    /// Arbitrary bytes never panic the decoder: they either fail protobuf decoding or are
+    /// rejected or accepted by the conversion.
+    #[test]
+    fn garbage_never_panics() {
+        let mut runner = proptest::test_runner::TestRunner::default();
+        runner
+            .run(&proptest::collection::vec(any::<u8>(), 0..256), |bytes| {
+                if let Ok(s) = pb::NodeState::decode(bytes.as_slice()) {
+                    let _ = decode_state(s);
+                }
+                if let Ok(d) = pb::NodeStateDiff::decode(bytes.as_slice()) {
+                    let _ = NodeStateDiff::try_from(d);
+                }
+                Ok(())
+            })
+            .expect("decoding garbage must not panic");
+    }
+}

@@ -1,0 +1,128 @@
+//! Random node states for property tests. Key domains are small on purpose, so two random
+//! states share keys (some with equal, some with different values) and their diffs contain
+//! upserts, removals and untouched entries alike.
+//!
+//! Shared by the crate's unit tests and the end-to-end tests.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use proptest::{collection::btree_map, prelude::*};
+use weir_api::{
+    Action, Direction, EndpointPolicy, NodeRoute, NodeState, PodKey, PolicyRef, PortPrefix,
+    RuleRef, RuleSetInfo, VerdictEntry, VerdictMatch,
+};
+
+fn arb_ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        (0u32..64).prop_map(|low| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | low))),
+        any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+        any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+    ]
+}
+
+/// Prefixes with host bits left as generated: the wire must carry them unchanged.
+fn arb_net() -> impl Strategy<Value = IpNet> {
+    arb_ip().prop_flat_map(|ip| {
+        let max: u8 = if ip.is_ipv4() { 32 } else { 128 };
+        (0..=max).prop_map(move |len| IpNet::new(ip, len).expect("length within bounds"))
+    })
+}
+
+fn arb_pod() -> impl Strategy<Value = PodKey> {
+    (
+        prop::sample::select(vec!["default", "kube-system", "prod"]),
+        0u8..12,
+    )
+        .prop_map(|(ns, i)| PodKey::new(ns, format!("pod-{i}")))
+}
+
+fn arb_policy() -> impl Strategy<Value = PolicyRef> {
+    (
+        prop::sample::select(vec!["NetworkPolicy", "ClusterNetworkPolicy"]),
+        prop::sample::select(vec!["", "default", "prod"]),
+        "[a-z]{1,6}",
+    )
+        .prop_map(|(kind, ns, name)| PolicyRef {
+            kind: kind.into(),
+            namespace: ns.into(),
+            name,
+        })
+}
+
+fn arb_direction() -> impl Strategy<Value = Direction> {
+    prop_oneof![Just(Direction::Ingress), Just(Direction::Egress)]
+}
+
+fn arb_port_prefix() -> impl Strategy<Value = PortPrefix> {
+    (any::<u16>(), 0u8..=16).prop_map(|(port, len)| {
+        let mask = u16::MAX.checked_shl(16 - u32::from(len)).unwrap_or(0);
+        PortPrefix::new(port & mask, len).expect("masked port is aligned")
+    })
+}
+
+pub fn arb_verdict_match() -> impl Strategy<Value = VerdictMatch> {
+    (
+        0u32..4,
+        0u32..4,
+        prop::option::of((any::<u8>(), prop::option::of(arb_port_prefix()))),
+    )
+        .prop_map(|(rule_set, class, proto_ports)| VerdictMatch {
+            rule_set,
+            class,
+            proto: proto_ports.map(|(p, _)| p),
+            ports: proto_ports.and_then(|(_, ports)| ports),
+        })
+}
+
+pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
+    let endpoints = btree_map(
+        arb_pod(),
+        (0u32..4, 0u32..4).prop_map(|(ingress, egress)| EndpointPolicy { ingress, egress }),
+        0..8,
+    );
+    let peer_classes = btree_map(arb_net(), 0u32..4, 0..8);
+    let verdicts = btree_map(
+        arb_verdict_match(),
+        (
+            prop_oneof![Just(Action::Allow), Just(Action::Deny)],
+            0u32..4,
+        )
+            .prop_map(|(action, rule)| VerdictEntry { action, rule }),
+        0..8,
+    );
+    let rules = btree_map(
+        0u32..8,
+        (arb_policy(), arb_direction(), 0u32..3).prop_map(|(policy, direction, index)| RuleRef {
+            policy,
+            direction,
+            index,
+        }),
+        0..6,
+    );
+    let rule_sets = btree_map(
+        0u32..6,
+        (arb_direction(), prop::collection::vec(arb_policy(), 0..3)).prop_map(
+            |(direction, policies)| RuleSetInfo {
+                direction,
+                policies,
+            },
+        ),
+        0..4,
+    );
+    let routes = btree_map(
+        arb_net(),
+        ("node-[0-9]", arb_ip()).prop_map(|(node, node_ip)| NodeRoute { node, node_ip }),
+        0..4,
+    );
+    (endpoints, peer_classes, verdicts, rules, rule_sets, routes).prop_map(
+        |(endpoints, peer_classes, verdicts, rules, rule_sets, routes)| NodeState {
+            endpoints,
+            peer_classes,
+            verdicts,
+            rules,
+            rule_sets,
+            routes,
+        },
+    )
+}
