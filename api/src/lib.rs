@@ -13,8 +13,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod diff;
+mod lookup;
 
 pub use diff::{NodeStateDiff, TableDiff};
+pub use lookup::ipv4_root;
 
 /// Rule-set id meaning "no policy selects the endpoint in this direction".
 pub const NOT_ISOLATED: u32 = 0;

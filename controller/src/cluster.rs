@@ -1,0 +1,679 @@
+//! The typed input of the compiler: a store of Namespaces, Pods, Nodes and NetworkPolicies
+//! with the indexes selector evaluation needs (namespace → pods, label → pods, label →
+//! namespaces, node → pods, named port → pods, address → pods), kept up to date on every
+//! upsert and delete so a compile never rebuilds them.
+//!
+//! Only what policy needs is kept of each object. In particular:
+//!
+//! * Pods that are terminal (`status.phase` Succeeded or Failed) are dropped: their IPs may
+//!   already belong to a new pod.
+//! * Host-network pods are dropped: they are neither policy endpoints nor selector peers
+//!   (their traffic is node traffic; an ipBlock can still match node addresses).
+//! * Pods without an IP stay: they are endpoints (their policy must be in place before their
+//!   first packet, which precedes the IP's publication), but they are nobody's peer yet.
+//! * Namespaces that have pods but no Namespace object are treated as existing with only the
+//!   `kubernetes.io/metadata.name` label, which the API server sets on every namespace.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, btree_map},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Container, Namespace, Node, Pod},
+    networking::v1::{NetworkPolicy, NetworkPolicySpec},
+};
+use weir_api::PodKey;
+
+use crate::{
+    Error, HashMap, Result,
+    policy::{PolicyKey, Protocol},
+    selector::Labels,
+    validate::{self, PolicyDiagnostic, ValidatedPolicy},
+};
+
+/// The label the API server puts on every namespace, holding its name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Index of a pod in the store; reused after the pod is deleted.
+pub(crate) type PodIdx = u32;
+/// Index of a namespace in the store; reused after the namespace is gone.
+pub(crate) type NsIdx = u32;
+
+/// A named container port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// What policy needs to know about a pod that is a policy endpoint and peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub key: PodKey,
+    pub labels: Labels,
+    /// `spec.nodeName`; `None` while unscheduled.
+    pub node: Option<String>,
+    /// `status.podIPs` (or `status.podIP`), IPv4-mapped IPv6 written as IPv4, no duplicates.
+    pub ips: Vec<IpAddr>,
+    /// Named ports of the containers (and restartable init containers, i.e. sidecars).
+    pub named_ports: Vec<NamedPort>,
+}
+
+impl PodInfo {
+    /// Extracts what policy needs from `pod`; `None` if the pod is terminal or uses the
+    /// host network (see the module documentation). Unparseable IPs and container ports with
+    /// an unknown protocol or an out-of-range number are skipped (the API server does not
+    /// accept them).
+    pub fn from_pod(pod: &Pod) -> Result<Option<Self>> {
+        let name = pod
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or(Error::MissingName { kind: "Pod" })?;
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::MissingNamespace {
+                kind: "Pod",
+                name: name.clone(),
+            })?;
+        let status = pod.status.as_ref();
+        let terminal = status
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed");
+        let spec = pod.spec.as_ref();
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        if terminal || host_network {
+            return Ok(None);
+        }
+        let mut ips: Vec<IpAddr> = Vec::new();
+        let listed = status.and_then(|s| s.pod_ips.as_ref());
+        let texts: Vec<&str> = match listed {
+            Some(list) if !list.is_empty() => list.iter().map(|p| p.ip.as_str()).collect(),
+            _ => status
+                .and_then(|s| s.pod_ip.as_deref())
+                .into_iter()
+                .collect(),
+        };
+        for text in texts {
+            if let Ok(ip) = text.parse::<IpAddr>() {
+                let ip = canonical_ip(ip);
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+        }
+        let mut named_ports = Vec::new();
+        if let Some(spec) = spec {
+            let sidecars = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+            for container in spec.containers.iter().chain(sidecars) {
+                named_ports.extend(container_named_ports(container));
+            }
+        }
+        named_ports.sort_unstable();
+        named_ports.dedup();
+        Ok(Some(Self {
+            key: PodKey::new(namespace, name),
+            labels: pod.metadata.labels.clone().unwrap_or_default().into(),
+            node: spec
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            ips,
+            named_ports,
+        }))
+    }
+
+    /// The port numbers `name` stands for on this pod for `protocol` (sorted).
+    pub fn resolve_port(&self, name: &str, protocol: Protocol) -> Vec<u16> {
+        let mut ports: Vec<u16> = self
+            .named_ports
+            .iter()
+            .filter(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+fn container_named_ports(container: &Container) -> impl Iterator<Item = NamedPort> + '_ {
+    container.ports.iter().flatten().filter_map(|p| {
+        let name = p.name.as_ref().filter(|n| !n.is_empty())?;
+        let protocol = match p.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(s) => Protocol::from_api(s)?,
+        };
+        let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0)?;
+        Some(NamedPort {
+            name: name.clone(),
+            protocol,
+            port,
+        })
+    })
+}
+
+/// IPv4-mapped IPv6 addresses are IPv4 addresses (as in the dataplane's keys).
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// A stored NetworkPolicy: its validated form, and its spec as written if the store
+/// retains specs ([`Cluster::retaining_policy_specs`]).
+#[derive(Clone, Debug)]
+pub struct PolicyRecord {
+    pub spec: Option<NetworkPolicySpec>,
+    pub validated: Arc<ValidatedPolicy>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct NamespaceRecord {
+    pub name: String,
+    pub labels: Labels,
+    /// A Namespace object exists (otherwise the namespace is implied by its pods).
+    declared: bool,
+    pub pods: BTreeSet<PodIdx>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct PodRecord {
+    pub info: PodInfo,
+    pub namespace: NsIdx,
+}
+
+/// A slab: stable small indexes, reused after removal.
+#[derive(Clone, Debug)]
+pub(crate) struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, item: T) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i as usize] = Some(item);
+                i
+            }
+            None => {
+                self.items.push(Some(item));
+                u32::try_from(self.items.len() - 1).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    fn remove(&mut self, i: u32) -> Option<T> {
+        let item = self.items.get_mut(i as usize)?.take();
+        if item.is_some() {
+            self.free.push(i);
+        }
+        item
+    }
+
+    pub fn get(&self, i: u32) -> Option<&T> {
+        self.items.get(i as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, i: u32) -> Option<&mut T> {
+        self.items.get_mut(i as usize)?.as_mut()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| Some((u32::try_from(i).ok()?, t.as_ref()?)))
+    }
+}
+
+/// Objects by label (key, value), looked up without allocating.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LabelIndex {
+    by_key: HashMap<String, HashMap<String, BTreeSet<u32>>>,
+}
+
+impl LabelIndex {
+    fn insert(&mut self, key: &str, value: &str, id: u32) {
+        self.by_key
+            .entry(key.to_owned())
+            .or_default()
+            .entry(value.to_owned())
+            .or_default()
+            .insert(id);
+    }
+
+    fn remove(&mut self, key: &str, value: &str, id: u32) {
+        let Some(values) = self.by_key.get_mut(key) else {
+            return;
+        };
+        if let Some(ids) = values.get_mut(value) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                values.remove(value);
+            }
+        }
+        if values.is_empty() {
+            self.by_key.remove(key);
+        }
+    }
+
+    pub fn get(&self, key: &str, value: &str) -> Option<&BTreeSet<u32>> {
+        self.by_key.get(key)?.get(value)
+    }
+}
+
+/// A snapshot of the cluster objects policy depends on, with its indexes.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    namespaces: Slab<NamespaceRecord>,
+    namespace_ids: HashMap<String, NsIdx>,
+    namespaces_by_label: LabelIndex,
+    pods: Slab<PodRecord>,
+    pod_ids: HashMap<PodKey, PodIdx>,
+    pods_by_label: LabelIndex,
+    pods_by_node: BTreeMap<String, BTreeSet<PodIdx>>,
+    pods_by_ip: HashMap<IpAddr, Vec<PodIdx>>,
+    /// Addresses more than one stored pod reports (rare: a stale object during IP reuse).
+    contested_ips: BTreeSet<IpAddr>,
+    pods_by_port_name: HashMap<(String, Protocol), BTreeSet<PodIdx>>,
+    nodes: BTreeSet<String>,
+    policies: BTreeMap<PolicyKey, PolicyRecord>,
+    retain_specs: bool,
+}
+
+impl Cluster {
+    /// A store that keeps only what compiling needs.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store that also keeps every policy's spec as written, which the reference
+    /// [`crate::oracle`] evaluates. (The compiler needs only the validated form; keeping
+    /// the raw objects roughly doubles the memory of a policy.)
+    pub fn retaining_policy_specs() -> Self {
+        Self {
+            retain_specs: true,
+            ..Self::default()
+        }
+    }
+
+    // ---------------------------------------------------------------- namespaces
+
+    /// Creates or replaces a namespace. Its `kubernetes.io/metadata.name` label is set to its
+    /// name whatever the object says, as the API server does.
+    pub fn upsert_namespace(&mut self, ns: &Namespace) -> Result<()> {
+        let name = ns
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or(Error::MissingName { kind: "Namespace" })?;
+        let labels = ns.metadata.labels.clone().unwrap_or_default().into();
+        self.set_namespace(&name, labels, true);
+        Ok(())
+    }
+
+    /// Removes a Namespace object. Pods still stored in it keep it alive with only its name
+    /// label.
+    pub fn delete_namespace(&mut self, name: &str) {
+        let Some(&idx) = self.namespace_ids.get(name) else {
+            return;
+        };
+        self.set_namespace(name, Labels::new(), false);
+        self.drop_namespace_if_unused(idx);
+    }
+
+    fn set_namespace(&mut self, name: &str, mut labels: Labels, declared: bool) -> NsIdx {
+        labels.insert(NAMESPACE_NAME_LABEL, name);
+        let idx = self.namespace_idx(name);
+        let Some(record) = self.namespaces.get_mut(idx) else {
+            return idx;
+        };
+        let old = std::mem::replace(&mut record.labels, labels.clone());
+        record.declared = declared;
+        for (k, v) in old.iter() {
+            self.namespaces_by_label.remove(k, v, idx);
+        }
+        for (k, v) in labels.iter() {
+            self.namespaces_by_label.insert(k, v, idx);
+        }
+        idx
+    }
+
+    /// The index of namespace `name`, creating an implied (undeclared) record if needed.
+    fn namespace_idx(&mut self, name: &str) -> NsIdx {
+        if let Some(&idx) = self.namespace_ids.get(name) {
+            return idx;
+        }
+        let labels: Labels = [(NAMESPACE_NAME_LABEL, name)].into_iter().collect();
+        let idx = self.namespaces.insert(NamespaceRecord {
+            name: name.to_owned(),
+            labels: labels.clone(),
+            declared: false,
+            pods: BTreeSet::new(),
+        });
+        for (k, v) in labels.iter() {
+            self.namespaces_by_label.insert(k, v, idx);
+        }
+        self.namespace_ids.insert(name.to_owned(), idx);
+        idx
+    }
+
+    fn drop_namespace_if_unused(&mut self, idx: NsIdx) {
+        let unused = self
+            .namespaces
+            .get(idx)
+            .is_some_and(|r| !r.declared && r.pods.is_empty());
+        if !unused {
+            return;
+        }
+        if let Some(record) = self.namespaces.remove(idx) {
+            for (k, v) in record.labels.iter() {
+                self.namespaces_by_label.remove(k, v, idx);
+            }
+            self.namespace_ids.remove(&record.name);
+        }
+    }
+
+    /// Labels of a namespace (declared or implied by its pods).
+    pub fn namespace_labels(&self, name: &str) -> Option<&Labels> {
+        let idx = *self.namespace_ids.get(name)?;
+        Some(&self.namespaces.get(idx)?.labels)
+    }
+
+    /// Names of all namespaces, declared or implied by pods.
+    pub fn namespace_names(&self) -> impl Iterator<Item = &str> {
+        self.namespaces.iter().map(|(_, r)| r.name.as_str())
+    }
+
+    // ---------------------------------------------------------------- pods
+
+    /// Creates or replaces a pod. A terminal or host-network pod is removed instead (see the
+    /// module documentation).
+    pub fn upsert_pod(&mut self, pod: &Pod) -> Result<()> {
+        match PodInfo::from_pod(pod)? {
+            Some(info) => self.upsert_pod_info(info),
+            None => {
+                let key = PodKey::new(
+                    pod.metadata.namespace.clone().unwrap_or_default(),
+                    pod.metadata.name.clone().unwrap_or_default(),
+                );
+                self.delete_pod(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates or replaces a pod from its policy-relevant fields (addresses are normalized
+    /// like [`PodInfo::from_pod`] does).
+    pub fn upsert_pod_info(&mut self, mut info: PodInfo) {
+        let mut ips: Vec<IpAddr> = Vec::with_capacity(info.ips.len());
+        for ip in info.ips.iter().map(|ip| canonical_ip(*ip)) {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        info.ips = ips;
+        self.delete_pod(&info.key.clone());
+        let namespace = self.namespace_idx(&info.key.namespace);
+        let key = info.key.clone();
+        let idx = self.pods.insert(PodRecord {
+            info: info.clone(),
+            namespace,
+        });
+        self.pod_ids.insert(key, idx);
+        if let Some(ns) = self.namespaces.get_mut(namespace) {
+            ns.pods.insert(idx);
+        }
+        for (k, v) in info.labels.iter() {
+            self.pods_by_label.insert(k, v, idx);
+        }
+        if let Some(node) = &info.node {
+            self.pods_by_node
+                .entry(node.clone())
+                .or_default()
+                .insert(idx);
+        }
+        for ip in &info.ips {
+            let owners = self.pods_by_ip.entry(*ip).or_default();
+            owners.push(idx);
+            if owners.len() > 1 {
+                self.contested_ips.insert(*ip);
+            }
+        }
+        for p in &info.named_ports {
+            self.pods_by_port_name
+                .entry((p.name.clone(), p.protocol))
+                .or_default()
+                .insert(idx);
+        }
+    }
+
+    pub fn delete_pod(&mut self, key: &PodKey) {
+        let Some(idx) = self.pod_ids.remove(key) else {
+            return;
+        };
+        let Some(record) = self.pods.remove(idx) else {
+            return;
+        };
+        let info = record.info;
+        for (k, v) in info.labels.iter() {
+            self.pods_by_label.remove(k, v, idx);
+        }
+        if let Some(node) = info.node {
+            remove_from_btree_index(&mut self.pods_by_node, &node, idx);
+        }
+        for ip in info.ips {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.pods_by_ip.entry(ip) {
+                e.get_mut().retain(|p| *p != idx);
+                if e.get().len() < 2 {
+                    self.contested_ips.remove(&ip);
+                }
+                if e.get().is_empty() {
+                    e.remove();
+                }
+            }
+        }
+        for p in info.named_ports {
+            remove_from_hash_index(&mut self.pods_by_port_name, &(p.name, p.protocol), idx);
+        }
+        if let Some(ns) = self.namespaces.get_mut(record.namespace) {
+            ns.pods.remove(&idx);
+        }
+        self.drop_namespace_if_unused(record.namespace);
+    }
+
+    pub fn pod(&self, key: &PodKey) -> Option<&PodInfo> {
+        let idx = *self.pod_ids.get(key)?;
+        Some(&self.pods.get(idx)?.info)
+    }
+
+    /// Every stored pod (live, not host-network).
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pods.iter().map(|(_, r)| &r.info)
+    }
+
+    /// The pod that owns `ip`. Should two stored pods report the same address (a stale
+    /// object during IP reuse), the one with the smallest namespace/name owns it.
+    pub fn pod_at(&self, ip: IpAddr) -> Option<&PodInfo> {
+        let idx = self.ip_owner(canonical_ip(ip))?;
+        Some(&self.pods.get(idx)?.info)
+    }
+
+    /// Does `pod` own its address `ip` (see [`Cluster::pod_at`])?
+    pub(crate) fn owns_ip(&self, pod: PodIdx, ip: IpAddr) -> bool {
+        !self.contested_ips.contains(&ip) || self.ip_owner(ip) == Some(pod)
+    }
+
+    pub(crate) fn ip_owner(&self, ip: IpAddr) -> Option<PodIdx> {
+        self.pods_by_ip.get(&ip)?.iter().copied().min_by(|a, b| {
+            let ka = self.pods.get(*a).map(|r| &r.info.key);
+            let kb = self.pods.get(*b).map(|r| &r.info.key);
+            ka.cmp(&kb)
+        })
+    }
+
+    // ---------------------------------------------------------------- nodes
+
+    pub fn upsert_node(&mut self, node: &Node) -> Result<()> {
+        let name = node
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or(Error::MissingName { kind: "Node" })?;
+        self.nodes.insert(name);
+        Ok(())
+    }
+
+    pub fn delete_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// Node names: Node objects, and nodes that stored pods are scheduled to.
+    pub fn node_names(&self) -> BTreeSet<&str> {
+        self.nodes
+            .iter()
+            .map(String::as_str)
+            .chain(self.pods_by_node.keys().map(String::as_str))
+            .collect()
+    }
+
+    // ---------------------------------------------------------------- policies
+
+    /// Creates or replaces a NetworkPolicy and returns what validation found wrong with it
+    /// (an invalid policy is stored and fails closed).
+    pub fn upsert_policy(&mut self, np: &NetworkPolicy) -> Result<&[PolicyDiagnostic]> {
+        let validated = validate::validate(np)?;
+        let key = validated.policy.key.clone();
+        let record = PolicyRecord {
+            spec: self
+                .retain_specs
+                .then(|| np.spec.clone().unwrap_or_default()),
+            validated: Arc::new(validated),
+        };
+        let slot = match self.policies.entry(key) {
+            btree_map::Entry::Occupied(mut e) => {
+                e.insert(record);
+                e.into_mut()
+            }
+            btree_map::Entry::Vacant(e) => e.insert(record),
+        };
+        Ok(&slot.validated.diagnostics)
+    }
+
+    pub fn delete_policy(&mut self, key: &PolicyKey) {
+        self.policies.remove(key);
+    }
+
+    pub fn policy(&self, key: &PolicyKey) -> Option<&PolicyRecord> {
+        self.policies.get(key)
+    }
+
+    /// Every policy, in (namespace, name) order.
+    pub fn policies(&self) -> impl Iterator<Item = (&PolicyKey, &PolicyRecord)> {
+        self.policies.iter()
+    }
+
+    /// The policies of one namespace, in name order.
+    pub fn policies_in(&self, namespace: &str) -> impl Iterator<Item = &PolicyRecord> {
+        let start = PolicyKey::new(namespace, "");
+        self.policies
+            .range(start..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, r)| r)
+    }
+
+    /// Every diagnostic of every stored policy.
+    pub fn diagnostics(&self) -> impl Iterator<Item = &PolicyDiagnostic> {
+        self.policies
+            .values()
+            .flat_map(|r| r.validated.diagnostics.iter())
+    }
+
+    // ---------------------------------------------------------------- index access
+
+    pub(crate) fn pod_record(&self, idx: PodIdx) -> Option<&PodRecord> {
+        self.pods.get(idx)
+    }
+
+    pub(crate) fn namespace_record(&self, idx: NsIdx) -> Option<&NamespaceRecord> {
+        self.namespaces.get(idx)
+    }
+
+    pub(crate) fn namespace_id(&self, name: &str) -> Option<NsIdx> {
+        self.namespace_ids.get(name).copied()
+    }
+
+    pub(crate) fn all_namespaces(&self) -> impl Iterator<Item = (NsIdx, &NamespaceRecord)> {
+        self.namespaces.iter()
+    }
+
+    pub(crate) fn namespaces_with_label(&self, key: &str, value: &str) -> Option<&BTreeSet<NsIdx>> {
+        self.namespaces_by_label.get(key, value)
+    }
+
+    pub(crate) fn pods_with_label(&self, key: &str, value: &str) -> Option<&BTreeSet<PodIdx>> {
+        self.pods_by_label.get(key, value)
+    }
+
+    pub(crate) fn pods_on_node(&self, node: &str) -> impl Iterator<Item = PodIdx> + '_ {
+        self.pods_by_node.get(node).into_iter().flatten().copied()
+    }
+
+    pub(crate) fn pods_with_port_name(
+        &self,
+        name: &str,
+        protocol: Protocol,
+    ) -> impl Iterator<Item = PodIdx> + '_ {
+        self.pods_by_port_name
+            .get(&(name.to_owned(), protocol))
+            .into_iter()
+            .flatten()
+            .copied()
+    }
+}
+
+fn remove_from_btree_index<K: Ord>(index: &mut BTreeMap<K, BTreeSet<u32>>, key: &K, id: u32) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.remove(&id);
+        if ids.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+fn remove_from_hash_index<K: std::hash::Hash + Eq>(
+    index: &mut HashMap<K, BTreeSet<u32>>,
+    key: &K,
+    id: u32,
+) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.remove(&id);
+        if ids.is_empty() {
+            index.remove(key);
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! One node's compile, in four steps:
+//!
+//! 1. [`View::endpoints`]: each local pod's selecting policies per direction; pods with the
+//!    same policies (and, for ingress, the same meaning of the port names those policies use,
+//!    since ingress named ports resolve against the local pod) share a *rule set*.
+//! 2. [`View::rules`]: the rules of those rule sets, their ids, and the peers they refer to.
+//! 3. Peer classes over those peers ([`Classification`]).
+//! 4. [`View::verdicts`]: for each rule set and class, the union of what the rules allow
+//!    towards the class, as longest-prefix verdict keys (allows only: the dataplane denies
+//!    what matches nothing in an isolated direction).
+//!
+//! Ids come from the node's [`NodeMemory`], keyed by content (policy ids, class
+//! signatures), so they stay stable across compiles.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use weir_api::{
+    Action, CLASS_UNMATCHED, Direction, EndpointPolicy, NOT_ISOLATED, NodeState, PodKey, RuleRef,
+    RuleSetInfo, VerdictEntry, VerdictMatch,
+};
+
+use crate::{
+    HashMap, HashSet,
+    classes::{Activation, ClassSignature, Classification, NodePeers},
+    cluster::{Cluster, NsIdx, PodRecord},
+    compile::CachedPolicy,
+    ids::IdAllocator,
+    peers::{AtomKey, AtomMembers, PortNumbers},
+    policy::{PolicyKey, PortMatch},
+    ports::Allowances,
+};
+
+/// Id memory of one node.
+#[derive(Debug, Default)]
+pub(crate) struct NodeMemory {
+    classes: IdAllocator<ClassSignature>,
+    rule_sets: IdAllocator<RuleSetKey>,
+    rules: IdAllocator<RuleKey>,
+}
+
+/// What a rule set is: its direction, its policies (ids, in policy-key order), and for
+/// ingress what the port names they use mean on the pods it applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct RuleSetKey {
+    direction: Direction,
+    policies: Box<[u32]>,
+    ports: Box<[(u32, Box<[u16]>)]>,
+}
+
+/// What a rule is: (policy id, direction, index in the policy's list).
+type RuleKey = (u32, Direction, u32);
+
+/// What every node's compile reads (shared by the compile threads).
+pub(crate) struct View<'a> {
+    pub cluster: &'a Cluster,
+    pub members: &'a AtomMembers<'a>,
+    pub policies: &'a HashMap<PolicyKey, CachedPolicy>,
+    /// Policies per namespace, in key order (built once for a full compile; a one-node
+    /// compile looks them up per namespace).
+    pub by_namespace: Option<HashMap<NsIdx, Vec<&'a CachedPolicy>>>,
+}
+
+/// A rule set of one node during its compile.
+struct LocalRuleSet<'a> {
+    direction: Direction,
+    /// Selecting policies, in key order.
+    policies: Vec<&'a CachedPolicy>,
+    /// Ingress: what the port names of its rules mean on its endpoints.
+    ports: PortNumbers,
+}
+
+/// A local endpoint and the indexes of its rule sets.
+struct LocalEndpoint<'a> {
+    key: &'a PodKey,
+    ingress: Option<usize>,
+    egress: Option<usize>,
+}
+
+/// The rules of a node's rule sets, in the order first met, and the peers they refer to.
+struct NodeRules {
+    refs: Vec<RuleRef>,
+    ids: Vec<u32>,
+    /// Attribution priority of each rule (its rank in [`RuleRef`] order).
+    rank: Vec<u32>,
+    /// Inverse of `rank`.
+    by_rank: Vec<usize>,
+    /// First rule of each (policy id, direction); its rules follow in order.
+    start: HashMap<(u32, Direction), usize>,
+    peers: NodePeers,
+}
+
+impl<'a> View<'a> {
+    pub fn compile_node(&self, memory: &mut NodeMemory, node: &str) -> NodeState {
+        memory.classes.begin();
+        memory.rule_sets.begin();
+        memory.rules.begin();
+        let state = self.build(memory, node);
+        memory.classes.finish();
+        memory.rule_sets.finish();
+        memory.rules.finish();
+        state
+    }
+
+    fn build(&self, memory: &mut NodeMemory, node: &str) -> NodeState {
+        let (rule_sets, endpoints) = self.endpoints(node);
+        let rules = self.rules(&rule_sets, memory);
+
+        let classes = Classification::classify(self.cluster, self.members, &rules.peers);
+        let mut class_of = vec![CLASS_UNMATCHED];
+        class_of.extend(memory.classes.assign(&classes.signatures[1..]));
+
+        let set_keys: Vec<RuleSetKey> = rule_sets
+            .iter()
+            .map(|s| RuleSetKey {
+                direction: s.direction,
+                policies: s.policies.iter().map(|p| p.id).collect(),
+                ports: s.ports.clone().into_boxed_slice(),
+            })
+            .collect();
+        let set_ids = memory.rule_sets.assign(&set_keys);
+
+        let verdicts = self.verdicts(&rule_sets, &set_ids, &rules, &classes, &class_of);
+        let set_id = |s: Option<usize>| s.map_or(NOT_ISOLATED, |i| set_ids[i]);
+        NodeState {
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| {
+                    let policy = EndpointPolicy {
+                        ingress: set_id(e.ingress),
+                        egress: set_id(e.egress),
+                    };
+                    (e.key.clone(), policy)
+                })
+                .collect(),
+            peer_classes: classes.peer_class_entries(&class_of),
+            verdicts,
+            rules: rules.ids.iter().copied().zip(rules.refs).collect(),
+            rule_sets: set_ids
+                .iter()
+                .zip(&rule_sets)
+                .map(|(id, s)| {
+                    let info = RuleSetInfo {
+                        direction: s.direction,
+                        policies: s
+                            .policies
+                            .iter()
+                            .map(|p| p.validated.policy.key.policy_ref())
+                            .collect(),
+                    };
+                    (*id, info)
+                })
+                .collect(),
+            routes: BTreeMap::new(),
+        }
+    }
+
+    /// Step 1: the local endpoints and their rule sets.
+    fn endpoints(&self, node: &str) -> (Vec<LocalRuleSet<'a>>, Vec<LocalEndpoint<'a>>) {
+        let cluster = self.cluster;
+        let mut by_namespace: BTreeMap<NsIdx, Vec<&'a PodRecord>> = BTreeMap::new();
+        for pod in cluster.pods_on_node(node) {
+            if let Some(r) = cluster.pod_record(pod) {
+                by_namespace.entry(r.namespace).or_default().push(r);
+            }
+        }
+        let mut rule_sets: Vec<LocalRuleSet<'a>> = Vec::new();
+        let mut index: HashMap<(Direction, Vec<u32>, PortNumbers), usize> = HashMap::default();
+        let mut endpoints = Vec::new();
+        for (namespace, pods) in by_namespace {
+            let policies = self.namespace_policies(namespace);
+            for record in pods {
+                let selecting: Vec<&'a CachedPolicy> = policies
+                    .iter()
+                    .copied()
+                    .filter(|p| p.validated.policy.pod_selector.matches(&record.info.labels))
+                    .collect();
+                let mut set_of = |direction: Direction| -> Option<usize> {
+                    let chosen: Vec<&'a CachedPolicy> = selecting
+                        .iter()
+                        .copied()
+                        .filter(|p| p.rules(direction).is_some())
+                        .collect();
+                    if chosen.is_empty() {
+                        return None;
+                    }
+                    let ports = match direction {
+                        Direction::Ingress => self.endpoint_ports(&chosen, record),
+                        Direction::Egress => Vec::new(),
+                    };
+                    let key = (
+                        direction,
+                        chosen.iter().map(|p| p.id).collect(),
+                        ports.clone(),
+                    );
+                    let next = rule_sets.len();
+                    let idx = *index.entry(key).or_insert(next);
+                    if idx == next {
+                        rule_sets.push(LocalRuleSet {
+                            direction,
+                            policies: chosen,
+                            ports,
+                        });
+                    }
+                    Some(idx)
+                };
+                let ingress = set_of(Direction::Ingress);
+                let egress = set_of(Direction::Egress);
+                endpoints.push(LocalEndpoint {
+                    key: &record.info.key,
+                    ingress,
+                    egress,
+                });
+            }
+        }
+        (rule_sets, endpoints)
+    }
+
+    /// Step 2: the rules of the rule sets (with ids and attribution order) and their peers.
+    fn rules(&self, rule_sets: &[LocalRuleSet<'a>], memory: &mut NodeMemory) -> NodeRules {
+        let mut refs = Vec::new();
+        let mut keys = Vec::new();
+        let mut start = HashMap::default();
+        let mut seen: HashSet<(u32, Direction)> = HashSet::default();
+        let mut peers = NodePeers::default();
+        for set in rule_sets {
+            for &policy in &set.policies {
+                if !seen.insert((policy.id, set.direction)) {
+                    continue;
+                }
+                start.insert((policy.id, set.direction), refs.len());
+                let written = policy
+                    .validated
+                    .policy
+                    .rules(set.direction)
+                    .unwrap_or_default();
+                let interned = policy.rules(set.direction).unwrap_or_default();
+                for (rule, atoms) in written.iter().zip(interned) {
+                    refs.push(RuleRef {
+                        policy: policy.validated.policy.key.policy_ref(),
+                        direction: set.direction,
+                        index: rule.index,
+                    });
+                    keys.push((policy.id, set.direction, rule.index));
+                    for &atom in atoms.peers.iter().flatten() {
+                        match self.members.key(atom) {
+                            Some(AtomKey::Pods(_)) => {
+                                peers.selectors.insert(atom);
+                            }
+                            Some(AtomKey::Block(_)) => {
+                                peers.blocks.insert(atom);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if set.direction == Direction::Egress {
+                        for &named in atoms.named.iter().flatten() {
+                            peers
+                                .egress_ports
+                                .entry(named)
+                                .or_insert(Activation::Peers(BTreeSet::new()))
+                                .merge(atoms.peers.as_deref());
+                        }
+                    }
+                }
+            }
+        }
+        let ids = memory.rules.assign(&keys);
+        let mut by_rank: Vec<usize> = (0..refs.len()).collect();
+        by_rank.sort_by(|a, b| refs[*a].cmp(&refs[*b]));
+        let mut rank = vec![0u32; refs.len()];
+        for (r, &i) in by_rank.iter().enumerate() {
+            rank[i] = u32::try_from(r).unwrap_or(u32::MAX);
+        }
+        NodeRules {
+            refs,
+            ids,
+            rank,
+            by_rank,
+            start,
+            peers,
+        }
+    }
+
+    /// Step 4: the verdict table.
+    fn verdicts(
+        &self,
+        rule_sets: &[LocalRuleSet<'a>],
+        set_ids: &[u32],
+        rules: &NodeRules,
+        classes: &Classification,
+        class_of: &[u32],
+    ) -> BTreeMap<VerdictMatch, VerdictEntry> {
+        let present = classes.present();
+        let present: Vec<usize> = (0..present.len()).filter(|i| present[*i]).collect();
+        let mut classes_with_atom: HashMap<u32, Vec<usize>> = HashMap::default();
+        for &s in &present {
+            for &atom in classes.signatures[s].atoms() {
+                classes_with_atom.entry(atom).or_default().push(s);
+            }
+        }
+        let mut verdicts = Vec::new();
+        let mut allowances: Vec<Option<Allowances<u32>>> = vec![None; classes.signatures.len()];
+        let mut touched: Vec<usize> = Vec::new();
+        for (set, &set_id) in rule_sets.iter().zip(set_ids) {
+            for &policy in &set.policies {
+                let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
+                    continue;
+                };
+                let written = policy
+                    .validated
+                    .policy
+                    .rules(set.direction)
+                    .unwrap_or_default();
+                let interned = policy.rules(set.direction).unwrap_or_default();
+                for (i, (rule, atoms)) in written.iter().zip(interned).enumerate() {
+                    let matched: Vec<usize> = match &atoms.peers {
+                        None => present.clone(),
+                        Some(ids) => {
+                            let mut m: Vec<usize> = ids
+                                .iter()
+                                .flat_map(|a| classes_with_atom.get(a).into_iter().flatten())
+                                .copied()
+                                .collect();
+                            m.sort_unstable();
+                            m.dedup();
+                            m
+                        }
+                    };
+                    let rank = rules.rank[first + i];
+                    for class in matched {
+                        let slot = &mut allowances[class];
+                        if slot.is_none() {
+                            touched.push(class);
+                        }
+                        let allow = slot.get_or_insert_with(Allowances::default);
+                        add_rule_ports(allow, rank, rule.ports.as_deref(), &atoms.named, |named| {
+                            match set.direction {
+                                Direction::Ingress => set
+                                    .ports
+                                    .binary_search_by_key(&named, |(a, _)| *a)
+                                    .map_or_else(|_| Vec::new(), |i| set.ports[i].1.to_vec()),
+                                Direction::Egress => classes.signatures[class].port_numbers(named),
+                            }
+                        });
+                    }
+                }
+            }
+            for class in touched.drain(..) {
+                let Some(allow) = allowances[class].take() else {
+                    continue;
+                };
+                for entry in allow.entries() {
+                    let rule = rules.by_rank[entry.rule as usize];
+                    verdicts.push((
+                        VerdictMatch {
+                            rule_set: set_id,
+                            class: class_of[class],
+                            proto: entry.protocol.map(|p| p.number()),
+                            ports: entry.ports,
+                        },
+                        VerdictEntry {
+                            action: Action::Allow,
+                            rule: rules.ids[rule],
+                        },
+                    ));
+                }
+            }
+        }
+        verdicts.into_iter().collect()
+    }
+
+    /// The policies of a namespace, in key order.
+    fn namespace_policies(&self, namespace: NsIdx) -> Vec<&'a CachedPolicy> {
+        if let Some(map) = &self.by_namespace {
+            return map.get(&namespace).cloned().unwrap_or_default();
+        }
+        let Some(record) = self.cluster.namespace_record(namespace) else {
+            return Vec::new();
+        };
+        self.cluster
+            .policies_in(&record.name)
+            .filter_map(|r| self.policies.get(&r.validated.policy.key))
+            .collect()
+    }
+
+    /// What the port names used by `policies`' ingress rules mean on the pod (ingress named
+    /// ports resolve against the destination, which is the local pod).
+    fn endpoint_ports(&self, policies: &[&CachedPolicy], record: &PodRecord) -> PortNumbers {
+        let names: BTreeSet<u32> = policies
+            .iter()
+            .flat_map(|p| p.ingress.iter())
+            .flat_map(|r| r.named.iter().flatten().copied())
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|atom| match self.members.key(atom) {
+                Some(AtomKey::NamedPort { name, protocol }) => {
+                    let numbers = record.info.resolve_port(name, *protocol);
+                    (!numbers.is_empty()).then(|| (atom, numbers.into_boxed_slice()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Adds what one rule allows towards one class. `named_ports` gives the numbers a
+/// named-port atom stands for there.
+fn add_rule_ports(
+    allowances: &mut Allowances<u32>,
+    rule: u32,
+    ports: Option<&[PortMatch]>,
+    named: &[Option<u32>],
+    named_ports: impl Fn(u32) -> Vec<u16>,
+) {
+    let Some(ports) = ports else {
+        allowances.allow_everything(rule);
+        return;
+    };
+    for (port, atom) in ports.iter().zip(named) {
+        match port {
+            PortMatch::AllOf(protocol) => allowances.allow_protocol(*protocol, rule),
+            PortMatch::Range {
+                protocol,
+                first,
+                last,
+            } => allowances.allow_ports(*protocol, *first, *last, rule),
+            PortMatch::Named { protocol, .. } => {
+                for n in atom.map(&named_ports).unwrap_or_default() {
+                    allowances.allow_ports(*protocol, n, n, rule);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Peers as *atoms*: the distinct things peer classes separate addresses by, interned to
+//! small ids that stay stable across compiles (so class signatures, built from atom ids,
+//! stay stable too), and evaluated at most once per compile through the cluster's indexes.
+//!
+//! * [`AtomKey::Pods`]: the pods a pod peer (`podSelector` / `namespaceSelector`) selects.
+//! * [`AtomKey::Namespaces`]: the namespaces a `namespaceSelector` selects (shared by every
+//!   pod peer with that namespace selector).
+//! * [`AtomKey::Block`]: the addresses an `ipBlock` selects.
+//! * [`AtomKey::NamedPort`]: what a port name means on a pod (ingress: on the local pod;
+//!   egress: on the destination pod).
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, OnceLock},
+};
+
+use crate::{
+    HashMap,
+    cluster::{Cluster, NsIdx, PodIdx},
+    policy::{IpBlockPeer, NamespaceScope, Peer, PodPeer, PortMatch, Protocol, Rule},
+    selector::Selector,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum AtomKey {
+    Pods(PodPeer),
+    Namespaces(Selector),
+    Block(IpBlockPeer),
+    NamedPort { name: String, protocol: Protocol },
+}
+
+/// The interned atoms. Ids are allocated smallest-free-first; ids of atoms no policy uses
+/// any more are released by [`AtomTable::retain`], which only runs after every node's
+/// state has been recompiled without them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AtomTable {
+    ids: HashMap<Arc<AtomKey>, u32>,
+    keys: Vec<Option<Arc<AtomKey>>>,
+    /// For `Pods` atoms with a namespace selector: the `Namespaces` atom of that selector.
+    namespace_atom: Vec<Option<u32>>,
+    free: BTreeSet<u32>,
+}
+
+impl AtomTable {
+    pub fn intern(&mut self, key: &AtomKey) -> u32 {
+        if let Some(&id) = self.ids.get(key) {
+            return id;
+        }
+        let namespace_atom = match key {
+            AtomKey::Pods(PodPeer {
+                namespaces: NamespaceScope::Matching(sel),
+                ..
+            }) => Some(self.intern(&AtomKey::Namespaces(sel.clone()))),
+            _ => None,
+        };
+        let id = match self.free.pop_first() {
+            Some(id) => id,
+            None => {
+                self.keys.push(None);
+                self.namespace_atom.push(None);
+                u32::try_from(self.keys.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let key = Arc::new(key.clone());
+        self.keys[id as usize] = Some(key.clone());
+        self.namespace_atom[id as usize] = namespace_atom;
+        self.ids.insert(key, id);
+        id
+    }
+
+    pub fn key(&self, id: u32) -> Option<&AtomKey> {
+        self.keys.get(id as usize)?.as_deref()
+    }
+
+    /// One past the largest id.
+    pub fn capacity(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Releases every atom not in `live` (and not the namespace atom of a live atom).
+    pub fn retain(&mut self, live: &BTreeSet<u32>) {
+        let mut keep: BTreeSet<u32> = live.clone();
+        for id in live {
+            if let Some(Some(ns)) = self.namespace_atom.get(*id as usize) {
+                keep.insert(*ns);
+            }
+        }
+        for (id, slot) in self.keys.iter_mut().enumerate() {
+            let Ok(id) = u32::try_from(id) else { break };
+            if slot.is_some() && !keep.contains(&id) {
+                if let Some(key) = slot.take() {
+                    self.ids.remove(&*key);
+                }
+                self.namespace_atom[id as usize] = None;
+                self.free.insert(id);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// What port names mean somewhere: named-port atom → port numbers (non-empty), sorted by
+/// atom.
+pub(crate) type PortNumbers = Vec<(u32, Box<[u16]>)>;
+
+/// A rule with its peers and named ports as atom ids.
+#[derive(Clone, Debug)]
+pub(crate) struct RuleAtoms {
+    /// `None`: every peer.
+    pub peers: Option<Box<[u32]>>,
+    /// For each entry of the rule's `ports` that is a named port: its atom id (other
+    /// entries: `None`).
+    pub named: Box<[Option<u32>]>,
+}
+
+impl RuleAtoms {
+    pub fn new(rule: &Rule, atoms: &mut AtomTable) -> Self {
+        let peers = rule.peers.as_ref().map(|peers| {
+            let mut ids: Vec<u32> = peers
+                .iter()
+                .map(|p| match p {
+                    Peer::Pods(pp) => atoms.intern(&AtomKey::Pods(pp.clone())),
+                    Peer::IpBlock(b) => atoms.intern(&AtomKey::Block(b.clone())),
+                })
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.into_boxed_slice()
+        });
+        let named = rule
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| match p {
+                PortMatch::Named { protocol, name } => Some(atoms.intern(&AtomKey::NamedPort {
+                    name: name.clone(),
+                    protocol: *protocol,
+                })),
+                _ => None,
+            })
+            .collect();
+        Self { peers, named }
+    }
+
+    /// Every atom this rule refers to.
+    pub fn atom_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.peers
+            .iter()
+            .flat_map(|p| p.iter().copied())
+            .chain(self.named.iter().flatten().copied())
+    }
+}
+
+/// Members of atoms, evaluated on first use during one compile (thread-safe, so nodes can be
+/// compiled in parallel).
+pub(crate) struct AtomMembers<'a> {
+    cluster: &'a Cluster,
+    atoms: &'a AtomTable,
+    /// `Pods` atoms: sorted pod indexes. `Namespaces` atoms: sorted namespace indexes.
+    members: Vec<OnceLock<Box<[u32]>>>,
+}
+
+impl<'a> AtomMembers<'a> {
+    pub fn new(cluster: &'a Cluster, atoms: &'a AtomTable) -> Self {
+        Self {
+            cluster,
+            atoms,
+            members: (0..atoms.capacity()).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn key(&self, id: u32) -> Option<&'a AtomKey> {
+        self.atoms.key(id)
+    }
+
+    /// The pods a `Pods` atom selects (empty for other atoms).
+    pub fn pods(&self, id: u32) -> &[PodIdx] {
+        let Some(cell) = self.members.get(id as usize) else {
+            return &[];
+        };
+        cell.get_or_init(|| match self.atoms.key(id) {
+            Some(AtomKey::Pods(peer)) => {
+                let namespaces: Vec<NsIdx> = match &peer.namespaces {
+                    NamespaceScope::Own(ns) => self.cluster.namespace_id(ns).into_iter().collect(),
+                    NamespaceScope::Matching(_) => {
+                        let ns_atom = self
+                            .atoms
+                            .namespace_atom
+                            .get(id as usize)
+                            .copied()
+                            .flatten();
+                        ns_atom
+                            .map(|a| self.namespaces(a).to_vec())
+                            .unwrap_or_default()
+                    }
+                };
+                select_pods(self.cluster, &namespaces, &peer.pods)
+            }
+            _ => Box::default(),
+        })
+    }
+
+    /// The namespaces a `Namespaces` atom selects.
+    fn namespaces(&self, id: u32) -> &[NsIdx] {
+        let Some(cell) = self.members.get(id as usize) else {
+            return &[];
+        };
+        cell.get_or_init(|| match self.atoms.key(id) {
+            Some(AtomKey::Namespaces(sel)) => select_namespaces(self.cluster, sel),
+            _ => Box::default(),
+        })
+    }
+}
+
+/// Posting lists of the cheapest `In` requirement: every match is in one of them.
+fn cheapest_postings<'c>(
+    selector: &Selector,
+    lookup: impl Fn(&str, &str) -> Option<&'c BTreeSet<u32>>,
+) -> Option<(usize, Vec<&'c BTreeSet<u32>>)> {
+    selector
+        .indexable()
+        .map(|(key, values)| {
+            let lists: Vec<&BTreeSet<u32>> = values.iter().filter_map(|v| lookup(key, v)).collect();
+            (lists.iter().map(|l| l.len()).sum(), lists)
+        })
+        .min_by_key(|(cost, _)| *cost)
+}
+
+/// Namespaces whose labels match `selector`, sorted.
+pub(crate) fn select_namespaces(cluster: &Cluster, selector: &Selector) -> Box<[NsIdx]> {
+    let matches = |idx: NsIdx| {
+        cluster
+            .namespace_record(idx)
+            .is_some_and(|r| selector.matches(&r.labels))
+    };
+    let mut out: Vec<NsIdx> =
+        match cheapest_postings(selector, |k, v| cluster.namespaces_with_label(k, v)) {
+            Some((_, lists)) => lists
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|i| matches(*i))
+                .collect(),
+            None => cluster
+                .all_namespaces()
+                .filter(|(_, r)| selector.matches(&r.labels))
+                .map(|(i, _)| i)
+                .collect(),
+        };
+    out.sort_unstable();
+    out.dedup();
+    out.into_boxed_slice()
+}
+
+/// Pods in `namespaces` (sorted) whose labels match `selector`, sorted. Scans the
+/// namespaces' pods or the label index, whichever is smaller.
+pub(crate) fn select_pods(
+    cluster: &Cluster,
+    namespaces: &[NsIdx],
+    selector: &Selector,
+) -> Box<[PodIdx]> {
+    let scan_cost: usize = namespaces
+        .iter()
+        .filter_map(|n| cluster.namespace_record(*n))
+        .map(|r| r.pods.len())
+        .sum();
+    let postings = cheapest_postings(selector, |k, v| cluster.pods_with_label(k, v));
+    let mut out: Vec<PodIdx> = match postings {
+        Some((cost, lists)) if cost < scan_cost => lists
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|p| {
+                cluster.pod_record(*p).is_some_and(|r| {
+                    namespaces.binary_search(&r.namespace).is_ok()
+                        && selector.matches(&r.info.labels)
+                })
+            })
+            .collect(),
+        _ => namespaces
+            .iter()
+            .filter_map(|n| cluster.namespace_record(*n))
+            .flat_map(|r| r.pods.iter().copied())
+            .filter(|p| {
+                cluster
+                    .pod_record(*p)
+                    .is_some_and(|r| selector.matches(&r.info.labels))
+            })
+            .collect(),
+    };
+    out.sort_unstable();
+    out.dedup();
+    out.into_boxed_slice()
+}

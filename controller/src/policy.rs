@@ -1,0 +1,176 @@
+//! NetworkPolicies in the normalized form the compiler works on, produced by
+//! [`crate::validate`]. Defaults are applied (protocol TCP, inferred policyTypes), empty
+//! lists that mean "everything" are `None`, and selectors are in canonical form, so equal
+//! meanings compare equal.
+//!
+//! Reference: <https://kubernetes.io/docs/reference/kubernetes-api/policy-resources/network-policy-v1/>.
+
+use std::{fmt, net::IpAddr};
+
+use ipnet::IpNet;
+use weir_api::{Direction, PolicyRef};
+
+use crate::selector::Selector;
+
+/// The `kind` in [`PolicyRef`]s naming NetworkPolicies.
+pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
+
+/// A NetworkPolicy, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PolicyKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    pub fn policy_ref(&self) -> PolicyRef {
+        PolicyRef {
+            kind: NETWORK_POLICY_KIND.to_owned(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{NETWORK_POLICY_KIND}/{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The protocols a NetworkPolicy port can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The protocol as the API spells it (`TCP`, `UDP`, `SCTP`; case-sensitive).
+    pub fn from_api(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    pub fn as_api(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Sctp => 132,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.number() == n)
+    }
+}
+
+/// The namespaces a pod peer looks in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NamespaceScope {
+    /// The policy's own namespace (a peer with only a `podSelector`).
+    Own(String),
+    /// Namespaces whose labels match (`namespaceSelector`; `{}` is every namespace).
+    Matching(Selector),
+}
+
+/// Pods selected by namespace and pod labels (`podSelector` and/or `namespaceSelector`;
+/// both present means both must match).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodPeer {
+    pub namespaces: NamespaceScope,
+    pub pods: Selector,
+}
+
+/// Addresses in `cidr` and in none of `except` (canonical prefixes, `except` sorted).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpBlockPeer {
+    pub cidr: IpNet,
+    pub except: Vec<IpNet>,
+}
+
+impl IpBlockPeer {
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.cidr.contains(&addr) && !self.except.iter().any(|e| e.contains(&addr))
+    }
+}
+
+/// One entry of a rule's `from` / `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    Pods(PodPeer),
+    IpBlock(IpBlockPeer),
+}
+
+/// One entry of a rule's `ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortMatch {
+    /// Every port of the protocol (`port` absent).
+    AllOf(Protocol),
+    /// `port` ..= `endPort` (`endPort` absent: `port` alone).
+    Range {
+        protocol: Protocol,
+        first: u16,
+        last: u16,
+    },
+    /// A named port, resolved against the destination pod's container ports of this
+    /// protocol.
+    Named { protocol: Protocol, name: String },
+}
+
+/// One ingress or egress rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    /// Position in the policy's `ingress` / `egress` list.
+    pub index: u32,
+    /// `None`: every peer (`from`/`to` absent or empty).
+    pub peers: Option<Vec<Peer>>,
+    /// `None`: every port of every protocol, ICMP included (`ports` absent or empty).
+    pub ports: Option<Vec<PortMatch>>,
+}
+
+/// A NetworkPolicy ready to compile.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Policy {
+    pub key: PolicyKey,
+    /// The pods (in the policy's namespace) the policy applies to.
+    pub pod_selector: Selector,
+    /// `Some` when the policy isolates its pods for ingress (policyTypes), with the rules
+    /// that allow traffic; an empty list allows nothing.
+    pub ingress: Option<Vec<Rule>>,
+    pub egress: Option<Vec<Rule>>,
+    /// False when the object failed validation: it then only isolates (fail closed).
+    pub valid: bool,
+}
+
+impl Policy {
+    pub fn rules(&self, direction: Direction) -> Option<&[Rule]> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+}

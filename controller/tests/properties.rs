@@ -1,0 +1,628 @@
+//! Property tests on random small clusters: the emulated dataplane agrees with the
+//! reference oracle on every connection, recompiles give diffs that apply cleanly, and
+//! changes nothing refers to give no diff at all.
+
+mod support;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::networking::v1::{
+        IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
+        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+use proptest::prelude::*;
+use support::*;
+use weir_api::PodKey;
+use weir_controller::{
+    Cluster, CompileOutput, Compiler,
+    oracle::{self, Endpoint},
+    policy::{NamespaceScope, Peer},
+};
+
+// ------------------------------------------------------------------ model
+
+#[derive(Clone, Debug)]
+struct Model {
+    nodes: usize,
+    namespaces: Vec<BTreeMap<String, String>>,
+    pods: Vec<PodBuilder>,
+    policies: Vec<NetworkPolicy>,
+}
+
+fn ns_name(i: usize) -> String {
+    format!("ns{i}")
+}
+
+impl Model {
+    fn cluster(&self) -> Cluster {
+        let mut c = Cluster::retaining_policy_specs();
+        for (i, l) in self.namespaces.iter().enumerate() {
+            let pairs: Vec<(&str, &str)> =
+                l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            c.upsert_namespace(&namespace(&ns_name(i), &pairs)).unwrap();
+        }
+        for p in &self.pods {
+            c.upsert_pod(&p.build()).unwrap();
+        }
+        for p in &self.policies {
+            c.upsert_policy(p).unwrap();
+        }
+        c
+    }
+}
+
+fn opt_label(
+    key: &'static str,
+    values: &'static [&'static str],
+) -> impl Strategy<Value = Option<(String, String)>> {
+    proptest::option::of(
+        proptest::sample::select(values).prop_map(move |v| (key.to_owned(), v.to_owned())),
+    )
+}
+
+fn namespace_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    (
+        opt_label("team", &["a", "b"]),
+        opt_label("env", &["x", "y"]),
+    )
+        .prop_map(|(a, b)| a.into_iter().chain(b).collect())
+}
+
+fn pod_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    (
+        opt_label("app", &["web", "db"]),
+        opt_label("tier", &["f", "b"]),
+    )
+        .prop_map(|(a, b)| a.into_iter().chain(b).collect())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum PodKind {
+    Normal,
+    DualStack,
+    NoIp,
+    HostNetwork,
+    Terminal,
+}
+
+fn pod_kind() -> impl Strategy<Value = PodKind> {
+    prop_oneof![
+        10 => Just(PodKind::Normal),
+        3 => Just(PodKind::DualStack),
+        1 => Just(PodKind::NoIp),
+        1 => Just(PodKind::HostNetwork),
+        1 => Just(PodKind::Terminal),
+    ]
+}
+
+fn named_ports() -> impl Strategy<Value = Vec<(String, i32, String)>> {
+    proptest::collection::vec(
+        (
+            proptest::sample::select(&["http", "dns"][..]),
+            proptest::sample::select(&[80, 81, 53][..]),
+            proptest::sample::select(&["TCP", "UDP"][..]),
+        )
+            .prop_map(|(n, p, proto)| (n.to_owned(), p, proto.to_owned())),
+        0..=2,
+    )
+}
+
+fn pods(namespaces: usize, nodes: usize) -> impl Strategy<Value = Vec<PodBuilder>> {
+    proptest::collection::vec(
+        (
+            0..namespaces,
+            pod_labels(),
+            0..nodes,
+            pod_kind(),
+            named_ports(),
+        ),
+        2..=7,
+    )
+    .prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ns, labels, node, kind, ports))| {
+                let mut p = pod(&format!("{}/p{i}", ns_name(ns)));
+                p.labels = labels;
+                p.node = Some(format!("node-{node}"));
+                p.ports = ports;
+                let v4 = format!("10.0.{ns}.{}", i + 1);
+                let v6 = format!("fd00::{}", i + 1);
+                match kind {
+                    PodKind::Normal => p.ips = vec![v4],
+                    PodKind::DualStack => p.ips = vec![v4, v6],
+                    PodKind::NoIp => {}
+                    PodKind::HostNetwork => {
+                        p.ips = vec![format!("192.168.0.{}", node + 1)];
+                        p.host_network = true;
+                    }
+                    PodKind::Terminal => {
+                        p.ips = vec![v4];
+                        p.phase = Some("Succeeded".to_owned());
+                    }
+                }
+                p
+            })
+            .collect()
+    })
+}
+
+fn selector(
+    keys: &'static [(&'static str, &'static [&'static str])],
+) -> impl Strategy<Value = LabelSelector> {
+    let requirement = (
+        proptest::sample::select(keys),
+        prop_oneof![
+            4 => Just("In"),
+            3 => Just("NotIn"),
+            2 => Just("Exists"),
+            2 => Just("DoesNotExist"),
+            1 => Just("Bogus"),
+        ],
+        0usize..4,
+    )
+        .prop_map(|((key, values), op, pick)| {
+            let values = match op {
+                "In" | "NotIn" | "Bogus" => Some(
+                    values
+                        .iter()
+                        .take(1 + pick % values.len())
+                        .map(|v| (*v).to_owned())
+                        .collect(),
+                ),
+                _ => None,
+            };
+            LabelSelectorRequirement {
+                key: key.to_owned(),
+                operator: op.to_owned(),
+                values,
+            }
+        });
+    let labels = proptest::collection::btree_map(
+        proptest::sample::select(keys).prop_map(|(k, _)| k.to_owned()),
+        proptest::sample::select(keys).prop_map(|(_, v)| v[0].to_owned()),
+        0..=1,
+    );
+    (
+        proptest::option::of(labels),
+        proptest::collection::vec(requirement, 0..=1),
+    )
+        .prop_map(|(match_labels, exprs)| LabelSelector {
+            match_labels,
+            match_expressions: (!exprs.is_empty()).then_some(exprs),
+        })
+}
+
+const POD_KEYS: &[(&str, &[&str])] = &[("app", &["web", "db"]), ("tier", &["f", "b"])];
+const NS_KEYS: &[(&str, &[&str])] = &[
+    ("team", &["a", "b"]),
+    ("env", &["x", "y"]),
+    ("kubernetes.io/metadata.name", &["ns0", "ns1", "ns2"]),
+];
+
+const BLOCKS: &[(&str, &[&str])] = &[
+    ("10.0.0.0/8", &[]),
+    ("10.0.0.0/16", &["10.0.1.0/24"]),
+    ("10.0.1.2/32", &[]),
+    ("0.0.0.0/0", &["10.0.0.0/24"]),
+    ("::/0", &[]),
+    ("fd00::/64", &["fd00::2/128"]),
+    ("192.168.0.0/24", &[]),
+    ("10.0.0.0/23", &["10.0.0.1/32", "10.0.1.0/25"]),
+];
+
+fn peer() -> impl Strategy<Value = NetworkPolicyPeer> {
+    prop_oneof![
+        selector(POD_KEYS).prop_map(|s| NetworkPolicyPeer {
+            pod_selector: Some(s),
+            ..Default::default()
+        }),
+        selector(NS_KEYS).prop_map(|s| NetworkPolicyPeer {
+            namespace_selector: Some(s),
+            ..Default::default()
+        }),
+        (selector(NS_KEYS), selector(POD_KEYS)).prop_map(|(n, p)| NetworkPolicyPeer {
+            namespace_selector: Some(n),
+            pod_selector: Some(p),
+            ..Default::default()
+        }),
+        proptest::sample::select(BLOCKS).prop_map(|(cidr, except)| NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: cidr.to_owned(),
+                except: (!except.is_empty())
+                    .then(|| except.iter().map(|e| (*e).to_owned()).collect()),
+            }),
+            ..Default::default()
+        }),
+    ]
+}
+
+fn port() -> impl Strategy<Value = NetworkPolicyPort> {
+    let protocol = proptest::option::of(proptest::sample::select(&["TCP", "UDP", "SCTP"][..]));
+    let number = prop_oneof![
+        3 => proptest::sample::select(&[53, 80, 81][..]).prop_flat_map(|p| {
+            (Just(p), proptest::option::of(proptest::sample::select(&[0, 1, 100, -1][..])))
+                .prop_map(|(p, delta)| (Some(IntOrString::Int(p)), delta.map(|d| p + d)))
+        }),
+        2 => proptest::sample::select(&["http", "dns", "nope"][..])
+            .prop_map(|n| (Some(IntOrString::String(n.to_owned())), None)),
+        1 => Just((None, None)),
+    ];
+    (protocol, number).prop_map(|(protocol, (port, end_port))| NetworkPolicyPort {
+        protocol: protocol.map(str::to_owned),
+        port,
+        end_port,
+    })
+}
+
+type RuleParts = (
+    Option<Vec<NetworkPolicyPeer>>,
+    Option<Vec<NetworkPolicyPort>>,
+);
+
+fn rule() -> impl Strategy<Value = RuleParts> {
+    (
+        prop_oneof![
+            1 => Just(None),
+            1 => Just(Some(Vec::new())),
+            4 => proptest::collection::vec(peer(), 1..=2).prop_map(Some),
+        ],
+        prop_oneof![
+            2 => Just(None),
+            1 => Just(Some(Vec::new())),
+            3 => proptest::collection::vec(port(), 1..=2).prop_map(Some),
+        ],
+    )
+}
+
+fn network_policy(namespaces: usize, index: usize) -> impl Strategy<Value = NetworkPolicy> {
+    let types = prop_oneof![
+        Just(None),
+        Just(Some(vec!["Ingress"])),
+        Just(Some(vec!["Egress"])),
+        Just(Some(vec!["Ingress", "Egress"])),
+    ];
+    (
+        0..namespaces,
+        selector(POD_KEYS),
+        types,
+        proptest::option::of(proptest::collection::vec(rule(), 0..=2)),
+        proptest::option::of(proptest::collection::vec(rule(), 0..=2)),
+    )
+        .prop_map(
+            move |(ns, pod_selector, types, ingress, egress)| NetworkPolicy {
+                metadata: ObjectMeta {
+                    name: Some(format!("pol{index}")),
+                    namespace: Some(ns_name(ns)),
+                    ..Default::default()
+                },
+                spec: Some(NetworkPolicySpec {
+                    pod_selector: Some(pod_selector),
+                    policy_types: types.map(|t| t.into_iter().map(str::to_owned).collect()),
+                    ingress: ingress.map(|rules| {
+                        rules
+                            .into_iter()
+                            .map(|(from, ports)| NetworkPolicyIngressRule { from, ports })
+                            .collect()
+                    }),
+                    egress: egress.map(|rules| {
+                        rules
+                            .into_iter()
+                            .map(|(to, ports)| NetworkPolicyEgressRule { to, ports })
+                            .collect()
+                    }),
+                }),
+            },
+        )
+}
+
+fn model() -> impl Strategy<Value = Model> {
+    (2usize..=3, 2usize..=3)
+        .prop_flat_map(|(nodes, namespaces)| {
+            (
+                Just(nodes),
+                proptest::collection::vec(namespace_labels(), namespaces),
+                pods(namespaces, nodes),
+                (0usize..=4).prop_flat_map(move |n| {
+                    (0..n)
+                        .map(|i| network_policy(namespaces, i))
+                        .collect::<Vec<_>>()
+                }),
+            )
+        })
+        .prop_map(|(nodes, namespaces, pods, policies)| Model {
+            nodes,
+            namespaces,
+            pods,
+            policies,
+        })
+}
+
+// ------------------------------------------------------------------ checks
+
+const EXTERNAL: &[&str] = &[
+    "10.0.0.200",
+    "10.0.1.2",
+    "10.0.1.200",
+    "192.168.0.1",
+    "8.8.8.8",
+    "fd00::99",
+    "fd00::2",
+    "2001:db8::1",
+];
+
+const PROBES: &[(u8, u16)] = &[
+    (TCP, 53),
+    (TCP, 80),
+    (TCP, 81),
+    (TCP, 82),
+    (TCP, 181),
+    (UDP, 53),
+    (UDP, 80),
+    (SCTP, 80),
+    (ICMP, 0),
+];
+
+fn same_family(a: IpAddr, b: IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
+}
+
+/// Every (source, destination pod address, probe): dataplane == oracle.
+fn check_agreement(cluster: &Cluster, out: &CompileOutput) -> Result<(), TestCaseError> {
+    let pod_addresses: Vec<(PodKey, IpAddr)> = cluster
+        .pods()
+        .flat_map(|p| p.ips.iter().map(|ip| (p.key.clone(), *ip)))
+        .collect();
+    let mut sources: Vec<Endpoint> = pod_addresses
+        .iter()
+        .map(|(k, ip)| Endpoint::PodAt(k.clone(), *ip))
+        .collect();
+    sources.extend(EXTERNAL.iter().map(|s| Endpoint::Ip(s.parse().unwrap())));
+    for src in &sources {
+        let src_ip = src.address(cluster).unwrap();
+        for (dst_key, dst_ip) in &pod_addresses {
+            if let Endpoint::PodAt(k, _) = src
+                && k == dst_key
+            {
+                continue; // a pod talking to itself never leaves it
+            }
+            if !same_family(src_ip, *dst_ip) {
+                continue;
+            }
+            let dst = Endpoint::PodAt(dst_key.clone(), *dst_ip);
+            for &(proto, port) in PROBES {
+                let expected =
+                    oracle::allowed(cluster, src, &dst, proto, port).expect("specs retained");
+                let got = oracle::emulated_allows(cluster, out, src, &dst, proto, port);
+                prop_assert_eq!(
+                    got,
+                    expected,
+                    "{:?} -> {:?} proto {} port {}",
+                    src,
+                    dst,
+                    proto,
+                    port
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Is the pod selected or referenced by a pod selector of any policy?
+fn referenced(cluster: &Cluster, key: &PodKey) -> bool {
+    let Some(pod) = cluster.pod(key) else {
+        return false;
+    };
+    let ns_labels = cluster
+        .namespace_labels(&key.namespace)
+        .cloned()
+        .unwrap_or_default();
+    cluster.policies().any(|(_, record)| {
+        let p = &record.validated.policy;
+        let selected = p.key.namespace == key.namespace && p.pod_selector.matches(&pod.labels);
+        let peer = [p.ingress.as_ref(), p.egress.as_ref()]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|r| r.peers.iter().flatten())
+            .any(|peer| match peer {
+                Peer::Pods(pp) => {
+                    let ns_ok = match &pp.namespaces {
+                        NamespaceScope::Own(ns) => *ns == key.namespace,
+                        NamespaceScope::Matching(sel) => sel.matches(&ns_labels),
+                    };
+                    ns_ok && pp.pods.matches(&pod.labels)
+                }
+                Peer::IpBlock(_) => false,
+            });
+        selected || peer
+    })
+}
+
+#[derive(Clone, Debug)]
+enum Change {
+    PodLabels(usize, BTreeMap<String, String>),
+    NamespaceLabels(usize, BTreeMap<String, String>),
+    DeletePod(usize),
+    MovePod(usize, usize),
+    DeletePolicy(usize),
+    ReplacePolicy(usize, Box<NetworkPolicy>),
+}
+
+fn change(namespaces: usize) -> impl Strategy<Value = Change> {
+    prop_oneof![
+        3 => (any::<usize>(), pod_labels()).prop_map(|(i, l)| Change::PodLabels(i, l)),
+        1 => (any::<usize>(), namespace_labels()).prop_map(|(i, l)| Change::NamespaceLabels(i, l)),
+        1 => any::<usize>().prop_map(Change::DeletePod),
+        1 => (any::<usize>(), 0usize..3).prop_map(|(i, n)| Change::MovePod(i, n)),
+        1 => any::<usize>().prop_map(Change::DeletePolicy),
+        2 => (any::<usize>(), network_policy(namespaces, 9)).prop_map(|(i, p)| Change::ReplacePolicy(i, Box::new(p))),
+    ]
+}
+
+fn apply(model: &Model, c: &Change) -> Model {
+    let mut m = model.clone();
+    match c {
+        Change::PodLabels(i, l) => {
+            let n = m.pods.len();
+            m.pods[i % n].labels = l.clone();
+        }
+        Change::NamespaceLabels(i, l) => {
+            let n = m.namespaces.len();
+            m.namespaces[i % n] = l.clone();
+        }
+        Change::DeletePod(i) => {
+            let n = m.pods.len();
+            m.pods.remove(i % n);
+        }
+        Change::MovePod(i, node) => {
+            let n = m.pods.len();
+            m.pods[i % n].node = Some(format!("node-{}", node % m.nodes));
+        }
+        Change::DeletePolicy(i) => {
+            if !m.policies.is_empty() {
+                let n = m.policies.len();
+                m.policies.remove(i % n);
+            }
+        }
+        Change::ReplacePolicy(i, p) => {
+            let mut p = (**p).clone();
+            if !m.policies.is_empty() {
+                let n = m.policies.len();
+                p.metadata.name = m.policies[i % n].metadata.name.clone();
+                p.metadata.namespace = m.policies[i % n].metadata.namespace.clone();
+                m.policies[i % n] = p;
+            } else {
+                m.policies.push(p);
+            }
+        }
+    }
+    m
+}
+
+/// Builds the new cluster by applying the change to the old one (as a watch would),
+/// exercising the store's incremental index maintenance.
+fn apply_to_cluster(cluster: &mut Cluster, before: &Model, after: &Model) {
+    let keys_after: Vec<PodKey> = after.pods.iter().map(PodBuilder::key).collect();
+    for p in &before.pods {
+        if !keys_after.contains(&p.key()) {
+            cluster.delete_pod(&p.key());
+        }
+    }
+    for p in &after.pods {
+        cluster.upsert_pod(&p.build()).unwrap();
+    }
+    for (i, l) in after.namespaces.iter().enumerate() {
+        let pairs: Vec<(&str, &str)> = l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        cluster
+            .upsert_namespace(&namespace(&ns_name(i), &pairs))
+            .unwrap();
+    }
+    let name = |p: &NetworkPolicy| {
+        weir_controller::PolicyKey::new(
+            p.metadata.namespace.clone().unwrap(),
+            p.metadata.name.clone().unwrap(),
+        )
+    };
+    for p in &before.policies {
+        if !after.policies.iter().any(|q| name(q) == name(p)) {
+            cluster.delete_policy(&name(p));
+        }
+    }
+    for p in &after.policies {
+        cluster.upsert_policy(p).unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// The emulated dataplane agrees with the oracle on every connection.
+    #[test]
+    fn dataplane_agrees_with_the_oracle(model in model()) {
+        let cluster = model.cluster();
+        let out = Compiler::new().with_threads(1).compile_all(&cluster);
+        check_agreement(&cluster, &out)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// After a random change, the recompiled state is still right, its diff applies, an
+    /// unchanged cluster gives empty diffs, and compiles are deterministic.
+    #[test]
+    fn recompiling_after_a_change_gives_applicable_diffs(
+        (model, change) in model().prop_flat_map(|m| { let n = m.namespaces.len(); (Just(m), change(n)) })
+    ) {
+        let mut cluster = model.cluster();
+        let mut compiler = Compiler::new().with_threads(2);
+        let old = compiler.compile_all(&cluster);
+        let again = compiler.compile_all(&cluster);
+        for (node, state) in &old.nodes {
+            prop_assert!(state.diff(&again.nodes[node], 1, 2).is_empty(), "unchanged cluster, {node} changed");
+        }
+        let after = apply(&model, &change);
+        apply_to_cluster(&mut cluster, &model, &after);
+        let new = compiler.compile_all(&cluster);
+        check_agreement(&cluster, &new)?;
+        for (node, state) in &new.nodes {
+            let base = old.nodes.get(node).cloned().unwrap_or_default();
+            let mut patched = base.clone();
+            patched.apply(&base.diff(state, 1, 2));
+            prop_assert_eq!(&patched, state);
+        }
+        // The store updated in place equals one built from scratch, and so does the state
+        // (up to ids: compare verdicts through the oracle agreement above, and structure
+        // through a fresh compile of each).
+        let fresh = after.cluster();
+        let a = Compiler::new().with_threads(1).compile_all(&cluster);
+        let b = Compiler::new().with_threads(1).compile_all(&fresh);
+        prop_assert_eq!(a, b);
+    }
+
+    /// A label change on a pod that no policy selects or refers to, before or after,
+    /// changes nothing on any node.
+    #[test]
+    fn label_change_on_an_unreferenced_pod_gives_empty_diffs(
+        model in model(), index in any::<usize>(), labels in pod_labels()
+    ) {
+        let mut cluster = model.cluster();
+        let mut compiler = Compiler::new();
+        let old = compiler.compile_all(&cluster);
+        let pod = model.pods[index % model.pods.len()].clone();
+        let before = referenced(&cluster, &pod.key());
+        let mut changed = pod.clone();
+        changed.labels = labels;
+        cluster.upsert_pod(&changed.build()).unwrap();
+        let after = referenced(&cluster, &pod.key());
+        let new = compiler.compile_all(&cluster);
+        if !before && !after {
+            for (node, state) in &new.nodes {
+                let d = old.nodes[node].diff(state, 1, 2);
+                prop_assert!(d.is_empty(), "{node}: {d:#?}");
+            }
+        }
+    }
+
+    /// Compiling one node gives what compiling all gives for it, on any number of threads.
+    #[test]
+    fn compile_node_matches_compile_all(model in model()) {
+        let cluster = model.cluster();
+        let all = Compiler::new().with_threads(1).compile_all(&cluster);
+        let threaded = Compiler::new().with_threads(3).compile_all(&cluster);
+        prop_assert_eq!(&all, &threaded);
+        for (node, state) in &all.nodes {
+            let one = Compiler::new().compile_node(&cluster, node);
+            prop_assert_eq!(&one, state);
+        }
+    }
+}
