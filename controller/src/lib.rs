@@ -51,7 +51,9 @@ pub mod oracle;
 mod peers;
 pub mod policy;
 pub mod ports;
+pub mod run;
 pub mod selector;
+pub mod source;
 pub mod validate;
 
 pub use cluster::{Cluster, NamedPort, PodInfo};

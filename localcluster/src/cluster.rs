@@ -38,6 +38,15 @@ pub enum Topology {
     Routed,
 }
 
+impl std::fmt::Display for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Topology::L2 => "l2",
+            Topology::Routed => "routed",
+        })
+    }
+}
+
 impl std::str::FromStr for Topology {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -56,8 +65,10 @@ pub struct ClusterOptions {
     /// Directory holding `weir-agent`, `weir-cni` (and `weir-controller`).
     pub bin_dir: PathBuf,
     pub bpffs: PathBuf,
-    /// `RUST_LOG` for the agents.
+    /// `RUST_LOG` for the agents and the controller.
     pub log: String,
+    /// Run the controller (policy) and connect the agents to it.
+    pub controller: bool,
 }
 
 impl ClusterOptions {
@@ -68,6 +79,7 @@ impl ClusterOptions {
             bin_dir: bin_dir.into(),
             bpffs: PathBuf::from("/sys/fs/bpf"),
             log: "info".into(),
+            controller: true,
         }
     }
 }
@@ -136,12 +148,25 @@ impl CniOutcome {
 pub struct LocalCluster {
     opts: ClusterOptions,
     record: RunRecord,
+    controller: Option<Controller>,
+    sync_token: u64,
     nodes: Vec<Node>,
     pods: BTreeMap<(String, String), Pod>,
     torn_down: bool,
 }
 
 const CLUSTER_CIDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 0);
+
+/// The controller's sync file in the manifest directory (see the controller's `source`).
+const SYNC_FILE_NAME: &str = ".weir-sync";
+
+/// The controller process and where it lives.
+pub struct Controller {
+    pub netns: Netns,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    process: Option<(Child, ProcessRecord)>,
+}
 
 fn random_run_id() -> String {
     let mut b = [0u8; 3];
@@ -171,14 +196,24 @@ impl LocalCluster {
         let mut cluster = Self {
             opts,
             record,
+            controller: None,
+            sync_token: 0,
             nodes: Vec::new(),
             pods: BTreeMap::new(),
             torn_down: false,
         };
         // On any error below, Drop tears down what exists.
         cluster.build_fabric()?;
+        if cluster.opts.controller {
+            cluster.issue_certificates()?;
+            cluster.start_controller()?;
+        }
         for i in 1..=cluster.opts.nodes {
+            cluster.write_node_manifest(i - 1)?;
             cluster.start_agent(i - 1).await?;
+        }
+        if cluster.opts.controller {
+            cluster.sync().await?;
         }
         Ok(cluster)
     }
@@ -189,6 +224,14 @@ impl LocalCluster {
 
     pub fn dir(&self) -> &Path {
         &self.record.dir
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.opts.topology
+    }
+
+    pub fn controller(&self) -> Option<&Controller> {
+        self.controller.as_ref()
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -227,6 +270,7 @@ impl LocalCluster {
                 let sw = self.new_netns(&self.ns_name("sw"))?;
                 sw.ip(&["link", "add", "br0", "type", "bridge"])?;
                 sw.ip(&["link", "set", "br0", "up"])?;
+                self.add_controller_netns(&sw, Ipv4Addr::new(172, 30, 0, 2), None)?;
                 for i in 1..=n {
                     let ip = Ipv4Addr::new(172, 30, 0, 10 + i as u8);
                     self.add_node(i, &sw, ip, 24, None)?;
@@ -252,6 +296,11 @@ impl LocalCluster {
                     ])?;
                     switches.push((sw, subnet));
                 }
+                self.add_controller_netns(
+                    &switches[0].0,
+                    Ipv4Addr::new(172, 30, 1, 2),
+                    Some(Ipv4Addr::new(172, 30, 1, 1)),
+                )?;
                 for i in 1..=n {
                     let (sw, subnet) = &switches[(i - 1) % 2];
                     let ip = Ipv4Addr::new(172, 30, *subnet, 10 + i as u8);
@@ -262,6 +311,256 @@ impl LocalCluster {
             }
         }
         Ok(())
+    }
+
+    /// The controller's namespace, on the first segment. It runs only if enabled.
+    fn add_controller_netns(
+        &mut self,
+        sw: &Netns,
+        ip: Ipv4Addr,
+        gateway: Option<Ipv4Addr>,
+    ) -> Result<()> {
+        if !self.opts.controller {
+            return Ok(());
+        }
+        let ns = self.new_netns(&self.ns_name("ctl"))?;
+        netns::veth(&ns, "eth0", sw, "ctl")?;
+        sw.ip(&["link", "set", "ctl", "master", "br0"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        if let Some(gw) = gateway {
+            ns.ip(&["route", "add", "172.30.0.0/16", "via", &gw.to_string()])?;
+        }
+        let dir = self.record.dir.join("controller");
+        fs::create_dir_all(&dir)?;
+        self.controller = Some(Controller {
+            netns: ns,
+            ip,
+            dir,
+            process: None,
+        });
+        Ok(())
+    }
+
+    /// A cluster CA, the controller's serving certificate and one client certificate per
+    /// node, as files (in a real cluster they come from a Secret or the bootstrap).
+    fn issue_certificates(&mut self) -> Result<()> {
+        let ctl = self
+            .controller
+            .as_ref()
+            .context("no controller namespace")?;
+        let ca = weir_transport::ClusterCa::generate(&format!("weir-local-{}", self.record.run))?;
+        let tls = ctl.dir.join("tls");
+        fs::create_dir_all(&tls)?;
+        ca.save(&tls.join("ca.crt"), &tls.join("ca.key"))?;
+        ca.issue_controller_cert(&["weir-controller"], &[IpAddr::V4(ctl.ip)])?
+            .write(&tls.join("tls.crt"), &tls.join("tls.key"))?;
+        for node in &self.nodes {
+            let dir = node.dir.join("tls");
+            fs::create_dir_all(&dir)?;
+            fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+            ca.issue_node_cert(&node.name)?
+                .write(&dir.join("tls.crt"), &dir.join("tls.key"))?;
+        }
+        Ok(())
+    }
+
+    fn start_controller(&mut self) -> Result<()> {
+        let bin = self.opts.bin_dir.join("weir-controller");
+        let manifests = self.record.dir.join("manifests");
+        let log_filter = self.opts.log.clone();
+        let ctl = self
+            .controller
+            .as_mut()
+            .context("no controller namespace")?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(ctl.dir.join("controller.log"))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--manifests")
+            .arg(&manifests)
+            .arg("--tls-dir")
+            .arg(ctl.dir.join("tls"))
+            .arg("--status-file")
+            .arg(ctl.dir.join("status.json"))
+            .args(["--listen", &format!("{}:7443", ctl.ip)])
+            .env("RUST_LOG", log_filter)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = ctl
+            .netns
+            .spawn(&mut cmd)
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let rec = ProcessRecord::new(child.id(), "controller");
+        ctl.process = Some((child, rec.clone()));
+        self.record.processes.push(rec);
+        self.record.save()?;
+        Ok(())
+    }
+
+    /// Stops the controller abruptly; agents keep enforcing what they have.
+    pub fn kill_controller(&mut self) {
+        if let Some((mut child, rec)) = self.controller.as_mut().and_then(|c| c.process.take()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.record.processes.retain(|p| p != &rec);
+            let _ = self.record.save();
+        }
+    }
+
+    /// Starts the controller again (after [`Self::kill_controller`]).
+    pub fn restart_controller(&mut self) -> Result<()> {
+        self.kill_controller();
+        self.start_controller()
+    }
+
+    /// Bumps the sync token in the manifest directory and waits until every agent enforces
+    /// the state compiled from the manifests written so far.
+    pub async fn sync(&mut self) -> Result<()> {
+        let Some(ctl) = &self.controller else {
+            return Ok(());
+        };
+        self.sync_token += 1;
+        let token = self.sync_token;
+        self.write_manifest(SYNC_FILE_NAME, &token.to_string())?;
+        let status = ctl.dir.join("status.json");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let synced = fs::read(&status)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["synced"].as_u64())
+                .unwrap_or(0);
+            if synced >= token {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the dataplane did not catch up with the manifests within 30 s (sync token {token}, reached {synced}); controller log:\n{}",
+                    tail(&ctl.dir.join("controller.log"), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The Node object of node `idx`, as a kubelet would register it.
+    fn write_node_manifest(&self, idx: usize) -> Result<()> {
+        let node = &self.nodes[idx];
+        let obj = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+            "spec": {"podCIDR": node.pod_cidr.to_string(), "podCIDRs": [node.pod_cidr.to_string()]},
+            "status": {"addresses": [{"type": "InternalIP", "address": node.ip.to_string()}]},
+        });
+        self.write_manifest(
+            &format!("nodes/{}.yaml", node.name),
+            &serde_norway::to_string(&obj)?,
+        )
+    }
+
+    /// Creates or relabels a namespace (its `kubernetes.io/metadata.name` label is implied).
+    pub fn set_namespace_labels(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let obj = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels},
+        });
+        self.write_manifest(
+            &format!("namespaces/{name}.yaml"),
+            &serde_norway::to_string(&obj)?,
+        )
+    }
+
+    /// Replaces a pod's labels (as `kubectl label --overwrite` would).
+    pub fn set_pod_labels(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        let key = (namespace.to_string(), name.to_string());
+        let pod = self
+            .pods
+            .get_mut(&key)
+            .with_context(|| format!("no pod {namespace}/{name}"))?;
+        pod.labels = labels;
+        let pod = pod.clone();
+        self.write_pod_manifest(&pod)
+    }
+
+    fn write_pod_manifest(&self, pod: &Pod) -> Result<()> {
+        let ports: Vec<serde_json::Value> = pod
+            .ports
+            .iter()
+            .map(|(name, port, proto)| json!({"name": name, "containerPort": port, "protocol": proto}))
+            .collect();
+        let obj = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
+            "spec": {"nodeName": pod.node, "containers": [{"name": "main", "image": "none", "ports": ports}]},
+            "status": {"phase": "Running", "podIP": pod.ip.to_string(), "podIPs": [{"ip": pod.ip.to_string()}]},
+        });
+        self.write_manifest(
+            &format!("pods/{}.{}.yaml", pod.namespace, pod.name),
+            &serde_norway::to_string(&obj)?,
+        )
+    }
+
+    /// Writes a Kubernetes object (e.g. a NetworkPolicy) into the manifest directory.
+    pub fn apply_object(&self, object: &serde_json::Value) -> Result<()> {
+        let kind = object["kind"].as_str().unwrap_or("Object");
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("_cluster");
+        let name = object["metadata"]["name"]
+            .as_str()
+            .context("object without metadata.name")?;
+        self.write_manifest(
+            &format!("objects/{kind}.{ns}.{name}.yaml"),
+            &serde_norway::to_string(object)?,
+        )
+    }
+
+    /// Removes an object written by [`Self::apply_object`]. A missing one is not an error.
+    pub fn delete_object(&self, kind: &str, namespace: Option<&str>, name: &str) -> Result<()> {
+        let ns = namespace.unwrap_or("_cluster");
+        let path = self
+            .record
+            .dir
+            .join("manifests")
+            .join(format!("objects/{kind}.{ns}.{name}.yaml"));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every object written by [`Self::apply_object`], as (kind, namespace, name).
+    pub fn objects(&self) -> Vec<(String, Option<String>, String)> {
+        let dir = self.record.dir.join("manifests/objects");
+        let Ok(entries) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let stem = name.strip_suffix(".yaml")?;
+                let mut parts = stem.splitn(3, '.');
+                let (kind, ns, obj) = (parts.next()?, parts.next()?, parts.next()?);
+                let ns = (ns != "_cluster").then(|| ns.to_string());
+                Some((kind.to_string(), ns, obj.to_string()))
+            })
+            .collect()
     }
 
     fn add_node(
@@ -327,9 +626,15 @@ impl LocalCluster {
             .arg(&self.opts.bpffs)
             .args(["--pod-cidr", &node.pod_cidr.to_string()])
             .env("RUST_LOG", &self.opts.log)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(ctl) = &self.controller {
+            cmd.args(["--controller", &format!("https://{}:7443", ctl.ip)])
+                .arg("--tls-dir")
+                .arg(node.dir.join("tls"));
+        }
         let child = node
             .netns
             .spawn(&mut cmd)
@@ -507,6 +812,15 @@ impl LocalCluster {
             labels: spec.labels,
             ports: spec.ports,
         };
+        if !self
+            .record
+            .dir
+            .join(format!("manifests/namespaces/{}.yaml", pod.namespace))
+            .exists()
+        {
+            self.set_namespace_labels(&pod.namespace, &BTreeMap::new())?;
+        }
+        self.write_pod_manifest(&pod)?;
         self.pods
             .insert((pod.namespace.clone(), pod.name.clone()), pod.clone());
         Ok(pod)
@@ -530,6 +844,11 @@ impl LocalCluster {
         if !out.success {
             bail!("CNI DEL for {namespace}/{name} failed: {}", out.stdout);
         }
+        let _ = fs::remove_file(
+            self.record
+                .dir
+                .join(format!("manifests/pods/{namespace}.{name}.yaml")),
+        );
         netns::delete(pod.netns.name());
         self.record.namespaces.retain(|n| n != pod.netns.name());
         self.record.save()?;
@@ -560,6 +879,9 @@ impl LocalCluster {
     /// Leaves the cluster running when this handle goes away; `cargo xtask down` (or
     /// [`down_all`]) removes it later from the run record.
     pub fn detach(mut self) {
+        if let Some((child, _)) = self.controller.as_mut().and_then(|c| c.process.take()) {
+            std::mem::forget(child);
+        }
         for node in &mut self.nodes {
             // The agents keep running; their PIDs are in the run record.
             if let Some((child, _)) = node.agent.take() {
@@ -579,6 +901,7 @@ impl LocalCluster {
             return;
         }
         self.torn_down = true;
+        self.kill_controller();
         for node in &mut self.nodes {
             if let Some((mut child, _)) = node.agent.take() {
                 let _ = nix::sys::signal::kill(

@@ -3,6 +3,7 @@
 //! up/demo/conformance` and by the end-to-end tests.
 
 pub mod cluster;
+pub mod conformance;
 pub mod netns;
 pub mod record;
 

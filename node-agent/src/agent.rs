@@ -6,8 +6,9 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 use ipnet::IpNet;
 use thiserror::Error;
 use tracing::{info, warn};
-use weir_api::{NodeState, NodeStateDiff, PodKey};
+use weir_api::{NodeState, PodKey};
 use weir_common::{config::NodeConfig, endpoint::EndpointInfo, ip::IpKey};
+use weir_transport::Applied;
 
 use crate::{
     dataplane::{Dataplane, DataplaneError, PinLayout},
@@ -82,9 +83,11 @@ pub struct Agent {
     ipam: weir_ipam::Ipam,
     endpoints: EndpointStore,
     node: Netlink,
-    /// The controller's latest state for this node, and its version (0: none yet).
+    /// The controller's latest state for this node.
     policy: NodeState,
-    policy_version: u64,
+    /// Whether `policy` came from the controller since this agent started. Until it has, the
+    /// rule sets already in the (pinned) map stay in force: a restart never opens a hole.
+    have_controller_state: bool,
 }
 
 impl Agent {
@@ -115,7 +118,7 @@ impl Agent {
             endpoints,
             node,
             policy: NodeState::default(),
-            policy_version: 0,
+            have_controller_state: false,
         };
         agent.readopt().await?;
         agent.refresh_host_addrs().await?;
@@ -128,10 +131,6 @@ impl Agent {
 
     pub fn maps(&self) -> &DataplaneMaps {
         &self.maps
-    }
-
-    pub fn policy_version(&self) -> u64 {
-        self.policy_version
     }
 
     pub fn policy(&self) -> &NodeState {
@@ -296,47 +295,53 @@ impl Agent {
         Ok(stale.len().max(released.len()))
     }
 
-    /// Replaces the controller state with a full snapshot (first contact, reconnect).
-    pub fn apply_full(&mut self, version: u64, state: NodeState) -> Result<()> {
-        self.maps.sync_policy(&state)?;
-        self.policy = state;
-        self.policy_version = version;
+    /// Makes the dataplane enforce the controller's state `state`; `change` says how it
+    /// differs from the previously applied one. Conntrack entries re-check policy afterwards.
+    pub fn apply_controller_state(&mut self, change: &Applied, state: &NodeState) -> Result<()> {
+        match change {
+            Applied::Unchanged => return Ok(()),
+            Applied::Snapshot => {
+                self.maps.sync_policy(state)?;
+                self.policy = state.clone();
+            }
+            Applied::Diff(diff) => {
+                self.maps.apply_policy_diff(diff)?;
+                self.policy.apply(diff);
+            }
+        }
+        self.have_controller_state = true;
         self.sync_endpoint_map()?;
         self.maps.bump_policy_generation()?;
         Ok(())
     }
 
-    /// Applies an incremental update. Returns false (and changes nothing) if it does not
-    /// follow the version this agent holds: the caller must resync.
-    pub fn apply_diff(&mut self, diff: &NodeStateDiff) -> Result<bool> {
-        if diff.from_version != self.policy_version {
-            return Ok(false);
-        }
-        self.maps.apply_policy_diff(diff)?;
-        self.policy.apply(diff);
-        self.policy_version = diff.to_version;
-        if !diff.endpoints.is_empty() {
-            self.sync_endpoint_map()?;
-        }
-        self.maps.bump_policy_generation()?;
-        Ok(true)
-    }
-
     /// The `ENDPOINTS` map as it should be: every local pod address, with the rule sets the
-    /// controller assigned to the pod (policy pending until it has).
+    /// controller assigned to the pod (policy pending until it has). Before the first state
+    /// from the controller, rule sets already in the map are kept.
     fn endpoint_entries(&self) -> BTreeMap<IpKey, EndpointInfo> {
         let mut out = BTreeMap::new();
         for ep in self.endpoints.iter() {
-            let mut info = EndpointInfo::new(
+            let base = EndpointInfo::new(
                 ep.interface.host_ifindex,
                 ep.interface.pod_mac,
                 ep.interface.host_mac,
             );
-            if let Some(p) = ep.pod.as_ref().and_then(|k| self.policy.endpoints.get(k)) {
-                info = info.with_policies(p.ingress, p.egress);
-            }
+            let assigned = ep.pod.as_ref().and_then(|k| self.policy.endpoints.get(k));
             for ip in &ep.ips {
-                out.insert(IpKey::from(*ip), info);
+                let key = IpKey::from(*ip);
+                let info = match assigned {
+                    Some(p) => base.with_policies(p.ingress, p.egress),
+                    None if !self.have_controller_state => {
+                        match self.maps.endpoints.get(&key, 0).ok() {
+                            Some(old) if !old.policy_pending() => {
+                                base.with_policies(old.ingress_policy(), old.egress_policy())
+                            }
+                            _ => base,
+                        }
+                    }
+                    None => base,
+                };
+                out.insert(key, info);
             }
         }
         out

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cni_service;
+pub mod controller_link;
 pub mod dataplane;
 pub mod endpoints;
 pub mod maps;

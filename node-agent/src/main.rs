@@ -33,6 +33,16 @@ struct Args {
     /// MTU of pod interfaces; 0 picks the uplink's MTU minus VXLAN overhead.
     #[arg(long, default_value_t = 0)]
     pod_mtu: u32,
+    /// The controller's address, e.g. https://weir-controller.weir-system:7443. Without it
+    /// the agent only does networking (no policy).
+    #[arg(long, env = "WEIR_CONTROLLER")]
+    controller: Option<String>,
+    /// Directory with ca.crt, tls.crt and tls.key (this node's client certificate).
+    #[arg(long, env = "WEIR_TLS_DIR", default_value = "/etc/weir/tls")]
+    tls_dir: PathBuf,
+    /// Name the controller's certificate must carry.
+    #[arg(long, default_value = "weir-controller")]
+    controller_name: String,
     /// Report one in N new flows as a flow event (0: only drops).
     #[arg(long, default_value_t = 0)]
     flow_sample_rate: u32,
@@ -77,6 +87,22 @@ async fn main() -> Result<()> {
         }
     });
     info!(socket = %args.cni_socket.display(), "serving the CNI plugin");
+
+    if let Some(endpoint) = args.controller.clone() {
+        let watch = weir_transport::WatchLoop::from_files(
+            endpoint.clone(),
+            weir_transport::TlsFiles::in_dir(&args.tls_dir),
+            args.controller_name.clone(),
+            args.node_name.clone(),
+        );
+        let mut sink = weir_agent::controller_link::DataplaneSink::new(agent.clone());
+        tokio::spawn(async move {
+            let _ = watch.run(&mut sink).await;
+        });
+        info!(%endpoint, "following the controller");
+    } else {
+        warn!("no --controller: pods get networking but no policy");
+    }
 
     let refresher = agent.clone();
     tokio::spawn(async move {

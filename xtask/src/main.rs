@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: the developer and CI entry point.
 
+mod conformance;
 mod demo;
 mod setup;
 
@@ -42,6 +43,26 @@ enum Cmd {
         #[arg(long, default_value = "l2")]
         topology: Topology,
     },
+    /// Run a reachability case file (weir-reachability/v1) on a fresh local cluster.
+    Conformance {
+        #[arg(long)]
+        cases: PathBuf,
+        /// Spread the pods over this many nodes (overrides the file's model).
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// l2 or routed (overrides the file's model).
+        #[arg(long)]
+        topology: Option<Topology>,
+        /// Print every truth table, not only failing ones.
+        #[arg(long)]
+        verbose: bool,
+        /// Run only cases whose name contains this text.
+        #[arg(long)]
+        case: Option<String>,
+        /// Also write the results as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Tear down every local cluster on this machine (or one run).
     Down {
         #[arg(long)]
@@ -64,6 +85,28 @@ fn main() -> Result<()> {
         Cmd::Demo { nodes, topology } => {
             let bin = build()?;
             runtime().block_on(demo::run(bin, nodes, topology))
+        }
+        Cmd::Conformance {
+            cases,
+            nodes,
+            topology,
+            verbose,
+            case,
+            json,
+        } => {
+            let bin = build()?;
+            let args = conformance::Args {
+                cases,
+                nodes,
+                topology,
+                verbose,
+                filter: case,
+                json,
+            };
+            if !runtime().block_on(conformance::run(bin, args))? {
+                bail!("conformance cases failed");
+            }
+            Ok(())
         }
         Cmd::Down { run } => down(run),
         Cmd::Test => test(),
@@ -92,7 +135,7 @@ fn status(cmd: &mut Command) -> Result<()> {
 }
 
 /// Packages whose binaries make up a weir installation.
-const BIN_PACKAGES: &[&str] = &["weir-agent", "weir-cni"];
+const BIN_PACKAGES: &[&str] = &["weir-agent", "weir-cni", "weir-controller"];
 
 /// Builds weir's binaries; returns the directory holding them.
 fn build() -> Result<PathBuf> {

@@ -1,0 +1,334 @@
+//! Where cluster objects come from. Both sources — a directory of manifests and (in a real
+//! cluster) the Kubernetes API — produce the same typed [`Change`]s, which the controller
+//! applies to its [`crate::Cluster`].
+
+use std::{
+    collections::BTreeMap,
+    fmt, fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
+use serde::Deserialize;
+
+/// A cluster object the controller understands.
+#[derive(Clone, Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "objects are moved around boxed inside `Change`; the variants mirror the API types"
+)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Node(Node),
+    NetworkPolicy(NetworkPolicy),
+}
+
+/// Identity of an object: kind, namespace ("" for cluster-scoped kinds), name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+impl Object {
+    pub fn key(&self) -> ObjectKey {
+        let (kind, meta) = match self {
+            Object::Namespace(o) => ("Namespace", &o.metadata),
+            Object::Pod(o) => ("Pod", &o.metadata),
+            Object::Node(o) => ("Node", &o.metadata),
+            Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
+        };
+        ObjectKey {
+            kind,
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Upsert(Box<Object>),
+    Delete(ObjectKey),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{file}: document {document}: {message}")]
+    Invalid {
+        file: String,
+        document: usize,
+        message: String,
+    },
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Parses a file of YAML (or JSON) documents into objects. Kinds weir does not use
+/// (Services, ConfigMaps, ...) are skipped; `List` objects are flattened.
+pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let invalid = |message: String| ManifestError::Invalid {
+            file: file.to_string(),
+            document: i + 1,
+            message,
+        };
+        let value = serde_json::Value::deserialize(doc).map_err(|e| invalid(e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        collect(value, &mut out).map_err(invalid)?;
+    }
+    Ok(out)
+}
+
+fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .ok_or("missing `kind`")?
+        .to_string();
+    let typed = |v: serde_json::Value| -> Result<Object, String> {
+        let o = match kind.as_str() {
+            "Namespace" => Object::Namespace(serde_json::from_value(v).map_err(|e| e.to_string())?),
+            "Pod" => Object::Pod(serde_json::from_value(v).map_err(|e| e.to_string())?),
+            "Node" => Object::Node(serde_json::from_value(v).map_err(|e| e.to_string())?),
+            "NetworkPolicy" => {
+                Object::NetworkPolicy(serde_json::from_value(v).map_err(|e| e.to_string())?)
+            }
+            _ => unreachable!("filtered below"),
+        };
+        if o.key().name.is_empty() {
+            return Err(format!("{kind} without metadata.name"));
+        }
+        Ok(o)
+    };
+    match kind.as_str() {
+        "List" => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                collect(item, out)?;
+            }
+        }
+        "Namespace" | "Pod" | "Node" | "NetworkPolicy" => out.push(typed(value)?),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Name of the file a writer bumps after a batch of changes; see [`ManifestDir::sync_token`].
+pub const SYNC_FILE: &str = ".weir-sync";
+
+#[derive(Debug)]
+struct FileState {
+    stamp: (SystemTime, u64),
+    objects: Vec<Object>,
+}
+
+/// A directory of manifests, scanned incrementally: only files whose modification time or
+/// size changed are parsed again. A file that fails to parse keeps its previous objects (a
+/// typo in one file never removes what other files, or the last good version, declared).
+#[derive(Debug)]
+pub struct ManifestDir {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    current: BTreeMap<ObjectKey, Object>,
+}
+
+/// The outcome of one scan.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub changes: Vec<Change>,
+    pub errors: Vec<ManifestError>,
+}
+
+impl ManifestDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            files: BTreeMap::new(),
+            current: BTreeMap::new(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The number in the directory's sync file (0 if none): writers bump it after a batch
+    /// of changes and wait until the controller reports it enforced.
+    pub fn sync_token(&self) -> u64 {
+        fs::read_to_string(self.root.join(SYNC_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Rescans the directory and returns what changed since the last scan.
+    pub fn scan(&mut self) -> Scan {
+        let mut scan = Scan::default();
+        let mut seen = Vec::new();
+        let mut paths = Vec::new();
+        walk(&self.root, &mut paths);
+        for path in paths {
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
+            seen.push(path.clone());
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let name = path.display().to_string();
+            let parsed = fs::read_to_string(&path)
+                .map_err(|source| ManifestError::Read {
+                    file: name.clone(),
+                    source,
+                })
+                .and_then(|text| parse_manifests(&name, &text));
+            match parsed {
+                Ok(objects) => {
+                    self.files.insert(path, FileState { stamp, objects });
+                }
+                Err(e) => scan.errors.push(e),
+            }
+        }
+        self.files.retain(|p, _| seen.contains(p));
+        // Later files win when two declare the same object.
+        let mut desired: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+        for f in self.files.values() {
+            for o in &f.objects {
+                desired.insert(o.key(), o.clone());
+            }
+        }
+        for (k, o) in &desired {
+            if self.current.get(k) != Some(o) {
+                scan.changes.push(Change::Upsert(Box::new(o.clone())));
+            }
+        }
+        for k in self.current.keys() {
+            if !desired.contains_key(k) {
+                scan.changes.push(Change::Delete(k.clone()));
+            }
+        }
+        self.current = desired;
+        scan
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = entries.filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|e| e.path());
+    for e in entries {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            walk(&path, out);
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json") {
+            out.push(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_files_and_lists_parse_and_unknown_kinds_are_skipped() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+---
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: {name: deny, namespace: x}
+    spec: {podSelector: {}}
+"#;
+        let objs = parse_manifests("f.yaml", text).unwrap();
+        let keys: Vec<String> = objs.iter().map(|o| o.key().to_string()).collect();
+        assert_eq!(keys, ["Namespace x", "NetworkPolicy x/deny"]);
+    }
+
+    #[test]
+    fn a_broken_document_is_an_error_naming_file_and_document() {
+        let err = parse_manifests(
+            "f.yaml",
+            "kind: Namespace\nmetadata: {name: a}\n---\nkind: [\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("f.yaml: document 2"), "{err}");
+    }
+
+    #[test]
+    fn scans_report_upserts_and_deletes_and_keep_objects_of_broken_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| fs::write(dir.path().join(name), text).unwrap();
+        write("a.yaml", "kind: Namespace\nmetadata: {name: a}\n");
+        write("b.yaml", "kind: Namespace\nmetadata: {name: b}\n");
+        let mut m = ManifestDir::new(dir.path());
+        let first = m.scan();
+        assert_eq!(first.changes.len(), 2);
+        assert!(m.scan().changes.is_empty(), "nothing changed");
+
+        // A broken edit keeps the last good objects of that file.
+        write("b.yaml", "kind: Namespace\nmetadata: {name: b\n  oops: [\n");
+        let broken = m.scan();
+        assert_eq!(broken.errors.len(), 1);
+        assert!(broken.changes.is_empty(), "{:?}", broken.changes);
+
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let removed = m.scan();
+        assert_eq!(
+            removed.changes,
+            vec![Change::Delete(ObjectKey {
+                kind: "Namespace",
+                namespace: String::new(),
+                name: "a".into()
+            })]
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! The agent's end of the controller stream: every update lands in the dataplane maps.
+
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+use tracing::info;
+use weir_api::NodeState;
+use weir_transport::{Applied, StateSink, StateVersion};
+
+use crate::agent::{Agent, AgentError};
+
+pub struct DataplaneSink {
+    agent: Arc<Mutex<Agent>>,
+}
+
+impl DataplaneSink {
+    pub fn new(agent: Arc<Mutex<Agent>>) -> Self {
+        Self { agent }
+    }
+}
+
+impl StateSink for DataplaneSink {
+    type Error = AgentError;
+
+    async fn apply(
+        &mut self,
+        at: StateVersion,
+        change: &Applied,
+        state: &NodeState,
+    ) -> Result<(), AgentError> {
+        self.agent
+            .lock()
+            .await
+            .apply_controller_state(change, state)?;
+        let kind = match change {
+            Applied::Snapshot => "snapshot".to_string(),
+            Applied::Unchanged => "unchanged".to_string(),
+            Applied::Diff(d) => format!("diff of {} entries", d.len()),
+        };
+        info!(
+            version = %at,
+            change = %kind,
+            endpoints = state.endpoints.len(),
+            classes = state.peer_classes.len(),
+            verdicts = state.verdicts.len(),
+            "applied controller state"
+        );
+        Ok(())
+    }
+}
