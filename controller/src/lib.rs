@@ -43,10 +43,14 @@
 mod classes;
 pub mod cluster;
 pub mod compile;
+pub mod events;
 mod ids;
+pub mod kube;
 pub mod labels;
+pub mod leader;
 pub mod names;
 mod node;
+pub mod node_cidrs;
 pub mod oracle;
 mod peers;
 pub mod policy;

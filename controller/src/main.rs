@@ -1,13 +1,23 @@
 //! `weir-controller`: compiles the cluster's NetworkPolicies into per-node state and streams
 //! it to the node agents over mutual TLS.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tracing::info;
-use weir_controller::run::run_directory;
-use weir_transport::{NodeStateServer, ServerTls, StatePublisher, TlsFiles};
+use weir_controller::{
+    events::{PolicyEvents, run_policy_events},
+    kube::{
+        AgentServing, KubeOptions, KubeTokenReviewer, LeaderPodLabel, TokenReviewConfig,
+        ca::{CaSource, load_controller_tls},
+        run_kube, serve_agents_while_leading,
+    },
+    leader::{LeaderElector, LeaseConfig, unique_identity},
+    node_cidrs::{FileCidrStore, NodeCidrAllocator},
+    run::{Controller, run_directory},
+};
+use weir_transport::{Bootstrap, NodeStateServer, ServerTls, StatePublisher, TlsFiles};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "weir controller")]
@@ -20,11 +30,70 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
     /// Directory with ca.crt, tls.crt and tls.key (the controller's serving certificate).
+    /// In Kubernetes mode also ca.key; missing files are supplied from --ca-secret (see the
+    /// `kube::ca` module documentation).
     #[arg(long, env = "WEIR_TLS_DIR", default_value = "/etc/weir/tls")]
     tls_dir: PathBuf,
     /// With --manifests: write the enforced sync token here (see the manifest source docs).
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// Pods' addresses; nodes without spec.podCIDRs get a range of it.
+    #[arg(long, env = "WEIR_CLUSTER_CIDR", default_value = "10.244.0.0/16")]
+    cluster_cidr: ipnet::IpNet,
+    /// Prefix length of each node's range.
+    #[arg(long, env = "WEIR_NODE_CIDR_MASK", default_value_t = 24)]
+    node_cidr_mask: u8,
+    /// Where node pod-CIDR assignments are kept (with --manifests).
+    #[arg(long, default_value = "/var/lib/weir-controller")]
+    state_dir: PathBuf,
+
+    // ---- Kubernetes mode (without --manifests): in-cluster config, or KUBECONFIG.
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "WEIR_LEASE_NAMESPACE", default_value = LeaseConfig::DEFAULT_NAMESPACE)]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "WEIR_LEASE_NAME", default_value = LeaseConfig::DEFAULT_NAME)]
+    lease_name: String,
+    /// How long followers wait after the Lease last changed before taking it over.
+    #[arg(long, env = "WEIR_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it steps down.
+    #[arg(long, env = "WEIR_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    renew_deadline: Duration,
+    /// Interval between leader-election attempts.
+    #[arg(long, env = "WEIR_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    retry_period: Duration,
+    /// This replica's pod (downward API `metadata.name`). The leader labels its pod
+    /// `weir.dev/controller-leader=true`, which the agents' Service selects; without a pod
+    /// name no label is managed.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// This replica's namespace (downward API `metadata.namespace`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weir-system")]
+    pod_namespace: String,
+    /// The ServiceAccount (NAMESPACE/NAME) whose tokens may obtain node certificates.
+    #[arg(long, env = "WEIR_AGENT_SERVICE_ACCOUNT", default_value = "weir-system/weir-agent", value_parser = parse_namespaced)]
+    agent_service_account: (String, String),
+    /// Audience agents request for their projected ServiceAccount token.
+    #[arg(long, env = "WEIR_TOKEN_AUDIENCE", default_value = "weir-controller")]
+    token_audience: String,
+    /// Secret (NAMESPACE/NAME) holding the cluster CA when --tls-dir has none; created with a
+    /// new CA if absent. Empty: no such Secret.
+    #[arg(long, env = "WEIR_CA_SECRET", default_value = "weir-system/weir-ca")]
+    ca_secret: String,
+    /// ConfigMap (NAMESPACE/NAME) the CA certificate is published to, for agents to mount.
+    /// Empty: not published.
+    #[arg(long, env = "WEIR_CA_CONFIGMAP", default_value = "weir-system/weir-ca")]
+    ca_configmap: String,
+    /// DNS names of the serving certificate, when the controller issues it itself (no
+    /// tls.crt in --tls-dir). Comma-separated.
+    #[arg(
+        long,
+        env = "WEIR_TLS_SANS",
+        value_delimiter = ',',
+        default_value = "weir-controller,weir-controller.weir-system,weir-controller.weir-system.svc,weir-controller.weir-system.svc.cluster.local"
+    )]
+    tls_san: Vec<String>,
 }
 
 #[tokio::main]
@@ -36,6 +105,13 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
+    match args.manifests.clone() {
+        Some(dir) => run_manifests(args, dir).await,
+        None => run_in_cluster(args).await,
+    }
+}
+
+async fn run_manifests(args: Args, dir: PathBuf) -> Result<()> {
     let publisher = StatePublisher::new();
     let tls = ServerTls::load(&TlsFiles::in_dir(&args.tls_dir))
         .with_context(|| format!("loading TLS files from {}", args.tls_dir.display()))?;
@@ -49,11 +125,152 @@ async fn main() -> Result<()> {
             tracing::error!(error = %e, "agent server stopped");
         }
     });
-    match args.manifests {
-        Some(dir) => {
-            info!(dir = %dir.display(), "reading cluster objects from manifests");
-            run_directory(dir, publisher, args.status_file).await
+    info!(dir = %dir.display(), "reading cluster objects from manifests");
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let allocator = NodeCidrAllocator::new(args.cluster_cidr, args.node_cidr_mask)?;
+    let store = FileCidrStore::new(args.state_dir.join("node-cidrs.json"));
+    let controller = Controller::new(publisher).with_node_cidrs(allocator, Box::new(store))?;
+    run_directory(dir, controller, args.status_file).await
+}
+
+/// Kubernetes mode: every replica watches and compiles; the Lease holder serves agents,
+/// answers bootstrap requests and emits policy Events. SIGTERM steps down and releases the
+/// Lease.
+async fn run_in_cluster(args: Args) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let ca_source = CaSource {
+        secret: optional_namespaced(&args.ca_secret).context("--ca-secret")?,
+        config_map: optional_namespaced(&args.ca_configmap).context("--ca-configmap")?,
+    };
+    let tls = load_controller_tls(&client, &args.tls_dir, &ca_source, &args.tls_san)
+        .await
+        .context("setting up TLS")?;
+    let publisher = StatePublisher::new();
+    let mut server = NodeStateServer::new(publisher.clone());
+    match &tls.ca {
+        Some(ca) => {
+            let (namespace, service_account) = args.agent_service_account.clone();
+            let reviewer = KubeTokenReviewer::new(
+                client.clone(),
+                TokenReviewConfig {
+                    audience: args.token_audience.clone(),
+                    namespace,
+                    service_account,
+                },
+            );
+            server = server.with_bootstrap(Bootstrap::new(ca.clone(), Arc::new(reviewer)));
         }
-        None => bail!("reading from the Kubernetes API is not available yet: pass --manifests DIR"),
+        None => info!("no CA key: agents need provisioned certificates"),
     }
+
+    let instance = args.pod_name.clone().unwrap_or_else(host_name);
+    let lease = LeaseConfig {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+        ..LeaseConfig::new(
+            &args.lease_namespace,
+            &args.lease_name,
+            unique_identity(&instance),
+        )
+    };
+    let (elector, leadership) = LeaderElector::new(client.clone(), lease)?;
+    let serving = AgentServing {
+        listen: args.listen,
+        server,
+        tls: tls.server,
+        label: args
+            .pod_name
+            .as_ref()
+            .map(|pod| LeaderPodLabel::new(client.clone(), &args.pod_namespace, pod)),
+    };
+    let serve = tokio::spawn(serve_agents_while_leading(serving, leadership.clone()));
+    let (diagnostics_tx, diagnostics_rx) = tokio::sync::watch::channel(Vec::new());
+    let events = PolicyEvents::new(client.clone(), &instance);
+    tokio::spawn(run_policy_events(events, diagnostics_rx, leadership));
+    let mut elect = tokio::spawn(elector.run(shutdown_signal()));
+
+    let opts = KubeOptions {
+        diagnostics: Some(diagnostics_tx),
+        ..KubeOptions::default()
+    };
+    tokio::select! {
+        r = run_kube(client, Controller::new(publisher), opts) => {
+            r.context("watching the cluster")?;
+            bail!("the cluster watch ended")
+        }
+        r = &mut elect => {
+            r.context("leader election task")?;
+            // The elector stepped down and released the Lease; the server has stopped or
+            // is finishing its streams.
+            serve.await.context("agent server task")?;
+            info!("shut down");
+            Ok(())
+        }
+    }
+}
+
+/// Completes on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    info!("shutting down");
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "weir-controller".to_owned())
+}
+
+/// `15s`, `500ms`, `2m`, or a number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((text, "s"), |i| text.split_at(i));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 15s, 500ms, 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration unit in {text:?}: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// `NAMESPACE/NAME`.
+fn parse_namespaced(text: &str) -> Result<(String, String), String> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("expected NAMESPACE/NAME, got {text:?}")),
+    }
+}
+
+/// `NAMESPACE/NAME`, or nothing for an empty value.
+fn optional_namespaced(text: &str) -> Result<Option<(String, String)>> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    parse_namespaced(text).map(Some).map_err(anyhow::Error::msg)
 }

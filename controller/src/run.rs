@@ -11,14 +11,17 @@ use std::{
     time::Duration,
 };
 
+use ipnet::IpNet;
 use serde::Serialize;
+use std::net::IpAddr;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
-use weir_api::{NodeState, PodKey};
+use weir_api::{NodeRoute, NodeState, PodKey};
 use weir_transport::StatePublisher;
 
 use crate::{
     Cluster, Compiler, PolicyKey,
+    node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
     source::{Change, ManifestDir, Object},
 };
 
@@ -30,6 +33,17 @@ pub struct Controller {
     published: BTreeMap<String, (u64, Arc<NodeState>)>,
     /// Diagnostics already reported, so each is logged once.
     reported: BTreeSet<String>,
+    /// Node objects: address and the pod CIDRs the cluster set.
+    nodes: BTreeMap<String, NodeInfo>,
+    node_cidrs: Option<(NodeCidrAllocator, Box<dyn CidrStore + Send>)>,
+    /// Allocation errors already reported.
+    cidr_errors: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct NodeInfo {
+    ip: Option<IpAddr>,
+    preset_cidrs: Vec<IpNet>,
 }
 
 impl Controller {
@@ -40,7 +54,22 @@ impl Controller {
             publisher,
             published: BTreeMap::new(),
             reported: BTreeSet::new(),
+            nodes: BTreeMap::new(),
+            node_cidrs: None,
+            cidr_errors: BTreeSet::new(),
         }
+    }
+
+    /// Gives nodes without `spec.podCIDRs` a pod CIDR from `allocator`, persisted in `store`
+    /// (earlier assignments are restored from it).
+    pub fn with_node_cidrs(
+        mut self,
+        mut allocator: NodeCidrAllocator,
+        store: Box<dyn CidrStore + Send>,
+    ) -> Result<Self, CidrError> {
+        allocator.restore(store.load()?);
+        self.node_cidrs = Some((allocator, store));
+        Ok(self)
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -55,14 +84,30 @@ impl Controller {
                 Change::Upsert(o) => match o.as_ref() {
                     Object::Namespace(o) => self.cluster.upsert_namespace(o),
                     Object::Pod(o) => self.cluster.upsert_pod(o),
-                    Object::Node(o) => self.cluster.upsert_node(o),
+                    Object::Node(o) => {
+                        let name = o.metadata.name.clone().unwrap_or_default();
+                        self.nodes.insert(
+                            name,
+                            NodeInfo {
+                                ip: node_ip(o),
+                                preset_cidrs: node_pod_cidrs(o),
+                            },
+                        );
+                        self.cluster.upsert_node(o)
+                    }
                     Object::NetworkPolicy(o) => self.cluster.upsert_policy(o).map(|_| ()),
                 },
                 Change::Delete(k) => {
                     match k.kind {
                         "Namespace" => self.cluster.delete_namespace(&k.name),
                         "Pod" => self.cluster.delete_pod(&PodKey::new(&k.namespace, &k.name)),
-                        "Node" => self.cluster.delete_node(&k.name),
+                        "Node" => {
+                            self.nodes.remove(&k.name);
+                            if let Some((alloc, _)) = &mut self.node_cidrs {
+                                alloc.release(&k.name);
+                            }
+                            self.cluster.delete_node(&k.name)
+                        }
                         "NetworkPolicy" => self
                             .cluster
                             .delete_policy(&PolicyKey::new(&k.namespace, &k.name)),
@@ -90,8 +135,10 @@ impl Controller {
             }
         }
         self.reported = current;
+        let routes = self.routes();
         let mut versions = BTreeMap::new();
-        for (node, state) in out.nodes {
+        for (node, mut state) in out.nodes {
+            state.routes = routes.clone();
             let (version, changed) = match self.published.get(&node) {
                 Some((v, old)) if **old == state => (*v, false),
                 Some((v, _)) => (v + 1, true),
@@ -101,7 +148,15 @@ impl Controller {
                 let state = Arc::new(state);
                 match self.publisher.publish(&node, version, state.clone()) {
                     Ok(()) => {
-                        debug!(%node, version, "published");
+                        info!(
+                            %node,
+                            version,
+                            endpoints = state.endpoints.len(),
+                            classes = state.peer_classes.len(),
+                            verdicts = state.verdicts.len(),
+                            routes = state.routes.len(),
+                            "published node state"
+                        );
                         self.published.insert(node.clone(), (version, state));
                     }
                     Err(e) => warn!(%node, error = %e, "publishing node state"),
@@ -125,6 +180,64 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// Every node's pod CIDRs and address: the route table every agent gets. Nodes without
+    /// an address or a CIDR are left out (their agents wait).
+    fn routes(&mut self) -> BTreeMap<IpNet, NodeRoute> {
+        let mut routes = BTreeMap::new();
+        let mut errors = BTreeSet::new();
+        let mut changed = false;
+        // Ranges the cluster set first: they win over ranges this controller would hand out.
+        let order: Vec<(&String, &NodeInfo)> = self
+            .nodes
+            .iter()
+            .filter(|(_, i)| !i.preset_cidrs.is_empty())
+            .chain(self.nodes.iter().filter(|(_, i)| i.preset_cidrs.is_empty()))
+            .collect();
+        for (name, info) in order {
+            let cidrs = match &mut self.node_cidrs {
+                Some((alloc, _)) => {
+                    let before = alloc.allocated().get(name).copied();
+                    match alloc.assign(name, &info.preset_cidrs) {
+                        Ok(c) => {
+                            changed |= alloc.allocated().get(name).copied() != before;
+                            c
+                        }
+                        Err(e) => {
+                            errors.insert(e.to_string());
+                            continue;
+                        }
+                    }
+                }
+                None => info.preset_cidrs.clone(),
+            };
+            let Some(ip) = info.ip else { continue };
+            for cidr in cidrs {
+                routes.insert(
+                    cidr,
+                    NodeRoute {
+                        node: name.clone(),
+                        node_ip: ip,
+                    },
+                );
+            }
+        }
+        if let Some((alloc, store)) = &self.node_cidrs {
+            let released = alloc.allocated().len() != self.nodes.len();
+            if (changed || released)
+                && let Err(e) = store.save(alloc.allocated())
+            {
+                errors.insert(e.to_string());
+            }
+        }
+        for e in errors.difference(&self.cidr_errors) {
+            tracing::error!(error = %e, "pod CIDR allocation");
+        }
+        self.cidr_errors = errors;
+        routes
+    }
+}
+
 /// What the controller reports for writers of a manifest directory.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SyncStatus {
@@ -137,9 +250,10 @@ pub struct SyncStatus {
 /// [`crate::source::SYNC_FILE`]) is written there once every agent enforces it.
 pub async fn run_directory(
     dir: PathBuf,
-    publisher: StatePublisher,
+    mut controller: Controller,
     status_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    let publisher = controller.publisher.clone();
     use notify::Watcher as _;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -153,7 +267,6 @@ pub async fn run_directory(
         tokio::spawn(report_sync(publisher.clone(), sync_rx, path));
     }
     let mut manifests = ManifestDir::new(&dir);
-    let mut controller = Controller::new(publisher);
     let mut reported_errors = BTreeSet::new();
     loop {
         let token = manifests.sync_token();
@@ -211,5 +324,89 @@ async fn report_sync(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Node;
+
+    use super::*;
+    use crate::node_cidrs::FileCidrStore;
+
+    fn node(name: &str, ip: &str, pod_cidr: Option<&str>) -> Change {
+        let mut obj = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+        });
+        if let Some(c) = pod_cidr {
+            obj["spec"] = serde_json::json!({"podCIDR": c, "podCIDRs": [c]});
+        }
+        let node: Node = serde_json::from_value(obj).unwrap();
+        Change::Upsert(Box::new(Object::Node(node)))
+    }
+
+    fn controller(dir: &std::path::Path) -> Controller {
+        let alloc = NodeCidrAllocator::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
+        Controller::new(StatePublisher::new())
+            .with_node_cidrs(alloc, Box::new(FileCidrStore::new(dir.join("cidrs.json"))))
+            .unwrap()
+    }
+
+    fn routes_of(c: &Controller, node: &str) -> BTreeMap<IpNet, NodeRoute> {
+        c.published[node].1.routes.clone()
+    }
+
+    #[test]
+    fn every_node_gets_the_route_table_of_all_nodes_with_distinct_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        // A burst of nodes joining at once.
+        let changes = (1..=100)
+            .map(|i| node(&format!("n{i}"), &format!("172.30.0.{i}"), None))
+            .chain([node("preset", "172.30.1.1", Some("10.244.0.0/24"))])
+            .collect();
+        c.apply(changes);
+        c.recompute();
+        let routes = routes_of(&c, "n1");
+        assert_eq!(routes.len(), 101);
+        assert_eq!(routes_of(&c, "n50"), routes, "the same table on every node");
+        assert_eq!(
+            routes[&"10.244.0.0/24".parse().unwrap()].node,
+            "preset",
+            "a podCIDR the cluster set is respected"
+        );
+        let owners: BTreeSet<&String> = routes.values().map(|r| &r.node).collect();
+        assert_eq!(owners.len(), 101, "one range per node");
+    }
+
+    #[test]
+    fn assignments_survive_a_controller_restart_and_deleted_nodes_release_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        c.apply(vec![
+            node("a", "172.30.0.1", None),
+            node("b", "172.30.0.2", None),
+        ]);
+        c.recompute();
+        let before = routes_of(&c, "a");
+        drop(c);
+        let mut c = controller(dir.path());
+        // Joining in the other order does not reshuffle the ranges.
+        c.apply(vec![
+            node("b", "172.30.0.2", None),
+            node("a", "172.30.0.1", None),
+        ]);
+        c.recompute();
+        assert_eq!(routes_of(&c, "a"), before);
+        c.apply(vec![Change::Delete(crate::source::ObjectKey {
+            kind: "Node",
+            namespace: String::new(),
+            name: "a".into(),
+        })]);
+        c.recompute();
+        assert!(!routes_of(&c, "b").values().any(|r| r.node == "a"));
     }
 }

@@ -1,0 +1,371 @@
+//! Kubernetes Events for NetworkPolicies the validator finds fault with, and the counters
+//! behind them.
+//!
+//! Every distinct [`PolicyDiagnostic`] becomes one `events.k8s.io/v1` Event of type
+//! `Warning` regarding the NetworkPolicy (so `kubectl describe networkpolicy` shows it), with
+//! the diagnostic — field path included — as its note:
+//!
+//! * reason [`INVALID_POLICY_REASON`] for errors (the policy fails closed: it isolates the
+//!   pods it selects and allows nothing);
+//! * reason [`NORMALIZED_POLICY_REASON`] for values accepted in a normalized form (what the
+//!   API server accepts with a warning, e.g. a CIDR with host bits).
+//!
+//! "Distinct" is per policy object *and generation* (`metadata.generation` grows with every
+//! spec change): an edit that keeps the mistake is reported again, a recompile is not. The
+//! Event's name is derived from that identity (`<policy>.<hash>`), so when the leader
+//! changes, or the controller restarts, the new leader's create of an Event that exists
+//! answers `409 AlreadyExists` and counts as done: one Event per diagnostic cluster-wide
+//! (until the API server's event TTL, one hour by default, removes it).
+//!
+//! kube-runtime's `Recorder` is not used: it keys its de-duplication on (object, reason,
+//! action) without the note, so two different diagnostics of one policy would merge into one
+//! Event series carrying the first note.
+//!
+//! API reference: <https://kubernetes.io/docs/reference/kubernetes-api/cluster-resources/event-v1/>.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{core::v1::ObjectReference, events::v1::Event},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{Api, Client, api::PostParams};
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::{PolicyDiagnostic, PolicyKey, Severity, kube::PolicyObjectRef, leader::Leadership};
+
+/// Reason of the Event for a policy that fails closed.
+pub const INVALID_POLICY_REASON: &str = "InvalidNetworkPolicy";
+/// Reason of the Event for a value accepted in a normalized form.
+pub const NORMALIZED_POLICY_REASON: &str = "NetworkPolicyValueNormalized";
+/// `reportingController` of weir's Events (must be a qualified name).
+pub const REPORTING_CONTROLLER: &str = "weir.dev/controller";
+/// `action` of weir's policy Events.
+pub const VALIDATE_ACTION: &str = "Validate";
+/// The API server's limit on `note` (bytes).
+const NOTE_LIMIT: usize = 1024;
+
+/// A diagnostic together with the identity of the object it is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportedDiagnostic {
+    pub diagnostic: PolicyDiagnostic,
+    pub object: PolicyObjectRef,
+}
+
+/// What makes a diagnostic distinct: the policy object, its generation, and the problem.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct DiagnosticId {
+    policy: PolicyKey,
+    uid: String,
+    generation: i64,
+    field: String,
+    severity: u8,
+    problem: String,
+}
+
+impl DiagnosticId {
+    fn of(r: &ReportedDiagnostic) -> Self {
+        Self {
+            policy: r.diagnostic.policy.clone(),
+            uid: r.object.uid.clone().unwrap_or_default(),
+            generation: r.object.generation.unwrap_or_default(),
+            field: r.diagnostic.field.clone(),
+            severity: match r.diagnostic.severity {
+                Severity::Error => 0,
+                Severity::Warning => 1,
+            },
+            problem: r.diagnostic.problem.to_string(),
+        }
+    }
+
+    /// 64-bit FNV-1a over the identity: stable across processes and versions, which the
+    /// Event name needs (a standard library hasher may change between releases).
+    fn digest(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let parts = [
+            self.policy.namespace.as_str(),
+            self.policy.name.as_str(),
+            self.uid.as_str(),
+            &self.generation.to_string(),
+            self.field.as_str(),
+            if self.severity == 0 { "E" } else { "W" },
+            self.problem.as_str(),
+        ];
+        for part in parts {
+            for b in part.bytes().chain([0u8]) {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+}
+
+/// Counters of policy diagnostics, for Prometheus.
+#[derive(Debug, Default)]
+pub struct PolicyEventMetrics {
+    invalid_policies_total: AtomicU64,
+    invalid_policies: AtomicU64,
+    normalized_values_total: AtomicU64,
+    events_emitted_total: AtomicU64,
+    event_errors_total: AtomicU64,
+}
+
+impl PolicyEventMetrics {
+    /// Policies seen invalid (failing closed), counted once per object and generation.
+    pub fn invalid_policies_total(&self) -> u64 {
+        self.invalid_policies_total.load(Ordering::Relaxed)
+    }
+
+    /// Policies invalid (failing closed) now.
+    pub fn invalid_policies(&self) -> u64 {
+        self.invalid_policies.load(Ordering::Relaxed)
+    }
+
+    /// Distinct normalized-value diagnostics seen.
+    pub fn normalized_values_total(&self) -> u64 {
+        self.normalized_values_total.load(Ordering::Relaxed)
+    }
+
+    /// Events created (or found already created).
+    pub fn events_emitted_total(&self) -> u64 {
+        self.events_emitted_total.load(Ordering::Relaxed)
+    }
+
+    /// Event creations that failed (retried later).
+    pub fn event_errors_total(&self) -> u64 {
+        self.event_errors_total.load(Ordering::Relaxed)
+    }
+
+    /// The counters in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let name = "weir_controller_invalid_policies";
+        let _ = writeln!(
+            out,
+            "# HELP {name} NetworkPolicies that are invalid (and fail closed) now."
+        );
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {}", self.invalid_policies());
+        for (name, help, value) in [
+            (
+                "weir_controller_invalid_policies_total",
+                "NetworkPolicies seen invalid (they fail closed), once per object and generation.",
+                self.invalid_policies_total(),
+            ),
+            (
+                "weir_controller_normalized_policy_values_total",
+                "Distinct NetworkPolicy values accepted in a normalized form.",
+                self.normalized_values_total(),
+            ),
+            (
+                "weir_controller_policy_events_total",
+                "Kubernetes Events emitted for policy diagnostics.",
+                self.events_emitted_total(),
+            ),
+            (
+                "weir_controller_policy_event_errors_total",
+                "Failed attempts to create policy Events.",
+                self.event_errors_total(),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {value}");
+        }
+        out
+    }
+}
+
+/// Emits one Event per distinct diagnostic.
+pub struct PolicyEvents {
+    client: Client,
+    instance: String,
+    /// Policy versions counted invalid (every replica counts what it sees).
+    counted_invalid: BTreeSet<(PolicyKey, String, i64)>,
+    /// Normalized-value diagnostics counted.
+    counted_normalized: BTreeSet<DiagnosticId>,
+    /// Diagnostics whose Event exists.
+    emitted: BTreeSet<DiagnosticId>,
+    metrics: Arc<PolicyEventMetrics>,
+}
+
+impl PolicyEvents {
+    /// `instance` is the `reportingInstance` (the pod name; at most 128 bytes are used).
+    pub fn new(client: Client, instance: impl Into<String>) -> Self {
+        let mut instance = instance.into();
+        truncate_at_char(&mut instance, 128);
+        Self {
+            client,
+            instance,
+            counted_invalid: BTreeSet::new(),
+            counted_normalized: BTreeSet::new(),
+            emitted: BTreeSet::new(),
+            metrics: Arc::default(),
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<PolicyEventMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Takes the current diagnostics: counts new ones, and with `emit` creates the Events not
+    /// created yet. Diagnostics that disappeared are forgotten (if they come back with a new
+    /// generation, they are new). Returns the number of Events that could not be created.
+    pub async fn sync(&mut self, current: &[ReportedDiagnostic], emit: bool) -> usize {
+        let ids: Vec<(DiagnosticId, &ReportedDiagnostic)> =
+            current.iter().map(|r| (DiagnosticId::of(r), r)).collect();
+        let live: BTreeSet<&DiagnosticId> = ids.iter().map(|(id, _)| id).collect();
+        self.emitted.retain(|id| live.contains(id));
+        self.count(&ids);
+        if !emit {
+            return 0;
+        }
+        let mut failed = 0;
+        for (id, report) in ids {
+            if self.emitted.contains(&id) {
+                continue;
+            }
+            match self.create(&id, report).await {
+                Ok(()) => {
+                    self.metrics
+                        .events_emitted_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.emitted.insert(id);
+                }
+                Err(e) => {
+                    failed += 1;
+                    self.metrics
+                        .event_errors_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(policy = %id.policy, error = %e, "creating a policy Event");
+                }
+            }
+        }
+        failed
+    }
+
+    /// Updates the counters: new invalid policy versions, new normalized values, and the
+    /// number of policies invalid now.
+    fn count(&mut self, ids: &[(DiagnosticId, &ReportedDiagnostic)]) {
+        let invalid: BTreeSet<(PolicyKey, String, i64)> = ids
+            .iter()
+            .filter(|(id, _)| id.severity == 0)
+            .map(|(id, _)| (id.policy.clone(), id.uid.clone(), id.generation))
+            .collect();
+        let new_invalid = invalid.difference(&self.counted_invalid).count();
+        self.metrics
+            .invalid_policies_total
+            .fetch_add(new_invalid as u64, Ordering::Relaxed);
+        self.metrics
+            .invalid_policies
+            .store(invalid.len() as u64, Ordering::Relaxed);
+        self.counted_invalid = invalid;
+        let normalized: BTreeSet<DiagnosticId> = ids
+            .iter()
+            .filter(|(id, _)| id.severity != 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let new_normalized = normalized.difference(&self.counted_normalized).count();
+        self.metrics
+            .normalized_values_total
+            .fetch_add(new_normalized as u64, Ordering::Relaxed);
+        self.counted_normalized = normalized;
+    }
+
+    async fn create(&self, id: &DiagnosticId, report: &ReportedDiagnostic) -> kube::Result<()> {
+        let event = self.event(id, report);
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &id.policy.namespace);
+        match api.create(&PostParams::default(), &event).await {
+            Ok(_) => {
+                debug!(policy = %id.policy, field = %id.field, "policy Event created");
+                Ok(())
+            }
+            // Another replica (or this one before a restart) created it.
+            Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn event(&self, id: &DiagnosticId, report: &ReportedDiagnostic) -> Event {
+        let d = &report.diagnostic;
+        let (reason, consequence) = match d.severity {
+            Severity::Error => (
+                INVALID_POLICY_REASON,
+                "the policy fails closed: it isolates the pods it selects and allows nothing",
+            ),
+            Severity::Warning => (NORMALIZED_POLICY_REASON, "the normalized value applies"),
+        };
+        let mut note = format!("{}: {}; {consequence}", d.field, d.problem);
+        truncate_at_char(&mut note, NOTE_LIMIT);
+        // Object names are at most 253 characters; keep room for the suffix.
+        let mut prefix = id.policy.name.clone();
+        truncate_at_char(&mut prefix, 253 - 17);
+        Event {
+            metadata: ObjectMeta {
+                name: Some(format!("{prefix}.{:016x}", id.digest())),
+                namespace: Some(id.policy.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(Timestamp::now())),
+            type_: Some("Warning".into()),
+            reason: Some(reason.into()),
+            action: Some(VALIDATE_ACTION.into()),
+            note: Some(note),
+            regarding: Some(ObjectReference {
+                api_version: Some("networking.k8s.io/v1".into()),
+                kind: Some("NetworkPolicy".into()),
+                namespace: Some(id.policy.namespace.clone()),
+                name: Some(id.policy.name.clone()),
+                uid: report.object.uid.clone(),
+                ..ObjectReference::default()
+            }),
+            reporting_controller: Some(REPORTING_CONTROLLER.into()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Event::default()
+        }
+    }
+}
+
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+/// How long to wait before retrying Events that could not be created.
+const RETRY_FAILED_EVENTS: Duration = Duration::from_secs(30);
+
+/// Emits Events for the diagnostics published on `diagnostics` while this replica leads
+/// (followers only count). Ends when the sender is dropped.
+pub async fn run_policy_events(
+    mut events: PolicyEvents,
+    mut diagnostics: watch::Receiver<Vec<ReportedDiagnostic>>,
+    mut leadership: Leadership,
+) {
+    // A fixed leadership (or an elector that is gone) never changes again.
+    let mut elector_alive = true;
+    loop {
+        let current = diagnostics.borrow_and_update().clone();
+        let failed = events.sync(&current, leadership.is_leader()).await;
+        tokio::select! {
+            r = diagnostics.changed() => if r.is_err() { return },
+            alive = leadership.changed(), if elector_alive => elector_alive = alive,
+            _ = tokio::time::sleep(RETRY_FAILED_EVENTS), if failed > 0 => {}
+        }
+    }
+}

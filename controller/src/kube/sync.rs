@@ -1,0 +1,262 @@
+//! From watcher events to [`Change`]s, and the gate that keeps the controller from publishing
+//! before it has seen the whole cluster.
+//!
+//! # Relists and missed deletions
+//!
+//! A watch that falls out of the API server's history (`410 Gone`) or a restarted controller
+//! lists the kind again: [`Event::Init`], one [`Event::InitApply`] per object, then
+//! [`Event::InitDone`]. Objects deleted while the watch was down are simply absent from the
+//! list — no deletion event will ever come for them. So every kind keeps the keys (and
+//! `resourceVersion`s) it has passed on; an object listed with an unchanged
+//! `resourceVersion` is not passed on again, and at `InitDone` every known key that the list
+//! did not contain becomes a [`Change::Delete`].
+//!
+//! Listed objects are passed on as they arrive (not held back until `InitDone`): until the
+//! deletions at `InitDone`, the store holds the old objects next to the new ones, which is
+//! the same as a watch that is a little behind and never loses a policy mid-relist.
+//!
+//! # The first compile
+//!
+//! A compile over a partial cluster would publish states without some policies — pods would
+//! be open until the rest arrived. So nothing is compiled (and nothing published) until the
+//! initial list of every kind is complete ([`ClusterSync::is_synced`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use kube::runtime::watcher::Event;
+use tracing::{debug, info};
+
+use super::watch::{Kind, KindEvent};
+use crate::{
+    PolicyKey,
+    events::ReportedDiagnostic,
+    run::Controller,
+    source::{Change, Object, ObjectKey},
+};
+
+/// What we passed on about one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Known {
+    resource_version: String,
+}
+
+/// Identity of a NetworkPolicy object (for Events about it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyObjectRef {
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
+}
+
+/// One kind's view: keys passed on, and the keys seen by a relist in progress.
+#[derive(Debug, Default)]
+struct KindTracker {
+    known: HashMap<ObjectKey, Known>,
+    /// Keys seen since the last `Init`; `Some` while a (re)list is in progress.
+    relisting: Option<HashSet<ObjectKey>>,
+    /// The initial list completed at least once.
+    synced: bool,
+}
+
+impl KindTracker {
+    fn on_event(&mut self, event: Event<Object>, out: &mut Vec<Change>) {
+        match event {
+            Event::Init => self.relisting = Some(HashSet::new()),
+            Event::InitApply(o) => {
+                let key = o.key();
+                if let Some(seen) = &mut self.relisting {
+                    seen.insert(key);
+                }
+                self.upsert(o, out);
+            }
+            Event::InitDone => {
+                let seen = self.relisting.take().unwrap_or_default();
+                let gone: Vec<ObjectKey> = self
+                    .known
+                    .keys()
+                    .filter(|k| !seen.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    debug!(%key, "gone while unwatched");
+                    self.known.remove(&key);
+                    out.push(Change::Delete(key));
+                }
+                self.synced = true;
+            }
+            Event::Apply(o) => self.upsert(o, out),
+            Event::Delete(o) => {
+                let key = o.key();
+                self.known.remove(&key);
+                out.push(Change::Delete(key));
+            }
+        }
+    }
+
+    fn upsert(&mut self, o: Object, out: &mut Vec<Change>) {
+        let key = o.key();
+        let resource_version = meta(&o).resource_version.clone().unwrap_or_default();
+        let known = Known { resource_version };
+        // Same key, same non-empty version: the very object we already passed on.
+        if !known.resource_version.is_empty() && self.known.get(&key) == Some(&known) {
+            return;
+        }
+        self.known.insert(key, known);
+        out.push(Change::Upsert(Box::new(o)));
+    }
+}
+
+fn meta(o: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    match o {
+        Object::Namespace(o) => &o.metadata,
+        Object::Pod(o) => &o.metadata,
+        Object::Node(o) => &o.metadata,
+        Object::NetworkPolicy(o) => &o.metadata,
+    }
+}
+
+/// What one [`ClusterSync::flush`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flushed {
+    /// Changes applied to the store.
+    pub changes: usize,
+    /// Node versions after the compile; `None` if nothing was compiled (not yet synced).
+    pub versions: Option<BTreeMap<String, u64>>,
+}
+
+/// Feeds a [`Controller`] from watcher events: turns them into changes, remembers what it
+/// passed on (for relists), and compiles only once every kind completed its initial list.
+pub struct ClusterSync {
+    controller: Controller,
+    trackers: [KindTracker; 4],
+    pending: Vec<Change>,
+    policy_refs: BTreeMap<PolicyKey, PolicyObjectRef>,
+    compiled_once: bool,
+}
+
+impl ClusterSync {
+    pub fn new(controller: Controller) -> Self {
+        Self {
+            controller,
+            trackers: Default::default(),
+            pending: Vec::new(),
+            policy_refs: BTreeMap::new(),
+            compiled_once: false,
+        }
+    }
+
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// Takes in one event; its changes wait for [`Self::flush`].
+    pub fn observe(&mut self, event: KindEvent) {
+        if event.kind == Kind::NetworkPolicy {
+            self.track_policy_ref(&event.event);
+        }
+        let tracker = &mut self.trackers[event.kind.index()];
+        let was_synced = tracker.synced;
+        tracker.on_event(event.event, &mut self.pending);
+        if !was_synced && tracker.synced {
+            info!(kind = %event.kind, objects = tracker.known.len(), "initial list complete");
+        }
+    }
+
+    /// Changes waiting for the next flush.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The changes waiting for the next flush, in order.
+    pub fn pending_changes(&self) -> &[Change] {
+        &self.pending
+    }
+
+    /// True once the initial list of every kind has completed.
+    pub fn is_synced(&self) -> bool {
+        self.trackers.iter().all(|t| t.synced)
+    }
+
+    /// Whether `kind` completed its initial list.
+    pub fn kind_synced(&self, kind: Kind) -> bool {
+        self.trackers[kind.index()].synced
+    }
+
+    /// Applies pending changes; once synced, compiles and publishes what changed (the first
+    /// time even without pending changes, so an empty cluster gets its node states).
+    pub fn flush(&mut self) -> Flushed {
+        let changes = std::mem::take(&mut self.pending);
+        let count = changes.len();
+        if !changes.is_empty() {
+            self.controller.apply(changes);
+        }
+        let versions = if self.is_synced() && (count > 0 || !self.compiled_once) {
+            if !self.compiled_once {
+                info!("initial lists complete: compiling and publishing");
+            }
+            self.compiled_once = true;
+            Some(self.controller.recompute())
+        } else {
+            None
+        };
+        Flushed {
+            changes: count,
+            versions,
+        }
+    }
+
+    /// Every diagnostic of every stored policy, with the policy object's identity.
+    pub fn reported_diagnostics(&self) -> Vec<ReportedDiagnostic> {
+        self.controller
+            .cluster()
+            .diagnostics()
+            .map(|d| ReportedDiagnostic {
+                object: self.policy_refs.get(&d.policy).cloned().unwrap_or_default(),
+                diagnostic: d.clone(),
+            })
+            .collect()
+    }
+
+    /// The object identity (uid, generation) of a stored NetworkPolicy, for Events.
+    pub fn policy_ref(&self, key: &PolicyKey) -> Option<&PolicyObjectRef> {
+        self.policy_refs.get(key)
+    }
+
+    fn track_policy_ref(&mut self, event: &Event<Object>) {
+        let key_of = |o: &Object| {
+            let k = o.key();
+            PolicyKey::new(k.namespace, k.name)
+        };
+        match event {
+            Event::Apply(o) | Event::InitApply(o) => {
+                let m = meta(o);
+                self.policy_refs.insert(
+                    key_of(o),
+                    PolicyObjectRef {
+                        uid: m.uid.clone(),
+                        generation: m.generation,
+                    },
+                );
+            }
+            Event::Delete(o) => {
+                self.policy_refs.remove(&key_of(o));
+            }
+            Event::Init => {}
+            Event::InitDone => {
+                let known = &self.trackers[Kind::NetworkPolicy.index()].known;
+                // Runs before the tracker drops the keys the relist did not see; drop those
+                // that are not in the relist either.
+                let relisted = self.trackers[Kind::NetworkPolicy.index()]
+                    .relisting
+                    .as_ref();
+                self.policy_refs.retain(|k, _| {
+                    let key = ObjectKey {
+                        kind: Kind::NetworkPolicy.as_str(),
+                        namespace: k.namespace.clone(),
+                        name: k.name.clone(),
+                    };
+                    relisted.map_or(known.contains_key(&key), |seen| seen.contains(&key))
+                });
+            }
+        }
+    }
+}

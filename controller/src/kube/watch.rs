@@ -1,0 +1,306 @@
+//! Watches of the four kinds the compiler reads, merged into one stream of [`KindEvent`]s.
+//!
+//! Each kind is a kube-runtime [`watcher`] (list, then watch from the list's
+//! `resourceVersion`; on a dropped connection it re-watches from the last version it saw,
+//! bookmarks included; on `410 Gone` it lists again, announced by [`Event::Init`]), with
+//! kube-runtime's default backoff on errors (0.8s doubling to 30s with jitter, reset after
+//! two quiet minutes, as client-go's reflector) so a slow or failing API server is not
+//! hammered. Errors are logged and never end the stream.
+//!
+//! # Memory
+//!
+//! The controller keeps no API objects: the typed [`crate::Cluster`] stores only what policy
+//! needs. Objects are still slimmed as they arrive ([`slim_pod`] and friends), so the
+//! batches between two compiles stay small:
+//!
+//! * Pods are watched with the field selector [`POD_FIELD_SELECTOR`]: host-network pods and
+//!   terminal pods (phase Succeeded or Failed) are neither endpoints nor peers
+//!   (see [`crate::cluster`]), so the API server does not send them at all. A pod that
+//!   becomes terminal leaves the selection, which the API server reports as a deletion
+//!   (<https://kubernetes.io/docs/concepts/overview/working-with-objects/field-selectors/>,
+//!   selectable pod fields: `spec.hostNetwork`, `status.phase`). Of the rest only name,
+//!   namespace, labels, node, IPs, phase and container ports are kept.
+//! * All objects lose `managedFields` and annotations (`kubectl`'s last-applied copy of the
+//!   object is often its largest part); Nodes also lose their image list.
+//!
+//! A metadata-only watch would be cheaper still, but pods' IPs, node and ports are in spec
+//! and status.
+
+use std::{fmt, time::Duration};
+
+use futures::{Stream, StreamExt, stream::BoxStream};
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt,
+        watcher::{self, Event},
+    },
+};
+use tracing::warn;
+
+use crate::source::Object;
+
+/// The kinds the compiler reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Node,
+    NetworkPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Pod, Kind::Node, Kind::NetworkPolicy];
+
+    /// The kind's name, as in [`crate::source::ObjectKey::kind`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Node => "Node",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Kind::Namespace => 0,
+            Kind::Pod => 1,
+            Kind::Node => 2,
+            Kind::NetworkPolicy => 3,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One watcher event of one kind, objects already wrapped and slimmed.
+#[derive(Debug)]
+pub struct KindEvent {
+    pub kind: Kind,
+    pub event: Event<Object>,
+}
+
+/// Server-side filter of the pod watch: no host-network pods, no terminal pods.
+pub const POD_FIELD_SELECTOR: &str =
+    "spec.hostNetwork=false,status.phase!=Succeeded,status.phase!=Failed";
+
+/// How the watches are made.
+#[derive(Clone, Debug)]
+pub struct WatchOptions {
+    /// Server-side timeout of each watch request (the watcher re-watches after it). Also
+    /// bounds how long a silently dead connection goes unnoticed (plus 5 s).
+    pub watch_timeout: Duration,
+    /// Objects per page of a list.
+    pub page_size: u32,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        Self {
+            // client-go's reflector picks 5–10 minutes; kube-runtime's default is 290 s.
+            watch_timeout: Duration::from_secs(290),
+            page_size: 500,
+        }
+    }
+}
+
+/// The merged watches of Namespaces, Pods, Nodes and NetworkPolicies (all namespaces).
+/// Never ends; errors are logged and retried with backoff.
+pub fn watch_cluster(
+    client: Client,
+    opts: &WatchOptions,
+) -> impl Stream<Item = KindEvent> + Send + use<> {
+    let config = watcher::Config::default()
+        .timeout(u32::try_from(opts.watch_timeout.as_secs()).unwrap_or(290))
+        .page_size(opts.page_size);
+    let streams: Vec<BoxStream<'static, KindEvent>> = vec![
+        kind_stream(
+            Kind::Namespace,
+            Api::<Namespace>::all(client.clone()),
+            config.clone(),
+            |o| Object::Namespace(slim_namespace(o)),
+        ),
+        kind_stream(
+            Kind::Pod,
+            Api::<Pod>::all(client.clone()),
+            config.clone().fields(POD_FIELD_SELECTOR),
+            |o| Object::Pod(slim_pod(o)),
+        ),
+        kind_stream(
+            Kind::Node,
+            Api::<Node>::all(client.clone()),
+            config.clone(),
+            |o| Object::Node(slim_node(o)),
+        ),
+        kind_stream(
+            Kind::NetworkPolicy,
+            Api::<NetworkPolicy>::all(client),
+            config,
+            |o| Object::NetworkPolicy(slim_policy(o)),
+        ),
+    ];
+    futures::stream::select_all(streams)
+}
+
+fn kind_stream<K>(
+    kind: Kind,
+    api: Api<K>,
+    config: watcher::Config,
+    wrap: fn(K) -> Object,
+) -> BoxStream<'static, KindEvent>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .filter_map(move |item| async move {
+            match item {
+                Ok(event) => Some(KindEvent {
+                    kind,
+                    event: map_event(event, wrap),
+                }),
+                Err(e) => {
+                    warn!(%kind, error = %e, "watch failed; retrying with backoff");
+                    None
+                }
+            }
+        })
+        .boxed()
+}
+
+fn map_event<K>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
+    match event {
+        Event::Apply(o) => Event::Apply(wrap(o)),
+        Event::Delete(o) => Event::Delete(wrap(o)),
+        Event::Init => Event::Init,
+        Event::InitApply(o) => Event::InitApply(wrap(o)),
+        Event::InitDone => Event::InitDone,
+    }
+}
+
+/// The metadata every kind keeps: identity, version, labels.
+fn slim_meta(meta: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        generation: meta.generation,
+        labels: meta.labels,
+        ..ObjectMeta::default()
+    }
+}
+
+pub fn slim_namespace(ns: Namespace) -> Namespace {
+    Namespace {
+        metadata: slim_meta(ns.metadata),
+        ..Namespace::default()
+    }
+}
+
+/// What [`crate::cluster::PodInfo::from_pod`] reads: labels, node, host network, phase, IPs,
+/// and the named ports of containers and restartable init containers (sidecars).
+pub fn slim_pod(pod: Pod) -> Pod {
+    let container = |c: Container| Container {
+        name: c.name,
+        ports: c.ports,
+        restart_policy: c.restart_policy,
+        ..Container::default()
+    };
+    Pod {
+        metadata: slim_meta(pod.metadata),
+        spec: pod.spec.map(|s| PodSpec {
+            node_name: s.node_name,
+            host_network: s.host_network,
+            containers: s.containers.into_iter().map(container).collect(),
+            init_containers: s.init_containers.map(|cs| {
+                cs.into_iter()
+                    .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+                    .map(container)
+                    .collect()
+            }),
+            ..PodSpec::default()
+        }),
+        status: pod.status.map(|s| PodStatus {
+            phase: s.phase,
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            ..PodStatus::default()
+        }),
+    }
+}
+
+/// Nodes keep spec (pod CIDRs, taints) and status addresses; the image list, volume lists
+/// and conditions go.
+pub fn slim_node(node: Node) -> Node {
+    Node {
+        metadata: slim_meta(node.metadata),
+        spec: node.spec,
+        status: node.status.map(|s| NodeStatus {
+            addresses: s.addresses,
+            daemon_endpoints: s.daemon_endpoints,
+            node_info: s.node_info,
+            ..NodeStatus::default()
+        }),
+    }
+}
+
+pub fn slim_policy(np: NetworkPolicy) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: slim_meta(np.metadata),
+        spec: np.spec,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slim_pod_keeps_what_the_compiler_reads() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "prod", "uid": "u1", "resourceVersion": "7",
+                "labels": {"app": "web"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                "managedFields": [{"manager": "kubectl"}],
+            },
+            "spec": {
+                "nodeName": "node-1",
+                "containers": [{"name": "c", "image": "nginx", "env": [{"name": "A", "value": "b"}],
+                                "ports": [{"name": "http", "containerPort": 80}]}],
+                "initContainers": [
+                    {"name": "setup", "image": "busybox"},
+                    {"name": "proxy", "image": "envoy", "restartPolicy": "Always",
+                     "ports": [{"name": "admin", "containerPort": 9901}]},
+                ],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+            },
+            "status": {"phase": "Running", "podIP": "10.0.0.2", "podIPs": [{"ip": "10.0.0.2"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        let before = crate::PodInfo::from_pod(&pod).unwrap();
+        let slim = slim_pod(pod);
+        assert_eq!(crate::PodInfo::from_pod(&slim).unwrap(), before);
+        assert!(slim.metadata.annotations.is_none());
+        assert!(slim.metadata.managed_fields.is_none());
+        let spec = slim.spec.unwrap();
+        assert!(spec.volumes.is_none());
+        assert_eq!(spec.containers[0].image, None);
+        assert_eq!(spec.init_containers.unwrap().len(), 1, "only the sidecar");
+        assert!(slim.status.unwrap().conditions.is_none());
+    }
+}

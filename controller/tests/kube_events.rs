@@ -1,0 +1,188 @@
+//! Kubernetes Events for invalid NetworkPolicies: one Warning per distinct diagnostic,
+//! emitted by the leader only, counted in the metrics.
+
+mod kube_support;
+
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use kube_support::*;
+use serde_json::{Value, json};
+use weir_controller::{
+    events::{INVALID_POLICY_REASON, PolicyEvents, REPORTING_CONTROLLER, ReportedDiagnostic},
+    kube::{ClusterSync, WatchOptions, watch_cluster},
+    run::Controller,
+};
+use weir_transport::StatePublisher;
+
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/prod/events";
+
+fn bad_cidr_policy(rv: &str, generation: i64) -> Value {
+    let mut p = policy(
+        "prod",
+        "bad",
+        rv,
+        json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}),
+    );
+    p["metadata"]["generation"] = json!(generation);
+    p
+}
+
+/// The diagnostics the controller reports after syncing a cluster with these policies.
+async fn diagnostics_of(policies: Vec<Value>) -> Vec<ReportedDiagnostic> {
+    let api = FakeApi::start(
+        Script::new()
+            .on(NAMESPACES, [list("1", vec![namespace("prod", "1")])])
+            .on(NODES, [list("1", vec![node("node-1", "1")])])
+            .on(PODS, [list("1", vec![])])
+            .on(POLICIES, [list("1", policies)]),
+    );
+    let mut sync = ClusterSync::new(Controller::new(StatePublisher::new()));
+    let mut events = Box::pin(watch_cluster(api.client(), &WatchOptions::default()));
+    while let Ok(Some(e)) = tokio::time::timeout(QUIET, events.next()).await {
+        sync.observe(e);
+    }
+    assert!(sync.flush().versions.is_some());
+    sync.reported_diagnostics()
+}
+
+/// An events API that records creates and answers with `code`.
+fn events_api(code: u16) -> (kube::Client, Arc<Mutex<Vec<Seen>>>) {
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let log = created.clone();
+    let (client, _task) = handler_client(move |seen| {
+        log.lock().unwrap().push(seen.clone());
+        Some(if code == 201 {
+            json_response(201, seen.body.as_ref().unwrap())
+        } else {
+            json_response(code, &status(code, "AlreadyExists", "exists"))
+        })
+    });
+    (client, created)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_policy_yields_exactly_one_warning_event() {
+    let diagnostics = diagnostics_of(vec![bad_cidr_policy("5", 1)]).await;
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    let (client, created) = events_api(201);
+    let mut events = PolicyEvents::new(client, "weir-controller-abc");
+
+    assert_eq!(events.sync(&diagnostics, true).await, 0);
+    // Recompiles report the same diagnostic again: no new Event.
+    assert_eq!(events.sync(&diagnostics, true).await, 0);
+    assert_eq!(events.sync(&diagnostics, true).await, 0);
+
+    let created = created.lock().unwrap().clone();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    let request = &created[0];
+    assert_eq!(
+        (request.method.as_str(), request.path.as_str()),
+        ("POST", EVENTS)
+    );
+    let event = request.body.as_ref().unwrap();
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], INVALID_POLICY_REASON);
+    assert_eq!(event["reportingController"], REPORTING_CONTROLLER);
+    assert_eq!(event["reportingInstance"], "weir-controller-abc");
+    assert!(event["eventTime"].is_string());
+    assert!(event["action"].as_str().is_some_and(|a| !a.is_empty()));
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR \"10.0.0.0/33\""),
+        "the note names the field: {note}"
+    );
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "namespace": "prod", "name": "bad", "uid": "uid-np-bad"})
+    );
+    assert_eq!(event["metadata"]["namespace"], "prod");
+    assert!(
+        event["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("bad.")
+    );
+
+    let metrics = events.metrics();
+    assert_eq!(metrics.invalid_policies_total(), 1);
+    assert_eq!(metrics.events_emitted_total(), 1);
+    assert_eq!(metrics.invalid_policies(), 1);
+    let text = metrics.render();
+    assert!(
+        text.contains("\nweir_controller_invalid_policies_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nweir_controller_invalid_policies 1\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_count_without_emitting_and_existing_events_are_not_duplicated() {
+    let diagnostics = diagnostics_of(vec![bad_cidr_policy("5", 1)]).await;
+    // The previous leader already created the Event: the API answers 409.
+    let (client, created) = events_api(409);
+    let mut events = PolicyEvents::new(client, "replica-2");
+
+    events.sync(&diagnostics, false).await;
+    assert!(
+        created.lock().unwrap().is_empty(),
+        "a follower emits nothing"
+    );
+    assert_eq!(events.metrics().invalid_policies_total(), 1, "but counts");
+
+    assert_eq!(
+        events.sync(&diagnostics, true).await,
+        0,
+        "409 means it exists"
+    );
+    events.sync(&diagnostics, true).await;
+    assert_eq!(created.lock().unwrap().len(), 1, "and is not retried");
+    assert_eq!(events.metrics().invalid_policies_total(), 1, "counted once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_edit_that_keeps_the_mistake_is_reported_again_and_failures_are_retried() {
+    let first = diagnostics_of(vec![bad_cidr_policy("5", 1)]).await;
+    let edited = diagnostics_of(vec![bad_cidr_policy("9", 2)]).await;
+    let failures = Arc::new(Mutex::new(1));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (client, _task) = {
+        let (failures, log) = (failures.clone(), log.clone());
+        handler_client(move |seen| {
+            log.lock()
+                .unwrap()
+                .push(seen.body.clone().unwrap()["metadata"]["name"].clone());
+            let mut left = failures.lock().unwrap();
+            Some(if *left > 0 {
+                *left -= 1;
+                json_response(500, &status(500, "InternalError", "etcd timeout"))
+            } else {
+                json_response(201, seen.body.as_ref().unwrap())
+            })
+        })
+    };
+    let mut events = PolicyEvents::new(client, "replica-1");
+    assert_eq!(events.sync(&first, true).await, 1, "the API failed once");
+    assert_eq!(events.sync(&first, true).await, 0, "retried");
+    assert_eq!(events.sync(&edited, true).await, 0);
+    let names = log.lock().unwrap().clone();
+    assert_eq!(names.len(), 3);
+    assert_eq!(names[0], names[1], "the retry creates the same Event");
+    assert_ne!(names[1], names[2], "a new generation is a new Event");
+    assert_eq!(events.metrics().event_errors_total(), 1);
+    assert_eq!(
+        events.metrics().invalid_policies_total(),
+        2,
+        "two generations"
+    );
+    assert_eq!(events.metrics().invalid_policies(), 1, "one policy");
+
+    // Fixed: nothing is invalid any more.
+    events.sync(&[], true).await;
+    assert_eq!(events.metrics().invalid_policies(), 0);
+    assert_eq!(log.lock().unwrap().len(), 3, "no Event for a fix");
+}

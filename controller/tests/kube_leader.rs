@@ -1,0 +1,365 @@
+//! Leader election on a Lease served by a mocked API server with optimistic concurrency,
+//! and serving agents only while leading.
+//!
+//! Election tests run in paused time: the 15 s / 10 s / 2 s timing plays out in virtual
+//! seconds, so the assertions can be about exact deadlines without real sleeps.
+
+mod kube_support;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use kube_support::*;
+use tokio::{
+    sync::oneshot,
+    task::JoinHandle,
+    time::{Instant, sleep, timeout},
+};
+use weir_api::NodeState;
+use weir_controller::{
+    kube::{AgentServing, serve_agents_while_leading},
+    leader::{LeaderElector, Leadership, LeaseConfig},
+};
+use weir_transport::{ClientTls, ClusterCa, NodeStateServer, ServerTls, StatePublisher, connect};
+
+struct Candidate {
+    leadership: Leadership,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Candidate {
+    fn start(leases: &FakeLeases, identity: &str) -> Self {
+        Self::start_with(
+            leases,
+            LeaseConfig::new("weir-system", "weir-controller", identity),
+        )
+    }
+
+    fn start_with(leases: &FakeLeases, config: LeaseConfig) -> Self {
+        let (elector, leadership) = LeaderElector::new(leases.client(), config).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(elector.run(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            leadership,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn becomes_leader_within(&mut self, limit: Duration) {
+        timeout(limit, self.leadership.wait_for(true))
+            .await
+            .expect("should lead by now");
+    }
+
+    /// Graceful shutdown: steps down and releases.
+    async fn shut_down(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+        assert!(!self.leadership.is_leader());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_free_lease_is_acquired_and_renewed() {
+    let leases = FakeLeases::new();
+    let mut a = Candidate::start(&leases, "a");
+    a.becomes_leader_within(Duration::from_secs(1)).await;
+    let first = &leases.writes()[0];
+    assert_eq!(
+        (
+            first.method.as_str(),
+            first.holder.as_deref(),
+            first.transitions,
+            first.duration
+        ),
+        ("POST", Some("a"), Some(0), Some(15)),
+        "created the lease"
+    );
+
+    sleep(Duration::from_secs(7)).await;
+    let renewals: Vec<_> = leases.writes().into_iter().skip(1).collect();
+    assert_eq!(
+        renewals.len(),
+        3,
+        "one renewal per retry period: {renewals:?}"
+    );
+    assert!(renewals.iter().all(|w| w.method == "PUT"
+        && w.holder.as_deref() == Some("a")
+        && w.transitions == Some(0)));
+    assert!(a.leadership.is_leader());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_held_by_a_live_leader_is_respected() {
+    let leases = FakeLeases::held_by("other", 0);
+    let a = Candidate::start(&leases, "a");
+    // The other leader renews every 2 s for a minute.
+    for _ in 0..30 {
+        sleep(Duration::from_secs(2)).await;
+        leases.write_as("other", 0);
+        assert!(!a.leadership.is_leader());
+    }
+    assert!(
+        leases.writes().is_empty(),
+        "never wrote: {:?}",
+        leases.writes()
+    );
+    assert_eq!(leases.holder().as_deref(), Some("other"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_is_taken_over_only_after_the_lease_duration() {
+    let leases = FakeLeases::held_by("crashed", 3);
+    let started = Instant::now();
+    let mut a = Candidate::start(&leases, "a");
+    sleep(Duration::from_secs(14)).await;
+    assert!(
+        !a.leadership.is_leader(),
+        "14 s of an unchanged record is not 15"
+    );
+    assert!(leases.writes().is_empty());
+
+    a.becomes_leader_within(Duration::from_secs(10)).await;
+    assert!(started.elapsed() >= Duration::from_secs(15));
+    let takeover = leases.writes().last().cloned().unwrap();
+    assert_eq!(
+        takeover.method, "PUT",
+        "an update with the read resourceVersion"
+    );
+    assert_eq!(takeover.holder.as_deref(), Some("a"));
+    assert_eq!(
+        takeover.transitions,
+        Some(4),
+        "a new holder is a transition"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_conflicting_update_ends_leadership_at_once() {
+    let leases = FakeLeases::new();
+    let mut a = Candidate::start(&leases, "a");
+    a.becomes_leader_within(Duration::from_secs(1)).await;
+
+    // Someone writes the lease just before our next renewal: our update conflicts, and the
+    // re-read shows another holder.
+    leases.steal_on_next_update("usurper");
+    let before = Instant::now();
+    timeout(Duration::from_secs(3), a.leadership.wait_for(false))
+        .await
+        .expect("stepped down at the first renewal, not at the renew deadline");
+    assert!(before.elapsed() <= Duration::from_secs(3));
+    assert_eq!(leases.holder().as_deref(), Some("usurper"));
+
+    // And it respects the new holder's lease from then on.
+    sleep(Duration::from_secs(12)).await;
+    assert!(!a.leadership.is_leader());
+    assert_eq!(leases.holder().as_deref(), Some("usurper"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_cut_off_from_the_api_server_steps_down_within_the_renew_deadline() {
+    let leases = FakeLeases::new();
+    let mut a = Candidate::start(&leases, "a");
+    a.becomes_leader_within(Duration::from_secs(1)).await;
+    let acquired = Instant::now();
+    leases.set_unreachable(true);
+    timeout(Duration::from_secs(11), a.leadership.wait_for(false))
+        .await
+        .expect("stepped down");
+    let led = acquired.elapsed();
+    assert!(
+        led >= Duration::from_secs(9) && led <= Duration::from_secs(10),
+        "stepped down {led:?} after the last renewal: at the 10 s renew deadline, well \
+         before the 15 s after which others may take over"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn leadership_hands_over_when_the_leader_shuts_down() {
+    let leases = FakeLeases::new();
+    let mut a = Candidate::start(&leases, "a");
+    a.becomes_leader_within(Duration::from_secs(1)).await;
+    let mut b = Candidate::start(&leases, "b");
+    sleep(Duration::from_secs(30)).await;
+    assert!(a.leadership.is_leader() && !b.leadership.is_leader());
+
+    a.shut_down().await;
+    let released = leases.spec().unwrap();
+    assert!(released["holderIdentity"].is_null(), "released: {released}");
+    assert_eq!(released["leaseDurationSeconds"], 1);
+
+    // A released lease is free at once: b takes it at its next retry (≤ 2 s × 2.2).
+    b.becomes_leader_within(Duration::from_millis(4500)).await;
+    let spec = leases.spec().unwrap();
+    assert_eq!(spec["holderIdentity"], "b");
+    assert_eq!(spec["leaseTransitions"], 1);
+    b.shut_down().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
+    let leases = FakeLeases::new();
+    let mut a = Candidate::start(&leases, "a");
+    a.becomes_leader_within(Duration::from_secs(1)).await;
+    let mut b = Candidate::start(&leases, "b");
+    sleep(Duration::from_secs(5)).await;
+
+    a.task.abort(); // no release
+    sleep(Duration::from_secs(12)).await;
+    assert!(
+        !b.leadership.is_leader(),
+        "the crashed leader's lease is still valid"
+    );
+    b.becomes_leader_within(Duration::from_secs(10)).await;
+    assert_eq!(leases.holder().as_deref(), Some("b"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_timing_is_refused() {
+    let leases = FakeLeases::new();
+    let mut config = LeaseConfig::new("weir-system", "weir-controller", "a");
+    config.renew_deadline = Duration::from_secs(20);
+    assert!(LeaderElector::new(leases.client(), config).is_err());
+}
+
+// ------------------------------------------------------------------ serving while leading
+
+fn free_loopback_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Real time and real TLS on loopback: the agent server runs only during leadership.
+#[tokio::test]
+async fn a_leader_that_loses_the_lease_stops_serving_agents() {
+    let ca = Arc::new(ClusterCa::generate("test CA").unwrap());
+    let cert = ca
+        .issue_controller_cert(&["localhost"], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let tls = ServerTls::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+    let node_cert = ca.issue_node_cert("node-a").unwrap();
+    let agent_tls = ClientTls::new(ca.cert_pem(), "localhost")
+        .unwrap()
+        .with_identity(&node_cert.cert_pem, &node_cert.key_pem)
+        .unwrap();
+    let publisher = StatePublisher::new();
+    publisher
+        .publish("node-a", 1, Arc::new(NodeState::default()))
+        .unwrap();
+
+    let leases = FakeLeases::new();
+    let mut config = LeaseConfig::new("weir-system", "weir-controller", "a");
+    config.lease_duration = Duration::from_millis(1500);
+    config.renew_deadline = Duration::from_millis(1000);
+    config.retry_period = Duration::from_millis(100);
+    let mut a = Candidate::start_with(&leases, config);
+    let addr = free_loopback_port();
+    let serving = AgentServing {
+        listen: addr,
+        server: NodeStateServer::new(publisher.clone()),
+        tls,
+        label: None,
+    };
+    tokio::spawn(serve_agents_while_leading(serving, a.leadership.clone()));
+    a.becomes_leader_within(Duration::from_secs(5)).await;
+
+    let endpoint = format!("https://{addr}");
+    let mut updates = None;
+    for _ in 0..50 {
+        if let Ok(client) = connect(&endpoint, &agent_tls).await
+            && let Ok(stream) = client.watch("node-a", None).await
+        {
+            updates = Some(stream);
+            break;
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    let mut updates = updates.expect("the leader serves agents");
+    assert!(matches!(updates.next().await, Some(Ok(_))), "snapshot");
+
+    leases.steal_on_next_update("b");
+    timeout(Duration::from_secs(5), a.leadership.wait_for(false))
+        .await
+        .expect("lost the lease");
+    let end = timeout(Duration::from_secs(5), updates.next())
+        .await
+        .expect("the stream ends when leadership ends");
+    assert!(
+        matches!(&end, None | Some(Err(_))),
+        "no more state after losing the lease: {end:?}"
+    );
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        connect(&endpoint, &agent_tls).await.is_err(),
+        "a follower does not accept agents"
+    );
+}
+
+#[tokio::test]
+async fn the_leader_labels_its_own_pod_and_clears_former_leaders() {
+    use std::sync::Mutex;
+    use weir_controller::kube::{LEADER_LABEL, LeaderPodLabel};
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen_log = log.clone();
+    let (client, _task) = handler_client(move |seen| {
+        seen_log.lock().unwrap().push(seen.clone());
+        Some(if seen.method == "GET" {
+            json_response(
+                200,
+                &serde_json::json!({
+                    "apiVersion": "v1", "kind": "PodList", "metadata": {},
+                    "items": [
+                        {"metadata": {"name": "ctrl-new", "namespace": "weir-system"}},
+                        {"metadata": {"name": "ctrl-old", "namespace": "weir-system"}},
+                    ],
+                }),
+            )
+        } else {
+            json_response(
+                200,
+                &serde_json::json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "x", "namespace": "weir-system"},
+                }),
+            )
+        })
+    });
+    let label = LeaderPodLabel::new(client, "weir-system", "ctrl-new");
+    label.mark().await.unwrap();
+    label.unmark().await.unwrap();
+    let log = log.lock().unwrap().clone();
+    let calls: Vec<(String, String)> = log
+        .iter()
+        .map(|s| (s.method.clone(), s.path.clone()))
+        .collect();
+    let pods = "/api/v1/namespaces/weir-system/pods";
+    assert_eq!(
+        calls,
+        [
+            ("PATCH".to_owned(), format!("{pods}/ctrl-new")),
+            ("GET".to_owned(), pods.to_owned()),
+            ("PATCH".to_owned(), format!("{pods}/ctrl-old")),
+            ("PATCH".to_owned(), format!("{pods}/ctrl-new")),
+        ]
+    );
+    assert_eq!(
+        log[0].body.as_ref().unwrap()["metadata"]["labels"][LEADER_LABEL],
+        "true"
+    );
+    assert_eq!(
+        log[1].query.get("labelSelector").map(String::as_str),
+        Some(LEADER_LABEL)
+    );
+    assert!(log[2].body.as_ref().unwrap()["metadata"]["labels"][LEADER_LABEL].is_null());
+    assert!(
+        log[2].body.as_ref().unwrap()["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .contains_key(LEADER_LABEL),
+        "a merge patch removes a label with an explicit null"
+    );
+}
