@@ -61,9 +61,20 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress of a pod's host-side veth: traffic the host stack delivers to the pod.
     pub const TO_POD: &str = "to_pod";
-    /// TC ingress of the node's uplink and of the tunnel device.
+    /// TC ingress of the node's uplink and of the tunnel device: delivery to local pods.
     pub const FROM_NETWORK: &str = "from_network";
+    /// TC egress of the tunnel device: picks the remote node to encapsulate towards.
+    pub const TO_TUNNEL: &str = "to_tunnel";
 }
+
+/// MAC address of every node's VXLAN device. Sharing one address means the inner frame of
+/// a tunnelled packet is addressed to the receiving device whichever node sent it, so the
+/// overlay needs neither ARP nor an FDB: it is routed, not bridged.
+pub const TUNNEL_MAC: [u8; 6] = [0x02, 0x77, 0x65, 0x69, 0x72, 0x00];
+
+/// Source MAC of tunnelled inner frames. It must differ from [`TUNNEL_MAC`]: the receiving
+/// VXLAN driver drops frames "from itself" as loops.
+pub const TUNNEL_SOURCE_MAC: [u8; 6] = [0x02, 0x77, 0x65, 0x69, 0x72, 0x01];
 
 /// Map capacities. The peer-class map is the one that grows with the cluster.
 pub mod capacity {

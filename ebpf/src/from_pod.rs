@@ -2,12 +2,10 @@
 //!
 //! Order: ARP is answered here; the source must be the pod's own address and MAC; then
 //! conntrack and policy (the pod's egress rules, and the destination's ingress rules when it
-//! is a pod on this node); then delivery: straight into a local pod, or up the host stack.
+//! is a pod on this node); then delivery: straight into a local pod, to the node that owns
+//! the destination, or up the host stack.
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use weir_common::event::DropReason;
 
 use crate::{
@@ -17,6 +15,7 @@ use crate::{
     forward,
     maps::ENDPOINTS,
     parse::{self, L3},
+    route,
 };
 
 #[inline(always)]
@@ -50,8 +49,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     }
     match dst_ep {
         Some(dst) => forward::to_local_pod(ctx, &dst),
-        // The node itself, or (until routes are programmed) anything else: the host stack.
-        None => TC_ACT_OK,
+        None => route::to_remote(&pkt.daddr),
     }
 }
 

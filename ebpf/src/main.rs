@@ -1,5 +1,6 @@
-//! weir's eBPF programs. One module per program (`from_pod`, `to_pod`), one per mechanism
-//! (`parse`, `conntrack`, `policy`, `forward`, `arp`, `events`), maps in `maps`.
+//! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
+//! `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `forward`, `route`, `arp`,
+//! `events`), maps in `maps`.
 #![no_std]
 #![no_main]
 
@@ -7,11 +8,14 @@ mod arp;
 mod conntrack;
 mod events;
 mod forward;
+mod from_network;
 mod from_pod;
 mod maps;
 mod parse;
 mod policy;
+mod route;
 mod to_pod;
+mod to_tunnel;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
@@ -23,6 +27,16 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     to_pod::run(&ctx)
+}
+
+#[classifier]
+pub fn from_network(ctx: TcContext) -> i32 {
+    from_network::run(&ctx)
+}
+
+#[classifier]
+pub fn to_tunnel(ctx: TcContext) -> i32 {
+    to_tunnel::run(&ctx)
 }
 
 #[cfg(not(test))]

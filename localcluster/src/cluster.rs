@@ -4,7 +4,7 @@
 //! * namespaces `weir-<run>-sw` (a bridge: the nodes' L2 segment; with the routed topology
 //!   two segments `-sw-a`/`-sw-b` joined by a router `-rtr`), `weir-<run>-ctl` (controller),
 //!   `weir-<node>` per node, `weir-<run>-<ns>-<pod>` per pod;
-//! * node `i` is named `<run>-n<i>`, owns pod CIDR `10.244.<i>.0/24`;
+//! * node `i` is named `<run>-n<i>`; the controller assigns its pod CIDR from 10.244.0.0/16;
 //! * files under `/run/weir-local/<run>/`: the run record (for `down`), per-node agent state,
 //!   sockets and logs, and the manifest directory the controller reads.
 //!
@@ -24,6 +24,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use ipnet::Ipv4Net;
 use serde_json::json;
+
+use weir_transport::ClusterCa;
 
 use crate::{
     netns::{self, Netns},
@@ -89,7 +91,8 @@ pub struct Node {
     pub index: usize,
     pub netns: Netns,
     pub ip: Ipv4Addr,
-    pub pod_cidr: Ipv4Net,
+    /// Set only when the cluster runs without a controller (which otherwise assigns it).
+    pub pod_cidr: Option<Ipv4Net>,
     pub dir: PathBuf,
     agent: Option<(Child, ProcessRecord)>,
 }
@@ -149,16 +152,35 @@ pub struct LocalCluster {
     opts: ClusterOptions,
     record: RunRecord,
     controller: Option<Controller>,
+    ca: Option<ClusterCa>,
+    segments: Vec<Segment>,
     sync_token: u64,
     nodes: Vec<Node>,
     pods: BTreeMap<(String, String), Pod>,
     torn_down: bool,
 }
 
-const CLUSTER_CIDR: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 0);
-
 /// The controller's sync file in the manifest directory (see the controller's `source`).
 const SYNC_FILE_NAME: &str = ".weir-sync";
+
+/// A node's client certificate for the controller connection, in `<node dir>/tls`.
+fn issue_node_certificate(ca: &ClusterCa, node: &Node) -> Result<()> {
+    let dir = node.dir.join("tls");
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+    ca.issue_node_cert(&node.name)?
+        .write(&dir.join("tls.crt"), &dir.join("tls.key"))?;
+    Ok(())
+}
+
+/// One L2 segment of the fabric: a bridge in its own namespace.
+struct Segment {
+    switch: Netns,
+    /// Third octet of the segment's 172.30.x.0/24.
+    subnet: u8,
+    /// The router's address on the segment (routed topology).
+    gateway: Option<Ipv4Addr>,
+}
 
 /// The controller process and where it lives.
 pub struct Controller {
@@ -197,6 +219,8 @@ impl LocalCluster {
             opts,
             record,
             controller: None,
+            ca: None,
+            segments: Vec::new(),
             sync_token: 0,
             nodes: Vec::new(),
             pods: BTreeMap::new(),
@@ -263,27 +287,23 @@ impl LocalCluster {
         Ok(Netns::create(name)?)
     }
 
+    /// The nodes' network: one L2 segment, or two joined by a router (no way out of either).
     fn build_fabric(&mut self) -> Result<()> {
-        let n = self.opts.nodes;
         match self.opts.topology {
             Topology::L2 => {
-                let sw = self.new_netns(&self.ns_name("sw"))?;
-                sw.ip(&["link", "add", "br0", "type", "bridge"])?;
-                sw.ip(&["link", "set", "br0", "up"])?;
+                let sw = self.new_segment("sw")?;
                 self.add_controller_netns(&sw, Ipv4Addr::new(172, 30, 0, 2), None)?;
-                for i in 1..=n {
-                    let ip = Ipv4Addr::new(172, 30, 0, 10 + i as u8);
-                    self.add_node(i, &sw, ip, 24, None)?;
-                }
+                self.segments.push(Segment {
+                    switch: sw,
+                    subnet: 0,
+                    gateway: None,
+                });
             }
             Topology::Routed => {
                 let rtr = self.new_netns(&self.ns_name("rtr"))?;
                 rtr.sysctl("net.ipv4.ip_forward", "1")?;
-                let mut switches = Vec::new();
                 for (leg, subnet) in [("a", 1u8), ("b", 2u8)] {
-                    let sw = self.new_netns(&self.ns_name(&format!("sw-{leg}")))?;
-                    sw.ip(&["link", "add", "br0", "type", "bridge"])?;
-                    sw.ip(&["link", "set", "br0", "up"])?;
+                    let sw = self.new_segment(&format!("sw-{leg}"))?;
                     let port = format!("rtr-{leg}");
                     netns::veth(&rtr, &format!("eth-{leg}"), &sw, &port)?;
                     sw.ip(&["link", "set", &port, "master", "br0"])?;
@@ -294,23 +314,77 @@ impl LocalCluster {
                         "dev",
                         &format!("eth-{leg}"),
                     ])?;
-                    switches.push((sw, subnet));
+                    self.segments.push(Segment {
+                        switch: sw,
+                        subnet,
+                        gateway: Some(Ipv4Addr::new(172, 30, subnet, 1)),
+                    });
                 }
+                let first = self.segments[0].switch.clone();
                 self.add_controller_netns(
-                    &switches[0].0,
+                    &first,
                     Ipv4Addr::new(172, 30, 1, 2),
                     Some(Ipv4Addr::new(172, 30, 1, 1)),
                 )?;
-                for i in 1..=n {
-                    let (sw, subnet) = &switches[(i - 1) % 2];
-                    let ip = Ipv4Addr::new(172, 30, *subnet, 10 + i as u8);
-                    let gw = Ipv4Addr::new(172, 30, *subnet, 1);
-                    let sw = sw.clone();
-                    self.add_node(i, &sw, ip, 24, Some(gw))?;
-                }
             }
         }
+        for i in 1..=self.opts.nodes {
+            self.add_node_netns(i)?;
+        }
         Ok(())
+    }
+
+    fn new_segment(&mut self, what: &str) -> Result<Netns> {
+        let sw = self.new_netns(&self.ns_name(what))?;
+        sw.ip(&["link", "add", "br0", "type", "bridge"])?;
+        sw.ip(&["link", "set", "br0", "up"])?;
+        Ok(sw)
+    }
+
+    /// Adds a node to a running cluster (it joins the segments round-robin) and starts its
+    /// agent. Returns its index in [`Self::nodes`].
+    pub async fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+        self.add_node_netns(i)?;
+        let idx = self.nodes.len() - 1;
+        if let Some(ca) = &self.ca {
+            issue_node_certificate(ca, &self.nodes[idx])?;
+        }
+        self.write_node_manifest(idx)?;
+        self.start_agent(idx).await?;
+        self.sync().await?;
+        Ok(idx)
+    }
+
+    /// Removes a node as a cluster would when it is deleted: its agent and pods go away, its
+    /// Node object is deleted, and the others stop routing to it.
+    pub async fn remove_node(&mut self, idx: usize) -> Result<()> {
+        self.kill_agent(idx);
+        let node = self.nodes.remove(idx);
+        let pods: Vec<(String, String)> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.node == node.name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in pods {
+            if let Some(pod) = self.pods.remove(&key) {
+                let _ = fs::remove_file(
+                    self.record
+                        .dir
+                        .join(format!("manifests/pods/{}.{}.yaml", key.0, key.1)),
+                );
+                netns::delete(pod.netns.name());
+            }
+        }
+        let _ = fs::remove_file(
+            self.record
+                .dir
+                .join(format!("manifests/nodes/{}.yaml", node.name)),
+        );
+        netns::delete(node.netns.name());
+        let _ = fs::remove_dir_all(self.opts.bpffs.join("weir").join(&node.name));
+        self.sync().await
     }
 
     /// The controller's namespace, on the first segment. It runs only if enabled.
@@ -348,19 +422,16 @@ impl LocalCluster {
             .controller
             .as_ref()
             .context("no controller namespace")?;
-        let ca = weir_transport::ClusterCa::generate(&format!("weir-local-{}", self.record.run))?;
+        let ca = ClusterCa::generate(&format!("weir-local-{}", self.record.run))?;
         let tls = ctl.dir.join("tls");
         fs::create_dir_all(&tls)?;
         ca.save(&tls.join("ca.crt"), &tls.join("ca.key"))?;
         ca.issue_controller_cert(&["weir-controller"], &[IpAddr::V4(ctl.ip)])?
             .write(&tls.join("tls.crt"), &tls.join("tls.key"))?;
         for node in &self.nodes {
-            let dir = node.dir.join("tls");
-            fs::create_dir_all(&dir)?;
-            fs::write(dir.join("ca.crt"), ca.cert_pem())?;
-            ca.issue_node_cert(&node.name)?
-                .write(&dir.join("tls.crt"), &dir.join("tls.key"))?;
+            issue_node_certificate(&ca, node)?;
         }
+        self.ca = Some(ca);
         Ok(())
     }
 
@@ -379,6 +450,9 @@ impl LocalCluster {
         let mut cmd = Command::new(&bin);
         cmd.arg("--manifests")
             .arg(&manifests)
+            .arg("--state-dir")
+            .arg(&ctl.dir)
+            .args(["--cluster-cidr", "10.244.0.0/16", "--node-cidr-mask", "24"])
             .arg("--tls-dir")
             .arg(ctl.dir.join("tls"))
             .arg("--status-file")
@@ -386,6 +460,7 @@ impl LocalCluster {
             .args(["--listen", &format!("{}:7443", ctl.ip)])
             .env("RUST_LOG", log_filter)
             .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -453,7 +528,6 @@ impl LocalCluster {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
-            "spec": {"podCIDR": node.pod_cidr.to_string(), "podCIDRs": [node.pod_cidr.to_string()]},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip.to_string()}]},
         });
         self.write_manifest(
@@ -563,21 +637,17 @@ impl LocalCluster {
             .collect()
     }
 
-    fn add_node(
-        &mut self,
-        i: usize,
-        sw: &Netns,
-        ip: Ipv4Addr,
-        prefix: u8,
-        gateway: Option<Ipv4Addr>,
-    ) -> Result<()> {
+    fn add_node_netns(&mut self, i: usize) -> Result<()> {
+        let seg = &self.segments[(i - 1) % self.segments.len()];
+        let (sw, subnet, gateway) = (seg.switch.clone(), seg.subnet, seg.gateway);
+        let ip = Ipv4Addr::new(172, 30, subnet, 10 + i as u8);
         let name = format!("{}-n{i}", self.record.run);
         self.record.nodes.push(name.clone());
         let ns = self.new_netns(&format!("weir-{name}"))?;
         let port = format!("n{i}");
-        netns::veth(&ns, "eth0", sw, &port)?;
+        netns::veth(&ns, "eth0", &sw, &port)?;
         sw.ip(&["link", "set", &port, "master", "br0"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/{prefix}"), "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         if let Some(gw) = gateway {
             // The router is the nodes' only way to the other subnet; it has no way out.
             ns.ip(&["route", "add", "172.30.0.0/16", "via", &gw.to_string()])?;
@@ -587,21 +657,15 @@ impl LocalCluster {
         ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         let dir = self.record.dir.join(&name);
         fs::create_dir_all(&dir)?;
+        // Without a controller nobody assigns pod CIDRs: use a fixed one per node.
+        let pod_cidr = (!self.opts.controller)
+            .then(|| Ipv4Net::new(Ipv4Addr::new(10, 244, i as u8, 0), 24).expect("valid prefix"));
         self.nodes.push(Node {
             name,
             index: i,
             netns: ns,
             ip,
-            pod_cidr: Ipv4Net::new(
-                Ipv4Addr::new(
-                    CLUSTER_CIDR.octets()[0],
-                    CLUSTER_CIDR.octets()[1],
-                    i as u8,
-                    0,
-                ),
-                24,
-            )
-            .expect("valid prefix"),
+            pod_cidr,
             dir,
             agent: None,
         });
@@ -624,12 +688,15 @@ impl LocalCluster {
             .arg(node.cni_socket())
             .arg("--bpffs")
             .arg(&self.opts.bpffs)
-            .args(["--pod-cidr", &node.pod_cidr.to_string()])
             .env("RUST_LOG", &self.opts.log)
             .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(cidr) = node.pod_cidr {
+            cmd.args(["--pod-cidr", &cidr.to_string()]);
+        }
         if let Some(ctl) = &self.controller {
             cmd.args(["--controller", &format!("https://{}:7443", ctl.ip)])
                 .arg("--tls-dir")
@@ -675,8 +742,13 @@ impl LocalCluster {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
+                let controller_log = self
+                    .controller
+                    .as_ref()
+                    .map(|c| tail(&c.dir.join("controller.log"), 20))
+                    .unwrap_or_default();
                 bail!(
-                    "agent on {} not ready after {timeout:?}: {}{}\n{}",
+                    "agent on {} not ready after {timeout:?}: {}{}\nagent log:\n{}\ncontroller log:\n{controller_log}",
                     self.nodes[idx].name,
                     out.stdout,
                     out.stderr,

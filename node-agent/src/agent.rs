@@ -10,12 +10,15 @@ use weir_api::{NodeState, PodKey};
 use weir_common::{config::NodeConfig, endpoint::EndpointInfo, ip::IpKey};
 use weir_transport::Applied;
 
+use weir_common::TUNNEL_MAC;
+
 use crate::{
     dataplane::{Dataplane, DataplaneError, PinLayout},
     endpoints::{EndpointStore, EndpointStoreError, LocalEndpoint},
     maps::{DataplaneMaps, MapsError},
     netlink::{Netlink, NetlinkError},
     podnet::{self, PodInterfaceSpec},
+    routing::{self, RoutingMode, TUNNEL_IFNAME, Uplink, VNI, VXLAN_PORT},
 };
 
 /// Settings the agent starts with.
@@ -26,9 +29,13 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// The bpffs mount.
     pub bpffs: PathBuf,
-    /// This node's pod CIDRs (one per family).
+    /// This node's pod CIDRs (one per family); empty: take them from the controller.
     pub pod_cidrs: Vec<IpNet>,
-    /// MTU of pod interfaces.
+    /// How to reach other nodes' pods.
+    pub routing_mode: RoutingMode,
+    /// The interface towards other nodes; None: detect it.
+    pub uplink: Option<String>,
+    /// MTU of pod interfaces; 0: the uplink's minus the VXLAN overhead.
     pub pod_mtu: u32,
     /// Sample one in N new flows into flow events (0: none).
     pub flow_sample_rate: u32,
@@ -56,6 +63,10 @@ pub enum AgentError {
     NoNetns(String),
     #[error("{0}")]
     Check(String),
+    #[error("this node has no pod CIDR yet: waiting for the controller to assign one")]
+    NoPodCidr,
+    #[error("no uplink: no interface with a global IPv4 address{}", .0.as_ref().map(|n| format!(" named {n}")).unwrap_or_default())]
+    NoUplink(Option<String>),
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
@@ -80,7 +91,10 @@ pub struct Agent {
     cfg: AgentConfig,
     dp: Dataplane,
     maps: DataplaneMaps,
-    ipam: weir_ipam::Ipam,
+    /// Opened once the node's pod CIDR is known.
+    ipam: Option<weir_ipam::Ipam>,
+    uplink: Uplink,
+    tunnel_ifindex: u32,
     endpoints: EndpointStore,
     node: Netlink,
     /// The controller's latest state for this node.
@@ -92,7 +106,7 @@ pub struct Agent {
 
 impl Agent {
     /// Loads (or reopens) the dataplane and re-adopts the pods a previous agent attached.
-    pub async fn start(cfg: AgentConfig) -> Result<Self> {
+    pub async fn start(mut cfg: AgentConfig) -> Result<Self> {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
             path: cfg.state_dir.clone(),
             source,
@@ -102,19 +116,45 @@ impl Agent {
         let mut maps = DataplaneMaps::take(&mut dp)?;
         let mut config = maps.config()?;
         if config == NodeConfig::default() {
-            config = NodeConfig::new(1, cfg.flow_sample_rate, 0);
+            config = NodeConfig::new(1, cfg.flow_sample_rate, VNI);
         } else {
-            config = NodeConfig::new(config.policy_gen(), cfg.flow_sample_rate, config.vni());
+            config = NodeConfig::new(config.policy_gen(), cfg.flow_sample_rate, VNI);
         }
         maps.set_config(config)?;
-        let ipam = weir_ipam::Ipam::open(&cfg.state_dir.join("ipam"), &cfg.pod_cidrs)?;
+        let ipam = if cfg.pod_cidrs.is_empty() {
+            None
+        } else {
+            Some(weir_ipam::Ipam::open(
+                &cfg.state_dir.join("ipam"),
+                &cfg.pod_cidrs,
+            )?)
+        };
         let endpoints = EndpointStore::open(&cfg.state_dir)?;
         let node = Netlink::current()?;
+        let uplink = Uplink::detect(&node, cfg.uplink.as_deref())
+            .await?
+            .ok_or_else(|| AgentError::NoUplink(cfg.uplink.clone()))?;
+        let tunnel_ifindex = node
+            .ensure_vxlan(
+                TUNNEL_IFNAME,
+                VXLAN_PORT,
+                uplink.mtu.saturating_sub(crate::VXLAN_OVERHEAD),
+                TUNNEL_MAC,
+            )
+            .await?;
+        if cfg.pod_mtu == 0 {
+            cfg.pod_mtu = uplink.mtu.saturating_sub(crate::VXLAN_OVERHEAD);
+        }
+        dp.attach_uplink(&uplink.ifname)?;
+        dp.attach_tunnel(TUNNEL_IFNAME)?;
+        info!(uplink = %uplink.ifname, subnets = ?uplink.subnets, "attached to the uplink and the tunnel");
         let mut agent = Self {
             cfg,
             dp,
             maps,
             ipam,
+            uplink,
+            tunnel_ifindex,
             endpoints,
             node,
             policy: NodeState::default(),
@@ -186,7 +226,11 @@ impl Agent {
                 name: p.name.clone(),
             }),
         };
-        let allocation = self.ipam.allocate(&owner)?;
+        let allocation = self
+            .ipam
+            .as_ref()
+            .ok_or(AgentError::NoPodCidr)?
+            .allocate(&owner)?;
         let ips: Vec<IpAddr> = allocation.addresses.iter().map(|n| n.addr()).collect();
         let spec = PodInterfaceSpec {
             container_id: req.container_id.clone(),
@@ -198,13 +242,13 @@ impl Agent {
         let built = match podnet::setup(&self.node, &spec).await {
             Ok(b) => b,
             Err(e) => {
-                let _ = self.ipam.release(&req.container_id, &req.ifname);
+                self.release_addresses(&req.container_id, &req.ifname);
                 return Err(e.into());
             }
         };
         if let Err(e) = self.dp.attach_pod_interface(&built.host_ifname) {
             let _ = podnet::teardown(&self.node, &built.host_ifname, &ips).await;
-            let _ = self.ipam.release(&req.container_id, &req.ifname);
+            self.release_addresses(&req.container_id, &req.ifname);
             return Err(e.into());
         }
         let ep = LocalEndpoint {
@@ -239,8 +283,21 @@ impl Agent {
             self.dp.detach_pod_interface(&host)?;
             podnet::teardown(&self.node, &host, &[]).await?;
         }
-        self.ipam.release(container_id, ifname)?;
+        if let Some(ipam) = &self.ipam {
+            ipam.release(container_id, ifname)?;
+        }
         Ok(())
+    }
+
+    fn release_addresses(&self, container_id: &str, ifname: &str) {
+        if let Some(ipam) = &self.ipam {
+            let _ = ipam.release(container_id, ifname);
+        }
+    }
+
+    /// Whether ADD can be served now (the node's pod CIDR is known).
+    pub fn ready(&self) -> bool {
+        self.ipam.is_some()
     }
 
     /// CNI CHECK: the attachment exists and looks as ADD left it.
@@ -291,8 +348,11 @@ impl Agent {
         for (c, i) in &stale {
             self.del(c, i).await?;
         }
-        let released = self.ipam.gc(valid)?;
-        Ok(stale.len().max(released.len()))
+        let released = match &self.ipam {
+            Some(ipam) => ipam.gc(valid)?.len(),
+            None => 0,
+        };
+        Ok(stale.len().max(released))
     }
 
     /// Makes the dataplane enforce the controller's state `state`; `change` says how it
@@ -312,6 +372,33 @@ impl Agent {
         self.have_controller_state = true;
         self.sync_endpoint_map()?;
         self.maps.bump_policy_generation()?;
+        Ok(())
+    }
+
+    /// Programs routes to other nodes from the controller's route table, and opens IPAM
+    /// on this node's pod CIDRs once the controller has assigned them.
+    pub async fn apply_routes(&mut self, state: &NodeState) -> Result<()> {
+        let plan = routing::plan(
+            &state.routes,
+            &self.cfg.node_name,
+            &self.uplink,
+            self.tunnel_ifindex,
+            self.cfg.routing_mode,
+        );
+        self.maps.sync_routes(&plan.map)?;
+        routing::apply_kernel_routes(&self.node, &plan).await?;
+        if self.cfg.pod_cidrs.is_empty() && !plan.own_cidrs.is_empty() {
+            let current = self.ipam.as_ref().map(|i| i.pools());
+            if current.as_ref() != Some(&plan.own_cidrs) {
+                // One IPAM per state directory at a time: close the old one first.
+                self.ipam = None;
+                self.ipam = Some(weir_ipam::Ipam::open(
+                    &self.cfg.state_dir.join("ipam"),
+                    &plan.own_cidrs,
+                )?);
+                info!(pod_cidrs = ?plan.own_cidrs, "pod CIDR assigned by the controller");
+            }
+        }
         Ok(())
     }
 

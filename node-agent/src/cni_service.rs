@@ -44,6 +44,7 @@ fn to_cni(e: AgentError) -> CniError {
             format!("network namespace {path} does not exist"),
         ),
         AgentError::Ipam(_) => CniError::internal("no pod address could be allocated on this node"),
+        AgentError::NoPodCidr => CniError::try_again_later("this node has no pod CIDR yet"),
         _ => CniError::internal("the weir agent could not complete the request"),
     }
     .with_details(details)
@@ -156,10 +157,15 @@ impl CniHandler for CniService {
     }
 
     async fn status(&self, _request: StatusRequest) -> Result<(), CniError> {
-        // The socket is only served once the dataplane is loaded and pods re-adopted; being
-        // able to take the lock means ADD can be serviced now.
-        let _agent = self.agent.lock().await;
-        Ok(())
+        // The socket is only served once the dataplane is loaded and pods re-adopted; ADD can
+        // be served once the node's pod CIDR is known.
+        if self.agent.lock().await.ready() {
+            Ok(())
+        } else {
+            Err(CniError::plugin_not_available(
+                "the weir agent is waiting for this node's pod CIDR from the controller",
+            ))
+        }
     }
 
     async fn gc(&self, request: GcRequest) -> Result<(), CniError> {

@@ -28,10 +28,11 @@ impl StateSink for DataplaneSink {
         change: &Applied,
         state: &NodeState,
     ) -> Result<(), AgentError> {
-        self.agent
-            .lock()
-            .await
-            .apply_controller_state(change, state)?;
+        {
+            let mut agent = self.agent.lock().await;
+            agent.apply_controller_state(change, state)?;
+            agent.apply_routes(state).await?;
+        }
         let kind = match change {
             Applied::Snapshot => "snapshot".to_string(),
             Applied::Unchanged => "unchanged".to_string(),
@@ -43,6 +44,7 @@ impl StateSink for DataplaneSink {
             endpoints = state.endpoints.len(),
             classes = state.peer_classes.len(),
             verdicts = state.verdicts.len(),
+            routes = state.routes.len(),
             "applied controller state"
         );
         Ok(())

@@ -108,7 +108,9 @@ impl PinLayout {
             TcAttachType::Egress => "egress",
             TcAttachType::Custom(_) => "custom",
         };
-        self.links_dir().join(format!("{ifname}-{suffix}"))
+        // bpffs refuses names with dots (e.g. the tunnel device `weir.vxlan`).
+        let name = ifname.replace('.', "_");
+        self.links_dir().join(format!("{name}-{suffix}"))
     }
     fn create_dirs(&self) -> Result<()> {
         for dir in [self.maps_dir(), self.links_dir()] {
@@ -178,7 +180,12 @@ impl Dataplane {
                     .unwrap_or_else(|| "none".into()),
                 source: Box::new(source),
             })?;
-        for name in [programs::FROM_POD, programs::TO_POD] {
+        for name in [
+            programs::FROM_POD,
+            programs::TO_POD,
+            programs::FROM_NETWORK,
+            programs::TO_TUNNEL,
+        ] {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|source| DataplaneError::Program {
                 action: "loading",
@@ -221,6 +228,19 @@ impl Dataplane {
     pub fn attach_pod_interface(&mut self, ifname: &str) -> Result<()> {
         self.attach(ifname, programs::FROM_POD, TcAttachType::Ingress)?;
         self.attach(ifname, programs::TO_POD, TcAttachType::Egress)
+    }
+
+    /// Attaches `from_network` to the ingress of the node's uplink: traffic from other nodes
+    /// for local pods is checked and delivered straight to them.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)
+    }
+
+    /// Attaches the tunnel programs to the VXLAN device: `from_network` on ingress (decapsulated
+    /// traffic for local pods), `to_tunnel` on egress (picks the remote node).
+    pub fn attach_tunnel(&mut self, ifname: &str) -> Result<()> {
+        self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)?;
+        self.attach(ifname, programs::TO_TUNNEL, TcAttachType::Egress)
     }
 
     /// Detaches the pod programs (removing their pins). Missing links are not an error:

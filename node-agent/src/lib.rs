@@ -9,6 +9,7 @@ pub mod endpoints;
 pub mod maps;
 pub mod netlink;
 pub mod podnet;
+pub mod routing;
 
 /// Bytes VXLAN adds to a packet (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8); pod MTUs
 /// leave room for it so that encapsulated traffic never needs fragmenting.

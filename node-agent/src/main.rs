@@ -30,6 +30,13 @@ struct Args {
     /// This node's pod CIDR (repeat for dual stack).
     #[arg(long = "pod-cidr", env = "WEIR_POD_CIDR", value_delimiter = ',')]
     pod_cidrs: Vec<IpNet>,
+    /// How to reach other nodes: auto (direct on the uplink's subnets, VXLAN across), direct,
+    /// vxlan.
+    #[arg(long, env = "WEIR_ROUTING_MODE", default_value = "auto")]
+    routing_mode: weir_agent::routing::RoutingMode,
+    /// Interface towards the other nodes (default: the first with a global IPv4 address).
+    #[arg(long, env = "WEIR_UPLINK")]
+    uplink: Option<String>,
     /// MTU of pod interfaces; 0 picks the uplink's MTU minus VXLAN overhead.
     #[arg(long, default_value_t = 0)]
     pod_mtu: u32,
@@ -57,24 +64,23 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    let pod_mtu = if args.pod_mtu == 0 {
-        weir_agent::netlink::uplink_mtu()
-            .await
-            .map(|m| m.saturating_sub(weir_agent::VXLAN_OVERHEAD))
-            .unwrap_or(1450)
-    } else {
-        args.pod_mtu
-    };
     let cfg = AgentConfig {
         node_name: args.node_name.clone(),
         state_dir: args.state_dir.clone(),
         bpffs: args.bpffs.clone(),
         pod_cidrs: args.pod_cidrs.clone(),
-        pod_mtu,
+        routing_mode: args.routing_mode,
+        uplink: args.uplink.clone(),
+        pod_mtu: args.pod_mtu,
         flow_sample_rate: args.flow_sample_rate,
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
-    info!(node = %args.node_name, pod_cidrs = ?args.pod_cidrs, pod_mtu, "dataplane loaded");
+    info!(
+        node = %args.node_name,
+        pod_cidrs = ?args.pod_cidrs,
+        pod_mtu = agent.config().pod_mtu,
+        "dataplane loaded"
+    );
     let agent = Arc::new(Mutex::new(agent));
 
     // The socket appears only now: a plugin STATUS that reaches us means ADD can be served.

@@ -20,6 +20,7 @@ use weir_common::{
     ip::{IpKey, trie_prefix_len},
     maps as names,
     policy::{PeerClass, Verdict, VerdictKey},
+    route::RouteEntry,
 };
 
 use crate::dataplane::{Dataplane, DataplaneError};
@@ -84,6 +85,7 @@ pub struct DataplaneMaps {
     pub peer_classes: LpmTrie<MapData, IpKey, PeerClass>,
     pub verdicts: LpmTrie<MapData, VerdictKey, Verdict>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub routes: LpmTrie<MapData, IpKey, RouteEntry>,
     pub config: Array<MapData, NodeConfig>,
     pub drops: PerCpuArray<MapData, u64>,
     pub rule_hits: PerCpuHashMap<MapData, u32, u64>,
@@ -106,6 +108,7 @@ impl DataplaneMaps {
             peer_classes: take!(dp, names::PEER_CLASSES),
             verdicts: take!(dp, names::VERDICTS),
             conntrack: take!(dp, names::CONNTRACK),
+            routes: take!(dp, names::ROUTES),
             config: take!(dp, names::NODE_CONFIG),
             drops: take!(dp, names::DROPS),
             rule_hits: take!(dp, names::RULE_HITS),
@@ -228,6 +231,32 @@ impl DataplaneMaps {
             .collect();
         for k in stray_verdicts {
             let _ = self.verdicts.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Makes the route map hold exactly `desired` (remote pod CIDR → node).
+    pub fn sync_routes(&mut self, desired: &BTreeMap<IpNet, RouteEntry>) -> Result<()> {
+        let wanted: HashSet<(u32, IpKey)> = desired
+            .keys()
+            .map(|n| {
+                let k = prefix_key(n);
+                (k.prefix_len(), k.data())
+            })
+            .collect();
+        for (net, entry) in desired {
+            self.routes
+                .insert(&prefix_key(net), *entry, 0)
+                .map_err(map_err(names::ROUTES, format!("writing {net}")))?;
+        }
+        let stray: Vec<Key<IpKey>> = self
+            .routes
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stray {
+            let _ = self.routes.remove(&k);
         }
         Ok(())
     }

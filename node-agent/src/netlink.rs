@@ -124,6 +124,15 @@ impl Netlink {
         }
     }
 
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkMessage>> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(l) => Ok(l),
+            Err(e) if errno_is(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(req(format!("looking up interface {index}"))(e)),
+        }
+    }
+
     /// Indices of every interface in the namespace.
     pub async fn link_indices(&self) -> Result<Vec<u32>> {
         let mut out = Vec::new();
@@ -278,6 +287,106 @@ impl Netlink {
         }
     }
 
+    /// A route of weir's own (protocol [`ROUTE_PROTOCOL`]): `dst` via `gateway` on `index`,
+    /// directly on `index` when there is no gateway, or a blackhole when `index` is None.
+    pub async fn replace_owned_route(
+        &self,
+        dst: IpNet,
+        gateway: Option<IpAddr>,
+        index: Option<u32>,
+    ) -> Result<()> {
+        use rtnetlink::packet_route::route::RouteType;
+        let IpNet::V4(n) = dst else {
+            return Err(NetlinkError::Request {
+                action: format!("route {dst}: IPv6 node routes are not supported yet"),
+                source: rtnetlink::Error::RequestFailed,
+            });
+        };
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.addr(), n.prefix_len())
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+        match (gateway, index) {
+            (Some(IpAddr::V4(gw)), Some(i)) => b = b.gateway(gw).output_interface(i),
+            (None, Some(i)) => b = b.output_interface(i).scope(RouteScope::Link),
+            (_, None) => b = b.kind(RouteType::BlackHole),
+            (Some(IpAddr::V6(_)), Some(_)) => {
+                return Err(NetlinkError::Request {
+                    action: format!("route {dst}: IPv6 gateway for an IPv4 route"),
+                    source: rtnetlink::Error::RequestFailed,
+                });
+            }
+        }
+        self.handle
+            .route()
+            .add(b.build())
+            .replace()
+            .execute()
+            .await
+            .map_err(req(format!("adding route {dst}")))
+    }
+
+    /// Destinations of every IPv4 route carrying weir's protocol number.
+    pub async fn owned_routes(&self) -> Result<Vec<IpNet>> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        let mut out = Vec::new();
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.map_err(req("listing routes"))? {
+            if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                continue;
+            }
+            for a in &r.attributes {
+                if let RouteAttribute::Destination(RouteAddress::Inet(ip)) = a
+                    && let Ok(n) = IpNet::new(IpAddr::V4(*ip), r.header.destination_prefix_length)
+                {
+                    out.push(n);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates the VXLAN device in collect-metadata ("external") mode if it is missing, with
+    /// the shared tunnel MAC, no ARP, the given MTU, up. Returns its index.
+    pub async fn ensure_vxlan(&self, name: &str, port: u16, mtu: u32, mac: [u8; 6]) -> Result<u32> {
+        if self.link_by_name(name).await?.is_none() {
+            let msg = rtnetlink::LinkVxlan::new(name, 0)
+                .collect_metadata(true)
+                .port(port)
+                .learning(false)
+                .mtu(mtu)
+                .address(mac.to_vec())
+                .arp(false)
+                .build();
+            // `new` sets a VNI; collect-metadata devices must not carry one.
+            let msg = strip_vxlan_id(msg);
+            self.handle
+                .link()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(req(format!("creating VXLAN device {name}")))?;
+        }
+        let index = self.link_index(name).await?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(mtu)
+                    .address(mac.to_vec())
+                    .arp(false)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(req(format!("configuring {name}")))?;
+        Ok(index)
+    }
+
     /// A permanent neighbour entry: no ARP/ND needed between pod and host.
     pub async fn replace_neighbour(&self, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
         self.handle
@@ -315,6 +424,24 @@ impl Netlink {
         }
         Ok(out)
     }
+}
+
+/// Protocol number on the routes weir installs, so that it can find and remove its own
+/// routes (and only those) after a restart.
+pub const ROUTE_PROTOCOL: u8 = 0x77;
+
+fn strip_vxlan_id(mut msg: LinkMessage) -> LinkMessage {
+    use rtnetlink::packet_route::link::{InfoVxlan, LinkInfo};
+    for attr in &mut msg.attributes {
+        if let LinkAttribute::LinkInfo(infos) = attr {
+            for info in infos.iter_mut() {
+                if let LinkInfo::Data(InfoData::Vxlan(v)) = info {
+                    v.retain(|i| !matches!(i, InfoVxlan::Id(_)));
+                }
+            }
+        }
+    }
+    msg
 }
 
 /// The MAC address of a link message.
@@ -365,38 +492,4 @@ pub fn write_sysctl(ns: Option<&File>, key: &str, value: &str) -> Result<()> {
         None => write(),
     };
     r.map_err(|source| NetlinkError::Sysctl { path, source })
-}
-
-/// MTU of the node's uplink: the smallest MTU among interfaces (other than loopback and
-/// weir's own) that carry an address. None if there is none.
-pub async fn uplink_mtu() -> Option<u32> {
-    let nl = Netlink::current().ok()?;
-    let mut links = nl.handle.link().get().execute();
-    let mut best: Option<u32> = None;
-    while let Ok(Some(l)) = links.try_next().await {
-        let name = l.attributes.iter().find_map(|a| match a {
-            LinkAttribute::IfName(n) => Some(n.clone()),
-            _ => None,
-        });
-        let mtu = l.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        });
-        let (Some(name), Some(mtu)) = (name, mtu) else {
-            continue;
-        };
-        if name == "lo" || name.starts_with("weir") {
-            continue;
-        }
-        if nl
-            .addresses(l.header.index)
-            .await
-            .map(|a| a.is_empty())
-            .unwrap_or(true)
-        {
-            continue;
-        }
-        best = Some(best.map_or(mtu, |b| b.min(mtu)));
-    }
-    best
 }

@@ -79,11 +79,45 @@ pub struct LiveStream {
     received: Arc<AtomicU64>,
     failed: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    /// Set once the server side saw the end of the stream.
+    done: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl LiveStream {
+    /// A steady trickle (1 KiB every 2 ms) until stopped.
     pub fn start(client: &Netns, server: &Netns, server_ip: IpAddr, port: u16) -> Self {
+        Self::open(client, server, server_ip, port, None)
+    }
+
+    /// `total` bytes as fast as possible, then the end of the stream.
+    pub fn start_bulk(
+        client: &Netns,
+        server: &Netns,
+        server_ip: IpAddr,
+        port: u16,
+        total: u64,
+    ) -> Self {
+        Self::open(client, server, server_ip, port, Some(total))
+    }
+
+    /// Waits for the end of a bulk stream; returns what the server received.
+    pub async fn wait_done(&self, timeout: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.done.load(Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!self.failed(), "the stream broke");
+        self.received()
+    }
+
+    fn open(
+        client: &Netns,
+        server: &Netns,
+        server_ip: IpAddr,
+        port: u16,
+        bulk: Option<u64>,
+    ) -> Self {
         let listener = server
             .within(move || TcpListener::bind(SocketAddr::new(server_ip, port)))
             .expect("enter server namespace")
@@ -91,15 +125,20 @@ impl LiveStream {
         let received = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
         let reader = {
             let received = received.clone();
             let failed = failed.clone();
+            let done = done.clone();
             std::thread::spawn(move || {
                 let (mut conn, _) = listener.accept().expect("accept");
-                let mut buf = [0u8; 4096];
+                let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     match conn.read(&mut buf) {
-                        Ok(0) => break,
+                        Ok(0) => {
+                            done.store(true, Ordering::Relaxed);
+                            break;
+                        }
                         Ok(n) => {
                             received.fetch_add(n as u64, Ordering::Relaxed);
                         }
@@ -126,6 +165,20 @@ impl LiveStream {
             std::thread::spawn(move || {
                 conn.set_write_timeout(Some(Duration::from_secs(5)))
                     .unwrap();
+                if let Some(total) = bulk {
+                    let chunk = vec![0x5au8; 64 * 1024];
+                    let mut sent = 0u64;
+                    while sent < total {
+                        let n = chunk.len().min((total - sent) as usize);
+                        if conn.write_all(&chunk[..n]).is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        sent += n as u64;
+                    }
+                    let _ = conn.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
                 let chunk = [0x5au8; 1024];
                 while !stop.load(Ordering::Relaxed) {
                     if conn.write_all(&chunk).is_err() {
@@ -140,6 +193,7 @@ impl LiveStream {
             received,
             failed,
             stop,
+            done,
             threads: vec![reader, writer],
         }
     }

@@ -1,0 +1,40 @@
+//! TC ingress of the node's uplink and of its VXLAN device: traffic from other nodes. Packets
+//! for a pod on this node get its ingress policy and are handed straight to the pod;
+//! everything else (the node's own traffic) goes up the host stack untouched.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use weir_common::event::DropReason;
+
+use crate::{
+    conntrack::enforce,
+    events::record_drop,
+    forward,
+    maps::ENDPOINTS,
+    parse::{self, L3},
+};
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    let pkt = match parse::parse(ctx) {
+        Ok(L3::Ip(pkt)) => pkt,
+        // Not ours to judge: ARP, malformed frames and the like are the host's business.
+        _ => return TC_ACT_OK,
+    };
+    // SAFETY: value copied out of the map.
+    let Some(dst_ep) = (unsafe { ENDPOINTS.get(&pkt.daddr) }).copied() else {
+        return TC_ACT_OK;
+    };
+    // A local pod's address can only come from its own veth.
+    // SAFETY: existence check.
+    if unsafe { ENDPOINTS.get(&pkt.saddr) }.is_some() {
+        record_drop(ctx, Some(&pkt.ct_key()), DropReason::Spoofed, 0, 0);
+        return TC_ACT_SHOT;
+    }
+    match enforce(ctx, &pkt, None, Some(&dst_ep)) {
+        Ok(()) => forward::to_local_pod(ctx, &dst_ep),
+        Err(()) => TC_ACT_SHOT,
+    }
+}

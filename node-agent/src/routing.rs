@@ -1,0 +1,279 @@
+//! Routes to other nodes' pods, without BGP: the controller tells every agent which node owns
+//! which pod CIDR and at which address; the agent turns that into eBPF route entries (for
+//! pod traffic) and kernel routes (for traffic the node itself originates).
+//!
+//! Per peer node, the mode is chosen automatically: a node whose address is on one of the
+//! uplink's subnets is reached directly (`bpf_redirect_neigh` out of the uplink, like
+//! flannel's host-gw); any other node through VXLAN (like Calico's VXLAN CrossSubnet).
+
+use std::{collections::BTreeMap, net::IpAddr, str::FromStr};
+
+use ipnet::IpNet;
+use weir_api::NodeRoute;
+use weir_common::{ip::IpKey, route::RouteEntry};
+
+use crate::netlink::{Netlink, NetlinkError, link_mac};
+
+/// Name of the node's VXLAN device.
+pub const TUNNEL_IFNAME: &str = "weir.vxlan";
+/// IANA VXLAN port.
+pub const VXLAN_PORT: u16 = 4789;
+/// VXLAN network identifier weir uses.
+pub const VNI: u32 = 1;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RoutingMode {
+    /// Direct to nodes on the uplink's subnets, VXLAN to the others.
+    #[default]
+    Auto,
+    /// Always direct (every node must be on the same L2 segment).
+    Direct,
+    /// Always VXLAN.
+    Vxlan,
+}
+
+impl FromStr for RoutingMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "direct" => Ok(Self::Direct),
+            "vxlan" => Ok(Self::Vxlan),
+            other => Err(format!(
+                "unknown routing mode {other:?} (auto, direct or vxlan)"
+            )),
+        }
+    }
+}
+
+/// The interface that connects the node to the other nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uplink {
+    pub ifname: String,
+    pub ifindex: u32,
+    /// Its addresses with their prefix lengths (what is on-link).
+    pub subnets: Vec<IpNet>,
+    pub mtu: u32,
+}
+
+impl Uplink {
+    /// The first interface (in index order, or the one named `preferred`) other than
+    /// loopback and weir's own that has a global IPv4 address.
+    pub async fn detect(
+        nl: &Netlink,
+        preferred: Option<&str>,
+    ) -> Result<Option<Uplink>, NetlinkError> {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        for index in nl.link_indices().await? {
+            let Some(link) = nl.link_by_index(index).await? else {
+                continue;
+            };
+            let mut name = String::new();
+            let mut mtu = 1500;
+            for a in &link.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = n.clone(),
+                    LinkAttribute::Mtu(m) => mtu = *m,
+                    _ => {}
+                }
+            }
+            if name == "lo" || name.starts_with("weir") || link_mac(&link).is_none() {
+                continue;
+            }
+            if preferred.is_some_and(|p| p != name) {
+                continue;
+            }
+            let subnets: Vec<IpNet> = nl
+                .addresses(index)
+                .await?
+                .into_iter()
+                .filter(
+                    |n| matches!(n.addr(), IpAddr::V4(a) if !a.is_link_local() && !a.is_loopback()),
+                )
+                .collect();
+            if subnets.is_empty() {
+                continue;
+            }
+            return Ok(Some(Uplink {
+                ifname: name,
+                ifindex: index,
+                subnets,
+                mtu,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn on_link(&self, ip: IpAddr) -> bool {
+        self.subnets.iter().any(|n| n.trunc().contains(&ip))
+    }
+}
+
+/// Kernel route for traffic the node originates to a remote pod CIDR.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelRoute {
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
+    /// None: a blackhole.
+    pub ifindex: Option<u32>,
+}
+
+/// Everything routing needs on this node, computed from the controller's route table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// This node's own pod CIDRs (the IPAM pools).
+    pub own_cidrs: Vec<IpNet>,
+    /// `ROUTES` map: remote pod CIDR → node.
+    pub map: BTreeMap<IpNet, RouteEntry>,
+    pub kernel: Vec<KernelRoute>,
+}
+
+/// Computes the plan. Pure: no I/O.
+pub fn plan(
+    routes: &BTreeMap<IpNet, NodeRoute>,
+    me: &str,
+    uplink: &Uplink,
+    tunnel_ifindex: u32,
+    mode: RoutingMode,
+) -> RoutePlan {
+    let mut plan = RoutePlan::default();
+    for (cidr, route) in routes {
+        if route.node == me {
+            plan.own_cidrs.push(*cidr);
+            // Addresses of the own CIDR that no pod holds go nowhere (not out of a default
+            // route: that would loop between nodes).
+            plan.kernel.push(KernelRoute {
+                dst: *cidr,
+                gateway: None,
+                ifindex: None,
+            });
+            continue;
+        }
+        let direct = match mode {
+            RoutingMode::Direct => true,
+            RoutingMode::Vxlan => false,
+            RoutingMode::Auto => uplink.on_link(route.node_ip),
+        };
+        if direct {
+            plan.map.insert(
+                *cidr,
+                RouteEntry::new(
+                    IpKey::from(route.node_ip),
+                    RouteEntry::MODE_DIRECT,
+                    uplink.ifindex,
+                ),
+            );
+            plan.kernel.push(KernelRoute {
+                dst: *cidr,
+                gateway: Some(route.node_ip),
+                ifindex: Some(uplink.ifindex),
+            });
+        } else {
+            plan.map.insert(
+                *cidr,
+                RouteEntry::new(
+                    IpKey::from(route.node_ip),
+                    RouteEntry::MODE_VXLAN,
+                    tunnel_ifindex,
+                ),
+            );
+            plan.kernel.push(KernelRoute {
+                dst: *cidr,
+                gateway: None,
+                ifindex: Some(tunnel_ifindex),
+            });
+        }
+    }
+    plan
+}
+
+/// Makes the kernel's weir-owned routes exactly `plan.kernel`.
+pub async fn apply_kernel_routes(nl: &Netlink, plan: &RoutePlan) -> Result<(), NetlinkError> {
+    for r in &plan.kernel {
+        nl.replace_owned_route(r.dst, r.gateway, r.ifindex).await?;
+    }
+    for dst in nl.owned_routes().await? {
+        if !plan.kernel.iter().any(|r| r.dst == dst) {
+            nl.del_route(dst).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uplink() -> Uplink {
+        Uplink {
+            ifname: "eth0".into(),
+            ifindex: 2,
+            subnets: vec!["172.30.1.11/24".parse().unwrap()],
+            mtu: 1500,
+        }
+    }
+
+    fn routes() -> BTreeMap<IpNet, NodeRoute> {
+        [
+            ("10.244.1.0/24", "n1", "172.30.1.11"),
+            ("10.244.2.0/24", "n2", "172.30.2.12"),
+            ("10.244.3.0/24", "n3", "172.30.1.13"),
+        ]
+        .into_iter()
+        .map(|(c, n, ip)| {
+            (
+                c.parse().unwrap(),
+                NodeRoute {
+                    node: n.into(),
+                    node_ip: ip.parse().unwrap(),
+                },
+            )
+        })
+        .collect()
+    }
+
+    #[test]
+    fn auto_mode_goes_direct_on_link_and_tunnels_across_subnets() {
+        let p = plan(&routes(), "n1", &uplink(), 9, RoutingMode::Auto);
+        assert_eq!(p.own_cidrs, vec!["10.244.1.0/24".parse::<IpNet>().unwrap()]);
+        let n2 = p.map[&"10.244.2.0/24".parse().unwrap()];
+        assert_eq!((n2.mode(), n2.ifindex()), (RouteEntry::MODE_VXLAN, 9));
+        let n3 = p.map[&"10.244.3.0/24".parse().unwrap()];
+        assert_eq!((n3.mode(), n3.ifindex()), (RouteEntry::MODE_DIRECT, 2));
+        assert_eq!(
+            n3.node_ip(),
+            &IpKey::from("172.30.1.13".parse::<IpAddr>().unwrap())
+        );
+        assert!(
+            !p.map.contains_key(&"10.244.1.0/24".parse().unwrap()),
+            "no route to itself"
+        );
+        let own = p
+            .kernel
+            .iter()
+            .find(|r| r.dst == "10.244.1.0/24".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            own.ifindex, None,
+            "own CIDR is blackholed below the pods' /32 routes"
+        );
+    }
+
+    #[test]
+    fn forced_modes_override_the_subnet_test() {
+        let direct = plan(&routes(), "n1", &uplink(), 9, RoutingMode::Direct);
+        assert!(
+            direct
+                .map
+                .values()
+                .all(|r| r.mode() == RouteEntry::MODE_DIRECT)
+        );
+        let vxlan = plan(&routes(), "n1", &uplink(), 9, RoutingMode::Vxlan);
+        assert!(
+            vxlan
+                .map
+                .values()
+                .all(|r| r.mode() == RouteEntry::MODE_VXLAN)
+        );
+    }
+}
