@@ -713,6 +713,39 @@ impl LocalCluster {
         self.wait_agent_ready(idx, Duration::from_secs(30)).await
     }
 
+    /// GET `path` from node `idx`'s agent HTTP endpoint (from inside the node's namespace).
+    /// Returns the status code and body.
+    pub fn agent_http(&self, idx: usize, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+        let response = self.nodes[idx]
+            .netns
+            .within(move || -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", AGENT_HTTP_PORT))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(request.as_bytes())?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })??;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("bad HTTP response from the agent: {head}"))?;
+        // Bodies may come chunked: keep only the payload lines.
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        Ok((code, body))
+    }
+
     /// Kills node `idx`'s agent abruptly (SIGKILL), as a crash or OOM would.
     pub fn kill_agent(&mut self, idx: usize) {
         if let Some((mut child, rec)) = self.nodes[idx].agent.take() {
@@ -1019,6 +1052,25 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
         None::<&str>,
     )
     .with_context(|| format!("mounting bpffs at {}", path.display()))
+}
+
+/// Port of the agent's HTTP endpoint.
+pub const AGENT_HTTP_PORT: u16 = 9962;
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// The last `n` lines of a file, for error messages.

@@ -121,13 +121,17 @@ impl Agent {
             config = NodeConfig::new(config.policy_gen(), cfg.flow_sample_rate, VNI);
         }
         maps.set_config(config)?;
-        let ipam = if cfg.pod_cidrs.is_empty() {
+        // Pod CIDRs: configured, or as the controller last assigned them (so a restarted
+        // agent can attach pods while the controller is away).
+        let pools = if cfg.pod_cidrs.is_empty() {
+            load_assigned_cidrs(&cfg.state_dir)
+        } else {
+            cfg.pod_cidrs.clone()
+        };
+        let ipam = if pools.is_empty() {
             None
         } else {
-            Some(weir_ipam::Ipam::open(
-                &cfg.state_dir.join("ipam"),
-                &cfg.pod_cidrs,
-            )?)
+            Some(weir_ipam::Ipam::open(&cfg.state_dir.join("ipam"), &pools)?)
         };
         let endpoints = EndpointStore::open(&cfg.state_dir)?;
         let node = Netlink::current()?;
@@ -295,6 +299,18 @@ impl Agent {
         }
     }
 
+    /// Whether the controller's state has been applied since this agent started.
+    pub fn has_controller_state(&self) -> bool {
+        self.have_controller_state
+    }
+
+    /// The flow-event ring buffer, for the reader task (once).
+    pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self.dp.take_map(weir_common::maps::EVENTS)?;
+        aya::maps::RingBuf::try_from(map)
+            .map_err(|e| AgentError::Check(format!("opening the flow event ring buffer: {e}")))
+    }
+
     /// Whether ADD can be served now (the node's pod CIDR is known).
     pub fn ready(&self) -> bool {
         self.ipam.is_some()
@@ -396,6 +412,7 @@ impl Agent {
                     &self.cfg.state_dir.join("ipam"),
                     &plan.own_cidrs,
                 )?);
+                save_assigned_cidrs(&self.cfg.state_dir, &plan.own_cidrs)?;
                 info!(pod_cidrs = ?plan.own_cidrs, "pod CIDR assigned by the controller");
             }
         }
@@ -439,4 +456,24 @@ impl Agent {
         self.maps.sync_endpoints(&desired)?;
         Ok(())
     }
+}
+
+const ASSIGNED_CIDRS: &str = "pod-cidrs.json";
+
+fn load_assigned_cidrs(state_dir: &std::path::Path) -> Vec<IpNet> {
+    std::fs::read(state_dir.join(ASSIGNED_CIDRS))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn save_assigned_cidrs(state_dir: &std::path::Path, cidrs: &[IpNet]) -> Result<()> {
+    let path = state_dir.join(ASSIGNED_CIDRS);
+    let tmp = path.with_extension("tmp");
+    let io = |source| AgentError::StateDir {
+        path: path.clone(),
+        source,
+    };
+    std::fs::write(&tmp, serde_json::to_vec(cidrs).expect("serialisable")).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
 }

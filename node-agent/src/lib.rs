@@ -6,8 +6,10 @@ pub mod cni_service;
 pub mod controller_link;
 pub mod dataplane;
 pub mod endpoints;
+pub mod http;
 pub mod maps;
 pub mod netlink;
+pub mod observe;
 pub mod podnet;
 pub mod routing;
 

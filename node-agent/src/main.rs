@@ -50,6 +50,9 @@ struct Args {
     /// Name the controller's certificate must carry.
     #[arg(long, default_value = "weir-controller")]
     controller_name: String,
+    /// Address of the HTTP endpoint (/readyz, /metrics, /flows).
+    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9962")]
+    metrics_addr: std::net::SocketAddr,
     /// Report one in N new flows as a flow event (0: only drops).
     #[arg(long, default_value_t = 0)]
     flow_sample_rate: u32,
@@ -81,7 +84,29 @@ async fn main() -> Result<()> {
         pod_mtu = agent.config().pod_mtu,
         "dataplane loaded"
     );
+    let mut agent = agent;
+    let flows = weir_agent::observe::FlowLog::new(4096);
+    match agent.take_flow_events() {
+        Ok(ring) => {
+            let log = flows.clone();
+            tokio::spawn(async move {
+                if let Err(e) = weir_agent::observe::read_flow_events(ring, log).await {
+                    warn!(error = %e, "reading flow events stopped");
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "no flow events"),
+    }
     let agent = Arc::new(Mutex::new(agent));
+    {
+        let (agent, flows, addr) = (agent.clone(), flows.clone(), args.metrics_addr);
+        let follows_controller = args.controller.is_some();
+        tokio::spawn(async move {
+            if let Err(e) = weir_agent::http::serve(addr, agent, flows, follows_controller).await {
+                warn!(error = %e, %addr, "HTTP endpoint stopped");
+            }
+        });
+    }
 
     // The socket appears only now: a plugin STATUS that reaches us means ADD can be served.
     let listener = weir_cni::server::bind(&args.cni_socket)

@@ -130,10 +130,17 @@ impl LiveStream {
             let received = received.clone();
             let failed = failed.clone();
             let done = done.clone();
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 let (mut conn, _) = listener.accept().expect("accept");
+                // Wake up now and then, so that `stop` ends a stream whose path was cut.
+                conn.set_read_timeout(Some(Duration::from_millis(200)))
+                    .expect("read timeout");
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                     match conn.read(&mut buf) {
                         Ok(0) => {
                             done.store(true, Ordering::Relaxed);
@@ -142,6 +149,11 @@ impl LiveStream {
                         Ok(n) => {
                             received.fetch_add(n as u64, Ordering::Relaxed);
                         }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
                         Err(_) => {
                             failed.store(true, Ordering::Relaxed);
                             break;

@@ -1,0 +1,201 @@
+//! NetworkPolicy end to end: the controller compiles, agents enforce; what a user sees when
+//! policies change, are wrong, or when weir's own components go away.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{LiveStream, cluster, pod, probe};
+use weir_conformance::{Protocol, probe::Servers};
+use weir_localcluster::{LocalCluster, Topology};
+
+fn deny_ingress(namespace: &str, name: &str, pod: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": ["Ingress"]},
+    })
+}
+
+async fn tcp(c: &LocalCluster, from: &str, to: &str) -> bool {
+    let (from, to) = (
+        c.pod("default", from).unwrap(),
+        c.pod("default", to).unwrap(),
+    );
+    probe(&from.netns, to.ip, 80, Protocol::Tcp)
+        .await
+        .is_connected()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_drops_are_counted_and_reported_with_the_policy_that_caused_them() {
+    let mut c = cluster(1, Topology::L2).await;
+    pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 0).await;
+    let _s = Servers::start(&b.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+    assert!(!tcp(&c, "a", "b").await, "denied by lock-b");
+
+    let (code, metrics) = c.agent_http(0, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let drops = metrics
+        .lines()
+        .find(|l| l.starts_with("weir_agent_drops_total{reason=\"policy_ingress\"}"))
+        .unwrap_or_else(|| panic!("no policy_ingress drop counter in\n{metrics}"));
+    assert!(!drops.ends_with(" 0"), "{drops}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("weir_agent_policy_denied_flows_total")
+                && l.contains("NetworkPolicy/default/lock-b")
+                && !l.ends_with(" 0")),
+        "denied flows counted against lock-b:\n{metrics}"
+    );
+
+    let (_, flows) = c.agent_http(0, "/flows?limit=50").unwrap();
+    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    let drop = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["reason"] == "policy_ingress" && f["dst"] == b.ip.to_string())
+        .unwrap_or_else(|| panic!("no drop event for b in {flows:#}"));
+    assert_eq!(drop["dport"], 80);
+    assert_eq!(drop["policies"], json!(["NetworkPolicy/default/lock-b"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_policy_fails_closed_for_its_pods_and_leaves_the_others_alone() {
+    let mut c = cluster(1, Topology::L2).await;
+    for p in ["a", "b", "c"] {
+        pod(&mut c, "default", p, 0).await;
+    }
+    let _sb = Servers::start(
+        &c.pod("default", "b").unwrap().netns.path(),
+        &[80],
+        &[Protocol::Tcp],
+    )
+    .unwrap();
+    let _sc = Servers::start(
+        &c.pod("default", "c").unwrap().netns.path(),
+        &[80],
+        &[Protocol::Tcp],
+    )
+    .unwrap();
+    // A valid policy: c accepts only a.
+    c.apply_object(&json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "c-from-a", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": "c"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}],
+        },
+    }))
+    .unwrap();
+    // An invalid one for b: the CIDR does not parse.
+    c.apply_object(&json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "b-broken", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": "b"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]}],
+        },
+    }))
+    .unwrap();
+    c.sync().await.unwrap();
+    assert!(!tcp(&c, "a", "b").await, "b fails closed");
+    assert!(tcp(&c, "a", "c").await, "c-from-a still applies");
+    assert!(!tcp(&c, "b", "c").await, "c-from-a still applies");
+    let log = std::fs::read_to_string(c.controller().unwrap().dir.join("controller.log")).unwrap();
+    assert!(
+        log.contains("NetworkPolicy/default/b-broken")
+            && log.contains("spec.ingress[0].from[0].ipBlock.cidr"),
+        "the controller names the policy and the field:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_change_also_cuts_established_connections_it_no_longer_allows() {
+    let mut c = cluster(2, Topology::L2).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 1).await;
+    let stream = LiveStream::start(&a.netns, &b.netns, b.ip, 9300);
+    stream
+        .assert_flowing("before the policy", Duration::from_millis(300))
+        .await;
+    // An unrelated policy does not disturb the flow.
+    c.apply_object(&deny_ingress("default", "lock-a", "a"))
+        .unwrap();
+    c.sync().await.unwrap();
+    stream
+        .assert_flowing("after an unrelated policy", Duration::from_millis(300))
+        .await;
+    // Isolating b revokes the established connection too.
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cut_at = stream.received();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        stream.received(),
+        cut_at,
+        "no data crosses after the policy revoked the flow"
+    );
+    stream.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enforcement_survives_controller_and_agent_restarts_and_catches_up() {
+    let mut c = cluster(2, Topology::Routed).await;
+    pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 1).await;
+    let _s = Servers::start(&b.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+    assert!(!tcp(&c, "a", "b").await);
+
+    // The controller goes away: nothing changes in the dataplane.
+    c.kill_controller();
+    assert!(
+        !tcp(&c, "a", "b").await,
+        "still denied without the controller"
+    );
+    // Policy edits made meanwhile wait for it...
+    c.delete_object("NetworkPolicy", Some("default"), "lock-b")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !tcp(&c, "a", "b").await,
+        "agents keep the last state they had"
+    );
+    // ...and apply once it is back.
+    c.restart_controller().unwrap();
+    c.sync().await.unwrap();
+    assert!(
+        tcp(&c, "a", "b").await,
+        "caught up after the controller returned"
+    );
+
+    // An agent restart does not open a hole either, even before it reconnects.
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+    assert!(!tcp(&c, "a", "b").await);
+    c.kill_controller();
+    c.kill_agent(1);
+    assert!(!tcp(&c, "a", "b").await, "denied while b's agent is down");
+    // It remembers its pod CIDR, so it is ready (pods can start) without the controller.
+    c.start_agent(1).await.unwrap();
+    assert!(
+        !tcp(&c, "a", "b").await,
+        "denied after b's agent restarted without a controller"
+    );
+}

@@ -1,0 +1,302 @@
+//! Observability: Prometheus metrics read from the dataplane's counters at scrape time, and
+//! the flow events the programs send over the ring buffer (every drop, a sample of allowed
+//! new flows), kept in a bounded log with policy names resolved.
+
+use std::{
+    collections::VecDeque,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{MapData, RingBuf};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tracing::debug;
+use weir_api::{Direction, NodeState};
+use weir_common::event::{DropReason, FlowEvent};
+
+use crate::maps::DataplaneMaps;
+
+/// Counter values read from the maps, with names resolved from the controller's state.
+#[derive(Debug, Default)]
+pub struct MetricsSnapshot {
+    pub ready: bool,
+    pub endpoints: usize,
+    pub peer_classes: usize,
+    pub verdicts: usize,
+    pub routes: usize,
+    pub drops: Vec<(DropReason, u64)>,
+    /// (namespace, name, direction, rule index) → packets admitted (new flows).
+    pub rule_hits: Vec<([(String, String); 4], u64)>,
+    /// (direction, policies of the rule set) → new flows denied.
+    pub policy_drops: Vec<([(String, String); 2], u64)>,
+    pub flow_events: u64,
+}
+
+fn direction(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+impl MetricsSnapshot {
+    pub fn read(maps: &DataplaneMaps, state: &NodeState, ready: bool, flow_events: u64) -> Self {
+        let rule_hits = DataplaneMaps::counter_totals(&maps.rule_hits)
+            .into_iter()
+            .filter_map(|(rule, n)| {
+                let r = state.rules.get(&rule)?;
+                Some((
+                    [
+                        ("namespace".to_string(), r.policy.namespace.clone()),
+                        ("policy".to_string(), r.policy.name.clone()),
+                        ("direction".to_string(), direction(r.direction).to_string()),
+                        ("rule".to_string(), r.index.to_string()),
+                    ],
+                    n,
+                ))
+            })
+            .collect();
+        let policy_drops = DataplaneMaps::counter_totals(&maps.policy_drops)
+            .into_iter()
+            .filter_map(|(set, n)| {
+                let info = state.rule_sets.get(&set)?;
+                let policies: Vec<String> = info.policies.iter().map(|p| p.to_string()).collect();
+                Some((
+                    [
+                        (
+                            "direction".to_string(),
+                            direction(info.direction).to_string(),
+                        ),
+                        ("policies".to_string(), policies.join(",")),
+                    ],
+                    n,
+                ))
+            })
+            .collect();
+        Self {
+            ready,
+            endpoints: maps.endpoints.keys().count(),
+            peer_classes: state.peer_classes.len(),
+            verdicts: state.verdicts.len(),
+            routes: state.routes.len(),
+            drops: maps.drop_counts(),
+            rule_hits,
+            policy_drops,
+            flow_events,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(self) -> String {
+        let mut registry = Registry::with_prefix("weir_agent");
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Collector for MetricsSnapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
+            let g = ConstGauge::new(v);
+            let m = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(m)
+        };
+        gauge(
+            &mut encoder,
+            "ready",
+            "1 once the dataplane is loaded and pods can be attached",
+            i64::from(self.ready),
+        )?;
+        gauge(
+            &mut encoder,
+            "endpoints",
+            "Pod addresses in the dataplane",
+            self.endpoints as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "peer_classes",
+            "Address prefixes classified for this node's policies",
+            self.peer_classes as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "verdicts",
+            "Precomputed verdict entries",
+            self.verdicts as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "routes",
+            "Pod CIDRs of nodes known to this node",
+            self.routes as i64,
+        )?;
+
+        let kind = ConstCounter::new(0u64).metric_type();
+        let mut drops =
+            encoder.encode_descriptor("drops", "Packets dropped, by reason", None, kind)?;
+        for (reason, n) in &self.drops {
+            let labels = [("reason".to_string(), reason.as_str().to_string())];
+            ConstCounter::new(*n).encode(drops.encode_family(&labels)?)?;
+        }
+        let mut hits = encoder.encode_descriptor(
+            "policy_rule_flows",
+            "New flows admitted, by the policy rule that admitted them",
+            None,
+            kind,
+        )?;
+        for (labels, n) in &self.rule_hits {
+            ConstCounter::new(*n).encode(hits.encode_family(labels)?)?;
+        }
+        let mut denied = encoder.encode_descriptor(
+            "policy_denied_flows",
+            "New flows denied, by the policies isolating the endpoint",
+            None,
+            kind,
+        )?;
+        for (labels, n) in &self.policy_drops {
+            ConstCounter::new(*n).encode(denied.encode_family(labels)?)?;
+        }
+        let events = ConstCounter::new(self.flow_events);
+        let m = encoder.encode_descriptor(
+            "flow_events",
+            "Flow events received from the dataplane",
+            None,
+            kind,
+        )?;
+        events.encode(m)?;
+        Ok(())
+    }
+}
+
+/// One flow event, ready for people.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowRecord {
+    /// Seconds since boot (the kernel's monotonic clock).
+    pub time: f64,
+    pub verdict: &'static str,
+    pub reason: Option<&'static str>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: u32,
+    /// Rule set that decided, as policy names.
+    pub policies: Vec<String>,
+    /// The deciding rule, `Kind/ns/name direction #index`.
+    pub rule: Option<String>,
+    #[serde(skip)]
+    raw: FlowEvent,
+}
+
+impl FlowRecord {
+    fn new(e: FlowEvent) -> Self {
+        Self {
+            time: e.ts_ns as f64 / 1e9,
+            verdict: if e.verdict == FlowEvent::VERDICT_DROP {
+                "drop"
+            } else {
+                "allow"
+            },
+            reason: DropReason::from_u32(e.reason).map(|r| r.as_str()),
+            src: e.saddr.into(),
+            dst: e.daddr.into(),
+            proto: e.proto,
+            sport: e.sport,
+            dport: e.dport,
+            ifindex: e.ifindex,
+            policies: Vec::new(),
+            rule: None,
+            raw: e,
+        }
+    }
+
+    /// Fills in policy names from the controller's state.
+    pub fn resolve(mut self, state: &NodeState) -> Self {
+        if let Some(set) = state.rule_sets.get(&self.raw.policy) {
+            self.policies = set.policies.iter().map(|p| p.to_string()).collect();
+        }
+        if let Some(r) = state.rules.get(&self.raw.rule) {
+            self.rule = Some(format!(
+                "{} {} #{}",
+                r.policy,
+                direction(r.direction),
+                r.index
+            ));
+        }
+        self
+    }
+}
+
+/// The most recent flow events.
+#[derive(Debug)]
+pub struct FlowLog {
+    capacity: usize,
+    inner: Mutex<(VecDeque<FlowRecord>, u64)>,
+}
+
+impl FlowLog {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            capacity,
+            inner: Mutex::new((VecDeque::with_capacity(capacity), 0)),
+        })
+    }
+
+    fn push(&self, r: FlowRecord) {
+        let mut g = self.inner.lock().expect("flow log lock");
+        if g.0.len() == self.capacity {
+            g.0.pop_front();
+        }
+        g.0.push_back(r);
+        g.1 += 1;
+    }
+
+    /// The newest `limit` events, oldest first.
+    pub fn recent(&self, limit: usize) -> Vec<FlowRecord> {
+        let g = self.inner.lock().expect("flow log lock");
+        g.0.iter()
+            .skip(g.0.len().saturating_sub(limit))
+            .cloned()
+            .collect()
+    }
+
+    /// Events received since the agent started.
+    pub fn total(&self) -> u64 {
+        self.inner.lock().expect("flow log lock").1
+    }
+}
+
+/// Reads the `EVENTS` ring buffer until the process ends.
+pub async fn read_flow_events(ring: RingBuf<MapData>, log: Arc<FlowLog>) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<FlowEvent>() {
+                continue;
+            }
+            // SAFETY: the programs submit whole FlowEvents; read_unaligned copes with the
+            // ring's 8-byte alignment.
+            let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) };
+            let record = FlowRecord::new(event);
+            debug!(verdict = record.verdict, reason = ?record.reason, src = %record.src, dst = %record.dst, dport = record.dport, "flow");
+            log.push(record);
+        }
+        guard.clear_ready();
+    }
+}
