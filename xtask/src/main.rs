@@ -1,7 +1,11 @@
 //! `cargo xtask <command>`: the developer and CI entry point.
 
+mod bench;
 mod conformance;
 mod demo;
+mod image;
+mod kind;
+mod manifests;
 mod setup;
 
 use std::{
@@ -70,6 +74,20 @@ enum Cmd {
     },
     /// Run every test: setup, build, unit, kernel and end-to-end tests.
     Test,
+    /// Build the container image without Docker (default target/weir-image.tar, weir:dev).
+    Image(image::Args),
+    /// Install weir on a new kind cluster and run reachability cases in it (Docker, kind,
+    /// kubectl).
+    E2eKind(kind::Args),
+    /// Benchmarks: per-packet cost, throughput, latency and connection rate against plain
+    /// routing and iptables/ipset/nftables, compile time and memory, policy propagation.
+    Bench(bench::Args),
+    /// One measurement of `bench` in a process of its own (peak memory per measurement).
+    #[command(hide = true)]
+    BenchChild {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -110,6 +128,10 @@ fn main() -> Result<()> {
         }
         Cmd::Down { run } => down(run),
         Cmd::Test => test(),
+        Cmd::Image(args) => image::run(args),
+        Cmd::E2eKind(args) => kind::run(args),
+        Cmd::Bench(args) => bench::run(args),
+        Cmd::BenchChild { args } => bench::child(&args),
     }
 }
 
@@ -184,10 +206,9 @@ fn up(nodes: usize, topology: Topology, pods_per_node: usize) -> Result<()> {
         println!("Local cluster {} is up.", cluster.run_id());
         for node in cluster.nodes() {
             println!(
-                "  node {:<12} ip {:<14} pod CIDR {:<16} namespace {}",
+                "  node {:<12} ip {:<14} namespace {}",
                 node.name,
                 node.ip,
-                node.pod_cidr,
                 node.netns.name()
             );
         }
@@ -236,5 +257,26 @@ fn test() -> Result<()> {
             .args(["test", "--workspace", "--all-features"])
             .env("WEIR_BIN_DIR", &bin),
     )?;
+    // The upstream NetworkPolicy suite on real clusters: one node, several nodes on one L2
+    // segment (direct routing), nodes in two subnets (VXLAN).
+    let cases = workspace_root().join("conformance/cases/upstream-netpol.yaml");
+    let mut failed = Vec::new();
+    for (nodes, topology) in [(1, Topology::L2), (2, Topology::L2), (2, Topology::Routed)] {
+        let args = conformance::Args {
+            cases: cases.clone(),
+            nodes: Some(nodes),
+            topology: Some(topology),
+            verbose: false,
+            filter: None,
+            json: None,
+        };
+        if !runtime().block_on(conformance::run(bin.clone(), args))? {
+            failed.push(format!("{nodes} node(s), {topology}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("conformance failed on: {}", failed.join("; "));
+    }
+    println!("All tests passed.");
     Ok(())
 }

@@ -1,0 +1,130 @@
+//! `cargo xtask bench`: weir's benchmarks, with the alternatives a user would otherwise pick
+//! measured in the same run on the same machine.
+//!
+//! Sections (see `docs/benchmarks.md` for what each figure means and how it is measured):
+//! * `verdict`: per-packet cost of the real TC programs and maps under `BPF_PROG_TEST_RUN`,
+//!   for growing numbers of policies and peer pods (baseline: the same programs, no policy);
+//! * `datapath`: pod-to-pod TCP throughput (iperf3), request/response rate and latency, and
+//!   new connections per second, through weir, through iptables, ipset and nftables rule sets
+//!   of the same size, and through plain routed veths (the baseline);
+//! * `compile`: full compile time and peak memory of the controller for two large synthetic
+//!   clusters, and the cost of one pod label change and one policy change;
+//! * `propagation`: how long a policy takes from the manifest write to being enforced.
+//!
+//! These are benchmarks, not timed tests: they print figures and never fail on a slow machine.
+//! Every figure is the median of several runs, interleaved across the configurations it is
+//! compared with (A B C A B C …), so that slow drifts of a shared machine hit all alike.
+//!
+//! The figures only mean something for optimised code, so `cargo xtask bench` builds xtask
+//! (with the `bench` feature) and weir's binaries in release mode and re-executes itself.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+#[cfg(feature = "bench")]
+mod compile;
+#[cfg(feature = "bench")]
+mod datapath;
+#[cfg(feature = "bench")]
+mod harness;
+#[cfg(feature = "bench")]
+mod propagation;
+#[cfg(feature = "bench")]
+mod report;
+#[cfg(feature = "bench")]
+mod synthetic;
+#[cfg(feature = "bench")]
+mod topology;
+#[cfg(feature = "bench")]
+mod traffic;
+#[cfg(feature = "bench")]
+mod verdict;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// A reduced set that completes in a few minutes (fewer configurations, shorter runs).
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write every figure, with its runs, as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Runs per figure (default: 3 with --quick, 5 otherwise).
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Also measure between pods on different nodes with --quick (the full set always does).
+    #[arg(long)]
+    pub cross_node: bool,
+    /// Only these sections (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<Section>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// Per-packet verdict cost under BPF_PROG_TEST_RUN.
+    Verdict,
+    /// Throughput, request/response latency and connection rate between pods.
+    Datapath,
+    /// Controller compile time, memory and incremental cost at scale.
+    Compile,
+    /// Policy apply → enforced latency in the local cluster.
+    Propagation,
+}
+
+/// Set in the environment of the re-executed release build, so that a build without the
+/// `bench` feature fails instead of re-executing itself forever.
+const RELAUNCHED: &str = "WEIR_BENCH_RELAUNCHED";
+
+pub fn run(args: Args) -> Result<()> {
+    #[cfg(feature = "bench")]
+    if !cfg!(debug_assertions) {
+        return harness::run(args);
+    }
+    let _ = args;
+    relaunch_in_release()
+}
+
+/// `xtask bench-child …`: one measurement in a process of its own.
+pub fn child(args: &[String]) -> Result<()> {
+    #[cfg(feature = "bench")]
+    {
+        harness::child(args)
+    }
+    #[cfg(not(feature = "bench"))]
+    {
+        anyhow::bail!("bench-child {args:?}: this xtask was built without the `bench` feature")
+    }
+}
+
+/// Builds xtask (with the harness) and weir's binaries in release mode, then replaces this
+/// process with the release xtask, same arguments.
+fn relaunch_in_release() -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+
+    use anyhow::{Context as _, bail};
+
+    if std::env::var_os(RELAUNCHED).is_some() {
+        bail!("the release build of xtask was built without the `bench` feature");
+    }
+    let mut build = crate::cargo();
+    build.args([
+        "build",
+        "--release",
+        "--bins",
+        "--features",
+        "xtask/bench",
+        "-p",
+        "xtask",
+    ]);
+    for p in crate::BIN_PACKAGES {
+        build.args(["-p", p]);
+    }
+    crate::status(&mut build)?;
+    let exe = crate::target_dir().join("release").join("xtask");
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(RELAUNCHED, "1")
+        .exec();
+    Err(err).with_context(|| format!("executing {}", exe.display()))
+}
