@@ -101,6 +101,7 @@ fn main() -> Result<()> {
             pods_per_node,
         } => up(nodes, topology, pods_per_node),
         Cmd::Demo { nodes, topology } => {
+            setup::run()?;
             let bin = build()?;
             runtime().block_on(demo::run(bin, nodes, topology))
         }
