@@ -27,7 +27,9 @@ pub const ABI_VERSION: u32 = 1;
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const PEER_CLASSES: &str = "PEER_CLASSES";
+    pub const PEER_HOSTS: &str = "PEER_HOSTS";
     pub const VERDICTS: &str = "VERDICTS";
+    pub const VERDICTS_EXACT: &str = "VERDICTS_EXACT";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const ROUTES: &str = "ROUTES";
     pub const HOST_ADDRS: &str = "HOST_ADDRS";
@@ -42,7 +44,9 @@ pub mod maps {
     pub const ALL: &[&str] = &[
         ENDPOINTS,
         PEER_CLASSES,
+        PEER_HOSTS,
         VERDICTS,
+        VERDICTS_EXACT,
         CONNTRACK,
         ROUTES,
         HOST_ADDRS,
@@ -81,6 +85,8 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 4096;
     pub const PEER_CLASSES: u32 = 262_144;
     pub const VERDICTS: u32 = 524_288;
+    pub const VERDICTS_EXACT: u32 = 524_288;
+    pub const PEER_HOSTS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
     pub const ROUTES: u32 = 16_384;
     pub const HOST_ADDRS: u32 = 256;

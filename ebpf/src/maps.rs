@@ -28,6 +28,18 @@ pub static HOST_ADDRS: HashMap<IpKey, HostAddr> =
 pub static PEER_CLASSES: LpmTrie<IpKey, PeerClass> =
     LpmTrie::with_max_entries(capacity::PEER_CLASSES, 0);
 
+/// Full-length (/32, /128) entries of the peer classes: one hash lookup for the common case
+/// (a pod's address), the trie only for prefixes.
+#[map]
+pub static PEER_HOSTS: HashMap<IpKey, PeerClass> =
+    HashMap::with_max_entries(capacity::PEER_HOSTS, 0);
+
+/// Full-length verdict keys (a single port of a protocol): one hash lookup; the trie holds
+/// only the shorter matches (port ranges, whole protocols, every protocol).
+#[map]
+pub static VERDICTS_EXACT: HashMap<VerdictKey, Verdict> =
+    HashMap::with_max_entries(capacity::VERDICTS_EXACT, 0);
+
 #[map]
 pub static VERDICTS: LpmTrie<VerdictKey, Verdict> =
     LpmTrie::with_max_entries(capacity::VERDICTS, 0);

@@ -9,7 +9,7 @@ use weir_common::{
     policy::{CLASS_UNMATCHED, NOT_ISOLATED, VerdictKey},
 };
 
-use crate::maps::{HOST_ADDRS, PEER_CLASSES, VERDICTS};
+use crate::maps::{HOST_ADDRS, PEER_CLASSES, PEER_HOSTS, VERDICTS, VERDICTS_EXACT};
 
 /// A flow admitted by policy, with the rules that admitted it (0: direction not isolated).
 pub struct Admission {
@@ -27,6 +27,10 @@ pub struct Denial {
 /// Class of `peer` as seen by this node's policies.
 #[inline(always)]
 fn peer_class(peer: &IpKey) -> u32 {
+    // SAFETY: value copied out of the map.
+    if let Some(c) = unsafe { PEER_HOSTS.get(peer) } {
+        return c.class();
+    }
     match PEER_CLASSES.get(Key::new(128, *peer)) {
         Some(c) => c.class(),
         None => CLASS_UNMATCHED,
@@ -40,11 +44,16 @@ fn check(policy: u32, peer: &IpKey, proto: u8, port: u16) -> Result<u32, u32> {
     if policy == NOT_ISOLATED {
         return Ok(0);
     }
-    let key = Key::new(
-        VerdictKey::PREFIX_FULL,
-        VerdictKey::new(policy, peer_class(peer), proto, port),
-    );
-    match VERDICTS.get(key) {
+    let key = VerdictKey::new(policy, peer_class(peer), proto, port);
+    // A full-length entry is the longest possible match: look for it first, by hash.
+    // SAFETY: value copied out of the map.
+    let verdict = match unsafe { VERDICTS_EXACT.get(&key) } {
+        Some(v) => Some(*v),
+        None => VERDICTS
+            .get(Key::new(VerdictKey::PREFIX_FULL, key))
+            .copied(),
+    };
+    match verdict {
         Some(v) if v.is_allow() => Ok(v.rule()),
         Some(v) => Err(v.rule()),
         None => Err(0),

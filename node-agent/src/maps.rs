@@ -83,7 +83,9 @@ pub struct DataplaneMaps {
     pub endpoints: HashMap<MapData, IpKey, EndpointInfo>,
     pub host_addrs: HashMap<MapData, IpKey, HostAddr>,
     pub peer_classes: LpmTrie<MapData, IpKey, PeerClass>,
+    pub peer_hosts: HashMap<MapData, IpKey, PeerClass>,
     pub verdicts: LpmTrie<MapData, VerdictKey, Verdict>,
+    pub verdicts_exact: HashMap<MapData, VerdictKey, Verdict>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub routes: LpmTrie<MapData, IpKey, RouteEntry>,
     pub config: Array<MapData, NodeConfig>,
@@ -106,7 +108,9 @@ impl DataplaneMaps {
             endpoints: take!(dp, names::ENDPOINTS),
             host_addrs: take!(dp, names::HOST_ADDRS),
             peer_classes: take!(dp, names::PEER_CLASSES),
+            peer_hosts: take!(dp, names::PEER_HOSTS),
             verdicts: take!(dp, names::VERDICTS),
+            verdicts_exact: take!(dp, names::VERDICTS_EXACT),
             conntrack: take!(dp, names::CONNTRACK),
             routes: take!(dp, names::ROUTES),
             config: take!(dp, names::NODE_CONFIG),
@@ -171,24 +175,66 @@ impl DataplaneMaps {
         Ok(())
     }
 
+    /// Sets the class of an address prefix. Full-length prefixes (a pod's address) go to
+    /// the hash map the dataplane looks in first; shorter ones to the trie.
+    pub fn set_peer_class(&mut self, net: &IpNet, class: u32) -> Result<()> {
+        if net.prefix_len() == net.max_prefix_len() {
+            self.peer_hosts
+                .insert(IpKey::from(net.addr()), PeerClass::new(class), 0)
+                .map_err(map_err(names::PEER_HOSTS, format!("writing {net}")))
+        } else {
+            self.peer_classes
+                .insert(&prefix_key(net), PeerClass::new(class), 0)
+                .map_err(map_err(names::PEER_CLASSES, format!("writing {net}")))
+        }
+    }
+
+    pub fn remove_peer_class(&mut self, net: &IpNet) {
+        if net.prefix_len() == net.max_prefix_len() {
+            let _ = self.peer_hosts.remove(&IpKey::from(net.addr()));
+        } else {
+            let _ = self.peer_classes.remove(&prefix_key(net));
+        }
+    }
+
+    /// Sets a verdict. Full-length keys (one port of one protocol) go to the hash map the
+    /// dataplane looks in first; everything shorter to the trie.
+    pub fn set_verdict(&mut self, m: &VerdictMatch, v: &VerdictEntry) -> Result<()> {
+        let key = verdict_key(m);
+        if key.prefix_len() == VerdictKey::PREFIX_FULL {
+            self.verdicts_exact
+                .insert(key.data(), verdict_value(v), 0)
+                .map_err(map_err(names::VERDICTS_EXACT, format!("writing {m:?}")))
+        } else {
+            self.verdicts
+                .insert(&key, verdict_value(v), 0)
+                .map_err(map_err(names::VERDICTS, format!("writing {m:?}")))
+        }
+    }
+
+    pub fn remove_verdict(&mut self, m: &VerdictMatch) {
+        let key = verdict_key(m);
+        if key.prefix_len() == VerdictKey::PREFIX_FULL {
+            let _ = self.verdicts_exact.remove(&key.data());
+        } else {
+            let _ = self.verdicts.remove(&key);
+        }
+    }
+
     /// Applies a policy diff: additions before the endpoint changes that use them, removals
     /// after, so a packet never meets a rule set whose verdicts are half-written.
     pub fn apply_policy_diff(&mut self, diff: &NodeStateDiff) -> Result<()> {
         for (m, v) in &diff.verdicts.upsert {
-            self.verdicts
-                .insert(&verdict_key(m), verdict_value(v), 0)
-                .map_err(map_err(names::VERDICTS, format!("writing {m:?}")))?;
+            self.set_verdict(m, v)?;
         }
         for (net, class) in &diff.peer_classes.upsert {
-            self.peer_classes
-                .insert(&prefix_key(net), PeerClass::new(*class), 0)
-                .map_err(map_err(names::PEER_CLASSES, format!("writing {net}")))?;
+            self.set_peer_class(net, *class)?;
         }
         for net in &diff.peer_classes.remove {
-            let _ = self.peer_classes.remove(&prefix_key(net));
+            self.remove_peer_class(net);
         }
         for m in &diff.verdicts.remove {
-            let _ = self.verdicts.remove(&verdict_key(m));
+            self.remove_verdict(m);
         }
         Ok(())
     }
@@ -198,39 +244,56 @@ impl DataplaneMaps {
     pub fn sync_policy(&mut self, state: &NodeState) -> Result<()> {
         let full = NodeState::default().diff(state, 0, 0);
         self.apply_policy_diff(&full)?;
-        let wanted: HashSet<(u32, IpKey)> = state
-            .peer_classes
-            .keys()
-            .map(|n| {
+        let mut wanted_prefixes: HashSet<(u32, IpKey)> = HashSet::new();
+        let mut wanted_hosts: HashSet<IpKey> = HashSet::new();
+        for n in state.peer_classes.keys() {
+            if n.prefix_len() == n.max_prefix_len() {
+                wanted_hosts.insert(IpKey::from(n.addr()));
+            } else {
                 let k = prefix_key(n);
-                (k.prefix_len(), k.data())
-            })
-            .collect();
-        let stray_classes: Vec<Key<IpKey>> = self
+                wanted_prefixes.insert((k.prefix_len(), k.data()));
+            }
+        }
+        let stray: Vec<Key<IpKey>> = self
             .peer_classes
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .filter(|k| !wanted_prefixes.contains(&(k.prefix_len(), k.data())))
             .collect();
-        for k in stray_classes {
+        for k in stray {
             let _ = self.peer_classes.remove(&k);
         }
-        let wanted: HashSet<(u32, VerdictKey)> = state
-            .verdicts
+        let stray: Vec<IpKey> = self
+            .peer_hosts
             .keys()
-            .map(|m| {
-                let k = verdict_key(m);
-                (k.prefix_len(), k.data())
-            })
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted_hosts.contains(k))
             .collect();
-        let stray_verdicts: Vec<Key<VerdictKey>> = self
+        for k in stray {
+            let _ = self.peer_hosts.remove(&k);
+        }
+        let mut wanted_verdicts: HashSet<(u32, VerdictKey)> = HashSet::new();
+        for m in state.verdicts.keys() {
+            let k = verdict_key(m);
+            wanted_verdicts.insert((k.prefix_len(), k.data()));
+        }
+        let stray: Vec<Key<VerdictKey>> = self
             .verdicts
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .filter(|k| !wanted_verdicts.contains(&(k.prefix_len(), k.data())))
             .collect();
-        for k in stray_verdicts {
+        for k in stray {
             let _ = self.verdicts.remove(&k);
+        }
+        let stray: Vec<VerdictKey> = self
+            .verdicts_exact
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted_verdicts.contains(&(VerdictKey::PREFIX_FULL, *k)))
+            .collect();
+        for k in stray {
+            let _ = self.verdicts_exact.remove(&k);
         }
         Ok(())
     }

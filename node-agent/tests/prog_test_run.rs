@@ -8,17 +8,13 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use ipnet::IpNet;
 use support::packet::{self, TCP_ACK, TCP_SYN};
-use weir_agent::{
-    dataplane::Dataplane,
-    maps::{DataplaneMaps, prefix_key, verdict_key, verdict_value},
-};
+use weir_agent::{dataplane::Dataplane, maps::DataplaneMaps};
 use weir_api::{Action, PortPrefix, VerdictEntry, VerdictMatch};
 use weir_common::{
     config::NodeConfig,
     endpoint::EndpointInfo,
     event::DropReason,
     ip::IpKey,
-    policy::PeerClass,
     programs::{FROM_POD, TO_POD},
 };
 
@@ -81,10 +77,7 @@ impl Node {
 
     fn classify(&mut self, net: &str, class: u32) {
         let net: IpNet = net.parse().unwrap();
-        self.maps
-            .peer_classes
-            .insert(&prefix_key(&net), PeerClass::new(class), 0)
-            .unwrap();
+        self.maps.set_peer_class(&net, class).unwrap();
     }
 
     fn allow(
@@ -105,10 +98,7 @@ impl Node {
             action: Action::Allow,
             rule,
         };
-        self.maps
-            .verdicts
-            .insert(&verdict_key(&m), verdict_value(&v), 0)
-            .unwrap();
+        self.maps.set_verdict(&m, &v).unwrap();
     }
 
     /// Runs `program` on `frame` as if it arrived on `ifindex`.
@@ -288,6 +278,39 @@ fn port_range_prefix_covers_exactly_its_block() {
 }
 
 #[test]
+fn a_single_port_entry_beats_a_whole_protocol_entry() {
+    let mut node = Node::new();
+    node.set_endpoints(0, 0, 7, 0);
+    node.classify("10.244.0.10/32", 3);
+    node.allow(7, 3, Some(packet::TCP), None, 1);
+    // A more specific deny for TCP/80 (as a tiered policy would compile to).
+    let m = VerdictMatch {
+        rule_set: 7,
+        class: 3,
+        proto: Some(packet::TCP),
+        ports: PortPrefix::new(80, 16),
+    };
+    node.maps
+        .set_verdict(
+            &m,
+            &VerdictEntry {
+                action: Action::Deny,
+                rule: 2,
+            },
+        )
+        .unwrap();
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 81)).0, TC_ACT_REDIRECT);
+    // A prefix-wide class for the rest of the pod CIDR, overridden by the pod's own entry.
+    node.classify("10.244.0.0/24", 4);
+    assert_eq!(
+        node.sent_by_a(&syn_a_to_b(40002, 81)).0,
+        TC_ACT_REDIRECT,
+        "A is still class 3"
+    );
+}
+
+#[test]
 fn portless_rule_allows_every_protocol_including_icmp() {
     let mut node = Node::new();
     node.set_endpoints(0, 0, 7, 0);
@@ -325,15 +348,12 @@ fn a_policy_change_cuts_an_established_flow_it_no_longer_allows() {
     let ack = packet::tcp(MAC_A, GW_A, IP_A, IP_B, 40000, 80, TCP_ACK);
     assert_eq!(node.sent_by_a(&ack).0, TC_ACT_REDIRECT);
     // The allowing verdict is withdrawn; without a generation bump the flow would survive.
-    node.maps
-        .verdicts
-        .remove(&verdict_key(&VerdictMatch {
-            rule_set: 7,
-            class: 3,
-            proto: Some(packet::TCP),
-            ports: None,
-        }))
-        .unwrap();
+    node.maps.remove_verdict(&VerdictMatch {
+        rule_set: 7,
+        class: 3,
+        proto: Some(packet::TCP),
+        ports: None,
+    });
     node.maps.bump_policy_generation().unwrap();
     assert_eq!(node.sent_by_a(&ack).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::PolicyRevoked), 1);

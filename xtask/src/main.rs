@@ -157,17 +157,23 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Every package but the eBPF one (built for the BPF target by the agent's build script),
+/// with every feature (the benchmark harness included).
+const WORKSPACE: &[&str] = &["--workspace", "--exclude", "weir-ebpf", "--all-features"];
+
 /// Packages whose binaries make up a weir installation.
 const BIN_PACKAGES: &[&str] = &["weir-agent", "weir-cni", "weir-controller"];
 
 /// Builds weir's binaries; returns the directory holding them.
 fn build() -> Result<PathBuf> {
-    let mut cmd = cargo();
-    cmd.args(["build", "--bins"]);
+    // The same package and feature selection as `test`, so that one build serves both.
+    status(cargo().args(["build", "--bins"]).args(WORKSPACE))?;
     for p in BIN_PACKAGES {
-        cmd.args(["-p", p]);
+        let bin = target_dir().join("debug").join(p);
+        if !bin.exists() {
+            bail!("{} was not built", bin.display());
+        }
     }
-    status(&mut cmd)?;
     Ok(target_dir().join("debug"))
 }
 
@@ -255,7 +261,8 @@ fn test() -> Result<()> {
     // end-to-end tests. The e2e tests find the binaries through WEIR_BIN_DIR.
     status(
         cargo()
-            .args(["test", "--workspace", "--all-features"])
+            .arg("test")
+            .args(WORKSPACE)
             .env("WEIR_BIN_DIR", &bin),
     )?;
     // The upstream NetworkPolicy suite on real clusters: one node, several nodes on one L2
