@@ -44,6 +44,7 @@ mod classes;
 pub mod cluster;
 pub mod compile;
 pub mod events;
+pub mod http;
 mod ids;
 pub mod kube;
 pub mod labels;

@@ -8,16 +8,18 @@ use clap::Parser;
 use tracing::info;
 use weir_controller::{
     events::{PolicyEvents, run_policy_events},
+    http::{CompileMetrics, ControllerEndpoint},
     kube::{
         AgentServing, KubeOptions, KubeTokenReviewer, LeaderPodLabel, TokenReviewConfig,
         ca::{CaSource, load_controller_tls},
+        cidr_store::{self, CidrStoreConfig},
         run_kube, serve_agents_while_leading,
     },
-    leader::{LeaderElector, LeaseConfig, unique_identity},
+    leader::{LeaderElector, Leadership, LeaseConfig, unique_identity},
     node_cidrs::{FileCidrStore, NodeCidrAllocator},
     run::{Controller, run_directory},
 };
-use weir_transport::{Bootstrap, NodeStateServer, ServerTls, StatePublisher, TlsFiles};
+use weir_transport::{Backoff, Bootstrap, NodeStateServer, ServerTls, StatePublisher, TlsFiles};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "weir controller")]
@@ -46,6 +48,18 @@ struct Args {
     /// Where node pod-CIDR assignments are kept (with --manifests).
     #[arg(long, default_value = "/var/lib/weir-controller")]
     state_dir: PathBuf,
+    /// Give nodes without spec.podCIDRs a range of --cluster-cidr. Nodes whose spec.podCIDRs
+    /// is set (kube-controller-manager --allocate-node-cidrs) keep that range either way.
+    #[arg(
+        long,
+        env = "WEIR_ALLOCATE_NODE_CIDRS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    allocate_node_cidrs: bool,
+    /// Address of the HTTP endpoint: /readyz (the whole cluster compiled once) and /metrics.
+    #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9963")]
+    metrics_addr: SocketAddr,
 
     // ---- Kubernetes mode (without --manifests): in-cluster config, or KUBECONFIG.
     /// Namespace of the leader-election Lease.
@@ -85,6 +99,10 @@ struct Args {
     /// Empty: not published.
     #[arg(long, env = "WEIR_CA_CONFIGMAP", default_value = "weir-system/weir-ca")]
     ca_configmap: String,
+    /// ConfigMap (NAMESPACE/NAME) where the leader keeps the node pod CIDRs it allocated, so
+    /// that every replica and every restart hands a node the same range.
+    #[arg(long, env = "WEIR_NODE_CIDRS_CONFIGMAP", default_value = "weir-system/weir-node-cidrs", value_parser = parse_namespaced)]
+    node_cidrs_configmap: (String, String),
     /// DNS names of the serving certificate, when the controller issues it itself (no
     /// tls.crt in --tls-dir). Comma-separated.
     #[arg(
@@ -111,8 +129,35 @@ async fn main() -> Result<()> {
     }
 }
 
+/// Serves /readyz and /metrics on --metrics-addr; a failure to bind ends the process (the
+/// probes would fail anyway).
+async fn spawn_endpoint(addr: SocketAddr, endpoint: ControllerEndpoint) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (--metrics-addr)"))?;
+    info!(%addr, "serving /readyz and /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = endpoint.serve(listener).await {
+            tracing::error!(error = %e, %addr, "HTTP endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// A controller whose compiles are recorded in `metrics`.
+fn observed_controller(publisher: StatePublisher, metrics: &Arc<CompileMetrics>) -> Controller {
+    let metrics = metrics.clone();
+    Controller::new(publisher).observe_compiles(move |report| metrics.record(report))
+}
+
 async fn run_manifests(args: Args, dir: PathBuf) -> Result<()> {
     let publisher = StatePublisher::new();
+    let compiles = CompileMetrics::new();
+    spawn_endpoint(
+        args.metrics_addr,
+        ControllerEndpoint::new(compiles.clone(), publisher.clone()),
+    )
+    .await?;
     let tls = ServerTls::load(&TlsFiles::in_dir(&args.tls_dir))
         .with_context(|| format!("loading TLS files from {}", args.tls_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -126,11 +171,14 @@ async fn run_manifests(args: Args, dir: PathBuf) -> Result<()> {
         }
     });
     info!(dir = %dir.display(), "reading cluster objects from manifests");
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let allocator = NodeCidrAllocator::new(args.cluster_cidr, args.node_cidr_mask)?;
-    let store = FileCidrStore::new(args.state_dir.join("node-cidrs.json"));
-    let controller = Controller::new(publisher).with_node_cidrs(allocator, Box::new(store))?;
+    let mut controller = observed_controller(publisher, &compiles);
+    if args.allocate_node_cidrs {
+        std::fs::create_dir_all(&args.state_dir)
+            .with_context(|| format!("creating {}", args.state_dir.display()))?;
+        let allocator = NodeCidrAllocator::new(args.cluster_cidr, args.node_cidr_mask)?;
+        let store = FileCidrStore::new(args.state_dir.join("node-cidrs.json"));
+        controller = controller.with_node_cidrs(allocator, Box::new(store))?;
+    }
     run_directory(dir, controller, args.status_file).await
 }
 
@@ -141,6 +189,30 @@ async fn run_in_cluster(args: Args) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let publisher = StatePublisher::new();
+    let compiles = CompileMetrics::new();
+    let instance = args.pod_name.clone().unwrap_or_else(host_name);
+    let lease = LeaseConfig {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+        ..LeaseConfig::new(
+            &args.lease_namespace,
+            &args.lease_name,
+            unique_identity(&instance),
+        )
+    };
+    let (elector, leadership) = LeaderElector::new(client.clone(), lease)?;
+    let events = PolicyEvents::new(client.clone(), &instance);
+    // Up before anything waits for the API server: the liveness probe dials this port.
+    spawn_endpoint(
+        args.metrics_addr,
+        ControllerEndpoint::new(compiles.clone(), publisher.clone())
+            .with_leadership(leadership.clone())
+            .with_policy_events(events.metrics()),
+    )
+    .await?;
+
     let ca_source = CaSource {
         secret: optional_namespaced(&args.ca_secret).context("--ca-secret")?,
         config_map: optional_namespaced(&args.ca_configmap).context("--ca-configmap")?,
@@ -148,7 +220,6 @@ async fn run_in_cluster(args: Args) -> Result<()> {
     let tls = load_controller_tls(&client, &args.tls_dir, &ca_source, &args.tls_san)
         .await
         .context("setting up TLS")?;
-    let publisher = StatePublisher::new();
     let mut server = NodeStateServer::new(publisher.clone());
     match &tls.ca {
         Some(ca) => {
@@ -166,18 +237,18 @@ async fn run_in_cluster(args: Args) -> Result<()> {
         None => info!("no CA key: agents need provisioned certificates"),
     }
 
-    let instance = args.pod_name.clone().unwrap_or_else(host_name);
-    let lease = LeaseConfig {
-        lease_duration: args.lease_duration,
-        renew_deadline: args.renew_deadline,
-        retry_period: args.retry_period,
-        ..LeaseConfig::new(
-            &args.lease_namespace,
-            &args.lease_name,
-            unique_identity(&instance),
-        )
-    };
-    let (elector, leadership) = LeaderElector::new(client.clone(), lease)?;
+    let mut controller = observed_controller(publisher, &compiles);
+    if args.allocate_node_cidrs {
+        let allocator = NodeCidrAllocator::new(args.cluster_cidr, args.node_cidr_mask)?;
+        let (namespace, name) = args.node_cidrs_configmap.clone();
+        let config = CidrStoreConfig::new(namespace, name);
+        let (store, sync) = connect_cidr_store(&client, config, &leadership).await;
+        tokio::spawn(sync.run());
+        controller = controller.with_node_cidrs(allocator, Box::new(store))?;
+    } else {
+        info!("--allocate-node-cidrs=false: nodes need spec.podCIDRs");
+    }
+
     let serving = AgentServing {
         listen: args.listen,
         server,
@@ -189,7 +260,6 @@ async fn run_in_cluster(args: Args) -> Result<()> {
     };
     let serve = tokio::spawn(serve_agents_while_leading(serving, leadership.clone()));
     let (diagnostics_tx, diagnostics_rx) = tokio::sync::watch::channel(Vec::new());
-    let events = PolicyEvents::new(client.clone(), &instance);
     tokio::spawn(run_policy_events(events, diagnostics_rx, leadership));
     let mut elect = tokio::spawn(elector.run(shutdown_signal()));
 
@@ -198,7 +268,7 @@ async fn run_in_cluster(args: Args) -> Result<()> {
         ..KubeOptions::default()
     };
     tokio::select! {
-        r = run_kube(client, Controller::new(publisher), opts) => {
+        r = run_kube(client, controller, opts) => {
             r.context("watching the cluster")?;
             bail!("the cluster watch ended")
         }
@@ -209,6 +279,30 @@ async fn run_in_cluster(args: Args) -> Result<()> {
             serve.await.context("agent server task")?;
             info!("shut down");
             Ok(())
+        }
+    }
+}
+
+/// Reads the node pod-CIDR assignments, retrying while the API server cannot answer: without
+/// them a range could go to a second node.
+async fn connect_cidr_store(
+    client: &kube::Client,
+    config: CidrStoreConfig,
+    leadership: &Leadership,
+) -> (cidr_store::KubeCidrStore, cidr_store::CidrStoreSync) {
+    let backoff = Backoff {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(30),
+    };
+    let mut failures = 0;
+    loop {
+        match cidr_store::connect(client.clone(), config.clone(), leadership.clone()).await {
+            Ok(connected) => return connected,
+            Err(e) => {
+                tracing::warn!(error = %e, "loading node pod CIDR assignments; retrying");
+                tokio::time::sleep(backoff.delay(failures)).await;
+                failures += 1;
+            }
         }
     }
 }

@@ -45,6 +45,20 @@ pub enum CidrError {
 pub trait CidrStore {
     fn load(&self) -> Result<BTreeMap<String, IpNet>, CidrError>;
     fn save(&self, assignments: &BTreeMap<String, IpNet>) -> Result<(), CidrError>;
+
+    /// Assignments another writer of a shared store made since the last call, for the
+    /// allocator to adopt before it assigns (a controller replica that does not lead follows
+    /// the leader's choices this way); `None` when there is nothing new. A store with a
+    /// single writer has nothing to offer.
+    fn refresh(&self) -> Option<BTreeMap<String, IpNet>> {
+        None
+    }
+
+    /// Whether [`Self::refresh`] has something to offer: the controller then compiles even
+    /// though no object changed, so a replica that takes over serves the leader's ranges.
+    fn has_fresh(&self) -> bool {
+        false
+    }
 }
 
 /// Assignments in a JSON file, replaced atomically.

@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ipnet::IpNet;
@@ -20,7 +20,7 @@ use weir_api::{NodeRoute, NodeState, PodKey};
 use weir_transport::StatePublisher;
 
 use crate::{
-    Cluster, Compiler, PolicyKey,
+    Cluster, Compiler, PolicyKey, Severity,
     node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
     source::{Change, ManifestDir, Object},
 };
@@ -38,6 +38,23 @@ pub struct Controller {
     node_cidrs: Option<(NodeCidrAllocator, Box<dyn CidrStore + Send>)>,
     /// Allocation errors already reported.
     cidr_errors: BTreeSet<String>,
+    /// Told about every compile (metrics, readiness).
+    compile_observer: Option<CompileObserver>,
+}
+
+type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
+
+/// What one [`Controller::recompute`] did, for observers (metrics, readiness).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileReport {
+    /// Wall-clock time of the compile, route table and publishing included.
+    pub duration: Duration,
+    /// Nodes with a state after the compile.
+    pub nodes: usize,
+    /// Stored policies with at least one error (they fail closed).
+    pub invalid_policies: usize,
+    /// Nodes whose pod CIDR could not be allocated or respected (exhausted, overlapping).
+    pub node_cidr_errors: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -57,7 +74,14 @@ impl Controller {
             nodes: BTreeMap::new(),
             node_cidrs: None,
             cidr_errors: BTreeSet::new(),
+            compile_observer: None,
         }
+    }
+
+    /// Calls `observer` after every compile with what it did.
+    pub fn observe_compiles(mut self, observer: impl Fn(&CompileReport) + Send + 'static) -> Self {
+        self.compile_observer = Some(Box::new(observer));
+        self
     }
 
     /// Gives nodes without `spec.podCIDRs` a pod CIDR from `allocator`, persisted in `store`
@@ -122,10 +146,26 @@ impl Controller {
         }
     }
 
+    /// Whether the node pod-CIDR store holds assignments (another replica's) the allocator has
+    /// not adopted yet: [`Self::recompute`] adopts them.
+    pub fn node_cidrs_pending(&self) -> bool {
+        self.node_cidrs
+            .as_ref()
+            .is_some_and(|(_, store)| store.has_fresh())
+    }
+
     /// Compiles every node and publishes the states that changed. Returns the version each
     /// node is now at.
     pub fn recompute(&mut self) -> BTreeMap<String, u64> {
+        let started = Instant::now();
         let out = self.compiler.compile_all(&self.cluster);
+        let invalid_policies = out
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| &d.policy)
+            .collect::<BTreeSet<_>>()
+            .len();
         let mut current = BTreeSet::new();
         for d in &out.diagnostics {
             let line = d.to_string();
@@ -176,6 +216,14 @@ impl Controller {
             self.compiler.forget_node(&node);
             self.published.remove(&node);
         }
+        if let Some(observe) = &self.compile_observer {
+            observe(&CompileReport {
+                duration: started.elapsed(),
+                nodes: versions.len(),
+                invalid_policies,
+                node_cidr_errors: self.cidr_errors.len(),
+            });
+        }
         versions
     }
 }
@@ -187,6 +235,11 @@ impl Controller {
         let mut routes = BTreeMap::new();
         let mut errors = BTreeSet::new();
         let mut changed = false;
+        if let Some((alloc, store)) = &mut self.node_cidrs
+            && let Some(shared) = store.refresh()
+        {
+            alloc.restore(shared);
+        }
         // Ranges the cluster set first: they win over ranges this controller would hand out.
         let order: Vec<(&String, &NodeInfo)> = self
             .nodes
@@ -257,7 +310,14 @@ pub async fn run_directory(
     use notify::Watcher as _;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event| {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads (including our own scans) are not changes: waking up on them would make the
+        // controller chase its own tail.
+        if let Ok(e) = &event
+            && matches!(e.kind, notify::EventKind::Access(_))
+        {
+            return;
+        }
         let _ = tx.send(event);
     })?;
     watcher.watch(&dir, notify::RecursiveMode::Recursive)?;
@@ -267,6 +327,7 @@ pub async fn run_directory(
         tokio::spawn(report_sync(publisher.clone(), sync_rx, path));
     }
     let mut manifests = ManifestDir::new(&dir);
+    let mut last_versions: Option<BTreeMap<String, u64>> = None;
     let mut reported_errors = BTreeSet::new();
     loop {
         let token = manifests.sync_token();
@@ -276,11 +337,16 @@ pub async fn run_directory(
             warn!(error = %e, "skipping a manifest file that does not parse (its last good contents stay)");
         }
         reported_errors = errors;
-        if !scan.changes.is_empty() {
+        let changed = !scan.changes.is_empty();
+        if changed {
             debug!(changes = scan.changes.len(), "manifests changed");
             controller.apply(scan.changes);
         }
-        let versions = controller.recompute();
+        // Compile only when something changed (and once at start).
+        if changed || last_versions.is_none() {
+            last_versions = Some(controller.recompute());
+        }
+        let versions = last_versions.clone().unwrap_or_default();
         sync_tx.send_if_modified(|cur| {
             let next = (token, versions);
             let changed = *cur != next;

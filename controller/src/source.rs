@@ -192,7 +192,7 @@ impl ManifestDir {
     /// Rescans the directory and returns what changed since the last scan.
     pub fn scan(&mut self) -> Scan {
         let mut scan = Scan::default();
-        let mut seen = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut paths = Vec::new();
         walk(&self.root, &mut paths);
         for path in paths {
@@ -203,7 +203,7 @@ impl ManifestDir {
                 meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 meta.len(),
             );
-            seen.push(path.clone());
+            seen.insert(path.clone());
             if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
                 continue;
             }

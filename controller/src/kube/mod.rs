@@ -11,8 +11,10 @@
 //!   agents' Service selects.
 //! * [`token_review`]: agents' bootstrap tokens reviewed by the TokenReview API.
 //! * [`ca`]: the CA and serving certificate, from files or a Secret.
+//! * [`cidr_store`]: node pod-CIDR assignments in a ConfigMap, shared by the replicas.
 
 pub mod ca;
+pub mod cidr_store;
 pub mod serve;
 pub mod sync;
 pub mod token_review;
@@ -53,6 +55,8 @@ pub struct KubeOptions {
     pub max_batch_delay: Duration,
     /// ...or until this many changes are pending.
     pub max_batch: usize,
+    /// How often to check for node pod-CIDR assignments another replica wrote.
+    pub adopt_interval: Duration,
     /// Receives the policy diagnostics after every compile (for [`crate::events`]).
     pub diagnostics: Option<channel::Sender<Vec<ReportedDiagnostic>>>,
 }
@@ -64,6 +68,7 @@ impl Default for KubeOptions {
             debounce: Duration::from_millis(20),
             max_batch_delay: Duration::from_millis(250),
             max_batch: 10_000,
+            adopt_interval: Duration::from_secs(1),
             diagnostics: None,
         }
     }
@@ -83,8 +88,18 @@ pub async fn run_kube(
     let events = watch_cluster(client, &opts.watch);
     let mut events = std::pin::pin!(events);
     let mut sync = ClusterSync::new(controller);
+    let mut adopt = tokio::time::interval(opts.adopt_interval);
+    adopt.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let first = events.next().await.ok_or(KubeError::WatchesEnded)?;
+        let first = tokio::select! {
+            event = events.next() => event.ok_or(KubeError::WatchesEnded)?,
+            _ = adopt.tick() => {
+                if sync.adopt_node_cidrs().is_some() {
+                    debug!("adopted node pod CIDR assignments written by another replica");
+                }
+                continue;
+            }
+        };
         sync.observe(first);
         let hard_stop = Instant::now() + opts.max_batch_delay;
         while sync.pending() < opts.max_batch {

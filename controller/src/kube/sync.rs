@@ -204,6 +204,13 @@ impl ClusterSync {
         }
     }
 
+    /// Compiles when the node pod-CIDR store offers assignments the allocator has not adopted
+    /// (no object changed, but the ranges agents get may have).
+    pub fn adopt_node_cidrs(&mut self) -> Option<BTreeMap<String, u64>> {
+        (self.compiled_once && self.controller.node_cidrs_pending())
+            .then(|| self.controller.recompute())
+    }
+
     /// Every diagnostic of every stored policy, with the policy object's identity.
     pub fn reported_diagnostics(&self) -> Vec<ReportedDiagnostic> {
         self.controller
