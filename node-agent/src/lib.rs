@@ -2,11 +2,14 @@
 //! plugin, and applies the controller's per-node state to the eBPF maps.
 
 pub mod agent;
+pub mod bootstrap;
+pub mod bpffs;
 pub mod cni_service;
 pub mod controller_link;
 pub mod dataplane;
 pub mod endpoints;
 pub mod http;
+pub mod install_cni;
 pub mod maps;
 pub mod netlink;
 pub mod observe;

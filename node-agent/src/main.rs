@@ -3,28 +3,73 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use tokio::{signal::unix::SignalKind, sync::Mutex};
 use tracing::{info, warn};
 use weir_agent::{
     agent::{Agent, AgentConfig},
+    bootstrap::{BootstrapConfig, CertificateKeeper},
+    bpffs::{self, BpffsMount},
     cni_service::CniService,
+    install_cni::{self, ConflistSource, InstallCni},
 };
+use weir_transport::Backoff;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "weir node agent")]
+#[command(
+    version,
+    about = "weir node agent",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    agent: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Install the weir-cni plugin and its network configuration on the node, then exit (the
+    /// DaemonSet's init container). Idempotent; every file is replaced atomically.
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InstallCniArgs {
+    /// The plugin to install [default: weir-cni next to this program].
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// The node's CNI binary directory.
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node's CNI configuration directory; the configuration is written there as
+    /// 10-weir.conflist.
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Install this configuration list (it must use weir-cni) instead of weir's own.
+    #[arg(long)]
+    conflist_from: Option<PathBuf>,
+    /// The agent's socket, in weir's own configuration.
+    #[arg(long, default_value = weir_cni::spec::DEFAULT_AGENT_SOCKET)]
+    agent_socket: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// This node's name (as in the Kubernetes Node object).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", required = true)]
+    node_name: Option<String>,
     /// IPAM and endpoint state.
     #[arg(long, env = "WEIR_STATE_DIR", default_value = "/var/lib/weir")]
     state_dir: PathBuf,
     /// Unix socket the CNI plugin talks to.
     #[arg(long, env = "WEIR_CNI_SOCKET", default_value = "/run/weir/cni.sock")]
     cni_socket: PathBuf,
-    /// The bpffs mount; pins live under <bpffs>/weir/<node>/.
+    /// The bpffs mount; pins live under <bpffs>/weir/<node>/. A bpf file system is mounted
+    /// there if none is.
     #[arg(long, default_value = "/sys/fs/bpf")]
     bpffs: PathBuf,
     /// This node's pod CIDR (repeat for dual stack).
@@ -44,9 +89,18 @@ struct Args {
     /// the agent only does networking (no policy).
     #[arg(long, env = "WEIR_CONTROLLER")]
     controller: Option<String>,
-    /// Directory with ca.crt, tls.crt and tls.key (this node's client certificate).
+    /// Directory with ca.crt, tls.crt and tls.key (this node's client certificate). With
+    /// --bootstrap-token-file and --ca-file they are obtained from the controller, and renewed.
     #[arg(long, env = "WEIR_TLS_DIR", default_value = "/etc/weir/tls")]
     tls_dir: PathBuf,
+    /// A token the controller accepts in exchange for a node certificate (a projected
+    /// ServiceAccount token for its audience). Read again before every request.
+    #[arg(long, env = "WEIR_BOOTSTRAP_TOKEN_FILE", requires = "ca_file")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// The controller's CA certificate, to trust while bootstrapping. Read again before every
+    /// request; when it changes, a new certificate is requested.
+    #[arg(long, env = "WEIR_CA_FILE", requires = "bootstrap_token_file")]
+    ca_file: Option<PathBuf>,
     /// Name the controller's certificate must carry.
     #[arg(long, default_value = "weir-controller")]
     controller_name: String,
@@ -66,9 +120,51 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::InstallCni(args)) => install_cni(args),
+        None => run(cli.agent).await,
+    }
+}
+
+fn install_cni(args: InstallCniArgs) -> Result<()> {
+    let plugin = match args.from {
+        Some(path) => path,
+        None => install_cni::plugin_next_to_current_exe()?,
+    };
+    let spec = InstallCni {
+        plugin,
+        bin_dir: args.cni_bin_dir,
+        conf_dir: args.cni_conf_dir,
+        conflist: match args.conflist_from {
+            Some(path) => ConflistSource::File(path),
+            None => ConflistSource::Generated {
+                agent_socket: args.agent_socket,
+            },
+        },
+    };
+    let done = install_cni::install(&spec).context("installing the CNI plugin")?;
+    info!(
+        plugin = ?done.plugin,
+        conflist = ?done.conflist,
+        bin_dir = %spec.bin_dir.display(),
+        conf_dir = %spec.conf_dir.display(),
+        "CNI plugin installed"
+    );
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<()> {
+    let node_name = args
+        .node_name
+        .clone()
+        .context("--node-name (or NODE_NAME) is required")?;
+    match bpffs::ensure_mounted(&args.bpffs)? {
+        BpffsMount::Present => {}
+        BpffsMount::Mounted => info!(path = %args.bpffs.display(), "mounted a bpf file system"),
+    }
     let cfg = AgentConfig {
-        node_name: args.node_name.clone(),
+        node_name: node_name.clone(),
         state_dir: args.state_dir.clone(),
         bpffs: args.bpffs.clone(),
         pod_cidrs: args.pod_cidrs.clone(),
@@ -79,7 +175,7 @@ async fn main() -> Result<()> {
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(
-        node = %args.node_name,
+        node = %node_name,
         pod_cidrs = ?args.pod_cidrs,
         pod_mtu = agent.config().pod_mtu,
         "dataplane loaded"
@@ -124,12 +220,37 @@ async fn main() -> Result<()> {
             endpoint.clone(),
             weir_transport::TlsFiles::in_dir(&args.tls_dir),
             args.controller_name.clone(),
-            args.node_name.clone(),
+            node_name.clone(),
         );
         let mut sink = weir_agent::controller_link::DataplaneSink::new(agent.clone());
-        tokio::spawn(async move {
+        let follow = async move {
             let _ = watch.run(&mut sink).await;
-        });
+        };
+        match (&args.bootstrap_token_file, &args.ca_file) {
+            (Some(token_file), Some(ca_file)) => {
+                let keeper = CertificateKeeper::new(BootstrapConfig {
+                    endpoint: endpoint.clone(),
+                    server_name: args.controller_name.clone(),
+                    node: node_name.clone(),
+                    tls_dir: args.tls_dir.clone(),
+                    token_file: token_file.clone(),
+                    ca_file: ca_file.clone(),
+                    backoff: Backoff {
+                        initial: Duration::from_secs(1),
+                        max: Duration::from_secs(60),
+                    },
+                });
+                // Follow once a certificate is there; keep it renewed from then on.
+                tokio::spawn(async move {
+                    let renew_at = keeper.ensure_current().await;
+                    tokio::spawn(follow);
+                    keeper.keep_current(renew_at).await;
+                });
+            }
+            _ => {
+                tokio::spawn(follow);
+            }
+        }
         info!(%endpoint, "following the controller");
     } else {
         warn!("no --controller: pods get networking but no policy");
