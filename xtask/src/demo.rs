@@ -72,22 +72,27 @@ pub async fn run(bin: PathBuf, nodes: usize, topology: Topology) -> Result<()> {
             }],
         },
     });
-    println!("\nApplying NetworkPolicy shop/db-from-backend: db accepts TCP/{PORT} from backend only.");
+    println!(
+        "\nApplying NetworkPolicy shop/db-from-backend: db accepts TCP/{PORT} from backend only."
+    );
     println!("{}", serde_norway::to_string(&policy)?);
     let started = std::time::Instant::now();
     cluster.apply_object(&policy)?;
     cluster.sync().await?;
-    println!("Enforced on every node {:.0?} after it was written.", started.elapsed());
+    println!(
+        "Enforced on every node {:.0?} after it was written.",
+        started.elapsed()
+    );
     let table = matrix(&pods, Protocol::Tcp).await;
     print_table(&format!("TCP port {PORT}, with the policy"), &pods, &table);
 
     let db_node = cluster.node_index(&pods[2].node)?;
     let (_, metrics) = cluster.agent_http(db_node, "/metrics")?;
     println!("\nThe agent counts what the policy dropped (its /metrics endpoint):");
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("weir_agent_policy_denied_flows_total") || l.starts_with("weir_agent_drops_total{reason=\"policy_ingress\"}"))
-    {
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("weir_agent_policy_denied_flows_total")
+            || l.starts_with("weir_agent_drops_total{reason=\"policy_ingress\"}")
+    }) {
         println!("  {line}");
     }
     cluster.down();

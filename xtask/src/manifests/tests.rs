@@ -1022,12 +1022,44 @@ fn the_cni_configuration_is_one_the_plugin_accepts_and_reaches_the_agent() {
             .any(|m| m.name == host_volume.name && Path::new(&m.mount_path) == socket_dir)
     );
 
-    // The init container installs exactly this file and the plugin the list names.
+    // The init container installs exactly this file, and the plugin the list names (the
+    // agent's install-cni takes the weir-cni next to it, in the image's binary directory).
     let install = spec.init_containers.iter().flatten().next().unwrap();
-    let script = install.command.as_ref().unwrap().last().unwrap();
-    assert!(script.contains(&format!("{}/{} ", image::BIN_DIR, input.config.plugin_type)));
-    assert!(script.contains("/host/opt/cni/bin/weir-cni\n"));
-    assert!(script.contains("/host/etc/cni/net.d/10-weir.conflist\n"));
+    let command = install.command.as_ref().unwrap();
+    assert_eq!(
+        command[..2],
+        [
+            format!("{}/weir-agent", image::BIN_DIR),
+            "install-cni".to_owned()
+        ]
+    );
+    assert_eq!(input.config.plugin_type, "weir-cni");
+    let flag = |name: &str| {
+        command
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("install-cni without --{name}"))
+            .to_owned()
+    };
+    assert_eq!(flag("cni-bin-dir"), "/host/opt/cni/bin");
+    assert_eq!(flag("cni-conf-dir"), "/host/etc/cni/net.d");
+    let conflist_from = flag("conflist-from");
+    let config_volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.config_map.is_some())
+        .expect("the CNI configuration ConfigMap volume");
+    let config_mount = install
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == config_volume.name)
+        .expect("install-cni mounts the CNI configuration");
+    assert_eq!(
+        Path::new(&conflist_from),
+        Path::new(&config_mount.mount_path).join("10-weir.conflist")
+    );
     let mounted_at = |host: &str| {
         let volume = spec
             .volumes
