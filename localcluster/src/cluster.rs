@@ -485,6 +485,27 @@ impl LocalCluster {
         }
     }
 
+    /// The controller's process, while it runs.
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller
+            .as_ref()
+            .and_then(|c| c.process.as_ref())
+            .map(|(child, _)| child.id())
+    }
+
+    /// Freezes the controller (SIGSTOP) or thaws it (SIGCONT): a controller that is slow to
+    /// catch up, without losing its state.
+    pub fn freeze_controller(&self, frozen: bool) {
+        let signal = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        if let Some(pid) = self.controller_pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        }
+    }
+
     /// Starts the controller again (after [`Self::kill_controller`]).
     pub fn restart_controller(&mut self) -> Result<()> {
         self.kill_controller();
@@ -571,20 +592,46 @@ impl LocalCluster {
     }
 
     fn write_pod_manifest(&self, pod: &Pod) -> Result<()> {
-        let ports: Vec<serde_json::Value> = pod
-            .ports
+        self.write_pod_object(
+            &pod.namespace,
+            &pod.name,
+            &pod.node,
+            &pod.labels,
+            &pod.ports,
+            Some(pod.ip),
+        )
+    }
+
+    /// The Pod object as the API server has it: scheduled to `node`, and running with `ip`
+    /// once the plugin gave it one (Pending before, as when kubelet calls the plugin).
+    fn write_pod_object(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: &BTreeMap<String, String>,
+        ports: &[(String, u16, String)],
+        ip: Option<IpAddr>,
+    ) -> Result<()> {
+        let ports: Vec<serde_json::Value> = ports
             .iter()
             .map(|(name, port, proto)| json!({"name": name, "containerPort": port, "protocol": proto}))
             .collect();
+        let status = match ip {
+            Some(ip) => {
+                json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]})
+            }
+            None => json!({"phase": "Pending"}),
+        };
         let obj = json!({
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
-            "spec": {"nodeName": pod.node, "containers": [{"name": "main", "image": "none", "ports": ports}]},
-            "status": {"phase": "Running", "podIP": pod.ip.to_string(), "podIPs": [{"ip": pod.ip.to_string()}]},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "none", "ports": ports}]},
+            "status": status,
         });
         self.write_manifest(
-            &format!("pods/{}.{}.yaml", pod.namespace, pod.name),
+            &format!("pods/{namespace}.{name}.yaml"),
             &serde_norway::to_string(&obj)?,
         )
     }
@@ -882,6 +929,25 @@ impl LocalCluster {
             self.record.run,
             random_run_id().trim_start_matches('w')
         ) + &format!("{:x}", self.pods.len());
+        // Scheduled before the runtime calls the plugin, as in Kubernetes: the controller
+        // compiles the pod's policies while ADD runs, and ADD waits for them.
+        if !self
+            .record
+            .dir
+            .join(format!("manifests/namespaces/{}.yaml", spec.namespace))
+            .exists()
+        {
+            self.set_namespace_labels(&spec.namespace, &BTreeMap::new())?;
+        }
+        let node_name = self.nodes[idx].name.clone();
+        self.write_pod_object(
+            &spec.namespace,
+            &spec.name,
+            &node_name,
+            &spec.labels,
+            &spec.ports,
+            None,
+        )?;
         let out = self
             .cni(
                 idx,
@@ -892,6 +958,10 @@ impl LocalCluster {
             )
             .await?;
         if !out.success {
+            let _ = fs::remove_file(self.record.dir.join(format!(
+                "manifests/pods/{}.{}.yaml",
+                spec.namespace, spec.name
+            )));
             bail!(
                 "CNI ADD for {}/{} failed: {}{}\nagent log:\n{}",
                 spec.namespace,
@@ -917,14 +987,6 @@ impl LocalCluster {
             labels: spec.labels,
             ports: spec.ports,
         };
-        if !self
-            .record
-            .dir
-            .join(format!("manifests/namespaces/{}.yaml", pod.namespace))
-            .exists()
-        {
-            self.set_namespace_labels(&pod.namespace, &BTreeMap::new())?;
-        }
         self.write_pod_manifest(&pod)?;
         self.pods
             .insert((pod.namespace.clone(), pod.name.clone()), pod.clone());

@@ -199,3 +199,48 @@ async fn enforcement_survives_controller_and_agent_restarts_and_catches_up() {
         "denied after b's agent restarted without a controller"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_pod_is_isolated_before_its_first_packet_and_starts_without_the_controller() {
+    let mut c = cluster(1, Topology::L2).await;
+    pod(&mut c, "default", "a", 0).await;
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+
+    // The policy exists before the pod, and the controller is slow to learn of the pod
+    // (frozen for 500 ms). ADD returns only once the pod's rule sets are in the dataplane, so
+    // the very first connection to it is already denied.
+    c.freeze_controller(true);
+    let thaw = {
+        let pid = c.controller_pid().expect("the controller runs");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        })
+    };
+    let b = pod(&mut c, "default", "b", 0).await;
+    let _sb = Servers::start(&b.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    assert!(!tcp(&c, "a", "b").await, "denied from the first packet on");
+    thaw.join().unwrap();
+
+    // Without the controller, ADD still succeeds after the wait (the pod is unisolated
+    // until the controller is back, which for this pod changes nothing).
+    c.kill_controller();
+    let started = std::time::Instant::now();
+    let d = pod(&mut c, "default", "d", 0).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "ADD gave up waiting: {:?}",
+        started.elapsed()
+    );
+    let _sd = Servers::start(&d.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    assert!(tcp(&c, "a", "d").await, "no policy selects d");
+    c.restart_controller().unwrap();
+    c.sync().await.unwrap();
+    assert!(!tcp(&c, "a", "b").await);
+    assert!(tcp(&c, "a", "d").await);
+}

@@ -102,6 +102,8 @@ pub struct Agent {
     /// Whether `policy` came from the controller since this agent started. Until it has, the
     /// rule sets already in the (pinned) map stay in force: a restart never opens a hole.
     have_controller_state: bool,
+    /// Counts controller states applied; CNI ADD waits on it for a new pod's rule sets.
+    policy_applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Agent {
@@ -163,6 +165,7 @@ impl Agent {
             node,
             policy: NodeState::default(),
             have_controller_state: false,
+            policy_applied: tokio::sync::watch::Sender::new(0),
         };
         agent.readopt().await?;
         agent.refresh_host_addrs().await?;
@@ -388,7 +391,19 @@ impl Agent {
         self.have_controller_state = true;
         self.sync_endpoint_map()?;
         self.maps.bump_policy_generation()?;
+        self.policy_applied.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Whether the controller's state says which policies select `pod` (then its endpoint
+    /// entries carry them).
+    pub fn has_policy_for(&self, pod: &PodKey) -> bool {
+        self.policy.endpoints.contains_key(pod)
+    }
+
+    /// Changes each time a controller state has been applied.
+    pub fn policy_updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.policy_applied.subscribe()
     }
 
     /// Programs routes to other nodes from the controller's route table, and opens IPAM

@@ -1,10 +1,11 @@
 //! The agent's side of the CNI plugin protocol: each command becomes a call on the
 //! [`Agent`], and every failure a CNI error with a code the runtime understands.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use tokio::sync::Mutex;
+use tracing::warn;
 use weir_api::PodKey;
 use weir_cni::{
     protocol::{AddRequest, CheckRequest, DelRequest, GcRequest, StatusRequest},
@@ -16,11 +17,48 @@ use crate::agent::{Agent, AgentError, Attach};
 
 pub struct CniService {
     agent: Arc<Mutex<Agent>>,
+    policy_wait: Duration,
 }
 
 impl CniService {
     pub fn new(agent: Arc<Mutex<Agent>>) -> Self {
-        Self { agent }
+        Self {
+            agent,
+            policy_wait: Duration::ZERO,
+        }
+    }
+
+    /// ADD returns once the controller's state names the new pod's policies, or after `wait`:
+    /// the pod's containers start only after ADD, so in the common case they never run
+    /// before the policies selecting them are enforced. After `wait` (the controller away or
+    /// behind) the pod starts unisolated and is isolated when the state arrives, as kubelet
+    /// would otherwise retry the sandbox forever. Zero: no wait (no controller).
+    pub fn with_policy_wait(mut self, wait: Duration) -> Self {
+        self.policy_wait = wait;
+        self
+    }
+
+    async fn wait_for_policy(&self, pod: &PodKey) {
+        let mut updates = self.agent.lock().await.policy_updates();
+        let deadline = tokio::time::Instant::now() + self.policy_wait;
+        loop {
+            updates.borrow_and_update();
+            if self.agent.lock().await.has_policy_for(pod) {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, updates.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    warn!(
+                        %pod,
+                        waited = ?self.policy_wait,
+                        "the controller has not sent this pod's policies: it starts unisolated \
+                         and is isolated as soon as they arrive"
+                    );
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -76,7 +114,13 @@ impl CniHandler for CniService {
             netns: request.netns.clone(),
             pod: pod_of(&request.args),
         };
+        let pod = attach.pod.clone();
         let attached = self.agent.lock().await.add(attach).await.map_err(to_cni)?;
+        if let Some(pod) = &pod
+            && !self.policy_wait.is_zero()
+        {
+            self.wait_for_policy(pod).await;
+        }
         let ep = &attached.endpoint;
         let interfaces = vec![
             Interface {

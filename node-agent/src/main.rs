@@ -104,6 +104,11 @@ struct Args {
     /// Name the controller's certificate must carry.
     #[arg(long, default_value = "weir-controller")]
     controller_name: String,
+    /// With --controller: how long CNI ADD waits for the controller's state to name a new
+    /// pod's policies, so its containers never start before they are enforced (seconds;
+    /// afterwards the pod starts unisolated and is isolated when the state arrives).
+    #[arg(long, env = "WEIR_POD_POLICY_WAIT", default_value_t = 5.0)]
+    pod_policy_wait: f64,
     /// Address of the HTTP endpoint (/readyz, /metrics, /flows).
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9962")]
     metrics_addr: std::net::SocketAddr,
@@ -207,7 +212,12 @@ async fn run(args: Args) -> Result<()> {
     // The socket appears only now: a plugin STATUS that reaches us means ADD can be served.
     let listener = weir_cni::server::bind(&args.cni_socket)
         .with_context(|| format!("binding {}", args.cni_socket.display()))?;
-    let cni = Arc::new(CniService::new(agent.clone()));
+    let policy_wait = if args.controller.is_some() {
+        Duration::try_from_secs_f64(args.pod_policy_wait).context("--pod-policy-wait")?
+    } else {
+        Duration::ZERO
+    };
+    let cni = Arc::new(CniService::new(agent.clone()).with_policy_wait(policy_wait));
     tokio::spawn(async move {
         if let Err(e) = weir_cni::server::serve(listener, cni).await {
             warn!(error = %e, "CNI server stopped");
