@@ -26,9 +26,7 @@ use weir_controller::{
     run::Controller,
     source::{Change, Object},
 };
-use weir_transport::{
-    ClientTls, ClusterCa, NodeStateServer, NodeUpdate, ServerTls, StatePublisher, connect,
-};
+use weir_transport::{ClientTls, ClusterCa, NodeStateServer, NodeUpdate, StatePublisher, connect};
 
 const PATH: &str = "/api/v1/namespaces/weir-system/configmaps";
 const NAMED: &str = "/api/v1/namespaces/weir-system/configmaps/weir-node-cidrs";
@@ -198,18 +196,13 @@ async fn controller(
 /// Serves a publisher's states to agents on loopback, the way agents read them.
 struct Agents {
     endpoint: String,
-    ca: ClusterCa,
+    ca: Arc<ClusterCa>,
 }
 
 impl Agents {
     async fn serve(publisher: &StatePublisher) -> Self {
-        let ca = ClusterCa::generate("test CA").unwrap();
-        let cert = ca
-            .issue_controller_cert(&["localhost"], &["127.0.0.1".parse().unwrap()])
-            .unwrap();
-        let tls = ServerTls::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("https://{}", listener.local_addr().unwrap());
+        let (ca, tls) = loopback_tls();
+        let (listener, endpoint) = loopback_listener().await;
         let server = NodeStateServer::new(publisher.clone());
         tokio::spawn(server.serve(listener, tls, std::future::pending()));
         Self { endpoint, ca }

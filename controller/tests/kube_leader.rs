@@ -20,7 +20,7 @@ use weir_controller::{
     kube::{AgentServing, serve_agents_while_leading},
     leader::{LeaderElector, Leadership, LeaseConfig},
 };
-use weir_transport::{ClientTls, ClusterCa, NodeStateServer, ServerTls, StatePublisher, connect};
+use weir_transport::{ClientTls, NodeStateServer, StatePublisher, connect};
 
 struct Candidate {
     leadership: Leadership,
@@ -236,11 +236,7 @@ fn free_loopback_port() -> std::net::SocketAddr {
 /// Real time and real TLS on loopback: the agent server runs only during leadership.
 #[tokio::test]
 async fn a_leader_that_loses_the_lease_stops_serving_agents() {
-    let ca = Arc::new(ClusterCa::generate("test CA").unwrap());
-    let cert = ca
-        .issue_controller_cert(&["localhost"], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    let tls = ServerTls::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+    let (ca, tls) = loopback_tls();
     let node_cert = ca.issue_node_cert("node-a").unwrap();
     let agent_tls = ClientTls::new(ca.cert_pem(), "localhost")
         .unwrap()

@@ -13,8 +13,8 @@ use kube_support::*;
 use serde_json::{Value, json};
 use weir_controller::kube::{KubeTokenReviewer, TokenReviewConfig};
 use weir_transport::{
-    Bootstrap, ClientTls, ClusterCa, NodeStateServer, ReviewError, ServerTls, StatePublisher,
-    TokenReviewer, bootstrap_node_certificate,
+    Bootstrap, ClientTls, NodeStateServer, ReviewError, StatePublisher, TokenReviewer,
+    bootstrap_node_certificate,
 };
 
 const REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
@@ -181,13 +181,8 @@ async fn an_unreachable_api_server_is_unavailable_not_a_rejection() {
 #[tokio::test]
 async fn a_token_for_one_node_cannot_obtain_a_certificate_for_another() {
     let (client, _) = api(vec![("t-a", agent_on("node-a"))], vec![]);
-    let ca = Arc::new(ClusterCa::generate("test CA").unwrap());
-    let cert = ca
-        .issue_controller_cert(&["localhost"], &["127.0.0.1".parse().unwrap()])
-        .unwrap();
-    let tls = ServerTls::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    let (ca, tls) = loopback_tls();
+    let (listener, endpoint) = loopback_listener().await;
     let server = NodeStateServer::new(StatePublisher::new())
         .with_bootstrap(Bootstrap::new(ca.clone(), Arc::new(reviewer(client))));
     let serving = tokio::spawn(server.serve(listener, tls, std::future::pending()));

@@ -596,3 +596,22 @@ fn foreign_write(s: &mut LeaseState, holder: &str, transitions: i64) {
                  "acquireTime": now, "renewTime": now, "leaseTransitions": transitions},
     }));
 }
+
+/// A new cluster CA and a serving certificate from it for `localhost` and 127.0.0.1: the
+/// controller's TLS, for servers on loopback.
+pub fn loopback_tls() -> (Arc<weir_transport::ClusterCa>, weir_transport::ServerTls) {
+    let ca = Arc::new(weir_transport::ClusterCa::generate("test CA").unwrap());
+    let cert = ca
+        .issue_controller_cert(&["localhost"], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let tls =
+        weir_transport::ServerTls::from_pem(ca.cert_pem(), &cert.cert_pem, &cert.key_pem).unwrap();
+    (ca, tls)
+}
+
+/// A listener on a free loopback port, and the `https://` endpoint that reaches it.
+pub async fn loopback_listener() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    (listener, endpoint)
+}
