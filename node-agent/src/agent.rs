@@ -421,13 +421,24 @@ impl Agent {
         if self.cfg.pod_cidrs.is_empty() && !plan.own_cidrs.is_empty() {
             let current = self.ipam.as_ref().map(|i| i.pools());
             if current.as_ref() != Some(&plan.own_cidrs) {
-                // One IPAM per state directory at a time: close the old one first.
+                // One IPAM per state directory at a time: close the old one first, and reopen
+                // it if the new ranges cannot be opened.
                 self.ipam = None;
-                self.ipam = Some(weir_ipam::Ipam::open(
-                    &self.cfg.state_dir.join("ipam"),
-                    &plan.own_cidrs,
-                )?);
-                save_assigned_cidrs(&self.cfg.state_dir, &plan.own_cidrs)?;
+                let dir = self.cfg.state_dir.join("ipam");
+                match weir_ipam::Ipam::open(&dir, &plan.own_cidrs) {
+                    Ok(ipam) => self.ipam = Some(ipam),
+                    Err(e) => {
+                        if let Some(old) = current {
+                            self.ipam = weir_ipam::Ipam::open(&dir, &old).ok();
+                        }
+                        return Err(e.into());
+                    }
+                }
+                if let Err(e) = save_assigned_cidrs(&self.cfg.state_dir, &plan.own_cidrs) {
+                    // IPAM is open on the new ranges; only a restart without the controller
+                    // would miss them.
+                    warn!(error = %e, "remembering the assigned pod CIDRs");
+                }
                 info!(pod_cidrs = ?plan.own_cidrs, "pod CIDR assigned by the controller");
             }
         }
@@ -482,13 +493,10 @@ fn load_assigned_cidrs(state_dir: &std::path::Path) -> Vec<IpNet> {
         .unwrap_or_default()
 }
 
-fn save_assigned_cidrs(state_dir: &std::path::Path, cidrs: &[IpNet]) -> Result<()> {
-    let path = state_dir.join(ASSIGNED_CIDRS);
-    let tmp = path.with_extension("tmp");
-    let io = |source| AgentError::StateDir {
-        path: path.clone(),
-        source,
-    };
-    std::fs::write(&tmp, serde_json::to_vec(cidrs).expect("serialisable")).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)
+fn save_assigned_cidrs(
+    state_dir: &std::path::Path,
+    cidrs: &[IpNet],
+) -> Result<(), crate::install_cni::InstallError> {
+    let bytes = serde_json::to_vec(cidrs).expect("serialisable");
+    crate::install_cni::replace_file(state_dir, ASSIGNED_CIDRS, &bytes, 0o600).map(|_| ())
 }

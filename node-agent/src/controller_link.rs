@@ -31,7 +31,15 @@ impl StateSink for DataplaneSink {
         {
             let mut agent = self.agent.lock().await;
             agent.apply_controller_state(change, state)?;
-            agent.apply_routes(state).await?;
+            // Route sync costs a netlink dump and a write per route: only when they changed.
+            let routes_changed = match change {
+                Applied::Snapshot => true,
+                Applied::Diff(d) => !d.routes.is_empty(),
+                Applied::Unchanged => false,
+            };
+            if routes_changed {
+                agent.apply_routes(state).await?;
+            }
         }
         let kind = match change {
             Applied::Snapshot => "snapshot".to_string(),

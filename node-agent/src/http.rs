@@ -67,7 +67,14 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let snapshot = {
         let agent = s.agent.lock().await;
-        MetricsSnapshot::read(agent.maps(), agent.policy(), agent.ready(), s.flows.total())
+        let addresses = agent.endpoints().iter().map(|e| e.ips.len()).sum();
+        MetricsSnapshot::read(
+            agent.maps(),
+            agent.policy(),
+            addresses,
+            agent.ready(),
+            s.flows.total(),
+        )
     };
     (
         [(

@@ -281,7 +281,13 @@ impl DataplaneMaps {
             .verdicts
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| !wanted_verdicts.contains(&(k.prefix_len(), k.data())))
+            // Full-length keys belong in VERDICTS_EXACT: one left in the trie (written by an
+            // agent from before that map existed) would still match when the exact entry is
+            // gone.
+            .filter(|k| {
+                k.prefix_len() == VerdictKey::PREFIX_FULL
+                    || !wanted_verdicts.contains(&(k.prefix_len(), k.data()))
+            })
             .collect();
         for k in stray {
             let _ = self.verdicts.remove(&k);

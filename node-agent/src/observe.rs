@@ -47,7 +47,15 @@ fn direction(d: Direction) -> &'static str {
 }
 
 impl MetricsSnapshot {
-    pub fn read(maps: &DataplaneMaps, state: &NodeState, ready: bool, flow_events: u64) -> Self {
+    /// `endpoints`: pod addresses on the node (the `ENDPOINTS` entries), counted from the
+    /// agent's store rather than by walking the map.
+    pub fn read(
+        maps: &DataplaneMaps,
+        state: &NodeState,
+        endpoints: usize,
+        ready: bool,
+        flow_events: u64,
+    ) -> Self {
         let rule_hits = DataplaneMaps::counter_totals(&maps.rule_hits)
             .into_iter()
             .filter_map(|(rule, n)| {
@@ -82,7 +90,7 @@ impl MetricsSnapshot {
             .collect();
         Self {
             ready,
-            endpoints: maps.endpoints.keys().count(),
+            endpoints,
             peer_classes: state.peer_classes.len(),
             verdicts: state.verdicts.len(),
             routes: state.routes.len(),

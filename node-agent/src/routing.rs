@@ -190,6 +190,12 @@ pub fn plan(
 /// Makes the kernel's weir-owned routes exactly `plan.kernel`.
 pub async fn apply_kernel_routes(nl: &Netlink, plan: &RoutePlan) -> Result<(), NetlinkError> {
     for r in &plan.kernel {
+        if r.dst.addr().is_ipv6() {
+            // IPv6 node routes are not supported yet; the IPv4 ones must still work on a
+            // dual-stack cluster.
+            tracing::debug!(dst = %r.dst, "skipping an IPv6 node route");
+            continue;
+        }
         nl.replace_owned_route(r.dst, r.gateway, r.ifindex).await?;
     }
     for dst in nl.owned_routes().await? {
