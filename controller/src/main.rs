@@ -19,7 +19,7 @@ use weir_controller::{
     node_cidrs::{FileCidrStore, NodeCidrAllocator},
     run::{Controller, run_directory},
 };
-use weir_transport::{Backoff, Bootstrap, NodeStateServer, ServerTls, StatePublisher, TlsFiles};
+use weir_transport::{Bootstrap, NodeStateServer, ServerTls, StatePublisher, TlsFiles};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "weir controller")]
@@ -290,10 +290,7 @@ async fn connect_cidr_store(
     config: CidrStoreConfig,
     leadership: &Leadership,
 ) -> (cidr_store::KubeCidrStore, cidr_store::CidrStoreSync) {
-    let backoff = Backoff {
-        initial: Duration::from_millis(500),
-        max: Duration::from_secs(30),
-    };
+    let backoff = config.retry;
     let mut failures = 0;
     loop {
         match cidr_store::connect(client.clone(), config.clone(), leadership.clone()).await {

@@ -36,6 +36,11 @@ pub struct Controller {
     /// Node objects: address and the pod CIDRs the cluster set.
     nodes: BTreeMap<String, NodeInfo>,
     node_cidrs: Option<(NodeCidrAllocator, Box<dyn CidrStore + Send>)>,
+    /// What the store holds (loaded, adopted or saved): saved again only when it differs.
+    cidrs_saved: BTreeMap<String, IpNet>,
+    /// Whether ranges of nodes deleted while no controller ran have been released (at the
+    /// first compile, when the node list is complete).
+    cidrs_pruned: bool,
     /// Allocation errors already reported.
     cidr_errors: BTreeSet<String>,
     /// Told about every compile (metrics, readiness).
@@ -73,6 +78,8 @@ impl Controller {
             reported: BTreeSet::new(),
             nodes: BTreeMap::new(),
             node_cidrs: None,
+            cidrs_saved: BTreeMap::new(),
+            cidrs_pruned: false,
             cidr_errors: BTreeSet::new(),
             compile_observer: None,
         }
@@ -91,7 +98,9 @@ impl Controller {
         mut allocator: NodeCidrAllocator,
         store: Box<dyn CidrStore + Send>,
     ) -> Result<Self, CidrError> {
-        allocator.restore(store.load()?);
+        let loaded = store.load()?;
+        allocator.restore(loaded.clone());
+        self.cidrs_saved = loaded;
         self.node_cidrs = Some((allocator, store));
         Ok(self)
     }
@@ -177,6 +186,7 @@ impl Controller {
         self.reported = current;
         let routes = self.routes();
         let mut versions = BTreeMap::new();
+        let mut published = 0usize;
         for (node, mut state) in out.nodes {
             state.routes = routes.clone();
             let (version, changed) = match self.published.get(&node) {
@@ -188,7 +198,7 @@ impl Controller {
                 let state = Arc::new(state);
                 match self.publisher.publish(&node, version, state.clone()) {
                     Ok(()) => {
-                        info!(
+                        tracing::debug!(
                             %node,
                             version,
                             endpoints = state.endpoints.len(),
@@ -198,11 +208,19 @@ impl Controller {
                             "published node state"
                         );
                         self.published.insert(node.clone(), (version, state));
+                        published += 1;
                     }
                     Err(e) => warn!(%node, error = %e, "publishing node state"),
                 }
             }
             versions.insert(node, version);
+        }
+        if published > 0 {
+            info!(
+                nodes = published,
+                took = ?started.elapsed(),
+                "published changed node states"
+            );
         }
         let gone: Vec<String> = self
             .published
@@ -234,11 +252,24 @@ impl Controller {
     fn routes(&mut self) -> BTreeMap<IpNet, NodeRoute> {
         let mut routes = BTreeMap::new();
         let mut errors = BTreeSet::new();
-        let mut changed = false;
-        if let Some((alloc, store)) = &mut self.node_cidrs
-            && let Some(shared) = store.refresh()
-        {
-            alloc.restore(shared);
+        if let Some((alloc, store)) = &mut self.node_cidrs {
+            if let Some(shared) = store.refresh() {
+                alloc.restore(shared.clone());
+                self.cidrs_saved = shared;
+            }
+            if !self.cidrs_pruned {
+                let gone: Vec<String> = alloc
+                    .allocated()
+                    .keys()
+                    .filter(|n| !self.nodes.contains_key(*n))
+                    .cloned()
+                    .collect();
+                for node in gone {
+                    info!(%node, "releasing the pod CIDR of a node that no longer exists");
+                    alloc.release(&node);
+                }
+                self.cidrs_pruned = true;
+            }
         }
         // Ranges the cluster set first: they win over ranges this controller would hand out.
         let order: Vec<(&String, &NodeInfo)> = self
@@ -249,19 +280,13 @@ impl Controller {
             .collect();
         for (name, info) in order {
             let cidrs = match &mut self.node_cidrs {
-                Some((alloc, _)) => {
-                    let before = alloc.allocated().get(name).copied();
-                    match alloc.assign(name, &info.preset_cidrs) {
-                        Ok(c) => {
-                            changed |= alloc.allocated().get(name).copied() != before;
-                            c
-                        }
-                        Err(e) => {
-                            errors.insert(e.to_string());
-                            continue;
-                        }
+                Some((alloc, _)) => match alloc.assign(name, &info.preset_cidrs) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.insert(e.to_string());
+                        continue;
                     }
-                }
+                },
                 None => info.preset_cidrs.clone(),
             };
             let Some(ip) = info.ip else { continue };
@@ -275,12 +300,14 @@ impl Controller {
                 );
             }
         }
-        if let Some((alloc, store)) = &self.node_cidrs {
-            let released = alloc.allocated().len() != self.nodes.len();
-            if (changed || released)
-                && let Err(e) = store.save(alloc.allocated())
-            {
-                errors.insert(e.to_string());
+        if let Some((alloc, store)) = &self.node_cidrs
+            && *alloc.allocated() != self.cidrs_saved
+        {
+            match store.save(alloc.allocated()) {
+                Ok(()) => self.cidrs_saved = alloc.allocated().clone(),
+                Err(e) => {
+                    errors.insert(e.to_string());
+                }
             }
         }
         for e in errors.difference(&self.cidr_errors) {
@@ -423,6 +450,46 @@ mod tests {
 
     fn routes_of(c: &Controller, node: &str) -> BTreeMap<IpNet, NodeRoute> {
         c.published[node].1.routes.clone()
+    }
+
+    #[test]
+    fn ranges_of_nodes_deleted_while_no_controller_ran_are_released_and_saved_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        c.apply(vec![
+            node("a", "172.30.0.1", None),
+            node("b", "172.30.0.2", None),
+        ]);
+        c.recompute();
+        drop(c);
+        let saved = || std::fs::read(dir.path().join("cidrs.json")).unwrap();
+
+        // Restarted after "a" was deleted: its range is free again, and the store says so.
+        let mut c = controller(dir.path());
+        c.apply(vec![node("b", "172.30.0.2", None)]);
+        c.recompute();
+        let stored: BTreeMap<String, IpNet> = serde_json::from_slice(&saved()).unwrap();
+        assert_eq!(stored.keys().collect::<Vec<_>>(), ["b"]);
+        c.apply(vec![node("c", "172.30.0.3", None)]);
+        c.recompute();
+        assert!(
+            routes_of(&c, "b").contains_key(&"10.244.0.0/24".parse::<IpNet>().unwrap()),
+            "a's range went to the new node c"
+        );
+
+        // Nothing changed: nothing is written.
+        let before = std::fs::metadata(dir.path().join("cidrs.json"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        c.apply(vec![node("c", "172.30.0.3", None)]);
+        c.recompute();
+        let after = std::fs::metadata(dir.path().join("cidrs.json"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(before, after, "an unchanged allocation is not saved again");
     }
 
     #[test]
