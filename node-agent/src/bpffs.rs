@@ -144,10 +144,10 @@ mod tests {
 
     #[test]
     fn a_missing_bpffs_is_mounted_once_and_then_found() {
-        if !is_root() {
-            println!("skipped: mounting needs root");
-            return;
-        }
+        assert!(
+            is_root(),
+            "mounting a bpf file system needs root: run the tests as root (cargo xtask test)"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sys/fs/bpf");
         let inside = path.clone();

@@ -534,12 +534,16 @@ fn every_reference_resolves() {
             continue;
         };
         for port in service["spec"]["ports"].as_array().into_iter().flatten() {
-            let target_port = &port["targetPort"];
+            // Kubernetes defaults targetPort to port.
+            let target_port = match &port["targetPort"] {
+                serde_json::Value::Null => &port["port"],
+                t => t,
+            };
             problems.check(
                 spec.containers.iter().any(|c| {
                     c.ports.iter().flatten().any(|p| {
                         Some(p.container_port) == target_port.as_i64().map(|n| n as i32)
-                            || p.name.as_deref() == target_port.as_str()
+                            || (p.name.is_some() && p.name.as_deref() == target_port.as_str())
                     })
                 }),
                 || format!("{at}: targetPort {target_port} is no container port"),
@@ -1273,17 +1277,11 @@ fn settings_come_from_the_config_map() {
 }
 
 /// The renderer agrees with kustomize itself (as built into kubectl), object for object and
-/// in the same order, wherever kubectl is installed.
+/// in the same order. Needs kubectl, which no Debian package provides: run it with
+/// `cargo test -p xtask -- --ignored` where kubectl is installed.
 #[test]
+#[ignore = "needs kubectl"]
 fn rendering_matches_kubectl_kustomize() {
-    let installed = std::process::Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !installed {
-        println!("skipped: kubectl is not installed, so kustomize cannot be compared");
-        return;
-    }
     let dir = crate::workspace_root().join("manifests");
     let output = std::process::Command::new("kubectl")
         .arg("kustomize")
