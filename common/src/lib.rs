@@ -21,7 +21,9 @@ mod pod;
 
 /// Version of the map layouts. It is part of every pin path, so an agent with a different
 /// layout never reuses maps pinned by another one.
-pub const ABI_VERSION: u32 = 1;
+///
+/// 2: `RULE_HITS` and `POLICY_DROPS` became per-CPU arrays indexed by id (were per-CPU hashes).
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {
@@ -90,7 +92,9 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     pub const ROUTES: u32 = 16_384;
     pub const HOST_ADDRS: u32 = 256;
+    /// Rule ids are per node, dense from 1: one slot per rule the node's pods use.
     pub const RULE_HITS: u32 = 65_536;
+    /// Rule-set ids are per node, dense from 1.
     pub const POLICY_DROPS: u32 = 16_384;
     pub const EVENTS_BYTES: u32 = 1 << 20;
     pub const FRAGMENTS: u32 = 8192;

@@ -17,10 +17,7 @@ pub fn record_drop(
     policy: u32,
     rule: u32,
 ) {
-    if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU counter.
-        unsafe { *c += 1 };
-    }
+    count(&DROPS, reason as u32);
     if policy != 0 {
         count(&POLICY_DROPS, policy);
     }

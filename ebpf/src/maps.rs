@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use weir_common::{
     capacity,
@@ -61,13 +61,16 @@ pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
 
+/// Flows admitted per rule, indexed by rule id (ids are small and dense per node). An array
+/// rather than a hash: on a new flow from a cold peer every cache line counts, and an array
+/// slot is one load away from its id.
 #[map]
-pub static RULE_HITS: PerCpuHashMap<u32, u64> =
-    PerCpuHashMap::with_max_entries(capacity::RULE_HITS, 0);
+pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::RULE_HITS, 0);
 
+/// Policy drops per rule set, indexed by rule-set id.
 #[map]
-pub static POLICY_DROPS: PerCpuHashMap<u32, u64> =
-    PerCpuHashMap::with_max_entries(capacity::POLICY_DROPS, 0);
+pub static POLICY_DROPS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(capacity::POLICY_DROPS, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
@@ -80,14 +83,12 @@ pub fn node_config() -> NodeConfig {
     }
 }
 
-/// Adds one to a per-CPU counter keyed by `key`, creating it if needed.
+/// Adds one to slot `index` of a per-CPU counter array (ids beyond its capacity are not
+/// counted).
 #[inline(always)]
-pub fn count(map: &PerCpuHashMap<u32, u64>, key: u32) {
-    match map.get_ptr_mut(key) {
+pub fn count(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(v) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU value, only this CPU writes it.
-        Some(v) => unsafe { *v += 1 },
-        None => {
-            let _ = map.insert(key, 1u64, 0);
-        }
+        unsafe { *v += 1 };
     }
 }

@@ -244,3 +244,65 @@ async fn a_new_pod_is_isolated_before_its_first_packet_and_starts_without_the_co
     assert!(!tcp(&c, "a", "b").await);
     assert!(tcp(&c, "a", "d").await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_of_a_new_map_layout_takes_over_flows_and_enforcement_of_the_old_one() {
+    let mut c = cluster(1, Topology::L2).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 0).await;
+    let d = pod(&mut c, "default", "d", 0).await;
+    let _sd = Servers::start(&d.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    // a connects to b, b sends.
+    let stream = LiveStream::start_download(&a.netns, &b.netns, b.ip, 9000);
+    stream
+        .assert_flowing("before the policies", Duration::from_millis(500))
+        .await;
+    // b may not open connections: what it sends to a passes only as part of a's flow, which
+    // only conntrack knows. d admits nobody.
+    c.apply_object(&json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "b-no-egress", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"]},
+    }))
+    .unwrap();
+    c.apply_object(&deny_ingress("default", "lock-d", "d"))
+        .unwrap();
+    c.sync().await.unwrap();
+    stream
+        .assert_flowing("under b's egress isolation", Duration::from_millis(500))
+        .await;
+    assert!(!tcp(&c, "a", "d").await, "denied by lock-d");
+
+    // The running agent's pins become those of an older layout version, then an agent
+    // starts without a controller to tell it the policies.
+    let node_dir = std::path::Path::new("/sys/fs/bpf/weir").join(&c.nodes()[0].name);
+    let current = node_dir.join(format!("v{}", weir_common::ABI_VERSION));
+    let older = node_dir.join("v0");
+    c.kill_controller();
+    c.kill_agent(0);
+    std::fs::rename(&current, &older).expect("renaming the pin directory");
+    stream
+        .assert_flowing("while no agent runs", Duration::from_millis(500))
+        .await;
+    c.start_agent(0).await.expect("agent starts");
+
+    // Conntrack came along (b's replies still pass), and so did the policy state.
+    stream
+        .assert_flowing("after the takeover", Duration::from_secs(1))
+        .await;
+    assert!(!tcp(&c, "a", "d").await, "still denied by lock-d");
+    let _sa = Servers::start(&a.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    assert!(!tcp(&c, "b", "a").await, "b still may not open connections");
+    assert!(
+        !older.exists(),
+        "the older version's pins are gone (its programs detached)"
+    );
+    // The uplink, the tunnel (both ways) and three pods (both ways): every link moved over.
+    assert_eq!(
+        current.join("links").read_dir().unwrap().count(),
+        1 + 2 + 3 * 2
+    );
+    assert!(!stream.failed());
+    stream.stop();
+}

@@ -116,6 +116,21 @@ impl Agent {
         let pins = PinLayout::new(&cfg.bpffs, &cfg.node_name);
         let mut dp = Dataplane::load(Some(pins))?;
         let mut maps = DataplaneMaps::take(&mut dp)?;
+        // An agent of another release left maps of another layout version: carry their state
+        // over before our programs replace theirs.
+        if let Some(previous) = dp
+            .pins()
+            .and_then(|p| p.other_versions().into_iter().next())
+        {
+            for (map, outcome) in maps.carry_over(&previous.join("maps")) {
+                match outcome {
+                    Ok(n) => info!(map, entries = n, from = %previous.display(), "carried over"),
+                    Err(e) => {
+                        warn!(map, error = %e, from = %previous.display(), "not carried over")
+                    }
+                }
+            }
+        }
         let mut config = maps.config()?;
         if config == NodeConfig::default() {
             config = NodeConfig::new(1, cfg.flow_sample_rate, VNI);
@@ -169,6 +184,13 @@ impl Agent {
         };
         agent.readopt().await?;
         agent.refresh_host_addrs().await?;
+        // Every link this agent knows is ours now; what another version pinned besides is
+        // released with its maps.
+        if let Some(pins) = agent.dp.pins()
+            && let Err(e) = pins.remove_other_versions()
+        {
+            warn!(error = %e, "pins of another version left in place");
+        }
         Ok(agent)
     }
 

@@ -122,6 +122,44 @@ impl PinLayout {
         }
         Ok(())
     }
+    /// Pin directories of other ABI versions of this node (left by an agent of another
+    /// release), newest first.
+    pub fn other_versions(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(self.node_dir()) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u32, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name();
+                let v: u32 = name.to_str()?.strip_prefix('v')?.parse().ok()?;
+                (v != ABI_VERSION).then(|| (v, e.path()))
+            })
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        found.into_iter().map(|(_, p)| p).collect()
+    }
+    /// The same link pinned by another ABI version, if any.
+    fn other_version_link(&self, ifname: &str, dir: TcAttachType) -> Option<PathBuf> {
+        let mine = self.link_path(ifname, dir);
+        let name = mine.file_name()?;
+        self.other_versions()
+            .into_iter()
+            .map(|v| v.join("links").join(name))
+            .find(|p| p.exists())
+    }
+    /// Removes the pins of other ABI versions once this agent's programs own every link:
+    /// their maps are freed when the last program using them is gone.
+    pub fn remove_other_versions(&self) -> Result<()> {
+        for dir in self.other_versions() {
+            fs::remove_dir_all(&dir).map_err(|source| DataplaneError::Io {
+                action: "removing pins of another version",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
     /// Removes every pin of this node (all ABI versions): detaches its links, frees its maps
     /// once no program uses them.
     pub fn remove_all(&self) -> Result<()> {
@@ -276,10 +314,21 @@ impl Dataplane {
             ifname: ifname.to_string(),
             source: Box::new(source),
         };
+        // A link pinned by an agent of another ABI version: take it over (swap our program
+        // in, move the pin), so an upgrade never leaves the interface without a program nor
+        // with two.
+        let previous = match (&self.pins, &link_path) {
+            (Some(pins), Some(path)) if !path.exists() => pins.other_version_link(ifname, dir),
+            _ => None,
+        };
         match mode {
             AttachMode::Tcx => {
-                if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
-                    // A previous agent's link: swap our program in, keep the pin.
+                let existing = link_path
+                    .as_ref()
+                    .filter(|p| p.exists())
+                    .or(previous.as_ref());
+                if let Some(path) = existing {
+                    // A previous agent's link: swap our program in, keep (or move) the pin.
                     let pinned =
                         PinnedLink::from_pin(path).map_err(|source| DataplaneError::Link {
                             path: path.clone(),
@@ -293,8 +342,23 @@ impl Dataplane {
                             }
                         })?;
                     let id = prog.attach_to_link(link).map_err(|e| err("replacing", e))?;
-                    // The pin keeps the link attached; our fd can go.
-                    drop(prog.take_link(id).map_err(|e| err("releasing", e))?);
+                    let link = prog.take_link(id).map_err(|e| err("releasing", e))?;
+                    if let (Some(old), Some(new)) = (&previous, &link_path) {
+                        let fd = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                            path: new.clone(),
+                            source: Box::new(source),
+                        })?;
+                        fd.pin(new).map_err(|source| DataplaneError::Pin {
+                            path: new.clone(),
+                            source: Box::new(source),
+                        })?;
+                        fs::remove_file(old).map_err(|source| DataplaneError::Io {
+                            action: "unpinning the link of another version",
+                            path: old.clone(),
+                            source,
+                        })?;
+                    }
+                    // Otherwise the pin keeps the link attached; our fd can go.
                     return Ok(());
                 }
                 let id = prog

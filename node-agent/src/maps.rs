@@ -4,10 +4,12 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
+    path::Path,
 };
 
-use aya::maps::{
-    Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+use aya::{
+    Pod,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
 };
 use ipnet::IpNet;
 use thiserror::Error;
@@ -29,6 +31,11 @@ use crate::dataplane::{Dataplane, DataplaneError};
 pub enum MapsError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    #[error("reading the possible CPUs")]
+    Cpus {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {map}: {action}")]
     Map {
         map: &'static str,
@@ -90,8 +97,10 @@ pub struct DataplaneMaps {
     pub routes: LpmTrie<MapData, IpKey, RouteEntry>,
     pub config: Array<MapData, NodeConfig>,
     pub drops: PerCpuArray<MapData, u64>,
-    pub rule_hits: PerCpuHashMap<MapData, u32, u64>,
-    pub policy_drops: PerCpuHashMap<MapData, u32, u64>,
+    /// Admitted flows per rule id.
+    pub rule_hits: PerCpuArray<MapData, u64>,
+    /// Policy drops per rule-set id.
+    pub policy_drops: PerCpuArray<MapData, u64>,
 }
 
 macro_rules! take {
@@ -224,6 +233,14 @@ impl DataplaneMaps {
     /// Applies a policy diff: additions before the endpoint changes that use them, removals
     /// after, so a packet never meets a rule set whose verdicts are half-written.
     pub fn apply_policy_diff(&mut self, diff: &NodeStateDiff) -> Result<()> {
+        // An id new to this node (or standing for something else now) starts from zero, before
+        // any verdict can name it.
+        for (id, _) in &diff.rules.upsert {
+            reset_counter(&mut self.rule_hits, *id, names::RULE_HITS)?;
+        }
+        for (id, _) in &diff.rule_sets.upsert {
+            reset_counter(&mut self.policy_drops, *id, names::POLICY_DROPS)?;
+        }
         for (m, v) in &diff.verdicts.upsert {
             self.set_verdict(m, v)?;
         }
@@ -240,10 +257,24 @@ impl DataplaneMaps {
     }
 
     /// Makes the policy maps hold exactly `state`'s classes and verdicts, whatever they held
-    /// before (a restarted agent does not know what its predecessor wrote).
+    /// before (a restarted agent does not know what its predecessor wrote). Counters of the
+    /// state's rules and rule sets are kept (they survive agent restarts); the others are
+    /// zeroed.
     pub fn sync_policy(&mut self, state: &NodeState) -> Result<()> {
-        let full = NodeState::default().diff(state, 0, 0);
+        let mut full = NodeState::default().diff(state, 0, 0);
+        full.rules = Default::default();
+        full.rule_sets = Default::default();
         self.apply_policy_diff(&full)?;
+        zero_unused(
+            &mut self.rule_hits,
+            |id| state.rules.contains_key(&id),
+            names::RULE_HITS,
+        )?;
+        zero_unused(
+            &mut self.policy_drops,
+            |id| state.rule_sets.contains_key(&id),
+            names::POLICY_DROPS,
+        )?;
         let mut wanted_prefixes: HashSet<(u32, IpKey)> = HashSet::new();
         let mut wanted_hosts: HashSet<IpKey> = HashSet::new();
         for n in state.peer_classes.keys() {
@@ -330,18 +361,133 @@ impl DataplaneMaps {
         Ok(())
     }
 
+    /// Copies the entries of the maps pinned in `maps_dir` by an agent of another ABI version
+    /// whose layout has not changed (conntrack, endpoints, policy, routes, configuration), so
+    /// that established flows and enforcement carry on while the programs are swapped. Maps
+    /// whose layout changed, or that are missing, are skipped: returns each map's outcome.
+    pub fn carry_over(&mut self, maps_dir: &Path) -> Vec<(&'static str, Result<usize, String>)> {
+        let open = |name: &'static str| -> Result<aya::maps::Map, String> {
+            let data = MapData::from_pin(maps_dir.join(name)).map_err(|e| e.to_string())?;
+            aya::maps::Map::from_map_data(data).map_err(|e| e.to_string())
+        };
+        vec![
+            (
+                names::CONNTRACK,
+                open(names::CONNTRACK).and_then(|m| copy_hash(m, &mut self.conntrack)),
+            ),
+            (
+                names::ENDPOINTS,
+                open(names::ENDPOINTS).and_then(|m| copy_hash(m, &mut self.endpoints)),
+            ),
+            (
+                names::HOST_ADDRS,
+                open(names::HOST_ADDRS).and_then(|m| copy_hash(m, &mut self.host_addrs)),
+            ),
+            (
+                names::PEER_HOSTS,
+                open(names::PEER_HOSTS).and_then(|m| copy_hash(m, &mut self.peer_hosts)),
+            ),
+            (
+                names::VERDICTS_EXACT,
+                open(names::VERDICTS_EXACT).and_then(|m| copy_hash(m, &mut self.verdicts_exact)),
+            ),
+            (
+                names::PEER_CLASSES,
+                open(names::PEER_CLASSES).and_then(|m| copy_trie(m, &mut self.peer_classes)),
+            ),
+            (
+                names::VERDICTS,
+                open(names::VERDICTS).and_then(|m| copy_trie(m, &mut self.verdicts)),
+            ),
+            (
+                names::ROUTES,
+                open(names::ROUTES).and_then(|m| copy_trie(m, &mut self.routes)),
+            ),
+            (
+                names::NODE_CONFIG,
+                open(names::NODE_CONFIG).and_then(|m| {
+                    let old: Array<MapData, NodeConfig> =
+                        m.try_into().map_err(|e: MapError| e.to_string())?;
+                    let c = old.get(&0, 0).map_err(|e| e.to_string())?;
+                    self.config.set(0, c, 0).map_err(|e| e.to_string())?;
+                    Ok(1)
+                }),
+            ),
+        ]
+    }
+
     /// Per-reason drop counters, summed over CPUs.
     pub fn drop_counts(&self) -> Vec<(DropReason, u64)> {
         drop_counts(&self.drops)
     }
 
-    /// Sum over CPUs of a per-CPU counter map.
-    pub fn counter_totals(map: &PerCpuHashMap<MapData, u32, u64>) -> BTreeMap<u32, u64> {
-        map.iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (k, v.iter().sum()))
+    /// Sums over CPUs of the slots `ids` of a per-CPU counter array (ids beyond its capacity
+    /// have no slot and are left out).
+    pub fn counter_totals(
+        map: &PerCpuArray<MapData, u64>,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> BTreeMap<u32, u64> {
+        ids.into_iter()
+            .filter_map(|id| Some((id, map.get(&id, 0).ok()?.iter().sum())))
             .collect()
     }
+}
+
+/// Copies every entry of `from` (a hash or LRU hash map) into `to`, if their key and value
+/// sizes agree.
+fn copy_hash<K: Pod, V: Pod>(
+    from: aya::maps::Map,
+    to: &mut HashMap<MapData, K, V>,
+) -> Result<usize, String> {
+    let from: HashMap<MapData, K, V> = from.try_into().map_err(|e: MapError| e.to_string())?;
+    let mut n = 0;
+    for (k, v) in from.iter().filter_map(|r| r.ok()) {
+        to.insert(k, v, 0).map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Copies every entry of the LPM trie `from` into `to`, if their key and value sizes agree.
+fn copy_trie<K: Pod, V: Pod>(
+    from: aya::maps::Map,
+    to: &mut LpmTrie<MapData, K, V>,
+) -> Result<usize, String> {
+    let from: LpmTrie<MapData, K, V> = from.try_into().map_err(|e: MapError| e.to_string())?;
+    let mut n = 0;
+    for (k, v) in from.iter().filter_map(|r| r.ok()) {
+        to.insert(&k, v, 0).map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Zeroes slot `id` on every CPU. Ids beyond the capacity have no slot: nothing to do.
+fn reset_counter(map: &mut PerCpuArray<MapData, u64>, id: u32, name: &'static str) -> Result<()> {
+    if id >= map.len() {
+        return Ok(());
+    }
+    let cpus = aya::util::nr_cpus().map_err(|(_, source)| MapsError::Cpus { source })?;
+    let zeros =
+        PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| MapsError::Cpus { source })?;
+    map.set(id, zeros, 0)
+        .map_err(map_err(name, format!("zeroing slot {id}")))
+}
+
+/// Zeroes every non-zero slot whose id `keep` rejects (slot 0 is never used).
+fn zero_unused(
+    map: &mut PerCpuArray<MapData, u64>,
+    keep: impl Fn(u32) -> bool,
+    name: &'static str,
+) -> Result<()> {
+    let used: Vec<u32> = (1..map.len())
+        .filter(|id| !keep(*id))
+        .filter(|id| map.get(id, 0).is_ok_and(|v| v.iter().any(|n| *n != 0)))
+        .collect();
+    for id in used {
+        reset_counter(map, id, name)?;
+    }
+    Ok(())
 }
 
 /// Per-reason drop counters of a node, read from its pinned map (no agent needed).

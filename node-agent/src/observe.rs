@@ -56,8 +56,10 @@ impl MetricsSnapshot {
         ready: bool,
         flow_events: u64,
     ) -> Self {
-        let rule_hits = DataplaneMaps::counter_totals(&maps.rule_hits)
+        let rule_hits = DataplaneMaps::counter_totals(&maps.rule_hits, state.rules.keys().copied())
             .into_iter()
+            // Rules that admitted nothing yet are left out (a node may know tens of thousands).
+            .filter(|(_, n)| *n != 0)
             .filter_map(|(rule, n)| {
                 let r = state.rules.get(&rule)?;
                 Some((
@@ -71,23 +73,26 @@ impl MetricsSnapshot {
                 ))
             })
             .collect();
-        let policy_drops = DataplaneMaps::counter_totals(&maps.policy_drops)
-            .into_iter()
-            .filter_map(|(set, n)| {
-                let info = state.rule_sets.get(&set)?;
-                let policies: Vec<String> = info.policies.iter().map(|p| p.to_string()).collect();
-                Some((
-                    [
-                        (
-                            "direction".to_string(),
-                            direction(info.direction).to_string(),
-                        ),
-                        ("policies".to_string(), policies.join(",")),
-                    ],
-                    n,
-                ))
-            })
-            .collect();
+        let policy_drops =
+            DataplaneMaps::counter_totals(&maps.policy_drops, state.rule_sets.keys().copied())
+                .into_iter()
+                .filter(|(_, n)| *n != 0)
+                .filter_map(|(set, n)| {
+                    let info = state.rule_sets.get(&set)?;
+                    let policies: Vec<String> =
+                        info.policies.iter().map(|p| p.to_string()).collect();
+                    Some((
+                        [
+                            (
+                                "direction".to_string(),
+                                direction(info.direction).to_string(),
+                            ),
+                            ("policies".to_string(), policies.join(",")),
+                        ],
+                        n,
+                    ))
+                })
+                .collect();
         Self {
             ready,
             endpoints,

@@ -246,14 +246,42 @@ fn ingress_policy_allows_only_the_listed_port_and_peer() {
     // UDP/80 is not TCP/80.
     let udp = packet::ipv4(MAC_A, GW_A, IP_A, IP_B, packet::UDP, 40002, 80, 0);
     assert_eq!(node.sent_by_a(&udp).0, TC_ACT_SHOT);
-    let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits);
+    let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits, [70]);
     assert_eq!(hits.get(&70), Some(&1), "the allowing rule is counted");
-    let by_policy = DataplaneMaps::counter_totals(&node.maps.policy_drops);
+    let by_policy = DataplaneMaps::counter_totals(&node.maps.policy_drops, [7]);
     assert_eq!(
         by_policy.get(&7),
         Some(&2),
         "drops counted against rule set 7"
     );
+
+    // The controller gives ids 70 and 7 new meanings: their counters start again from zero.
+    let policy = weir_api::PolicyRef {
+        kind: "NetworkPolicy".into(),
+        namespace: "default".into(),
+        name: "other".into(),
+    };
+    let mut diff = weir_api::NodeStateDiff::default();
+    diff.rules.upsert.push((
+        70,
+        weir_api::RuleRef {
+            policy: policy.clone(),
+            direction: weir_api::Direction::Ingress,
+            index: 0,
+        },
+    ));
+    diff.rule_sets.upsert.push((
+        7,
+        weir_api::RuleSetInfo {
+            direction: weir_api::Direction::Ingress,
+            policies: vec![policy],
+        },
+    ));
+    node.maps.apply_policy_diff(&diff).unwrap();
+    let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits, [70]);
+    assert_eq!(hits.get(&70), Some(&0), "rule 70 restarts from zero");
+    let by_policy = DataplaneMaps::counter_totals(&node.maps.policy_drops, [7]);
+    assert_eq!(by_policy.get(&7), Some(&0), "rule set 7 restarts from zero");
 }
 
 #[test]

@@ -87,7 +87,14 @@ pub struct LiveStream {
 impl LiveStream {
     /// A steady trickle (1 KiB every 2 ms) until stopped.
     pub fn start(client: &Netns, server: &Netns, server_ip: IpAddr, port: u16) -> Self {
-        Self::open(client, server, server_ip, port, None)
+        Self::open(client, server, server_ip, port, None, false)
+    }
+
+    /// A steady trickle the other way: the client connects, the server sends. The client's
+    /// only packets are acknowledgements of what arrives, so the data depends on the server
+    /// being allowed to answer within the client's connection.
+    pub fn start_download(client: &Netns, server: &Netns, server_ip: IpAddr, port: u16) -> Self {
+        Self::open(client, server, server_ip, port, None, true)
     }
 
     /// `total` bytes as fast as possible, then the end of the stream.
@@ -98,7 +105,7 @@ impl LiveStream {
         port: u16,
         total: u64,
     ) -> Self {
-        Self::open(client, server, server_ip, port, Some(total))
+        Self::open(client, server, server_ip, port, Some(total), false)
     }
 
     /// Waits for the end of a bulk stream; returns what the server received.
@@ -117,11 +124,28 @@ impl LiveStream {
         server_ip: IpAddr,
         port: u16,
         bulk: Option<u64>,
+        server_sends: bool,
     ) -> Self {
         let listener = server
             .within(move || TcpListener::bind(SocketAddr::new(server_ip, port)))
             .expect("enter server namespace")
             .expect("listen");
+        let accepted = std::thread::spawn(move || listener.accept().map(|(conn, _)| conn));
+        let connected = client
+            .within(move || {
+                TcpStream::connect_timeout(
+                    &SocketAddr::new(server_ip, port),
+                    Duration::from_secs(2),
+                )
+            })
+            .expect("enter client namespace")
+            .expect("connect");
+        let accepted = accepted.join().expect("accept thread").expect("accept");
+        let (mut reading, mut conn) = if server_sends {
+            (connected, accepted)
+        } else {
+            (accepted, connected)
+        };
         let received = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -132,7 +156,7 @@ impl LiveStream {
             let done = done.clone();
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let (mut conn, _) = listener.accept().expect("accept");
+                let conn = &mut reading;
                 // Wake up now and then, so that `stop` ends a stream whose path was cut.
                 conn.set_read_timeout(Some(Duration::from_millis(200)))
                     .expect("read timeout");
@@ -162,15 +186,6 @@ impl LiveStream {
                 }
             })
         };
-        let mut conn = client
-            .within(move || {
-                TcpStream::connect_timeout(
-                    &SocketAddr::new(server_ip, port),
-                    Duration::from_secs(2),
-                )
-            })
-            .expect("enter client namespace")
-            .expect("connect");
         let writer = {
             let failed = failed.clone();
             let stop = stop.clone();
