@@ -100,7 +100,12 @@ impl NodeState {
             verdicts: TableDiff::between(&self.verdicts, &new.verdicts),
             rules: TableDiff::between(&self.rules, &new.rules),
             rule_sets: TableDiff::between(&self.rule_sets, &new.rule_sets),
-            routes: TableDiff::between(&self.routes, &new.routes),
+            // Shared tables: the same copy has no differences (no walk through 5,000 routes).
+            routes: if std::sync::Arc::ptr_eq(&self.routes, &new.routes) {
+                TableDiff::default()
+            } else {
+                TableDiff::between(&self.routes, &new.routes)
+            },
         }
     }
 
@@ -110,7 +115,10 @@ impl NodeState {
         diff.verdicts.apply_to(&mut self.verdicts);
         diff.rules.apply_to(&mut self.rules);
         diff.rule_sets.apply_to(&mut self.rule_sets);
-        diff.routes.apply_to(&mut self.routes);
+        if !diff.routes.is_empty() {
+            diff.routes
+                .apply_to(std::sync::Arc::make_mut(&mut self.routes));
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! Ids (rule sets, classes, rules) are small integers chosen by the controller and kept
 //! stable across recompilations, so that a change in the cluster becomes a small diff.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -185,9 +185,34 @@ pub struct NodeState {
     pub rules: BTreeMap<u32, RuleRef>,
     #[serde(with = "pairs")]
     pub rule_sets: BTreeMap<u32, RuleSetInfo>,
-    /// Pod CIDRs of other nodes.
-    #[serde(with = "pairs")]
-    pub routes: BTreeMap<IpNet, NodeRoute>,
+    /// Pod CIDRs of every node (an agent finds its own among them). The same table for every node: the
+    /// controller shares one copy between all node states, so 5,000 nodes hold one table,
+    /// not 5,000.
+    #[serde(with = "shared_pairs")]
+    pub routes: Arc<BTreeMap<IpNet, NodeRoute>>,
+}
+
+/// [`pairs`] for a shared map.
+mod shared_pairs {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &Arc<BTreeMap<K, V>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        super::pairs::serialize(map, s)
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<Arc<BTreeMap<K, V>>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        super::pairs::deserialize(d).map(Arc::new)
+    }
 }
 
 /// Serde for maps whose keys are not strings: a list of `[key, value]` pairs.

@@ -150,13 +150,7 @@ impl PolicyEventMetrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let name = "weir_controller_invalid_policies";
-        let _ = writeln!(
-            out,
-            "# HELP {name} NetworkPolicies that are invalid (and fail closed) now."
-        );
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        let _ = writeln!(out, "{name} {}", self.invalid_policies());
+        write_invalid_policies(&mut out, self.invalid_policies());
         for (name, help, value) in [
             (
                 "weir_controller_invalid_policies_total",
@@ -185,6 +179,17 @@ impl PolicyEventMetrics {
         }
         out
     }
+}
+
+/// The gauge `weir_controller_invalid_policies`, in the Prometheus text format.
+pub fn write_invalid_policies(out: &mut String, value: u64) {
+    let name = "weir_controller_invalid_policies";
+    let _ = writeln!(
+        out,
+        "# HELP {name} NetworkPolicies that are invalid (and fail closed) now."
+    );
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    let _ = writeln!(out, "{name} {value}");
 }
 
 /// Emits one Event per distinct diagnostic.

@@ -22,7 +22,6 @@
 //! [`PolicyEventMetrics`] in Kubernetes mode and from the compiler with a manifest directory.
 
 use std::{
-    fmt::Write as _,
     net::SocketAddr,
     sync::{
         Arc,
@@ -155,19 +154,10 @@ impl ControllerEndpoint {
             .expect("writing to a String cannot fail");
         match &self.policy_events {
             Some(events) => out.push_str(&events.render()),
-            None => {
-                let name = "weir_controller_invalid_policies";
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} NetworkPolicies that are invalid (and fail closed) now."
-                );
-                let _ = writeln!(out, "# TYPE {name} gauge");
-                let _ = writeln!(
-                    out,
-                    "{name} {}",
-                    self.compiles.invalid_policies.load(Ordering::Relaxed)
-                );
-            }
+            None => crate::events::write_invalid_policies(
+                &mut out,
+                self.compiles.invalid_policies.load(Ordering::Relaxed),
+            ),
         }
         out
     }

@@ -150,7 +150,7 @@ impl<'a> View<'a> {
                     (*id, info)
                 })
                 .collect(),
-            routes: BTreeMap::new(),
+            routes: Default::default(),
         }
     }
 

@@ -38,6 +38,9 @@ pub struct Controller {
     node_cidrs: Option<(NodeCidrAllocator, Box<dyn CidrStore + Send>)>,
     /// What the store holds (loaded, adopted or saved): saved again only when it differs.
     cidrs_saved: BTreeMap<String, IpNet>,
+    /// The route table every node state shares (replaced only when it changes, so unchanged
+    /// node states compare equal by pointer).
+    routes: Arc<BTreeMap<IpNet, NodeRoute>>,
     /// Whether ranges of nodes deleted while no controller ran have been released (at the
     /// first compile, when the node list is complete).
     cidrs_pruned: bool,
@@ -79,6 +82,7 @@ impl Controller {
             nodes: BTreeMap::new(),
             node_cidrs: None,
             cidrs_saved: BTreeMap::new(),
+            routes: Arc::default(),
             cidrs_pruned: false,
             cidr_errors: BTreeSet::new(),
             compile_observer: None,
@@ -185,10 +189,13 @@ impl Controller {
         }
         self.reported = current;
         let routes = self.routes();
+        if *self.routes != routes {
+            self.routes = Arc::new(routes);
+        }
         let mut versions = BTreeMap::new();
         let mut published = 0usize;
         for (node, mut state) in out.nodes {
-            state.routes = routes.clone();
+            state.routes = self.routes.clone();
             let (version, changed) = match self.published.get(&node) {
                 Some((v, old)) if **old == state => (*v, false),
                 Some((v, _)) => (v + 1, true),
@@ -449,7 +456,7 @@ mod tests {
     }
 
     fn routes_of(c: &Controller, node: &str) -> BTreeMap<IpNet, NodeRoute> {
-        c.published[node].1.routes.clone()
+        (*c.published[node].1.routes).clone()
     }
 
     #[test]
@@ -513,6 +520,24 @@ mod tests {
         );
         let owners: BTreeSet<&String> = routes.values().map(|r| &r.node).collect();
         assert_eq!(owners.len(), 101, "one range per node");
+        // One table in memory, whatever the number of nodes, kept while routes do not change.
+        let shared = |c: &Controller| c.published["n1"].1.routes.clone();
+        assert!(Arc::ptr_eq(&shared(&c), &c.published["n77"].1.routes));
+        let before = shared(&c);
+        c.apply(vec![node("n1", "172.30.0.1", None)]);
+        c.recompute();
+        assert!(
+            Arc::ptr_eq(&before, &shared(&c)),
+            "unchanged routes: same copy"
+        );
+        c.apply(vec![node("n101", "172.30.0.201", None)]);
+        c.recompute();
+        assert!(
+            !Arc::ptr_eq(&before, &shared(&c)),
+            "a new node: a new table"
+        );
+        assert_eq!(shared(&c).len(), 102);
+        assert!(Arc::ptr_eq(&shared(&c), &c.published["n101"].1.routes));
     }
 
     #[test]

@@ -220,8 +220,8 @@ impl Agents {
         match updates.next().await {
             Some(Ok(NodeUpdate::Snapshot { state, .. })) => state
                 .routes
-                .into_iter()
-                .map(|(cidr, route)| (route.node, cidr))
+                .iter()
+                .map(|(cidr, route)| (route.node.clone(), *cidr))
                 .collect(),
             other => panic!("expected a snapshot, got {other:?}"),
         }

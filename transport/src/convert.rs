@@ -471,7 +471,7 @@ impl TryFrom<pb::NodeState> for NodeState {
             verdicts: collect_table("verdicts", &s.verdicts, decode_verdict)?,
             rules: collect_table("rules", s.rules, decode_rule)?,
             rule_sets: collect_table("rule_sets", s.rule_sets, decode_rule_set)?,
-            routes: collect_table("routes", s.routes, decode_route)?,
+            routes: std::sync::Arc::new(collect_table("routes", s.routes, decode_route)?),
         })
     }
 }

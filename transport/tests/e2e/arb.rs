@@ -122,7 +122,7 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
             verdicts,
             rules,
             rule_sets,
-            routes,
+            routes: routes.into(),
         },
     )
 }
