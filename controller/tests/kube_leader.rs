@@ -359,3 +359,49 @@ async fn the_leader_labels_its_own_pod_and_clears_former_leaders() {
         "a merge patch removes a label with an explicit null"
     );
 }
+
+#[tokio::test]
+async fn a_failed_leader_label_is_retried_while_leading() {
+    use std::sync::Mutex;
+    use weir_controller::kube::{LeaderPodLabel, mark_until_done};
+    let leases = FakeLeases::new();
+    let mut a = Candidate::start(&leases, "a");
+    a.becomes_leader_within(Duration::from_secs(5)).await;
+
+    // The API server refuses the first two label patches.
+    let patches = Arc::new(Mutex::new(0u32));
+    let seen_patches = patches.clone();
+    let (client, _task) = handler_client(move |seen| {
+        Some(if seen.method == "GET" {
+            json_response(
+                200,
+                &serde_json::json!({
+                    "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [],
+                }),
+            )
+        } else {
+            let mut n = seen_patches.lock().unwrap();
+            *n += 1;
+            if *n <= 2 {
+                json_response(500, &status(500, "InternalError", "etcd is unhappy"))
+            } else {
+                json_response(
+                    200,
+                    &serde_json::json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "ctrl-a", "namespace": "weir-system"},
+                    }),
+                )
+            }
+        })
+    });
+    let label = LeaderPodLabel::new(client, "weir-system", "ctrl-a");
+    timeout(
+        Duration::from_secs(5),
+        mark_until_done(label, a.leadership.clone()),
+    )
+    .await
+    .expect("the label is eventually set");
+    assert_eq!(*patches.lock().unwrap(), 3, "two failures, then success");
+    a.shut_down().await;
+}

@@ -31,7 +31,9 @@ use tokio::{
 use tracing::debug;
 
 pub use self::{
-    serve::{AgentServing, LEADER_LABEL, LeaderPodLabel, serve_agents_while_leading},
+    serve::{
+        AgentServing, LEADER_LABEL, LeaderPodLabel, mark_until_done, serve_agents_while_leading,
+    },
     sync::{ClusterSync, Flushed, PolicyObjectRef},
     token_review::{KubeTokenReviewer, TokenReviewConfig},
     watch::{Kind, KindEvent, WatchOptions, watch_cluster},

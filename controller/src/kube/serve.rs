@@ -7,7 +7,8 @@
 //!
 //! * on becoming leader, a replica starts listening, labels its own pod and removes the label
 //!   from any other pod of its namespace that still has it (a predecessor that lost the lease
-//!   while cut off from the API server could not remove its own);
+//!   while cut off from the API server could not remove its own), retrying with backoff for
+//!   as long as its term lasts if the API server refuses;
 //! * on losing the lease (or shutting down), it stops listening at once — open `Watch`
 //!   streams end with `UNAVAILABLE`, and new connections are refused — then removes its
 //!   label (best effort; the next leader removes it anyway).
@@ -121,11 +122,12 @@ pub async fn serve_agents_while_leading(serving: AgentServing, mut leadership: L
             }
         };
         info!(listen = %serving.listen, "leading: serving agents");
-        if let Some(label) = &serving.label
-            && let Err(e) = label.mark().await
-        {
-            warn!(error = %e, "labelling this pod as the leader (agents may not reach it)");
-        }
+        // Agents reach this replica only once its pod carries the label: keep trying for as
+        // long as the term lasts.
+        let marking = serving
+            .label
+            .clone()
+            .map(|label| tokio::spawn(mark_until_done(label, leadership.clone())));
         let mut lost = leadership.clone();
         let stop = async move {
             lost.wait_for(false).await;
@@ -139,6 +141,9 @@ pub async fn serve_agents_while_leading(serving: AgentServing, mut leadership: L
             warn!(error = %e, "agent server failed");
         }
         info!("not leading: stopped serving agents");
+        if let Some(marking) = marking {
+            marking.abort();
+        }
         if let Some(label) = &serving.label
             && let Err(e) = label.unmark().await
         {
@@ -148,5 +153,26 @@ pub async fn serve_agents_while_leading(serving: AgentServing, mut leadership: L
         if leadership.is_leader() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+/// Labels this pod as the leader's, retrying with backoff (200 ms doubling to 10 s) until it
+/// succeeds or the term ends.
+pub async fn mark_until_done(label: LeaderPodLabel, mut leadership: Leadership) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match label.mark().await {
+            Ok(()) => return,
+            Err(e) => warn!(
+                error = %e,
+                retry_in = ?delay,
+                "labelling this pod as the leader's (agents cannot reach it until this succeeds)"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = leadership.wait_for(false) => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
