@@ -239,6 +239,13 @@ async fn a_new_pod_is_isolated_before_its_first_packet_and_starts_without_the_co
     );
     let _sd = Servers::start(&d.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
     assert!(tcp(&c, "a", "d").await, "no policy selects d");
+    let (_, metrics) = c.agent_http(0, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "weir_agent_pods_started_before_policy_total 1"),
+        "d, and only d, started before its policies were known:\n{metrics}"
+    );
     c.restart_controller().unwrap();
     c.sync().await.unwrap();
     assert!(!tcp(&c, "a", "b").await);

@@ -104,6 +104,8 @@ pub struct Agent {
     have_controller_state: bool,
     /// Counts controller states applied; CNI ADD waits on it for a new pod's rule sets.
     policy_applied: tokio::sync::watch::Sender<u64>,
+    /// Pods whose ADD gave up waiting for their policies (they started unisolated).
+    pods_started_before_policy: u64,
 }
 
 impl Agent {
@@ -181,6 +183,7 @@ impl Agent {
             policy: NodeState::default(),
             have_controller_state: false,
             policy_applied: tokio::sync::watch::Sender::new(0),
+            pods_started_before_policy: 0,
         };
         agent.readopt().await?;
         agent.refresh_host_addrs().await?;
@@ -419,6 +422,15 @@ impl Agent {
 
     /// Whether the controller's state says which policies select `pod` (then its endpoint
     /// entries carry them).
+    /// Counts a pod whose ADD gave up waiting for its policies.
+    pub fn count_pod_started_before_policy(&mut self) {
+        self.pods_started_before_policy += 1;
+    }
+
+    pub fn pods_started_before_policy(&self) -> u64 {
+        self.pods_started_before_policy
+    }
+
     pub fn has_policy_for(&self, pod: &PodKey) -> bool {
         self.policy.endpoints.contains_key(pod)
     }

@@ -49,6 +49,7 @@ impl CniService {
             match tokio::time::timeout_at(deadline, updates.changed()).await {
                 Ok(Ok(())) => {}
                 _ => {
+                    self.agent.lock().await.count_pod_started_before_policy();
                     warn!(
                         %pod,
                         waited = ?self.policy_wait,

@@ -68,13 +68,15 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let snapshot = {
         let agent = s.agent.lock().await;
         let addresses = agent.endpoints().iter().map(|e| e.ips.len()).sum();
-        MetricsSnapshot::read(
+        let mut snapshot = MetricsSnapshot::read(
             agent.maps(),
             agent.policy(),
             addresses,
             agent.ready(),
             s.flows.total(),
-        )
+        );
+        snapshot.pods_started_before_policy = agent.pods_started_before_policy();
+        snapshot
     };
     (
         [(

@@ -37,6 +37,8 @@ pub struct MetricsSnapshot {
     /// (direction, policies of the rule set) → new flows denied.
     pub policy_drops: Vec<([(String, String); 2], u64)>,
     pub flow_events: u64,
+    /// Pods whose CNI ADD gave up waiting for their policies.
+    pub pods_started_before_policy: u64,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -103,6 +105,7 @@ impl MetricsSnapshot {
             rule_hits,
             policy_drops,
             flow_events,
+            pods_started_before_policy: 0,
         }
     }
 
@@ -188,6 +191,14 @@ impl Collector for MetricsSnapshot {
             kind,
         )?;
         events.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "pods_started_before_policy",
+            "Pods whose CNI ADD gave up waiting for the controller's state naming their \
+             policies: they started unisolated until it arrived",
+            None,
+            kind,
+        )?;
+        ConstCounter::new(self.pods_started_before_policy).encode(m)?;
         Ok(())
     }
 }
