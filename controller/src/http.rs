@@ -21,12 +21,9 @@
 //! (`compile_duration_seconds` histogram, `node_cidr_errors`); invalid policies, from
 //! [`PolicyEventMetrics`] in Kubernetes mode and from the compiler with a manifest directory.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -136,11 +133,6 @@ impl ControllerEndpoint {
     /// Serves until the listener fails.
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
         axum::serve(listener, self.router()).await
-    }
-
-    /// Binds `addr` and serves.
-    pub async fn bind_and_serve(self, addr: SocketAddr) -> std::io::Result<()> {
-        self.serve(TcpListener::bind(addr).await?).await
     }
 
     /// The `/metrics` body.
@@ -320,7 +312,7 @@ impl Collector for Snapshot {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, time::Duration};
+    use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
     use k8s_openapi::api::core::v1::Node;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -208,13 +208,6 @@ impl LeaderElector {
         Ok((elector, Leadership { rx }))
     }
 
-    /// Another handle on the outcome.
-    pub fn leadership(&self) -> Leadership {
-        Leadership {
-            rx: self.tx.subscribe(),
-        }
-    }
-
     /// Competes until `shutdown` completes; then steps down and releases the lease if held.
     /// Leadership is false when this returns.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {

@@ -685,9 +685,14 @@ impl LocalCluster {
     }
 
     fn add_node_netns(&mut self, i: usize) -> Result<()> {
+        // Node addresses are .11 to .254 of the segment's /24.
+        let host = u8::try_from(10 + i)
+            .ok()
+            .filter(|h| *h < 255)
+            .with_context(|| format!("a local cluster holds at most 244 nodes (node {i})"))?;
         let seg = &self.segments[(i - 1) % self.segments.len()];
         let (sw, subnet, gateway) = (seg.switch.clone(), seg.subnet, seg.gateway);
-        let ip = Ipv4Addr::new(172, 30, subnet, 10 + i as u8);
+        let ip = Ipv4Addr::new(172, 30, subnet, host);
         let name = format!("{}-n{i}", self.record.run);
         self.record.nodes.push(name.clone());
         let ns = self.new_netns(&format!("weir-{name}"))?;

@@ -176,11 +176,6 @@ impl ClusterSync {
         self.trackers.iter().all(|t| t.synced)
     }
 
-    /// Whether `kind` completed its initial list.
-    pub fn kind_synced(&self, kind: Kind) -> bool {
-        self.trackers[kind.index()].synced
-    }
-
     /// Applies pending changes; once synced, compiles and publishes what changed (the first
     /// time even without pending changes, so an empty cluster gets its node states).
     pub fn flush(&mut self) -> Flushed {
@@ -221,11 +216,6 @@ impl ClusterSync {
                 diagnostic: d.clone(),
             })
             .collect()
-    }
-
-    /// The object identity (uid, generation) of a stored NetworkPolicy, for Events.
-    pub fn policy_ref(&self, key: &PolicyKey) -> Option<&PolicyObjectRef> {
-        self.policy_refs.get(key)
     }
 
     fn track_policy_ref(&mut self, event: &Event<Object>) {

@@ -107,6 +107,10 @@ fn relaunch_in_release() -> Result<()> {
     if std::env::var_os(RELAUNCHED).is_some() {
         bail!("the release build of xtask was built without the `bench` feature");
     }
+    // Before minutes of release builds, not after.
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmarks need root (BPF_PROG_TEST_RUN, network namespaces)");
+    }
     let mut build = crate::cargo();
     build.args([
         "build",
