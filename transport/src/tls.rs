@@ -62,6 +62,14 @@ pub enum TlsError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("invalid server name {name:?}: {reason}")]
     ServerName { name: String, reason: String },
+    #[error(
+        "{cert_what} is not valid under the CA in {ca_what} (agents trusting that CA would refuse it): {source}"
+    )]
+    NotUnderCa {
+        cert_what: String,
+        ca_what: String,
+        source: rustls::Error,
+    },
 }
 
 /// Where a component's credentials are.
@@ -109,6 +117,40 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Checks that a serving certificate chain is what an agent trusting `roots` accepts (issuer,
+/// signature, validity period, server use), whatever name it is dialled by: a certificate
+/// from another CA would otherwise only show as handshake failures on every agent.
+fn check_server_chain(
+    roots: &Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+) -> Result<(), rustls::Error> {
+    use rustls::{
+        CertificateError,
+        client::{WebPkiServerVerifier, danger::ServerCertVerifier},
+    };
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Ok(());
+    };
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    // Any name: a mismatch is reported as such and ignored here.
+    let name = ServerName::try_from("weir-controller.invalid").expect("a valid DNS name");
+    match verifier.verify_server_cert(
+        leaf,
+        intermediates,
+        &name,
+        &[],
+        rustls_pki_types::UnixTime::now(),
+    ) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The controller's side: its certificate and key, and the CA that signs agent certificates.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -149,12 +191,17 @@ impl ServerTls {
         (cert_pem, cert_what): (&str, &str),
         (key_pem, key_what): (&str, &str),
     ) -> Result<Self, TlsError> {
-        let roots = roots(pki::parse_certs(ca_pem, ca_what)?, ca_what)?;
+        let roots = Arc::new(roots(pki::parse_certs(ca_pem, ca_what)?, ca_what)?);
         let chain = pki::parse_certs(cert_pem, cert_what)?;
         let key = parse_private_key(key_pem, key_what)?;
+        check_server_chain(&roots, &chain).map_err(|source| TlsError::NotUnderCa {
+            cert_what: cert_what.to_owned(),
+            ca_what: ca_what.to_owned(),
+            source,
+        })?;
         // Clients without a certificate get through the handshake so they can bootstrap;
         // every other call checks for a node certificate itself.
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider())
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
             .allow_unauthenticated()
             .build()?;
         let mut config = ServerConfig::builder_with_provider(provider())

@@ -127,17 +127,33 @@ async fn controller_certificate_is_not_an_agent_identity() {
 #[tokio::test]
 async fn agent_certificate_cannot_serve_as_the_controller() {
     let pki = Pki::new();
-    let publisher = StatePublisher::new();
-    publisher
-        .publish("node-a", 1, Arc::new(NodeState::default()))
-        .unwrap();
-    // An agent's key and certificate (clientAuth only, no DNS name) behind the port.
+    // An agent's key and certificate (clientAuth only, no DNS name): the server refuses to
+    // start with it, naming what agents would object to.
     let stolen = pki.ca.issue_node_cert("node-b").unwrap();
-    let rogue_tls =
-        ServerTls::from_pem(pki.ca.cert_pem(), &stolen.cert_pem, &stolen.key_pem).unwrap();
-    let rogue = TestServer::start(&publisher, &rogue_tls, None).await;
-    let err = watch_refusal(&rogue.endpoint(), &pki.agent("node-a"), "node-a").await;
-    assert_tls_refusal(&err, "extended key usage");
+    let err = ServerTls::from_pem(pki.ca.cert_pem(), &stolen.cert_pem, &stolen.key_pem)
+        .expect_err("an agent certificate cannot serve");
+    assert!(
+        err.to_string().contains("not valid under the CA")
+            && format!("{err:?}").contains("ServerAuth"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_serving_certificate_of_another_ca_is_refused_at_start() {
+    let pki = Pki::new();
+    let other = Pki::with_ca_name("another CA");
+    let cert = other
+        .ca
+        .issue_controller_cert(&["weir-controller.weir-system.svc"], &[])
+        .unwrap();
+    let err = ServerTls::from_pem(pki.ca.cert_pem(), &cert.cert_pem, &cert.key_pem)
+        .expect_err("a certificate the agents' CA did not sign");
+    assert!(
+        err.to_string().contains("not valid under the CA")
+            && format!("{err:?}").contains("UnknownIssuer"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
