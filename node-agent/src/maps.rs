@@ -152,7 +152,6 @@ impl DataplaneMaps {
 
     /// Makes the map hold exactly `desired` (a small map: compared in full).
     pub fn sync_endpoints(&mut self, desired: &BTreeMap<IpKey, EndpointInfo>) -> Result<()> {
-        let current: Vec<IpKey> = self.endpoints.keys().filter_map(|k| k.ok()).collect();
         for (k, v) in desired {
             if self.endpoints.get(k, 0).ok().as_ref() != Some(v) {
                 self.endpoints
@@ -160,27 +159,18 @@ impl DataplaneMaps {
                     .map_err(map_err(names::ENDPOINTS, format!("writing {k}")))?;
             }
         }
-        for k in current {
-            if !desired.contains_key(&k) {
-                let _ = self.endpoints.remove(&k);
-            }
-        }
+        remove_hash_keys(&mut self.endpoints, |k| !desired.contains_key(k));
         Ok(())
     }
 
     pub fn sync_host_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
         let desired: Vec<IpKey> = addrs.iter().map(|a| IpKey::from(*a)).collect();
-        let current: Vec<IpKey> = self.host_addrs.keys().filter_map(|k| k.ok()).collect();
         for k in &desired {
             self.host_addrs
                 .insert(k, HostAddr::new(), 0)
                 .map_err(map_err(names::HOST_ADDRS, format!("writing {k}")))?;
         }
-        for k in current {
-            if !desired.contains(&k) {
-                let _ = self.host_addrs.remove(&k);
-            }
-        }
+        remove_hash_keys(&mut self.host_addrs, |k| !desired.contains(k));
         Ok(())
     }
 
@@ -285,53 +275,24 @@ impl DataplaneMaps {
                 wanted_prefixes.insert((k.prefix_len(), k.data()));
             }
         }
-        let stray: Vec<Key<IpKey>> = self
-            .peer_classes
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted_prefixes.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for k in stray {
-            let _ = self.peer_classes.remove(&k);
-        }
-        let stray: Vec<IpKey> = self
-            .peer_hosts
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted_hosts.contains(k))
-            .collect();
-        for k in stray {
-            let _ = self.peer_hosts.remove(&k);
-        }
+        remove_trie_keys(&mut self.peer_classes, |k| {
+            !wanted_prefixes.contains(&(k.prefix_len(), k.data()))
+        });
+        remove_hash_keys(&mut self.peer_hosts, |k| !wanted_hosts.contains(k));
         let mut wanted_verdicts: HashSet<(u32, VerdictKey)> = HashSet::new();
         for m in state.verdicts.keys() {
             let k = verdict_key(m);
             wanted_verdicts.insert((k.prefix_len(), k.data()));
         }
-        let stray: Vec<Key<VerdictKey>> = self
-            .verdicts
-            .keys()
-            .filter_map(|k| k.ok())
-            // Full-length keys belong in VERDICTS_EXACT: one left in the trie (written by an
-            // agent from before that map existed) would still match when the exact entry is
-            // gone.
-            .filter(|k| {
-                k.prefix_len() == VerdictKey::PREFIX_FULL
-                    || !wanted_verdicts.contains(&(k.prefix_len(), k.data()))
-            })
-            .collect();
-        for k in stray {
-            let _ = self.verdicts.remove(&k);
-        }
-        let stray: Vec<VerdictKey> = self
-            .verdicts_exact
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted_verdicts.contains(&(VerdictKey::PREFIX_FULL, *k)))
-            .collect();
-        for k in stray {
-            let _ = self.verdicts_exact.remove(&k);
-        }
+        // Full-length keys belong in VERDICTS_EXACT: one left in the trie (written by an agent
+        // from before that map existed) would still match when the exact entry is gone.
+        remove_trie_keys(&mut self.verdicts, |k| {
+            k.prefix_len() == VerdictKey::PREFIX_FULL
+                || !wanted_verdicts.contains(&(k.prefix_len(), k.data()))
+        });
+        remove_hash_keys(&mut self.verdicts_exact, |k| {
+            !wanted_verdicts.contains(&(VerdictKey::PREFIX_FULL, *k))
+        });
         Ok(())
     }
 
@@ -349,15 +310,9 @@ impl DataplaneMaps {
                 .insert(&prefix_key(net), *entry, 0)
                 .map_err(map_err(names::ROUTES, format!("writing {net}")))?;
         }
-        let stray: Vec<Key<IpKey>> = self
-            .routes
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for k in stray {
-            let _ = self.routes.remove(&k);
-        }
+        remove_trie_keys(&mut self.routes, |k| {
+            !wanted.contains(&(k.prefix_len(), k.data()))
+        });
         Ok(())
     }
 
@@ -430,6 +385,34 @@ impl DataplaneMaps {
         ids.into_iter()
             .filter_map(|id| Some((id, map.get(&id, 0).ok()?.iter().sum())))
             .collect()
+    }
+}
+
+/// Removes the keys of a hash map that `stray` picks (best effort: a key that cannot be
+/// removed now is picked again by the next sync).
+fn remove_hash_keys<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, stray: impl Fn(&K) -> bool) {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| stray(k))
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
+    }
+}
+
+/// [`remove_hash_keys`] for an LPM trie.
+fn remove_trie_keys<K: Pod, V: Pod>(
+    map: &mut LpmTrie<MapData, K, V>,
+    stray: impl Fn(&Key<K>) -> bool,
+) {
+    let keys: Vec<Key<K>> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| stray(k))
+        .collect();
+    for k in keys {
+        let _ = map.remove(&k);
     }
 }
 
