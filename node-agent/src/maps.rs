@@ -325,39 +325,20 @@ impl DataplaneMaps {
             let data = MapData::from_pin(maps_dir.join(name)).map_err(|e| e.to_string())?;
             aya::maps::Map::from_map_data(data).map_err(|e| e.to_string())
         };
+        macro_rules! carry {
+            ($name:expr, $copy:ident, $to:expr) => {
+                ($name, open($name).and_then(|m| $copy(m, $to)))
+            };
+        }
         vec![
-            (
-                names::CONNTRACK,
-                open(names::CONNTRACK).and_then(|m| copy_hash(m, &mut self.conntrack)),
-            ),
-            (
-                names::ENDPOINTS,
-                open(names::ENDPOINTS).and_then(|m| copy_hash(m, &mut self.endpoints)),
-            ),
-            (
-                names::HOST_ADDRS,
-                open(names::HOST_ADDRS).and_then(|m| copy_hash(m, &mut self.host_addrs)),
-            ),
-            (
-                names::PEER_HOSTS,
-                open(names::PEER_HOSTS).and_then(|m| copy_hash(m, &mut self.peer_hosts)),
-            ),
-            (
-                names::VERDICTS_EXACT,
-                open(names::VERDICTS_EXACT).and_then(|m| copy_hash(m, &mut self.verdicts_exact)),
-            ),
-            (
-                names::PEER_CLASSES,
-                open(names::PEER_CLASSES).and_then(|m| copy_trie(m, &mut self.peer_classes)),
-            ),
-            (
-                names::VERDICTS,
-                open(names::VERDICTS).and_then(|m| copy_trie(m, &mut self.verdicts)),
-            ),
-            (
-                names::ROUTES,
-                open(names::ROUTES).and_then(|m| copy_trie(m, &mut self.routes)),
-            ),
+            carry!(names::CONNTRACK, copy_hash, &mut self.conntrack),
+            carry!(names::ENDPOINTS, copy_hash, &mut self.endpoints),
+            carry!(names::HOST_ADDRS, copy_hash, &mut self.host_addrs),
+            carry!(names::PEER_HOSTS, copy_hash, &mut self.peer_hosts),
+            carry!(names::VERDICTS_EXACT, copy_hash, &mut self.verdicts_exact),
+            carry!(names::PEER_CLASSES, copy_trie, &mut self.peer_classes),
+            carry!(names::VERDICTS, copy_trie, &mut self.verdicts),
+            carry!(names::ROUTES, copy_trie, &mut self.routes),
             (
                 names::NODE_CONFIG,
                 open(names::NODE_CONFIG).and_then(|m| {
