@@ -15,7 +15,9 @@ use weir_common::{
     endpoint::EndpointInfo,
     event::DropReason,
     ip::IpKey,
-    programs::{FROM_POD, TO_POD},
+    programs::{FROM_NETWORK, FROM_POD, TO_POD, TO_TUNNEL},
+    route::RouteEntry,
+    {TUNNEL_MAC, TUNNEL_SOURCE_MAC},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -412,4 +414,113 @@ fn traffic_from_the_node_reaches_an_isolated_pod() {
         TCP_SYN,
     );
     assert_eq!(node.run(TO_POD, ifindex, &other).0, TC_ACT_SHOT);
+}
+
+/// A pod on another node, and that node.
+const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 3);
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+impl Node {
+    /// Routes the other node's pod CIDR through `ifindex` in `mode`.
+    fn route_remote(&mut self, mode: u8, ifindex: u32) {
+        let routes = [(
+            "10.244.1.0/24".parse::<IpNet>().unwrap(),
+            RouteEntry::new(REMOTE_NODE.into(), mode, ifindex),
+        )];
+        self.maps
+            .sync_routes(&routes.into_iter().collect())
+            .unwrap();
+    }
+
+    fn arrived_on_uplink(&mut self, uplink: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run(FROM_NETWORK, uplink, frame)
+    }
+}
+
+#[test]
+fn traffic_from_another_node_is_delivered_to_the_local_pod_with_its_macs() {
+    let mut node = Node::new();
+    let uplink = support::dummy_interface("uplink");
+    let frame = packet::tcp(ROUTER_MAC, UPLINK_MAC, REMOTE_POD, IP_B, 40000, 80, TCP_SYN);
+    let (verdict, out) = node.arrived_on_uplink(uplink, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(packet::dst_mac(&out), MAC_B, "delivered to B's MAC");
+    assert_eq!(packet::src_mac(&out), GW_B, "from B's gateway MAC");
+}
+
+#[test]
+fn traffic_from_the_network_not_for_a_local_pod_is_the_hosts() {
+    let mut node = Node::new();
+    let uplink = support::dummy_interface("uplink");
+    let frame = packet::tcp(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        REMOTE_NODE,
+        NODE_IP,
+        40000,
+        22,
+        TCP_SYN,
+    );
+    let (verdict, out) = node.arrived_on_uplink(uplink, &frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, frame, "untouched");
+}
+
+#[test]
+fn a_local_pods_address_arriving_from_the_network_is_dropped_as_spoofed() {
+    let mut node = Node::new();
+    let uplink = support::dummy_interface("uplink");
+    let frame = packet::tcp(ROUTER_MAC, UPLINK_MAC, IP_A, IP_B, 40000, 80, TCP_SYN);
+    assert_eq!(node.arrived_on_uplink(uplink, &frame).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::Spoofed), 1);
+}
+
+#[test]
+fn ingress_policy_applies_to_traffic_from_other_nodes() {
+    let mut node = Node::new();
+    let uplink = support::dummy_interface("uplink");
+    // B admits the other node's pod CIDR (class 3) on TCP/80 only.
+    node.set_endpoints(0, 0, 7, 0);
+    node.classify("10.244.1.0/24", 3);
+    node.allow(7, 3, Some(packet::TCP), PortPrefix::new(80, 16), 70);
+    let allowed = packet::tcp(ROUTER_MAC, UPLINK_MAC, REMOTE_POD, IP_B, 40000, 80, TCP_SYN);
+    assert_eq!(node.arrived_on_uplink(uplink, &allowed).0, TC_ACT_REDIRECT);
+    let denied = packet::tcp(ROUTER_MAC, UPLINK_MAC, REMOTE_POD, IP_B, 40001, 81, TCP_SYN);
+    assert_eq!(node.arrived_on_uplink(uplink, &denied).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::PolicyIngress), 1);
+    // The admitted flow's later packets take the conntrack path, also after the first.
+    let ack = packet::tcp(ROUTER_MAC, UPLINK_MAC, REMOTE_POD, IP_B, 40000, 80, TCP_ACK);
+    assert_eq!(node.arrived_on_uplink(uplink, &ack).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn pod_traffic_to_another_nodes_pod_cidr_is_redirected_to_the_tunnel_or_the_uplink() {
+    let mut node = Node::new();
+    let tunnel = support::dummy_interface("tunnel");
+    let uplink = support::dummy_interface("uplink");
+    let frame = packet::tcp(MAC_A, GW_A, IP_A, REMOTE_POD, 40000, 80, TCP_SYN);
+    // No node owns the address: up the host stack.
+    assert_eq!(node.sent_by_a(&frame).0, TC_ACT_OK);
+    node.route_remote(RouteEntry::MODE_VXLAN, tunnel);
+    assert_eq!(node.sent_by_a(&frame).0, TC_ACT_REDIRECT);
+    node.route_remote(RouteEntry::MODE_DIRECT, uplink);
+    let frame = packet::tcp(MAC_A, GW_A, IP_A, REMOTE_POD, 40001, 80, TCP_SYN);
+    assert_eq!(node.sent_by_a(&frame).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn the_tunnel_sends_to_the_node_owning_the_destination_with_the_shared_tunnel_macs() {
+    let mut node = Node::new();
+    let tunnel = support::dummy_interface("tunnel");
+    let frame = packet::tcp(MAC_A, GW_A, IP_A, REMOTE_POD, 40000, 80, TCP_SYN);
+    // Nobody owns the destination: dropped, counted.
+    assert_eq!(node.run(TO_TUNNEL, tunnel, &frame).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::NoRoute), 1);
+    node.route_remote(RouteEntry::MODE_VXLAN, tunnel);
+    let (verdict, out) = node.run(TO_TUNNEL, tunnel, &frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(packet::dst_mac(&out), TUNNEL_MAC);
+    assert_eq!(packet::src_mac(&out), TUNNEL_SOURCE_MAC);
 }
