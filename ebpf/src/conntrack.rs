@@ -10,12 +10,13 @@ use weir_common::{
     conntrack::{CtEntry, CtKey},
     endpoint::EndpointInfo,
     event::{DropReason, FlowEvent},
+    policy::proto,
 };
 
 use crate::{
     events::{emit, record_drop},
-    maps::{CONNTRACK, RULE_HITS, count, node_config},
-    parse::{Packet, TCP_FIN, TCP_RST},
+    maps::{CONNTRACK, RULE_HITS, SCRATCH_KEYS, count, node_config},
+    parse::{self, Packet, TCP_FIN, TCP_RST},
     policy::admit,
 };
 
@@ -54,6 +55,13 @@ pub fn enforce(
             recheck(ctx, &reverse, dst_ep, src_ep, entry, generation)?;
         }
         touch(entry, now, pkt.tcp_flags, true);
+        return Ok(());
+    }
+
+    // An ICMP error about a flow conntrack knows (a port unreachable, fragmentation needed
+    // on the path, a TTL exceeded) belongs to that flow: policy admitted the flow, so it
+    // admits what the network says about it, from wherever it comes.
+    if related_to_known_flow(ctx, pkt) {
         return Ok(());
     }
 
@@ -96,6 +104,29 @@ pub fn enforce(
         emit(ctx, Some(&key), FlowEvent::VERDICT_ALLOW, 0, 0, rule);
     }
     Ok(())
+}
+
+/// Whether `pkt` is an ICMP error about a flow conntrack knows (in either direction). The
+/// keys live in per-CPU scratch space: the stack has no room left for two more.
+#[inline(always)]
+fn related_to_known_flow(ctx: &TcContext, pkt: &Packet) -> bool {
+    if pkt.proto != proto::ICMP && pkt.proto != proto::ICMPV6 {
+        return false;
+    }
+    let (Some(quoted), Some(reversed)) = (SCRATCH_KEYS.get_ptr_mut(0), SCRATCH_KEYS.get_ptr_mut(1))
+    else {
+        return false;
+    };
+    // SAFETY: per-CPU scratch values, used by this program run alone.
+    let (quoted, reversed) = unsafe { (&mut *quoted, &mut *reversed) };
+    if !parse::quoted(ctx, pkt, quoted) {
+        return false;
+    }
+    if CONNTRACK.get_ptr(&*quoted).is_some() {
+        return true;
+    }
+    *reversed = quoted.reversed();
+    CONNTRACK.get_ptr(&*reversed).is_some()
 }
 
 #[inline(always)]

@@ -72,6 +72,11 @@ pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity:
 pub static POLICY_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(capacity::POLICY_DROPS, 0);
 
+/// Per-CPU room for flow keys too large for the programs' 512-byte stack (not pinned: it
+/// holds nothing between packets).
+#[map]
+pub static SCRATCH_KEYS: PerCpuArray<CtKey> = PerCpuArray::with_max_entries(2, 0);
+
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 

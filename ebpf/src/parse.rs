@@ -87,6 +87,8 @@ pub struct Packet {
     pub dport_be: u16,
     pub proto: u8,
     pub tcp_flags: u8,
+    /// Offset of the L4 header (0 for a later fragment, which has none).
+    pub l4: u16,
 }
 
 impl Packet {
@@ -152,6 +154,7 @@ fn parse_v4(ctx: &TcContext) -> Result<Packet, DropReason> {
         dport_be: 0,
         proto: p,
         tcp_flags: 0,
+        l4: 0,
     };
     let more_fragments = frag_off & 0x2000 != 0;
     let offset = frag_off & 0x1fff;
@@ -167,6 +170,7 @@ fn parse_v4(ctx: &TcContext) -> Result<Packet, DropReason> {
         return Ok(pkt);
     }
     l4_ports(ctx, l4, &mut pkt, proto::ICMP, 8, 0)?;
+    pkt.l4 = l4 as u16;
     if more_fragments {
         let fk = FragKey::new(saddr, daddr, id_be, p);
         let ports = FragPorts {
@@ -196,17 +200,135 @@ fn parse_v6(ctx: &TcContext) -> Result<Packet, DropReason> {
         dport_be: 0,
         proto: next,
         tcp_flags: 0,
+        l4: 0,
     };
     // Extension headers are not walked: such packets are classified as portless.
-    l4_ports(
+    let l4 = ETH_HLEN + size_of::<Ipv6Hdr>();
+    l4_ports(ctx, l4, &mut pkt, proto::ICMPV6, 128, 129)?;
+    pkt.l4 = l4 as u16;
+    Ok(pkt)
+}
+
+/// For an ICMP error (destination unreachable, fragmentation needed or packet too big, time
+/// exceeded, parameter problem) addressed to the sender of the packet it quotes: writes that
+/// packet's flow, as its sender saw it, to `out`. False for anything else.
+#[inline(always)]
+pub fn quoted(ctx: &TcContext, pkt: &Packet, out: &mut CtKey) -> bool {
+    // At most 14 + 60 (IPv4) or 14 + 40 (IPv6); the mask tells the verifier so.
+    let l4 = usize::from(pkt.l4) & 0x7f;
+    if l4 == 0 {
+        return false;
+    }
+    let key = match pkt.proto {
+        proto::ICMP => quoted_v4(ctx, l4, &pkt.daddr),
+        proto::ICMPV6 => quoted_v6(ctx, l4, &pkt.daddr),
+        _ => None,
+    };
+    match key {
+        Some(k) => {
+            *out = k;
+            true
+        }
+        None => false,
+    }
+}
+
+/// ICMP header before the quoted packet of an error message.
+const ICMP_ERROR_HLEN: usize = 8;
+
+/// The flow of the IPv4 packet an ICMP error at `l4` quotes, if it is an error and the
+/// quoted packet was sent by the error's destination `to`.
+#[inline(always)]
+fn quoted_v4(ctx: &TcContext, l4: usize, to: &IpKey) -> Option<CtKey> {
+    let icmp = ptr_at::<IcmpEcho>(ctx, l4).ok()?;
+    // SAFETY: bounds checked by ptr_at.
+    let ty = unsafe { (*icmp).ty };
+    // Destination unreachable (incl. fragmentation needed), time exceeded, parameter problem.
+    if !matches!(ty, 3 | 11 | 12) {
+        return None;
+    }
+    let inner = l4 + ICMP_ERROR_HLEN;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, inner).ok()?;
+    // SAFETY: bounds checked by ptr_at.
+    let (ver_ihl, p, saddr, daddr) = unsafe {
+        (
+            (*ip).ver_ihl,
+            (*ip).proto,
+            IpKey::from_v4((*ip).saddr),
+            IpKey::from_v4((*ip).daddr),
+        )
+    };
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    if ihl < 20 || saddr != *to {
+        return None;
+    }
+    quoted_flow(ctx, inner + ihl, saddr, daddr, p, proto::ICMP, 8)
+}
+
+/// [`quoted_v4`] for ICMPv6 (the quoted packet's extension headers are not walked).
+#[inline(always)]
+fn quoted_v6(ctx: &TcContext, l4: usize, to: &IpKey) -> Option<CtKey> {
+    let icmp = ptr_at::<IcmpEcho>(ctx, l4).ok()?;
+    // SAFETY: bounds checked by ptr_at.
+    let ty = unsafe { (*icmp).ty };
+    // Destination unreachable, packet too big, time exceeded, parameter problem.
+    if !matches!(ty, 1..=4) {
+        return None;
+    }
+    let inner = l4 + ICMP_ERROR_HLEN;
+    let ip = ptr_at::<Ipv6Hdr>(ctx, inner).ok()?;
+    // SAFETY: bounds checked by ptr_at.
+    let (p, saddr, daddr) = unsafe {
+        (
+            (*ip).next_hdr,
+            IpKey::from_v6((*ip).saddr),
+            IpKey::from_v6((*ip).daddr),
+        )
+    };
+    if saddr != *to {
+        return None;
+    }
+    quoted_flow(
         ctx,
-        ETH_HLEN + size_of::<Ipv6Hdr>(),
-        &mut pkt,
+        inner + size_of::<Ipv6Hdr>(),
+        saddr,
+        daddr,
+        p,
         proto::ICMPV6,
         128,
-        129,
-    )?;
-    Ok(pkt)
+    )
+}
+
+/// The flow key of a quoted packet whose L4 header starts at `l4`: ports, or the echo
+/// identifier of a quoted echo request.
+#[inline(always)]
+fn quoted_flow(
+    ctx: &TcContext,
+    l4: usize,
+    saddr: IpKey,
+    daddr: IpKey,
+    p: u8,
+    icmp_proto: u8,
+    echo_request: u8,
+) -> Option<CtKey> {
+    let (sport_be, dport_be) = match p {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            let ports = ptr_at::<Ports>(ctx, l4).ok()?;
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { ((*ports).sport_be, (*ports).dport_be) }
+        }
+        q if q == icmp_proto => {
+            let icmp = ptr_at::<IcmpEcho>(ctx, l4).ok()?;
+            // SAFETY: bounds checked by ptr_at.
+            let (ty, id) = unsafe { ((*icmp).ty, (*icmp).id_be) };
+            if ty != echo_request {
+                return None;
+            }
+            (id, id)
+        }
+        _ => return None,
+    };
+    Some(CtKey::new(saddr, daddr, sport_be, dport_be, p))
 }
 
 /// Fills in ports (or the ICMP echo identifier, in both port slots) and TCP flags.

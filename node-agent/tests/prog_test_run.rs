@@ -524,3 +524,37 @@ fn the_tunnel_sends_to_the_node_owning_the_destination_with_the_shared_tunnel_ma
     assert_eq!(packet::dst_mac(&out), TUNNEL_MAC);
     assert_eq!(packet::src_mac(&out), TUNNEL_SOURCE_MAC);
 }
+
+#[test]
+fn icmp_errors_about_an_admitted_flow_reach_an_isolated_pod() {
+    let mut node = Node::new();
+    let uplink = support::dummy_interface("uplink");
+    let tunnel = support::dummy_interface("tunnel");
+    node.route_remote(RouteEntry::MODE_VXLAN, tunnel);
+    // A admits nothing in (rule set 9 has no verdicts) but may send anywhere.
+    node.set_endpoints(9, 0, 0, 0);
+    let to_b = packet::ipv4(MAC_A, GW_A, IP_A, IP_B, packet::UDP, 5353, 53, 0);
+    assert_eq!(node.sent_by_a(&to_b).0, TC_ACT_REDIRECT);
+    let to_remote = packet::tcp(MAC_A, GW_A, IP_A, REMOTE_POD, 40000, 443, TCP_SYN);
+    assert_eq!(node.sent_by_a(&to_remote).0, TC_ACT_REDIRECT);
+
+    // B answers "port unreachable": it concerns A's flow, so it reaches A.
+    let unreachable = packet::icmp_error(MAC_B, GW_B, IP_B, IP_A, 3, 3, &to_b);
+    assert_eq!(node.sent_by_b(&unreachable).0, TC_ACT_REDIRECT);
+    // A router on the way to the other node needs smaller packets: the same.
+    let router = Ipv4Addr::new(192, 168, 60, 1);
+    let frag_needed = packet::icmp_error(ROUTER_MAC, UPLINK_MAC, router, IP_A, 3, 4, &to_remote);
+    let (verdict, out) = node.arrived_on_uplink(uplink, &frag_needed);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(packet::dst_mac(&out), MAC_A);
+
+    // An error about a flow nobody opened is judged as what it is: A admits no ICMP.
+    let other = packet::tcp(MAC_A, GW_A, IP_A, REMOTE_POD, 40001, 443, TCP_SYN);
+    let stray = packet::icmp_error(ROUTER_MAC, UPLINK_MAC, router, IP_A, 3, 4, &other);
+    assert_eq!(node.arrived_on_uplink(uplink, &stray).0, TC_ACT_SHOT);
+    // Nor does quoting A's flow help an error addressed to someone else.
+    let misaddressed = packet::icmp_error(MAC_A, GW_A, IP_A, IP_B, 3, 3, &to_b);
+    node.set_endpoints(9, 0, 9, 0);
+    assert_eq!(node.sent_by_a(&misaddressed).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::PolicyIngress), 2);
+}

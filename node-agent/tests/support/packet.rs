@@ -82,6 +82,33 @@ pub fn tcp(
     ipv4(src_mac, dst_mac, src, dst, TCP, sport, dport, flags)
 }
 
+/// An ICMPv4 error of type `ty` from `src` to `dst`, quoting `quoted` (a frame as it was sent:
+/// its Ethernet header is left out, its IP header and the start of its payload quoted).
+pub fn icmp_error(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ty: u8,
+    code: u8,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let body = &quoted[14..quoted.len().min(14 + 28)];
+    let mut f = eth(src_mac, dst_mac, 0x0800);
+    let total = 20 + 8 + body.len();
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = ICMP;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[ty, code, 0, 0, 0, 0, 0, 0]);
+    f.extend_from_slice(body);
+    f
+}
+
 pub fn eth(src: [u8; 6], dst: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
     f.extend_from_slice(&dst);
