@@ -313,3 +313,36 @@ async fn an_agent_of_a_new_map_layout_takes_over_flows_and_enforcement_of_the_ol
     assert!(!stream.failed());
     stream.stop();
 }
+
+/// Sends a UDP datagram from `from` to `to:port` (nothing listens there) and says how the
+/// kernel answered within a second: refused (the ICMP port unreachable arrived) or not.
+fn udp_refused(from: &weir_localcluster::netns::Netns, to: std::net::IpAddr, port: u16) -> bool {
+    from.within(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        socket.connect((to, port)).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        let _ = socket.send(b"anyone?");
+        let mut buf = [0u8; 16];
+        matches!(socket.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+    .expect("entering the namespace")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_isolated_pod_hears_that_the_port_it_sent_to_is_closed() {
+    let mut c = cluster(2, Topology::Routed).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 0).await;
+    let d = pod(&mut c, "default", "d", 1).await;
+    // a admits nothing in; what it sends is allowed, and so is what the network says about it.
+    c.apply_object(&deny_ingress("default", "lock-a", "a"))
+        .unwrap();
+    c.sync().await.unwrap();
+    assert!(
+        udp_refused(&a.netns, b.ip, 9),
+        "from a pod on the same node"
+    );
+    assert!(udp_refused(&a.netns, d.ip, 9), "from a pod on another node");
+}
