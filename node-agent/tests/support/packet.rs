@@ -56,8 +56,20 @@ pub fn ipv4(
         }
         _ => vec![0u8; 8],
     };
+    ipv4_frame(src_mac, dst_mac, src, dst, proto, &l4)
+}
+
+/// An Ethernet frame carrying an IPv4 header (no options) and `payload`.
+fn ipv4_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut f = eth(src_mac, dst_mac, 0x0800);
-    let total = 20 + l4.len();
+    let total = 20 + payload.len();
     let mut ip = vec![0u8; 20];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
@@ -66,7 +78,7 @@ pub fn ipv4(
     ip[12..16].copy_from_slice(&src.octets());
     ip[16..20].copy_from_slice(&dst.octets());
     f.extend_from_slice(&ip);
-    f.extend_from_slice(&l4);
+    f.extend_from_slice(payload);
     f
 }
 
@@ -93,20 +105,9 @@ pub fn icmp_error(
     code: u8,
     quoted: &[u8],
 ) -> Vec<u8> {
-    let body = &quoted[14..quoted.len().min(14 + 28)];
-    let mut f = eth(src_mac, dst_mac, 0x0800);
-    let total = 20 + 8 + body.len();
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = ICMP;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&[ty, code, 0, 0, 0, 0, 0, 0]);
-    f.extend_from_slice(body);
-    f
+    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..quoted.len().min(14 + 28)]);
+    ipv4_frame(src_mac, dst_mac, src, dst, ICMP, &icmp)
 }
 
 pub fn eth(src: [u8; 6], dst: [u8; 6], ethertype: u16) -> Vec<u8> {
