@@ -2,8 +2,8 @@
 //! cluster, and the diffs a one-pod label change causes.
 //!
 //! ```text
-//! cargo run --release -p weir-controller --example scale -- a   # 5k nodes, 150k pods, 10k policies
-//! cargo run --release -p weir-controller --example scale -- b   # 25k namespaces, 100k pods, 75k policies
+//! cargo run --release -p weir-controller --features synthetic --example scale -- a   # 5k nodes, 150k pods, 10k policies
+//! cargo run --release -p weir-controller --features synthetic --example scale -- b   # 25k namespaces, 100k pods, 75k policies
 //! ```
 //!
 //! Optional second argument: number of compile threads (default: all cores). With
@@ -12,19 +12,11 @@
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    collections::BTreeMap,
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Container, ContainerPort, Namespace, Node, Pod, PodIP, PodSpec, PodStatus},
-        networking::v1::NetworkPolicy,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
-use weir_controller::{Cluster, CompileOutput, Compiler};
+use weir_controller::{CompileOutput, Compiler, synthetic::Shape};
 
 /// Counts live heap bytes, to tell the cluster store, the compiler's memory and the output
 /// apart (RSS also holds what the allocator keeps after frees).
@@ -65,238 +57,6 @@ static ALLOCATOR: Counting = Counting;
 
 fn live_mb() -> usize {
     LIVE.load(Ordering::Relaxed) >> 20
-}
-
-struct Shape {
-    nodes: usize,
-    namespaces: usize,
-    pods_per_namespace: usize,
-    /// Builds the policies of one namespace.
-    policies: fn(ns: &str) -> Vec<NetworkPolicy>,
-    /// The label a one-pod change flips (to a value that matters to some policy).
-    relabel: (&'static str, &'static str),
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
-    Some(
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-    )
-}
-
-fn namespace(name: &str, pairs: &[(&str, &str)]) -> Namespace {
-    Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            labels: labels(pairs),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
-fn pod(ns: &str, name: &str, pairs: &[(&str, &str)], node: &str, ip: String) -> Pod {
-    let port = |name: &str, port: i32, protocol: &str| ContainerPort {
-        name: Some(name.to_owned()),
-        container_port: port,
-        protocol: Some(protocol.to_owned()),
-        ..Default::default()
-    };
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(ns.to_owned()),
-            labels: labels(pairs),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.to_owned()),
-            containers: vec![Container {
-                name: "main".to_owned(),
-                ports: Some(vec![
-                    port("http", 8080, "TCP"),
-                    port("metrics", 9090, "TCP"),
-                    port("dns", 53, "UDP"),
-                ]),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".to_owned()),
-            pod_ips: Some(vec![PodIP { ip: ip.clone() }]),
-            pod_ip: Some(ip),
-            ..Default::default()
-        }),
-    }
-}
-
-fn policy(yaml: &str) -> NetworkPolicy {
-    serde_norway::from_str(yaml).expect("policy yaml")
-}
-
-/// Shape A: per namespace a default deny, an allow chain between apps, scraping from the
-/// monitoring namespace on a named port, and egress to DNS, the namespace and the internet.
-fn policies_a(ns: &str) -> Vec<NetworkPolicy> {
-    let mut v = vec![policy(&format!(
-        "metadata: {{name: default-deny, namespace: {ns}}}\nspec: {{podSelector: {{}}, policyTypes: [Ingress]}}"
-    ))];
-    for k in 1..8 {
-        v.push(policy(&format!(
-            r#"
-metadata: {{name: app-{k}, namespace: {ns}}}
-spec:
-  podSelector: {{matchLabels: {{app: app-{k}}}}}
-  ingress:
-  - from: [{{podSelector: {{matchLabels: {{app: app-{}}}}}}}]
-    ports: [{{port: 8080}}, {{port: 8443, endPort: 8450}}]
-"#,
-            k - 1
-        )));
-    }
-    v.push(policy(&format!(
-        r#"
-metadata: {{name: scrape, namespace: {ns}}}
-spec:
-  podSelector: {{}}
-  ingress:
-  - from: [{{namespaceSelector: {{matchLabels: {{team: monitoring}}}}}}]
-    ports: [{{port: metrics}}]
-"#
-    )));
-    v.push(policy(&format!(
-        r#"
-metadata: {{name: egress, namespace: {ns}}}
-spec:
-  podSelector: {{matchLabels: {{tier: back}}}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: kube-system}}}}, podSelector: {{matchLabels: {{k8s-app: kube-dns}}}}}}]
-    ports: [{{protocol: UDP, port: 53}}, {{protocol: TCP, port: 53}}]
-  - to: [{{podSelector: {{}}}}]
-  - to: [{{ipBlock: {{cidr: 0.0.0.0/0, except: [10.0.0.0/8, 192.168.0.0/16]}}}}]
-    ports: [{{port: 443}}]
-"#
-    )));
-    v
-}
-
-/// Shape B: per namespace a default deny (both directions), an allow within the namespace
-/// and from monitoring, and egress to DNS and the internet.
-fn policies_b(ns: &str) -> Vec<NetworkPolicy> {
-    vec![
-        policy(&format!(
-            "metadata: {{name: default-deny, namespace: {ns}}}\nspec: {{podSelector: {{}}, policyTypes: [Ingress, Egress]}}"
-        )),
-        policy(&format!(
-            r#"
-metadata: {{name: same-namespace, namespace: {ns}}}
-spec:
-  podSelector: {{}}
-  ingress:
-  - from: [{{podSelector: {{}}}}]
-  - from: [{{namespaceSelector: {{matchLabels: {{team: monitoring}}}}}}]
-    ports: [{{port: metrics}}]
-  egress:
-  - to: [{{podSelector: {{}}}}]
-"#
-        )),
-        policy(&format!(
-            r#"
-metadata: {{name: egress, namespace: {ns}}}
-spec:
-  podSelector: {{matchLabels: {{tier: back}}}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: kube-system}}}}, podSelector: {{matchLabels: {{k8s-app: kube-dns}}}}}}]
-    ports: [{{protocol: UDP, port: 53}}, {{protocol: TCP, port: 53}}]
-  - to: [{{ipBlock: {{cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}}}]
-    ports: [{{port: 443}}, {{port: 80}}]
-"#
-        )),
-    ]
-}
-
-fn ip(n: usize) -> String {
-    format!("10.{}.{}.{}", (n >> 16) & 0xff, (n >> 8) & 0xff, n & 0xff)
-}
-
-/// A deterministic spread of pods over nodes.
-fn node_of(n: usize, nodes: usize) -> String {
-    format!("node-{}", n.wrapping_mul(2_654_435_761) % nodes)
-}
-
-fn build(shape: &Shape) -> Cluster {
-    let mut c = Cluster::new();
-    for n in 0..shape.nodes {
-        c.upsert_node(&Node {
-            metadata: ObjectMeta {
-                name: Some(format!("node-{n}")),
-                ..Default::default()
-            },
-            ..Default::default()
-        })
-        .unwrap();
-    }
-    let mut counter = 1usize;
-    c.upsert_namespace(&namespace("kube-system", &[])).unwrap();
-    for i in 0..20 {
-        let node = node_of(counter, shape.nodes);
-        c.upsert_pod(&pod(
-            "kube-system",
-            &format!("coredns-{i}"),
-            &[("k8s-app", "kube-dns")],
-            &node,
-            ip(counter),
-        ))
-        .unwrap();
-        counter += 1;
-    }
-    c.upsert_namespace(&namespace("monitoring", &[("team", "monitoring")]))
-        .unwrap();
-    for i in 0..10 {
-        let node = node_of(counter, shape.nodes);
-        c.upsert_pod(&pod(
-            "monitoring",
-            &format!("prometheus-{i}"),
-            &[("app", "prometheus")],
-            &node,
-            ip(counter),
-        ))
-        .unwrap();
-        counter += 1;
-    }
-    for n in 0..shape.namespaces {
-        let ns = format!("team-{n}");
-        let env = if n % 3 == 0 { "prod" } else { "dev" };
-        c.upsert_namespace(&namespace(
-            &ns,
-            &[("env", env), ("owner", &format!("group-{}", n % 50))],
-        ))
-        .unwrap();
-        for p in 0..shape.pods_per_namespace {
-            let app = format!("app-{}", p % 8);
-            let tier = if p % 2 == 0 { "front" } else { "back" };
-            let node = node_of(counter, shape.nodes);
-            c.upsert_pod(&pod(
-                &ns,
-                &format!("pod-{p}"),
-                &[("app", &app), ("tier", tier)],
-                &node,
-                ip(counter),
-            ))
-            .unwrap();
-            counter += 1;
-        }
-        if std::env::var_os("NO_POLICIES").is_none() {
-            for np in (shape.policies)(&ns) {
-                c.upsert_policy(&np).unwrap();
-            }
-        }
-    }
-    c
 }
 
 fn rss_mb() -> (u64, u64) {
@@ -343,27 +103,12 @@ fn main() {
     COUNTING.store(std::env::var_os("SCALE_HEAP").is_some(), Ordering::Relaxed);
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map_or("b", String::as_str);
-    let shape = match which {
-        "a" => Shape {
-            nodes: 5_000,
-            namespaces: 1_000,
-            pods_per_namespace: 150,
-            policies: policies_a,
-            relabel: ("app", "app-2"),
-        },
-        "b" => Shape {
-            nodes: 5_000,
-            namespaces: 25_000,
-            pods_per_namespace: 4,
-            policies: policies_b,
-            relabel: ("tier", "front"),
-        },
-        other => {
-            eprintln!("unknown shape {other:?}: use a or b");
-            std::process::exit(2);
-        }
+    let Some(shape) = Shape::parse(which) else {
+        eprintln!("unknown shape {which:?}: use a or b");
+        std::process::exit(2);
     };
-    let (mut cluster, t_build) = timed(|| build(&shape));
+    let (cluster, t_build) = timed(|| shape.build());
+    let mut cluster = cluster.expect("the synthetic cluster builds");
     let (rss, _) = rss_mb();
     let heap = if COUNTING.load(Ordering::Relaxed) {
         format!("live heap {} MB", live_mb())
@@ -371,8 +116,8 @@ fn main() {
         "SCALE_HEAP=1 to count the live heap".to_owned()
     };
     println!(
-        "shape {which}: {} namespaces, {} pods, {} policies; built in {t_build:.2?}, RSS {rss} MB, {heap}",
-        shape.namespaces,
+        "shape {which} ({}): {} pods, {} policies; built in {t_build:.2?}, RSS {rss} MB, {heap}",
+        shape.describe(),
         cluster.pods().count(),
         cluster.policies().count(),
     );
@@ -410,11 +155,14 @@ fn main() {
 
     // One pod changes a label that some policy cares about.
     let mut p = cluster
-        .pod(&weir_api::PodKey::new("team-7", "pod-1"))
+        .pod(&weir_api::PodKey::new(
+            Shape::CHANGED_NAMESPACE,
+            Shape::CHANGED_POD,
+        ))
         .unwrap()
         .clone();
-    p.labels
-        .insert(shape.relabel.0.to_owned(), shape.relabel.1.to_owned());
+    let (label, value) = shape.relabel();
+    p.labels.insert(label.to_owned(), value.to_owned());
     cluster.upsert_pod_info(p);
     let (third, t_third) = timed(|| compiler.compile_all(&cluster));
     let mut sizes: Vec<(usize, String)> = second

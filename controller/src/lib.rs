@@ -59,6 +59,8 @@ pub mod ports;
 pub mod run;
 pub mod selector;
 pub mod source;
+#[cfg(feature = "synthetic")]
+pub mod synthetic;
 pub mod validate;
 
 pub use cluster::{Cluster, NamedPort, PodInfo};

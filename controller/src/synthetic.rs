@@ -1,0 +1,347 @@
+//! Synthetic clusters for measurements: object builders, and two large deterministic shapes
+//! (`cargo run --example scale`, `cargo xtask bench`).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::{
+    api::{
+        core::v1::{Container, ContainerPort, Namespace, Node, Pod, PodIP, PodSpec, PodStatus},
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde_json::{Value, json};
+
+use crate::Cluster;
+
+pub fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    )
+}
+
+pub fn namespace(name: &str, pairs: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: labels(pairs),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+pub fn node(name: &str) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// A running pod with the container ports the shapes' policies name.
+pub fn pod(ns: &str, name: &str, pairs: &[(&str, &str)], node: &str, ip: Ipv4Addr) -> Pod {
+    let port = |name: &str, port: i32, protocol: &str| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some(protocol.to_owned()),
+        ..Default::default()
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(ns.to_owned()),
+            labels: labels(pairs),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.to_owned()),
+            containers: vec![Container {
+                name: "main".to_owned(),
+                ports: Some(vec![
+                    port("http", 8080, "TCP"),
+                    port("metrics", 9090, "TCP"),
+                    port("dns", 53, "UDP"),
+                ]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".to_owned()),
+            pod_ips: Some(vec![PodIP { ip: ip.to_string() }]),
+            pod_ip: Some(ip.to_string()),
+            ..Default::default()
+        }),
+    }
+}
+
+pub fn policy(v: Value) -> Result<NetworkPolicy> {
+    serde_json::from_value(v).context("a synthetic NetworkPolicy does not deserialise")
+}
+
+/// The `n`-th address of a /8 (n < 2^24).
+pub fn nth_ip(first_octet: u8, n: usize) -> Ipv4Addr {
+    let n = n as u32;
+    Ipv4Addr::new(first_octet, (n >> 16) as u8, (n >> 8) as u8, n as u8)
+}
+
+/// A large synthetic cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// 5,000 nodes, 150,000 pods in 1,000 namespaces, 10,000 policies (10 per namespace: a
+    /// default deny, an allow chain between apps, scraping from a monitoring namespace on a
+    /// named port, egress to DNS, the namespace and the internet).
+    A,
+    /// Antrea's controller scale test: 25,000 namespaces, 100,000 pods, 75,000 policies (3
+    /// per namespace: default deny both ways, allow within the namespace and from monitoring,
+    /// egress to DNS and the internet), over 5,000 nodes.
+    B,
+}
+
+impl Shape {
+    pub const ALL: [Shape; 2] = [Shape::A, Shape::B];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::A => "a",
+            Shape::B => "b",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Shape> {
+        match s {
+            "a" => Some(Shape::A),
+            "b" => Some(Shape::B),
+            _ => None,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Shape::A => "5k nodes, 150k pods, 10k policies",
+            Shape::B => "Antrea shape: 25k namespaces, 100k pods, 75k policies",
+        }
+    }
+
+    fn namespaces(self) -> usize {
+        match self {
+            Shape::A => 1_000,
+            Shape::B => 25_000,
+        }
+    }
+
+    fn pods_per_namespace(self) -> usize {
+        match self {
+            Shape::A => 150,
+            Shape::B => 4,
+        }
+    }
+
+    const NODES: usize = 5_000;
+
+    /// The namespace whose pod and policy the incremental measurements change.
+    pub const CHANGED_NAMESPACE: &'static str = "team-7";
+    pub const CHANGED_POD: &'static str = "pod-1";
+
+    /// The label a one-pod change sets (a value some policy selects on).
+    pub fn relabel(self) -> (&'static str, &'static str) {
+        match self {
+            Shape::A => ("app", "app-2"),
+            Shape::B => ("tier", "front"),
+        }
+    }
+
+    /// The namespace's policies; `edited` adds one port to one of them (the one-policy
+    /// change).
+    pub fn policies(self, ns: &str, edited: bool) -> Result<Vec<NetworkPolicy>> {
+        match self {
+            Shape::A => policies_a(ns, edited),
+            Shape::B => policies_b(ns, edited),
+        }
+    }
+
+    /// Builds the cluster (deterministic).
+    pub fn build(self) -> Result<Cluster> {
+        let mut c = Cluster::new();
+        for n in 0..Self::NODES {
+            c.upsert_node(&node(&format!("node-{n}")))?;
+        }
+        let mut counter = 1usize;
+        let mut next = |c: &mut Cluster, ns: &str, name: &str, pairs: &[(&str, &str)]| {
+            let node = node_of(counter, Self::NODES);
+            let r = c.upsert_pod(&pod(ns, name, pairs, &node, nth_ip(10, counter)));
+            counter += 1;
+            r
+        };
+        c.upsert_namespace(&namespace("kube-system", &[]))?;
+        for i in 0..20 {
+            next(
+                &mut c,
+                "kube-system",
+                &format!("coredns-{i}"),
+                &[("k8s-app", "kube-dns")],
+            )?;
+        }
+        c.upsert_namespace(&namespace("monitoring", &[("team", "monitoring")]))?;
+        for i in 0..10 {
+            next(
+                &mut c,
+                "monitoring",
+                &format!("prometheus-{i}"),
+                &[("app", "prometheus")],
+            )?;
+        }
+        for n in 0..self.namespaces() {
+            let ns = format!("team-{n}");
+            let env = if n % 3 == 0 { "prod" } else { "dev" };
+            let owner = format!("group-{}", n % 50);
+            c.upsert_namespace(&namespace(&ns, &[("env", env), ("owner", &owner)]))?;
+            for p in 0..self.pods_per_namespace() {
+                let app = format!("app-{}", p % 8);
+                let tier = if p % 2 == 0 { "front" } else { "back" };
+                next(
+                    &mut c,
+                    &ns,
+                    &format!("pod-{p}"),
+                    &[("app", &app), ("tier", tier)],
+                )?;
+            }
+            for np in self.policies(&ns, false)? {
+                c.upsert_policy(&np)?;
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// The egress rule of both shapes that allows DNS to kube-system's resolvers.
+fn dns_egress() -> Value {
+    json!({
+        "to": [{
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }],
+        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+    })
+}
+
+/// A deterministic spread of pods over nodes.
+fn node_of(n: usize, nodes: usize) -> String {
+    format!("node-{}", n.wrapping_mul(2_654_435_761) % nodes)
+}
+
+fn policies_a(ns: &str, edited: bool) -> Result<Vec<NetworkPolicy>> {
+    let mut v = vec![policy(json!({
+        "metadata": {"name": "default-deny", "namespace": ns},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }))?];
+    for k in 1..8 {
+        let mut ports = vec![
+            json!({"port": 8080}),
+            json!({"port": 8443, "endPort": 8450}),
+        ];
+        if edited && k == 3 {
+            ports.push(json!({"port": 9443}));
+        }
+        v.push(policy(json!({
+            "metadata": {"name": format!("app-{k}"), "namespace": ns},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": format!("app-{k}")}},
+                "ingress": [{
+                    "from": [{"podSelector": {"matchLabels": {"app": format!("app-{}", k - 1)}}}],
+                    "ports": ports,
+                }],
+            },
+        }))?);
+    }
+    v.push(policy(json!({
+        "metadata": {"name": "scrape", "namespace": ns},
+        "spec": {
+            "podSelector": {},
+            "ingress": [{
+                "from": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}],
+                "ports": [{"port": "metrics"}],
+            }],
+        },
+    }))?);
+    v.push(policy(json!({
+        "metadata": {"name": "egress", "namespace": ns},
+        "spec": {
+            "podSelector": {"matchLabels": {"tier": "back"}},
+            "policyTypes": ["Egress"],
+            "egress": [
+                dns_egress(),
+                {"to": [{"podSelector": {}}]},
+                {
+                    "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "192.168.0.0/16"]}}],
+                    "ports": [{"port": 443}],
+                },
+            ],
+        },
+    }))?);
+    Ok(v)
+}
+
+fn policies_b(ns: &str, edited: bool) -> Result<Vec<NetworkPolicy>> {
+    let mut internet_ports = vec![json!({"port": 443}), json!({"port": 80})];
+    if edited {
+        internet_ports.push(json!({"port": 8443}));
+    }
+    Ok(vec![
+        policy(json!({
+            "metadata": {"name": "default-deny", "namespace": ns},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+        }))?,
+        policy(json!({
+            "metadata": {"name": "same-namespace", "namespace": ns},
+            "spec": {
+                "podSelector": {},
+                "ingress": [
+                    {"from": [{"podSelector": {}}]},
+                    {
+                        "from": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}],
+                        "ports": [{"port": "metrics"}],
+                    },
+                ],
+                "egress": [{"to": [{"podSelector": {}}]}],
+            },
+        }))?,
+        policy(json!({
+            "metadata": {"name": "egress", "namespace": ns},
+            "spec": {
+                "podSelector": {"matchLabels": {"tier": "back"}},
+                "policyTypes": ["Egress"],
+                "egress": [
+                    dns_egress(),
+                    {
+                        "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
+                        "ports": internet_ports,
+                    },
+                ],
+            },
+        }))?,
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape_policies_parse_and_the_edit_changes_one_policy() {
+        for shape in Shape::ALL {
+            let plain = shape.policies("team-7", false).unwrap();
+            let edited = shape.policies("team-7", true).unwrap();
+            assert_eq!(plain.len(), edited.len());
+            let differing = plain.iter().zip(&edited).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 1, "{shape:?}");
+        }
+    }
+}
