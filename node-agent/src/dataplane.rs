@@ -16,9 +16,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData},
     programs::{
-        SchedClassifier, TcAttachType,
+        ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
-        tc::{self, SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
 };
 use thiserror::Error;
@@ -240,6 +240,11 @@ impl Dataplane {
         Ok(Self { ebpf, pins, mode })
     }
 
+    /// Attaches through clsact/cls_bpf even where TCX exists (tests of the fallback).
+    pub fn force_netlink_attach(&mut self) {
+        self.mode = AttachMode::Netlink;
+    }
+
     pub fn attach_mode(&self) -> AttachMode {
         self.mode
     }
@@ -397,7 +402,36 @@ impl Dataplane {
                         });
                     }
                 }
-                let id = prog.attach(ifname, dir).map_err(|e| err("attaching", e))?;
+                // weir's filter has a fixed place (priority and handle), so a restarted or
+                // upgraded agent replaces its predecessor's program there instead of adding a
+                // filter in front of it.
+                let options = || {
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: NETLINK_PRIORITY,
+                        handle: NETLINK_HANDLE,
+                        ..Default::default()
+                    })
+                };
+                let id = match prog.attach_with_options(ifname, dir, options()) {
+                    Ok(id) => id,
+                    Err(ProgramError::TcError(tc::TcError::NetlinkError(e)))
+                        if e.raw_os_error() == Some(libc::EEXIST) =>
+                    {
+                        let existing = SchedClassifierLink::attached(
+                            ifname,
+                            dir,
+                            NETLINK_PRIORITY,
+                            NETLINK_HANDLE,
+                            None,
+                        )
+                        .map_err(|e| {
+                            err("finding the existing filter", ProgramError::IOError(e))
+                        })?;
+                        prog.attach_to_link(existing)
+                            .map_err(|e| err("replacing", e))?
+                    }
+                    Err(e) => return Err(err("attaching", e)),
+                };
                 // Filters stay with the qdisc when the agent exits.
                 std::mem::forget(prog.take_link(id).map_err(|e| err("releasing", e))?);
                 Ok(())
@@ -405,6 +439,10 @@ impl Dataplane {
         }
     }
 }
+
+/// Where weir's cls_bpf filter sits on an interface's clsact hook (fallback mode).
+const NETLINK_PRIORITY: u16 = 0x7765;
+const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x7765);
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
     ebpf.program_mut(name)
