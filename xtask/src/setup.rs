@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 /// Debian packages the tests and the local cluster use.
 const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
     ("nft", "nftables"),
     ("iptables", "iptables"),
     ("ipset", "ipset"),
@@ -75,16 +76,17 @@ fn sh(cmd: &mut Command) -> Result<String> {
 }
 
 fn packages(r: &mut Report) -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    // One package may provide several commands (listed next to each other).
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .filter(|(cmd, _)| !have(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
-        r.ok(
-            "packages",
-            &PACKAGES.iter().map(|p| p.1).collect::<Vec<_>>().join(" "),
-        );
+        let mut all: Vec<&str> = PACKAGES.iter().map(|p| p.1).collect();
+        all.dedup();
+        r.ok("packages", &all.join(" "));
         return Ok(());
     }
     sh(Command::new("apt-get")
