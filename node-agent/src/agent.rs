@@ -405,7 +405,7 @@ impl Agent {
         match change {
             Applied::Unchanged => return Ok(()),
             Applied::Snapshot => {
-                self.maps.sync_policy(state)?;
+                self.maps.sync_policy(state, &self.policy)?;
                 self.policy = state.clone();
             }
             Applied::Diff(diff) => {
@@ -420,8 +420,6 @@ impl Agent {
         Ok(())
     }
 
-    /// Whether the controller's state says which policies select `pod` (then its endpoint
-    /// entries carry them).
     /// Counts a pod whose ADD gave up waiting for its policies.
     pub fn count_pod_started_before_policy(&mut self) {
         self.pods_started_before_policy += 1;
@@ -431,6 +429,8 @@ impl Agent {
         self.pods_started_before_policy
     }
 
+    /// Whether the controller's state says which policies select `pod` (then its endpoint
+    /// entries carry them).
     pub fn has_policy_for(&self, pod: &PodKey) -> bool {
         self.policy.endpoints.contains_key(pod)
     }

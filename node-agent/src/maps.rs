@@ -247,22 +247,26 @@ impl DataplaneMaps {
     }
 
     /// Makes the policy maps hold exactly `state`'s classes and verdicts, whatever they held
-    /// before (a restarted agent does not know what its predecessor wrote). Counters of the
-    /// state's rules and rule sets are kept (they survive agent restarts); the others are
-    /// zeroed.
-    pub fn sync_policy(&mut self, state: &NodeState) -> Result<()> {
+    /// before (a restarted agent does not know what its predecessor wrote). `previous` is the
+    /// state this agent applied last (empty after a start): counters of rule and rule-set ids
+    /// that stand for the same thing in both are kept, every other slot is zeroed. A snapshot
+    /// after a controller restart may reuse ids for other rules; after an agent restart
+    /// nothing says what the pinned counts belonged to, so they start from zero.
+    pub fn sync_policy(&mut self, state: &NodeState, previous: &NodeState) -> Result<()> {
         let mut full = NodeState::default().diff(state, 0, 0);
         full.rules = Default::default();
         full.rule_sets = Default::default();
         self.apply_policy_diff(&full)?;
-        zero_unused(
+        sync_counters(
             &mut self.rule_hits,
-            |id| state.rules.contains_key(&id),
+            &state.rules,
+            &previous.rules,
             names::RULE_HITS,
         )?;
-        zero_unused(
+        sync_counters(
             &mut self.policy_drops,
-            |id| state.rule_sets.contains_key(&id),
+            &state.rule_sets,
+            &previous.rule_sets,
             names::POLICY_DROPS,
         )?;
         let mut wanted_prefixes: HashSet<(u32, IpKey)> = HashSet::new();
@@ -438,17 +442,29 @@ fn reset_counter(map: &mut PerCpuArray<MapData, u64>, id: u32, name: &'static st
         .map_err(map_err(name, format!("zeroing slot {id}")))
 }
 
-/// Zeroes every non-zero slot whose id `keep` rejects (slot 0 is never used).
-fn zero_unused(
+/// Zeroes every non-zero counter slot whose id does not mean the same in `state` as in
+/// `previous`. Slots that can be non-zero: any, the first time (`previous` empty); after
+/// that only those of `previous` and `state` (every other one was zeroed then), so a
+/// snapshot reads a few slots instead of the whole array.
+fn sync_counters<V: PartialEq>(
     map: &mut PerCpuArray<MapData, u64>,
-    keep: impl Fn(u32) -> bool,
+    state: &BTreeMap<u32, V>,
+    previous: &BTreeMap<u32, V>,
     name: &'static str,
 ) -> Result<()> {
-    let used: Vec<u32> = (1..map.len())
-        .filter(|id| !keep(*id))
+    let keep = |id: &u32| state.get(id).is_some_and(|v| previous.get(id) == Some(v));
+    let candidates: Vec<u32> = if previous.is_empty() {
+        // Slot 0 is never used.
+        (1..map.len()).collect()
+    } else {
+        previous.keys().chain(state.keys()).copied().collect()
+    };
+    let stale: Vec<u32> = candidates
+        .into_iter()
+        .filter(|id| !keep(id))
         .filter(|id| map.get(id, 0).is_ok_and(|v| v.iter().any(|n| *n != 0)))
         .collect();
-    for id in used {
+    for id in stale {
         reset_counter(map, id, name)?;
     }
     Ok(())

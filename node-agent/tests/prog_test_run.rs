@@ -287,6 +287,43 @@ fn ingress_policy_allows_only_the_listed_port_and_peer() {
 }
 
 #[test]
+fn a_snapshot_keeps_the_counts_of_rules_that_mean_the_same_and_zeroes_the_others() {
+    let mut node = Node::new();
+    node.set_endpoints(0, 0, 7, 0);
+    node.classify("10.244.0.10/32", 3);
+    node.allow(7, 3, Some(packet::TCP), PortPrefix::new(80, 16), 70);
+    node.allow(7, 3, Some(packet::TCP), PortPrefix::new(81, 16), 71);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 81)).0, TC_ACT_REDIRECT);
+    let rule = |name: &str| weir_api::RuleRef {
+        policy: weir_api::PolicyRef {
+            kind: "NetworkPolicy".into(),
+            namespace: "default".into(),
+            name: name.into(),
+        },
+        direction: weir_api::Direction::Ingress,
+        index: 0,
+    };
+    let mut before = weir_api::NodeState::default();
+    before.rules.insert(70, rule("web"));
+    before.rules.insert(71, rule("api"));
+    // A new controller's snapshot: 70 still means "web", 71 now means something else.
+    let mut after = weir_api::NodeState::default();
+    after.rules.insert(70, rule("web"));
+    after.rules.insert(71, rule("db"));
+    node.maps.sync_policy(&after, &before).unwrap();
+    let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits, [70, 71]);
+    assert_eq!(hits[&70], 1, "same rule, count kept");
+    assert_eq!(hits[&71], 0, "another rule under the id, count zeroed");
+    // After an agent start nothing says what pinned counts meant.
+    node.maps
+        .sync_policy(&after, &weir_api::NodeState::default())
+        .unwrap();
+    let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits, [70]);
+    assert_eq!(hits[&70], 0);
+}
+
+#[test]
 fn port_range_prefix_covers_exactly_its_block() {
     let mut node = Node::new();
     node.set_endpoints(0, 0, 7, 0);

@@ -375,7 +375,7 @@ fn load(policies: usize, peers: usize, ifs: &Interfaces) -> Result<Config> {
     let started = Instant::now();
     maps.set_config(NodeConfig::new(1, 0, 0))?;
     maps.sync_host_addrs(&[NODE_IP.into()])?;
-    maps.sync_policy(state)?;
+    maps.sync_policy(state, &weir_api::NodeState::default())?;
     let endpoints = BTreeMap::from([
         (
             IpKey::from(SERVER_IP),
