@@ -137,6 +137,41 @@ async fn agent_certificate_cannot_serve_as_the_controller() {
             && format!("{err:?}").contains("ServerAuth"),
         "{err}"
     );
+    // A rogue server that skips that check is refused by the agents themselves.
+    let rogue = rogue_tls_server(&stolen.cert_pem, &stolen.key_pem).await;
+    let err = watch_refusal(&rogue, &pki.agent("node-a"), "node-a").await;
+    assert_tls_refusal(&err, "extended key usage");
+}
+
+/// A bare TLS 1.3 server (not weir's) presenting `cert_pem`: what an impostor holding that
+/// certificate and key could run. Returns its `https://` endpoint.
+async fn rogue_tls_server(cert_pem: &str, key_pem: &str) -> String {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    endpoint
 }
 
 #[tokio::test]
