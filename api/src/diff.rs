@@ -66,6 +66,8 @@ pub struct NodeStateDiff {
     pub rules: TableDiff<u32, crate::RuleRef>,
     pub rule_sets: TableDiff<u32, crate::RuleSetInfo>,
     pub routes: TableDiff<ipnet::IpNet, crate::NodeRoute>,
+    #[serde(default)]
+    pub services: TableDiff<crate::ServiceFrontend, crate::ServiceEntry>,
 }
 
 impl NodeStateDiff {
@@ -76,6 +78,7 @@ impl NodeStateDiff {
             && self.rules.is_empty()
             && self.rule_sets.is_empty()
             && self.routes.is_empty()
+            && self.services.is_empty()
     }
 
     /// Number of entries changed.
@@ -86,6 +89,7 @@ impl NodeStateDiff {
             + self.rules.len()
             + self.rule_sets.len()
             + self.routes.len()
+            + self.services.len()
     }
 }
 
@@ -106,6 +110,7 @@ impl NodeState {
             } else {
                 TableDiff::between(&self.routes, &new.routes)
             },
+            services: TableDiff::between(&self.services, &new.services),
         }
     }
 
@@ -115,6 +120,7 @@ impl NodeState {
         diff.verdicts.apply_to(&mut self.verdicts);
         diff.rules.apply_to(&mut self.rules);
         diff.rule_sets.apply_to(&mut self.rule_sets);
+        diff.services.apply_to(&mut self.services);
         if !diff.routes.is_empty() {
             diff.routes
                 .apply_to(std::sync::Arc::make_mut(&mut self.routes));

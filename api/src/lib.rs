@@ -14,9 +14,13 @@ use serde::{Deserialize, Serialize};
 
 mod diff;
 mod lookup;
+mod service;
 
 pub use diff::{NodeStateDiff, TableDiff};
 pub use lookup::ipv4_root;
+pub use service::{
+    BackendState, FrontendKind, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef,
+};
 
 /// Rule-set id meaning "no policy selects the endpoint in this direction".
 pub const NOT_ISOLATED: u32 = 0;
@@ -190,6 +194,9 @@ pub struct NodeState {
     /// not 5,000.
     #[serde(with = "shared_pairs")]
     pub routes: Arc<BTreeMap<IpNet, NodeRoute>>,
+    /// Service frontends this node translates, each with the backends it picks from.
+    #[serde(default, with = "pairs")]
+    pub services: BTreeMap<ServiceFrontend, ServiceEntry>,
 }
 
 /// [`pairs`] for a shared map.

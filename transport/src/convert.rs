@@ -472,6 +472,8 @@ impl TryFrom<pb::NodeState> for NodeState {
             rules: collect_table("rules", s.rules, decode_rule)?,
             rule_sets: collect_table("rule_sets", s.rule_sets, decode_rule_set)?,
             routes: std::sync::Arc::new(collect_table("routes", s.routes, decode_route)?),
+            // Not on the wire yet: the service table is added to the protocol next.
+            services: Default::default(),
         })
     }
 }
@@ -519,6 +521,7 @@ impl TryFrom<pb::NodeStateDiff> for NodeStateDiff {
                 decode_route,
                 |p| decode_prefix(p, "NodeStateDiff.remove_routes"),
             )?,
+            services: Default::default(),
         })
     }
 }

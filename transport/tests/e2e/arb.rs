@@ -123,6 +123,7 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
             rules,
             rule_sets,
             routes: routes.into(),
+            services: Default::default(),
         },
     )
 }
