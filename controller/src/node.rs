@@ -151,6 +151,8 @@ impl<'a> View<'a> {
                 })
                 .collect(),
             routes: Default::default(),
+            // Filled in by the service compiler.
+            services: Default::default(),
         }
     }
 
