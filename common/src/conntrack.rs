@@ -80,6 +80,9 @@ impl CtEntry {
     pub const FLAG_EGRESS_CHECKED: u32 = 1 << 2;
     /// The flow was admitted by the ingress check of a local destination pod.
     pub const FLAG_INGRESS_CHECKED: u32 = 1 << 3;
+    /// The flow was translated by a Service on this node: its original-direction packets
+    /// are rewritten to the backend, its replies back to the frontend (`SERVICE_NAT`).
+    pub const FLAG_SERVICE: u32 = 1 << 4;
 
     pub const fn new(
         now_ns: u64,

@@ -22,12 +22,17 @@ pub enum DropReason {
     RedirectFailed = 7,
     /// No route to the destination node.
     NoRoute = 8,
+    /// A new flow to a Service that has no usable backend on this node.
+    NoBackend = 9,
+    /// A packet of a translated Service flow whose translation is gone (evicted, or the
+    /// backend was removed).
+    ServiceNatLost = 10,
 }
 
 impl DropReason {
     /// Size of the `DROPS` array (reasons are 1-based; slot 0 stays unused).
-    pub const COUNT: u32 = 9;
-    pub const ALL: [DropReason; 8] = [
+    pub const COUNT: u32 = 11;
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::PolicyEgress,
@@ -36,6 +41,8 @@ impl DropReason {
         DropReason::UnsupportedL3,
         DropReason::RedirectFailed,
         DropReason::NoRoute,
+        DropReason::NoBackend,
+        DropReason::ServiceNatLost,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -48,6 +55,8 @@ impl DropReason {
             DropReason::UnsupportedL3 => "unsupported_l3",
             DropReason::RedirectFailed => "redirect_failed",
             DropReason::NoRoute => "no_route",
+            DropReason::NoBackend => "service_no_backend",
+            DropReason::ServiceNatLost => "service_nat_lost",
         }
     }
 
@@ -61,6 +70,8 @@ impl DropReason {
             6 => Some(DropReason::UnsupportedL3),
             7 => Some(DropReason::RedirectFailed),
             8 => Some(DropReason::NoRoute),
+            9 => Some(DropReason::NoBackend),
+            10 => Some(DropReason::ServiceNatLost),
             _ => None,
         }
     }

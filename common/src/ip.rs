@@ -1,46 +1,74 @@
 //! Addresses as map keys.
 
 /// An IPv4 or IPv6 address in network byte order, IPv4 stored IPv4-mapped (`::ffff:a.b.c.d`).
+///
+/// Held as four 32-bit words (each the address's bytes in network order, read natively):
+/// the same 16 bytes in memory as a byte array, but the compiler keeps it in four registers
+/// instead of sixteen, which matters in eBPF programs whose stack is 512 bytes (a byte array
+/// is split into one spilled register per byte).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct IpKey {
-    bytes: [u8; 16],
+    words: [u32; 4],
 }
 
 /// Bits an IPv4 prefix length is shifted by when stored IPv4-mapped in a 128-bit trie.
 pub const V4_MAPPED_PREFIX: u32 = 96;
 
+/// `::ffff:0:0/96` as the third word.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 impl IpKey {
-    pub const UNSPECIFIED: IpKey = IpKey { bytes: [0; 16] };
+    pub const UNSPECIFIED: IpKey = IpKey { words: [0; 4] };
 
     pub const fn from_v4(octets: [u8; 4]) -> Self {
         Self {
-            bytes: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2],
-                octets[3],
+            words: [0, 0, V4_MAPPED_WORD, u32::from_ne_bytes(octets)],
+        }
+    }
+
+    pub const fn from_v6(b: [u8; 16]) -> Self {
+        Self {
+            words: [
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
             ],
         }
     }
 
-    pub const fn from_v6(bytes: [u8; 16]) -> Self {
-        Self { bytes }
-    }
-
     pub const fn bytes(&self) -> &[u8; 16] {
-        &self.bytes
+        // SAFETY: [u32; 4] and [u8; 16] have the same size, every bit pattern is valid for
+        // both, and the byte array's alignment (1) is less strict.
+        unsafe { &*(self.words.as_ptr() as *const [u8; 16]) }
     }
 
     pub fn is_v4(&self) -> bool {
-        self.bytes[..10] == [0; 10] && self.bytes[10] == 0xff && self.bytes[11] == 0xff
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_WORD
     }
 
     pub fn v4_octets(&self) -> [u8; 4] {
-        [
-            self.bytes[12],
-            self.bytes[13],
-            self.bytes[14],
-            self.bytes[15],
-        ]
+        self.words[3].to_ne_bytes()
+    }
+
+    /// The IPv4 address as the 32-bit word it is in a packet header (network byte order,
+    /// read natively).
+    pub const fn v4_word(&self) -> u32 {
+        self.words[3]
+    }
+}
+
+/// Addresses order by their bytes (numerically), whatever the machine's byte order.
+impl PartialOrd for IpKey {
+    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for IpKey {
+    fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+        self.bytes().cmp(other.bytes())
     }
 }
 

@@ -15,6 +15,7 @@ pub mod event;
 pub mod ip;
 pub mod policy;
 pub mod route;
+pub mod service;
 
 #[cfg(feature = "user")]
 mod pod;
@@ -23,7 +24,8 @@ mod pod;
 /// layout never reuses maps pinned by another one.
 ///
 /// 2: `RULE_HITS` and `POLICY_DROPS` became per-CPU arrays indexed by id (were per-CPU hashes).
-pub const ABI_VERSION: u32 = 2;
+/// 3: `SERVICES` and `SERVICE_NAT` (Service load balancing); `DROPS` has more reasons.
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {
@@ -41,6 +43,8 @@ pub mod maps {
     pub const POLICY_DROPS: &str = "POLICY_DROPS";
     pub const EVENTS: &str = "EVENTS";
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const SERVICE_NAT: &str = "SERVICE_NAT";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
@@ -58,6 +62,8 @@ pub mod maps {
         POLICY_DROPS,
         EVENTS,
         FRAGMENTS,
+        SERVICES,
+        SERVICE_NAT,
     ];
 }
 
@@ -98,4 +104,8 @@ pub mod capacity {
     pub const POLICY_DROPS: u32 = 16_384;
     pub const EVENTS_BYTES: u32 = 1 << 20;
     pub const FRAGMENTS: u32 = 8192;
+    /// Frontend and backend slots of every Service port the node translates.
+    pub const SERVICES: u32 = 262_144;
+    /// Two entries per translated flow (original and reply direction).
+    pub const SERVICE_NAT: u32 = 262_144;
 }

@@ -8,6 +8,7 @@ use crate::{
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
     route::RouteEntry,
+    service::{NatEntry, ServiceKey, ServiceValue},
 };
 
 // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and spell out
@@ -25,6 +26,9 @@ unsafe impl aya::Pod for FragPorts {}
 unsafe impl aya::Pod for RouteEntry {}
 unsafe impl aya::Pod for NodeConfig {}
 unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for ServiceKey {}
+unsafe impl aya::Pod for ServiceValue {}
+unsafe impl aya::Pod for NatEntry {}
 
 #[cfg(test)]
 mod tests {
@@ -44,6 +48,9 @@ mod tests {
         assert_eq!(size_of::<RouteEntry>(), 24);
         assert_eq!(size_of::<NodeConfig>(), 16);
         assert_eq!(size_of::<FlowEvent>(), 64);
+        assert_eq!(size_of::<ServiceKey>(), 24);
+        assert_eq!(size_of::<ServiceValue>(), 32);
+        assert_eq!(size_of::<NatEntry>(), 24);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use weir_common::{
 use crate::{
     events::{emit, record_drop},
     maps::{CONNTRACK, RULE_HITS, SCRATCH_KEYS, count, node_config},
+    nat,
     parse::{self, Packet, TCP_FIN, TCP_RST},
     policy::admit,
 };
@@ -23,14 +24,17 @@ use crate::{
 const REFRESH_NS: u64 = 1_000_000_000;
 
 /// Runs conntrack and policy for `pkt`. `src_ep`/`dst_ep` are the local endpoints owning the
-/// packet's source and destination addresses, if any. Ok: forward. Err: already counted and
-/// reported, drop.
+/// packet's source and destination addresses, if any; `flags` are [`CtEntry`] flags the
+/// caller knows of the flow (a Service translation). Ok: forward. Err: already counted and
+/// reported, drop. A reply of a flow a Service translated on this node is rewritten to come
+/// from the Service's frontend.
 #[inline(always)]
 pub fn enforce(
     ctx: &TcContext,
     pkt: &Packet,
     src_ep: Option<&EndpointInfo>,
     dst_ep: Option<&EndpointInfo>,
+    flags: u32,
 ) -> Result<(), ()> {
     let key = pkt.ct_key();
     let generation = node_config().policy_gen();
@@ -43,7 +47,7 @@ pub fn enforce(
         if entry.policy_gen() != generation {
             recheck(ctx, &key, src_ep, dst_ep, entry, generation)?;
         }
-        touch(entry, now, pkt.tcp_flags, false);
+        touch(entry, now, pkt.tcp_flags, flags);
         return Ok(());
     }
     let reverse = key.reversed();
@@ -54,7 +58,10 @@ pub fn enforce(
             // The flow was opened from the other end: decide it in its own direction.
             recheck(ctx, &reverse, dst_ep, src_ep, entry, generation)?;
         }
-        touch(entry, now, pkt.tcp_flags, true);
+        touch(entry, now, pkt.tcp_flags, CtEntry::FLAG_REPLIED);
+        if entry.flags() & CtEntry::FLAG_SERVICE != 0 {
+            return nat::reverse(ctx, pkt);
+        }
         return Ok(());
     }
 
@@ -72,7 +79,7 @@ pub fn enforce(
             return Err(());
         }
     };
-    let mut flags = 0;
+    let mut flags = flags;
     if src_ep.is_some() {
         flags |= CtEntry::FLAG_EGRESS_CHECKED;
     }
@@ -152,11 +159,8 @@ fn recheck(
 }
 
 #[inline(always)]
-fn touch(entry: &mut CtEntry, now: u64, tcp_flags: u8, reply: bool) {
-    let mut flags = entry.flags();
-    if reply {
-        flags |= CtEntry::FLAG_REPLIED;
-    }
+fn touch(entry: &mut CtEntry, now: u64, tcp_flags: u8, seen: u32) {
+    let mut flags = entry.flags() | seen;
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flags |= CtEntry::FLAG_CLOSING;
     }

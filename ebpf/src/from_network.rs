@@ -33,7 +33,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         record_drop(ctx, Some(&pkt.ct_key()), DropReason::Spoofed, 0, 0);
         return TC_ACT_SHOT;
     }
-    match enforce(ctx, &pkt, None, Some(&dst_ep)) {
+    match enforce(ctx, &pkt, None, Some(&dst_ep), 0) {
         Ok(()) => forward::to_local_pod(ctx, &dst_ep),
         Err(()) => TC_ACT_SHOT,
     }

@@ -1,12 +1,12 @@
 //! TC ingress of a pod's host-side veth: everything the pod sends.
 //!
-//! Order: ARP is answered here; the source must be the pod's own address and MAC; then
-//! conntrack and policy (the pod's egress rules, and the destination's ingress rules when it
+//! Order: ARP is answered here; the source must be the pod's own address and MAC; a packet
+//! to a Service frontend is translated to its backend; then conntrack and policy (the pod's egress rules, and the destination's ingress rules when it
 //! is a pod on this node); then delivery: straight into a local pod, to the node that owns
 //! the destination, or up the host stack.
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
-use weir_common::event::DropReason;
+use weir_common::{conntrack::CtEntry, event::DropReason};
 
 use crate::{
     arp,
@@ -14,13 +14,14 @@ use crate::{
     events::record_drop,
     forward,
     maps::ENDPOINTS,
+    nat,
     parse::{self, L3},
     route,
 };
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    let pkt = match parse::parse(ctx) {
+    let mut pkt = match parse::parse(ctx) {
         Ok(L3::Ip(pkt)) => pkt,
         Ok(L3::Arp) => return arp::from_pod(ctx),
         Ok(L3::Other) => return drop(ctx, DropReason::UnsupportedL3),
@@ -42,9 +43,16 @@ pub fn run(ctx: &TcContext) -> i32 {
     if src_ep.ifindex() != ifindex || src_ep.pod_mac() != eth_src {
         return drop(ctx, DropReason::Spoofed);
     }
+    // A Service's frontend becomes the flow's backend here, before policy: the pod's egress
+    // rules and the backend's ingress rules judge the translated flow, as Kubernetes requires.
+    let flags = match nat::translate(ctx, &mut pkt) {
+        Ok(true) => CtEntry::FLAG_SERVICE,
+        Ok(false) => 0,
+        Err(()) => return TC_ACT_SHOT,
+    };
     // SAFETY: value copied out of the map.
     let dst_ep = unsafe { ENDPOINTS.get(&pkt.daddr) }.copied();
-    if enforce(ctx, &pkt, Some(&src_ep), dst_ep.as_ref()).is_err() {
+    if enforce(ctx, &pkt, Some(&src_ep), dst_ep.as_ref(), flags).is_err() {
         return TC_ACT_SHOT;
     }
     match dst_ep {

@@ -1,6 +1,6 @@
 //! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
-//! `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `forward`, `route`, `arp`,
-//! `events`), maps in `maps`.
+//! `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `nat`, `forward`, `route`,
+//! `arp`, `events`), maps in `maps`.
 #![no_std]
 #![no_main]
 
@@ -11,6 +11,7 @@ mod forward;
 mod from_network;
 mod from_pod;
 mod maps;
+mod nat;
 mod parse;
 mod policy;
 mod route;

@@ -14,6 +14,7 @@ use weir_common::{
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
     route::RouteEntry,
+    service::{NatEntry, ServiceKey, ServiceValue},
 };
 
 #[map]
@@ -51,6 +52,16 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =
     LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
+
+/// Service frontends (slot 0) and their backends (slots 1..=n).
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, 0);
+
+/// Translations of Service flows, both directions (see `nat`).
+#[map]
+pub static SERVICE_NAT: LruHashMap<CtKey, NatEntry> =
+    LruHashMap::with_max_entries(capacity::SERVICE_NAT, 0);
 
 #[map]
 pub static ROUTES: LpmTrie<IpKey, RouteEntry> = LpmTrie::with_max_entries(capacity::ROUTES, 0);

@@ -32,7 +32,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     // SAFETY: value copied out of the map.
     let src_ep = unsafe { ENDPOINTS.get(&pkt.saddr) }.copied();
-    match enforce(ctx, &pkt, src_ep.as_ref(), Some(&dst_ep)) {
+    match enforce(ctx, &pkt, src_ep.as_ref(), Some(&dst_ep), 0) {
         Ok(()) => TC_ACT_OK,
         Err(()) => TC_ACT_SHOT,
     }

@@ -406,10 +406,13 @@ impl Agent {
             Applied::Unchanged => return Ok(()),
             Applied::Snapshot => {
                 self.maps.sync_policy(state, &self.policy)?;
+                self.maps.sync_services(&state.services)?;
                 self.policy = state.clone();
             }
             Applied::Diff(diff) => {
                 self.maps.apply_policy_diff(diff)?;
+                self.maps
+                    .apply_service_diff(&diff.services, &self.policy.services)?;
                 self.policy.apply(diff);
             }
         }

@@ -23,6 +23,7 @@ use weir_common::{
     maps as names,
     policy::{PeerClass, Verdict, VerdictKey},
     route::RouteEntry,
+    service::{NatEntry, ServiceKey, ServiceValue},
 };
 
 use crate::dataplane::{Dataplane, DataplaneError};
@@ -101,6 +102,10 @@ pub struct DataplaneMaps {
     pub rule_hits: PerCpuArray<MapData, u64>,
     /// Policy drops per rule-set id.
     pub policy_drops: PerCpuArray<MapData, u64>,
+    /// Service frontends and backend slots.
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Translations of Service flows.
+    pub service_nat: HashMap<MapData, CtKey, NatEntry>,
 }
 
 macro_rules! take {
@@ -126,6 +131,8 @@ impl DataplaneMaps {
             drops: take!(dp, names::DROPS),
             rule_hits: take!(dp, names::RULE_HITS),
             policy_drops: take!(dp, names::POLICY_DROPS),
+            services: take!(dp, names::SERVICES),
+            service_nat: take!(dp, names::SERVICE_NAT),
         })
     }
 
@@ -336,6 +343,8 @@ impl DataplaneMaps {
         }
         vec![
             carry!(names::CONNTRACK, copy_hash, &mut self.conntrack),
+            carry!(names::SERVICE_NAT, copy_hash, &mut self.service_nat),
+            carry!(names::SERVICES, copy_hash, &mut self.services),
             carry!(names::ENDPOINTS, copy_hash, &mut self.endpoints),
             carry!(names::HOST_ADDRS, copy_hash, &mut self.host_addrs),
             carry!(names::PEER_HOSTS, copy_hash, &mut self.peer_hosts),

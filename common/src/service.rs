@@ -1,0 +1,150 @@
+//! Services: the frontend table the programs translate new flows with, and the NAT entries
+//! that remember each translated flow.
+//!
+//! Layout, after Cilium's service map: one hash keyed by (frontend address, port, protocol,
+//! slot). Slot 0 is the frontend itself and holds the number of backends; slots 1..=n hold
+//! one backend each. A new flow costs two lookups whatever the number of Services or
+//! backends: the frontend, then the slot its hash picks.
+
+use crate::ip::IpKey;
+
+/// Key of the `SERVICES` hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    /// The ClusterIP, or [`IpKey::UNSPECIFIED`] for a NodePort (any of the node's addresses).
+    addr: IpKey,
+    port_be: u16,
+    proto: u8,
+    _pad: u8,
+    /// 0: the frontend; 1..=n: the backends.
+    slot: u32,
+}
+
+impl ServiceKey {
+    pub const fn new(addr: IpKey, port_be: u16, proto: u8, slot: u32) -> Self {
+        Self {
+            addr,
+            port_be,
+            proto,
+            _pad: 0,
+            slot,
+        }
+    }
+    pub const fn addr(&self) -> &IpKey {
+        &self.addr
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+    pub const fn proto(&self) -> u8 {
+        self.proto
+    }
+    pub const fn slot(&self) -> u32 {
+        self.slot
+    }
+    /// The key of backend slot `slot` of the same frontend.
+    pub const fn with_slot(&self, slot: u32) -> Self {
+        Self::new(self.addr, self.port_be, self.proto, slot)
+    }
+}
+
+/// Value of the `SERVICES` hash: a frontend (slot 0) or one of its backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Backend slots: the backend's address. Frontend: unused (zero).
+    backend: IpKey,
+    /// Backend slots: the target port. Frontend: unused (zero).
+    backend_port_be: u16,
+    flags: u16,
+    /// Frontend: the number of backend slots (0: the Service has no backend here).
+    count: u32,
+    /// Id of the Service port (flow events and counters name the Service through it).
+    id: u32,
+    /// Frontend with `FLAG_AFFINITY`: seconds a client sticks to its backend.
+    affinity_s: u32,
+}
+
+impl ServiceValue {
+    /// `sessionAffinity: ClientIP`: a client's flows go to one backend.
+    pub const FLAG_AFFINITY: u16 = 1 << 0;
+    /// NodePort with `externalTrafficPolicy: Cluster`.
+    pub const FLAG_MASQUERADE_EXTERNAL: u16 = 1 << 1;
+
+    pub const fn frontend(id: u32, count: u32, flags: u16, affinity_s: u32) -> Self {
+        Self {
+            backend: IpKey::UNSPECIFIED,
+            backend_port_be: 0,
+            flags,
+            count,
+            id,
+            affinity_s,
+        }
+    }
+    pub const fn backend(id: u32, addr: IpKey, port: u16) -> Self {
+        Self {
+            backend: addr,
+            backend_port_be: port.to_be(),
+            flags: 0,
+            count: 0,
+            id,
+            affinity_s: 0,
+        }
+    }
+    pub const fn backend_addr(&self) -> &IpKey {
+        &self.backend
+    }
+    pub const fn backend_port_be(&self) -> u16 {
+        self.backend_port_be
+    }
+    pub const fn backend_port(&self) -> u16 {
+        u16::from_be(self.backend_port_be)
+    }
+    pub const fn flags(&self) -> u16 {
+        self.flags
+    }
+    pub const fn count(&self) -> u32 {
+        self.count
+    }
+    pub const fn id(&self) -> u32 {
+        self.id
+    }
+    pub const fn affinity_s(&self) -> u32 {
+        self.affinity_s
+    }
+}
+
+/// Value of the `SERVICE_NAT` LRU hash, keyed by a [`crate::conntrack::CtKey`]. A translated
+/// flow has two entries: under its original key (client → frontend) the backend it was
+/// given, and under its reply key (backend → client) the frontend the reply must appear to
+/// come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatEntry {
+    addr: IpKey,
+    port_be: u16,
+    _pad: u16,
+    /// Id of the Service port.
+    service: u32,
+}
+
+impl NatEntry {
+    pub const fn new(addr: IpKey, port_be: u16, service: u32) -> Self {
+        Self {
+            addr,
+            port_be,
+            _pad: 0,
+            service,
+        }
+    }
+    pub const fn addr(&self) -> &IpKey {
+        &self.addr
+    }
+    pub const fn port_be(&self) -> u16 {
+        self.port_be
+    }
+    pub const fn service(&self) -> u32 {
+        self.service
+    }
+}

@@ -1,0 +1,213 @@
+//! The controller's service table in the `SERVICES` map, and the clean-up of `SERVICE_NAT`
+//! when backends go away.
+//!
+//! Writes are ordered so that a packet never meets a frontend whose count names a slot not
+//! yet written: backend slots first, then the frontend; when a frontend shrinks or goes,
+//! the frontend first, then the slots it no longer names.
+
+use std::collections::{BTreeMap, HashSet};
+
+use weir_api::{BackendState, ServiceEntry, ServiceFrontend, TableDiff};
+use weir_common::{
+    conntrack::CtKey,
+    ip::IpKey,
+    maps as names,
+    service::{NatEntry, ServiceKey, ServiceValue},
+};
+
+use crate::maps::{DataplaneMaps, MapsError, Result};
+
+/// The slot-0 key of a frontend.
+pub fn frontend_key(f: &ServiceFrontend) -> ServiceKey {
+    let addr = match f.kind {
+        weir_api::FrontendKind::ClusterIp => IpKey::from(f.ip),
+        weir_api::FrontendKind::NodePort => IpKey::UNSPECIFIED,
+    };
+    ServiceKey::new(addr, f.port.to_be(), f.proto, 0)
+}
+
+/// The backends new flows may go to: the ready ones, or, when none is, the terminating ones
+/// the controller listed as the fallback.
+pub fn usable_backends(entry: &ServiceEntry) -> Vec<(IpKey, u16)> {
+    let ready = entry
+        .backends
+        .iter()
+        .any(|b| b.state == BackendState::Ready);
+    entry
+        .backends
+        .iter()
+        .filter(|b| !ready || b.state == BackendState::Ready)
+        .map(|b| (IpKey::from(b.ip), b.port))
+        .collect()
+}
+
+fn frontend_value(entry: &ServiceEntry, count: u32) -> ServiceValue {
+    let mut flags = 0;
+    if entry.affinity_timeout_s.is_some() {
+        flags |= ServiceValue::FLAG_AFFINITY;
+    }
+    if entry.masquerade_external {
+        flags |= ServiceValue::FLAG_MASQUERADE_EXTERNAL;
+    }
+    ServiceValue::frontend(
+        entry.id,
+        count,
+        flags,
+        entry.affinity_timeout_s.unwrap_or(0),
+    )
+}
+
+fn write_err(f: &ServiceFrontend, source: aya::maps::MapError) -> MapsError {
+    MapsError::Map {
+        map: names::SERVICES,
+        action: format!("writing {f:?}"),
+        source: Box::new(source),
+    }
+}
+
+impl DataplaneMaps {
+    /// Number of backend slots the map holds for the frontend at `key` (0 if absent).
+    fn written_count(&self, key: &ServiceKey) -> u32 {
+        self.services.get(key, 0).map(|v| v.count()).unwrap_or(0)
+    }
+
+    fn write_frontend(&mut self, f: &ServiceFrontend, entry: &ServiceEntry) -> Result<()> {
+        let key = frontend_key(f);
+        let old = self.written_count(&key);
+        let backends = usable_backends(entry);
+        for (i, (addr, port)) in backends.iter().enumerate() {
+            let slot = key.with_slot(i as u32 + 1);
+            self.services
+                .insert(slot, ServiceValue::backend(entry.id, *addr, *port), 0)
+                .map_err(|e| write_err(f, e))?;
+        }
+        let count = backends.len() as u32;
+        self.services
+            .insert(key, frontend_value(entry, count), 0)
+            .map_err(|e| write_err(f, e))?;
+        for slot in count + 1..=old {
+            let _ = self.services.remove(&key.with_slot(slot));
+        }
+        Ok(())
+    }
+
+    fn remove_frontend(&mut self, f: &ServiceFrontend) {
+        let key = frontend_key(f);
+        let old = self.written_count(&key);
+        let _ = self.services.remove(&key);
+        for slot in 1..=old {
+            let _ = self.services.remove(&key.with_slot(slot));
+        }
+    }
+
+    /// Applies a service diff. `old` is the table before it (to find the flows of backends
+    /// that went away).
+    pub fn apply_service_diff(
+        &mut self,
+        diff: &TableDiff<ServiceFrontend, ServiceEntry>,
+        old: &BTreeMap<ServiceFrontend, ServiceEntry>,
+    ) -> Result<()> {
+        for (f, entry) in &diff.upsert {
+            self.write_frontend(f, entry)?;
+        }
+        for f in &diff.remove {
+            self.remove_frontend(f);
+        }
+        let mut new = old.clone();
+        diff.apply_to(&mut new);
+        self.forget_lost_backends(old, &new);
+        Ok(())
+    }
+
+    /// Makes `SERVICES` hold exactly `table`, whatever it held before.
+    pub fn sync_services(&mut self, table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> Result<()> {
+        let mut wanted: HashSet<ServiceKey> = HashSet::new();
+        for (f, entry) in table {
+            self.write_frontend(f, entry)?;
+            let key = frontend_key(f);
+            wanted.insert(key);
+            for slot in 1..=usable_backends(entry).len() as u32 {
+                wanted.insert(key.with_slot(slot));
+            }
+        }
+        let stray: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        // Frontends before their slots.
+        for k in stray.iter().filter(|k| k.slot() == 0) {
+            let _ = self.services.remove(k);
+        }
+        for k in stray.iter().filter(|k| k.slot() != 0) {
+            let _ = self.services.remove(k);
+        }
+        let all = BTreeMap::new();
+        self.forget_lost_backends(&all, table);
+        Ok(())
+    }
+
+    /// Removes the translations of flows whose backend is no longer one of its Service's
+    /// backends, so their next packet picks a live one (a DNS client's UDP flow moves on
+    /// instead of talking to a pod that is gone; a TCP flow gets a reset from the new
+    /// backend instead of a silent timeout). With `old` empty every translation is checked.
+    fn forget_lost_backends(
+        &mut self,
+        old: &BTreeMap<ServiceFrontend, ServiceEntry>,
+        new: &BTreeMap<ServiceFrontend, ServiceEntry>,
+    ) {
+        let backends = |table: &BTreeMap<ServiceFrontend, ServiceEntry>| {
+            table
+                .values()
+                .flat_map(|e| {
+                    e.backends
+                        .iter()
+                        .map(move |b| (e.id, IpKey::from(b.ip), b.port))
+                })
+                .collect::<HashSet<(u32, IpKey, u16)>>()
+        };
+        let live = backends(new);
+        if !old.is_empty() && backends(old).is_subset(&live) {
+            return;
+        }
+        let frontends: HashSet<(u32, IpKey, u16)> = new
+            .iter()
+            .map(|(f, e)| (e.id, *frontend_key(f).addr(), f.port))
+            .collect();
+        let stale: Vec<CtKey> = self
+            .service_nat
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, v): &(CtKey, NatEntry)| {
+                let service = v.service();
+                let to_frontend = frontends.contains(&(service, *k.daddr(), k.dport()))
+                    || frontends.contains(&(service, IpKey::UNSPECIFIED, k.dport()));
+                if to_frontend {
+                    // Original direction (client → frontend): the value is the backend.
+                    !live.contains(&(service, *v.addr(), u16::from_be(v.port_be())))
+                } else {
+                    // Reply direction (backend → client), or a Service that is gone.
+                    !live.contains(&(service, *k.saddr(), k.sport()))
+                }
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            let _ = self.service_nat.remove(&k);
+        }
+    }
+
+    /// Frontends and backend slots in the `SERVICES` map.
+    pub fn service_counts(&self) -> (u64, u64) {
+        let (mut frontends, mut backends) = (0, 0);
+        for k in self.services.keys().filter_map(|k| k.ok()) {
+            if k.slot() == 0 {
+                frontends += 1;
+            } else {
+                backends += 1;
+            }
+        }
+        (frontends, backends)
+    }
+}

@@ -1,0 +1,423 @@
+//! Service translation in the TC programs on synthetic packets (`BPF_PROG_TEST_RUN`): a
+//! pod's packet to a ClusterIP is rewritten to a backend with valid checksums, the reply is
+//! rewritten back, the choice sticks to the flow, and policy judges the translated flow.
+
+mod support;
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use weir_agent::{dataplane::Dataplane, maps::DataplaneMaps};
+use weir_api::{
+    Action, BackendState, FrontendKind, PortPrefix, ServiceBackend, ServiceEntry, ServiceFrontend,
+    ServiceRef, VerdictEntry, VerdictMatch,
+};
+use weir_common::{
+    config::NodeConfig, endpoint::EndpointInfo, event::DropReason, ip::IpKey, programs::FROM_POD,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const GW_A: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0a];
+const GW_B: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0b];
+const IP_A: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+const IP_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+/// A backend on another node.
+const IP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// Two pods on this node: A (the client) behind `veth_a`, B behind `veth_b`.
+struct Node {
+    dp: Dataplane,
+    maps: DataplaneMaps,
+    veth_a: u32,
+    veth_b: u32,
+    services: BTreeMap<ServiceFrontend, ServiceEntry>,
+}
+
+impl Node {
+    fn new() -> Self {
+        support::private_netns();
+        let veth_a = support::dummy_interface("veth-a");
+        let veth_b = support::dummy_interface("veth-b");
+        let mut dp = Dataplane::load(None).expect("loading the programs");
+        let mut maps = DataplaneMaps::take(&mut dp).expect("maps");
+        maps.set_config(NodeConfig::new(1, 0, 0)).unwrap();
+        maps.sync_host_addrs(&[NODE_IP.into()]).unwrap();
+        let mut node = Node {
+            dp,
+            maps,
+            veth_a,
+            veth_b,
+            services: BTreeMap::new(),
+        };
+        node.set_endpoints(0, 0);
+        node
+    }
+
+    /// (Re)writes both endpoints, A with egress rule set `a_out`, B with ingress `b_in`.
+    fn set_endpoints(&mut self, a_out: u32, b_in: u32) {
+        let eps = [
+            (
+                IpKey::from(IP_A),
+                EndpointInfo::new(self.veth_a, MAC_A, GW_A).with_policies(0, a_out),
+            ),
+            (
+                IpKey::from(IP_B),
+                EndpointInfo::new(self.veth_b, MAC_B, GW_B).with_policies(b_in, 0),
+            ),
+        ];
+        self.maps
+            .sync_endpoints(&eps.into_iter().collect())
+            .unwrap();
+    }
+
+    /// Sets (or replaces) a ClusterIP frontend on `port`/`proto` with `backends`.
+    fn service(
+        &mut self,
+        port: u16,
+        proto: u8,
+        backends: &[(Ipv4Addr, u16, BackendState)],
+        affinity: bool,
+    ) {
+        let frontend = ServiceFrontend {
+            kind: FrontendKind::ClusterIp,
+            ip: CLUSTER_IP.into(),
+            port,
+            proto,
+        };
+        let entry = ServiceEntry {
+            service: ServiceRef {
+                namespace: "default".into(),
+                name: "web".into(),
+                port_name: String::new(),
+            },
+            id: 7,
+            backends: backends
+                .iter()
+                .map(|(ip, port, state)| ServiceBackend {
+                    ip: (*ip).into(),
+                    port: *port,
+                    node: String::new(),
+                    state: *state,
+                })
+                .collect(),
+            affinity_timeout_s: affinity.then_some(10800),
+            masquerade_external: false,
+        };
+        let mut new = self.services.clone();
+        new.insert(frontend, entry);
+        let diff = weir_api::TableDiff::between(&self.services, &new);
+        self.maps.apply_service_diff(&diff, &self.services).unwrap();
+        self.services = new;
+    }
+
+    fn run(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        // struct __sk_buff up to and including `ifindex` (offset 40).
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 64];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let prog = self.dp.program(FROM_POD).unwrap();
+        let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn sent_by_a(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.veth_a;
+        self.run(ifindex, frame)
+    }
+
+    fn sent_by_b(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.veth_b;
+        self.run(ifindex, frame)
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        self.maps
+            .drop_counts()
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, n)| n)
+            .unwrap()
+    }
+
+    fn allow_egress(&mut self, rule_set: u32, class: u32, port: u16, rule: u32) {
+        let m = VerdictMatch {
+            rule_set,
+            class,
+            proto: Some(TCP),
+            ports: PortPrefix::new(port, 16),
+        };
+        let v = VerdictEntry {
+            action: Action::Allow,
+            rule,
+        };
+        self.maps.set_verdict(&m, &v).unwrap();
+    }
+}
+
+/// An Ethernet/IPv4 frame with valid checksums: TCP with `syn` (else ACK), or UDP.
+#[expect(clippy::too_many_arguments, reason = "one argument per header field")]
+fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    syn: bool,
+) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.octets(), dst.octets(), 64);
+    let payload = b"weir";
+    let mut out = Vec::new();
+    if proto == TCP {
+        let b = ip.tcp(sport, dport, 1000, 64240);
+        let b = if syn { b.syn() } else { b.ack(1) };
+        b.write(&mut out, payload).unwrap();
+    } else {
+        ip.udp(sport, dport).write(&mut out, payload).unwrap();
+    }
+    out
+}
+
+/// Addresses, ports and whether every checksum of an output frame is right.
+struct Seen {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    dst_mac: [u8; 6],
+}
+
+fn inspect(out: &[u8]) -> Seen {
+    let p = SlicedPacket::from_ethernet(out).expect("a parsable frame");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4");
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let (src, dst) = (header.source, header.destination);
+    let (sport, dport) = match p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let expect = t
+                .to_header()
+                .calc_checksum_ipv4(&header, t.payload())
+                .unwrap();
+            assert_eq!(t.checksum(), expect, "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let expect = u
+                .to_header()
+                .calc_checksum_ipv4(&header, u.payload())
+                .unwrap();
+            assert_eq!(u.checksum(), expect, "UDP checksum");
+            (u.source_port(), u.destination_port())
+        }
+        _ => panic!("no TCP or UDP header"),
+    };
+    Seen {
+        src: src.into(),
+        dst: dst.into(),
+        sport,
+        dport,
+        dst_mac: out[0..6].try_into().unwrap(),
+    }
+}
+
+#[test]
+fn pod_to_cluster_ip_goes_to_the_backend_and_the_reply_comes_from_the_cluster_ip() {
+    let mut node = Node::new();
+    node.service(80, TCP, &[(IP_B, 8080, BackendState::Ready)], false);
+    let (verdict, out) =
+        node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 40000, 80, true));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "straight to the local backend");
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (IP_A, 40000));
+    assert_eq!((seen.dst, seen.dport), (IP_B, 8080));
+    assert_eq!(seen.dst_mac, MAC_B);
+
+    let (verdict, out) = node.sent_by_b(&frame(MAC_B, GW_B, IP_B, IP_A, TCP, 8080, 40000, false));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the reply goes straight back to A"
+    );
+    let seen = inspect(&out);
+    assert_eq!(
+        (seen.src, seen.sport),
+        (CLUSTER_IP, 80),
+        "as if from the frontend"
+    );
+    assert_eq!((seen.dst, seen.dport), (IP_A, 40000));
+    assert_eq!(seen.dst_mac, MAC_A);
+}
+
+#[test]
+fn udp_to_cluster_ip_is_translated_both_ways_with_valid_checksums() {
+    let mut node = Node::new();
+    node.service(53, UDP, &[(IP_B, 5353, BackendState::Ready)], false);
+    let (verdict, out) =
+        node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, UDP, 41000, 53, false));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport), (IP_B, 5353));
+    let (_, out) = node.sent_by_b(&frame(MAC_B, GW_B, IP_B, IP_A, UDP, 5353, 41000, false));
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (CLUSTER_IP, 53));
+}
+
+#[test]
+fn a_flow_keeps_its_backend_and_new_flows_spread_over_all_backends() {
+    let mut node = Node::new();
+    node.service(
+        80,
+        TCP,
+        &[
+            (IP_B, 8080, BackendState::Ready),
+            (IP_REMOTE, 8080, BackendState::Ready),
+        ],
+        false,
+    );
+    let mut chosen = std::collections::BTreeSet::new();
+    for sport in 40000..40032 {
+        let (_, first) =
+            node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, sport, 80, true));
+        let first = inspect(&first).dst;
+        for _ in 0..3 {
+            let (_, again) =
+                node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, sport, 80, false));
+            assert_eq!(inspect(&again).dst, first, "the flow keeps its backend");
+        }
+        chosen.insert(first);
+    }
+    assert_eq!(
+        chosen,
+        [IP_B, IP_REMOTE].into_iter().collect(),
+        "32 flows reach both backends"
+    );
+}
+
+#[test]
+fn session_affinity_sends_every_flow_of_a_client_to_one_backend() {
+    let mut node = Node::new();
+    node.service(
+        80,
+        TCP,
+        &[
+            (IP_B, 8080, BackendState::Ready),
+            (IP_REMOTE, 8080, BackendState::Ready),
+        ],
+        true,
+    );
+    let backends: std::collections::BTreeSet<Ipv4Addr> = (40000..40016)
+        .map(|sport| {
+            let (_, out) =
+                node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, sport, 80, true));
+            inspect(&out).dst
+        })
+        .collect();
+    assert_eq!(backends.len(), 1, "one backend for all flows: {backends:?}");
+}
+
+#[test]
+fn terminating_backends_are_used_only_when_none_is_ready() {
+    let mut node = Node::new();
+    node.service(
+        80,
+        TCP,
+        &[
+            (IP_B, 8080, BackendState::Ready),
+            (IP_REMOTE, 8080, BackendState::Terminating),
+        ],
+        false,
+    );
+    for sport in 40000..40016 {
+        let (_, out) = node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, sport, 80, true));
+        assert_eq!(inspect(&out).dst, IP_B, "never the terminating one");
+    }
+    node.service(
+        80,
+        TCP,
+        &[(IP_REMOTE, 8080, BackendState::Terminating)],
+        false,
+    );
+    let (verdict, out) =
+        node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 41000, 80, true));
+    assert_eq!(
+        inspect(&out).dst,
+        IP_REMOTE,
+        "the fallback when none is ready"
+    );
+    assert_ne!(verdict, TC_ACT_SHOT);
+}
+
+#[test]
+fn a_service_without_backends_refuses_new_flows_and_counts_them() {
+    let mut node = Node::new();
+    node.service(80, TCP, &[], false);
+    let (verdict, _) = node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 40000, 80, true));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::NoBackend), 1);
+    // Another port of the same address is not a frontend: it goes up the stack untouched.
+    let f = frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 40000, 81, true);
+    assert_eq!(node.sent_by_a(&f), (TC_ACT_OK, f));
+}
+
+#[test]
+fn egress_policy_judges_the_backend_and_target_port_not_the_frontend() {
+    let mut node = Node::new();
+    node.service(80, TCP, &[(IP_B, 8080, BackendState::Ready)], false);
+    // A may only reach class 1 (B's address) on port 80: the frontend's port, not the
+    // backend's. The translated flow (B:8080) is denied.
+    node.maps
+        .set_peer_class(&"10.244.0.11/32".parse().unwrap(), 1)
+        .unwrap();
+    node.allow_egress(5, 1, 80, 51);
+    node.set_endpoints(5, 0);
+    let syn = |sport| frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, sport, 80, true);
+    assert_eq!(node.sent_by_a(&syn(40000)).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::PolicyEgress), 1);
+    // Allowing the target port admits it.
+    node.allow_egress(5, 1, 8080, 52);
+    node.maps.bump_policy_generation().unwrap();
+    assert_eq!(node.sent_by_a(&syn(40001)).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn removing_a_backend_forgets_its_flows_so_they_move_to_another() {
+    let mut node = Node::new();
+    node.service(53, UDP, &[(IP_REMOTE, 53, BackendState::Ready)], false);
+    let query = frame(MAC_A, GW_A, IP_A, CLUSTER_IP, UDP, 41000, 53, false);
+    let (_, out) = node.sent_by_a(&query);
+    assert_eq!(inspect(&out).dst, IP_REMOTE);
+    node.service(53, UDP, &[(IP_B, 53, BackendState::Ready)], false);
+    let (_, out) = node.sent_by_a(&query);
+    assert_eq!(
+        inspect(&out).dst,
+        IP_B,
+        "the same client socket reaches the new backend"
+    );
+    assert_eq!(
+        node.maps.service_counts(),
+        (1, 1),
+        "one frontend, one backend slot left in the map"
+    );
+}
