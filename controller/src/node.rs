@@ -151,6 +151,9 @@ impl<'a> View<'a> {
                 })
                 .collect(),
             routes: Default::default(),
+            // The same for every node but for the traffic policies: filled in by the
+            // compiler from one table of the cluster's frontends.
+            services: Default::default(),
         }
     }
 

@@ -111,6 +111,8 @@ fn meta(o: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
         Object::Pod(o) => &o.metadata,
         Object::Node(o) => &o.metadata,
         Object::NetworkPolicy(o) => &o.metadata,
+        Object::Service(o) => &o.metadata,
+        Object::EndpointSlice(o) => &o.metadata,
     }
 }
 

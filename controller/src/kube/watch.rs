@@ -220,7 +220,11 @@ pub fn slim_pod(pod: Pod) -> Pod {
         ..Container::default()
     };
     Pod {
-        metadata: slim_meta(pod.metadata),
+        metadata: ObjectMeta {
+            // Terminating pods are still Service backends, in their own state.
+            deletion_timestamp: pod.metadata.deletion_timestamp.clone(),
+            ..slim_meta(pod.metadata)
+        },
         spec: pod.spec.map(|s| PodSpec {
             node_name: s.node_name,
             host_network: s.host_network,
@@ -237,6 +241,10 @@ pub fn slim_pod(pod: Pod) -> Pod {
             phase: s.phase,
             pod_ip: s.pod_ip,
             pod_ips: s.pod_ips,
+            // Readiness decides whether the pod is a Service backend.
+            conditions: s
+                .conditions
+                .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
             ..PodStatus::default()
         }),
     }
@@ -289,7 +297,8 @@ mod tests {
                 "volumes": [{"name": "v", "emptyDir": {}}],
             },
             "status": {"phase": "Running", "podIP": "10.0.0.2", "podIPs": [{"ip": "10.0.0.2"}],
-                       "conditions": [{"type": "Ready", "status": "True"}]},
+                       "conditions": [{"type": "Ready", "status": "False"},
+                                      {"type": "PodScheduled", "status": "True"}]},
         }))
         .unwrap();
         let before = crate::PodInfo::from_pod(&pod).unwrap();
@@ -301,6 +310,10 @@ mod tests {
         assert!(spec.volumes.is_none());
         assert_eq!(spec.containers[0].image, None);
         assert_eq!(spec.init_containers.unwrap().len(), 1, "only the sidecar");
-        assert!(slim.status.unwrap().conditions.is_none());
+        assert_eq!(
+            slim.status.unwrap().conditions.unwrap().len(),
+            1,
+            "only the Ready condition"
+        );
     }
 }
