@@ -129,7 +129,7 @@ pub struct Flushed {
 /// passed on (for relists), and compiles only once every kind completed its initial list.
 pub struct ClusterSync {
     controller: Controller,
-    trackers: [KindTracker; 4],
+    trackers: [KindTracker; 6],
     pending: Vec<Change>,
     policy_refs: BTreeMap<PolicyKey, PolicyObjectRef>,
     compiled_once: bool,
