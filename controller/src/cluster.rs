@@ -21,7 +21,8 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Container, Namespace, Node, Pod},
+    core::v1::{Container, Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::{NetworkPolicy, NetworkPolicySpec},
 };
 use weir_api::PodKey;
@@ -30,6 +31,7 @@ use crate::{
     Error, HashMap, Result,
     policy::{PolicyKey, Protocol},
     selector::Labels,
+    service::{ObjectName, ServiceDiagnostic, ServiceInfo, SliceInfo},
     validate::{self, PolicyDiagnostic, ValidatedPolicy},
 };
 
@@ -60,6 +62,11 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     /// Named ports of the containers (and restartable init containers, i.e. sidecars).
     pub named_ports: Vec<NamedPort>,
+    /// Running and not reported unready (its `Ready` condition is `True`, or absent as in
+    /// manifests written by hand): it could serve a Service.
+    pub serving: bool,
+    /// Has a `deletionTimestamp`: shutting down.
+    pub terminating: bool,
 }
 
 impl PodInfo {
@@ -122,7 +129,14 @@ impl PodInfo {
         }
         named_ports.sort_unstable();
         named_ports.dedup();
+        let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+        let ready_condition = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status == "True");
         Ok(Some(Self {
+            serving: running && ready_condition.unwrap_or(true),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
             key: PodKey::new(namespace, name),
             labels: pod.metadata.labels.clone().unwrap_or_default().into(),
             node: spec
@@ -301,6 +315,29 @@ pub struct Cluster {
     nodes: BTreeSet<String>,
     policies: BTreeMap<PolicyKey, PolicyRecord>,
     retain_specs: bool,
+    services: BTreeMap<ObjectName, ServiceRecord>,
+    /// EndpointSlices from the API server or the manifests.
+    slices: BTreeMap<ObjectName, SliceRecord>,
+    /// Declared slices by the Service they belong to.
+    slices_by_service: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    /// Slices derived from pods (manifest directories, which have no EndpointSlice
+    /// controller), by Service; see [`Cluster::derive_endpoint_slices`].
+    derived_slices: BTreeMap<ObjectName, SliceRecord>,
+}
+
+/// A stored Service and what could not be used of it.
+#[derive(Clone, Debug)]
+pub struct ServiceRecord {
+    pub info: Arc<ServiceInfo>,
+    pub diagnostics: Vec<ServiceDiagnostic>,
+}
+
+/// Stored EndpointSlices (one declared, or all derived for one Service) and what could not
+/// be used of them.
+#[derive(Clone, Debug, Default)]
+pub struct SliceRecord {
+    pub slices: Vec<SliceInfo>,
+    pub diagnostics: Vec<ServiceDiagnostic>,
 }
 
 impl Cluster {
@@ -613,6 +650,109 @@ impl Cluster {
             .flat_map(|r| r.validated.diagnostics.iter())
     }
 
+    // ---------------------------------------------------------------- services
+
+    /// Creates or replaces a Service and returns what could not be used of it (left out).
+    pub fn upsert_service(&mut self, svc: &Service) -> Result<&[ServiceDiagnostic]> {
+        let (info, diagnostics) = ServiceInfo::from_service(svc)?;
+        let record = ServiceRecord {
+            info: Arc::new(info),
+            diagnostics,
+        };
+        let slot = match self.services.entry(record.info.key.clone()) {
+            btree_map::Entry::Occupied(mut e) => {
+                e.insert(record);
+                e.into_mut()
+            }
+            btree_map::Entry::Vacant(e) => e.insert(record),
+        };
+        Ok(&slot.diagnostics)
+    }
+
+    pub fn delete_service(&mut self, key: &ObjectName) {
+        self.services.remove(key);
+        self.derived_slices.remove(key);
+    }
+
+    /// Every Service, in (namespace, name) order.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceRecord> {
+        self.services.values()
+    }
+
+    pub fn service(&self, key: &ObjectName) -> Option<&ServiceRecord> {
+        self.services.get(key)
+    }
+
+    /// Creates or replaces an EndpointSlice and returns what could not be used of it.
+    pub fn upsert_endpoint_slice(&mut self, slice: &EndpointSlice) -> Result<&[ServiceDiagnostic]> {
+        let (info, diagnostics) = SliceInfo::from_endpoint_slice(slice)?;
+        let key = info.key.clone();
+        self.delete_endpoint_slice(&key);
+        if let Some(service) = &info.service {
+            self.slices_by_service
+                .entry(ObjectName::new(&key.namespace, service))
+                .or_default()
+                .insert(key.clone());
+        }
+        let record = self.slices.entry(key).or_insert(SliceRecord {
+            slices: vec![info],
+            diagnostics,
+        });
+        Ok(&record.diagnostics)
+    }
+
+    pub fn delete_endpoint_slice(&mut self, key: &ObjectName) {
+        let Some(old) = self.slices.remove(key) else {
+            return;
+        };
+        for service in old.slices.iter().filter_map(|s| s.service.as_ref()) {
+            remove_from_btree_index_set(
+                &mut self.slices_by_service,
+                &ObjectName::new(&key.namespace, service),
+                key,
+            );
+        }
+    }
+
+    /// The EndpointSlices of a Service: those declared for it and those derived for it.
+    pub fn service_slices(&self, service: &ObjectName) -> impl Iterator<Item = &SliceInfo> {
+        let declared = self
+            .slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+            .flat_map(|r| &r.slices);
+        let derived = self
+            .derived_slices
+            .get(service)
+            .into_iter()
+            .flat_map(|r| &r.slices);
+        declared.chain(derived)
+    }
+
+    /// Replaces the slices derived for `service`.
+    pub(crate) fn set_derived_slices(&mut self, service: ObjectName, record: SliceRecord) {
+        if record.slices.is_empty() && record.diagnostics.is_empty() {
+            self.derived_slices.remove(&service);
+        } else {
+            self.derived_slices.insert(service, record);
+        }
+    }
+
+    pub(crate) fn derived_services(&self) -> impl Iterator<Item = &ObjectName> {
+        self.derived_slices.keys()
+    }
+
+    /// What could not be used of stored Services and EndpointSlices (derived ones included).
+    pub fn service_diagnostics(&self) -> impl Iterator<Item = &ServiceDiagnostic> {
+        self.services
+            .values()
+            .flat_map(|r| &r.diagnostics)
+            .chain(self.slices.values().flat_map(|r| &r.diagnostics))
+            .chain(self.derived_slices.values().flat_map(|r| &r.diagnostics))
+    }
+
     // ---------------------------------------------------------------- index access
 
     pub(crate) fn pod_record(&self, idx: PodIdx) -> Option<&PodRecord> {
@@ -660,6 +800,19 @@ fn remove_from_btree_index<K: Ord>(index: &mut BTreeMap<K, BTreeSet<u32>>, key: 
     if let Some(ids) = index.get_mut(key) {
         ids.remove(&id);
         if ids.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+fn remove_from_btree_index_set<K: Ord, V: Ord>(
+    index: &mut BTreeMap<K, BTreeSet<V>>,
+    key: &K,
+    value: &V,
+) {
+    if let Some(values) = index.get_mut(key) {
+        values.remove(value);
+        if values.is_empty() {
             index.remove(key);
         }
     }

@@ -19,14 +19,17 @@ use std::{
     thread,
 };
 
-use weir_api::{Direction, NodeState};
+use weir_api::{Direction, NodeState, ServiceRef};
 
 use crate::{
     HashMap,
     cluster::{Cluster, NsIdx},
+    ids::IdAllocator,
     node::{NodeMemory, View},
     peers::{AtomMembers, AtomTable, RuleAtoms},
     policy::PolicyKey,
+    service::ServiceDiagnostic,
+    service_table::ServiceTable,
     validate::{PolicyDiagnostic, ValidatedPolicy},
 };
 
@@ -37,6 +40,9 @@ pub struct CompileOutput {
     pub nodes: BTreeMap<String, NodeState>,
     /// What is wrong with stored policies (those with errors fail closed).
     pub diagnostics: Vec<PolicyDiagnostic>,
+    /// What could not be used of Services and EndpointSlices (left out, nothing else
+    /// disturbed).
+    pub service_diagnostics: Vec<ServiceDiagnostic>,
 }
 
 /// Compiles clusters into node states, remembering the ids it handed out so that
@@ -47,6 +53,8 @@ pub struct Compiler {
     policies: HashMap<PolicyKey, CachedPolicy>,
     policy_ids: PolicyIds,
     nodes: HashMap<String, NodeMemory>,
+    /// Ids of Service ports, the same on every node.
+    service_ids: IdAllocator<ServiceRef>,
     threads: usize,
 }
 
@@ -116,6 +124,7 @@ impl Compiler {
             policies: HashMap::default(),
             policy_ids: PolicyIds::default(),
             nodes: HashMap::default(),
+            service_ids: IdAllocator::default(),
             threads,
         }
     }
@@ -140,7 +149,11 @@ impl Compiler {
             by_namespace: None,
         };
         let memory = self.nodes.entry(node.to_owned()).or_default();
-        view.compile_node(memory, node)
+        let mut state = view.compile_node(memory, node);
+        // Ids of Service ports gone are released only by a full compile, like peers.
+        let (services, _) = ServiceTable::build(cluster, &mut self.service_ids);
+        state.services = services.for_node(node);
+        state
     }
 
     /// Compiles every node (Node objects and nodes pods are scheduled to), forgets the
@@ -212,9 +225,19 @@ impl Compiler {
         self.atoms.retain(&live);
         let released = std::mem::take(&mut self.policy_ids.released);
         self.policy_ids.free.extend(released);
+        self.service_ids.begin();
+        let (services, conflicts) = ServiceTable::build(cluster, &mut self.service_ids);
+        self.service_ids.finish();
+        for (name, state) in &mut nodes {
+            state.services = services.for_node(name);
+        }
+        let mut service_diagnostics: Vec<ServiceDiagnostic> =
+            cluster.service_diagnostics().cloned().collect();
+        service_diagnostics.extend(conflicts);
         CompileOutput {
             nodes,
             diagnostics: cluster.diagnostics().cloned().collect(),
+            service_diagnostics,
         }
     }
 

@@ -18,7 +18,8 @@
 //! What is measured, all prefixed `weir_controller_`: `ready`, `leader`; the published state
 //! (`published_nodes`, `node_published_version{node}`); what agents report
 //! (`node_applied_version{node}`, `node_agent_ready{node}`, `agents_in_sync`); the compile loop
-//! (`compile_duration_seconds` histogram, `node_cidr_errors`); invalid policies, from
+//! (`compile_duration_seconds` histogram, `node_cidr_errors`, `invalid_service_objects`:
+//! Services and EndpointSlices with a part the compiler left out); invalid policies, from
 //! [`PolicyEventMetrics`] in Kubernetes mode and from the compiler with a manifest directory.
 
 use std::sync::{
@@ -53,6 +54,7 @@ pub struct CompileMetrics {
     duration: Histogram,
     invalid_policies: AtomicU64,
     node_cidr_errors: AtomicU64,
+    invalid_service_objects: AtomicU64,
 }
 
 impl Default for CompileMetrics {
@@ -64,6 +66,7 @@ impl Default for CompileMetrics {
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             invalid_policies: AtomicU64::new(0),
             node_cidr_errors: AtomicU64::new(0),
+            invalid_service_objects: AtomicU64::new(0),
         }
     }
 }
@@ -80,6 +83,8 @@ impl CompileMetrics {
             .store(report.invalid_policies as u64, Ordering::Relaxed);
         self.node_cidr_errors
             .store(report.node_cidr_errors as u64, Ordering::Relaxed);
+        self.invalid_service_objects
+            .store(report.invalid_service_objects as u64, Ordering::Relaxed);
         self.compiled.store(true, Ordering::Release);
     }
 
@@ -191,6 +196,7 @@ struct Snapshot {
     nodes: Vec<(String, NodeView)>,
     duration: Histogram,
     node_cidr_errors: u64,
+    invalid_service_objects: u64,
 }
 
 impl Snapshot {
@@ -223,6 +229,10 @@ impl Snapshot {
             nodes,
             duration: endpoint.compiles.duration.clone(),
             node_cidr_errors: endpoint.compiles.node_cidr_errors.load(Ordering::Relaxed),
+            invalid_service_objects: endpoint
+                .compiles
+                .invalid_service_objects
+                .load(Ordering::Relaxed),
         }
     }
 }
@@ -248,6 +258,12 @@ impl Collector for Snapshot {
             "leader",
             "1 while this replica leads and serves the agents",
             i64::from(self.leader),
+        )?;
+        gauge(
+            &mut encoder,
+            "invalid_service_objects",
+            "Services and EndpointSlices with a part the compiler could not use and left out",
+            as_gauge(self.invalid_service_objects),
         )?;
         gauge(
             &mut encoder,
@@ -472,12 +488,18 @@ mod tests {
             nodes: 0,
             invalid_policies: 7,
             node_cidr_errors: 0,
+            invalid_service_objects: 2,
         });
         let endpoint = ControllerEndpoint::new(compiles, StatePublisher::new())
             .with_leadership(Leadership::fixed(false))
             .with_policy_events(Arc::new(PolicyEventMetrics::default()));
         let body = endpoint.render_metrics();
         assert_eq!(sample(&body, "weir_controller_leader", ""), Some(0.0));
+        assert_eq!(
+            sample(&body, "weir_controller_invalid_service_objects", ""),
+            Some(2.0),
+            "{body}"
+        );
         // The Event counters' gauge, not the compiler's count: one family, one value.
         assert_eq!(
             sample(&body, "weir_controller_invalid_policies", ""),

@@ -5,11 +5,14 @@
 //! and every choice made where Kubernetes leaves one open, are described in
 //! `docs/policy-semantics.md`.
 //!
-//! * [`Cluster`]: the typed store (Namespaces, Pods, Nodes, NetworkPolicies) with its indexes.
+//! * [`Cluster`]: the typed store (Namespaces, Pods, Nodes, NetworkPolicies, Services,
+//!   EndpointSlices) with its indexes; [`service`] reads Services and EndpointSlices, and
+//!   manifest directories derive EndpointSlices from pods ([`Cluster::derive_endpoint_slices`]).
 //! * [`validate`]: NetworkPolicy → normalized [`policy::Policy`] plus diagnostics; invalid
 //!   policies fail closed.
 //! * [`Compiler`]: [`Compiler::compile_all`] / [`Compiler::compile_node`], with per-node id
-//!   memory so that successive compiles diff small.
+//!   memory so that successive compiles diff small; each node's service table comes from
+//!   the `service_table` module.
 //! * [`oracle`]: a naive reference evaluator, and the emulated dataplane decision over
 //!   compiled state, for tests and debugging tools.
 //!
@@ -43,6 +46,7 @@
 mod classes;
 pub mod cluster;
 pub mod compile;
+mod endpoint_slices;
 pub mod events;
 pub mod http;
 mod ids;
@@ -58,6 +62,8 @@ pub mod policy;
 pub mod ports;
 pub mod run;
 pub mod selector;
+pub mod service;
+mod service_table;
 pub mod source;
 #[cfg(feature = "synthetic")]
 pub mod synthetic;
@@ -65,6 +71,7 @@ pub mod validate;
 
 pub use cluster::{Cluster, NamedPort, PodInfo};
 pub use compile::{CompileOutput, Compiler};
+pub use endpoint_slices::derive as derive_endpoint_slices;
 pub use labels::Labels;
 pub use policy::{PolicyKey, Protocol};
 pub use validate::{PolicyDiagnostic, Problem, Severity};

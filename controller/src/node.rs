@@ -151,7 +151,8 @@ impl<'a> View<'a> {
                 })
                 .collect(),
             routes: Default::default(),
-            // Filled in by the service compiler.
+            // The same for every node but for the traffic policies: filled in by the
+            // compiler from one table of the cluster's frontends.
             services: Default::default(),
         }
     }

@@ -22,6 +22,7 @@ use weir_transport::StatePublisher;
 use crate::{
     Cluster, Compiler, PolicyKey, Severity,
     node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
+    service::ObjectName,
     source::{Change, ManifestDir, Object},
 };
 
@@ -48,6 +49,9 @@ pub struct Controller {
     cidr_errors: BTreeSet<String>,
     /// Told about every compile (metrics, readiness).
     compile_observer: Option<CompileObserver>,
+    /// Derive EndpointSlices from pods (a manifest directory has no EndpointSlice
+    /// controller).
+    derive_endpoint_slices: bool,
 }
 
 type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
@@ -63,6 +67,8 @@ pub struct CompileReport {
     pub invalid_policies: usize,
     /// Nodes whose pod CIDR could not be allocated or respected (exhausted, overlapping).
     pub node_cidr_errors: usize,
+    /// Services and EndpointSlices with something the compiler could not use (left out).
+    pub invalid_service_objects: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -86,7 +92,16 @@ impl Controller {
             cidrs_pruned: false,
             cidr_errors: BTreeSet::new(),
             compile_observer: None,
+            derive_endpoint_slices: false,
         }
+    }
+
+    /// Derives every Service's EndpointSlices from the pods before each compile, as
+    /// Kubernetes' EndpointSlice controller would (for manifest directories; see
+    /// [`Cluster::derive_endpoint_slices`]).
+    pub fn deriving_endpoint_slices(mut self) -> Self {
+        self.derive_endpoint_slices = true;
+        self
     }
 
     /// Calls `observer` after every compile with what it did.
@@ -133,6 +148,8 @@ impl Controller {
                         self.cluster.upsert_node(o)
                     }
                     Object::NetworkPolicy(o) => self.cluster.upsert_policy(o).map(|_| ()),
+                    Object::Service(o) => self.cluster.upsert_service(o).map(|_| ()),
+                    Object::EndpointSlice(o) => self.cluster.upsert_endpoint_slice(o).map(|_| ()),
                 },
                 Change::Delete(k) => {
                     match k.kind {
@@ -148,6 +165,12 @@ impl Controller {
                         "NetworkPolicy" => self
                             .cluster
                             .delete_policy(&PolicyKey::new(&k.namespace, &k.name)),
+                        "Service" => self
+                            .cluster
+                            .delete_service(&ObjectName::new(&k.namespace, &k.name)),
+                        "EndpointSlice" => self
+                            .cluster
+                            .delete_endpoint_slice(&ObjectName::new(&k.namespace, &k.name)),
                         _ => {}
                     }
                     Ok(())
@@ -171,6 +194,9 @@ impl Controller {
     /// node is now at.
     pub fn recompute(&mut self) -> BTreeMap<String, u64> {
         let started = Instant::now();
+        if self.derive_endpoint_slices {
+            self.cluster.derive_endpoint_slices();
+        }
         let out = self.compiler.compile_all(&self.cluster);
         let invalid_policies = out
             .diagnostics
@@ -185,6 +211,19 @@ impl Controller {
             current.insert(line.clone());
             if !self.reported.contains(&line) {
                 warn!(diagnostic = %line, "invalid policy (it fails closed for the pods it selects)");
+            }
+        }
+        let invalid_service_objects = out
+            .service_diagnostics
+            .iter()
+            .map(|d| (d.kind, &d.object))
+            .collect::<BTreeSet<_>>()
+            .len();
+        for d in &out.service_diagnostics {
+            let line = d.to_string();
+            current.insert(line.clone());
+            if !self.reported.contains(&line) {
+                warn!(diagnostic = %line, "unusable part of a Service or EndpointSlice (left out)");
             }
         }
         self.reported = current;
@@ -212,6 +251,7 @@ impl Controller {
                             classes = state.peer_classes.len(),
                             verdicts = state.verdicts.len(),
                             routes = state.routes.len(),
+                            services = state.services.len(),
                             "published node state"
                         );
                         self.published.insert(node.clone(), (version, state));
@@ -247,6 +287,7 @@ impl Controller {
                 nodes: versions.len(),
                 invalid_policies,
                 node_cidr_errors: self.cidr_errors.len(),
+                invalid_service_objects,
             });
         }
         versions
@@ -341,6 +382,8 @@ pub async fn run_directory(
     status_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let publisher = controller.publisher.clone();
+    // No EndpointSlice controller writes into a directory: the slices come from the pods.
+    controller.derive_endpoint_slices = true;
     use notify::Watcher as _;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -538,6 +581,40 @@ mod tests {
         );
         assert_eq!(shared(&c).len(), 102);
         assert!(Arc::ptr_eq(&shared(&c), &c.published["n101"].1.routes));
+    }
+
+    #[test]
+    fn a_service_in_a_manifest_directory_reaches_the_published_state_with_derived_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = r#"
+kind: Service
+apiVersion: v1
+metadata: {name: web, namespace: prod}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+kind: Pod
+apiVersion: v1
+metadata: {name: web-1, namespace: prod, labels: {app: web}}
+spec: {nodeName: a, containers: []}
+status: {phase: Running, podIPs: [{ip: 10.244.0.5}]}
+"#;
+        let objects = crate::source::parse_manifests("svc.yaml", text).unwrap();
+        let mut c = controller(dir.path()).deriving_endpoint_slices();
+        c.apply(
+            objects
+                .into_iter()
+                .map(|o| Change::Upsert(Box::new(o)))
+                .collect(),
+        );
+        c.recompute();
+        let services = &c.published["a"].1.services;
+        let (frontend, entry) = services.first_key_value().expect("one frontend");
+        assert_eq!(frontend.ip, "10.96.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(entry.backends.len(), 1);
+        assert_eq!(entry.backends[0].port, 8080);
     }
 
     #[test]

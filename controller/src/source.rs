@@ -10,7 +10,8 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use serde::Deserialize;
@@ -26,6 +27,8 @@ pub enum Object {
     Pod(Pod),
     Node(Node),
     NetworkPolicy(NetworkPolicy),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
 }
 
 /// Identity of an object: kind, namespace ("" for cluster-scoped kinds), name.
@@ -53,6 +56,8 @@ impl Object {
             Object::Pod(o) => ("Pod", &o.metadata),
             Object::Node(o) => ("Node", &o.metadata),
             Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
+            Object::Service(o) => ("Service", &o.metadata),
+            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
         };
         ObjectKey {
             kind,
@@ -85,7 +90,7 @@ pub enum ManifestError {
 }
 
 /// Parses a file of YAML (or JSON) documents into objects. Kinds weir does not use
-/// (Services, ConfigMaps, ...) are skipped; `List` objects are flattened.
+/// (ConfigMaps, Deployments, ...) are skipped; `List` objects are flattened.
 pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
@@ -117,6 +122,10 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
             "NetworkPolicy" => {
                 Object::NetworkPolicy(serde_json::from_value(v).map_err(|e| e.to_string())?)
             }
+            "Service" => Object::Service(serde_json::from_value(v).map_err(|e| e.to_string())?),
+            "EndpointSlice" => {
+                Object::EndpointSlice(serde_json::from_value(v).map_err(|e| e.to_string())?)
+            }
             _ => unreachable!("filtered below"),
         };
         if o.key().name.is_empty() {
@@ -135,7 +144,9 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
                 collect(item, out)?;
             }
         }
-        "Namespace" | "Pod" | "Node" | "NetworkPolicy" => out.push(typed(value)?),
+        "Namespace" | "Pod" | "Node" | "NetworkPolicy" | "Service" | "EndpointSlice" => {
+            out.push(typed(value)?)
+        }
         _ => {}
     }
     Ok(())
@@ -280,6 +291,11 @@ kind: ConfigMap
 metadata: {name: ignored}
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
 kind: List
 items:
   - apiVersion: networking.k8s.io/v1
@@ -289,7 +305,10 @@ items:
 "#;
         let objs = parse_manifests("f.yaml", text).unwrap();
         let keys: Vec<String> = objs.iter().map(|o| o.key().to_string()).collect();
-        assert_eq!(keys, ["Namespace x", "NetworkPolicy x/deny"]);
+        assert_eq!(
+            keys,
+            ["Namespace x", "Service x/web", "NetworkPolicy x/deny"]
+        );
     }
 
     #[test]

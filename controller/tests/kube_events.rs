@@ -32,6 +32,7 @@ fn bad_cidr_policy(rv: &str, generation: i64) -> Value {
 async fn diagnostics_of(policies: Vec<Value>) -> Vec<ReportedDiagnostic> {
     let api = FakeApi::start(
         Script::new()
+            .without_services()
             .on(NAMESPACES, [list("1", vec![namespace("prod", "1")])])
             .on(NODES, [list("1", vec![node("node-1", "1")])])
             .on(PODS, [list("1", vec![])])

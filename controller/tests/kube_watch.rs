@@ -50,6 +50,7 @@ impl Scenario {
         let policies = list("10", vec![deny_all()]);
         match self {
             Scenario::InitialListThenWatchEvents => Script::new()
+                .without_services()
                 .on(NAMESPACES, [namespaces])
                 .on(NODES, [nodes])
                 .on(
@@ -71,11 +72,13 @@ impl Scenario {
                     ],
                 ),
             Scenario::SlowPolicyList => Script::new()
+                .without_services()
                 .on(NAMESPACES, [namespaces])
                 .on(NODES, [nodes])
                 .on(PODS, [pods])
                 .on(POLICIES, [Step::Pause("policy-list"), policies]),
             Scenario::PolicyDeletedWhileDisconnected => Script::new()
+                .without_services()
                 .on(NAMESPACES, [namespaces])
                 .on(NODES, [nodes])
                 .on(PODS, [pods])
@@ -92,6 +95,7 @@ impl Scenario {
                     ],
                 ),
             Scenario::PodWatchErrorThenRestart => Script::new()
+                .without_services()
                 .on(NAMESPACES, [namespaces])
                 .on(NODES, [nodes])
                 .on(POLICIES, [list("10", vec![])])
@@ -113,6 +117,7 @@ impl Scenario {
                     ],
                 ),
             Scenario::NamespaceBookmark => Script::new()
+                .without_services()
                 .on(NODES, [nodes])
                 .on(PODS, [pods])
                 .on(POLICIES, [list("10", vec![])])
@@ -349,6 +354,7 @@ async fn bookmarks_advance_the_watch_without_changes() {
 async fn run_kube_publishes_once_synced_and_reports_policy_diagnostics() {
     let api = FakeApi::start(
         Script::new()
+            .without_services()
             .on(NAMESPACES, [list("1", vec![namespace("prod", "1")])])
             .on(NODES, [list("1", vec![node("node-1", "1")])])
             .on(PODS, [list("1", vec![db_pod("2")])])

@@ -13,8 +13,9 @@ use std::{
 
 use ipnet::IpNet;
 use weir_api::{
-    Action, Direction, EndpointPolicy, IpProto, NodeRoute, NodeState, NodeStateDiff, PodKey,
-    PolicyRef, PortPrefix, RuleRef, RuleSetInfo, TableDiff, VerdictEntry, VerdictMatch,
+    Action, BackendState, Direction, EndpointPolicy, FrontendKind, IpProto, NodeRoute, NodeState,
+    NodeStateDiff, PodKey, PolicyRef, PortPrefix, RuleRef, RuleSetInfo, ServiceBackend,
+    ServiceEntry, ServiceFrontend, ServiceRef, TableDiff, VerdictEntry, VerdictMatch,
 };
 
 use crate::pb;
@@ -53,6 +54,15 @@ pub enum ProtoError {
     },
     #[error("{field}: a port prefix without a protocol (ports only exist per protocol)")]
     PortsWithoutProto { field: &'static str },
+    #[error("{field}: 0 is reserved (ids start at 1)")]
+    ZeroId { field: &'static str },
+    #[error(
+        "{field}: a node-port frontend has address {address}, expected the unspecified address"
+    )]
+    NodePortAddress {
+        field: &'static str,
+        address: IpAddr,
+    },
     #[error("{table}: key {key} appears more than once")]
     DuplicateKey { table: &'static str, key: String },
     #[error("snapshot has neither a state nor the unchanged marker")]
@@ -172,6 +182,55 @@ fn route(cidr: &IpNet, r: &NodeRoute) -> pb::Route {
     }
 }
 
+fn frontend_kind(k: FrontendKind) -> pb::FrontendKind {
+    match k {
+        FrontendKind::ClusterIp => pb::FrontendKind::ClusterIp,
+        FrontendKind::NodePort => pb::FrontendKind::NodePort,
+    }
+}
+
+fn service_frontend(f: &ServiceFrontend) -> pb::ServiceFrontend {
+    pb::ServiceFrontend {
+        kind: frontend_kind(f.kind).into(),
+        ip: ip_bytes(f.ip),
+        port: u32::from(f.port),
+        proto: u32::from(f.proto),
+    }
+}
+
+fn backend_state(s: BackendState) -> pb::BackendState {
+    match s {
+        BackendState::Ready => pb::BackendState::Ready,
+        BackendState::Terminating => pb::BackendState::Terminating,
+    }
+}
+
+fn service(f: &ServiceFrontend, e: &ServiceEntry) -> pb::Service {
+    pb::Service {
+        frontend: Some(service_frontend(f)),
+        entry: Some(pb::ServiceEntry {
+            service: Some(pb::ServiceRef {
+                namespace: e.service.namespace.clone(),
+                name: e.service.name.clone(),
+                port_name: e.service.port_name.clone(),
+            }),
+            id: e.id,
+            backends: e
+                .backends
+                .iter()
+                .map(|b| pb::ServiceBackend {
+                    ip: ip_bytes(b.ip),
+                    port: u32::from(b.port),
+                    node: b.node.clone(),
+                    state: backend_state(b.state).into(),
+                })
+                .collect(),
+            affinity_timeout_s: e.affinity_timeout_s,
+            masquerade_external: e.masquerade_external,
+        }),
+    }
+}
+
 impl From<&NodeState> for pb::NodeState {
     fn from(s: &NodeState) -> Self {
         Self {
@@ -185,6 +244,7 @@ impl From<&NodeState> for pb::NodeState {
             rules: s.rules.iter().map(|(k, v)| rule(*k, v)).collect(),
             rule_sets: s.rule_sets.iter().map(|(k, v)| rule_set(*k, v)).collect(),
             routes: s.routes.iter().map(|(k, v)| route(k, v)).collect(),
+            services: s.services.iter().map(|(k, v)| service(k, v)).collect(),
         }
     }
 }
@@ -226,6 +286,13 @@ impl From<&NodeStateDiff> for pb::NodeStateDiff {
             remove_rule_sets: d.rule_sets.remove.clone(),
             upsert_routes: d.routes.upsert.iter().map(|(k, v)| route(k, v)).collect(),
             remove_routes: d.routes.remove.iter().map(ip_prefix).collect(),
+            upsert_services: d
+                .services
+                .upsert
+                .iter()
+                .map(|(k, v)| service(k, v))
+                .collect(),
+            remove_services: d.services.remove.iter().map(service_frontend).collect(),
         }
     }
 }
@@ -403,6 +470,97 @@ fn decode_route(r: pb::Route) -> Result<(IpNet, NodeRoute), ProtoError> {
     ))
 }
 
+fn decode_port(value: u32, field: &'static str) -> Result<u16, ProtoError> {
+    u16::try_from(value).map_err(|_| ProtoError::OutOfRange {
+        field,
+        value,
+        max: u32::from(u16::MAX),
+    })
+}
+
+fn decode_service_frontend(f: &pb::ServiceFrontend) -> Result<ServiceFrontend, ProtoError> {
+    let kind = match pb::FrontendKind::try_from(f.kind) {
+        Ok(pb::FrontendKind::ClusterIp) => FrontendKind::ClusterIp,
+        Ok(pb::FrontendKind::NodePort) => FrontendKind::NodePort,
+        Ok(pb::FrontendKind::Unspecified) | Err(_) => {
+            return Err(ProtoError::UnknownEnum {
+                field: "ServiceFrontend.kind",
+                enum_name: "FrontendKind",
+                value: f.kind,
+            });
+        }
+    };
+    let ip = decode_ip(&f.ip, "ServiceFrontend.ip")?;
+    // The dataplane keys node ports by the unspecified address; any other address would
+    // be a frontend no packet ever matches.
+    if kind == FrontendKind::NodePort && !ip.is_unspecified() {
+        return Err(ProtoError::NodePortAddress {
+            field: "ServiceFrontend.ip",
+            address: ip,
+        });
+    }
+    Ok(ServiceFrontend {
+        kind,
+        ip,
+        port: decode_port(f.port, "ServiceFrontend.port")?,
+        proto: IpProto::try_from(f.proto).map_err(|_| ProtoError::OutOfRange {
+            field: "ServiceFrontend.proto",
+            value: f.proto,
+            max: u32::from(IpProto::MAX),
+        })?,
+    })
+}
+
+fn decode_backend(b: pb::ServiceBackend) -> Result<ServiceBackend, ProtoError> {
+    let state = match pb::BackendState::try_from(b.state) {
+        Ok(pb::BackendState::Ready) => BackendState::Ready,
+        Ok(pb::BackendState::Terminating) => BackendState::Terminating,
+        Ok(pb::BackendState::Unspecified) | Err(_) => {
+            return Err(ProtoError::UnknownEnum {
+                field: "ServiceBackend.state",
+                enum_name: "BackendState",
+                value: b.state,
+            });
+        }
+    };
+    Ok(ServiceBackend {
+        ip: decode_ip(&b.ip, "ServiceBackend.ip")?,
+        port: decode_port(b.port, "ServiceBackend.port")?,
+        node: b.node,
+        state,
+    })
+}
+
+fn decode_service(s: pb::Service) -> Result<(ServiceFrontend, ServiceEntry), ProtoError> {
+    let frontend = required(s.frontend.as_ref(), "Service.frontend")?;
+    let frontend = decode_service_frontend(frontend)?;
+    let entry = required(s.entry, "Service.entry")?;
+    let service = required(entry.service, "ServiceEntry.service")?;
+    if entry.id == 0 {
+        return Err(ProtoError::ZeroId {
+            field: "ServiceEntry.id",
+        });
+    }
+    Ok((
+        frontend,
+        ServiceEntry {
+            service: ServiceRef {
+                namespace: service.namespace,
+                name: service.name,
+                port_name: service.port_name,
+            },
+            id: entry.id,
+            backends: entry
+                .backends
+                .into_iter()
+                .map(decode_backend)
+                .collect::<Result<_, _>>()?,
+            affinity_timeout_s: entry.affinity_timeout_s,
+            masquerade_external: entry.masquerade_external,
+        },
+    ))
+}
+
 /// Collects decoded entries into a map, refusing a key that repeats: the sender's map cannot
 /// hold one twice, so a repeat means a corrupt or hostile message.
 fn collect_table<K: Ord + Debug, V, T>(
@@ -472,8 +630,7 @@ impl TryFrom<pb::NodeState> for NodeState {
             rules: collect_table("rules", s.rules, decode_rule)?,
             rule_sets: collect_table("rule_sets", s.rule_sets, decode_rule_set)?,
             routes: std::sync::Arc::new(collect_table("routes", s.routes, decode_route)?),
-            // Not on the wire yet: the service table is added to the protocol next.
-            services: Default::default(),
+            services: collect_table("services", s.services, decode_service)?,
         })
     }
 }
@@ -521,7 +678,13 @@ impl TryFrom<pb::NodeStateDiff> for NodeStateDiff {
                 decode_route,
                 |p| decode_prefix(p, "NodeStateDiff.remove_routes"),
             )?,
-            services: Default::default(),
+            services: decode_table_diff(
+                "services",
+                d.upsert_services,
+                &d.remove_services,
+                decode_service,
+                decode_service_frontend,
+            )?,
         })
     }
 }
@@ -806,6 +969,233 @@ mod tests {
                 len: 0
             }
         );
+    }
+
+    fn cluster_ip_service() -> pb::Service {
+        let frontend = ServiceFrontend {
+            kind: FrontendKind::ClusterIp,
+            ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+            port: 53,
+            proto: 17,
+        };
+        let entry = ServiceEntry {
+            service: ServiceRef {
+                namespace: "kube-system".into(),
+                name: "kube-dns".into(),
+                port_name: "dns".into(),
+            },
+            id: 1,
+            backends: vec![ServiceBackend {
+                ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5)),
+                port: 53,
+                node: "node-0".into(),
+                state: BackendState::Ready,
+            }],
+            affinity_timeout_s: None,
+            masquerade_external: false,
+        };
+        service(&frontend, &entry)
+    }
+
+    fn state_with_service(s: pb::Service) -> pb::NodeState {
+        pb::NodeState {
+            services: vec![s],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn valid_service_decodes() {
+        let s = decode_state(state_with_service(cluster_ip_service())).expect("valid service");
+        let (frontend, entry) = s.services.first_key_value().expect("one service");
+        assert_eq!(frontend.port, 53);
+        assert_eq!(entry.backends.len(), 1);
+    }
+
+    #[test]
+    fn unknown_and_unspecified_frontend_kinds_are_rejected() {
+        for value in [0, 3] {
+            let mut s = cluster_ip_service();
+            s.frontend.as_mut().expect("frontend").kind = value;
+            assert_eq!(
+                decode_state(state_with_service(s)).unwrap_err(),
+                ProtoError::UnknownEnum {
+                    field: "ServiceFrontend.kind",
+                    enum_name: "FrontendKind",
+                    value
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn node_port_frontend_with_an_address_is_rejected() {
+        let mut s = cluster_ip_service();
+        s.frontend.as_mut().expect("frontend").kind = pb::FrontendKind::NodePort.into();
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::NodePortAddress {
+                field: "ServiceFrontend.ip",
+                address: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+            }
+        );
+        let mut s = cluster_ip_service();
+        let frontend = s.frontend.as_mut().expect("frontend");
+        frontend.kind = pb::FrontendKind::NodePort.into();
+        frontend.ip = vec![0; 16];
+        assert!(decode_state(state_with_service(s)).is_ok());
+    }
+
+    #[test]
+    fn service_ports_above_65535_are_rejected() {
+        let mut s = cluster_ip_service();
+        s.frontend.as_mut().expect("frontend").port = 65536;
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::OutOfRange {
+                field: "ServiceFrontend.port",
+                value: 65536,
+                max: 65535
+            }
+        );
+        let mut s = cluster_ip_service();
+        s.entry.as_mut().expect("entry").backends[0].port = 70000;
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::OutOfRange {
+                field: "ServiceBackend.port",
+                value: 70000,
+                max: 65535
+            }
+        );
+    }
+
+    #[test]
+    fn service_protocol_above_255_is_rejected() {
+        let mut s = cluster_ip_service();
+        s.frontend.as_mut().expect("frontend").proto = 256;
+        assert!(matches!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::OutOfRange {
+                field: "ServiceFrontend.proto",
+                value: 256,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn unspecified_backend_state_is_rejected() {
+        let mut s = cluster_ip_service();
+        s.entry.as_mut().expect("entry").backends[0].state = 0;
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::UnknownEnum {
+                field: "ServiceBackend.state",
+                enum_name: "BackendState",
+                value: 0
+            }
+        );
+    }
+
+    #[test]
+    fn backend_with_bad_address_is_rejected() {
+        let mut s = cluster_ip_service();
+        s.entry.as_mut().expect("entry").backends[0].ip = vec![10, 1];
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::AddressLength {
+                field: "ServiceBackend.ip",
+                len: 2
+            }
+        );
+    }
+
+    #[test]
+    fn service_id_zero_is_rejected() {
+        let mut s = cluster_ip_service();
+        s.entry.as_mut().expect("entry").id = 0;
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::ZeroId {
+                field: "ServiceEntry.id"
+            }
+        );
+    }
+
+    #[test]
+    fn service_without_entry_or_frontend_is_named() {
+        let mut s = cluster_ip_service();
+        s.entry = None;
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::MissingField {
+                field: "Service.entry"
+            }
+        );
+        let mut s = cluster_ip_service();
+        s.frontend = None;
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::MissingField {
+                field: "Service.frontend"
+            }
+        );
+        let mut s = cluster_ip_service();
+        s.entry.as_mut().expect("entry").service = None;
+        assert_eq!(
+            decode_state(state_with_service(s)).unwrap_err(),
+            ProtoError::MissingField {
+                field: "ServiceEntry.service"
+            }
+        );
+    }
+
+    #[test]
+    fn repeated_service_frontend_is_rejected() {
+        let s = pb::NodeState {
+            services: vec![cluster_ip_service(), cluster_ip_service()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode_state(s).unwrap_err(),
+            ProtoError::DuplicateKey {
+                table: "services",
+                ..
+            }
+        ));
+        let d = pb::NodeStateDiff {
+            remove_services: vec![
+                cluster_ip_service().frontend.expect("frontend"),
+                cluster_ip_service().frontend.expect("frontend"),
+            ],
+            ..Default::default()
+        };
+        assert!(matches!(
+            NodeStateDiff::try_from(d).unwrap_err(),
+            ProtoError::DuplicateKey {
+                table: "services",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_removed_service_frontend_in_a_diff_is_rejected() {
+        let mut frontend = cluster_ip_service().frontend.expect("frontend");
+        frontend.kind = 9;
+        let d = pb::NodeStateDiff {
+            remove_services: vec![frontend],
+            ..Default::default()
+        };
+        assert!(matches!(
+            NodeStateDiff::try_from(d).unwrap_err(),
+            ProtoError::UnknownEnum {
+                field: "ServiceFrontend.kind",
+                value: 9,
+                ..
+            }
+        ));
     }
 
     /// Arbitrary bytes never panic the decoder: they either fail protobuf decoding or are

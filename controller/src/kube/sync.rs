@@ -111,6 +111,8 @@ fn meta(o: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
         Object::Pod(o) => &o.metadata,
         Object::Node(o) => &o.metadata,
         Object::NetworkPolicy(o) => &o.metadata,
+        Object::Service(o) => &o.metadata,
+        Object::EndpointSlice(o) => &o.metadata,
     }
 }
 
@@ -127,7 +129,7 @@ pub struct Flushed {
 /// passed on (for relists), and compiles only once every kind completed its initial list.
 pub struct ClusterSync {
     controller: Controller,
-    trackers: [KindTracker; 4],
+    trackers: [KindTracker; 6],
     pending: Vec<Change>,
     policy_refs: BTreeMap<PolicyKey, PolicyObjectRef>,
     compiled_once: bool,

@@ -1,4 +1,4 @@
-//! Watches of the four kinds the compiler reads, merged into one stream of [`KindEvent`]s.
+//! Watches of the six kinds the compiler reads, merged into one stream of [`KindEvent`]s.
 //!
 //! Each kind is a kube-runtime [`watcher`] (list, then watch from the list's
 //! `resourceVersion`; on a dropped connection it re-watches from the last version it saw,
@@ -31,7 +31,8 @@ use std::{fmt, time::Duration};
 use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::{
     api::{
-        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus},
+        core::v1::{Container, Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus, Service},
+        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -54,10 +55,19 @@ pub enum Kind {
     Pod,
     Node,
     NetworkPolicy,
+    Service,
+    EndpointSlice,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Namespace, Kind::Pod, Kind::Node, Kind::NetworkPolicy];
+    pub const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Node,
+        Kind::NetworkPolicy,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
 
     /// The kind's name, as in [`crate::source::ObjectKey::kind`].
     pub fn as_str(self) -> &'static str {
@@ -66,6 +76,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Node => "Node",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -75,6 +87,8 @@ impl Kind {
             Kind::Pod => 1,
             Kind::Node => 2,
             Kind::NetworkPolicy => 3,
+            Kind::Service => 4,
+            Kind::EndpointSlice => 5,
         }
     }
 }
@@ -116,7 +130,8 @@ impl Default for WatchOptions {
     }
 }
 
-/// The merged watches of Namespaces, Pods, Nodes and NetworkPolicies (all namespaces).
+/// The merged watches of Namespaces, Pods, Nodes, NetworkPolicies, Services and
+/// EndpointSlices (all namespaces).
 /// Never ends; errors are logged and retried with backoff.
 pub fn watch_cluster(
     client: Client,
@@ -146,9 +161,21 @@ pub fn watch_cluster(
         ),
         kind_stream(
             Kind::NetworkPolicy,
-            Api::<NetworkPolicy>::all(client),
-            config,
+            Api::<NetworkPolicy>::all(client.clone()),
+            config.clone(),
             |o| Object::NetworkPolicy(slim_policy(o)),
+        ),
+        kind_stream(
+            Kind::Service,
+            Api::<Service>::all(client.clone()),
+            config.clone(),
+            |o| Object::Service(slim_service(o)),
+        ),
+        kind_stream(
+            Kind::EndpointSlice,
+            Api::<EndpointSlice>::all(client),
+            config,
+            |o| Object::EndpointSlice(slim_endpoint_slice(o)),
         ),
     ];
     futures::stream::select_all(streams)
@@ -220,7 +247,11 @@ pub fn slim_pod(pod: Pod) -> Pod {
         ..Container::default()
     };
     Pod {
-        metadata: slim_meta(pod.metadata),
+        metadata: ObjectMeta {
+            // Terminating pods are still Service backends, in their own state.
+            deletion_timestamp: pod.metadata.deletion_timestamp.clone(),
+            ..slim_meta(pod.metadata)
+        },
         spec: pod.spec.map(|s| PodSpec {
             node_name: s.node_name,
             host_network: s.host_network,
@@ -237,6 +268,10 @@ pub fn slim_pod(pod: Pod) -> Pod {
             phase: s.phase,
             pod_ip: s.pod_ip,
             pod_ips: s.pod_ips,
+            // Readiness decides whether the pod is a Service backend.
+            conditions: s
+                .conditions
+                .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
             ..PodStatus::default()
         }),
     }
@@ -261,6 +296,22 @@ pub fn slim_policy(np: NetworkPolicy) -> NetworkPolicy {
     NetworkPolicy {
         metadata: slim_meta(np.metadata),
         spec: np.spec,
+    }
+}
+
+/// Services keep their spec; the status (load-balancer ingress) is not read.
+pub fn slim_service(svc: Service) -> Service {
+    Service {
+        metadata: slim_meta(svc.metadata),
+        spec: svc.spec,
+        status: None,
+    }
+}
+
+pub fn slim_endpoint_slice(slice: EndpointSlice) -> EndpointSlice {
+    EndpointSlice {
+        metadata: slim_meta(slice.metadata),
+        ..slice
     }
 }
 
@@ -289,7 +340,8 @@ mod tests {
                 "volumes": [{"name": "v", "emptyDir": {}}],
             },
             "status": {"phase": "Running", "podIP": "10.0.0.2", "podIPs": [{"ip": "10.0.0.2"}],
-                       "conditions": [{"type": "Ready", "status": "True"}]},
+                       "conditions": [{"type": "Ready", "status": "False"},
+                                      {"type": "PodScheduled", "status": "True"}]},
         }))
         .unwrap();
         let before = crate::PodInfo::from_pod(&pod).unwrap();
@@ -301,6 +353,10 @@ mod tests {
         assert!(spec.volumes.is_none());
         assert_eq!(spec.containers[0].image, None);
         assert_eq!(spec.init_containers.unwrap().len(), 1, "only the sidecar");
-        assert!(slim.status.unwrap().conditions.is_none());
+        assert_eq!(
+            slim.status.unwrap().conditions.unwrap().len(),
+            1,
+            "only the Ready condition"
+        );
     }
 }

@@ -28,6 +28,8 @@ pub const NAMESPACES: &str = "/api/v1/namespaces";
 pub const PODS: &str = "/api/v1/pods";
 pub const NODES: &str = "/api/v1/nodes";
 pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+pub const SERVICES: &str = "/api/v1/services";
+pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 
 /// Long enough for the watcher's first backoff (0.8 s, jittered up to twice that), short
 /// enough to be nothing in paused time.
@@ -105,6 +107,13 @@ pub struct Script {
 impl Script {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Empty lists of Services and EndpointSlices (then quiet watches), for tests about
+    /// the other kinds.
+    pub fn without_services(self) -> Self {
+        self.on(SERVICES, [list("1", vec![])])
+            .on(ENDPOINT_SLICES, [list("1", vec![])])
     }
 
     pub fn on(mut self, path: &str, steps: impl IntoIterator<Item = Step>) -> Self {

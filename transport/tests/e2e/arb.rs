@@ -9,8 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use proptest::{collection::btree_map, prelude::*};
 use weir_api::{
-    Action, Direction, EndpointPolicy, NodeRoute, NodeState, PodKey, PolicyRef, PortPrefix,
-    RuleRef, RuleSetInfo, VerdictEntry, VerdictMatch,
+    Action, BackendState, Direction, EndpointPolicy, FrontendKind, NodeRoute, NodeState, PodKey,
+    PolicyRef, PortPrefix, RuleRef, RuleSetInfo, ServiceBackend, ServiceEntry, ServiceFrontend,
+    ServiceRef, VerdictEntry, VerdictMatch,
 };
 
 fn arb_ip() -> impl Strategy<Value = IpAddr> {
@@ -75,6 +76,78 @@ pub fn arb_verdict_match() -> impl Strategy<Value = VerdictMatch> {
         })
 }
 
+/// Frontends from a small domain (a few ClusterIPs and ports) so states share keys; node
+/// ports carry the unspecified address of either family, as the contract demands.
+fn arb_service_frontend() -> impl Strategy<Value = ServiceFrontend> {
+    let cluster_ip = (0u32..4).prop_map(|low| {
+        (
+            FrontendKind::ClusterIp,
+            IpAddr::V4(Ipv4Addr::from(0x0a60_0000 | low)),
+        )
+    });
+    let node_port = prop_oneof![
+        Just(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        Just(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    ]
+    .prop_map(|ip| (FrontendKind::NodePort, ip));
+    (
+        prop_oneof![
+            cluster_ip,
+            node_port,
+            arb_ip().prop_map(|ip| (FrontendKind::ClusterIp, ip))
+        ],
+        prop::sample::select(vec![53u16, 80, 443, 30080, u16::MAX]),
+        prop::sample::select(vec![6u8, 17, 132]),
+    )
+        .prop_map(|((kind, ip), port, proto)| ServiceFrontend {
+            kind,
+            ip,
+            port,
+            proto,
+        })
+}
+
+fn arb_service_entry() -> impl Strategy<Value = ServiceEntry> {
+    let backend = (
+        arb_ip(),
+        any::<u16>(),
+        prop::sample::select(vec!["", "node-0", "node-1"]),
+        prop_oneof![Just(BackendState::Ready), Just(BackendState::Terminating)],
+    )
+        .prop_map(|(ip, port, node, state)| ServiceBackend {
+            ip,
+            port,
+            node: node.into(),
+            state,
+        });
+    (
+        (
+            prop::sample::select(vec!["default", "prod"]),
+            "[a-z]{1,6}",
+            prop::sample::select(vec!["", "http", "dns"]),
+        ),
+        1u32..8,
+        prop::collection::vec(backend, 0..4),
+        prop::option::of(any::<u32>()),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((namespace, name, port_name), id, backends, affinity_timeout_s, masquerade)| {
+                ServiceEntry {
+                    service: ServiceRef {
+                        namespace: namespace.into(),
+                        name,
+                        port_name: port_name.into(),
+                    },
+                    id,
+                    backends,
+                    affinity_timeout_s,
+                    masquerade_external: masquerade,
+                }
+            },
+        )
+}
+
 pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
     let endpoints = btree_map(
         arb_pod(),
@@ -115,15 +188,25 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
         ("node-[0-9]", arb_ip()).prop_map(|(node, node_ip)| NodeRoute { node, node_ip }),
         0..4,
     );
-    (endpoints, peer_classes, verdicts, rules, rule_sets, routes).prop_map(
-        |(endpoints, peer_classes, verdicts, rules, rule_sets, routes)| NodeState {
-            endpoints,
-            peer_classes,
-            verdicts,
-            rules,
-            rule_sets,
-            routes: routes.into(),
-            services: Default::default(),
-        },
+    let services = btree_map(arb_service_frontend(), arb_service_entry(), 0..4);
+    (
+        endpoints,
+        peer_classes,
+        verdicts,
+        rules,
+        rule_sets,
+        routes,
+        services,
     )
+        .prop_map(
+            |(endpoints, peer_classes, verdicts, rules, rule_sets, routes, services)| NodeState {
+                endpoints,
+                peer_classes,
+                verdicts,
+                rules,
+                rule_sets,
+                routes: routes.into(),
+                services,
+            },
+        )
 }
