@@ -245,10 +245,32 @@ impl Agent {
         Ok(())
     }
 
-    /// CNI ADD: address, interface, programs, map entries. Idempotent for a repeated ADD.
+    /// CNI ADD: address, interface, programs, map entries.
+    ///
+    /// A repeated ADD for an attachment that is still intact (same container, interface
+    /// name and netns; host end, pod end and addresses as built) is a retry: the runtime
+    /// timed out or lost the answer (SPEC.md §2 `ADD` lets a plugin treat it so). It
+    /// leaves the pod's traffic alone and answers what the first ADD answered. Anything
+    /// else known under the same attachment is torn down and built anew.
+    ///
+    /// A failed ADD leaves nothing behind: no endpoint, address, interface, pinned link or
+    /// map entry, so that the runtime's DEL and a later ADD start from a clean node.
     pub async fn add(&mut self, req: Attach) -> Result<Attached> {
         if !podnet::netns_exists(&req.netns) {
             return Err(AgentError::NoNetns(req.netns.display().to_string()));
+        }
+        if let Some(existing) = self.endpoints.get(&req.container_id, &req.ifname).cloned() {
+            if existing.netns == req.netns && self.is_intact(&existing).await {
+                return self.readd(existing).await;
+            }
+            warn!(
+                container = %existing.container_id,
+                ifname = %existing.ifname,
+                netns = %req.netns.display(),
+                "repeated ADD of an attachment that is no longer as built: building it anew"
+            );
+            self.remove_attachment(&existing.container_id, &existing.ifname, &existing.ips)
+                .await?;
         }
         let owner = weir_ipam::Owner {
             container_id: req.container_id.clone(),
@@ -264,6 +286,31 @@ impl Agent {
             .ok_or(AgentError::NoPodCidr)?
             .allocate(&owner)?;
         let ips: Vec<IpAddr> = allocation.addresses.iter().map(|n| n.addr()).collect();
+        let (container_id, ifname) = (req.container_id.clone(), req.ifname.clone());
+        match self.build(req, ips.clone()).await {
+            Ok(ep) => {
+                info!(container = %ep.container_id, pod = ?ep.pod, ips = ?ep.ips, ifname = %ep.interface.host_ifname, "pod attached");
+                Ok(Attached {
+                    endpoint: ep,
+                    gateway: IpAddr::V4(podnet::GATEWAY_V4),
+                })
+            }
+            Err(e) => {
+                if let Err(undo) = self.remove_attachment(&container_id, &ifname, &ips).await {
+                    warn!(container = %container_id, error = %undo, "undoing a failed ADD");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The interface, programs, endpoint record and map entries of a new attachment with
+    /// addresses `ips`. The caller undoes what a failure left.
+    async fn build(&mut self, req: Attach, ips: Vec<IpAddr>) -> Result<LocalEndpoint> {
+        // `setup` replaces a host end of the same name; links still pinned for the old one
+        // are severed, and swapping a program into them fails.
+        self.dp
+            .detach_pod_interface(&podnet::host_ifname(&req.container_id, &req.ifname))?;
         let spec = PodInterfaceSpec {
             container_id: req.container_id.clone(),
             netns: req.netns.clone(),
@@ -271,18 +318,8 @@ impl Agent {
             ips: ips.clone(),
             mtu: self.cfg.pod_mtu,
         };
-        let built = match podnet::setup(&self.node, &spec).await {
-            Ok(b) => b,
-            Err(e) => {
-                self.release_addresses(&req.container_id, &req.ifname);
-                return Err(e.into());
-            }
-        };
-        if let Err(e) = self.dp.attach_pod_interface(&built.host_ifname) {
-            let _ = podnet::teardown(&self.node, &built.host_ifname, &ips).await;
-            self.release_addresses(&req.container_id, &req.ifname);
-            return Err(e.into());
-        }
+        let built = podnet::setup(&self.node, &spec).await?;
+        self.dp.attach_pod_interface(&built.host_ifname)?;
         let ep = LocalEndpoint {
             container_id: req.container_id,
             ifname: req.ifname,
@@ -294,37 +331,90 @@ impl Agent {
         };
         self.endpoints.insert(ep.clone())?;
         self.sync_endpoint_map()?;
-        info!(container = %ep.container_id, pod = ?ep.pod, ips = ?ep.ips, ifname = %ep.interface.host_ifname, "pod attached");
+        Ok(ep)
+    }
+
+    /// Whether `ep`'s interface is still the one ADD built (same host link, pod end and
+    /// addresses).
+    async fn is_intact(&self, ep: &LocalEndpoint) -> bool {
+        let spec = PodInterfaceSpec {
+            container_id: ep.container_id.clone(),
+            netns: ep.netns.clone(),
+            ifname: ep.ifname.clone(),
+            ips: ep.ips.clone(),
+            mtu: ep.mtu,
+        };
+        podnet::check(&self.node, &spec, &ep.interface)
+            .await
+            .is_ok()
+    }
+
+    /// A repeated ADD of an intact attachment: make sure its programs and map entries are
+    /// in place (the interface is, `is_intact` said so) and answer as the first ADD did.
+    async fn readd(&mut self, ep: LocalEndpoint) -> Result<Attached> {
+        // Swapping the program into the live links is what an agent restart does; the
+        // pod's traffic does not notice.
+        self.dp.attach_pod_interface(&ep.interface.host_ifname)?;
+        self.sync_endpoint_map()?;
+        info!(container = %ep.container_id, pod = ?ep.pod, "repeated ADD of an attached pod: same result");
         Ok(Attached {
             endpoint: ep,
             gateway: IpAddr::V4(podnet::GATEWAY_V4),
         })
     }
 
-    /// CNI DEL: undoes ADD. Succeeds for unknown attachments and vanished namespaces.
-    pub async fn del(&mut self, container_id: &str, ifname: &str) -> Result<()> {
-        if let Some(ep) = self.endpoints.get(container_id, ifname).cloned() {
-            self.dp.detach_pod_interface(&ep.interface.host_ifname)?;
-            podnet::teardown(&self.node, &ep.interface.host_ifname, &ep.ips).await?;
-            self.endpoints.remove(container_id, ifname)?;
-            self.sync_endpoint_map()?;
-            info!(container = %container_id, pod = ?ep.pod, "pod detached");
-        } else {
-            // An ADD that failed half-way may have left an interface behind.
-            let host = podnet::host_ifname(container_id, ifname);
-            self.dp.detach_pod_interface(&host)?;
-            podnet::teardown(&self.node, &host, &[]).await?;
-        }
-        if let Some(ipam) = &self.ipam {
-            ipam.release(container_id, ifname)?;
-        }
-        Ok(())
+    /// Removes everything an attachment may have on this node, whether or not ADD got as
+    /// far as recording it: pinned links, interface, host routes to `ips`, the endpoint
+    /// record and its map entries, and the addresses. Every step is tried even when one
+    /// fails (the first error is returned), so a failure leaves as little as possible.
+    async fn remove_attachment(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+        ips: &[IpAddr],
+    ) -> Result<()> {
+        let host = self.endpoints.get(container_id, ifname).map_or_else(
+            || podnet::host_ifname(container_id, ifname),
+            |ep| ep.interface.host_ifname.clone(),
+        );
+        let detached = self
+            .dp
+            .detach_pod_interface(&host)
+            .map_err(AgentError::from);
+        let torn_down = podnet::teardown(&self.node, &host, ips)
+            .await
+            .map(|_| ())
+            .map_err(AgentError::from);
+        let forgotten = self
+            .endpoints
+            .remove(container_id, ifname)
+            .map(|_| ())
+            .map_err(AgentError::from);
+        let synced = self.sync_endpoint_map();
+        let released = match &self.ipam {
+            Some(ipam) => ipam
+                .release(container_id, ifname)
+                .map(|_| ())
+                .map_err(AgentError::from),
+            None => Ok(()),
+        };
+        detached
+            .and(torn_down)
+            .and(forgotten)
+            .and(synced)
+            .and(released)
     }
 
-    fn release_addresses(&self, container_id: &str, ifname: &str) {
-        if let Some(ipam) = &self.ipam {
-            let _ = ipam.release(container_id, ifname);
+    /// CNI DEL: undoes ADD. Succeeds for unknown attachments (an ADD that failed half-way
+    /// is cleaned up all the same) and vanished namespaces.
+    pub async fn del(&mut self, container_id: &str, ifname: &str) -> Result<()> {
+        let known = self.endpoints.get(container_id, ifname).cloned();
+        let ips = known.as_ref().map(|ep| ep.ips.clone()).unwrap_or_default();
+        self.remove_attachment(container_id, ifname, &ips).await?;
+        if let Some(ep) = known {
+            info!(container = %container_id, pod = ?ep.pod, "pod detached");
         }
+        Ok(())
     }
 
     /// Whether the controller's state has been applied since this agent started.

@@ -10,9 +10,17 @@
 //! `.conflist` nor `.json`). A file that already has the wanted contents and mode is left
 //! alone, so running it again changes nothing.
 //!
-//! The configuration is CNI 1.1.0 with one plugin, `weir-cni`, which forwards every call to
-//! the agent on `agentSocket`. It can come from a file instead (a ConfigMap, to chain more
-//! plugins), which must be a configuration list that uses `weir-cni`.
+//! The configuration has one plugin, `weir-cni`, which forwards every call to the agent on
+//! `agentSocket`. It can come from a file instead (a ConfigMap, to chain more plugins),
+//! which must be a configuration list that uses `weir-cni`.
+//!
+//! Its `cniVersion` is [`CNI_VERSION`], 1.0.0, unless `--cni-version` says otherwise. The
+//! runtime's CNI library refuses a configuration newer than it knows, and only after the
+//! plugin has run: containerd 1.6 and 1.7 (libcni 1.1) fail every sandbox of a 1.1.0
+//! configuration with `unsupported CNI result version "1.1.0"`, after ADD has attached the
+//! pod. 1.0.0 is read by every runtime Kubernetes still supports; 1.1.0 adds `STATUS` and
+//! `GC`, which only runtimes with libcni 1.2 or newer (containerd 2.0) send. The plugin
+//! answers in whichever version the configuration names (see `weir_cni::spec::CniVersion`).
 
 use std::{
     fs,
@@ -23,6 +31,7 @@ use std::{
 
 use serde::Serialize;
 use serde_json::Value;
+use weir_cni::spec::CniVersion;
 
 /// File name of the plugin, the `type` in the configuration.
 pub const PLUGIN: &str = "weir-cni";
@@ -31,8 +40,9 @@ pub const PLUGIN: &str = "weir-cni";
 pub const CONFLIST: &str = "10-weir.conflist";
 /// The network's name in the configuration.
 pub const NETWORK_NAME: &str = "weir";
-/// The CNI version of the configuration.
-pub const CNI_VERSION: &str = "1.1.0";
+/// The CNI version of the configuration unless the installer is told another (see the
+/// module docs for why not the newest).
+pub const CNI_VERSION: CniVersion = CniVersion::V1_0_0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -44,6 +54,11 @@ pub enum InstallError {
     CurrentExe(io::Error),
     #[error("{}: not a CNI configuration list for weir: {reason}", path.display())]
     BadConflist { path: PathBuf, reason: String },
+    #[error("{}: {source}", path.display())]
+    UnsupportedVersion {
+        path: PathBuf,
+        source: weir_cni::spec::VersionError,
+    },
 }
 
 /// Where the network configuration comes from.
@@ -65,6 +80,9 @@ pub struct InstallCni {
     /// The node's CNI configuration directory.
     pub conf_dir: PathBuf,
     pub conflist: ConflistSource,
+    /// The `cniVersion` to install: of the generated configuration, or written over the
+    /// file's. `None`: [`CNI_VERSION`] for the generated one, the file's own for a file.
+    pub cni_version: Option<CniVersion>,
 }
 
 /// Whether a file had to be written.
@@ -79,6 +97,8 @@ pub enum Outcome {
 pub struct Installed {
     pub plugin: Outcome,
     pub conflist: Outcome,
+    /// The `cniVersion` of the installed configuration.
+    pub cni_version: CniVersion,
 }
 
 /// `weir-cni` in the directory of the running program (the image keeps all binaries in one
@@ -99,15 +119,15 @@ struct PluginEntry<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Conflist<'a> {
-    cni_version: &'a str,
+    cni_version: CniVersion,
     name: &'a str,
     plugins: [PluginEntry<'a>; 1],
 }
 
 /// weir's network configuration list (CNI spec section 1, "Network configuration format").
-pub fn conflist(agent_socket: &Path) -> String {
+pub fn conflist(agent_socket: &Path, cni_version: CniVersion) -> String {
     let list = Conflist {
-        cni_version: CNI_VERSION,
+        cni_version,
         name: NETWORK_NAME,
         plugins: [PluginEntry {
             plugin_type: PLUGIN,
@@ -119,17 +139,24 @@ pub fn conflist(agent_socket: &Path) -> String {
     text
 }
 
-/// Checks that `text` is a configuration list with a version, a name, and `weir-cni` among
-/// its plugins.
-fn check_conflist(path: &Path, text: &[u8]) -> Result<(), InstallError> {
+/// Checks that `text` is a configuration list with a version the plugin speaks, a name, and
+/// `weir-cni` among its plugins; returns it parsed, and its version.
+fn check_conflist(path: &Path, text: &[u8]) -> Result<(Value, CniVersion), InstallError> {
     let bad = |reason: &str| InstallError::BadConflist {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
     let list: Value = serde_json::from_slice(text).map_err(|e| bad(&e.to_string()))?;
-    if !list["cniVersion"].is_string() {
-        return Err(bad("no cniVersion"));
-    }
+    let version = list["cniVersion"]
+        .as_str()
+        .ok_or_else(|| bad("no cniVersion"))?;
+    let version =
+        version
+            .parse::<CniVersion>()
+            .map_err(|source| InstallError::UnsupportedVersion {
+                path: path.to_owned(),
+                source,
+            })?;
     if !list["name"].is_string() {
         return Err(bad("no name"));
     }
@@ -139,7 +166,7 @@ fn check_conflist(path: &Path, text: &[u8]) -> Result<(), InstallError> {
     if !plugins.iter().any(|p| p["type"] == PLUGIN) {
         return Err(bad(&format!("no plugin of type {PLUGIN}")));
     }
-    Ok(())
+    Ok((list, version))
 }
 
 /// Installs the plugin and the configuration. Idempotent.
@@ -148,21 +175,38 @@ pub fn install(spec: &InstallCni) -> Result<Installed, InstallError> {
         path: spec.plugin.clone(),
         source,
     })?;
-    let conflist_bytes = match &spec.conflist {
-        ConflistSource::Generated { agent_socket } => conflist(agent_socket).into_bytes(),
+    let (conflist_bytes, cni_version) = match &spec.conflist {
+        ConflistSource::Generated { agent_socket } => {
+            let version = spec.cni_version.unwrap_or(CNI_VERSION);
+            (conflist(agent_socket, version).into_bytes(), version)
+        }
         ConflistSource::File(path) => {
             let bytes = fs::read(path).map_err(|source| InstallError::Read {
                 path: path.clone(),
                 source,
             })?;
-            check_conflist(path, &bytes)?;
-            bytes
+            let (mut list, version) = check_conflist(path, &bytes)?;
+            match spec.cni_version {
+                // Keys come out sorted; the runtime reads the same configuration.
+                Some(wanted) if wanted != version => {
+                    list["cniVersion"] = wanted.as_str().into();
+                    let mut text =
+                        serde_json::to_string_pretty(&list).expect("parsed JSON serializes");
+                    text.push('\n');
+                    (text.into_bytes(), wanted)
+                }
+                _ => (bytes, version),
+            }
         }
     };
     // The configuration last: a runtime that finds it must find the plugin too.
     let plugin = replace_file(&spec.bin_dir, PLUGIN, &plugin_bytes, 0o755)?;
     let conflist = replace_file(&spec.conf_dir, CONFLIST, &conflist_bytes, 0o644)?;
-    Ok(Installed { plugin, conflist })
+    Ok(Installed {
+        plugin,
+        conflist,
+        cni_version,
+    })
 }
 
 /// Makes `dir/name` hold `contents` with permissions `mode`, atomically: the file is written
@@ -248,7 +292,19 @@ mod tests {
             bin_dir: n.bin.clone(),
             conf_dir: n.net_d.clone(),
             conflist,
+            cni_version: None,
         }
+    }
+
+    /// What the runtime hands the plugin from the installed list: the list's first plugin
+    /// entry plus the list's name and version (CNI spec section 3), as the plugin parses it.
+    fn derived_config(n: &Node) -> weir_cni::spec::PluginInput {
+        let list: Value =
+            serde_json::from_slice(&fs::read(n.net_d.join(CONFLIST)).unwrap()).unwrap();
+        let mut derived = list["plugins"][0].clone();
+        derived["name"] = list["name"].clone();
+        derived["cniVersion"] = list["cniVersion"].clone();
+        weir_cni::spec::PluginInput::parse(derived.to_string().as_bytes()).unwrap()
     }
 
     fn generated() -> ConflistSource {
@@ -277,7 +333,8 @@ mod tests {
             done,
             Installed {
                 plugin: Outcome::Written,
-                conflist: Outcome::Written
+                conflist: Outcome::Written,
+                cni_version: CniVersion::V1_0_0,
             }
         );
         assert_eq!(fs::read(n.bin.join(PLUGIN)).unwrap(), b"\x7fELF plugin v1");
@@ -285,14 +342,9 @@ mod tests {
         assert_eq!(mode(&n.net_d.join(CONFLIST)), 0o644);
         assert!(hidden_files(&n.bin).is_empty() && hidden_files(&n.net_d).is_empty());
 
-        // What the runtime hands the plugin: its entry plus the list's name and version.
-        let list: Value =
-            serde_json::from_slice(&fs::read(n.net_d.join(CONFLIST)).unwrap()).unwrap();
-        assert_eq!(list["cniVersion"], "1.1.0");
-        let mut derived = list["plugins"][0].clone();
-        derived["name"] = list["name"].clone();
-        derived["cniVersion"] = list["cniVersion"].clone();
-        let input = weir_cni::spec::PluginInput::parse(derived.to_string().as_bytes()).unwrap();
+        let input = derived_config(&n);
+        // Not 1.1.0: containerd 1.6 and 1.7 refuse every sandbox of a 1.1.0 configuration.
+        assert_eq!(input.config.cni_version, CniVersion::V1_0_0);
         assert_eq!(input.config.plugin_type, PLUGIN);
         assert_eq!(
             input.config.agent_socket,
@@ -310,7 +362,7 @@ mod tests {
             .expect("ConfigMap weir-cni-config");
         assert_eq!(
             shipped["data"][CONFLIST].as_str(),
-            Some(conflist(Path::new(weir_cni::spec::DEFAULT_AGENT_SOCKET)).as_str())
+            Some(conflist(Path::new(weir_cni::spec::DEFAULT_AGENT_SOCKET), CNI_VERSION).as_str())
         );
     }
 
@@ -324,7 +376,8 @@ mod tests {
             again,
             Installed {
                 plugin: Outcome::Unchanged,
-                conflist: Outcome::Unchanged
+                conflist: Outcome::Unchanged,
+                cni_version: CNI_VERSION,
             }
         );
         let after = fs::metadata(n.bin.join(PLUGIN)).unwrap();
@@ -391,6 +444,61 @@ mod tests {
             text,
             "a refused configuration replaces nothing"
         );
+    }
+
+    #[test]
+    fn the_installer_writes_the_cni_version_it_is_given() {
+        for version in [CniVersion::V0_4_0, CniVersion::V1_1_0] {
+            let n = node();
+            let mut wanted = spec(&n, generated());
+            wanted.cni_version = Some(version);
+            assert_eq!(install(&wanted).unwrap().cni_version, version);
+            assert_eq!(derived_config(&n).config.cni_version, version);
+        }
+    }
+
+    #[test]
+    fn a_cni_version_is_written_over_a_conflist_files_and_the_rest_is_kept() {
+        let n = node();
+        let source = n.net_d.parent().unwrap().join("from-configmap.conflist");
+        let text = "{\"cniVersion\":\"1.1.0\",\"name\":\"weir\",\"plugins\":[{\"type\":\"weir-cni\",\"agentSocket\":\"/run/x.sock\"},{\"type\":\"portmap\",\"capabilities\":{\"portMappings\":true}}]}";
+        fs::write(&source, text).unwrap();
+        let mut wanted = spec(&n, ConflistSource::File(source));
+        wanted.cni_version = Some(CniVersion::V0_4_0);
+        let done = install(&wanted).unwrap();
+        assert_eq!(done.cni_version, CniVersion::V0_4_0);
+
+        let installed: Value =
+            serde_json::from_slice(&fs::read(n.net_d.join(CONFLIST)).unwrap()).unwrap();
+        let mut expected: Value = serde_json::from_str(text).unwrap();
+        expected["cniVersion"] = "0.4.0".into();
+        assert_eq!(installed, expected);
+        assert_eq!(
+            install(&wanted).unwrap().conflist,
+            Outcome::Unchanged,
+            "a second run changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_conflist_file_in_a_version_the_plugin_does_not_speak_is_refused() {
+        for version in ["0.2.0", "1.2.0", "latest"] {
+            let n = node();
+            let source = n.net_d.parent().unwrap().join("from-configmap.conflist");
+            fs::write(
+                &source,
+                format!(
+                    "{{\"cniVersion\":\"{version}\",\"name\":\"weir\",\"plugins\":[{{\"type\":\"weir-cni\"}}]}}"
+                ),
+            )
+            .unwrap();
+            let err = install(&spec(&n, ConflistSource::File(source))).unwrap_err();
+            assert!(
+                matches!(err, InstallError::UnsupportedVersion { .. }),
+                "{version}: {err}"
+            );
+            assert!(!n.net_d.join(CONFLIST).exists(), "{version}");
+        }
     }
 
     #[test]

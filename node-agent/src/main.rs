@@ -55,6 +55,11 @@ struct InstallCniArgs {
     /// The agent's socket, in weir's own configuration.
     #[arg(long, default_value = weir_cni::spec::DEFAULT_AGENT_SOCKET)]
     agent_socket: PathBuf,
+    /// The configuration's cniVersion (0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0), written over the
+    /// one of --conflist-from's file too. The newest the node's container runtime reads:
+    /// 1.1.0 needs libcni 1.2 (containerd 2.0) [default: 1.0.0, or the file's].
+    #[arg(long, env = "WEIR_CNI_VERSION")]
+    cni_version: Option<weir_cni::spec::CniVersion>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -147,11 +152,13 @@ fn install_cni(args: InstallCniArgs) -> Result<()> {
                 agent_socket: args.agent_socket,
             },
         },
+        cni_version: args.cni_version,
     };
     let done = install_cni::install(&spec).context("installing the CNI plugin")?;
     info!(
         plugin = ?done.plugin,
         conflist = ?done.conflist,
+        cni_version = %done.cni_version,
         bin_dir = %spec.bin_dir.display(),
         conf_dir = %spec.conf_dir.display(),
         "CNI plugin installed"

@@ -90,8 +90,32 @@ enum Cmd {
     },
 }
 
+impl Cmd {
+    /// Whether the command builds weir (the agent's build script needs the eBPF toolchain)
+    /// or runs a local cluster (bpffs, iproute2): then `setup` runs first, as on a fresh
+    /// machine nothing else would install what it needs.
+    fn needs_setup(&self) -> bool {
+        match self {
+            Cmd::Build
+            | Cmd::Up { .. }
+            | Cmd::Demo { .. }
+            | Cmd::Conformance { .. }
+            | Cmd::Test
+            | Cmd::Image(_)
+            | Cmd::E2eKind(_)
+            | Cmd::Bench(_) => true,
+            // `setup` is itself; `down` must work on a machine whatever state it is in;
+            // `bench-child` runs under `bench`, which has set up.
+            Cmd::Setup | Cmd::Down { .. } | Cmd::BenchChild { .. } => false,
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.command.needs_setup() {
+        setup::run()?;
+    }
     match cli.command {
         Cmd::Setup => setup::run(),
         Cmd::Build => build().map(|_| ()),
@@ -101,7 +125,6 @@ fn main() -> Result<()> {
             pods_per_node,
         } => up(nodes, topology, pods_per_node),
         Cmd::Demo { nodes, topology } => {
-            setup::run()?;
             let bin = build()?;
             runtime().block_on(demo::run(bin, nodes, topology))
         }
@@ -255,7 +278,6 @@ fn down(run: Option<String>) -> Result<()> {
 }
 
 fn test() -> Result<()> {
-    setup::run()?;
     let bin = build()?;
     // One test run for the whole workspace: unit, property, kernel (BPF_PROG_TEST_RUN) and
     // end-to-end tests. The e2e tests find the binaries through WEIR_BIN_DIR.
