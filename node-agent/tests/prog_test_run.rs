@@ -5,7 +5,6 @@ mod support;
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use ipnet::IpNet;
 use support::packet::{self, TCP_ACK, TCP_SYN};
 use weir_agent::{dataplane::Dataplane, maps::DataplaneMaps};
@@ -105,18 +104,7 @@ impl Node {
 
     /// Runs `program` on `frame` as if it arrived on `ifindex`.
     fn run(&mut self, program: &'static str, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        // struct __sk_buff up to and including `ifindex` (offset 40).
-        let mut ctx = [0u8; 44];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 64];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.ctx_in = Some(&ctx);
-        let prog = self.dp.program(program).unwrap();
-        let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(res.data_size_out as usize);
-        (res.return_value, out)
+        support::test_run(&mut self.dp, program, ifindex, frame)
     }
 
     fn sent_by_a(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {

@@ -25,3 +25,26 @@ pub fn dummy_interface(name: &str) -> u32 {
     assert!(status.success(), "ip link add {name} failed");
     nix::net::if_::if_nametoindex(name).expect("if_nametoindex")
 }
+
+/// Runs `program` on `frame` through `BPF_PROG_TEST_RUN` as if it arrived on `ifindex`;
+/// returns the program's verdict and the frame as it left.
+pub fn test_run(
+    dp: &mut weir_agent::dataplane::Dataplane,
+    program: &'static str,
+    ifindex: u32,
+    frame: &[u8],
+) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    // struct __sk_buff up to and including `ifindex` (offset 40).
+    let mut ctx = [0u8; 44];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx);
+    let prog = dp.program(program).unwrap();
+    let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}
