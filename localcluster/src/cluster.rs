@@ -154,6 +154,9 @@ pub struct LocalCluster {
     controller: Option<Controller>,
     ca: Option<ClusterCa>,
     segments: Vec<Segment>,
+    external: Option<ExternalHost>,
+    /// Router namespace (routed topology).
+    router: Option<Netns>,
     sync_token: u64,
     nodes: Vec<Node>,
     pods: BTreeMap<(String, String), Pod>,
@@ -172,6 +175,22 @@ fn issue_node_certificate(ca: &ClusterCa, node: &Node) -> Result<()> {
         .write(&dir.join("tls.crt"), &dir.join("tls.key"))?;
     Ok(())
 }
+
+/// A host outside the cluster: neither a node nor a pod, reachable only through the nodes
+/// (it has no route to pod addresses), the way an internet server is. Conformance runs serve
+/// the model's ports there (`external` destinations).
+#[derive(Clone, Debug)]
+pub struct ExternalHost {
+    pub netns: Netns,
+    pub ip: Ipv4Addr,
+}
+
+/// The external host's address: in TEST-NET-3 (RFC 5737), which is never routed anywhere,
+/// so nothing sent to it can leave the machine even by mistake.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The router's address on the external host's segment (routed topology).
+const EXTERNAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const EXTERNAL_NET: &str = "203.0.113.0/24";
 
 /// One L2 segment of the fabric: a bridge in its own namespace.
 struct Segment {
@@ -221,6 +240,8 @@ impl LocalCluster {
             controller: None,
             ca: None,
             segments: Vec::new(),
+            external: None,
+            router: None,
             sync_token: 0,
             nodes: Vec::new(),
             pods: BTreeMap::new(),
@@ -256,6 +277,11 @@ impl LocalCluster {
 
     pub fn controller(&self) -> Option<&Controller> {
         self.controller.as_ref()
+    }
+
+    /// The host outside the cluster.
+    pub fn external(&self) -> Option<&ExternalHost> {
+        self.external.as_ref()
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -326,11 +352,51 @@ impl LocalCluster {
                     Ipv4Addr::new(172, 30, 1, 2),
                     Some(Ipv4Addr::new(172, 30, 1, 1)),
                 )?;
+                self.router = Some(rtr);
             }
         }
+        self.add_external_host()?;
         for i in 1..=self.opts.nodes {
             self.add_node_netns(i)?;
         }
+        Ok(())
+    }
+
+    /// The external host: on the nodes' segment (l2) or behind the router (routed), with
+    /// routes to the node addresses only.
+    fn add_external_host(&mut self) -> Result<()> {
+        let ext = self.new_netns(&self.ns_name("ext"))?;
+        match &self.router {
+            Some(rtr) => {
+                netns::veth(rtr, "eth-ext", &ext, "eth0")?;
+                rtr.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{EXTERNAL_GATEWAY}/24"),
+                    "dev",
+                    "eth-ext",
+                ])?;
+                ext.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+                ext.ip(&[
+                    "route",
+                    "add",
+                    "172.30.0.0/16",
+                    "via",
+                    &EXTERNAL_GATEWAY.to_string(),
+                ])?;
+            }
+            None => {
+                let sw = self.segments[0].switch.clone();
+                netns::veth(&ext, "eth0", &sw, "ext")?;
+                sw.ip(&["link", "set", "ext", "master", "br0"])?;
+                ext.ip(&["addr", "add", &format!("{EXTERNAL_IP}/24"), "dev", "eth0"])?;
+                ext.ip(&["route", "add", "172.30.0.0/16", "dev", "eth0"])?;
+            }
+        }
+        self.external = Some(ExternalHost {
+            netns: ext,
+            ip: EXTERNAL_IP,
+        });
         Ok(())
     }
 
@@ -701,8 +767,13 @@ impl LocalCluster {
         sw.ip(&["link", "set", &port, "master", "br0"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         if let Some(gw) = gateway {
-            // The router is the nodes' only way to the other subnet; it has no way out.
+            // The router is the nodes' only way to the other subnet and to the external
+            // host; it has no way out.
             ns.ip(&["route", "add", "172.30.0.0/16", "via", &gw.to_string()])?;
+            ns.ip(&["route", "add", EXTERNAL_NET, "via", &gw.to_string()])?;
+        } else {
+            // The external host shares the nodes' segment.
+            ns.ip(&["route", "add", EXTERNAL_NET, "dev", "eth0"])?;
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;

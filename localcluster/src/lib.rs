@@ -7,4 +7,6 @@ pub mod conformance;
 pub mod netns;
 pub mod record;
 
-pub use cluster::{ClusterOptions, LocalCluster, Node, Pod, PodSpec, Topology};
+pub use cluster::{
+    ClusterOptions, EXTERNAL_IP, ExternalHost, LocalCluster, Node, Pod, PodSpec, Topology,
+};

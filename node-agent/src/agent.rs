@@ -16,6 +16,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, PinLayout},
     endpoints::{EndpointStore, EndpointStoreError, LocalEndpoint},
     maps::{DataplaneMaps, MapsError},
+    masquerade::{self, MasqueradeConfig, MasqueradeError, MasqueradePlan},
     netlink::{Netlink, NetlinkError},
     podnet::{self, PodInterfaceSpec},
     routing::{self, RoutingMode, TUNNEL_IFNAME, Uplink, VNI, VXLAN_PORT},
@@ -39,6 +40,8 @@ pub struct AgentConfig {
     pub pod_mtu: u32,
     /// Sample one in N new flows into flow events (0: none).
     pub flow_sample_rate: u32,
+    /// Masquerading of pod traffic that leaves the cluster.
+    pub masquerade: MasqueradeConfig,
 }
 
 #[derive(Debug, Error)]
@@ -51,6 +54,8 @@ pub enum AgentError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Endpoints(#[from] EndpointStoreError),
+    #[error(transparent)]
+    Masquerade(#[from] MasqueradeError),
     #[error(transparent)]
     Ipam(#[from] weir_ipam::IpamError),
     #[error("creating state directory {path}")]
@@ -106,6 +111,8 @@ pub struct Agent {
     policy_applied: tokio::sync::watch::Sender<u64>,
     /// Pods whose ADD gave up waiting for their policies (they started unisolated).
     pods_started_before_policy: u64,
+    /// The masquerade table as last written (None: not written by this agent yet).
+    masquerade: Option<MasqueradePlan>,
 }
 
 impl Agent {
@@ -184,7 +191,12 @@ impl Agent {
             have_controller_state: false,
             policy_applied: tokio::sync::watch::Sender::new(0),
             pods_started_before_policy: 0,
+            masquerade: None,
         };
+        if !agent.cfg.masquerade.enabled {
+            // Turning masquerade off removes what an earlier agent programmed.
+            masquerade::remove()?;
+        }
         agent.readopt().await?;
         agent.refresh_host_addrs().await?;
         // Every link this agent knows is ours now; what another version pinned besides is
@@ -545,6 +557,7 @@ impl Agent {
         );
         self.maps.sync_routes(&plan.map)?;
         routing::apply_kernel_routes(&self.node, &plan).await?;
+        self.apply_masquerade(state)?;
         if self.cfg.pod_cidrs.is_empty() && !plan.own_cidrs.is_empty() {
             let current = self.ipam.as_ref().map(|i| i.pools());
             if current.as_ref() != Some(&plan.own_cidrs) {
@@ -568,6 +581,22 @@ impl Agent {
                 }
                 info!(pod_cidrs = ?plan.own_cidrs, "pod CIDR assigned by the controller");
             }
+        }
+        Ok(())
+    }
+
+    /// Keeps the masquerade table in step with the cluster's pod CIDRs and node addresses.
+    /// The table stays when the agent exits, like the pinned programs: pods keep reaching the
+    /// outside while no agent runs, and the next agent replaces it whole.
+    fn apply_masquerade(&mut self, state: &NodeState) -> Result<()> {
+        if !self.cfg.masquerade.enabled {
+            return Ok(());
+        }
+        let plan = masquerade::plan(&state.routes, &self.cfg.node_name, &self.cfg.masquerade);
+        if self.masquerade.as_ref() != Some(&plan) {
+            masquerade::apply(&plan)?;
+            info!(sources = ?plan.sources, exempt = plan.exempt.len(), "masquerade table written");
+            self.masquerade = Some(plan);
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod http;
 pub mod install_cni;
 pub mod maps;
+pub mod masquerade;
 pub mod netlink;
 pub mod observe;
 pub mod podnet;

@@ -120,6 +120,18 @@ struct Args {
     /// Report one in N new flows as a flow event (0: only drops).
     #[arg(long, default_value_t = 0)]
     flow_sample_rate: u32,
+    /// Give pod traffic to destinations outside the cluster's pod CIDRs and node addresses
+    /// the node's address (kernel masquerade), so that the outside can answer it.
+    #[arg(long, env = "WEIR_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    masquerade: bool,
+    /// Destinations pod traffic keeps its pod address towards, besides the cluster's own
+    /// ranges (comma-separated CIDRs, like ip-masq-agent's nonMasqueradeCIDRs).
+    #[arg(
+        long = "non-masquerade-cidr",
+        env = "WEIR_NON_MASQUERADE_CIDRS",
+        value_delimiter = ','
+    )]
+    non_masquerade_cidrs: Vec<IpNet>,
 }
 
 #[tokio::main]
@@ -184,6 +196,10 @@ async fn run(args: Args) -> Result<()> {
         uplink: args.uplink.clone(),
         pod_mtu: args.pod_mtu,
         flow_sample_rate: args.flow_sample_rate,
+        masquerade: weir_agent::masquerade::MasqueradeConfig {
+            enabled: args.masquerade,
+            non_masquerade_cidrs: args.non_masquerade_cidrs.clone(),
+        },
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(

@@ -251,6 +251,13 @@ fn up(nodes: usize, topology: Topology, pods_per_node: usize) -> Result<()> {
                 pod.netns.name()
             );
         }
+        if let Some(ext) = cluster.external() {
+            println!(
+                "  external host          ip {:<14} namespace {} (outside the cluster, reached through the nodes)",
+                ext.ip,
+                ext.netns.name()
+            );
+        }
         println!("State, logs and manifests: {}", cluster.dir().display());
         println!("Try: ip netns exec <pod namespace> ping <pod ip>. Tear down: cargo xtask down");
         cluster.detach();
