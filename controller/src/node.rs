@@ -151,6 +151,8 @@ impl<'a> View<'a> {
                 })
                 .collect(),
             routes: Default::default(),
+            // Filled in with the routes, where the whole cluster is known.
+            services: Default::default(),
         }
     }
 
