@@ -8,7 +8,8 @@ use crate::ip::IpKey;
 pub enum DropReason {
     /// Packet too short or malformed headers.
     Malformed = 1,
-    /// Source address or MAC is not the pod's own.
+    /// Source address or MAC is not the pod's own, or a packet from the network claims one
+    /// of this node's addresses or a local pod's.
     Spoofed = 2,
     /// Denied by the source pod's egress policy.
     PolicyEgress = 3,
@@ -22,12 +23,14 @@ pub enum DropReason {
     RedirectFailed = 7,
     /// No route to the destination node.
     NoRoute = 8,
+    /// A VXLAN packet whose outer source is not another node.
+    UnknownTunnelPeer = 9,
 }
 
 impl DropReason {
     /// Size of the `DROPS` array (reasons are 1-based; slot 0 stays unused).
-    pub const COUNT: u32 = 9;
-    pub const ALL: [DropReason; 8] = [
+    pub const COUNT: u32 = 10;
+    pub const ALL: [DropReason; 9] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::PolicyEgress,
@@ -36,6 +39,7 @@ impl DropReason {
         DropReason::UnsupportedL3,
         DropReason::RedirectFailed,
         DropReason::NoRoute,
+        DropReason::UnknownTunnelPeer,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -48,6 +52,7 @@ impl DropReason {
             DropReason::UnsupportedL3 => "unsupported_l3",
             DropReason::RedirectFailed => "redirect_failed",
             DropReason::NoRoute => "no_route",
+            DropReason::UnknownTunnelPeer => "unknown_tunnel_peer",
         }
     }
 
@@ -61,6 +66,7 @@ impl DropReason {
             6 => Some(DropReason::UnsupportedL3),
             7 => Some(DropReason::RedirectFailed),
             8 => Some(DropReason::NoRoute),
+            9 => Some(DropReason::UnknownTunnelPeer),
             _ => None,
         }
     }

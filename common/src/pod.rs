@@ -7,7 +7,7 @@ use crate::{
     event::FlowEvent,
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
-    route::RouteEntry,
+    route::{RouteEntry, TunnelPeer},
 };
 
 // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and spell out
@@ -15,6 +15,7 @@ use crate::{
 unsafe impl aya::Pod for IpKey {}
 unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for HostAddr {}
+unsafe impl aya::Pod for TunnelPeer {}
 unsafe impl aya::Pod for PeerClass {}
 unsafe impl aya::Pod for VerdictKey {}
 unsafe impl aya::Pod for Verdict {}

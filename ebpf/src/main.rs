@@ -1,5 +1,5 @@
 //! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
-//! `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `forward`, `route`, `arp`,
+//! `from_tunnel`, `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `forward`, `route`, `arp`,
 //! `events`), maps in `maps`.
 #![no_std]
 #![no_main]
@@ -10,6 +10,7 @@ mod events;
 mod forward;
 mod from_network;
 mod from_pod;
+mod from_tunnel;
 mod maps;
 mod parse;
 mod policy;
@@ -32,6 +33,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_network(ctx: TcContext) -> i32 {
     from_network::run(&ctx)
+}
+
+#[classifier]
+pub fn from_tunnel(ctx: TcContext) -> i32 {
+    from_tunnel::run(&ctx)
 }
 
 #[classifier]
