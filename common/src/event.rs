@@ -8,7 +8,8 @@ use crate::ip::IpKey;
 pub enum DropReason {
     /// Packet too short or malformed headers.
     Malformed = 1,
-    /// Source address or MAC is not the pod's own.
+    /// Source address or MAC is not the pod's own, or a packet from the network claims one
+    /// of this node's addresses or a local pod's.
     Spoofed = 2,
     /// Denied by the source pod's egress policy.
     PolicyEgress = 3,
@@ -27,12 +28,14 @@ pub enum DropReason {
     /// A packet of a translated Service flow whose translation is gone (evicted, or the
     /// backend was removed).
     ServiceNatLost = 10,
+    /// A VXLAN packet whose outer source is not another node.
+    UnknownTunnelPeer = 11,
 }
 
 impl DropReason {
     /// Size of the `DROPS` array (reasons are 1-based; slot 0 stays unused).
-    pub const COUNT: u32 = 11;
-    pub const ALL: [DropReason; 10] = [
+    pub const COUNT: u32 = 12;
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::PolicyEgress,
@@ -43,6 +46,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::NoBackend,
         DropReason::ServiceNatLost,
+        DropReason::UnknownTunnelPeer,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -57,6 +61,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::NoBackend => "service_no_backend",
             DropReason::ServiceNatLost => "service_nat_lost",
+            DropReason::UnknownTunnelPeer => "unknown_tunnel_peer",
         }
     }
 
@@ -72,6 +77,7 @@ impl DropReason {
             8 => Some(DropReason::NoRoute),
             9 => Some(DropReason::NoBackend),
             10 => Some(DropReason::ServiceNatLost),
+            11 => Some(DropReason::UnknownTunnelPeer),
             _ => None,
         }
     }

@@ -24,7 +24,8 @@ mod pod;
 /// layout never reuses maps pinned by another one.
 ///
 /// 2: `RULE_HITS` and `POLICY_DROPS` became per-CPU arrays indexed by id (were per-CPU hashes).
-/// 3: `SERVICES` and `SERVICE_NAT` (Service load balancing); `DROPS` has more reasons.
+/// 3: `SERVICES` and `SERVICE_NAT` (Service load balancing); `DROPS` has more reasons;
+///    `HOST_ADDRS` holds 65,536 addresses (was 256); new map `TUNNEL_PEERS`.
 pub const ABI_VERSION: u32 = 3;
 
 /// Names of the maps, shared by the programs and the loader.
@@ -45,6 +46,7 @@ pub mod maps {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const SERVICES: &str = "SERVICES";
     pub const SERVICE_NAT: &str = "SERVICE_NAT";
+    pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
@@ -64,6 +66,7 @@ pub mod maps {
         FRAGMENTS,
         SERVICES,
         SERVICE_NAT,
+        TUNNEL_PEERS,
     ];
 }
 
@@ -73,8 +76,10 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress of a pod's host-side veth: traffic the host stack delivers to the pod.
     pub const TO_POD: &str = "to_pod";
-    /// TC ingress of the node's uplink and of the tunnel device: delivery to local pods.
+    /// TC ingress of the node's uplink: delivery to local pods.
     pub const FROM_NETWORK: &str = "from_network";
+    /// TC ingress of the tunnel device: only other nodes' packets, then as `from_network`.
+    pub const FROM_TUNNEL: &str = "from_tunnel";
     /// TC egress of the tunnel device: picks the remote node to encapsulate towards.
     pub const TO_TUNNEL: &str = "to_tunnel";
 }
@@ -97,7 +102,11 @@ pub mod capacity {
     pub const PEER_HOSTS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
     pub const ROUTES: u32 = 16_384;
-    pub const HOST_ADDRS: u32 = 256;
+    /// Room for kube-proxy's IPVS mode, which binds every ClusterIP to the node. Addresses
+    /// beyond it are left out (and counted) rather than failing the agent.
+    pub const HOST_ADDRS: u32 = 65_536;
+    /// Other nodes' addresses; a node has at least one pod CIDR, so no more than `ROUTES`.
+    pub const TUNNEL_PEERS: u32 = ROUTES;
     /// Rule ids are per node, dense from 1: one slot per rule the node's pods use.
     pub const RULE_HITS: u32 = 65_536;
     /// Rule-set ids are per node, dense from 1.

@@ -7,7 +7,7 @@ use crate::{
     event::FlowEvent,
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
-    route::RouteEntry,
+    route::{RouteEntry, TunnelPeer},
     service::{NatEntry, ServiceKey, ServiceValue},
 };
 
@@ -16,6 +16,7 @@ use crate::{
 unsafe impl aya::Pod for IpKey {}
 unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for HostAddr {}
+unsafe impl aya::Pod for TunnelPeer {}
 unsafe impl aya::Pod for PeerClass {}
 unsafe impl aya::Pod for VerdictKey {}
 unsafe impl aya::Pod for Verdict {}

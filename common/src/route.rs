@@ -38,3 +38,17 @@ impl RouteEntry {
         self.ifindex
     }
 }
+
+/// Value of the `TUNNEL_PEERS` hash map (key: the [`IpKey`] of another node). Encapsulated
+/// packets are accepted only from these addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TunnelPeer {
+    flags: u32,
+}
+
+impl TunnelPeer {
+    pub const fn new() -> Self {
+        Self { flags: 0 }
+    }
+}

@@ -1,6 +1,6 @@
 //! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
-//! `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `nat`, `forward`, `route`,
-//! `arp`, `events`), maps in `maps`.
+//! `from_tunnel`, `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `nat`,
+//! `forward`, `route`, `arp`, `events`), maps in `maps`.
 #![no_std]
 #![no_main]
 
@@ -10,6 +10,7 @@ mod events;
 mod forward;
 mod from_network;
 mod from_pod;
+mod from_tunnel;
 mod maps;
 mod nat;
 mod parse;
@@ -33,6 +34,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_network(ctx: TcContext) -> i32 {
     from_network::run(&ctx)
+}
+
+#[classifier]
+pub fn from_tunnel(ctx: TcContext) -> i32 {
+    from_tunnel::run(&ctx)
 }
 
 #[classifier]

@@ -2,6 +2,7 @@
 //! agent (hitless restarts and upgrades); tests load them unpinned.
 
 use aya_ebpf::{
+    bindings::bpf_tunnel_key,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -13,7 +14,7 @@ use weir_common::{
     event::DropReason,
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
-    route::RouteEntry,
+    route::{RouteEntry, TunnelPeer},
     service::{NatEntry, ServiceKey, ServiceValue},
 };
 
@@ -66,6 +67,11 @@ pub static SERVICE_NAT: LruHashMap<CtKey, NatEntry> =
 #[map]
 pub static ROUTES: LpmTrie<IpKey, RouteEntry> = LpmTrie::with_max_entries(capacity::ROUTES, 0);
 
+/// The other nodes' addresses: the only outer sources the tunnel accepts.
+#[map]
+pub static TUNNEL_PEERS: HashMap<IpKey, TunnelPeer> =
+    HashMap::with_max_entries(capacity::TUNNEL_PEERS, 0);
+
 #[map]
 pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
@@ -87,6 +93,10 @@ pub static POLICY_DROPS: PerCpuArray<u64> =
 /// holds nothing between packets).
 #[map]
 pub static SCRATCH_KEYS: PerCpuArray<CtKey> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per-CPU room for the tunnel metadata of a decapsulated packet (not pinned either).
+#[map]
+pub static SCRATCH_TUNNEL_KEY: PerCpuArray<bpf_tunnel_key> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);

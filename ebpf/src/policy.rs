@@ -63,7 +63,10 @@ fn check(policy: u32, peer: &IpKey, proto: u8, port: u16) -> Result<u32, u32> {
 /// Decides a new flow (or re-decides an established one after a policy change), given as
 /// the key of its first packet: the source's egress policy if the source is a local pod,
 /// then the destination's ingress policy if the destination is a local pod. Traffic from
-/// this node's own addresses to its pods is always allowed (kubelet probes).
+/// this node's own addresses to its pods is always allowed (kubelet probes). That exemption
+/// is keyed on the source address, so it relies on `from_network` dropping every packet from
+/// the network that claims one of those addresses: the only packets reaching here with such
+/// a source are the host stack's own (through `to_pod`, and their replies).
 #[inline(always)]
 pub fn admit(
     flow: &CtKey,

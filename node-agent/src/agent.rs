@@ -113,6 +113,8 @@ pub struct Agent {
     pods_started_before_policy: u64,
     /// The masquerade table as last written (None: not written by this agent yet).
     masquerade: Option<MasqueradePlan>,
+    /// Node addresses left out of `HOST_ADDRS` for lack of room.
+    host_addrs_left_out: usize,
 }
 
 impl Agent {
@@ -192,6 +194,7 @@ impl Agent {
             policy_applied: tokio::sync::watch::Sender::new(0),
             pods_started_before_policy: 0,
             masquerade: None,
+            host_addrs_left_out: 0,
         };
         if !agent.cfg.masquerade.enabled {
             // Turning masquerade off removes what an earlier agent programmed.
@@ -245,16 +248,36 @@ impl Agent {
         self.sync_endpoint_map()
     }
 
-    /// Addresses of this node, for "traffic from the node to its pods is always allowed".
+    /// Addresses of this node, for "traffic from the node to its pods is always allowed". The
+    /// uplink's come first, then by interface: if there are more than the map holds (IPVS
+    /// binds every ClusterIP to the node), the ones kubelet probes come from are kept.
     pub async fn refresh_host_addrs(&mut self) -> Result<()> {
-        let mut addrs: Vec<IpAddr> = Vec::new();
+        let mut addrs: Vec<IpAddr> = self.uplink.subnets.iter().map(|n| n.addr()).collect();
         for link in self.node.link_indices().await? {
             for net in self.node.addresses(link).await? {
                 addrs.push(net.addr());
             }
         }
-        self.maps.sync_host_addrs(&addrs)?;
+        let left_out = self.maps.sync_host_addrs(&addrs)?;
+        if left_out != self.host_addrs_left_out {
+            if left_out > 0 {
+                warn!(
+                    left_out,
+                    capacity = weir_common::capacity::HOST_ADDRS,
+                    "more node addresses than the dataplane holds: traffic from the ones left \
+                     out to local pods is subject to policy"
+                );
+            } else {
+                info!("every node address fits in the dataplane again");
+            }
+            self.host_addrs_left_out = left_out;
+        }
         Ok(())
+    }
+
+    /// Node addresses that did not fit in the dataplane at the last refresh.
+    pub fn host_addrs_left_out(&self) -> usize {
+        self.host_addrs_left_out
     }
 
     /// CNI ADD: address, interface, programs, map entries.
@@ -555,6 +578,7 @@ impl Agent {
             self.tunnel_ifindex,
             self.cfg.routing_mode,
         );
+        self.maps.sync_tunnel_peers(&plan.tunnel_peers)?;
         self.maps.sync_routes(&plan.map)?;
         routing::apply_kernel_routes(&self.node, &plan).await?;
         self.apply_masquerade(state)?;

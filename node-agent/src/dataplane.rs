@@ -222,6 +222,7 @@ impl Dataplane {
             programs::FROM_POD,
             programs::TO_POD,
             programs::FROM_NETWORK,
+            programs::FROM_TUNNEL,
             programs::TO_TUNNEL,
         ] {
             let prog = classifier(&mut ebpf, name)?;
@@ -279,10 +280,10 @@ impl Dataplane {
         self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)
     }
 
-    /// Attaches the tunnel programs to the VXLAN device: `from_network` on ingress (decapsulated
-    /// traffic for local pods), `to_tunnel` on egress (picks the remote node).
+    /// Attaches the tunnel programs to the VXLAN device: `from_tunnel` on ingress (decapsulated
+    /// traffic from other nodes only), `to_tunnel` on egress (picks the remote node).
     pub fn attach_tunnel(&mut self, ifname: &str) -> Result<()> {
-        self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)?;
+        self.attach(ifname, programs::FROM_TUNNEL, TcAttachType::Ingress)?;
         self.attach(ifname, programs::TO_TUNNEL, TcAttachType::Egress)
     }
 

@@ -76,6 +76,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             s.flows.total(),
         );
         snapshot.pods_started_before_policy = agent.pods_started_before_policy();
+        snapshot.host_addrs_left_out = agent.host_addrs_left_out();
         snapshot
     };
     (

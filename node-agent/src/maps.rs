@@ -2,7 +2,7 @@
 //! [`NodeState`] into map entries.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
     path::Path,
 };
@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use thiserror::Error;
 use weir_api::{Action, NodeState, NodeStateDiff, VerdictEntry, VerdictMatch};
 use weir_common::{
+    capacity,
     config::NodeConfig,
     conntrack::{CtEntry, CtKey},
     endpoint::{EndpointInfo, HostAddr},
@@ -22,7 +23,7 @@ use weir_common::{
     ip::{IpKey, trie_prefix_len},
     maps as names,
     policy::{PeerClass, Verdict, VerdictKey},
-    route::RouteEntry,
+    route::{RouteEntry, TunnelPeer},
     service::{NatEntry, ServiceKey, ServiceValue},
 };
 
@@ -96,6 +97,7 @@ pub struct DataplaneMaps {
     pub verdicts_exact: HashMap<MapData, VerdictKey, Verdict>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub routes: LpmTrie<MapData, IpKey, RouteEntry>,
+    pub tunnel_peers: HashMap<MapData, IpKey, TunnelPeer>,
     pub config: Array<MapData, NodeConfig>,
     pub drops: PerCpuArray<MapData, u64>,
     /// Admitted flows per rule id.
@@ -127,6 +129,7 @@ impl DataplaneMaps {
             verdicts_exact: take!(dp, names::VERDICTS_EXACT),
             conntrack: take!(dp, names::CONNTRACK),
             routes: take!(dp, names::ROUTES),
+            tunnel_peers: take!(dp, names::TUNNEL_PEERS),
             config: take!(dp, names::NODE_CONFIG),
             drops: take!(dp, names::DROPS),
             rule_hits: take!(dp, names::RULE_HITS),
@@ -170,14 +173,61 @@ impl DataplaneMaps {
         Ok(())
     }
 
-    pub fn sync_host_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
-        let desired: Vec<IpKey> = addrs.iter().map(|a| IpKey::from(*a)).collect();
-        for k in &desired {
-            self.host_addrs
-                .insert(k, HostAddr::new(), 0)
-                .map_err(map_err(names::HOST_ADDRS, format!("writing {k}")))?;
+    /// Makes the map hold `addrs` (in priority order: when there are more than it holds, the
+    /// first ones are kept). Returns how many were left out: those get no node-to-pod
+    /// exemption, which only makes their traffic subject to policy, so a full map is a
+    /// degradation to report, never a reason to stop.
+    pub fn sync_host_addrs(&mut self, addrs: &[IpAddr]) -> Result<usize> {
+        let mut desired: Vec<IpKey> = Vec::with_capacity(addrs.len());
+        let mut seen = HashSet::new();
+        for a in addrs {
+            let k = IpKey::from(*a);
+            if seen.insert(k) {
+                desired.push(k);
+            }
         }
-        remove_hash_keys(&mut self.host_addrs, |k| !desired.contains(k));
+        let fits: HashSet<IpKey> = desired
+            .iter()
+            .take(capacity::HOST_ADDRS as usize)
+            .copied()
+            .collect();
+        // Strays first, so they never take the room of a wanted address.
+        remove_hash_keys(&mut self.host_addrs, |k| !fits.contains(k));
+        let present: HashSet<IpKey> = self.host_addrs.keys().filter_map(|k| k.ok()).collect();
+        let mut left_out = 0;
+        for k in &desired {
+            if present.contains(k) {
+                continue;
+            }
+            if !fits.contains(k) {
+                left_out += 1;
+                continue;
+            }
+            match self.host_addrs.insert(k, HostAddr::new(), 0) {
+                Ok(()) => {}
+                // Full after all (another writer): the same degradation.
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    left_out += 1;
+                }
+                Err(e) => {
+                    return Err(map_err(names::HOST_ADDRS, format!("writing {k}"))(e));
+                }
+            }
+        }
+        Ok(left_out)
+    }
+
+    /// Makes the map hold exactly `peers`: the other nodes, whose encapsulated packets the
+    /// tunnel accepts.
+    pub fn sync_tunnel_peers(&mut self, peers: &BTreeSet<IpKey>) -> Result<()> {
+        for k in peers {
+            self.tunnel_peers
+                .insert(k, TunnelPeer::new(), 0)
+                .map_err(map_err(names::TUNNEL_PEERS, format!("writing {k}")))?;
+        }
+        remove_hash_keys(&mut self.tunnel_peers, |k| !peers.contains(k));
         Ok(())
     }
 
@@ -352,6 +402,14 @@ impl DataplaneMaps {
             carry!(names::PEER_CLASSES, copy_trie, &mut self.peer_classes),
             carry!(names::VERDICTS, copy_trie, &mut self.verdicts),
             carry!(names::ROUTES, copy_trie, &mut self.routes),
+            // Versions before the tunnel checked its senders have no such map: the nodes are
+            // the ones the carried-over routes lead to.
+            (
+                names::TUNNEL_PEERS,
+                open(names::TUNNEL_PEERS)
+                    .and_then(|m| copy_hash(m, &mut self.tunnel_peers))
+                    .or_else(|_| self.tunnel_peers_from_routes()),
+            ),
             (
                 names::NODE_CONFIG,
                 open(names::NODE_CONFIG).and_then(|m| {
@@ -363,6 +421,18 @@ impl DataplaneMaps {
                 }),
             ),
         ]
+    }
+
+    /// Fills `TUNNEL_PEERS` with the nodes the `ROUTES` map leads to.
+    fn tunnel_peers_from_routes(&mut self) -> Result<usize, String> {
+        let peers: BTreeSet<IpKey> = self
+            .routes
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, route)| *route.node_ip())
+            .collect();
+        self.sync_tunnel_peers(&peers).map_err(|e| e.to_string())?;
+        Ok(peers.len())
     }
 
     /// Per-reason drop counters, summed over CPUs.

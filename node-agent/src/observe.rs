@@ -39,6 +39,8 @@ pub struct MetricsSnapshot {
     pub flow_events: u64,
     /// Pods whose CNI ADD gave up waiting for their policies.
     pub pods_started_before_policy: u64,
+    /// Node addresses that did not fit in `HOST_ADDRS`.
+    pub host_addrs_left_out: usize,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -106,6 +108,7 @@ impl MetricsSnapshot {
             policy_drops,
             flow_events,
             pods_started_before_policy: 0,
+            host_addrs_left_out: 0,
         }
     }
 
@@ -199,6 +202,13 @@ impl Collector for MetricsSnapshot {
             kind,
         )?;
         ConstCounter::new(self.pods_started_before_policy).encode(m)?;
+        gauge(
+            &mut encoder,
+            "host_addrs_left_out",
+            "Addresses of this node that did not fit in the dataplane: traffic from them to \
+             local pods is subject to policy",
+            self.host_addrs_left_out as i64,
+        )?;
         Ok(())
     }
 }

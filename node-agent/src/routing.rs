@@ -6,7 +6,11 @@
 //! uplink's subnets is reached directly (`bpf_redirect_neigh` out of the uplink, like
 //! flannel's host-gw); any other node through VXLAN (like Calico's VXLAN CrossSubnet).
 
-use std::{collections::BTreeMap, net::IpAddr, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    str::FromStr,
+};
 
 use ipnet::IpNet;
 use weir_api::NodeRoute;
@@ -126,6 +130,9 @@ pub struct RoutePlan {
     /// `ROUTES` map: remote pod CIDR → node.
     pub map: BTreeMap<IpNet, RouteEntry>,
     pub kernel: Vec<KernelRoute>,
+    /// `TUNNEL_PEERS` map: every other node, whatever the mode this node uses towards it (a
+    /// peer decides on its own whether to encapsulate towards this node).
+    pub tunnel_peers: BTreeSet<IpKey>,
 }
 
 /// Computes the plan. Pure: no I/O.
@@ -149,6 +156,7 @@ pub fn plan(
             });
             continue;
         }
+        plan.tunnel_peers.insert(IpKey::from(route.node_ip));
         let direct = match mode {
             RoutingMode::Direct => true,
             RoutingMode::Vxlan => false,
@@ -253,6 +261,14 @@ mod tests {
         assert!(
             !p.map.contains_key(&"10.244.1.0/24".parse().unwrap()),
             "no route to itself"
+        );
+        let peers: BTreeSet<IpKey> = ["172.30.2.12", "172.30.1.13"]
+            .into_iter()
+            .map(|a| IpKey::from(a.parse::<IpAddr>().unwrap()))
+            .collect();
+        assert_eq!(
+            p.tunnel_peers, peers,
+            "every other node may tunnel to this one, whichever way this one reaches it"
         );
         let own = p
             .kernel

@@ -14,9 +14,9 @@ use weir_common::{
     endpoint::EndpointInfo,
     event::DropReason,
     ip::IpKey,
-    programs::{FROM_NETWORK, FROM_POD, TO_POD, TO_TUNNEL},
+    programs::{FROM_NETWORK, FROM_POD, FROM_TUNNEL, TO_POD, TO_TUNNEL},
     route::RouteEntry,
-    {TUNNEL_MAC, TUNNEL_SOURCE_MAC},
+    {TUNNEL_MAC, TUNNEL_SOURCE_MAC, capacity},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -582,4 +582,104 @@ fn icmp_errors_about_an_admitted_flow_reach_an_isolated_pod() {
     node.set_endpoints(9, 0, 9, 0);
     assert_eq!(node.sent_by_a(&misaddressed).0, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::PolicyIngress), 2);
+}
+
+#[test]
+fn traffic_from_the_network_claiming_the_nodes_address_is_dropped_as_spoofed() {
+    let mut node = Node::new();
+    let uplink = support::dummy_interface("uplink");
+    // B admits nothing in: only the node itself may reach it.
+    node.set_endpoints(0, 0, 9, 0);
+    let forged = packet::tcp(ROUTER_MAC, UPLINK_MAC, NODE_IP, IP_B, 33000, 8080, TCP_SYN);
+    assert_eq!(node.arrived_on_uplink(uplink, &forged).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::Spoofed), 1);
+    // The same packet from the host stack passes.
+    let ifindex = node.veth_b;
+    assert_eq!(node.run(TO_POD, ifindex, &forged).0, TC_ACT_OK);
+    // Once the host opened that flow, a forged packet of it from the network still is not
+    // taken for one of its packets.
+    let ack = packet::tcp(ROUTER_MAC, UPLINK_MAC, NODE_IP, IP_B, 33000, 8080, TCP_ACK);
+    assert_eq!(node.arrived_on_uplink(uplink, &ack).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::Spoofed), 2);
+}
+
+#[test]
+fn packets_to_the_host_claiming_a_local_address_are_dropped_as_spoofed() {
+    let mut node = Node::new();
+    let uplink = support::dummy_interface("uplink");
+    let as_pod = packet::tcp(ROUTER_MAC, UPLINK_MAC, IP_A, NODE_IP, 40000, 22, TCP_SYN);
+    assert_eq!(node.arrived_on_uplink(uplink, &as_pod).0, TC_ACT_SHOT);
+    let as_node = packet::tcp(ROUTER_MAC, UPLINK_MAC, NODE_IP, NODE_IP, 40000, 22, TCP_SYN);
+    assert_eq!(node.arrived_on_uplink(uplink, &as_node).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::Spoofed), 2);
+}
+
+#[test]
+fn the_tunnel_drops_packets_from_senders_that_are_not_nodes() {
+    let mut node = Node::new();
+    let tunnel = support::dummy_interface("tunnel");
+    node.route_remote(RouteEntry::MODE_VXLAN, tunnel);
+    // A packet the uplink would deliver to B (not isolated)...
+    let frame = packet::tcp(
+        TUNNEL_SOURCE_MAC,
+        TUNNEL_MAC,
+        REMOTE_POD,
+        IP_B,
+        40000,
+        80,
+        TCP_SYN,
+    );
+    let uplink = support::dummy_interface("uplink");
+    assert_eq!(node.arrived_on_uplink(uplink, &frame).0, TC_ACT_REDIRECT);
+    // ...is dropped by the tunnel when nothing says a known node sent it (a test run has no
+    // tunnel metadata, as if the sender were nobody the node knows).
+    let other = packet::tcp(
+        TUNNEL_SOURCE_MAC,
+        TUNNEL_MAC,
+        REMOTE_POD,
+        IP_B,
+        40001,
+        80,
+        TCP_SYN,
+    );
+    assert_eq!(node.run(FROM_TUNNEL, tunnel, &other).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::UnknownTunnelPeer), 1);
+}
+
+#[test]
+fn more_node_addresses_than_the_map_holds_are_left_out_and_counted() {
+    let mut node = Node::new();
+    node.set_endpoints(0, 0, 9, 0);
+    let extra = 10;
+    // The node's own address first, then as many ClusterIP-like addresses as would overflow.
+    let mut addrs: Vec<std::net::IpAddr> = vec![NODE_IP.into()];
+    addrs.extend(
+        (0..capacity::HOST_ADDRS - 1 + extra)
+            .map(|i| std::net::IpAddr::from(Ipv4Addr::from(0x0a60_0000 + i))),
+    );
+    let last = *addrs.last().unwrap();
+    let left_out = node
+        .maps
+        .sync_host_addrs(&addrs)
+        .expect("overflow is not an error");
+    assert_eq!(left_out, extra as usize);
+    let ifindex = node.veth_b;
+    let probe = packet::tcp([0xee; 6], MAC_B, NODE_IP, IP_B, 33000, 8080, TCP_SYN);
+    assert_eq!(
+        node.run(TO_POD, ifindex, &probe).0,
+        TC_ACT_OK,
+        "the first addresses keep the exemption"
+    );
+    let std::net::IpAddr::V4(last) = last else {
+        unreachable!()
+    };
+    let from_last = packet::tcp([0xee; 6], MAC_B, last, IP_B, 33001, 8080, TCP_SYN);
+    assert_eq!(
+        node.run(TO_POD, ifindex, &from_last).0,
+        TC_ACT_SHOT,
+        "an address left out gets policy like any peer"
+    );
+    // A refresh with fewer addresses makes room again.
+    let left_out = node.maps.sync_host_addrs(&addrs[..100]).unwrap();
+    assert_eq!(left_out, 0);
 }

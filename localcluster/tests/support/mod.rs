@@ -252,3 +252,42 @@ impl LiveStream {
         }
     }
 }
+
+/// A VXLAN datagram (the UDP payload, VNI 1) carrying an inner Ethernet + IPv4 + UDP frame
+/// from `src`:`sport` to `dst`:`dport`, addressed to the receiving tunnel device's MAC as
+/// weir's own encapsulation does.
+pub fn vxlan_udp(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut d = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    d.extend_from_slice(&weir_common::TUNNEL_MAC);
+    d.extend_from_slice(&weir_common::TUNNEL_SOURCE_MAC);
+    d.extend_from_slice(&0x0800u16.to_be_bytes());
+    let udp_len = 8 + payload.len();
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    d.extend_from_slice(&ip);
+    d.extend_from_slice(&sport.to_be_bytes());
+    d.extend_from_slice(&dport.to_be_bytes());
+    d.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    // A zero UDP checksum: none (allowed over IPv4).
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(payload);
+    d
+}

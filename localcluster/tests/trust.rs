@@ -1,0 +1,147 @@
+//! What a node trusts from the network, end to end: forged VXLAN datagrams (real
+//! encapsulation, sent over plain UDP to port 4789) must not reach an ingress-isolated pod,
+//! whoever sends them, in both topologies.
+
+mod support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use serde_json::json;
+use support::{cluster, pod};
+use weir_localcluster::{LocalCluster, Topology, netns::Netns};
+
+const VXLAN_PORT: u16 = 4789;
+/// The port the isolated pod listens on.
+const TARGET_PORT: u16 = 7777;
+
+fn deny_ingress(namespace: &str, name: &str, pod: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"podSelector": {"matchLabels": {"pod": pod}}, "policyTypes": ["Ingress"]},
+    })
+}
+
+fn v4(ip: IpAddr) -> Ipv4Addr {
+    match ip {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(a) => panic!("expected an IPv4 address, got {a}"),
+    }
+}
+
+/// Sends `datagram` over UDP from inside `from` to `to`:4789 (the kernel adds the outer
+/// headers, with the namespace's own source address).
+fn send_vxlan(from: &Netns, to: Ipv4Addr, datagram: Vec<u8>) {
+    from.within(move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.send_to(&datagram, (to, VXLAN_PORT))
+    })
+    .expect("enter the sender's namespace")
+    .expect("send the VXLAN datagram");
+}
+
+/// Value of the node's drop counter for `reason` (0 when absent).
+fn drops(c: &LocalCluster, node: usize, reason: &str) -> u64 {
+    let (code, metrics) = c.agent_http(node, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    let prefix = format!("weir_agent_drops_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|n| n.trim().parse().expect("a count"))
+        .unwrap_or(0)
+}
+
+/// A UDP listener inside the pod; `received` says whether anything arrived within `wait`.
+struct Listener(UdpSocket);
+
+impl Listener {
+    fn open(netns: &Netns, ip: IpAddr) -> Self {
+        let s = netns
+            .within(move || UdpSocket::bind(SocketAddr::new(ip, TARGET_PORT)))
+            .expect("enter the pod's namespace")
+            .expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Self(s)
+    }
+
+    fn received(&self, wait: Duration) -> Option<Vec<u8>> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < deadline {
+            if let Ok((n, _)) = self.0.recv_from(&mut buf) {
+                return Some(buf[..n].to_vec());
+            }
+        }
+        None
+    }
+}
+
+/// Forged tunnel traffic claiming the target node's own address as its inner source (the
+/// node-to-pod exemption) is dropped and counted: from a pod (an unknown tunnel peer) and
+/// from another node (a known peer, but the inner source is a lie). The node itself still
+/// reaches the pod.
+async fn forged_tunnel_packets_are_dropped(topology: Topology) {
+    let mut c = cluster(2, topology).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 1).await;
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+    let listener = Listener::open(&b.netns, b.ip);
+    let target_node = c.nodes()[1].ip;
+    let forged =
+        |payload: &[u8]| support::vxlan_udp(target_node, v4(b.ip), 40000, TARGET_PORT, payload);
+
+    let unknown_before = drops(&c, 1, "unknown_tunnel_peer");
+    send_vxlan(&a.netns, target_node, forged(b"from a pod"));
+    assert_eq!(
+        listener.received(Duration::from_secs(1)),
+        None,
+        "{topology}: a pod's forged tunnel packet reached the isolated pod"
+    );
+    assert!(
+        drops(&c, 1, "unknown_tunnel_peer") > unknown_before,
+        "{topology}: the pod's datagram is counted as from an unknown tunnel peer"
+    );
+
+    let spoofed_before = drops(&c, 1, "spoofed");
+    let other_node = c.nodes()[0].netns.clone();
+    send_vxlan(&other_node, target_node, forged(b"from a node"));
+    assert_eq!(
+        listener.received(Duration::from_secs(1)),
+        None,
+        "{topology}: a forged inner source from a known node reached the isolated pod"
+    );
+    assert!(
+        drops(&c, 1, "spoofed") > spoofed_before,
+        "{topology}: the inner source claiming the node's address is counted as spoofed"
+    );
+
+    // What the node itself sends still passes: the listener would have seen the others.
+    let node = c.nodes()[1].netns.clone();
+    let to = SocketAddr::new(b.ip, TARGET_PORT);
+    node.within(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?.send_to(b"probe", to))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        listener.received(Duration::from_secs(2)).as_deref(),
+        Some(&b"probe"[..]),
+        "{topology}: the node reaches its isolated pod"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_tunnel_packets_are_dropped_on_one_segment() {
+    forged_tunnel_packets_are_dropped(Topology::L2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_tunnel_packets_are_dropped_across_subnets() {
+    forged_tunnel_packets_are_dropped(Topology::Routed).await;
+}
