@@ -26,7 +26,8 @@ mod pod;
 /// 2: `RULE_HITS` and `POLICY_DROPS` became per-CPU arrays indexed by id (were per-CPU hashes).
 /// 3: `SERVICES` and `SERVICE_NAT` (Service load balancing); `DROPS` has more reasons;
 ///    `HOST_ADDRS` holds 65,536 addresses (was 256); new map `TUNNEL_PEERS`.
-pub const ABI_VERSION: u32 = 3;
+/// 4: `SERVICE_NAT` values carry a second address and port (NodePort source translation).
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {

@@ -51,7 +51,7 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<ServiceKey>(), 24);
         assert_eq!(size_of::<ServiceValue>(), 32);
-        assert_eq!(size_of::<NatEntry>(), 24);
+        assert_eq!(size_of::<NatEntry>(), 44);
     }
 
     #[test]

@@ -119,23 +119,62 @@ impl ServiceValue {
 /// flow has two entries: under its original key (client → frontend) the backend it was
 /// given, and under its reply key (backend → client) the frontend the reply must appear to
 /// come from.
+///
+/// A flow that arrived from outside for a NodePort and went on to a backend on another node
+/// is also source-translated to this node's address (so the backend's replies come back
+/// through this node): its entries have [`NatEntry::FLAG_SNAT`], and `other` holds the
+/// second address and port to write — the node's address and the port chosen for the flow
+/// (original direction, the new source), or the client's (reply direction, the new
+/// destination).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatEntry {
+    /// Original direction: the backend (new destination). Reply: the frontend (new source).
     addr: IpKey,
     port_be: u16,
-    _pad: u16,
+    other_port_be: u16,
     /// Id of the Service port.
     service: u32,
+    other: IpKey,
+    flags: u32,
 }
 
 impl NatEntry {
-    pub const fn new(addr: IpKey, port_be: u16, service: u32) -> Self {
+    /// The entry is keyed by the reply direction (backend → client).
+    pub const FLAG_REPLY: u32 = 1 << 0;
+    /// The source (original direction) or destination (reply) is translated too.
+    pub const FLAG_SNAT: u32 = 1 << 1;
+
+    /// The original direction of a flow: its backend.
+    pub const fn original(addr: IpKey, port_be: u16, service: u32) -> Self {
+        Self::new(addr, port_be, service, IpKey::UNSPECIFIED, 0, 0)
+    }
+    /// The reply direction of a flow: its frontend.
+    pub const fn reply(addr: IpKey, port_be: u16, service: u32) -> Self {
+        Self::new(
+            addr,
+            port_be,
+            service,
+            IpKey::UNSPECIFIED,
+            0,
+            Self::FLAG_REPLY,
+        )
+    }
+    pub const fn new(
+        addr: IpKey,
+        port_be: u16,
+        service: u32,
+        other: IpKey,
+        other_port_be: u16,
+        flags: u32,
+    ) -> Self {
         Self {
             addr,
             port_be,
-            _pad: 0,
+            other_port_be,
             service,
+            other,
+            flags,
         }
     }
     pub const fn addr(&self) -> &IpKey {
@@ -146,5 +185,20 @@ impl NatEntry {
     }
     pub const fn service(&self) -> u32 {
         self.service
+    }
+    pub const fn other(&self) -> &IpKey {
+        &self.other
+    }
+    pub const fn other_port_be(&self) -> u16 {
+        self.other_port_be
+    }
+    pub const fn flags(&self) -> u32 {
+        self.flags
+    }
+    pub const fn is_reply(&self) -> bool {
+        self.flags & Self::FLAG_REPLY != 0
+    }
+    pub const fn is_snat(&self) -> bool {
+        self.flags & Self::FLAG_SNAT != 0
     }
 }

@@ -25,17 +25,17 @@ const REFRESH_NS: u64 = 1_000_000_000;
 
 /// Runs conntrack and policy for `pkt`. `src_ep`/`dst_ep` are the local endpoints owning the
 /// packet's source and destination addresses, if any; `flags` are [`CtEntry`] flags the
-/// caller knows of the flow (a Service translation). Ok: forward. Err: already counted and
-/// reported, drop. A reply of a flow a Service translated on this node is rewritten to come
-/// from the Service's frontend.
+/// caller knows of the flow (a Service translation). Ok: forward; Ok(true) when the packet
+/// is the reply of a flow a Service translated on this node, now rewritten to come from the
+/// Service's frontend. Err: already counted and reported, drop.
 #[inline(always)]
 pub fn enforce(
     ctx: &TcContext,
-    pkt: &Packet,
+    pkt: &mut Packet,
     src_ep: Option<&EndpointInfo>,
     dst_ep: Option<&EndpointInfo>,
     flags: u32,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     let key = pkt.ct_key();
     let generation = node_config().policy_gen();
     // SAFETY: helper without preconditions.
@@ -48,7 +48,7 @@ pub fn enforce(
             recheck(ctx, &key, src_ep, dst_ep, entry, generation)?;
         }
         touch(entry, now, pkt.tcp_flags, flags);
-        return Ok(());
+        return Ok(false);
     }
     let reverse = key.reversed();
     if let Some(entry) = CONNTRACK.get_ptr_mut(&reverse) {
@@ -60,16 +60,16 @@ pub fn enforce(
         }
         touch(entry, now, pkt.tcp_flags, CtEntry::FLAG_REPLIED);
         if entry.flags() & CtEntry::FLAG_SERVICE != 0 {
-            return nat::reverse(ctx, pkt);
+            return nat::reverse(ctx, pkt).map(|()| true);
         }
-        return Ok(());
+        return Ok(false);
     }
 
     // An ICMP error about a flow conntrack knows (a port unreachable, fragmentation needed
     // on the path, a TTL exceeded) belongs to that flow: policy admitted the flow, so it
     // admits what the network says about it, from wherever it comes.
     if related_to_known_flow(ctx, pkt) {
-        return Ok(());
+        return Ok(false);
     }
 
     let admission = match admit(&key, src_ep, dst_ep) {
@@ -110,7 +110,7 @@ pub fn enforce(
         };
         emit(ctx, Some(&key), FlowEvent::VERDICT_ALLOW, 0, 0, rule);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Whether `pkt` is an ICMP error about a flow conntrack knows (in either direction). The

@@ -1,9 +1,21 @@
 //! Delivery without the host stack.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::generated::bpf_redirect_peer, programs::TcContext};
-use weir_common::endpoint::EndpointInfo;
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_SHOT, bpf_fib_lookup,
+        bpf_redir_neigh,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use weir_common::{endpoint::EndpointInfo, ip::IpKey};
 
-use crate::parse::{EthHdr, eth};
+use crate::{
+    maps::SCRATCH_FIB,
+    parse::{EthHdr, eth},
+};
+
+const AF_INET: u8 = 2;
 
 /// Rewrites the Ethernet header to gateway → pod and hands the packet straight to the
 /// pod's interface inside its namespace. `bpf_redirect_peer` (kernel ≥ 5.10) only works
@@ -27,4 +39,54 @@ pub fn set_macs(ctx: &TcContext, src: [u8; 6], dst: [u8; 6]) -> Result<(), ()> {
         (*eth).dst = dst;
     }
     Ok(())
+}
+
+/// Sends an IPv4 packet whose source weir rewrote to one of the node's own addresses (a
+/// NodePort flow's reply) out of the interface the node's routing table picks for
+/// `daddr`, as the node itself would send it. The host stack cannot take such a packet: a
+/// packet arriving with one of the node's addresses as its source is a martian.
+#[inline(always)]
+pub fn by_fib(ctx: &TcContext, saddr: &IpKey, daddr: &IpKey) -> i32 {
+    let Some(params) = SCRATCH_FIB.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: per-CPU scratch value, used by this program run alone.
+    let params = unsafe { &mut *params };
+    // SAFETY: all-zero is a valid bpf_fib_lookup.
+    *params = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    // SAFETY: context pointer valid for the program's lifetime.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr.v4_octets());
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr.v4_octets());
+    // SAFETY: params points to per-CPU map memory of the size passed.
+    let r = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    if r != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return TC_ACT_SHOT;
+    }
+    // The lookup leaves the next hop (the gateway, or the destination itself) in ipv4_dst;
+    // bpf_redirect_neigh resolves its MAC and fills in the Ethernet header.
+    let mut nh = bpf_redir_neigh {
+        nh_family: u32::from(AF_INET),
+        // SAFETY: all-zero is a valid union value.
+        __bindgen_anon_1: unsafe { core::mem::zeroed() },
+    };
+    // SAFETY: written by the lookup above for an IPv4 family.
+    nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    // SAFETY: nh lives on our stack for the duration of the call.
+    unsafe {
+        bpf_redirect_neigh(
+            params.ifindex,
+            &mut nh,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
 }

@@ -1,24 +1,29 @@
 //! TC ingress of the node's uplink (and, through `from_tunnel`, of its VXLAN device): traffic
 //! from other nodes. Packets for a pod on this node get its ingress policy and are handed
-//! straight to the pod; everything else (the node's own traffic) goes up the host stack.
+//! straight to the pod. A packet to one of the node's own addresses on a NodePort is
+//! translated to a backend (on this node: as above; on another: sent on with this node's
+//! address as its source), and the replies of the latter are translated back and sent to
+//! the client. Everything else (the node's own traffic) goes up the host stack.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use weir_common::event::DropReason;
+use weir_common::{conntrack::CtEntry, event::DropReason};
 
 use crate::{
     conntrack::enforce,
     events::record_drop,
     forward,
     maps::{ENDPOINTS, HOST_ADDRS},
+    nat::{self, Inbound},
     parse::{self, L3},
+    route,
 };
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    let pkt = match parse::parse(ctx) {
+    let mut pkt = match parse::parse(ctx) {
         Ok(L3::Ip(pkt)) => pkt,
         // Not ours to judge: ARP, malformed frames and the like are the host's business.
         _ => return TC_ACT_OK,
@@ -33,11 +38,39 @@ pub fn run(ctx: &TcContext) -> i32 {
         return TC_ACT_SHOT;
     }
     // SAFETY: value copied out of the map.
-    let Some(dst_ep) = (unsafe { ENDPOINTS.get(&pkt.daddr) }).copied() else {
+    let mut dst_ep = (unsafe { ENDPOINTS.get(&pkt.daddr) }).copied();
+    let mut flags = 0;
+    // SAFETY: existence check only.
+    if dst_ep.is_none() && unsafe { HOST_ADDRS.get(&pkt.daddr).is_some() } {
+        match nat::inbound(ctx, &mut pkt) {
+            Ok(Inbound::Pass) => return TC_ACT_OK,
+            Ok(Inbound::ReplyToClient) => return forward::by_fib(ctx, &pkt.saddr, &pkt.daddr),
+            Ok(Inbound::ToRemoteBackend) => return to_remote_backend(ctx, &pkt),
+            Ok(Inbound::ToBackend) => {
+                flags = CtEntry::FLAG_SERVICE;
+                // SAFETY: value copied out of the map.
+                dst_ep = (unsafe { ENDPOINTS.get(&pkt.daddr) }).copied();
+            }
+            Err(()) => return TC_ACT_SHOT,
+        }
+    }
+    let Some(dst_ep) = dst_ep else {
         return TC_ACT_OK;
     };
-    match enforce(ctx, &pkt, None, Some(&dst_ep), 0) {
-        Ok(()) => forward::to_local_pod(ctx, &dst_ep),
+    match enforce(ctx, &mut pkt, None, Some(&dst_ep), flags) {
+        Ok(_) => forward::to_local_pod(ctx, &dst_ep),
         Err(()) => TC_ACT_SHOT,
+    }
+}
+
+/// A NodePort flow on its way to a backend on another node, with this node's address as
+/// its source: the backend's node enforces the backend's ingress rules.
+#[inline(always)]
+fn to_remote_backend(ctx: &TcContext, pkt: &parse::Packet) -> i32 {
+    if route::lookup(&pkt.daddr).is_some() {
+        route::to_remote(&pkt.daddr)
+    } else {
+        // A backend outside the pod network (a host-network pod on another node).
+        forward::by_fib(ctx, &pkt.saddr, &pkt.daddr)
     }
 }

@@ -52,11 +52,16 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     // SAFETY: value copied out of the map.
     let dst_ep = unsafe { ENDPOINTS.get(&pkt.daddr) }.copied();
-    if enforce(ctx, &pkt, Some(&src_ep), dst_ep.as_ref(), flags).is_err() {
+    let Ok(reversed) = enforce(ctx, &mut pkt, Some(&src_ep), dst_ep.as_ref(), flags) else {
         return TC_ACT_SHOT;
-    }
+    };
     match dst_ep {
         Some(dst) => forward::to_local_pod(ctx, &dst),
+        // A NodePort reply to a client outside the pod network now comes from one of this
+        // node's addresses, which the host stack would take for a martian.
+        None if reversed && route::lookup(&pkt.daddr).is_none() => {
+            forward::by_fib(ctx, &pkt.saddr, &pkt.daddr)
+        }
         None => route::to_remote(&pkt.daddr),
     }
 }

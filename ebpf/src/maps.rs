@@ -2,7 +2,7 @@
 //! agent (hitless restarts and upgrades); tests load them unpinned.
 
 use aya_ebpf::{
-    bindings::bpf_tunnel_key,
+    bindings::{bpf_fib_lookup, bpf_tunnel_key},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -92,11 +92,15 @@ pub static POLICY_DROPS: PerCpuArray<u64> =
 /// Per-CPU room for flow keys too large for the programs' 512-byte stack (not pinned: it
 /// holds nothing between packets).
 #[map]
-pub static SCRATCH_KEYS: PerCpuArray<CtKey> = PerCpuArray::with_max_entries(2, 0);
+pub static SCRATCH_KEYS: PerCpuArray<CtKey> = PerCpuArray::with_max_entries(3, 0);
 
 /// Per-CPU room for the tunnel metadata of a decapsulated packet (not pinned either).
 #[map]
 pub static SCRATCH_TUNNEL_KEY: PerCpuArray<bpf_tunnel_key> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU room for a FIB lookup's parameters (not pinned either).
+#[map]
+pub static SCRATCH_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);

@@ -23,9 +23,33 @@ use weir_common::{
 
 use crate::{
     events::record_drop,
-    maps::{SCRATCH_KEYS, SERVICE_NAT, SERVICES},
+    maps::{ENDPOINTS, HOST_ADDRS, SCRATCH_KEYS, SERVICE_NAT, SERVICES},
     parse::{ETH_HLEN, Packet},
 };
+
+/// Ports this node's address takes as the source of NodePort flows it forwards to a backend
+/// on another node: above Linux's default ephemeral range (32768–60999), so they never
+/// collide with the node's own connections.
+const SNAT_PORT_FIRST: u16 = 61_000;
+const SNAT_PORTS: u32 = 65_536 - SNAT_PORT_FIRST as u32;
+/// Random ports tried for a new source-translated flow before it is refused.
+const SNAT_TRIES: u32 = 4;
+/// `BPF_NOEXIST`: insert only if the key is free (claims a source port atomically).
+const BPF_NOEXIST: u64 = 1;
+
+/// What [`inbound`] did with a packet from the network.
+pub enum Inbound {
+    /// Not a Service packet.
+    Pass,
+    /// Translated to its backend, which is on this node (or, for a flow a pod of this node
+    /// opened, wherever its backend is).
+    ToBackend,
+    /// Translated to a backend on another node, source rewritten to this node's address.
+    ToRemoteBackend,
+    /// A reply of a flow translated as `ToRemoteBackend`: rewritten back (from the
+    /// frontend, to the client). It leaves by the node's routing table.
+    ReplyToClient,
+}
 
 const IPV4_CHECK: usize = ETH_HLEN + 10;
 const IPV4_SADDR: usize = ETH_HLEN + 12;
@@ -61,10 +85,20 @@ fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropReason
     if pkt.l4 == 0 || !pkt.daddr.is_v4() {
         return Ok(false);
     }
-    let frontend_key = ServiceKey::new(pkt.daddr, pkt.dport_be, pkt.proto, 0);
+    let mut frontend_key = ServiceKey::new(pkt.daddr, pkt.dport_be, pkt.proto, 0);
     // SAFETY: value copied out of the map.
-    let Some(frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
-        return Ok(false);
+    let frontend = match unsafe { SERVICES.get(&frontend_key) } {
+        Some(f) => *f,
+        // A NodePort on one of this node's own addresses.
+        // SAFETY: existence check, then a value copied out of the map.
+        None if unsafe { HOST_ADDRS.get(&pkt.daddr).is_some() } => {
+            frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
+            match unsafe { SERVICES.get(&frontend_key) } {
+                Some(f) => *f,
+                None => return Ok(false),
+            }
+        }
+        None => return Ok(false),
     };
     let Some(original) = SCRATCH_KEYS.get_ptr_mut(0) else {
         return Err(DropReason::ServiceNatLost);
@@ -82,34 +116,164 @@ fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropReason
             (backend, port_be)
         }
     };
-    let frontend_addr = pkt.daddr;
-    rewrite(
-        ctx,
-        pkt,
-        IPV4_DADDR,
-        2,
-        &frontend_addr,
-        &backend,
-        pkt.dport_be,
-        backend_port_be,
-    )
-    .map_err(|()| DropReason::ServiceNatLost)?;
-    pkt.daddr = backend;
-    pkt.dport_be = backend_port_be;
+    set_destination(ctx, pkt, &backend, backend_port_be)?;
     Ok(true)
+}
+
+/// A packet from the network to one of this node's addresses (`from_network`): the first
+/// and later packets of a NodePort flow, and the replies of those this node forwarded to a
+/// backend on another node. Updates `pkt` to what was written. Err: counted and reported,
+/// drop.
+#[inline(always)]
+pub fn inbound(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, ()> {
+    inbound_inner(ctx, pkt).map_err(|reason| {
+        record_drop(ctx, scratch_key(0), reason, 0, 0);
+    })
+}
+
+#[inline(always)]
+fn inbound_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, DropReason> {
+    if pkt.l4 == 0 || !pkt.daddr.is_v4() {
+        return Ok(Inbound::Pass);
+    }
+    let Some(key) = SCRATCH_KEYS.get_ptr_mut(0) else {
+        return Ok(Inbound::Pass);
+    };
+    // SAFETY: per-CPU scratch value, used by this program run alone.
+    let key = unsafe { &mut *key };
+    *key = pkt.ct_key();
+    // One lookup finds both directions: a NodePort flow's packets and the replies to the
+    // source port this node gave a forwarded flow are both addressed to the node.
+    // SAFETY: value copied out of the map.
+    if let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }).copied() {
+        if nat.is_reply() {
+            if !nat.is_snat() {
+                return Ok(Inbound::Pass);
+            }
+            // From the frontend, to the client.
+            set_source(ctx, pkt, nat.addr(), nat.port_be())?;
+            set_destination(ctx, pkt, nat.other(), nat.other_port_be())?;
+            return Ok(Inbound::ReplyToClient);
+        }
+        let (backend, port_be) = (*nat.addr(), nat.port_be());
+        set_destination(ctx, pkt, &backend, port_be)?;
+        if nat.is_snat() {
+            set_source(ctx, pkt, nat.other(), nat.other_port_be())?;
+            return Ok(Inbound::ToRemoteBackend);
+        }
+        return Ok(Inbound::ToBackend);
+    }
+    let frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
+    // SAFETY: value copied out of the map.
+    let Some(frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
+        return Ok(Inbound::Pass);
+    };
+    let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
+    let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
+    // SAFETY: existence check only.
+    if unsafe { ENDPOINTS.get(&backend).is_some() } {
+        remember(key, pkt, &backend, port_be, frontend.id())?;
+        set_destination(ctx, pkt, &backend, port_be)?;
+        return Ok(Inbound::ToBackend);
+    }
+    // The backend is on another node: its replies must come back here to be translated
+    // back, so the flow leaves with this node's address and a port of its own.
+    let node = pkt.daddr;
+    let snat_port_be = claim_snat_port(pkt, &backend, port_be, frontend.id())?;
+    SERVICE_NAT
+        .insert(
+            &*key,
+            &NatEntry::new(
+                backend,
+                port_be,
+                frontend.id(),
+                node,
+                snat_port_be,
+                NatEntry::FLAG_SNAT,
+            ),
+            0,
+        )
+        .map_err(|_| DropReason::ServiceNatLost)?;
+    set_destination(ctx, pkt, &backend, port_be)?;
+    set_source(ctx, pkt, &node, snat_port_be)?;
+    Ok(Inbound::ToRemoteBackend)
+}
+
+/// Picks a free source port for a flow this node forwards to `backend` and records the
+/// flow's reply direction under it (backend → node:port ⇒ frontend → client).
+#[inline(always)]
+fn claim_snat_port(
+    pkt: &Packet,
+    backend: &IpKey,
+    backend_port_be: u16,
+    service: u32,
+) -> Result<u16, DropReason> {
+    let Some(reply) = SCRATCH_KEYS.get_ptr_mut(1) else {
+        return Err(DropReason::ServiceNatLost);
+    };
+    // SAFETY: per-CPU scratch value, used by this program run alone.
+    let reply = unsafe { &mut *reply };
+    let back = NatEntry::new(
+        pkt.daddr,
+        pkt.dport_be,
+        service,
+        pkt.saddr,
+        pkt.sport_be,
+        NatEntry::FLAG_REPLY | NatEntry::FLAG_SNAT,
+    );
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: helper without preconditions.
+        let port = SNAT_PORT_FIRST + (unsafe { bpf_get_prandom_u32() } % SNAT_PORTS) as u16;
+        let port_be = port.to_be();
+        *reply = CtKey::new(*backend, pkt.daddr, backend_port_be, port_be, pkt.proto);
+        if SERVICE_NAT.insert(&*reply, &back, BPF_NOEXIST).is_ok() {
+            return Ok(port_be);
+        }
+    }
+    Err(DropReason::ServiceNatLost)
+}
+
+#[inline(always)]
+fn set_destination(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    addr: &IpKey,
+    port_be: u16,
+) -> Result<(), DropReason> {
+    let old = pkt.daddr;
+    rewrite(ctx, pkt, IPV4_DADDR, 2, &old, addr, pkt.dport_be, port_be)
+        .map_err(|()| DropReason::ServiceNatLost)?;
+    pkt.daddr = *addr;
+    pkt.dport_be = port_be;
+    Ok(())
+}
+
+#[inline(always)]
+fn set_source(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    addr: &IpKey,
+    port_be: u16,
+) -> Result<(), DropReason> {
+    let old = pkt.saddr;
+    rewrite(ctx, pkt, IPV4_SADDR, 0, &old, addr, pkt.sport_be, port_be)
+        .map_err(|()| DropReason::ServiceNatLost)?;
+    pkt.saddr = *addr;
+    pkt.sport_be = port_be;
+    Ok(())
 }
 
 /// Rewrites a reply of a translated flow (backend → client) to come from the frontend.
 /// Err: counted and reported, drop.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, pkt: &Packet) -> Result<(), ()> {
+pub fn reverse(ctx: &TcContext, pkt: &mut Packet) -> Result<(), ()> {
     reverse_inner(ctx, pkt).map_err(|reason| {
         record_drop(ctx, scratch_key(0), reason, 0, 0);
     })
 }
 
 #[inline(always)]
-fn reverse_inner(ctx: &TcContext, pkt: &Packet) -> Result<(), DropReason> {
+fn reverse_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
     if pkt.l4 == 0 || !pkt.saddr.is_v4() {
         return Err(DropReason::ServiceNatLost);
     }
@@ -123,17 +287,7 @@ fn reverse_inner(ctx: &TcContext, pkt: &Packet) -> Result<(), DropReason> {
     let Some(nat) = (unsafe { SERVICE_NAT.get(&*reply) }).copied() else {
         return Err(DropReason::ServiceNatLost);
     };
-    rewrite(
-        ctx,
-        pkt,
-        IPV4_SADDR,
-        0,
-        &pkt.saddr,
-        nat.addr(),
-        pkt.sport_be,
-        nat.port_be(),
-    )
-    .map_err(|()| DropReason::ServiceNatLost)
+    set_source(ctx, pkt, nat.addr(), nat.port_be())
 }
 
 /// Slot 1..=count, by the client's address under session affinity (its flows keep one
@@ -176,7 +330,7 @@ fn remember(
     SERVICE_NAT
         .insert(
             original,
-            &NatEntry::new(*backend, backend_port_be, service),
+            &NatEntry::original(*backend, backend_port_be, service),
             0,
         )
         .map_err(|_| DropReason::ServiceNatLost)?;
@@ -193,7 +347,7 @@ fn remember(
         pkt.proto,
     );
     SERVICE_NAT
-        .insert(reply, &NatEntry::new(pkt.daddr, pkt.dport_be, service), 0)
+        .insert(reply, &NatEntry::reply(pkt.daddr, pkt.dport_be, service), 0)
         .map_err(|_| DropReason::ServiceNatLost)
 }
 

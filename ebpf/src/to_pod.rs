@@ -16,7 +16,7 @@ use crate::{
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    let pkt = match parse::parse(ctx) {
+    let mut pkt = match parse::parse(ctx) {
         Ok(L3::Ip(pkt)) => pkt,
         // ARP and the like between the host and the pod.
         Ok(L3::Arp | L3::Other) => return TC_ACT_OK,
@@ -32,8 +32,8 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     // SAFETY: value copied out of the map.
     let src_ep = unsafe { ENDPOINTS.get(&pkt.saddr) }.copied();
-    match enforce(ctx, &pkt, src_ep.as_ref(), Some(&dst_ep), 0) {
-        Ok(()) => TC_ACT_OK,
+    match enforce(ctx, &mut pkt, src_ep.as_ref(), Some(&dst_ep), 0) {
+        Ok(_) => TC_ACT_OK,
         Err(()) => TC_ACT_SHOT,
     }
 }

@@ -171,24 +171,18 @@ impl DataplaneMaps {
         if !old.is_empty() && backends(old).is_subset(&live) {
             return;
         }
-        let frontends: HashSet<(u32, IpKey, u16)> = new
-            .iter()
-            .map(|(f, e)| (e.id, *frontend_key(f).addr(), f.port))
-            .collect();
         let stale: Vec<CtKey> = self
             .service_nat
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(k, v): &(CtKey, NatEntry)| {
                 let service = v.service();
-                let to_frontend = frontends.contains(&(service, *k.daddr(), k.dport()))
-                    || frontends.contains(&(service, IpKey::UNSPECIFIED, k.dport()));
-                if to_frontend {
+                if v.is_reply() {
+                    // Reply direction (backend → client): the key names the backend.
+                    !live.contains(&(service, *k.saddr(), k.sport()))
+                } else {
                     // Original direction (client → frontend): the value is the backend.
                     !live.contains(&(service, *v.addr(), u16::from_be(v.port_be())))
-                } else {
-                    // Reply direction (backend → client), or a Service that is gone.
-                    !live.contains(&(service, *k.saddr(), k.sport()))
                 }
             })
             .map(|(k, _)| k)

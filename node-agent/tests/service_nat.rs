@@ -1,10 +1,13 @@
 //! Service translation in the TC programs on synthetic packets (`BPF_PROG_TEST_RUN`): a
 //! pod's packet to a ClusterIP is rewritten to a backend with valid checksums, the reply is
 //! rewritten back, the choice sticks to the flow, and policy judges the translated flow.
+//! A NodePort packet from the network reaches a backend on this node with the client's
+//! address, or one on another node with this node's address, and the replies leave as if
+//! from the node's port.
 
 mod support;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use weir_agent::{dataplane::Dataplane, maps::DataplaneMaps};
@@ -13,7 +16,12 @@ use weir_api::{
     ServiceRef, VerdictEntry, VerdictMatch,
 };
 use weir_common::{
-    config::NodeConfig, endpoint::EndpointInfo, event::DropReason, ip::IpKey, programs::FROM_POD,
+    config::NodeConfig,
+    endpoint::EndpointInfo,
+    event::DropReason,
+    ip::IpKey,
+    programs::{FROM_NETWORK, FROM_POD},
+    route::RouteEntry,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -30,15 +38,24 @@ const IP_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
 const IP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// A host outside the cluster, on the uplink's segment.
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 9);
+/// The node that owns `IP_REMOTE`.
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
+const NODE_PORT: u16 = 30080;
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
-/// Two pods on this node: A (the client) behind `veth_a`, B behind `veth_b`.
+/// Two pods on this node: A (the client) behind `veth_a`, B behind `veth_b`; the node's
+/// uplink `uplink` has `NODE_IP` on a /24 shared with `CLIENT` and `OTHER_NODE`.
 struct Node {
     dp: Dataplane,
     maps: DataplaneMaps,
     veth_a: u32,
     veth_b: u32,
+    uplink: u32,
     services: BTreeMap<ServiceFrontend, ServiceEntry>,
 }
 
@@ -47,6 +64,15 @@ impl Node {
         support::private_netns();
         let veth_a = support::dummy_interface("veth-a");
         let veth_b = support::dummy_interface("veth-b");
+        let uplink = support::dummy_interface("uplink");
+        for args in [
+            &["ip", "addr", "add", "192.168.50.2/24", "dev", "uplink"][..],
+            &["ip", "link", "set", "uplink", "up"],
+            &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        ] {
+            let ok = Command::new(args[0]).args(&args[1..]).status().unwrap();
+            assert!(ok.success(), "{args:?}");
+        }
         let mut dp = Dataplane::load(None).expect("loading the programs");
         let mut maps = DataplaneMaps::take(&mut dp).expect("maps");
         maps.set_config(NodeConfig::new(1, 0, 0)).unwrap();
@@ -56,8 +82,16 @@ impl Node {
             maps,
             veth_a,
             veth_b,
+            uplink,
             services: BTreeMap::new(),
         };
+        let routes = [(
+            "10.244.1.0/24".parse().unwrap(),
+            RouteEntry::new(OTHER_NODE.into(), RouteEntry::MODE_DIRECT, uplink),
+        )];
+        node.maps
+            .sync_routes(&routes.into_iter().collect())
+            .unwrap();
         node.set_endpoints(0, 0);
         node
     }
@@ -87,9 +121,33 @@ impl Node {
         backends: &[(Ipv4Addr, u16, BackendState)],
         affinity: bool,
     ) {
+        self.frontend(FrontendKind::ClusterIp, port, proto, backends, affinity);
+    }
+
+    /// Sets (or replaces) a NodePort frontend on `port`/`proto` with ready `backends`.
+    fn node_port(&mut self, port: u16, proto: u8, backends: &[(Ipv4Addr, u16)]) {
+        let backends: Vec<_> = backends
+            .iter()
+            .map(|(ip, port)| (*ip, *port, BackendState::Ready))
+            .collect();
+        self.frontend(FrontendKind::NodePort, port, proto, &backends, false);
+    }
+
+    fn frontend(
+        &mut self,
+        kind: FrontendKind,
+        port: u16,
+        proto: u8,
+        backends: &[(Ipv4Addr, u16, BackendState)],
+        affinity: bool,
+    ) {
+        let ip = match kind {
+            FrontendKind::ClusterIp => CLUSTER_IP.into(),
+            FrontendKind::NodePort => Ipv4Addr::UNSPECIFIED.into(),
+        };
         let frontend = ServiceFrontend {
-            kind: FrontendKind::ClusterIp,
-            ip: CLUSTER_IP.into(),
+            kind,
+            ip,
             port,
             proto,
         };
@@ -131,6 +189,11 @@ impl Node {
     fn sent_by_b(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let ifindex = self.veth_b;
         self.run(ifindex, frame)
+    }
+
+    fn from_network(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.uplink;
+        support::test_run(&mut self.dp, FROM_NETWORK, ifindex, frame)
     }
 
     fn drops(&self, reason: DropReason) -> u64 {
@@ -408,4 +471,124 @@ fn removing_a_backend_forgets_its_flows_so_they_move_to_another() {
         (1, 1),
         "one frontend, one backend slot left in the map"
     );
+}
+
+#[test]
+fn node_port_from_outside_reaches_a_local_backend_with_the_client_address_and_replies_from_the_node_port()
+ {
+    let mut node = Node::new();
+    node.node_port(NODE_PORT, TCP, &[(IP_B, 8080)]);
+    let syn = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
+    );
+    let (verdict, out) = node.from_network(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "straight into the backend");
+    let seen = inspect(&out);
+    assert_eq!(
+        (seen.src, seen.sport),
+        (CLIENT, 40000),
+        "client address kept"
+    );
+    assert_eq!((seen.dst, seen.dport), (IP_B, 8080));
+    assert_eq!(seen.dst_mac, MAC_B);
+
+    let reply = frame(MAC_B, GW_B, IP_B, CLIENT, TCP, 8080, 40000, false);
+    let (verdict, out) = node.sent_by_b(&reply);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "out of the uplink, not up the host stack"
+    );
+    let seen = inspect(&out);
+    assert_eq!(
+        (seen.src, seen.sport),
+        (NODE_IP, NODE_PORT),
+        "from the node's port"
+    );
+    assert_eq!((seen.dst, seen.dport), (CLIENT, 40000));
+
+    // The node's other ports are the host's business.
+    let other = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40001, 22, true,
+    );
+    let (verdict, out) = node.from_network(&other);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, other, "untouched");
+}
+
+#[test]
+fn node_port_to_a_backend_on_another_node_leaves_with_the_node_address_and_the_reply_is_translated_back()
+ {
+    let mut node = Node::new();
+    node.node_port(NODE_PORT, UDP, &[(IP_REMOTE, 5353)]);
+    let first = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, UDP, 40000, NODE_PORT, false,
+    );
+    let (verdict, out) = node.from_network(&first);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "on to the backend's node");
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport), (IP_REMOTE, 5353));
+    assert_eq!(
+        seen.src, NODE_IP,
+        "the node's address, so the reply comes back here"
+    );
+    let snat_port = seen.sport;
+    assert!(
+        snat_port >= 61000,
+        "a port outside the ephemeral range: {snat_port}"
+    );
+
+    let (_, out) = node.from_network(&first);
+    assert_eq!(inspect(&out).sport, snat_port, "the flow keeps its port");
+
+    // Another client using the same source port gets its own.
+    let other_client = Ipv4Addr::new(192, 168, 50, 10);
+    let second = frame(
+        CLIENT_MAC,
+        UPLINK_MAC,
+        other_client,
+        NODE_IP,
+        UDP,
+        40000,
+        NODE_PORT,
+        false,
+    );
+    let (_, out) = node.from_network(&second);
+    assert_ne!(inspect(&out).sport, snat_port);
+
+    let reply = frame(
+        UPLINK_MAC, UPLINK_MAC, IP_REMOTE, NODE_IP, UDP, 5353, snat_port, false,
+    );
+    let (verdict, out) = node.from_network(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back out of the uplink");
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (NODE_IP, NODE_PORT));
+    assert_eq!((seen.dst, seen.dport), (CLIENT, 40000));
+}
+
+#[test]
+fn a_pod_reaches_a_node_port_on_its_own_node_address() {
+    let mut node = Node::new();
+    node.node_port(NODE_PORT, TCP, &[(IP_B, 8080)]);
+    let (verdict, out) = node.sent_by_a(&frame(
+        MAC_A, GW_A, IP_A, NODE_IP, TCP, 40000, NODE_PORT, true,
+    ));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.dst, seen.dport), (IP_A, IP_B, 8080));
+
+    let (_, out) = node.sent_by_b(&frame(MAC_B, GW_B, IP_B, IP_A, TCP, 8080, 40000, false));
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (NODE_IP, NODE_PORT));
+}
+
+#[test]
+fn a_node_port_without_backends_here_refuses_new_flows() {
+    let mut node = Node::new();
+    node.node_port(NODE_PORT, TCP, &[]);
+    let syn = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
+    );
+    let (verdict, _) = node.from_network(&syn);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::NoBackend), 1);
 }
