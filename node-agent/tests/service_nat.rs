@@ -191,7 +191,7 @@ impl Node {
         self.run(ifindex, frame)
     }
 
-    fn from_network(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn arrived(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let ifindex = self.uplink;
         support::test_run(&mut self.dp, FROM_NETWORK, ifindex, frame)
     }
@@ -481,7 +481,7 @@ fn node_port_from_outside_reaches_a_local_backend_with_the_client_address_and_re
     let syn = frame(
         CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
     );
-    let (verdict, out) = node.from_network(&syn);
+    let (verdict, out) = node.arrived(&syn);
     assert_eq!(verdict, TC_ACT_REDIRECT, "straight into the backend");
     let seen = inspect(&out);
     assert_eq!(
@@ -510,7 +510,7 @@ fn node_port_from_outside_reaches_a_local_backend_with_the_client_address_and_re
     let other = frame(
         CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40001, 22, true,
     );
-    let (verdict, out) = node.from_network(&other);
+    let (verdict, out) = node.arrived(&other);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, other, "untouched");
 }
@@ -523,7 +523,7 @@ fn node_port_to_a_backend_on_another_node_leaves_with_the_node_address_and_the_r
     let first = frame(
         CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, UDP, 40000, NODE_PORT, false,
     );
-    let (verdict, out) = node.from_network(&first);
+    let (verdict, out) = node.arrived(&first);
     assert_eq!(verdict, TC_ACT_REDIRECT, "on to the backend's node");
     let seen = inspect(&out);
     assert_eq!((seen.dst, seen.dport), (IP_REMOTE, 5353));
@@ -537,7 +537,7 @@ fn node_port_to_a_backend_on_another_node_leaves_with_the_node_address_and_the_r
         "a port outside the ephemeral range: {snat_port}"
     );
 
-    let (_, out) = node.from_network(&first);
+    let (_, out) = node.arrived(&first);
     assert_eq!(inspect(&out).sport, snat_port, "the flow keeps its port");
 
     // Another client using the same source port gets its own.
@@ -552,13 +552,13 @@ fn node_port_to_a_backend_on_another_node_leaves_with_the_node_address_and_the_r
         NODE_PORT,
         false,
     );
-    let (_, out) = node.from_network(&second);
+    let (_, out) = node.arrived(&second);
     assert_ne!(inspect(&out).sport, snat_port);
 
     let reply = frame(
         UPLINK_MAC, UPLINK_MAC, IP_REMOTE, NODE_IP, UDP, 5353, snat_port, false,
     );
-    let (verdict, out) = node.from_network(&reply);
+    let (verdict, out) = node.arrived(&reply);
     assert_eq!(verdict, TC_ACT_REDIRECT, "back out of the uplink");
     let seen = inspect(&out);
     assert_eq!((seen.src, seen.sport), (NODE_IP, NODE_PORT));
@@ -588,7 +588,7 @@ fn a_node_port_without_backends_here_refuses_new_flows() {
     let syn = frame(
         CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
     );
-    let (verdict, _) = node.from_network(&syn);
+    let (verdict, _) = node.arrived(&syn);
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::NoBackend), 1);
 }

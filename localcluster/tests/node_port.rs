@@ -1,0 +1,122 @@
+//! NodePort end to end, in both topologies: a Service whose only backend runs on node 1 is
+//! reached on every node's address from a host outside the cluster, from another node and
+//! from a pod. A connection arriving at the backend's own node keeps the client's address;
+//! one arriving at the other node is forwarded with that node's address, and its replies
+//! are translated back there.
+
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use serde_json::json;
+use support::{cluster, pod, probe};
+use weir_conformance::{Protocol, probe::Servers};
+use weir_localcluster::{Topology, netns::Netns};
+
+const NODE_PORT: u16 = 30080;
+const TARGET: u16 = 8080;
+
+/// Connects from `client` to `to`:NODE_PORT over TCP, gets the backend's greeting, and
+/// returns the address the backend saw the connection come from.
+fn seen_by_backend(backend: &Netns, backend_ip: IpAddr, client: &Netns, to: IpAddr) -> IpAddr {
+    let listener = backend
+        .within(move || TcpListener::bind((backend_ip, TARGET)).expect("listen"))
+        .expect("backend namespace");
+    let server = std::thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().expect("accept");
+        stream.write_all(b"hi").expect("greeting");
+        peer.ip()
+    });
+    client
+        .within(move || {
+            let mut stream =
+                TcpStream::connect_timeout(&SocketAddr::new(to, NODE_PORT), Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect to {to}:{NODE_PORT}: {e}"));
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut reply = [0u8; 2];
+            stream.read_exact(&mut reply).expect("the backend's reply");
+            assert_eq!(&reply, b"hi");
+        })
+        .expect("client namespace");
+    server.join().expect("backend server")
+}
+
+async fn node_port_is_open_on_every_node(topology: Topology) {
+    let mut c = cluster(2, topology).await;
+    let web = pod(&mut c, "default", "web", 0).await;
+    let client = pod(&mut c, "default", "client", 1).await;
+    c.apply_object(&json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "type": "NodePort",
+            "clusterIP": "10.96.0.80",
+            "selector": {"pod": "web"},
+            "ports": [
+                {"name": "tcp", "port": 80, "targetPort": TARGET, "protocol": "TCP", "nodePort": NODE_PORT},
+                {"name": "udp", "port": 80, "targetPort": TARGET, "protocol": "UDP", "nodePort": NODE_PORT},
+            ],
+        },
+    }))
+    .expect("apply");
+    c.sync().await.expect("sync");
+    let external = c.external().expect("external host").clone();
+    let (node1, node2) = (&c.nodes()[0], &c.nodes()[1]);
+    let (ip1, ip2) = (IpAddr::V4(node1.ip), IpAddr::V4(node2.ip));
+
+    // From outside: the backend's node keeps the client's address, the other node forwards
+    // with its own.
+    let seen = seen_by_backend(&web.netns, web.ip, &external.netns, ip1);
+    assert_eq!(
+        seen,
+        IpAddr::V4(external.ip),
+        "{topology}: via the backend's node"
+    );
+    let seen = seen_by_backend(&web.netns, web.ip, &external.netns, ip2);
+    assert_eq!(seen, ip2, "{topology}: via the other node");
+    // From the other node's host, and from a pod on it to both nodes. (A node's processes
+    // reach its own address over loopback, where no TC program runs.)
+    seen_by_backend(&web.netns, web.ip, &node2.netns, ip1);
+    for to in [ip1, ip2] {
+        seen_by_backend(&web.netns, web.ip, &client.netns, to);
+    }
+
+    // UDP, with fresh sockets each time.
+    let _servers = Servers::start(&web.netns.path(), &[TARGET], &[Protocol::Udp]).expect("servers");
+    for (from, to) in [
+        (&external.netns, ip1),
+        (&external.netns, ip2),
+        (&node2.netns, ip1),
+        (&client.netns, ip1),
+        (&client.netns, ip2),
+    ] {
+        for _ in 0..3 {
+            let outcome = probe(from, to, NODE_PORT, Protocol::Udp).await;
+            assert!(
+                outcome.is_connected(),
+                "{topology}: UDP {} -> {to}:{NODE_PORT}: {outcome:?}",
+                from.name()
+            );
+        }
+    }
+    // A port that is not a nodePort is still the node's own business: nothing listens.
+    let closed = probe(&external.netns, ip2, NODE_PORT + 1, Protocol::Tcp).await;
+    assert!(!closed.is_connected(), "{topology}: {closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_port_is_open_on_every_node_on_one_segment() {
+    node_port_is_open_on_every_node(Topology::L2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_port_is_open_on_every_node_across_subnets() {
+    node_port_is_open_on_every_node(Topology::Routed).await;
+}
