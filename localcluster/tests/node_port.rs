@@ -67,6 +67,17 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
     }))
     .expect("apply");
     c.sync().await.expect("sync");
+    // Each node holds the ClusterIP and the NodePort frontends of both ports, one backend
+    // slot each.
+    for node in 0..2 {
+        let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
+        for line in ["weir_agent_services 4", "weir_agent_service_backends 4"] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "{topology}: node {node} has no `{line}`:\n{metrics}"
+            );
+        }
+    }
     let external = c.external().expect("external host").clone();
     let (node1, node2) = (&c.nodes()[0], &c.nodes()[1]);
     let (ip1, ip2) = (IpAddr::V4(node1.ip), IpAddr::V4(node2.ip));

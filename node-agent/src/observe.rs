@@ -31,6 +31,9 @@ pub struct MetricsSnapshot {
     pub peer_classes: usize,
     pub verdicts: usize,
     pub routes: usize,
+    /// Service frontends and backend slots in the `SERVICES` map.
+    pub services: u64,
+    pub service_backends: u64,
     pub drops: Vec<(DropReason, u64)>,
     /// (namespace, name, direction, rule index) → packets admitted (new flows).
     pub rule_hits: Vec<([(String, String); 4], u64)>,
@@ -97,12 +100,15 @@ impl MetricsSnapshot {
                     ))
                 })
                 .collect();
+        let (services, service_backends) = maps.service_counts();
         Self {
             ready,
             endpoints,
             peer_classes: state.peer_classes.len(),
             verdicts: state.verdicts.len(),
             routes: state.routes.len(),
+            services,
+            service_backends,
             drops: maps.drop_counts(),
             rule_hits,
             policy_drops,
@@ -159,6 +165,18 @@ impl Collector for MetricsSnapshot {
             "routes",
             "Pod CIDRs of nodes known to this node",
             self.routes as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "services",
+            "Service frontends (ClusterIP and NodePort, per port and protocol) in the dataplane",
+            self.services as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "service_backends",
+            "Backend slots of the Service frontends in the dataplane",
+            self.service_backends as i64,
         )?;
 
         let kind = ConstCounter::new(0u64).metric_type();
