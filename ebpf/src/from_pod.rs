@@ -1,11 +1,16 @@
 //! TC ingress of a pod's host-side veth: everything the pod sends.
 //!
 //! Order: ARP is answered here; the source must be the pod's own address and MAC; a packet
-//! to a Service frontend is translated to its backend; then conntrack and policy (the pod's egress rules, and the destination's ingress rules when it
-//! is a pod on this node); then delivery: straight into a local pod, to the node that owns
-//! the destination, or up the host stack.
+//! to a Service frontend is translated to its backend (a pod that is its own backend gets
+//! its packet back at once, from the frontend's address); then conntrack and policy (the
+//! pod's egress rules, and the destination's ingress rules when it is a pod on this node);
+//! then delivery: straight into a local pod, to the node that owns the destination, out of
+//! the node for a NodePort reply, or up the host stack.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
 use weir_common::{conntrack::CtEntry, event::DropReason};
 
 use crate::{
@@ -14,7 +19,7 @@ use crate::{
     events::record_drop,
     forward,
     maps::ENDPOINTS,
-    nat,
+    nat::{self, Translated},
     parse::{self, L3},
     route,
 };
@@ -46,23 +51,37 @@ pub fn run(ctx: &TcContext) -> i32 {
     // A Service's frontend becomes the flow's backend here, before policy: the pod's egress
     // rules and the backend's ingress rules judge the translated flow, as Kubernetes requires.
     let flags = match nat::translate(ctx, &mut pkt) {
-        Ok(true) => CtEntry::FLAG_SERVICE,
-        Ok(false) => 0,
+        Ok(Translated::No) => 0,
+        Ok(Translated::Yes) => CtEntry::FLAG_SERVICE,
+        // A pod reaching itself through a Service is not subject to policy, any more than
+        // its traffic over loopback is.
+        Ok(Translated::Hairpin) => return forward::to_local_pod(ctx, &src_ep),
         Err(()) => return TC_ACT_SHOT,
     };
     // SAFETY: value copied out of the map.
     let dst_ep = unsafe { ENDPOINTS.get(&pkt.daddr) }.copied();
+    let route = match dst_ep {
+        Some(_) => None,
+        None => route::lookup(&pkt.daddr),
+    };
+    if dst_ep.is_none() && route.is_none() {
+        // Neither a pod here nor one elsewhere: maybe the reply of a hairpin flow.
+        match nat::hairpin_reply(ctx, &mut pkt) {
+            Ok(true) => return forward::to_local_pod(ctx, &src_ep),
+            Ok(false) => {}
+            Err(()) => return TC_ACT_SHOT,
+        }
+    }
     let Ok(reversed) = enforce(ctx, &mut pkt, Some(&src_ep), dst_ep.as_ref(), flags) else {
         return TC_ACT_SHOT;
     };
-    match dst_ep {
-        Some(dst) => forward::to_local_pod(ctx, &dst),
+    match (dst_ep, route) {
+        (Some(dst), _) => forward::to_local_pod(ctx, &dst),
+        (None, Some(route)) => route::via(&route),
         // A NodePort reply to a client outside the pod network now comes from one of this
         // node's addresses, which the host stack would take for a martian.
-        None if reversed && route::lookup(&pkt.daddr).is_none() => {
-            forward::by_fib(ctx, &pkt.saddr, &pkt.daddr)
-        }
-        None => route::to_remote(&pkt.daddr),
+        (None, None) if reversed => forward::by_fib(ctx, &pkt.saddr, &pkt.daddr),
+        (None, None) => TC_ACT_OK,
     }
 }
 

@@ -57,12 +57,24 @@ const IPV4_DADDR: usize = ETH_HLEN + 16;
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 
+/// What [`translate`] did with a pod's packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Translated {
+    /// Not addressed to a frontend.
+    No,
+    /// Rewritten to the flow's backend.
+    Yes,
+    /// Rewritten to the flow's backend, which is the client itself (hairpin): the source is
+    /// now the frontend's address with a port of the flow's own, so the pod accepts the
+    /// packet and its reply comes back to be translated (see [`hairpin_reply`]).
+    Hairpin,
+}
+
 /// If `pkt` is addressed to a Service frontend, rewrites it to the flow's backend (picking
-/// one on the flow's first packet) and updates `pkt`. Ok(true) when translated, Ok(false)
-/// when the destination is not a frontend, Err when the flow is refused (counted and
-/// reported here; the keys live in per-CPU scratch space, not on the stack).
+/// one on the flow's first packet) and updates `pkt`. Err when the flow is refused (counted
+/// and reported here; the keys live in per-CPU scratch space, not on the stack).
 #[inline(always)]
-pub fn translate(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ()> {
+pub fn translate(ctx: &TcContext, pkt: &mut Packet) -> Result<Translated, ()> {
     match translate_inner(ctx, pkt) {
         Ok(translated) => Ok(translated),
         Err(reason) => {
@@ -80,10 +92,10 @@ fn scratch_key(i: u32) -> Option<&'static CtKey> {
 }
 
 #[inline(always)]
-fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropReason> {
+fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<Translated, DropReason> {
     // A later fragment carries no ports to rewrite; IPv6 Services come with dual stack.
     if pkt.l4 == 0 || !pkt.daddr.is_v4() {
-        return Ok(false);
+        return Ok(Translated::No);
     }
     let mut frontend_key = ServiceKey::new(pkt.daddr, pkt.dport_be, pkt.proto, 0);
     // SAFETY: value copied out of the map.
@@ -95,10 +107,10 @@ fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropReason
             frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
             match unsafe { SERVICES.get(&frontend_key) } {
                 Some(f) => *f,
-                None => return Ok(false),
+                None => return Ok(Translated::No),
             }
         }
-        None => return Ok(false),
+        None => return Ok(Translated::No),
     };
     let Some(original) = SCRATCH_KEYS.get_ptr_mut(0) else {
         return Err(DropReason::ServiceNatLost);
@@ -107,16 +119,74 @@ fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropReason
     let original = unsafe { &mut *original };
     *original = pkt.ct_key();
     // SAFETY: value copied out of the map.
-    let (backend, backend_port_be) = match unsafe { SERVICE_NAT.get(&*original) } {
-        Some(nat) => (*nat.addr(), nat.port_be()),
-        None => {
-            let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
-            let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
-            remember(original, pkt, &backend, port_be, frontend.id())?;
-            (backend, port_be)
+    if let Some(nat) = (unsafe { SERVICE_NAT.get(&*original) }).copied() {
+        set_destination(ctx, pkt, nat.addr(), nat.port_be())?;
+        if nat.is_snat() {
+            set_source(ctx, pkt, nat.other(), nat.other_port_be())?;
+            return Ok(Translated::Hairpin);
         }
+        return Ok(Translated::Yes);
+    }
+    let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
+    let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
+    if backend != pkt.saddr {
+        remember(original, pkt, &backend, port_be, frontend.id())?;
+        set_destination(ctx, pkt, &backend, port_be)?;
+        return Ok(Translated::Yes);
+    }
+    // The client is its own backend. A packet from its own address would be a martian to
+    // it, so the flow comes from the frontend's address and a port of its own.
+    let frontend_addr = pkt.daddr;
+    let snat_port_be = claim_snat_port(pkt, &backend, port_be, frontend.id())?;
+    SERVICE_NAT
+        .insert(
+            &*original,
+            &NatEntry::new(
+                backend,
+                port_be,
+                frontend.id(),
+                frontend_addr,
+                snat_port_be,
+                NatEntry::FLAG_SNAT,
+            ),
+            0,
+        )
+        .map_err(|_| DropReason::ServiceNatLost)?;
+    set_destination(ctx, pkt, &backend, port_be)?;
+    set_source(ctx, pkt, &frontend_addr, snat_port_be)?;
+    Ok(Translated::Hairpin)
+}
+
+/// A pod's packet that is the reply of a hairpin flow (to the frontend's address and the
+/// flow's port): rewritten to come from the frontend and go to the pod's own client socket.
+/// Ok(true) when it was one.
+#[inline(always)]
+pub fn hairpin_reply(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ()> {
+    hairpin_reply_inner(ctx, pkt).map_err(|reason| {
+        record_drop(ctx, scratch_key(0), reason, 0, 0);
+    })
+}
+
+#[inline(always)]
+fn hairpin_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropReason> {
+    if pkt.l4 == 0 || !pkt.daddr.is_v4() {
+        return Ok(false);
+    }
+    let Some(key) = SCRATCH_KEYS.get_ptr_mut(0) else {
+        return Ok(false);
     };
-    set_destination(ctx, pkt, &backend, backend_port_be)?;
+    // SAFETY: per-CPU scratch value, used by this program run alone.
+    let key = unsafe { &mut *key };
+    *key = pkt.ct_key();
+    // SAFETY: value copied out of the map.
+    let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }).copied() else {
+        return Ok(false);
+    };
+    if !(nat.is_reply() && nat.is_snat() && *nat.other() == pkt.saddr) {
+        return Ok(false);
+    }
+    set_source(ctx, pkt, nat.addr(), nat.port_be())?;
+    set_destination(ctx, pkt, nat.other(), nat.other_port_be())?;
     Ok(true)
 }
 

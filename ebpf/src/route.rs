@@ -22,9 +22,15 @@ pub fn lookup(daddr: &IpKey) -> Option<RouteEntry> {
 /// stack when no node does (the node itself, its peers' addresses, anything else).
 #[inline(always)]
 pub fn to_remote(daddr: &IpKey) -> i32 {
-    let Some(route) = lookup(daddr) else {
-        return TC_ACT_OK;
-    };
+    match lookup(daddr) {
+        Some(route) => via(&route),
+        None => TC_ACT_OK,
+    }
+}
+
+/// Sends a packet on `route` (from [`lookup`]).
+#[inline(always)]
+pub fn via(route: &RouteEntry) -> i32 {
     match route.mode() {
         RouteEntry::MODE_DIRECT if route.node_ip().is_v4() => {
             // bpf_redirect_neigh (kernel ≥ 5.10) resolves the next hop's MAC and fills in the

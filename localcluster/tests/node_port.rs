@@ -19,10 +19,18 @@ use weir_localcluster::{Topology, netns::Netns};
 
 const NODE_PORT: u16 = 30080;
 const TARGET: u16 = 8080;
+/// The Service port.
+const SERVICE_PORT: u16 = 80;
 
-/// Connects from `client` to `to`:NODE_PORT over TCP, gets the backend's greeting, and
-/// returns the address the backend saw the connection come from.
-fn seen_by_backend(backend: &Netns, backend_ip: IpAddr, client: &Netns, to: IpAddr) -> IpAddr {
+/// Connects from `client` to `to` (port NODE_PORT unless given) over TCP, gets the
+/// backend's greeting, and returns the address the backend saw the connection come from.
+fn seen_by_backend(
+    backend: &Netns,
+    backend_ip: IpAddr,
+    client: &Netns,
+    to: impl Into<SocketAddr>,
+) -> IpAddr {
+    let to: SocketAddr = to.into();
     let listener = backend
         .within(move || TcpListener::bind((backend_ip, TARGET)).expect("listen"))
         .expect("backend namespace");
@@ -33,9 +41,8 @@ fn seen_by_backend(backend: &Netns, backend_ip: IpAddr, client: &Netns, to: IpAd
     });
     client
         .within(move || {
-            let mut stream =
-                TcpStream::connect_timeout(&SocketAddr::new(to, NODE_PORT), Duration::from_secs(5))
-                    .unwrap_or_else(|e| panic!("connect to {to}:{NODE_PORT}: {e}"));
+            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
             stream
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .expect("timeout");
@@ -60,8 +67,8 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
             "clusterIP": "10.96.0.80",
             "selector": {"pod": "web"},
             "ports": [
-                {"name": "tcp", "port": 80, "targetPort": TARGET, "protocol": "TCP", "nodePort": NODE_PORT},
-                {"name": "udp", "port": 80, "targetPort": TARGET, "protocol": "UDP", "nodePort": NODE_PORT},
+                {"name": "tcp", "port": SERVICE_PORT, "targetPort": TARGET, "protocol": "TCP", "nodePort": NODE_PORT},
+                {"name": "udp", "port": SERVICE_PORT, "targetPort": TARGET, "protocol": "UDP", "nodePort": NODE_PORT},
             ],
         },
     }))
@@ -84,20 +91,31 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
 
     // From outside: the backend's node keeps the client's address, the other node forwards
     // with its own.
-    let seen = seen_by_backend(&web.netns, web.ip, &external.netns, ip1);
+    let seen = seen_by_backend(&web.netns, web.ip, &external.netns, (ip1, NODE_PORT));
     assert_eq!(
         seen,
         IpAddr::V4(external.ip),
         "{topology}: via the backend's node"
     );
-    let seen = seen_by_backend(&web.netns, web.ip, &external.netns, ip2);
+    let seen = seen_by_backend(&web.netns, web.ip, &external.netns, (ip2, NODE_PORT));
     assert_eq!(seen, ip2, "{topology}: via the other node");
     // From the other node's host, and from a pod on it to both nodes. (A node's processes
     // reach its own address over loopback, where no TC program runs.)
-    seen_by_backend(&web.netns, web.ip, &node2.netns, ip1);
+    seen_by_backend(&web.netns, web.ip, &node2.netns, (ip1, NODE_PORT));
     for to in [ip1, ip2] {
-        seen_by_backend(&web.netns, web.ip, &client.netns, to);
+        seen_by_backend(&web.netns, web.ip, &client.netns, (to, NODE_PORT));
     }
+
+    // The backend reaches itself through its ClusterIP and its node's NodePort (hairpin),
+    // seeing the frontend's address as its peer.
+    let cluster_ip: IpAddr = "10.96.0.80".parse().unwrap();
+    let seen = seen_by_backend(&web.netns, web.ip, &web.netns, (cluster_ip, SERVICE_PORT));
+    assert_eq!(
+        seen, cluster_ip,
+        "{topology}: hairpin through the ClusterIP"
+    );
+    let seen = seen_by_backend(&web.netns, web.ip, &web.netns, (ip1, NODE_PORT));
+    assert_eq!(seen, ip1, "{topology}: hairpin through the NodePort");
 
     // UDP, with fresh sockets each time.
     let _servers = Servers::start(&web.netns.path(), &[TARGET], &[Protocol::Udp]).expect("servers");

@@ -113,6 +113,23 @@ impl Node {
             .unwrap();
     }
 
+    /// (Re)writes both endpoints, A isolated by rule sets `ingress` and `egress`, B not.
+    fn isolate_a(&mut self, ingress: u32, egress: u32) {
+        let eps = [
+            (
+                IpKey::from(IP_A),
+                EndpointInfo::new(self.veth_a, MAC_A, GW_A).with_policies(ingress, egress),
+            ),
+            (
+                IpKey::from(IP_B),
+                EndpointInfo::new(self.veth_b, MAC_B, GW_B),
+            ),
+        ];
+        self.maps
+            .sync_endpoints(&eps.into_iter().collect())
+            .unwrap();
+    }
+
     /// Sets (or replaces) a ClusterIP frontend on `port`/`proto` with `backends`.
     fn service(
         &mut self,
@@ -591,4 +608,34 @@ fn a_node_port_without_backends_here_refuses_new_flows() {
     let (verdict, _) = node.arrived(&syn);
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(node.drops(DropReason::NoBackend), 1);
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_from_the_frontend_address() {
+    let mut node = Node::new();
+    // A is isolated for ingress and egress with nothing allowed: its own traffic to itself
+    // is still not policy's business.
+    node.isolate_a(9, 9);
+    node.service(80, TCP, &[(IP_A, 8080, BackendState::Ready)], false);
+    let (verdict, out) =
+        node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 40000, 80, true));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back into A");
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport), (IP_A, 8080));
+    assert_eq!(seen.dst_mac, MAC_A);
+    assert_eq!(
+        seen.src, CLUSTER_IP,
+        "from the frontend, not from A's own address"
+    );
+    let port = seen.sport;
+
+    let (verdict, out) = node.sent_by_a(&frame(
+        MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 8080, port, false,
+    ));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the reply goes back into A");
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (CLUSTER_IP, 80));
+    assert_eq!((seen.dst, seen.dport), (IP_A, 40000));
+    assert_eq!(node.drops(DropReason::PolicyIngress), 0);
+    assert_eq!(node.drops(DropReason::PolicyEgress), 0);
 }
