@@ -15,6 +15,11 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// Hand every packet to the host stack after policy instead of redirecting it (another
+    /// Service proxy, e.g. kube-proxy, translates in the host's netfilter and must see both
+    /// directions of a flow).
+    pub const FLAG_HOST_PATH: u32 = 1 << 0;
+
     pub const fn new(policy_gen: u32, sample_rate: u32, vni: u32) -> Self {
         Self {
             policy_gen,
@@ -34,5 +39,15 @@ impl NodeConfig {
     }
     pub const fn vni(&self) -> u32 {
         self.vni
+    }
+    pub const fn with_flags(mut self, flags: u32) -> Self {
+        self.flags = flags;
+        self
+    }
+    pub const fn flags(&self) -> u32 {
+        self.flags
+    }
+    pub const fn host_path(&self) -> bool {
+        self.flags & Self::FLAG_HOST_PATH != 0
     }
 }

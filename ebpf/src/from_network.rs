@@ -15,7 +15,7 @@ use crate::{
     conntrack::enforce,
     events::record_drop,
     forward,
-    maps::{ENDPOINTS, HOST_ADDRS},
+    maps::{ENDPOINTS, HOST_ADDRS, node_config},
     nat::{self, Inbound},
     parse::{self, L3},
     route,
@@ -36,6 +36,11 @@ pub fn run(ctx: &TcContext) -> i32 {
     if unsafe { HOST_ADDRS.get(&pkt.saddr).is_some() || ENDPOINTS.get(&pkt.saddr).is_some() } {
         record_drop(ctx, Some(&pkt.ct_key()), DropReason::Spoofed, 0, 0);
         return TC_ACT_SHOT;
+    }
+    if node_config().host_path() {
+        // Another proxy translates in the host's netfilter: the host routes every packet;
+        // a pod's ingress rules are enforced on its veth (`to_pod`).
+        return TC_ACT_OK;
     }
     // SAFETY: value copied out of the map.
     let mut dst_ep = (unsafe { ENDPOINTS.get(&pkt.daddr) }).copied();

@@ -18,7 +18,7 @@ use crate::{
     conntrack::enforce,
     events::record_drop,
     forward,
-    maps::ENDPOINTS,
+    maps::{ENDPOINTS, node_config},
     nat::{self, Translated},
     parse::{self, L3},
     route,
@@ -75,6 +75,11 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Ok(reversed) = enforce(ctx, &mut pkt, Some(&src_ep), dst_ep.as_ref(), flags) else {
         return TC_ACT_SHOT;
     };
+    if node_config().host_path() {
+        // Another proxy translates in the host's netfilter: the host routes (and sees) every
+        // packet; a local destination's ingress rules are enforced on its veth (`to_pod`).
+        return TC_ACT_OK;
+    }
     match (dst_ep, route) {
         (Some(dst), _) => forward::to_local_pod(ctx, &dst),
         (None, Some(route)) => route::via(&route),

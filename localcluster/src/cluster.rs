@@ -71,6 +71,8 @@ pub struct ClusterOptions {
     pub log: String,
     /// Run the controller (policy) and connect the agents to it.
     pub controller: bool,
+    /// Extra arguments for every agent (e.g. `--service-proxy kube-proxy`).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterOptions {
@@ -82,6 +84,7 @@ impl ClusterOptions {
             bpffs: PathBuf::from("/sys/fs/bpf"),
             log: "info".into(),
             controller: true,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -820,6 +823,7 @@ impl LocalCluster {
         if let Some(cidr) = node.pod_cidr {
             cmd.args(["--pod-cidr", &cidr.to_string()]);
         }
+        cmd.args(&self.opts.agent_args);
         if let Some(ctl) = &self.controller {
             cmd.args(["--controller", &format!("https://{}:7443", ctl.ip)])
                 .arg("--tls-dir")

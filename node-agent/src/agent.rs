@@ -20,6 +20,7 @@ use crate::{
     netlink::{Netlink, NetlinkError},
     podnet::{self, PodInterfaceSpec},
     routing::{self, RoutingMode, TUNNEL_IFNAME, Uplink, VNI, VXLAN_PORT},
+    services::ServiceProxy,
 };
 
 /// Settings the agent starts with.
@@ -42,6 +43,8 @@ pub struct AgentConfig {
     pub flow_sample_rate: u32,
     /// Masquerading of pod traffic that leaves the cluster.
     pub masquerade: MasqueradeConfig,
+    /// Who translates Services.
+    pub service_proxy: ServiceProxy,
 }
 
 #[derive(Debug, Error)]
@@ -147,6 +150,9 @@ impl Agent {
             config = NodeConfig::new(1, cfg.flow_sample_rate, VNI);
         } else {
             config = NodeConfig::new(config.policy_gen(), cfg.flow_sample_rate, VNI);
+        }
+        if cfg.service_proxy == ServiceProxy::KubeProxy {
+            config = config.with_flags(NodeConfig::FLAG_HOST_PATH);
         }
         maps.set_config(config)?;
         // Pod CIDRs: configured, or as the controller last assigned them (so a restarted
@@ -531,13 +537,20 @@ impl Agent {
             Applied::Unchanged => return Ok(()),
             Applied::Snapshot => {
                 self.maps.sync_policy(state, &self.policy)?;
-                self.maps.sync_services(&state.services)?;
+                if self.cfg.service_proxy == ServiceProxy::Weir {
+                    self.maps.sync_services(&state.services)?;
+                } else {
+                    // Left to the host's proxy; what an earlier agent wrote goes.
+                    self.maps.sync_services(&Default::default())?;
+                }
                 self.policy = state.clone();
             }
             Applied::Diff(diff) => {
                 self.maps.apply_policy_diff(diff)?;
-                self.maps
-                    .apply_service_diff(&diff.services, &self.policy.services)?;
+                if self.cfg.service_proxy == ServiceProxy::Weir {
+                    self.maps
+                        .apply_service_diff(&diff.services, &self.policy.services)?;
+                }
                 self.policy.apply(diff);
             }
         }

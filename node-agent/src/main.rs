@@ -132,6 +132,11 @@ struct Args {
         value_delimiter = ','
     )]
     non_masquerade_cidrs: Vec<IpNet>,
+    /// Who translates Services: weir (the default; run the cluster without kube-proxy) or
+    /// kube-proxy (weir writes no Service and hands every packet to the host stack after
+    /// policy, so kube-proxy's NAT sees both directions of every flow).
+    #[arg(long, env = "WEIR_SERVICE_PROXY", default_value = "weir")]
+    service_proxy: weir_agent::services::ServiceProxy,
 }
 
 #[tokio::main]
@@ -200,6 +205,7 @@ async fn run(args: Args) -> Result<()> {
             enabled: args.masquerade,
             non_masquerade_cidrs: args.non_masquerade_cidrs.clone(),
         },
+        service_proxy: args.service_proxy,
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(

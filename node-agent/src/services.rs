@@ -17,6 +17,31 @@ use weir_common::{
 
 use crate::maps::{DataplaneMaps, MapsError, Result};
 
+/// Who translates Services on this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceProxy {
+    /// weir's programs (the default; kube-proxy must not run).
+    #[default]
+    Weir,
+    /// kube-proxy (or another proxy in the host's netfilter): weir writes no Service and
+    /// hands every packet to the host stack after policy, so the host sees both directions
+    /// of every flow it translates.
+    KubeProxy,
+}
+
+impl std::str::FromStr for ServiceProxy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "weir" => Ok(Self::Weir),
+            "kube-proxy" => Ok(Self::KubeProxy),
+            other => Err(format!(
+                "unknown Service proxy {other:?} (weir or kube-proxy)"
+            )),
+        }
+    }
+}
+
 /// The slot-0 key of a frontend.
 pub fn frontend_key(f: &ServiceFrontend) -> ServiceKey {
     let addr = match f.kind {

@@ -31,6 +31,15 @@ pub fn bin_dir() -> PathBuf {
 }
 
 pub async fn cluster(nodes: usize, topology: Topology) -> LocalCluster {
+    cluster_with_agent_args(nodes, topology, &[]).await
+}
+
+/// A cluster whose agents all get `agent_args` besides the usual ones.
+pub async fn cluster_with_agent_args(
+    nodes: usize,
+    topology: Topology,
+    agent_args: &[&str],
+) -> LocalCluster {
     assert!(
         nix::unistd::geteuid().is_root(),
         "end-to-end tests need root (network namespaces, eBPF); run `cargo xtask test` as root"
@@ -38,6 +47,7 @@ pub async fn cluster(nodes: usize, topology: Topology) -> LocalCluster {
     let mut opts = ClusterOptions::new(bin_dir());
     opts.nodes = nodes;
     opts.topology = topology;
+    opts.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     LocalCluster::up(opts).await.expect("cluster up")
 }
 
