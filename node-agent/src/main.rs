@@ -132,6 +132,10 @@ struct Args {
         value_delimiter = ','
     )]
     non_masquerade_cidrs: Vec<IpNet>,
+    /// cgroup v2 directory the Service socket hooks attach to (they act on the node's
+    /// network namespace only) [default: the root of the cgroup v2 mount].
+    #[arg(long, env = "WEIR_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -200,6 +204,7 @@ async fn run(args: Args) -> Result<()> {
             enabled: args.masquerade,
             non_masquerade_cidrs: args.non_masquerade_cidrs.clone(),
         },
+        cgroup: args.cgroup_root.clone(),
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(
