@@ -266,3 +266,43 @@ async fn node_processes_reach_services_on_one_segment() {
 async fn node_processes_reach_services_across_subnets() {
     node_processes_reach_services(Topology::Routed).await;
 }
+
+/// The hooks' links are pinned: they keep translating while no agent runs, and a restarted
+/// agent — of the same layout version or a newer one — swaps its programs into them.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_socket_hooks_survive_agent_restarts_and_upgrades() {
+    let mut c = cluster(1, Topology::L2).await;
+    let a = web_pod(&mut c, "a", 0).await;
+    let _sa = NameServer::start(&a.netns, a.ip, "a");
+    c.apply_object(&service("local", LOCAL_IP, json!({"pod": "a"})))
+        .unwrap();
+    c.sync().await.unwrap();
+    let node = c.nodes()[0].netns.clone();
+    let reach = |what: &str| {
+        let frontend = SocketAddr::from((LOCAL_IP, TCP_PORT));
+        let (name, peer) =
+            tcp_name(&node, frontend).unwrap_or_else(|e| panic!("{what}: TCP to {frontend}: {e}"));
+        assert_eq!((name.as_str(), peer), ("a", frontend), "{what}");
+    };
+    reach("before");
+
+    c.kill_agent(0);
+    reach("while no agent runs");
+    c.start_agent(0).await.expect("agent restarts");
+    reach("after a restart");
+
+    // The pins become those of an older layout version; the new agent takes their links.
+    let node_dir = std::path::Path::new("/sys/fs/bpf/weir").join(&c.nodes()[0].name);
+    let current = node_dir.join(format!("v{}", weir_common::ABI_VERSION));
+    let older = node_dir.join("v0");
+    c.kill_agent(0);
+    std::fs::rename(&current, &older).expect("renaming the pin directory");
+    reach("while no agent runs, pins renamed");
+    c.start_agent(0).await.expect("agent starts");
+    reach("after the takeover");
+    assert!(!older.exists(), "the older version's pins are removed");
+    for program in weir_common::programs::SOCK {
+        let pin = current.join("links").join(format!("cgroup-{program}"));
+        assert!(pin.exists(), "{} is pinned", pin.display());
+    }
+}
