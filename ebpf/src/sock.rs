@@ -8,7 +8,7 @@
 //! * `connect4` (TCP, connected UDP) and `sendmsg4` (each datagram of unconnected UDP): a
 //!   frontend — a ClusterIP, or one of the node's addresses (`HOST_ADDRS`) on a nodePort —
 //!   becomes a backend picked as `nat` picks one. No backend: the call fails with
-//!   ECONNREFUSED, counted as `service_no_backend`.
+//!   ECONNREFUSED, counted and reported as `service_no_backend`.
 //! * `recvmsg4` and `getpeername4`: the backend is reported as the frontend the socket asked
 //!   for (`SOCK_REVNAT`, keyed by socket cookie and backend), so e.g. a DNS client accepts
 //!   the answer.
@@ -24,13 +24,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use weir_common::{
-    event::DropReason,
+    conntrack::CtKey,
+    event::{DropReason, FlowEvent},
     ip::IpKey,
     policy::proto,
     service::{NatEntry, ServiceKey, SockRevKey},
 };
 
 use crate::{
+    events::emit_on,
     maps::{DROPS, HOST_ADDRS, NODE_NETNS, SERVICES, SOCK_REVNAT, count},
     nat::pick_backend,
 };
@@ -48,6 +50,17 @@ pub fn forward(ctx: &SockAddrContext) -> i32 {
         Ok(()) => ALLOW,
         Err(reason) => {
             count(&DROPS, reason as u32);
+            // SAFETY: the context the kernel passed this program.
+            let sa = unsafe { &*ctx.sock_addr };
+            // The source is not chosen yet: the event names the frontend only.
+            let flow = CtKey::new(
+                IpKey::UNSPECIFIED,
+                IpKey::from_v4(sa.user_ip4.to_ne_bytes()),
+                0,
+                sa.user_port as u16,
+                l4_proto(sa).unwrap_or(0),
+            );
+            emit_on(0, Some(&flow), FlowEvent::VERDICT_DROP, reason as u32, 0, 0);
             // SAFETY: helper without preconditions; the kernel returns this errno instead of
             // EPERM for the rejected call.
             unsafe { bpf_set_retval(-ECONNREFUSED) };

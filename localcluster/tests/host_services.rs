@@ -234,6 +234,18 @@ async fn node_processes_reach_services(topology: Topology) {
         .find(|l| l.starts_with("weir_agent_drops_total{reason=\"service_no_backend\"}"))
         .unwrap_or_else(|| panic!("no service_no_backend counter in\n{metrics}"));
     assert!(!drops.ends_with(" 0"), "{topology}: {drops}");
+    let (_, flows) = c.agent_http(0, "/flows?limit=50").unwrap();
+    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["reason"] == "service_no_backend"
+                && f["dst"] == EMPTY_IP.to_string()
+                && f["dport"] == TCP_PORT),
+        "{topology}: no drop event for the refused connection in {flows:#}"
+    );
 
     // A nodePort on the node's own address (over loopback: no TC program sees it).
     let (name, peer) = tcp_name(&node0, SocketAddr::from((node0_ip, NODE_PORT)))
