@@ -26,7 +26,9 @@ mod pod;
 /// 2: `RULE_HITS` and `POLICY_DROPS` became per-CPU arrays indexed by id (were per-CPU hashes).
 /// 3: `SERVICES` and `SERVICE_NAT` (Service load balancing); `DROPS` has more reasons;
 ///    `HOST_ADDRS` holds 65,536 addresses (was 256); new map `TUNNEL_PEERS`.
-/// 4: `SERVICE_NAT` values carry a second address and port (NodePort source translation).
+/// 4: `SERVICE_NAT` values carry a second address and port (NodePort source translation);
+///    new maps `NODE_NETNS` and `SOCK_REVNAT` (Service translation at the socket, for the
+///    node's own processes).
 pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps, shared by the programs and the loader.
@@ -48,6 +50,8 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     pub const SERVICE_NAT: &str = "SERVICE_NAT";
     pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
+    pub const NODE_NETNS: &str = "NODE_NETNS";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
@@ -68,6 +72,8 @@ pub mod maps {
         SERVICES,
         SERVICE_NAT,
         TUNNEL_PEERS,
+        NODE_NETNS,
+        SOCK_REVNAT,
     ];
 }
 
@@ -83,6 +89,23 @@ pub mod programs {
     pub const FROM_TUNNEL: &str = "from_tunnel";
     /// TC egress of the tunnel device: picks the remote node to encapsulate towards.
     pub const TO_TUNNEL: &str = "to_tunnel";
+    /// cgroup `connect4`: a TCP or UDP socket of the node's own namespace connecting to a
+    /// Service frontend is connected to a backend instead.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup `sendmsg4`: the same for each datagram of an unconnected UDP socket.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup `recvmsg4`: a datagram from a backend appears to come from its frontend.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup `getpeername4`: a connected socket's peer is the frontend it asked for.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+
+    /// The socket programs, attached to the cgroup v2 root.
+    pub const SOCK: &[&str] = &[
+        SOCK_CONNECT4,
+        SOCK_SENDMSG4,
+        SOCK_RECVMSG4,
+        SOCK_GETPEERNAME4,
+    ];
 }
 
 /// MAC address of every node's VXLAN device. Sharing one address means the inner frame of
@@ -118,4 +141,6 @@ pub mod capacity {
     pub const SERVICES: u32 = 262_144;
     /// Two entries per translated flow (original and reply direction).
     pub const SERVICE_NAT: u32 = 262_144;
+    /// Sockets of the node's own processes talking to Services, per backend.
+    pub const SOCK_REVNAT: u32 = 65_536;
 }

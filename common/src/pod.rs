@@ -8,7 +8,7 @@ use crate::{
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
     route::{RouteEntry, TunnelPeer},
-    service::{NatEntry, ServiceKey, ServiceValue},
+    service::{NatEntry, ServiceKey, ServiceValue, SockRevKey},
 };
 
 // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and spell out
@@ -30,6 +30,7 @@ unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
 unsafe impl aya::Pod for NatEntry {}
+unsafe impl aya::Pod for SockRevKey {}
 
 #[cfg(test)]
 mod tests {
@@ -52,6 +53,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 24);
         assert_eq!(size_of::<ServiceValue>(), 32);
         assert_eq!(size_of::<NatEntry>(), 44);
+        assert_eq!(size_of::<SockRevKey>(), 32);
     }
 
     #[test]

@@ -202,3 +202,35 @@ impl NatEntry {
         self.flags & Self::FLAG_SNAT != 0
     }
 }
+
+/// Key of the `SOCK_REVNAT` LRU hash: a socket (its cookie) and the backend the socket hooks
+/// sent it to. The value, a [`NatEntry`], is the frontend the socket asked for: what
+/// `recvmsg` and `getpeername` report instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevKey {
+    cookie: u64,
+    addr: IpKey,
+    port_be: u16,
+    _pad: [u16; 3],
+}
+
+impl SockRevKey {
+    pub const fn new(cookie: u64, addr: IpKey, port_be: u16) -> Self {
+        Self {
+            cookie,
+            addr,
+            port_be,
+            _pad: [0; 3],
+        }
+    }
+    pub const fn cookie(&self) -> u64 {
+        self.cookie
+    }
+    pub const fn addr(&self) -> &IpKey {
+        &self.addr
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}

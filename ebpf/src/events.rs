@@ -41,6 +41,21 @@ pub fn emit(
     policy: u32,
     rule: u32,
 ) {
+    // SAFETY: the skb the kernel passed this program.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    emit_on(ifindex, flow, verdict, reason, policy, rule);
+}
+
+/// [`emit`] for programs without a packet (the socket hooks: interface 0).
+#[inline(always)]
+pub fn emit_on(
+    ifindex: u32,
+    flow: Option<&CtKey>,
+    verdict: u8,
+    reason: u32,
+    policy: u32,
+    rule: u32,
+) {
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         return;
     };
@@ -70,7 +85,7 @@ pub fn emit(
         (*ev).verdict = verdict;
         (*ev)._pad = [0; 2];
         (*ev).reason = reason;
-        (*ev).ifindex = (*ctx.skb.skb).ifindex;
+        (*ev).ifindex = ifindex;
         (*ev).policy = policy;
         (*ev).rule = rule;
     }

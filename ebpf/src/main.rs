@@ -1,5 +1,5 @@
 //! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
-//! `from_tunnel`, `to_tunnel`), one per mechanism (`parse`, `conntrack`, `policy`, `nat`,
+//! `from_tunnel`, `to_tunnel`; the socket hooks in `sock`), one per mechanism (`parse`, `conntrack`, `policy`, `nat`,
 //! `forward`, `route`, `arp`, `events`), maps in `maps`.
 #![no_std]
 #![no_main]
@@ -16,10 +16,14 @@ mod nat;
 mod parse;
 mod policy;
 mod route;
+mod sock;
 mod to_pod;
 mod to_tunnel;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -44,6 +48,26 @@ pub fn from_tunnel(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_tunnel(ctx: TcContext) -> i32 {
     to_tunnel::run(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

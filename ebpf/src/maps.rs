@@ -15,7 +15,7 @@ use weir_common::{
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
     route::{RouteEntry, TunnelPeer},
-    service::{NatEntry, ServiceKey, ServiceValue},
+    service::{NatEntry, ServiceKey, ServiceValue, SockRevKey},
 };
 
 #[map]
@@ -63,6 +63,17 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map]
 pub static SERVICE_NAT: LruHashMap<CtKey, NatEntry> =
     LruHashMap::with_max_entries(capacity::SERVICE_NAT, 0);
+
+/// The frontend each socket of the node's own processes asked for, per backend it was sent
+/// to (see `sock`).
+#[map]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, NatEntry> =
+    LruHashMap::with_max_entries(capacity::SOCK_REVNAT, 0);
+
+/// Cookie of the node's network namespace: the socket hooks, attached to a cgroup shared
+/// with other namespaces, act on that namespace's sockets only (0: on none).
+#[map]
+pub static NODE_NETNS: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static ROUTES: LpmTrie<IpKey, RouteEntry> = LpmTrie::with_max_entries(capacity::ROUTES, 0);

@@ -361,9 +361,10 @@ fn reverse_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
 }
 
 /// Slot 1..=count, by the client's address under session affinity (its flows keep one
-/// backend while the backend set is unchanged), at random otherwise.
+/// backend while the backend set is unchanged), at random otherwise. Shared with the socket
+/// hooks (`sock`).
 #[inline(always)]
-fn pick_backend(
+pub fn pick_backend(
     frontend_key: &ServiceKey,
     frontend: &ServiceValue,
     client: &IpKey,

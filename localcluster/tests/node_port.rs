@@ -99,10 +99,10 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
     );
     let seen = seen_by_backend(&web.netns, web.ip, &external.netns, (ip2, NODE_PORT));
     assert_eq!(seen, ip2, "{topology}: via the other node");
-    // From the other node's host, and from a pod on it to both nodes. (A node's processes
-    // reach its own address over loopback, where no TC program runs.)
-    seen_by_backend(&web.netns, web.ip, &node2.netns, (ip1, NODE_PORT));
+    // From the other node's host and from a pod on it, to both nodes (a node's processes
+    // reach its own address over loopback, translated at the socket).
     for to in [ip1, ip2] {
+        seen_by_backend(&web.netns, web.ip, &node2.netns, (to, NODE_PORT));
         seen_by_backend(&web.netns, web.ip, &client.netns, (to, NODE_PORT));
     }
 
@@ -123,6 +123,7 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
         (&external.netns, ip1),
         (&external.netns, ip2),
         (&node2.netns, ip1),
+        (&node2.netns, ip2),
         (&client.netns, ip1),
         (&client.netns, ip2),
     ] {

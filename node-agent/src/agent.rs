@@ -23,6 +23,32 @@ use crate::{
     services::ServiceProxy,
 };
 
+/// Attaches the socket hooks for the sockets of this process's network namespace (the
+/// node's). Without a cgroup v2 hierarchy they stay off: the node's own processes then do
+/// not reach ClusterIPs.
+fn attach_sockets(
+    dp: &mut Dataplane,
+    maps: &mut DataplaneMaps,
+    cgroup: Option<&std::path::Path>,
+) -> Result<()> {
+    let cookie = crate::sockets::netns_cookie().map_err(|e| {
+        AgentError::Check(format!(
+            "reading the cookie of the node's network namespace: {e}"
+        ))
+    })?;
+    maps.set_node_netns(cookie)?;
+    let Some(cgroup) = cgroup
+        .map(PathBuf::from)
+        .or_else(crate::sockets::cgroup2_mount)
+    else {
+        warn!("no cgroup v2 hierarchy: the node's own processes do not reach Services");
+        return Ok(());
+    };
+    dp.attach_sockets(&cgroup)?;
+    info!(cgroup = %cgroup.display(), "socket hooks attached");
+    Ok(())
+}
+
 /// Settings the agent starts with.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -45,6 +71,9 @@ pub struct AgentConfig {
     pub masquerade: MasqueradeConfig,
     /// Who translates Services.
     pub service_proxy: ServiceProxy,
+    /// The cgroup v2 directory the socket hooks (Service translation for the node's own
+    /// processes) are attached to; None: the root of the cgroup v2 mount, if any.
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Error)]
@@ -155,6 +184,7 @@ impl Agent {
             config = config.with_flags(NodeConfig::FLAG_HOST_PATH);
         }
         maps.set_config(config)?;
+        attach_sockets(&mut dp, &mut maps, cfg.cgroup.as_deref())?;
         // Pod CIDRs: configured, or as the controller last assigned them (so a restarted
         // agent can attach pods while the controller is away).
         let pools = if cfg.pod_cidrs.is_empty() {

@@ -1,14 +1,19 @@
 //! Loading the eBPF object, pinning its maps, attaching programs to interfaces.
 //!
 //! Everything that must survive an agent restart lives in bpffs under
-//! `<bpffs>/weir/<node>/v<ABI>/`: `maps/<NAME>` and `links/<ifname>-<direction>`. A restarted
-//! agent reopens the maps (so conntrack and policy state carry over) and atomically swaps
-//! its freshly loaded programs into the pinned links (`BPF_LINK_UPDATE`), so no packet ever
-//! meets an interface without a program. The ABI version in the path keeps an agent with
+//! `<bpffs>/weir/<node>/v<ABI>/`: `maps/<NAME>`, `links/<ifname>-<direction>` and
+//! `links/cgroup-<program>` (the socket hooks on the cgroup v2 root). A restarted agent
+//! reopens the maps (so conntrack and policy state carry over) and atomically swaps its
+//! freshly loaded programs into the pinned links (`BPF_LINK_UPDATE`), so no packet ever
+//! meets an interface, nor a socket call its hook, without a program. The ABI version in the path keeps an agent with
 //! another map layout from reusing maps it cannot read.
 
 use std::{
     fs, io,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -16,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
@@ -111,6 +116,9 @@ impl PinLayout {
         // bpffs refuses names with dots (e.g. the tunnel device `weir.vxlan`).
         let name = ifname.replace('.', "_");
         self.links_dir().join(format!("{name}-{suffix}"))
+    }
+    fn sock_link_path(&self, program: &str) -> PathBuf {
+        self.links_dir().join(format!("cgroup-{program}"))
     }
     fn create_dirs(&self) -> Result<()> {
         for dir in [self.maps_dir(), self.links_dir()] {
@@ -233,6 +241,15 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         }
+        for &name in programs::SOCK {
+            let prog = sock_program(&mut ebpf, name)?;
+            prog.load().map_err(|source| DataplaneError::Program {
+                action: "loading",
+                program: name,
+                ifname: String::new(),
+                source: Box::new(source),
+            })?;
+        }
         let mode = if tcx_supported() {
             AttachMode::Tcx
         } else {
@@ -285,6 +302,86 @@ impl Dataplane {
     pub fn attach_tunnel(&mut self, ifname: &str) -> Result<()> {
         self.attach(ifname, programs::FROM_TUNNEL, TcAttachType::Ingress)?;
         self.attach(ifname, programs::TO_TUNNEL, TcAttachType::Egress)
+    }
+
+    /// Attaches the socket hooks (Service translation for the node's own processes) to the
+    /// cgroup v2 hierarchy at `cgroup`, normally its root, next to other programs there
+    /// (a link: multi-attach). The programs act only on sockets of the namespace whose cookie is in
+    /// `NODE_NETNS`. Links pinned by a previous agent get this agent's programs swapped in
+    /// (`BPF_LINK_UPDATE`): no socket call meets the hook empty, none meets it twice.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<()> {
+        for &name in programs::SOCK {
+            let link_path = self.pins.as_ref().map(|p| p.sock_link_path(name));
+            let previous = match (&self.pins, &link_path) {
+                (Some(pins), Some(path)) if !path.exists() => {
+                    let file = path.file_name().map(PathBuf::from).unwrap_or_default();
+                    pins.other_versions()
+                        .into_iter()
+                        .map(|v| v.join("links").join(&file))
+                        .find(|p| p.exists())
+                }
+                _ => None,
+            };
+            let prog = sock_program(&mut self.ebpf, name)?;
+            let err = |action, source| DataplaneError::Program {
+                action,
+                program: name,
+                ifname: cgroup.display().to_string(),
+                source: Box::new(source),
+            };
+            let existing = link_path
+                .as_ref()
+                .filter(|p| p.exists())
+                .or(previous.as_ref());
+            if let Some(path) = existing {
+                let prog_fd = prog
+                    .fd()
+                    .map_err(|e| err("replacing", e))?
+                    .as_fd()
+                    .as_raw_fd();
+                update_pinned_link(path, prog_fd).map_err(|source| DataplaneError::Io {
+                    action: "swapping the program of pinned link",
+                    path: path.clone(),
+                    source,
+                })?;
+                if let (Some(old), Some(new)) = (&previous, &link_path) {
+                    // Same link, pinned under this version: bpffs renames within one mount.
+                    fs::rename(old, new).map_err(|source| DataplaneError::Io {
+                        action: "moving the pin of another version's link",
+                        path: old.clone(),
+                        source,
+                    })?;
+                }
+                continue;
+            }
+            let file = fs::File::open(cgroup).map_err(|source| DataplaneError::Io {
+                action: "opening the cgroup",
+                path: cgroup.to_path_buf(),
+                source,
+            })?;
+            // A BPF link (kernel ≥ 5.7, which the hooks' helpers need anyway) always sits
+            // next to the cgroup's other programs, and the kernel refuses attach flags on
+            // one: "single" means no flags here, not exclusive.
+            let id = prog
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(|e| err("attaching", e))?;
+            let link = prog.take_link(id).map_err(|e| err("releasing", e))?;
+            let fd = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                path: cgroup.to_path_buf(),
+                source: Box::new(source),
+            })?;
+            match link_path {
+                Some(path) => {
+                    fd.pin(&path).map_err(|source| DataplaneError::Pin {
+                        path,
+                        source: Box::new(source),
+                    })?;
+                }
+                // Unpinned (tests): attached as long as the process lives.
+                None => std::mem::forget(fd),
+            }
+        }
+        Ok(())
     }
 
     /// Detaches the pod programs (removing their pins). Missing links are not an error:
@@ -449,6 +546,75 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
     ebpf.program_mut(name)
         .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
         .ok_or(DataplaneError::MissingProgram { name })
+}
+
+fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+        .ok_or(DataplaneError::MissingProgram { name })
+}
+
+/// `BPF_LINK_UPDATE` of the link pinned at `path` to program `prog_fd` (aya has no update
+/// for cgroup links).
+fn update_pinned_link(path: &Path, prog_fd: i32) -> io::Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let get = ObjGet {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor we own.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let update = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `update` is a valid bpf_attr prefix for BPF_LINK_UPDATE and outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &update as *const LinkUpdate,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// TCX needs Linux 6.6.

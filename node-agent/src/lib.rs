@@ -17,6 +17,7 @@ pub mod observe;
 pub mod podnet;
 pub mod routing;
 pub mod services;
+pub mod sockets;
 
 /// Bytes VXLAN adds to a packet (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8); pod MTUs
 /// leave room for it so that encapsulated traffic never needs fragmenting.

@@ -137,6 +137,10 @@ struct Args {
     /// policy, so kube-proxy's NAT sees both directions of every flow).
     #[arg(long, env = "WEIR_SERVICE_PROXY", default_value = "weir")]
     service_proxy: weir_agent::services::ServiceProxy,
+    /// cgroup v2 directory the Service socket hooks attach to (they act on the node's
+    /// network namespace only) [default: the root of the cgroup v2 mount].
+    #[arg(long, env = "WEIR_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -206,6 +210,7 @@ async fn run(args: Args) -> Result<()> {
             non_masquerade_cidrs: args.non_masquerade_cidrs.clone(),
         },
         service_proxy: args.service_proxy,
+        cgroup: args.cgroup_root.clone(),
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(

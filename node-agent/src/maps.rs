@@ -108,6 +108,8 @@ pub struct DataplaneMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     /// Translations of Service flows.
     pub service_nat: HashMap<MapData, CtKey, NatEntry>,
+    /// Cookie of the node's network namespace, for the socket hooks.
+    pub node_netns: Array<MapData, u64>,
 }
 
 macro_rules! take {
@@ -136,7 +138,16 @@ impl DataplaneMaps {
             policy_drops: take!(dp, names::POLICY_DROPS),
             services: take!(dp, names::SERVICES),
             service_nat: take!(dp, names::SERVICE_NAT),
+            node_netns: take!(dp, names::NODE_NETNS),
         })
+    }
+
+    /// Makes the socket hooks act on the sockets of the network namespace with `cookie` (0:
+    /// on none).
+    pub fn set_node_netns(&mut self, cookie: u64) -> Result<()> {
+        self.node_netns
+            .set(0, cookie, 0)
+            .map_err(map_err(names::NODE_NETNS, "writing"))
     }
 
     pub fn config(&self) -> Result<NodeConfig> {
