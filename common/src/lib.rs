@@ -28,7 +28,7 @@ mod pod;
 ///    `HOST_ADDRS` holds 65,536 addresses (was 256); new map `TUNNEL_PEERS`.
 /// 4: `SERVICE_NAT` values carry a second address and port (NodePort source translation);
 ///    new maps `NODE_NETNS` and `SOCK_REVNAT` (Service translation at the socket, for the
-///    node's own processes).
+///    node's own processes); new map `AFFINITY` (session affinity with its timeout).
 pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps, shared by the programs and the loader.
@@ -49,6 +49,7 @@ pub mod maps {
     pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const SERVICES: &str = "SERVICES";
     pub const SERVICE_NAT: &str = "SERVICE_NAT";
+    pub const AFFINITY: &str = "AFFINITY";
     pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
     pub const NODE_NETNS: &str = "NODE_NETNS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
@@ -71,6 +72,7 @@ pub mod maps {
         FRAGMENTS,
         SERVICES,
         SERVICE_NAT,
+        AFFINITY,
         TUNNEL_PEERS,
         NODE_NETNS,
         SOCK_REVNAT,
@@ -141,6 +143,8 @@ pub mod capacity {
     pub const SERVICES: u32 = 262_144;
     /// Two entries per translated flow (original and reply direction).
     pub const SERVICE_NAT: u32 = 262_144;
+    /// Clients of Services with session affinity, per Service port.
+    pub const AFFINITY: u32 = 65_536;
     /// Sockets of the node's own processes talking to Services, per backend.
     pub const SOCK_REVNAT: u32 = 65_536;
 }

@@ -8,7 +8,7 @@ use crate::{
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
     route::{RouteEntry, TunnelPeer},
-    service::{NatEntry, ServiceKey, ServiceValue, SockRevKey},
+    service::{AffinityKey, AffinityValue, NatEntry, ServiceKey, ServiceValue, SockRevKey},
 };
 
 // SAFETY: all of these are #[repr(C)], contain only integers and byte arrays, and spell out
@@ -30,6 +30,8 @@ unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
 unsafe impl aya::Pod for NatEntry {}
+unsafe impl aya::Pod for AffinityKey {}
+unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for SockRevKey {}
 
 #[cfg(test)]
@@ -53,6 +55,8 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 24);
         assert_eq!(size_of::<ServiceValue>(), 32);
         assert_eq!(size_of::<NatEntry>(), 44);
+        assert_eq!(size_of::<AffinityKey>(), 20);
+        assert_eq!(size_of::<AffinityValue>(), 32);
         assert_eq!(size_of::<SockRevKey>(), 32);
     }
 

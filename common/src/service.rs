@@ -234,3 +234,62 @@ impl SockRevKey {
         u16::from_be(self.port_be)
     }
 }
+
+/// Key of the `AFFINITY` LRU hash: a client of a Service port under `sessionAffinity:
+/// ClientIP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    /// Id of the Service port.
+    service: u32,
+    client: IpKey,
+}
+
+impl AffinityKey {
+    pub const fn new(service: u32, client: IpKey) -> Self {
+        Self { service, client }
+    }
+    pub const fn service(&self) -> u32 {
+        self.service
+    }
+    pub const fn client(&self) -> &IpKey {
+        &self.client
+    }
+}
+
+/// Value of the `AFFINITY` LRU hash: the backend a client sticks to, and when it last
+/// opened a flow to it (the timeout runs from there, as with kube-proxy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    backend: IpKey,
+    backend_port_be: u16,
+    _pad: u16,
+    /// The backend's slot when it was picked (checked against the slot's content on use).
+    slot: u32,
+    last_ns: u64,
+}
+
+impl AffinityValue {
+    pub const fn new(backend: IpKey, backend_port_be: u16, slot: u32, last_ns: u64) -> Self {
+        Self {
+            backend,
+            backend_port_be,
+            _pad: 0,
+            slot,
+            last_ns,
+        }
+    }
+    pub const fn backend(&self) -> &IpKey {
+        &self.backend
+    }
+    pub const fn backend_port_be(&self) -> u16 {
+        self.backend_port_be
+    }
+    pub const fn slot(&self) -> u32 {
+        self.slot
+    }
+    pub const fn last_ns(&self) -> u64 {
+        self.last_ns
+    }
+}

@@ -15,7 +15,7 @@ use weir_common::{
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
     route::{RouteEntry, TunnelPeer},
-    service::{NatEntry, ServiceKey, ServiceValue, SockRevKey},
+    service::{AffinityKey, AffinityValue, NatEntry, ServiceKey, ServiceValue, SockRevKey},
 };
 
 #[map]
@@ -74,6 +74,12 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey, NatEntry> =
 /// with other namespaces, act on that namespace's sockets only (0: on none).
 #[map]
 pub static NODE_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Session affinity: the backend each client of a Service port sticks to, and when it last
+/// opened a flow.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);
 
 #[map]
 pub static ROUTES: LpmTrie<IpKey, RouteEntry> = LpmTrie::with_max_entries(capacity::ROUTES, 0);

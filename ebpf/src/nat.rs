@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     programs::TcContext,
 };
 use weir_common::{
@@ -18,12 +18,12 @@ use weir_common::{
     event::DropReason,
     ip::IpKey,
     policy::proto,
-    service::{NatEntry, ServiceKey, ServiceValue},
+    service::{AffinityKey, AffinityValue, NatEntry, ServiceKey, ServiceValue},
 };
 
 use crate::{
     events::record_drop,
-    maps::{ENDPOINTS, HOST_ADDRS, SCRATCH_KEYS, SERVICE_NAT, SERVICES},
+    maps::{AFFINITY, ENDPOINTS, HOST_ADDRS, SCRATCH_KEYS, SERVICE_NAT, SERVICES},
     parse::{ETH_HLEN, Packet},
 };
 
@@ -373,19 +373,68 @@ pub fn pick_backend(
     if count == 0 {
         return Err(DropReason::NoBackend);
     }
-    let spread = if frontend.flags() & ServiceValue::FLAG_AFFINITY != 0 {
-        let o = client.v4_octets();
-        u32::from_ne_bytes(o).wrapping_mul(0x9e37_79b1) >> 8
-    } else {
-        // SAFETY: helper without preconditions.
-        unsafe { bpf_get_prandom_u32() }
-    };
-    let slot = 1 + spread % count;
+    if frontend.flags() & ServiceValue::FLAG_AFFINITY != 0 {
+        return pick_with_affinity(frontend_key, frontend, client, count);
+    }
+    // SAFETY: helper without preconditions.
+    let slot = 1 + unsafe { bpf_get_prandom_u32() } % count;
     // SAFETY: value copied out of the map.
     match unsafe { SERVICES.get(&frontend_key.with_slot(slot)) } {
         Some(b) => Ok(*b),
         None => Err(DropReason::NoBackend),
     }
+}
+
+/// `sessionAffinity: ClientIP`: a client's new flows go to the backend its last one went
+/// to, if that was less than the timeout ago and the backend is still in its slot; else to
+/// a random one, which it then sticks to.
+#[inline(always)]
+fn pick_with_affinity(
+    frontend_key: &ServiceKey,
+    frontend: &ServiceValue,
+    client: &IpKey,
+    count: u32,
+) -> Result<ServiceValue, DropReason> {
+    let key = AffinityKey::new(frontend.id(), *client);
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(frontend.affinity_s()) * 1_000_000_000;
+    // SAFETY: value copied out of the map.
+    if let Some(last) = unsafe { AFFINITY.get(&key) }.copied() {
+        if now.wrapping_sub(last.last_ns()) < timeout_ns && last.slot() <= count {
+            // SAFETY: value copied out of the map.
+            if let Some(b) = unsafe { SERVICES.get(&frontend_key.with_slot(last.slot())) } {
+                if b.backend_addr() == last.backend()
+                    && b.backend_port_be() == last.backend_port_be()
+                {
+                    let b = *b;
+                    let _ = AFFINITY.insert(
+                        &key,
+                        &AffinityValue::new(
+                            *last.backend(),
+                            last.backend_port_be(),
+                            last.slot(),
+                            now,
+                        ),
+                        0,
+                    );
+                    return Ok(b);
+                }
+            }
+        }
+    }
+    // SAFETY: helper without preconditions.
+    let slot = 1 + unsafe { bpf_get_prandom_u32() } % count;
+    // SAFETY: value copied out of the map.
+    let Some(b) = (unsafe { SERVICES.get(&frontend_key.with_slot(slot)) }).copied() else {
+        return Err(DropReason::NoBackend);
+    };
+    let _ = AFFINITY.insert(
+        &key,
+        &AffinityValue::new(*b.backend_addr(), b.backend_port_be(), slot, now),
+        0,
+    );
+    Ok(b)
 }
 
 /// Records both directions of a new translation: the original key → the backend, the

@@ -57,6 +57,8 @@ struct Node {
     veth_b: u32,
     uplink: u32,
     services: BTreeMap<ServiceFrontend, ServiceEntry>,
+    /// Session-affinity timeout of the Services `service` writes with affinity.
+    affinity_s: u32,
 }
 
 impl Node {
@@ -84,6 +86,7 @@ impl Node {
             veth_b,
             uplink,
             services: BTreeMap::new(),
+            affinity_s: 10800,
         };
         let routes = [(
             "10.244.1.0/24".parse().unwrap(),
@@ -184,7 +187,7 @@ impl Node {
                     state: *state,
                 })
                 .collect(),
-            affinity_timeout_s: affinity.then_some(10800),
+            affinity_timeout_s: affinity.then_some(self.affinity_s),
             masquerade_external: false,
         };
         let mut new = self.services.clone();
@@ -403,6 +406,34 @@ fn session_affinity_sends_every_flow_of_a_client_to_one_backend() {
         })
         .collect();
     assert_eq!(backends.len(), 1, "one backend for all flows: {backends:?}");
+}
+
+#[test]
+fn session_affinity_lets_a_client_go_after_its_timeout() {
+    let mut node = Node::new();
+    node.affinity_s = 1;
+    let backends: Vec<_> = (20..24)
+        .map(|i| (Ipv4Addr::new(10, 244, 1, i), 8080, BackendState::Ready))
+        .collect();
+    node.service(80, TCP, &backends, true);
+    let mut sport = 40000;
+    let mut next_backend = |node: &mut Node| {
+        sport += 1;
+        let (_, out) = node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, sport, 80, true));
+        inspect(&out).dst
+    };
+    let first = next_backend(&mut node);
+    for _ in 0..8 {
+        assert_eq!(next_backend(&mut node), first, "within the timeout");
+    }
+    // Each flow after a pause longer than the timeout picks anew: over eight of them, four
+    // backends all coincide with probability 4^-7.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        seen.insert(next_backend(&mut node));
+    }
+    assert!(seen.len() > 1, "the client was let go: {seen:?}");
 }
 
 #[test]
