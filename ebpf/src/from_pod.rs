@@ -21,7 +21,7 @@ use crate::{
     maps::{ENDPOINTS, node_config},
     nat::{self, Translated},
     parse::{self, L3},
-    route,
+    reject, route,
 };
 
 #[inline(always)]
@@ -56,7 +56,9 @@ pub fn run(ctx: &TcContext) -> i32 {
         // A pod reaching itself through a Service is not subject to policy, any more than
         // its traffic over loopback is.
         Ok(Translated::Hairpin) => return forward::to_local_pod(ctx, &src_ep),
-        Err(()) => return TC_ACT_SHOT,
+        // Nothing serves the Service here: answer as a closed port would, at once.
+        Err(DropReason::NoBackend) => return reject::refuse(ctx, &pkt, &src_ep),
+        Err(_) => return TC_ACT_SHOT,
     };
     // SAFETY: value copied out of the map.
     let dst_ep = unsafe { ENDPOINTS.get(&pkt.daddr) }.copied();

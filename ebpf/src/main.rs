@@ -15,6 +15,7 @@ mod maps;
 mod nat;
 mod parse;
 mod policy;
+mod reject;
 mod route;
 mod sock;
 mod to_pod;

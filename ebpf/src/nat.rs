@@ -71,17 +71,14 @@ pub enum Translated {
 }
 
 /// If `pkt` is addressed to a Service frontend, rewrites it to the flow's backend (picking
-/// one on the flow's first packet) and updates `pkt`. Err when the flow is refused (counted
-/// and reported here; the keys live in per-CPU scratch space, not on the stack).
+/// one on the flow's first packet) and updates `pkt`. Err when the flow is refused, with
+/// the reason (counted and reported here; the keys live in per-CPU scratch space, not on
+/// the stack).
 #[inline(always)]
-pub fn translate(ctx: &TcContext, pkt: &mut Packet) -> Result<Translated, ()> {
-    match translate_inner(ctx, pkt) {
-        Ok(translated) => Ok(translated),
-        Err(reason) => {
-            record_drop(ctx, scratch_key(0), reason, 0, 0);
-            Err(())
-        }
-    }
+pub fn translate(ctx: &TcContext, pkt: &mut Packet) -> Result<Translated, DropReason> {
+    translate_inner(ctx, pkt).inspect_err(|reason| {
+        record_drop(ctx, scratch_key(0), *reason, 0, 0);
+    })
 }
 
 /// A scratch key as last written by this program run (None if the slot is missing).

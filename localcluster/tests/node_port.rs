@@ -73,12 +73,26 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
         },
     }))
     .expect("apply");
+    c.apply_object(&json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "nobody", "namespace": "default"},
+        "spec": {
+            "clusterIP": "10.96.0.81",
+            "selector": {"pod": "nobody"},
+            "ports": [
+                {"name": "tcp", "port": SERVICE_PORT, "protocol": "TCP"},
+                {"name": "udp", "port": SERVICE_PORT, "protocol": "UDP"},
+            ],
+        },
+    }))
+    .expect("apply");
     c.sync().await.expect("sync");
-    // Each node holds the ClusterIP and the NodePort frontends of both ports, one backend
-    // slot each.
+    // Each node holds the ClusterIP and the NodePort frontends of both ports of `web`, one
+    // backend slot each, and the two ClusterIP frontends of `nobody`, without backends.
     for node in 0..2 {
         let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
-        for line in ["weir_agent_services 4", "weir_agent_service_backends 4"] {
+        for line in ["weir_agent_services 6", "weir_agent_service_backends 4"] {
             assert!(
                 metrics.lines().any(|l| l == line),
                 "{topology}: node {node} has no `{line}`:\n{metrics}"
@@ -116,6 +130,35 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
     );
     let seen = seen_by_backend(&web.netns, web.ip, &web.netns, (ip1, NODE_PORT));
     assert_eq!(seen, ip1, "{topology}: hairpin through the NodePort");
+
+    // A Service without backends refuses at once, as a closed port does.
+    client
+        .netns
+        .within(|| {
+            let ip: IpAddr = "10.96.0.81".parse().unwrap();
+            let err = TcpStream::connect_timeout(
+                &SocketAddr::new(ip, SERVICE_PORT),
+                Duration::from_secs(5),
+            )
+            .expect_err("nothing serves it");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "TCP: {err}"
+            );
+            let udp = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("udp");
+            udp.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            udp.connect((ip, SERVICE_PORT)).expect("connect");
+            udp.send(b"ping").expect("send");
+            let err = udp.recv(&mut [0u8; 8]).expect_err("nothing serves it");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "UDP: {err}"
+            );
+        })
+        .expect("client namespace");
 
     // UDP, with fresh sockets each time.
     let _servers = Servers::start(&web.netns.path(), &[TARGET], &[Protocol::Udp]).expect("servers");

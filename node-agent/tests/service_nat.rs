@@ -469,12 +469,64 @@ fn terminating_backends_are_used_only_when_none_is_ready() {
 }
 
 #[test]
-fn a_service_without_backends_refuses_new_flows_and_counts_them() {
+fn a_service_without_backends_refuses_new_flows_at_once_and_counts_them() {
     let mut node = Node::new();
     node.service(80, TCP, &[], false);
-    let (verdict, _) = node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 40000, 80, true));
-    assert_eq!(verdict, TC_ACT_SHOT);
+    node.service(53, UDP, &[], false);
+
+    // TCP: the SYN comes back as a reset from the frontend, acknowledging it.
+    let syn = frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 40000, 80, true);
+    let (verdict, out) = node.sent_by_a(&syn);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "answered straight back to the pod"
+    );
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (CLUSTER_IP, 80));
+    assert_eq!((seen.dst, seen.dport), (IP_A, 40000));
+    assert_eq!(seen.dst_mac, MAC_A);
+    let p = SlicedPacket::from_ethernet(&out).unwrap();
+    let Some(TransportSlice::Tcp(t)) = p.transport else {
+        panic!("not TCP");
+    };
+    assert!(t.rst() && t.ack() && !t.syn(), "RST+ACK");
+    assert_eq!(
+        t.acknowledgment_number(),
+        1005,
+        "acknowledges the SYN (sequence 1000) and its 4 bytes of data"
+    );
     assert_eq!(node.drops(DropReason::NoBackend), 1);
+
+    // UDP: an ICMP port unreachable from the frontend, quoting the datagram as sent.
+    let datagram = frame(MAC_A, GW_A, IP_A, CLUSTER_IP, UDP, 40001, 53, false);
+    let (verdict, out) = node.sent_by_a(&datagram);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = SlicedPacket::from_ethernet(&out).expect("a parsable frame");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4");
+    };
+    let header = ip.header().to_header();
+    assert_eq!(header.header_checksum, header.calc_header_checksum());
+    assert_eq!(
+        (
+            Ipv4Addr::from(header.source),
+            Ipv4Addr::from(header.destination)
+        ),
+        (CLUSTER_IP, IP_A)
+    );
+    let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+        panic!("not ICMP: {:?}", p.transport);
+    };
+    assert_eq!((icmp.type_u8(), icmp.code_u8()), (3, 3), "port unreachable");
+    let expect = icmp.icmp_type().calc_checksum(icmp.payload());
+    assert_eq!(icmp.checksum(), expect, "ICMP checksum");
+    assert_eq!(
+        icmp.payload(),
+        &datagram[14..14 + 28],
+        "quotes the header and 8 bytes"
+    );
+    assert_eq!(node.drops(DropReason::NoBackend), 2);
+
     // Another port of the same address is not a frontend: it goes up the stack untouched.
     let f = frame(MAC_A, GW_A, IP_A, CLUSTER_IP, TCP, 40000, 81, true);
     assert_eq!(node.sent_by_a(&f), (TC_ACT_OK, f));
