@@ -76,8 +76,10 @@ pub enum Translated {
 /// the stack).
 #[inline(always)]
 pub fn translate(ctx: &TcContext, pkt: &mut Packet) -> Result<Translated, DropReason> {
-    translate_inner(ctx, pkt).inspect_err(|reason| {
-        record_drop(ctx, scratch_key(0), *reason, 0, 0);
+    // The drop event names the Service port (in its rule field).
+    let mut service = 0;
+    translate_inner(ctx, pkt, &mut service).inspect_err(|reason| {
+        record_drop(ctx, scratch_key(0), *reason, 0, service);
     })
 }
 
@@ -89,7 +91,11 @@ fn scratch_key(i: u32) -> Option<&'static CtKey> {
 }
 
 #[inline(always)]
-fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<Translated, DropReason> {
+fn translate_inner(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    service: &mut u32,
+) -> Result<Translated, DropReason> {
     // A later fragment carries no ports to rewrite; IPv6 Services come with dual stack.
     if pkt.l4 == 0 || !pkt.daddr.is_v4() {
         return Ok(Translated::No);
@@ -109,6 +115,7 @@ fn translate_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<Translated, Drop
         }
         None => return Ok(Translated::No),
     };
+    *service = frontend.id();
     let Some(original) = SCRATCH_KEYS.get_ptr_mut(0) else {
         return Err(DropReason::ServiceNatLost);
     };
@@ -193,13 +200,18 @@ fn hairpin_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropRe
 /// drop.
 #[inline(always)]
 pub fn inbound(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, ()> {
-    inbound_inner(ctx, pkt).map_err(|reason| {
-        record_drop(ctx, scratch_key(0), reason, 0, 0);
+    let mut service = 0;
+    inbound_inner(ctx, pkt, &mut service).map_err(|reason| {
+        record_drop(ctx, scratch_key(0), reason, 0, service);
     })
 }
 
 #[inline(always)]
-fn inbound_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, DropReason> {
+fn inbound_inner(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    service: &mut u32,
+) -> Result<Inbound, DropReason> {
     if pkt.l4 == 0 || !pkt.daddr.is_v4() {
         return Ok(Inbound::Pass);
     }
@@ -213,6 +225,7 @@ fn inbound_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, DropReaso
     // source port this node gave a forwarded flow are both addressed to the node.
     // SAFETY: value copied out of the map.
     if let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }).copied() {
+        *service = nat.service();
         if nat.is_reply() {
             if !nat.is_snat() {
                 return Ok(Inbound::Pass);
@@ -235,6 +248,7 @@ fn inbound_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, DropReaso
     let Some(frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
         return Ok(Inbound::Pass);
     };
+    *service = frontend.id();
     let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
     let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
     // SAFETY: existence check only.

@@ -160,6 +160,20 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
         })
         .expect("client namespace");
 
+    // The refusals are drop events naming the Service port.
+    let (_, flows) = c.agent_http(1, "/flows?limit=100").expect("flows");
+    let flows: serde_json::Value = serde_json::from_str(&flows).expect("JSON");
+    for port in ["default/nobody:tcp", "default/nobody:udp"] {
+        assert!(
+            flows
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|f| { f["reason"] == "service_no_backend" && f["service"] == port }),
+            "{topology}: no drop event naming {port} in {flows:#}"
+        );
+    }
+
     // UDP, with fresh sockets each time.
     let _servers = Servers::start(&web.netns.path(), &[TARGET], &[Protocol::Udp]).expect("servers");
     for (from, to) in [

@@ -248,6 +248,10 @@ pub struct FlowRecord {
     pub policies: Vec<String>,
     /// The deciding rule, `Kind/ns/name direction #index`.
     pub rule: Option<String>,
+    /// For a Service's drops (no backend, translation lost): the Service port,
+    /// `ns/name[:port name]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     #[serde(skip)]
     raw: FlowEvent,
 }
@@ -270,6 +274,7 @@ impl FlowRecord {
             ifindex: e.ifindex,
             policies: Vec::new(),
             rule: None,
+            service: None,
             raw: e,
         }
     }
@@ -279,7 +284,25 @@ impl FlowRecord {
         if let Some(set) = state.rule_sets.get(&self.raw.policy) {
             self.policies = set.policies.iter().map(|p| p.to_string()).collect();
         }
-        if let Some(r) = state.rules.get(&self.raw.rule) {
+        let by_service = matches!(
+            DropReason::from_u32(self.raw.reason),
+            Some(DropReason::NoBackend | DropReason::ServiceNatLost)
+        );
+        if by_service {
+            // The rule field carries the Service port's id.
+            self.service = state
+                .services
+                .values()
+                .find(|e| e.id == self.raw.rule && self.raw.rule != 0)
+                .map(|e| {
+                    let s = &e.service;
+                    if s.port_name.is_empty() {
+                        format!("{}/{}", s.namespace, s.name)
+                    } else {
+                        format!("{}/{}:{}", s.namespace, s.name, s.port_name)
+                    }
+                });
+        } else if let Some(r) = state.rules.get(&self.raw.rule) {
             self.rule = Some(format!(
                 "{} {} #{}",
                 r.policy,
