@@ -38,6 +38,12 @@ pub enum MapsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("map {map}: {needed} entries needed, it holds {capacity}; nothing was written")]
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
     #[error("map {map}: {action}")]
     Map {
         map: &'static str,

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use weir_api::{BackendState, ServiceEntry, ServiceFrontend, TableDiff};
 use weir_common::{
+    capacity,
     conntrack::CtKey,
     ip::IpKey,
     maps as names,
@@ -40,6 +41,25 @@ impl std::str::FromStr for ServiceProxy {
             )),
         }
     }
+}
+
+/// Entries of `SERVICES` a table takes: each frontend and each of its usable backends.
+pub fn service_slots(table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> usize {
+    table.values().map(|e| 1 + usable_backends(e).len()).sum()
+}
+
+/// Refuses a table that does not fit `SERVICES`, before anything is written: half a table
+/// would send flows to frontends whose backends are missing.
+fn fits(table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> Result<()> {
+    let needed = service_slots(table);
+    if needed > capacity::SERVICES as usize {
+        return Err(MapsError::Capacity {
+            map: names::SERVICES,
+            needed,
+            capacity: capacity::SERVICES,
+        });
+    }
+    Ok(())
 }
 
 /// The slot-0 key of a frontend.
@@ -132,20 +152,22 @@ impl DataplaneMaps {
         diff: &TableDiff<ServiceFrontend, ServiceEntry>,
         old: &BTreeMap<ServiceFrontend, ServiceEntry>,
     ) -> Result<()> {
+        let mut new = old.clone();
+        diff.apply_to(&mut new);
+        fits(&new)?;
         for (f, entry) in &diff.upsert {
             self.write_frontend(f, entry)?;
         }
         for f in &diff.remove {
             self.remove_frontend(f);
         }
-        let mut new = old.clone();
-        diff.apply_to(&mut new);
         self.forget_lost_backends(old, &new);
         Ok(())
     }
 
     /// Makes `SERVICES` hold exactly `table`, whatever it held before.
     pub fn sync_services(&mut self, table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> Result<()> {
+        fits(table)?;
         let mut wanted: HashSet<ServiceKey> = HashSet::new();
         for (f, entry) in table {
             self.write_frontend(f, entry)?;
