@@ -42,7 +42,7 @@ fn every_upstream_case_starts_with_an_all_allowed_readiness_step() {
         assert!(!first.expect.is_empty(), "{}", case.name);
         for block in &first.expect {
             assert!(
-                block.default == Verdict::Allow && block.deny.is_empty(),
+                block.default == Some(Verdict::Allow) && block.deny.is_empty(),
                 "{}: readiness step denies something",
                 case.name
             );
@@ -85,8 +85,11 @@ fn default_deny_ingress_case_expects_upstream_truth_table() {
             } else {
                 Verdict::Allow
             };
-            assert_eq!(block.verdict(&from, &to), expected, "{from} -> {to}");
+            assert_eq!(block.verdict(&from, &to), Some(expected), "{from} -> {to}");
         }
     }
-    assert_eq!(block.verdict(&pod("x/a"), &pod("x/a")), Verdict::Allow);
+    assert_eq!(
+        block.verdict(&pod("x/a"), &pod("x/a")),
+        Some(Verdict::Allow)
+    );
 }
