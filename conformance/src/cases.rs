@@ -447,12 +447,11 @@ impl Serialize for Endpoint {
 impl Expectation {
     /// The expected verdict for `from -> to`.
     ///
-    /// * A pod connecting to itself is always allowed: the packet never leaves the pod, so
-    ///   no policy applies to it.
+    /// * A pod connecting to itself is allowed whenever the block covers the pair: the packet
+    ///   never leaves the pod, so no policy applies to it.
     /// * Otherwise the most specific matching pattern decides, specificity being the sum
     ///   over both sides of 2 for `ns/pod`, 1 for `ns/*`, 0 for `*/*`; when the best `allow`
     ///   and the best `deny` are equally specific, `allow` wins.
-    /// * A pair no pattern matches gets `default`.
     /// * A pair no pattern matches gets `default` (`None` when the block has none: such a
     ///   pair is not probed).
     pub fn verdict(&self, from: &PodRef, to: &PodRef) -> Option<Verdict> {
@@ -462,9 +461,6 @@ impl Expectation {
     /// [`Expectation::verdict`] for any pair of endpoints; `default` applies to pod pairs
     /// only (other pairs are probed only where a pattern names them).
     pub fn endpoint_verdict(&self, from: &Endpoint, to: &Endpoint) -> Option<Verdict> {
-        if from.is_pod() && from == to {
-            return Some(Verdict::Allow);
-        }
         let best = |patterns: &[PairPattern]| {
             patterns
                 .iter()
@@ -474,14 +470,20 @@ impl Expectation {
                 .map(PairPattern::specificity)
                 .max()
         };
-        match (best(&self.allow), best(&self.deny)) {
+        let verdict = match (best(&self.allow), best(&self.deny)) {
             (None, None) if from.is_pod() && to.is_pod() => self.default,
             (None, None) => None,
             (Some(_), None) => Some(Verdict::Allow),
             (None, Some(_)) => Some(Verdict::Deny),
             (Some(allow), Some(deny)) if allow >= deny => Some(Verdict::Allow),
             (Some(_), Some(_)) => Some(Verdict::Deny),
+        };
+        // A self pair the block covers at all is allowed; one it does not cover (no
+        // `default`, no pattern) is not probed.
+        if from.is_pod() && from == to {
+            return verdict.map(|_| Verdict::Allow);
         }
+        verdict
     }
 
     /// The pairs with a non-pod side that the block's patterns name, in pattern order
@@ -1699,6 +1701,11 @@ model:
             "Service ports need not be model ports"
         );
         assert_eq!(named.verdict(&pod("x/a"), &pod("y/a")), None);
+        assert_eq!(
+            named.verdict(&pod("x/a"), &pod("x/a")),
+            None,
+            "unnamed self pair"
+        );
         let svc = Endpoint::Service(ServiceRef {
             namespace: "y".into(),
             name: "web".into(),
