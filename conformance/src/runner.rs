@@ -1424,3 +1424,105 @@ fn trim_line_end(text: &mut String) {
     }
     text.push('\n');
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(outcome: ProbeOutcome) -> Answer {
+        Answer {
+            outcome,
+            answered_by: None,
+        }
+    }
+
+    fn cell(expected: Verdict, rounds: &[&[ProbeOutcome]]) -> NamedCell {
+        NamedCell {
+            report: NamedPairReport {
+                from: Endpoint::Pod(PodRef::new("x", "a")),
+                to: Endpoint::Service(ServiceRef {
+                    namespace: "y".into(),
+                    name: "web".into(),
+                }),
+                node: None,
+                port: 80,
+                protocol: Protocol::Tcp,
+                expected,
+                passed: false,
+                rounds: rounds
+                    .iter()
+                    .map(|round| round.iter().cloned().map(answer).collect())
+                    .collect(),
+            },
+            target: Ok("10.96.0.10:80".parse().expect("address")),
+            per_round: rounds.first().map_or(0, |round| round.len()),
+        }
+    }
+
+    use ProbeOutcome::{Connected as C, Error as E, TimedOut as T};
+
+    #[test]
+    fn service_allow_needs_a_round_where_every_attempt_connected() {
+        let policy = RetryPolicy::default();
+        let mixed = cell(Verdict::Allow, &[&[C, C, T, C]]);
+        assert!(!mixed.passed(&policy));
+        assert!(mixed.wants_retry(&policy));
+        let still_mixed = cell(
+            Verdict::Allow,
+            &[&[C, C, T, C], &[C, T, C, C], &[T, C, C, C]],
+        );
+        assert!(
+            !still_mixed.passed(&policy),
+            "partial rounds never add up to a pass"
+        );
+        assert!(!still_mixed.wants_retry(&policy));
+        let retried = cell(Verdict::Allow, &[&[C, C, T, C], &[C, C, C, C]]);
+        assert!(retried.passed(&policy));
+    }
+
+    #[test]
+    fn service_deny_needs_every_attempt_denied() {
+        let policy = RetryPolicy::default();
+        assert!(cell(Verdict::Deny, &[&[T, T, T, T]]).passed(&policy));
+        let leaky = cell(Verdict::Deny, &[&[T, C, T, T]]);
+        assert!(!leaky.passed(&policy));
+        assert!(
+            leaky.wants_retry(&policy),
+            "propagation gets its grace period"
+        );
+        let confirmed = cell(
+            Verdict::Deny,
+            &[&[T, C, T, T], &[T, T, T, T], &[T, T, T, T]],
+        );
+        assert!(confirmed.passed(&policy));
+        let leaks_again = cell(Verdict::Deny, &[&[T, C, T, T], &[T, T, C, T]]);
+        assert!(!leaks_again.passed(&policy));
+        assert!(!leaks_again.wants_retry(&policy));
+    }
+
+    #[test]
+    fn errors_fail_service_pairs_without_retries() {
+        let policy = RetryPolicy::default();
+        for expected in [Verdict::Allow, Verdict::Deny] {
+            let errored = cell(expected, &[&[T, E("no socket".into()), T, T]]);
+            assert!(!errored.passed(&policy));
+            assert!(!errored.wants_retry(&policy));
+        }
+    }
+
+    #[test]
+    fn summaries_count_outcomes_and_answering_pods() {
+        let answers = [
+            Answer {
+                outcome: C,
+                answered_by: Some("y/a".into()),
+            },
+            answer(T),
+            Answer {
+                outcome: C,
+                answered_by: Some("y/a".into()),
+            },
+        ];
+        assert_eq!(summarize(&answers), "connected by y/a x2, timed out x1");
+    }
+}
