@@ -294,10 +294,20 @@ pub struct Case {
 /// Tag of cases that use fields of an API's experimental channel.
 pub const EXPERIMENTAL_TAG: &str = "experimental";
 
+/// Prefix of the tag `nodes=N`: the case holds only on exactly N nodes.
+pub const NODES_TAG_PREFIX: &str = "nodes=";
+
 impl Case {
     /// Whether the case is tagged `experimental` (skipped by runners without support).
     pub fn is_experimental(&self) -> bool {
         self.tags.iter().any(|tag| tag == EXPERIMENTAL_TAG)
+    }
+
+    /// The node count a `nodes=N` tag pins the case to (validated at load).
+    pub fn required_nodes(&self) -> Option<u32> {
+        self.tags
+            .iter()
+            .find_map(|tag| tag.strip_prefix(NODES_TAG_PREFIX)?.parse().ok())
     }
 }
 
@@ -356,46 +366,144 @@ impl fmt::Display for Verdict {
 }
 
 /// One expect block: a verdict for every (from pod, to pod) pair on each listed port and
-/// protocol.
+/// protocol (only the pairs its patterns name when it has no `default`), plus the pairs its
+/// patterns name with a node source or a Service, nodePort or external destination.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Expectation {
-    /// Ports checked (the model's ports when the block lists none).
+    /// Ports checked (the model's ports when the block lists none). For Service and nodePort
+    /// destinations these are Service ports.
     pub ports: Vec<u16>,
     /// Protocols checked (the model's protocols when the block lists none).
     pub protocols: Vec<Protocol>,
-    /// Verdict for pairs no pattern matches.
-    pub default: Verdict,
+    /// Verdict for pod pairs no pattern matches; `None`: only named pairs are probed.
+    pub default: Option<Verdict>,
     pub deny: Vec<PairPattern>,
     pub allow: Vec<PairPattern>,
+    /// `backends`: over [`BACKEND_ATTEMPTS`] fresh connections, exactly these pods answer.
+    pub backends: Vec<(Endpoint, Endpoint, BTreeSet<PodRef>)>,
+    /// `same_backend`: [`SAME_BACKEND_ATTEMPTS`] connections all reach one backend.
+    pub same_backend: Vec<(Endpoint, Endpoint)>,
+}
+
+/// Fresh connections a `backends` expectation makes.
+pub const BACKEND_ATTEMPTS: usize = 32;
+/// Connections a `same_backend` expectation makes.
+pub const SAME_BACKEND_ATTEMPTS: usize = 16;
+/// Fresh connections an `allow` or `deny` to a Service or nodePort is judged on.
+pub const SERVICE_ATTEMPTS: usize = 8;
+
+/// A Service, `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One concrete end of a probe: where a client runs or what it connects to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    /// A model pod (source or destination).
+    Pod(PodRef),
+    /// Node N's host network namespace, 1-based (source only).
+    Node(u32),
+    /// A Service's ClusterIP (destination only).
+    Service(ServiceRef),
+    /// A Service's nodePort on every node (destination only).
+    NodePort(ServiceRef),
+    /// The server outside the cluster (destination only).
+    External,
+}
+
+impl Endpoint {
+    pub fn is_pod(&self) -> bool {
+        matches!(self, Endpoint::Pod(_))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Pod(pod) => write!(f, "{pod}"),
+            Endpoint::Node(n) => write!(f, "node:{n}"),
+            Endpoint::Service(svc) => write!(f, "svc:{svc}"),
+            Endpoint::NodePort(svc) => write!(f, "nodeport:{svc}"),
+            Endpoint::External => f.write_str("external"),
+        }
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 impl Expectation {
     /// The expected verdict for `from -> to`.
     ///
-    /// * A pod connecting to itself is always allowed: the packet never leaves the pod, so
-    ///   no policy applies to it.
+    /// * A pod connecting to itself is allowed whenever the block covers the pair: the packet
+    ///   never leaves the pod, so no policy applies to it.
     /// * Otherwise the most specific matching pattern decides, specificity being the sum
     ///   over both sides of 2 for `ns/pod`, 1 for `ns/*`, 0 for `*/*`; when the best `allow`
     ///   and the best `deny` are equally specific, `allow` wins.
-    /// * A pair no pattern matches gets `default`.
-    pub fn verdict(&self, from: &PodRef, to: &PodRef) -> Verdict {
-        if from == to {
-            return Verdict::Allow;
-        }
+    /// * A pair no pattern matches gets `default` (`None` when the block has none: such a
+    ///   pair is not probed).
+    pub fn verdict(&self, from: &PodRef, to: &PodRef) -> Option<Verdict> {
+        self.endpoint_verdict(&Endpoint::Pod(from.clone()), &Endpoint::Pod(to.clone()))
+    }
+
+    /// [`Expectation::verdict`] for any pair of endpoints; `default` applies to pod pairs
+    /// only (other pairs are probed only where a pattern names them).
+    pub fn endpoint_verdict(&self, from: &Endpoint, to: &Endpoint) -> Option<Verdict> {
         let best = |patterns: &[PairPattern]| {
             patterns
                 .iter()
-                .filter(|pattern| pattern.matches(from, to))
+                .filter(|pattern| {
+                    pattern.from.matches_endpoint(from) && pattern.to.matches_endpoint(to)
+                })
                 .map(PairPattern::specificity)
                 .max()
         };
-        match (best(&self.allow), best(&self.deny)) {
-            (None, None) => self.default,
-            (Some(_), None) => Verdict::Allow,
-            (None, Some(_)) => Verdict::Deny,
-            (Some(allow), Some(deny)) if allow >= deny => Verdict::Allow,
-            (Some(_), Some(_)) => Verdict::Deny,
+        let verdict = match (best(&self.allow), best(&self.deny)) {
+            (None, None) if from.is_pod() && to.is_pod() => self.default,
+            (None, None) => None,
+            (Some(_), None) => Some(Verdict::Allow),
+            (None, Some(_)) => Some(Verdict::Deny),
+            (Some(allow), Some(deny)) if allow >= deny => Some(Verdict::Allow),
+            (Some(_), Some(_)) => Some(Verdict::Deny),
+        };
+        // A self pair the block covers at all is allowed; one it does not cover (no
+        // `default`, no pattern) is not probed.
+        if from.is_pod() && from == to {
+            return verdict.map(|_| Verdict::Allow);
         }
+        verdict
+    }
+
+    /// The pairs with a non-pod side that the block's patterns name, in pattern order
+    /// without repeats: every pod a pod side matches, paired with the other side.
+    pub fn named_pairs(&self, model: &Model) -> Vec<(Endpoint, Endpoint)> {
+        let mut pairs = Vec::new();
+        for pattern in self.allow.iter().chain(&self.deny) {
+            if pattern.from.is_pod_pattern() && pattern.to.is_pod_pattern() {
+                continue;
+            }
+            for from in pattern.from.expand(model) {
+                for to in pattern.to.expand(model) {
+                    let pair = (from.clone(), to);
+                    if !pairs.contains(&pair) {
+                        pairs.push(pair);
+                    }
+                }
+            }
+        }
+        pairs
     }
 
     /// Every (port, protocol) combination the block checks, ports outer.
@@ -407,7 +515,8 @@ impl Expectation {
     }
 }
 
-/// One side of a pair pattern.
+/// One side of a pair pattern: pods (`*/*`, `ns/*`, `ns/pod`), or one other endpoint
+/// (`node:N`, `svc:ns/name`, `nodeport:ns/name`, `external`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PodPattern {
     /// `*/*`: every pod.
@@ -416,23 +525,54 @@ pub enum PodPattern {
     Namespace(String),
     /// `ns/pod`: one pod.
     Pod(PodRef),
+    /// `node:N`, `svc:ns/name`, `nodeport:ns/name` or `external`: exactly that endpoint.
+    Other(Endpoint),
 }
 
 impl PodPattern {
-    /// 2 for `ns/pod`, 1 for `ns/*`, 0 for `*/*`.
+    /// 2 for `ns/pod` and the other exact endpoints, 1 for `ns/*`, 0 for `*/*`.
     pub fn specificity(&self) -> u8 {
         match self {
             PodPattern::Any => 0,
             PodPattern::Namespace(_) => 1,
-            PodPattern::Pod(_) => 2,
+            PodPattern::Pod(_) | PodPattern::Other(_) => 2,
         }
     }
 
+    /// Whether the side matches a pod (never for non-pod endpoints).
     pub fn matches(&self, pod: &PodRef) -> bool {
         match self {
             PodPattern::Any => true,
             PodPattern::Namespace(namespace) => &pod.namespace == namespace,
             PodPattern::Pod(exact) => exact == pod,
+            PodPattern::Other(_) => false,
+        }
+    }
+
+    /// Whether the side matches an endpoint of any kind.
+    pub fn matches_endpoint(&self, endpoint: &Endpoint) -> bool {
+        match (self, endpoint) {
+            (PodPattern::Other(exact), endpoint) => exact == endpoint,
+            (pattern, Endpoint::Pod(pod)) => pattern.matches(pod),
+            _ => false,
+        }
+    }
+
+    /// Whether the side stands for pods.
+    pub fn is_pod_pattern(&self) -> bool {
+        !matches!(self, PodPattern::Other(_))
+    }
+
+    /// Every endpoint the side matches in `model`.
+    pub fn expand(&self, model: &Model) -> Vec<Endpoint> {
+        match self {
+            PodPattern::Other(endpoint) => vec![endpoint.clone()],
+            pattern => model
+                .pod_refs()
+                .into_iter()
+                .filter(|pod| pattern.matches(pod))
+                .map(Endpoint::Pod)
+                .collect(),
         }
     }
 }
@@ -443,14 +583,41 @@ impl fmt::Display for PodPattern {
             PodPattern::Any => f.write_str("*/*"),
             PodPattern::Namespace(namespace) => write!(f, "{namespace}/*"),
             PodPattern::Pod(pod) => write!(f, "{pod}"),
+            PodPattern::Other(endpoint) => write!(f, "{endpoint}"),
         }
     }
+}
+
+/// Parses `ns/name` of a Service.
+fn parse_service(text: &str) -> Result<ServiceRef, String> {
+    let pod = text
+        .parse::<PodRef>()
+        .map_err(|_| format!("{text:?} is not ns/name of a Service"))?;
+    Ok(ServiceRef {
+        namespace: pod.namespace,
+        name: pod.name,
+    })
 }
 
 impl FromStr for PodPattern {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
+        if text == "external" {
+            return Ok(PodPattern::Other(Endpoint::External));
+        }
+        if let Some(rest) = text.strip_prefix("svc:") {
+            return Ok(PodPattern::Other(Endpoint::Service(parse_service(rest)?)));
+        }
+        if let Some(rest) = text.strip_prefix("nodeport:") {
+            return Ok(PodPattern::Other(Endpoint::NodePort(parse_service(rest)?)));
+        }
+        if let Some(rest) = text.strip_prefix("node:") {
+            return match rest.parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(PodPattern::Other(Endpoint::Node(n))),
+                _ => Err(format!("side {text:?}: node:N takes a node number from 1")),
+            };
+        }
         let (namespace, pod) = text
             .split_once('/')
             .ok_or_else(|| format!("side {text:?} is not ns/pod, ns/* or */*"))?;
@@ -516,6 +683,8 @@ impl FromStr for PairPattern {
 enum Segment<'a> {
     Text(&'a str),
     PodIp(PodRef),
+    /// `{{ip external}}`: the address of the server outside the cluster.
+    ExternalIp,
 }
 
 /// Splits `text` into literal text and `{{ip ns/pod}}` placeholders (whitespace inside the
@@ -536,13 +705,19 @@ fn segments(text: &str) -> Result<Vec<Segment<'_>>, (String, &'static str)> {
         let placeholder = format!("{{{{{inner}}}}}");
         let mut words = inner.split_whitespace();
         match (words.next(), words.next(), words.next()) {
+            (Some("ip"), Some("external"), None) => out.push(Segment::ExternalIp),
             (Some("ip"), Some(pod), None) => {
                 let pod = pod
                     .parse::<PodRef>()
                     .map_err(|_| (placeholder, "expected {{ip ns/pod}}"))?;
                 out.push(Segment::PodIp(pod));
             }
-            _ => return Err((placeholder, "the only placeholder is {{ip ns/pod}}")),
+            _ => {
+                return Err((
+                    placeholder,
+                    "the only placeholders are {{ip ns/pod}} and {{ip external}}",
+                ));
+            }
         }
         rest = &after[end + 2..];
     }
@@ -569,7 +744,7 @@ pub fn placeholder_pods(object: &Value) -> BTreeSet<PodRef> {
         if let Ok(segments) = segments(text) {
             pods.extend(segments.into_iter().filter_map(|segment| match segment {
                 Segment::PodIp(pod) => Some(pod),
-                Segment::Text(_) => None,
+                Segment::Text(_) | Segment::ExternalIp => None,
             }));
         }
         Ok(())
@@ -580,6 +755,30 @@ pub fn placeholder_pods(object: &Value) -> BTreeSet<PodRef> {
 /// Replaces every `{{ip ns/pod}}` in `object`'s string values with the pod's address from
 /// `ips`.
 pub fn substitute_ips(object: &Value, ips: &BTreeMap<PodRef, IpAddr>) -> Result<Value> {
+    substitute(object, ips, None)
+}
+
+/// Whether `object` holds `{{ip external}}` anywhere in its string values.
+pub fn uses_external_ip(object: &Value) -> bool {
+    let mut found = false;
+    let _: Result<(), ()> = visit_strings(object, &mut |text| {
+        if let Ok(segments) = segments(text) {
+            found |= segments
+                .iter()
+                .any(|segment| matches!(segment, Segment::ExternalIp));
+        }
+        Ok(())
+    });
+    found
+}
+
+/// Replaces every `{{ip ns/pod}}` with the pod's address from `ips` and every
+/// `{{ip external}}` with `external`.
+pub fn substitute(
+    object: &Value,
+    ips: &BTreeMap<PodRef, IpAddr>,
+    external: Option<IpAddr>,
+) -> Result<Value> {
     Ok(match object {
         Value::String(text) => {
             // Validation at load time rejected malformed placeholders; a string that still
@@ -595,6 +794,10 @@ pub fn substitute_ips(object: &Value, ips: &BTreeMap<PodRef, IpAddr>) -> Result<
                         let ip = ips.get(&pod).ok_or(Error::MissingPodIp { pod })?;
                         out.push_str(&ip.to_string());
                     }
+                    Segment::ExternalIp => {
+                        let ip = external.ok_or(Error::MissingExternalIp)?;
+                        out.push_str(&ip.to_string());
+                    }
                 }
             }
             Value::String(out)
@@ -602,12 +805,12 @@ pub fn substitute_ips(object: &Value, ips: &BTreeMap<PodRef, IpAddr>) -> Result<
         Value::Array(items) => Value::Array(
             items
                 .iter()
-                .map(|item| substitute_ips(item, ips))
+                .map(|item| substitute(item, ips, external))
                 .collect::<Result<_>>()?,
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(key, item)| Ok((key.clone(), substitute_ips(item, ips)?)))
+                .map(|(key, item)| Ok((key.clone(), substitute(item, ips, external)?)))
                 .collect::<Result<_>>()?,
         ),
         Value::Null | Value::Bool(_) | Value::Number(_) => object.clone(),
@@ -672,9 +875,11 @@ mod raw {
     pub struct Expect {
         pub ports: Option<Vec<u16>>,
         pub protocols: Option<Vec<String>>,
-        pub default: Verdict,
+        pub default: Option<Verdict>,
         pub deny: Option<Vec<String>>,
         pub allow: Option<Vec<String>>,
+        pub backends: Option<BTreeMap<String, Vec<String>>>,
+        pub same_backend: Option<Vec<String>>,
     }
 }
 
@@ -762,9 +967,20 @@ impl CaseFile {
                     validate_step(&model, &location, step)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let tags = raw_case.tags.unwrap_or_default();
+            for tag in &tags {
+                if let Some(count) = tag.strip_prefix(NODES_TAG_PREFIX)
+                    && !matches!(count.parse::<u32>(), Ok(n) if n > 0)
+                {
+                    return Err(Error::BadNodesTag {
+                        case: raw_case.name,
+                        tag: tag.clone(),
+                    });
+                }
+            }
             cases.push(Case {
                 name: raw_case.name,
-                tags: raw_case.tags.unwrap_or_default(),
+                tags,
                 steps,
             });
         }
@@ -871,7 +1087,7 @@ fn validate_object(
         })?;
         parts.iter().try_for_each(|part| match part {
             Segment::PodIp(pod) => check_pod(model, location, pod),
-            Segment::Text(_) => Ok(()),
+            Segment::Text(_) | Segment::ExternalIp => Ok(()),
         })
     })
 }
@@ -885,7 +1101,9 @@ fn validate_expect(
         None => model.ports.clone(),
         Some(ports) => {
             for &port in &ports {
-                if !model.ports.contains(&port) {
+                // A block without `default` names every pair it probes, so it may probe
+                // Service ports the pods do not serve.
+                if raw.default.is_some() && !model.ports.contains(&port) {
                     return Err(Error::PortNotInModel {
                         location: location.clone(),
                         port,
@@ -936,12 +1154,53 @@ fn validate_expect(
             });
         }
     }
+    let allow = patterns(raw.allow)?;
+    let concrete_pair = |text: &str| -> Result<(Endpoint, Endpoint)> {
+        let pattern = parse_pattern(model, location, text)?;
+        let bad = |reason: &str| Error::BadPattern {
+            location: location.clone(),
+            pattern: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let from = match pattern.from {
+            PodPattern::Pod(pod) => Endpoint::Pod(pod),
+            PodPattern::Other(node @ Endpoint::Node(_)) => node,
+            _ => return Err(bad("the client must be one pod or node:N")),
+        };
+        let to = match pattern.to {
+            PodPattern::Other(svc @ Endpoint::Service(_)) => svc,
+            _ => return Err(bad("the destination must be svc:ns/name")),
+        };
+        Ok((from, to))
+    };
+    let mut backends = Vec::new();
+    for (text, pods) in raw.backends.unwrap_or_default() {
+        let (from, to) = concrete_pair(&text)?;
+        let mut set = BTreeSet::new();
+        for pod in pods {
+            let parsed = pod.parse::<PodRef>().map_err(|_| Error::PodNotInModel {
+                location: location.clone(),
+                pod: pod.clone(),
+            })?;
+            check_pod(model, location, &parsed)?;
+            set.insert(parsed);
+        }
+        backends.push((from, to, set));
+    }
+    let same_backend = raw
+        .same_backend
+        .unwrap_or_default()
+        .iter()
+        .map(|text| concrete_pair(text))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Expectation {
         ports,
         protocols,
         default: raw.default,
         deny,
-        allow: patterns(raw.allow)?,
+        allow,
+        backends,
+        same_backend,
     })
 }
 
@@ -953,11 +1212,29 @@ fn parse_pattern(model: &Model, location: &StepLocation, text: &str) -> Result<P
             pattern: text.to_owned(),
             reason,
         })?;
-    for side in [&pattern.from, &pattern.to] {
+    let bad = |reason: &str| Error::BadPattern {
+        location: location.clone(),
+        pattern: text.to_owned(),
+        reason: reason.to_owned(),
+    };
+    for (side, is_source) in [(&pattern.from, true), (&pattern.to, false)] {
         match side {
             PodPattern::Any => {}
             PodPattern::Namespace(namespace) => check_namespace(model, location, namespace)?,
             PodPattern::Pod(pod) => check_pod(model, location, pod)?,
+            PodPattern::Other(Endpoint::Node(_)) if !is_source => {
+                return Err(bad("node:N is a client, not a destination"));
+            }
+            PodPattern::Other(Endpoint::Node(_)) => {}
+            PodPattern::Other(_) if is_source => {
+                return Err(bad(
+                    "svc:, nodeport: and external are destinations, not clients",
+                ));
+            }
+            PodPattern::Other(Endpoint::Service(svc) | Endpoint::NodePort(svc)) => {
+                check_namespace(model, location, &svc.namespace)?;
+            }
+            PodPattern::Other(_) => {}
         }
     }
     Ok(pattern)
@@ -990,9 +1267,11 @@ model:
         Expectation {
             ports: vec![80],
             protocols: vec![Protocol::Tcp],
-            default,
+            default: Some(default),
             deny: parse(deny),
             allow: parse(allow),
+            backends: Vec::new(),
+            same_backend: Vec::new(),
         }
     }
 
@@ -1003,50 +1282,80 @@ model:
     #[test]
     fn default_applies_to_pairs_no_pattern_matches() {
         let allow_all = expectation(Verdict::Allow, &[], &[]);
-        assert_eq!(allow_all.verdict(&pod("x/a"), &pod("y/b")), Verdict::Allow);
+        assert_eq!(
+            allow_all.verdict(&pod("x/a"), &pod("y/b")),
+            Some(Verdict::Allow)
+        );
         let deny_all = expectation(Verdict::Deny, &[], &[]);
-        assert_eq!(deny_all.verdict(&pod("x/a"), &pod("y/b")), Verdict::Deny);
+        assert_eq!(
+            deny_all.verdict(&pod("x/a"), &pod("y/b")),
+            Some(Verdict::Deny)
+        );
     }
 
     #[test]
     fn self_pairs_are_allowed_even_under_a_matching_deny_and_deny_default() {
         let block = expectation(Verdict::Deny, &["*/* -> x/*", "x/a -> */*"], &[]);
-        assert_eq!(block.verdict(&pod("x/a"), &pod("x/a")), Verdict::Allow);
-        assert_eq!(block.verdict(&pod("x/b"), &pod("x/b")), Verdict::Allow);
-        assert_eq!(block.verdict(&pod("x/b"), &pod("x/a")), Verdict::Deny);
+        assert_eq!(
+            block.verdict(&pod("x/a"), &pod("x/a")),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(
+            block.verdict(&pod("x/b"), &pod("x/b")),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(block.verdict(&pod("x/b"), &pod("x/a")), Some(Verdict::Deny));
     }
 
     #[test]
     fn more_specific_allow_beats_deny() {
         let block = expectation(Verdict::Allow, &["*/* -> x/a"], &["x/b -> x/a"]);
-        assert_eq!(block.verdict(&pod("x/b"), &pod("x/a")), Verdict::Allow);
-        assert_eq!(block.verdict(&pod("x/c"), &pod("x/a")), Verdict::Deny);
-        assert_eq!(block.verdict(&pod("y/b"), &pod("x/a")), Verdict::Deny);
-        assert_eq!(block.verdict(&pod("x/b"), &pod("x/c")), Verdict::Allow);
+        assert_eq!(
+            block.verdict(&pod("x/b"), &pod("x/a")),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(block.verdict(&pod("x/c"), &pod("x/a")), Some(Verdict::Deny));
+        assert_eq!(block.verdict(&pod("y/b"), &pod("x/a")), Some(Verdict::Deny));
+        assert_eq!(
+            block.verdict(&pod("x/b"), &pod("x/c")),
+            Some(Verdict::Allow)
+        );
     }
 
     #[test]
     fn more_specific_deny_beats_allow() {
         // allow y/* -> x/* (1+1 = 2) vs deny y/a -> x/* (2+1 = 3)
         let block = expectation(Verdict::Deny, &["y/a -> x/*"], &["y/* -> x/*"]);
-        assert_eq!(block.verdict(&pod("y/a"), &pod("x/b")), Verdict::Deny);
-        assert_eq!(block.verdict(&pod("y/b"), &pod("x/b")), Verdict::Allow);
-        assert_eq!(block.verdict(&pod("z/b"), &pod("x/b")), Verdict::Deny);
+        assert_eq!(block.verdict(&pod("y/a"), &pod("x/b")), Some(Verdict::Deny));
+        assert_eq!(
+            block.verdict(&pod("y/b"), &pod("x/b")),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(block.verdict(&pod("z/b"), &pod("x/b")), Some(Verdict::Deny));
     }
 
     #[test]
     fn equal_specificity_tie_goes_to_allow() {
         // ns/pod -> */* (2) against */* -> ns/pod (2)
         let block = expectation(Verdict::Deny, &["x/a -> */*"], &["*/* -> y/b"]);
-        assert_eq!(block.verdict(&pod("x/a"), &pod("y/b")), Verdict::Allow);
-        assert_eq!(block.verdict(&pod("x/a"), &pod("y/c")), Verdict::Deny);
+        assert_eq!(
+            block.verdict(&pod("x/a"), &pod("y/b")),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(block.verdict(&pod("x/a"), &pod("y/c")), Some(Verdict::Deny));
         // ns/* -> ns/* (2) against ns/pod -> */* (2)
         let block = expectation(Verdict::Allow, &["x/* -> y/*"], &["x/a -> */*"]);
-        assert_eq!(block.verdict(&pod("x/a"), &pod("y/a")), Verdict::Allow);
-        assert_eq!(block.verdict(&pod("x/b"), &pod("y/a")), Verdict::Deny);
+        assert_eq!(
+            block.verdict(&pod("x/a"), &pod("y/a")),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(block.verdict(&pod("x/b"), &pod("y/a")), Some(Verdict::Deny));
         // the very same pattern on both sides
         let block = expectation(Verdict::Deny, &["x/a -> y/a"], &["x/a -> y/a"]);
-        assert_eq!(block.verdict(&pod("x/a"), &pod("y/a")), Verdict::Allow);
+        assert_eq!(
+            block.verdict(&pod("x/a"), &pod("y/a")),
+            Some(Verdict::Allow)
+        );
     }
 
     #[test]
@@ -1057,9 +1366,12 @@ model:
             &["*/* -> */*", "x/a -> y/a"],
             &["x/* -> y/*"],
         );
-        assert_eq!(block.verdict(&pod("x/a"), &pod("y/a")), Verdict::Deny);
-        assert_eq!(block.verdict(&pod("x/b"), &pod("y/a")), Verdict::Allow);
-        assert_eq!(block.verdict(&pod("z/b"), &pod("y/a")), Verdict::Deny);
+        assert_eq!(block.verdict(&pod("x/a"), &pod("y/a")), Some(Verdict::Deny));
+        assert_eq!(
+            block.verdict(&pod("x/b"), &pod("y/a")),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(block.verdict(&pod("z/b"), &pod("y/a")), Some(Verdict::Deny));
     }
 
     #[test]
@@ -1075,7 +1387,7 @@ model:
         let mut denied = 0;
         for from in model.pod_refs() {
             for to in model.pod_refs() {
-                let verdict = block.verdict(&from, &to);
+                let verdict = block.verdict(&from, &to).expect("a default");
                 let expected = if to.namespace == "x" && from != to {
                     Verdict::Deny
                 } else {
@@ -1320,5 +1632,194 @@ model:
         let ports = model.container_ports();
         assert_eq!(ports.len(), 6);
         assert!(ports.contains(&("serve-81-sctp".to_owned(), 81, Protocol::Sctp)));
+    }
+    #[test]
+    fn service_node_and_external_sides_parse_and_display() {
+        let pattern: PairPattern = "node:2 -> svc:y/web".parse().expect("pattern");
+        assert_eq!(pattern.from, PodPattern::Other(Endpoint::Node(2)));
+        assert_eq!(
+            pattern.to,
+            PodPattern::Other(Endpoint::Service(ServiceRef {
+                namespace: "y".into(),
+                name: "web".into()
+            }))
+        );
+        assert_eq!(pattern.to_string(), "node:2 -> svc:y/web");
+        assert_eq!(pattern.specificity(), 4);
+        for text in ["x/a -> nodeport:y/web", "x/* -> external"] {
+            let pattern: PairPattern = text.parse().expect(text);
+            assert_eq!(pattern.to_string(), text);
+        }
+        for text in [
+            "node:0 -> x/a",
+            "node:one -> x/a",
+            "x/a -> svc:web",
+            "x/a -> svc:y/*",
+        ] {
+            assert!(text.parse::<PairPattern>().is_err(), "{text} parsed");
+        }
+    }
+
+    #[test]
+    fn non_pod_sides_are_checked_for_their_role_and_namespace() {
+        for (pattern, wanted) in [
+            ("svc:y/web -> x/a", "destinations, not clients"),
+            ("external -> x/a", "destinations, not clients"),
+            ("x/a -> node:1", "not a destination"),
+        ] {
+            let error = error_of(&format!(
+                "  - name: p\n    steps: [{{expect: [{{allow: [\"{pattern}\"]}}]}}]\n"
+            ));
+            assert!(error.contains(wanted), "{pattern}: {error}");
+        }
+        let error =
+            error_of("  - name: p\n    steps: [{expect: [{allow: [\"x/a -> svc:w/web\"]}]}]\n");
+        assert!(error.contains("namespace \"w\""), "{error}");
+    }
+
+    #[test]
+    fn default_covers_pod_pairs_only_and_is_optional() {
+        let file = file(
+            r#"
+  - name: p
+    steps:
+      - expect:
+          - ports: [8080]
+            protocols: [TCP]
+            allow: ["x/* -> svc:y/web", "node:1 -> y/a"]
+            deny: ["x/b -> svc:y/web"]
+          - default: deny
+            allow: ["*/* -> external"]
+"#,
+        )
+        .expect("valid file");
+        let named = &file.cases[0].steps[0].expect[0];
+        assert_eq!(named.default, None);
+        assert_eq!(
+            named.ports,
+            vec![8080],
+            "Service ports need not be model ports"
+        );
+        assert_eq!(named.verdict(&pod("x/a"), &pod("y/a")), None);
+        assert_eq!(
+            named.verdict(&pod("x/a"), &pod("x/a")),
+            None,
+            "unnamed self pair"
+        );
+        let svc = Endpoint::Service(ServiceRef {
+            namespace: "y".into(),
+            name: "web".into(),
+        });
+        let pairs = named.named_pairs(&file.model);
+        assert_eq!(pairs.len(), 4);
+        assert!(pairs.contains(&(Endpoint::Node(1), Endpoint::Pod(pod("y/a")))));
+        assert_eq!(
+            named.endpoint_verdict(&Endpoint::Pod(pod("x/a")), &svc),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(
+            named.endpoint_verdict(&Endpoint::Pod(pod("x/b")), &svc),
+            Some(Verdict::Deny)
+        );
+        assert_eq!(
+            named.endpoint_verdict(&Endpoint::Pod(pod("y/a")), &svc),
+            None
+        );
+
+        let defaulted = &file.cases[0].steps[0].expect[1];
+        // `default` and `*/*` never reach beyond pods...
+        assert_eq!(
+            defaulted.endpoint_verdict(&Endpoint::Node(1), &Endpoint::Pod(pod("x/a"))),
+            None
+        );
+        assert_eq!(
+            defaulted.endpoint_verdict(&Endpoint::Pod(pod("x/a")), &svc),
+            None
+        );
+        // ...while a pattern naming the external host does.
+        assert_eq!(
+            defaulted.endpoint_verdict(&Endpoint::Pod(pod("z/c")), &Endpoint::External),
+            Some(Verdict::Allow)
+        );
+        assert_eq!(
+            defaulted.verdict(&pod("x/a"), &pod("y/b")),
+            Some(Verdict::Deny)
+        );
+        assert_eq!(defaulted.named_pairs(&file.model).len(), 9);
+        // A block with `default` still only takes model ports.
+        let error =
+            error_of("  - name: p\n    steps: [{expect: [{default: allow, ports: [8080]}]}]\n");
+        assert!(error.contains("port 8080"), "{error}");
+    }
+
+    #[test]
+    fn backends_and_same_backend_load() {
+        let file = file(
+            r#"
+  - name: p
+    steps:
+      - expect:
+          - ports: [80]
+            protocols: [TCP]
+            backends: {"x/a -> svc:y/web": ["y/a", "y/b"], "node:2 -> svc:y/web": ["y/c"]}
+            same_backend: ["x/b -> svc:y/web"]
+"#,
+        )
+        .expect("valid file");
+        let block = &file.cases[0].steps[0].expect[0];
+        assert_eq!(block.backends.len(), 2);
+        let (from, _, pods) = block
+            .backends
+            .iter()
+            .find(|(from, _, _)| *from == Endpoint::Pod(pod("x/a")))
+            .expect("x/a entry");
+        assert_eq!(*from, Endpoint::Pod(pod("x/a")));
+        assert_eq!(*pods, BTreeSet::from([pod("y/a"), pod("y/b")]));
+        assert_eq!(block.same_backend.len(), 1);
+        for bad in [
+            "backends: {\"x/* -> svc:y/web\": [\"y/a\"]}",
+            "backends: {\"x/a -> y/a\": [\"y/a\"]}",
+            "backends: {\"x/a -> svc:y/web\": [\"q/a\"]}",
+            "same_backend: [\"x/a -> external\"]",
+        ] {
+            let text = format!("  - name: p\n    steps: [{{expect: [{{{bad}}}]}}]\n");
+            assert!(file_err(&text), "{bad} accepted");
+        }
+    }
+
+    fn file_err(cases: &str) -> bool {
+        file(cases).is_err()
+    }
+
+    #[test]
+    fn nodes_tag_is_read_and_validated() {
+        let file = file("  - name: p\n    tags: [service, nodes=2]\n    steps: [{expect: []}]\n")
+            .expect("valid");
+        assert_eq!(file.cases[0].required_nodes(), Some(2));
+        let error = error_of("  - name: p\n    tags: [nodes=0]\n    steps: [{expect: []}]\n");
+        assert!(error.contains("nodes=0"), "{error}");
+        let error = error_of("  - name: p\n    tags: [nodes=two]\n    steps: [{expect: []}]\n");
+        assert!(error.contains("nodes=two"), "{error}");
+    }
+
+    #[test]
+    fn external_ip_placeholder_is_substituted() {
+        let object = serde_json::json!({"cidr": "{{ip external}}/32", "other": "{{ip x/a}}"});
+        assert!(uses_external_ip(&object));
+        assert_eq!(placeholder_pods(&object), BTreeSet::from([pod("x/a")]));
+        let ips = BTreeMap::from([(pod("x/a"), "10.0.0.1".parse().expect("ip"))]);
+        let out = substitute(&object, &ips, Some("203.0.113.10".parse().expect("ip")))
+            .expect("substituted");
+        assert_eq!(
+            out,
+            serde_json::json!({"cidr": "203.0.113.10/32", "other": "10.0.0.1"})
+        );
+        assert!(matches!(
+            substitute(&object, &ips, None),
+            Err(Error::MissingExternalIp)
+        ));
+        assert!(!uses_external_ip(
+            &serde_json::json!({"cidr": "{{ip x/a}}/32"})
+        ));
     }
 }

@@ -134,6 +134,12 @@ pub enum Error {
     /// A `{{ip ns/pod}}` placeholder names a pod whose address is not known.
     #[error("no IP address known for pod {pod} (needed by {{{{ip {pod}}}}})")]
     MissingPodIp { pod: PodRef },
+    /// `{{ip external}}` is used but the cluster has no external host.
+    #[error("no external host address known (needed by {{{{ip external}}}})")]
+    MissingExternalIp,
+    /// A `tags` entry `nodes=N` whose N is not a node count.
+    #[error("case {case:?}: tag {tag:?} is not nodes=N with N at least 1")]
+    BadNodesTag { case: String, tag: String },
     /// A network namespace operation failed.
     #[error("{operation} network namespace {name}: {reason}")]
     Netns {

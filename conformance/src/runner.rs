@@ -39,6 +39,29 @@
 //! Re-probes of all pairs that need them run together, one round per attempt, so a step
 //! with mismatches costs a few timeouts, not a few timeouts per pair.
 //!
+//! # Services, nodes and the outside
+//!
+//! Pairs with a `node:N` client or a `svc:`, `nodeport:` or `external` destination are
+//! probed only where a pattern names them (as are pod pairs of a block without `default`),
+//! through [`Driver::probe_endpoints`]. A nodePort pair is one pair per node address.
+//! A Service or nodePort pair is judged on rounds of [`SERVICE_ATTEMPTS`] fresh connections
+//! made one after another (a new source port each), so that every backend the Service may
+//! pick gets its chance to show a wrong verdict: a round is *connected* when all of its
+//! attempts connected and *denied* when none did. The rules above then apply with rounds in
+//! place of attempts: expected allow passes on a connected round (a retry is a complete new
+//! round, never a completion of a partial one); expected deny passes on a denied first
+//! round, or, after the grace period, when every confirmation round is denied. A round with
+//! a mix of outcomes is neither, so it never passes a pair.
+//!
+//! `backends` and `same_backend` checks make [`BACKEND_ATTEMPTS`] and
+//! [`SAME_BACKEND_ATTEMPTS`] sequential connections with the retry timeout and are not
+//! retried: `backends` passes when the pods that answered are exactly the listed set,
+//! `same_backend` when every connection connected and one pod answered them all. An answer
+//! without the server's identity fails both.
+//!
+//! A case tagged `nodes=N` runs only when the cluster has exactly N nodes
+//! ([`Driver::node_count`], else the model's `nodes`); otherwise it is skipped.
+//!
 //! # Output
 //!
 //! For a failing step, every (port, protocol) of each failing block gets the expected and
@@ -61,8 +84,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::cases::{
-    Case, CaseFile, Expectation, Labels, Model, NAMESPACE_NAME_LABEL, ObjectRef, PodRef, Protocol,
-    Step, Verdict, placeholder_pods, substitute_ips,
+    BACKEND_ATTEMPTS, Case, CaseFile, Endpoint, Expectation, Labels, Model, NAMESPACE_NAME_LABEL,
+    ObjectRef, PodRef, Protocol, SAME_BACKEND_ATTEMPTS, SERVICE_ATTEMPTS, ServiceRef, Step,
+    Verdict, placeholder_pods, substitute, uses_external_ip,
 };
 use crate::probe::ProbeOutcome;
 use crate::{Error, Result};
@@ -78,6 +102,43 @@ pub struct Probe {
     /// How long the driver waits for the connection before reporting
     /// [`ProbeOutcome::TimedOut`].
     pub timeout: Duration,
+}
+
+/// One connectivity check for [`Driver::probe_endpoints`]: a client at `from` (a pod or a
+/// node's host network namespace) connects to `target` over `protocol`; `to` says what the
+/// target stands for (a pod, a Service's ClusterIP, a nodePort, the external host).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointProbe {
+    pub from: Endpoint,
+    pub to: Endpoint,
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+    pub timeout: Duration,
+}
+
+/// What an [`EndpointProbe`] saw: the outcome and, for a connection, who answered (`ns/pod`
+/// of the serving pod, `external` for the external host) when the server told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Answer {
+    pub outcome: ProbeOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered_by: Option<String>,
+}
+
+impl Answer {
+    pub fn error(message: impl Into<String>) -> Self {
+        Answer {
+            outcome: ProbeOutcome::Error(message.into()),
+            answered_by: None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.answered_by {
+            Some(who) => format!("{} by {who}", self.outcome.describe()),
+            None => self.outcome.describe(),
+        }
+    }
 }
 
 /// A cluster the runner can drive: the local netns cluster, a kind cluster, or a fake.
@@ -141,6 +202,55 @@ pub trait Driver {
     /// Runs every probe, concurrently, and returns one outcome per probe in the same order.
     /// [`crate::probe::probe_many`] does exactly this given each pod's network namespace.
     fn probe(&self, probes: &[Probe]) -> impl Future<Output = Vec<ProbeOutcome>> + Send;
+
+    /// How many nodes the cluster has, if known (cases tagged `nodes=N` run only when it is
+    /// N; the model's `nodes` is used when this is `None`).
+    fn node_count(&self) -> Option<usize> {
+        None
+    }
+
+    /// The address of the host outside the cluster (`external`, `{{ip external}}`).
+    fn external_ip(&self) -> Option<IpAddr> {
+        None
+    }
+
+    /// The ClusterIP and Service port a client uses for `service`'s port `port`/`protocol`.
+    fn service_target(
+        &self,
+        service: &ServiceRef,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<SocketAddr, String> {
+        let _ = (port, protocol);
+        Err(format!("this cluster cannot probe Service {service}"))
+    }
+
+    /// Every node's address with the nodePort of `service`'s port `port`/`protocol`, in node
+    /// order.
+    fn node_port_targets(
+        &self,
+        service: &ServiceRef,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<Vec<SocketAddr>, String> {
+        let _ = (port, protocol);
+        Err(format!("this cluster cannot probe nodePorts of {service}"))
+    }
+
+    /// Runs probes from any source to any target, concurrently, one answer per probe in the
+    /// same order. Drivers that cannot make them answer every probe with an error, which
+    /// fails the pairs (never passes them).
+    fn probe_endpoints(
+        &self,
+        probes: &[EndpointProbe],
+    ) -> impl Future<Output = Vec<Answer>> + Send {
+        let count = probes.len();
+        async move {
+            (0..count)
+                .map(|_| Answer::error("this cluster cannot probe from nodes or to Services"))
+                .collect()
+        }
+    }
 }
 
 /// How suspicious first observations are re-probed (see the module docs for the rules).
@@ -267,7 +377,7 @@ pub struct StepReport {
 
 impl StepReport {
     pub fn passed(&self) -> bool {
-        self.error.is_none() && self.blocks.iter().all(|block| block.mismatches.is_empty())
+        self.error.is_none() && self.blocks.iter().all(BlockReport::passed)
     }
 }
 
@@ -281,6 +391,97 @@ pub struct BlockReport {
     pub mismatches: Vec<PairReport>,
     /// Pairs that match only after re-probing.
     pub reprobed: Vec<PairReport>,
+    /// Every pair with a node source or a Service, nodePort or external destination.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub named: Vec<NamedPairReport>,
+    /// Every `backends` and `same_backend` check.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendReport>,
+}
+
+impl BlockReport {
+    pub fn passed(&self) -> bool {
+        self.mismatches.is_empty()
+            && self.named.iter().all(|pair| pair.passed)
+            && self.backends.iter().all(|check| check.passed)
+    }
+}
+
+/// A pair with a non-pod side: every round of attempts (one attempt a round, or
+/// [`SERVICE_ATTEMPTS`] for a Service or nodePort), first round first.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NamedPairReport {
+    pub from: Endpoint,
+    pub to: Endpoint,
+    /// For a nodePort: the node (1-based) whose address was probed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<usize>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub expected: Verdict,
+    pub passed: bool,
+    pub rounds: Vec<Vec<Answer>>,
+}
+
+impl fmt::Display for NamedPairReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.from, self.to)?;
+        if let Some(node) = self.node {
+            write!(f, " (node {node})")?;
+        }
+        write!(
+            f,
+            " {}/{}: expected {}, observed ",
+            self.protocol, self.port, self.expected
+        )?;
+        let rounds: Vec<String> = self.rounds.iter().map(|round| summarize(round)).collect();
+        f.write_str(&rounds.join("; then "))
+    }
+}
+
+/// `connected by y/a ×3, timed out ×1` for a list of answers, in first-seen order.
+fn summarize(answers: &[Answer]) -> String {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for answer in answers {
+        let text = answer.describe();
+        match counts.iter_mut().find(|(seen, _)| *seen == text) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((text, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(text, count)| format!("{text} x{count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A `backends` or `same_backend` check and every answer it got.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackendReport {
+    pub from: Endpoint,
+    pub to: Endpoint,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `backends [y/a, y/b]` or `one backend`.
+    pub expected: String,
+    pub passed: bool,
+    pub answers: Vec<Answer>,
+}
+
+impl fmt::Display for BackendReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {} {}/{}: expected {}, observed {}",
+            self.from,
+            self.to,
+            self.protocol,
+            self.port,
+            self.expected,
+            summarize(&self.answers)
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -377,6 +578,24 @@ async fn run_case<D: Driver>(
         report.reason = Some(reason.to_owned());
         return report;
     }
+    if let Some(required) = case.required_nodes() {
+        let nodes = driver
+            .node_count()
+            .or(model.nodes.map(|nodes| nodes as usize));
+        if nodes != Some(required as usize) {
+            let reason = match nodes {
+                Some(nodes) => format!("holds only on {required} nodes; this cluster has {nodes}"),
+                None => {
+                    format!("holds only on {required} nodes; this cluster's node count is unknown")
+                }
+            };
+            let _ = writeln!(text, "  skipped: {reason}");
+            report.status = CaseStatus::Skip;
+            report.reason = Some(reason);
+            report.duration_seconds = started.elapsed().as_secs_f64();
+            return report;
+        }
+    }
     if let Err(error) = driver.reset().await {
         let reason = format!("resetting the cluster: {error}");
         let _ = writeln!(text, "  error: {reason}");
@@ -455,7 +674,12 @@ async fn apply_changes<D: Driver>(step: &Step, driver: &mut D) -> Result<(), Str
                 ips.insert(pod, ip);
             }
         }
-        let object = substitute_ips(object, &ips).map_err(|error| error.to_string())?;
+        let external = if uses_external_ip(object) {
+            driver.external_ip()
+        } else {
+            None
+        };
+        let object = substitute(object, &ips, external).map_err(|error| error.to_string())?;
         let name = object_name(&object);
         driver
             .apply(object)
@@ -492,17 +716,21 @@ struct Cell {
     to: usize,
     port: u16,
     protocol: Protocol,
-    expected: Verdict,
+    /// `None`: the block does not name the pair, which is not probed.
+    expected: Option<Verdict>,
     target: Option<SocketAddr>,
     attempts: Vec<ProbeOutcome>,
 }
 
 impl Cell {
     fn passed(&self, policy: &RetryPolicy) -> bool {
+        let Some(expected) = self.expected else {
+            return true;
+        };
         let Some(first) = self.attempts.first() else {
             return false;
         };
-        match self.expected {
+        match expected {
             Verdict::Allow => self.attempts.iter().any(ProbeOutcome::is_connected),
             Verdict::Deny => {
                 first.is_denied()
@@ -522,7 +750,10 @@ impl Cell {
         if matches!(last, ProbeOutcome::Error(_)) || self.target.is_none() {
             return false;
         }
-        match self.expected {
+        let Some(expected) = self.expected else {
+            return false;
+        };
+        match expected {
             Verdict::Allow => {
                 !self.attempts.iter().any(ProbeOutcome::is_connected)
                     && self.attempts.len() < 1 + policy.allow_retries as usize
@@ -539,7 +770,7 @@ impl Cell {
     /// where allow was expected (proof of an open path) or anywhere after the first attempt
     /// where deny was expected; otherwise the last attempt.
     fn observed(&self) -> Option<&ProbeOutcome> {
-        let connected = match self.expected {
+        let connected = match self.expected? {
             Verdict::Allow => self.attempts.iter().find(|outcome| outcome.is_connected()),
             Verdict::Deny => self
                 .attempts
@@ -557,7 +788,8 @@ impl Cell {
             to: pods[self.to].clone(),
             port: self.port,
             protocol: self.protocol,
-            expected: self.expected,
+            // Only probed cells are reported, and only those have an expectation.
+            expected: self.expected.unwrap_or(Verdict::Allow),
             attempts: self.attempts.clone(),
         }
     }
@@ -600,8 +832,10 @@ async fn check_block<D: Driver>(
         }
     }
 
-    // First round: every cell.
-    let all: Vec<usize> = (0..cells.len()).collect();
+    // First round: every cell the block names.
+    let all: Vec<usize> = (0..cells.len())
+        .filter(|&index| cells[index].expected.is_some())
+        .collect();
     probe_cells(driver, &pods, &mut cells, &all, options.probe_timeout).await;
 
     // Re-probe rounds (see the module docs).
@@ -614,7 +848,7 @@ async fn check_block<D: Driver>(
             break;
         }
         let awaiting_propagation = pending.iter().any(|&index| {
-            cells[index].expected == Verdict::Deny && cells[index].attempts.len() == 1
+            cells[index].expected == Some(Verdict::Deny) && cells[index].attempts.len() == 1
         });
         tokio::time::sleep(if awaiting_propagation {
             policy.propagation_grace
@@ -625,16 +859,23 @@ async fn check_block<D: Driver>(
         probe_cells(driver, &pods, &mut cells, &pending, policy.retry_timeout).await;
     }
 
+    let probed = cells.iter().filter(|cell| cell.expected.is_some()).count();
     let mut report = BlockReport {
         block: number,
-        pairs: cells.len(),
+        pairs: probed,
         mismatches: Vec::new(),
         reprobed: Vec::new(),
+        named: check_named_pairs(model, block, driver, options).await,
+        backends: check_backends(block, driver, options).await,
     };
+    report.pairs += report.named.len() + report.backends.len();
     let mut tables = BlockTables {
         pods: pods.clone(),
         tables: Vec::new(),
     };
+    if probed == 0 {
+        return (report, tables);
+    }
     let per_table = pods.len() * pods.len();
     for chunk in cells.chunks(per_table.max(1)) {
         let Some(first) = chunk.first() else { continue };
@@ -643,10 +884,12 @@ async fn check_block<D: Driver>(
         for cell in chunk {
             let passed = cell.passed(policy);
             expected.push(match cell.expected {
-                Verdict::Allow => '.',
-                Verdict::Deny => 'X',
+                Some(Verdict::Allow) => '.',
+                Some(Verdict::Deny) => 'X',
+                None => '-',
             });
             let mark = match cell.observed() {
+                _ if cell.expected.is_none() => '-',
                 Some(ProbeOutcome::Connected) => '.',
                 Some(outcome) if outcome.is_denied() => 'X',
                 _ => '?',
@@ -663,6 +906,382 @@ async fn check_block<D: Driver>(
             .push((first.port, first.protocol, expected, observed));
     }
     (report, tables)
+}
+
+/// A pair with a node source or a Service, nodePort or external destination, and every
+/// round of attempts made for it.
+struct NamedCell {
+    report: NamedPairReport,
+    target: Result<SocketAddr, String>,
+    /// Attempts a round: [`SERVICE_ATTEMPTS`] for a Service or nodePort, else 1.
+    per_round: usize,
+}
+
+impl NamedCell {
+    fn errored(&self) -> bool {
+        self.report
+            .rounds
+            .iter()
+            .flatten()
+            .any(|answer| matches!(answer.outcome, ProbeOutcome::Error(_)))
+    }
+
+    /// The same rules as for pod pairs (see the module docs), with a round of attempts in
+    /// place of one attempt: a round is connected when every attempt in it connected and
+    /// denied when none did. Expected allow passes on a connected round (each retry round
+    /// is a complete, new series); expected deny passes when the first round is denied, or
+    /// when every confirmation round after the grace period is.
+    fn passed(&self, policy: &RetryPolicy) -> bool {
+        let rounds = &self.report.rounds;
+        if rounds.is_empty() || self.errored() {
+            return false;
+        }
+        let all_connected = |round: &Vec<Answer>| {
+            !round.is_empty() && round.iter().all(|answer| answer.outcome.is_connected())
+        };
+        let all_denied =
+            |round: &Vec<Answer>| round.iter().all(|answer| answer.outcome.is_denied());
+        match self.report.expected {
+            Verdict::Allow => rounds.iter().any(all_connected),
+            Verdict::Deny => {
+                all_denied(&rounds[0])
+                    || (policy.deny_confirmations > 0
+                        && rounds.len() == 1 + policy.deny_confirmations as usize
+                        && rounds[1..].iter().all(all_denied))
+            }
+        }
+    }
+
+    fn wants_retry(&self, policy: &RetryPolicy) -> bool {
+        let rounds = &self.report.rounds;
+        if self.target.is_err() || rounds.is_empty() || self.errored() {
+            return false;
+        }
+        let any_connected =
+            |round: &Vec<Answer>| round.iter().any(|answer| answer.outcome.is_connected());
+        match self.report.expected {
+            Verdict::Allow => {
+                !self.passed(policy) && rounds.len() < 1 + policy.allow_retries as usize
+            }
+            Verdict::Deny => {
+                any_connected(&rounds[0])
+                    && !rounds[1..].iter().any(any_connected)
+                    && rounds.len() < 1 + policy.deny_confirmations as usize
+            }
+        }
+    }
+}
+
+/// Where a probe to `to` goes on `port`/`protocol`: one target, or one per node for a
+/// nodePort.
+fn named_targets<D: Driver>(
+    driver: &D,
+    ips: &BTreeMap<PodRef, IpAddr>,
+    to: &Endpoint,
+    port: u16,
+    protocol: Protocol,
+) -> Vec<(Option<usize>, Result<SocketAddr, String>)> {
+    match to {
+        Endpoint::Pod(pod) => vec![(
+            None,
+            ips.get(pod)
+                .map(|ip| SocketAddr::new(*ip, port))
+                .ok_or_else(|| format!("pod {pod} has no IP address")),
+        )],
+        Endpoint::Service(service) => vec![(None, driver.service_target(service, port, protocol))],
+        Endpoint::NodePort(service) => match driver.node_port_targets(service, port, protocol) {
+            Ok(targets) => targets
+                .into_iter()
+                .enumerate()
+                .map(|(index, target)| (Some(index + 1), Ok(target)))
+                .collect(),
+            Err(error) => vec![(None, Err(error))],
+        },
+        Endpoint::External => vec![(
+            None,
+            driver
+                .external_ip()
+                .map(|ip| SocketAddr::new(ip, port))
+                .ok_or_else(|| "this cluster has no external host".to_owned()),
+        )],
+        Endpoint::Node(node) => vec![(None, Err(format!("node:{node} is not a destination")))],
+    }
+}
+
+async fn pod_ips<D: Driver>(driver: &D, model: &Model) -> BTreeMap<PodRef, IpAddr> {
+    let mut ips = BTreeMap::new();
+    for pod in model.pod_refs() {
+        if let Some(ip) = driver.pod_ip(&pod).await {
+            ips.insert(pod, ip);
+        }
+    }
+    ips
+}
+
+/// Probes every pair the block names with a non-pod side (see [`NamedCell`]).
+async fn check_named_pairs<D: Driver>(
+    model: &Model,
+    block: &Expectation,
+    driver: &D,
+    options: &RunOptions,
+) -> Vec<NamedPairReport> {
+    let pairs = block.named_pairs(model);
+    if pairs.is_empty() {
+        return Vec::new();
+    }
+    let ips = pod_ips(driver, model).await;
+    let mut cells = Vec::new();
+    for (port, protocol) in block.port_protocols() {
+        for (from, to) in &pairs {
+            let Some(expected) = block.endpoint_verdict(from, to) else {
+                continue;
+            };
+            let per_round = match to {
+                Endpoint::Service(_) | Endpoint::NodePort(_) => SERVICE_ATTEMPTS,
+                _ => 1,
+            };
+            for (node, target) in named_targets(driver, &ips, to, port, protocol) {
+                cells.push(NamedCell {
+                    report: NamedPairReport {
+                        from: from.clone(),
+                        to: to.clone(),
+                        node,
+                        port,
+                        protocol,
+                        expected,
+                        passed: false,
+                        rounds: Vec::new(),
+                    },
+                    target,
+                    per_round,
+                });
+            }
+        }
+    }
+    let all: Vec<usize> = (0..cells.len()).collect();
+    probe_named_round(driver, &mut cells, &all, options.probe_timeout).await;
+    let policy = &options.retry;
+    loop {
+        let pending: Vec<usize> = (0..cells.len())
+            .filter(|&index| cells[index].wants_retry(policy))
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        let awaiting_propagation = pending.iter().any(|&index| {
+            cells[index].report.expected == Verdict::Deny && cells[index].report.rounds.len() == 1
+        });
+        tokio::time::sleep(if awaiting_propagation {
+            policy.propagation_grace
+        } else {
+            policy.retry_pause
+        })
+        .await;
+        probe_named_round(driver, &mut cells, &pending, policy.retry_timeout).await;
+    }
+    cells
+        .into_iter()
+        .map(|cell| {
+            let passed = cell.passed(policy);
+            NamedPairReport {
+                passed,
+                ..cell.report
+            }
+        })
+        .collect()
+}
+
+/// One round for the cells at `indices`: their attempts run one after another for each
+/// cell (fresh sockets, so a new source port each), different cells side by side.
+async fn probe_named_round<D: Driver>(
+    driver: &D,
+    cells: &mut [NamedCell],
+    indices: &[usize],
+    timeout: Duration,
+) {
+    for &index in indices {
+        cells[index].report.rounds.push(Vec::new());
+    }
+    let most = indices
+        .iter()
+        .map(|&index| cells[index].per_round)
+        .max()
+        .unwrap_or(0);
+    for attempt in 0..most {
+        let mut probes = Vec::new();
+        let mut probed = Vec::new();
+        for &index in indices {
+            let cell = &mut cells[index];
+            if attempt >= cell.per_round {
+                continue;
+            }
+            match &cell.target {
+                Ok(target) => {
+                    probes.push(EndpointProbe {
+                        from: cell.report.from.clone(),
+                        to: cell.report.to.clone(),
+                        target: *target,
+                        protocol: cell.report.protocol,
+                        timeout,
+                    });
+                    probed.push(index);
+                }
+                Err(error) => {
+                    if let Some(round) = cell.report.rounds.last_mut() {
+                        round.push(Answer::error(error.clone()));
+                    }
+                }
+            }
+        }
+        let answers = endpoint_answers(driver, &probes).await;
+        for (index, answer) in probed.into_iter().zip(answers) {
+            if let Some(round) = cells[index].report.rounds.last_mut() {
+                round.push(answer);
+            }
+        }
+    }
+}
+
+/// [`Driver::probe_endpoints`], with a count mismatch turned into errors.
+async fn endpoint_answers<D: Driver>(driver: &D, probes: &[EndpointProbe]) -> Vec<Answer> {
+    if probes.is_empty() {
+        return Vec::new();
+    }
+    let answers = driver.probe_endpoints(probes).await;
+    if answers.len() == probes.len() {
+        return answers;
+    }
+    let message = format!(
+        "the driver returned {} answers for {} probes",
+        answers.len(),
+        probes.len()
+    );
+    probes
+        .iter()
+        .map(|_| Answer::error(message.clone()))
+        .collect()
+}
+
+/// Runs the block's `backends` and `same_backend` checks on each of its ports and
+/// protocols: their connections one after another per check, checks side by side.
+async fn check_backends<D: Driver>(
+    block: &Expectation,
+    driver: &D,
+    options: &RunOptions,
+) -> Vec<BackendReport> {
+    struct Check {
+        report: BackendReport,
+        wanted: Option<std::collections::BTreeSet<String>>,
+        attempts: usize,
+        target: Result<SocketAddr, String>,
+    }
+    let mut checks = Vec::new();
+    for (port, protocol) in block.port_protocols() {
+        let target = |to: &Endpoint| match to {
+            Endpoint::Service(service) => driver.service_target(service, port, protocol),
+            other => Err(format!("{other} is not a Service")),
+        };
+        for (from, to, pods) in &block.backends {
+            let wanted: std::collections::BTreeSet<String> =
+                pods.iter().map(PodRef::to_string).collect();
+            checks.push(Check {
+                report: BackendReport {
+                    from: from.clone(),
+                    to: to.clone(),
+                    port,
+                    protocol,
+                    expected: format!(
+                        "backends [{}]",
+                        wanted.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                    passed: false,
+                    answers: Vec::new(),
+                },
+                wanted: Some(wanted),
+                attempts: BACKEND_ATTEMPTS,
+                target: target(to),
+            });
+        }
+        for (from, to) in &block.same_backend {
+            checks.push(Check {
+                report: BackendReport {
+                    from: from.clone(),
+                    to: to.clone(),
+                    port,
+                    protocol,
+                    expected: "one backend".to_owned(),
+                    passed: false,
+                    answers: Vec::new(),
+                },
+                wanted: None,
+                attempts: SAME_BACKEND_ATTEMPTS,
+                target: target(to),
+            });
+        }
+    }
+    let most = checks.iter().map(|check| check.attempts).max().unwrap_or(0);
+    for attempt in 0..most {
+        let mut probes = Vec::new();
+        let mut probed = Vec::new();
+        for (index, check) in checks.iter_mut().enumerate() {
+            if attempt >= check.attempts {
+                continue;
+            }
+            match &check.target {
+                Ok(target) => {
+                    probes.push(EndpointProbe {
+                        from: check.report.from.clone(),
+                        to: check.report.to.clone(),
+                        target: *target,
+                        protocol: check.report.protocol,
+                        // Every attempt is expected to connect: the longer timeout keeps a
+                        // slow handshake from reading as a miss.
+                        timeout: options.retry.retry_timeout,
+                    });
+                    probed.push(index);
+                }
+                Err(error) => check.report.answers.push(Answer::error(error.clone())),
+            }
+        }
+        let answers = endpoint_answers(driver, &probes).await;
+        for (index, answer) in probed.into_iter().zip(answers) {
+            checks[index].report.answers.push(answer);
+        }
+    }
+    checks
+        .into_iter()
+        .map(|check| {
+            let answers = &check.report.answers;
+            let errored = answers
+                .iter()
+                .any(|answer| matches!(answer.outcome, ProbeOutcome::Error(_)));
+            // A connection whose server did not say who it is proves nothing either way.
+            let unnamed = answers
+                .iter()
+                .any(|answer| answer.outcome.is_connected() && answer.answered_by.is_none());
+            let answering: std::collections::BTreeSet<String> = answers
+                .iter()
+                .filter(|answer| answer.outcome.is_connected())
+                .filter_map(|answer| answer.answered_by.clone())
+                .collect();
+            let passed = !errored
+                && !unnamed
+                && answers.len() == check.attempts
+                && match &check.wanted {
+                    // Each listed pod answered at least once and no other pod did.
+                    Some(wanted) => answering == *wanted,
+                    // Every connection made, all to one backend.
+                    None => {
+                        answers.iter().all(|answer| answer.outcome.is_connected())
+                            && answering.len() == 1
+                    }
+                };
+            BackendReport {
+                passed,
+                ..check.report
+            }
+        })
+        .collect()
 }
 
 /// Probes the cells at `indices` once, concurrently, appending each outcome.
@@ -722,15 +1341,15 @@ fn write_step(text: &mut String, report: &StepReport, tables: &[BlockTables], ve
         return;
     }
     for (block, block_tables) in report.blocks.iter().zip(tables) {
-        let failed = !block.mismatches.is_empty();
+        let failed = !block.passed();
         if failed {
+            let failing = block.mismatches.len()
+                + block.named.iter().filter(|pair| !pair.passed).count()
+                + block.backends.iter().filter(|check| !check.passed).count();
             let _ = writeln!(
                 text,
                 "  step {}, expect block {}: {} of {} pairs do not match",
-                report.step,
-                block.block,
-                block.mismatches.len(),
-                block.pairs
+                report.step, block.block, failing, block.pairs
             );
         } else if verbose {
             let _ = writeln!(
@@ -739,7 +1358,7 @@ fn write_step(text: &mut String, report: &StepReport, tables: &[BlockTables], ve
                 report.step, block.block, block.pairs
             );
         }
-        if failed || verbose {
+        if !block.mismatches.is_empty() || verbose {
             for (port, protocol, expected, observed) in &block_tables.tables {
                 let _ = writeln!(text, "    {protocol}/{port} expected:");
                 write_table(text, &block_tables.pods, |index| {
@@ -754,6 +1373,22 @@ fn write_step(text: &mut String, report: &StepReport, tables: &[BlockTables], ve
         }
         for pair in &block.reprobed {
             let _ = writeln!(text, "    re-probed: {pair}");
+        }
+        for pair in &block.named {
+            let label = match (pair.passed, pair.rounds.len() > 1) {
+                (false, _) => "mismatch",
+                (true, true) => "re-probed",
+                (true, false) => "match",
+            };
+            if !pair.passed || pair.rounds.len() > 1 || verbose {
+                let _ = writeln!(text, "    {label}: {pair}");
+            }
+        }
+        for check in &block.backends {
+            if !check.passed || verbose {
+                let label = if check.passed { "match" } else { "mismatch" };
+                let _ = writeln!(text, "    {label}: {check}");
+            }
         }
     }
 }
@@ -788,4 +1423,106 @@ fn trim_line_end(text: &mut String) {
         text.pop();
     }
     text.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(outcome: ProbeOutcome) -> Answer {
+        Answer {
+            outcome,
+            answered_by: None,
+        }
+    }
+
+    fn cell(expected: Verdict, rounds: &[&[ProbeOutcome]]) -> NamedCell {
+        NamedCell {
+            report: NamedPairReport {
+                from: Endpoint::Pod(PodRef::new("x", "a")),
+                to: Endpoint::Service(ServiceRef {
+                    namespace: "y".into(),
+                    name: "web".into(),
+                }),
+                node: None,
+                port: 80,
+                protocol: Protocol::Tcp,
+                expected,
+                passed: false,
+                rounds: rounds
+                    .iter()
+                    .map(|round| round.iter().cloned().map(answer).collect())
+                    .collect(),
+            },
+            target: Ok("10.96.0.10:80".parse().expect("address")),
+            per_round: rounds.first().map_or(0, |round| round.len()),
+        }
+    }
+
+    use ProbeOutcome::{Connected as C, Error as E, TimedOut as T};
+
+    #[test]
+    fn service_allow_needs_a_round_where_every_attempt_connected() {
+        let policy = RetryPolicy::default();
+        let mixed = cell(Verdict::Allow, &[&[C, C, T, C]]);
+        assert!(!mixed.passed(&policy));
+        assert!(mixed.wants_retry(&policy));
+        let still_mixed = cell(
+            Verdict::Allow,
+            &[&[C, C, T, C], &[C, T, C, C], &[T, C, C, C]],
+        );
+        assert!(
+            !still_mixed.passed(&policy),
+            "partial rounds never add up to a pass"
+        );
+        assert!(!still_mixed.wants_retry(&policy));
+        let retried = cell(Verdict::Allow, &[&[C, C, T, C], &[C, C, C, C]]);
+        assert!(retried.passed(&policy));
+    }
+
+    #[test]
+    fn service_deny_needs_every_attempt_denied() {
+        let policy = RetryPolicy::default();
+        assert!(cell(Verdict::Deny, &[&[T, T, T, T]]).passed(&policy));
+        let leaky = cell(Verdict::Deny, &[&[T, C, T, T]]);
+        assert!(!leaky.passed(&policy));
+        assert!(
+            leaky.wants_retry(&policy),
+            "propagation gets its grace period"
+        );
+        let confirmed = cell(
+            Verdict::Deny,
+            &[&[T, C, T, T], &[T, T, T, T], &[T, T, T, T]],
+        );
+        assert!(confirmed.passed(&policy));
+        let leaks_again = cell(Verdict::Deny, &[&[T, C, T, T], &[T, T, C, T]]);
+        assert!(!leaks_again.passed(&policy));
+        assert!(!leaks_again.wants_retry(&policy));
+    }
+
+    #[test]
+    fn errors_fail_service_pairs_without_retries() {
+        let policy = RetryPolicy::default();
+        for expected in [Verdict::Allow, Verdict::Deny] {
+            let errored = cell(expected, &[&[T, E("no socket".into()), T, T]]);
+            assert!(!errored.passed(&policy));
+            assert!(!errored.wants_retry(&policy));
+        }
+    }
+
+    #[test]
+    fn summaries_count_outcomes_and_answering_pods() {
+        let answers = [
+            Answer {
+                outcome: C,
+                answered_by: Some("y/a".into()),
+            },
+            answer(T),
+            Answer {
+                outcome: C,
+                answered_by: Some("y/a".into()),
+            },
+        ];
+        assert_eq!(summarize(&answers), "connected by y/a x2, timed out x1");
+    }
 }

@@ -42,7 +42,7 @@ fn every_upstream_case_starts_with_an_all_allowed_readiness_step() {
         assert!(!first.expect.is_empty(), "{}", case.name);
         for block in &first.expect {
             assert!(
-                block.default == Verdict::Allow && block.deny.is_empty(),
+                block.default == Some(Verdict::Allow) && block.deny.is_empty(),
                 "{}: readiness step denies something",
                 case.name
             );
@@ -85,8 +85,42 @@ fn default_deny_ingress_case_expects_upstream_truth_table() {
             } else {
                 Verdict::Allow
             };
-            assert_eq!(block.verdict(&from, &to), expected, "{from} -> {to}");
+            assert_eq!(block.verdict(&from, &to), Some(expected), "{from} -> {to}");
         }
     }
-    assert_eq!(block.verdict(&pod("x/a"), &pod("x/a")), Verdict::Allow);
+    assert_eq!(
+        block.verdict(&pod("x/a"), &pod("x/a")),
+        Some(Verdict::Allow)
+    );
+}
+
+#[test]
+fn upstream_service_suite_validates_and_names_its_sources() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("cases/upstream-services.yaml");
+    let file = CaseFile::load(&path).unwrap_or_else(|error| panic!("{error}"));
+    assert!(
+        file.source
+            .as_deref()
+            .is_some_and(|source| source.contains("service.go"))
+    );
+    let text = std::fs::read_to_string(&path).expect("readable");
+    for case in &file.cases {
+        // Every case is preceded by a comment naming where it comes from.
+        let at = text
+            .find(&format!("name: \"{}\"", case.name))
+            .unwrap_or_else(|| panic!("{} not found", case.name));
+        let before = &text[..at];
+        let comment = before.lines().rev().nth(1).unwrap_or_default().trim_start();
+        assert!(
+            comment.starts_with('#'),
+            "{}: no comment before it",
+            case.name
+        );
+    }
+    let itp = file
+        .cases
+        .iter()
+        .find(|case| case.name == "should respect internalTrafficPolicy=Local Pod to Pod")
+        .expect("internalTrafficPolicy case");
+    assert_eq!(itp.required_nodes(), Some(2));
 }

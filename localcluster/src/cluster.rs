@@ -195,6 +195,13 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const EXTERNAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const EXTERNAL_NET: &str = "203.0.113.0/24";
 
+/// The range ClusterIPs are allocated from when a Service leaves `clusterIP` unset (the
+/// local cluster has no API server to do it; kubeadm's default range starts here too).
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The range nodePorts are allocated from when a Service leaves `nodePort` unset
+/// (Kubernetes' default `--service-node-port-range`).
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
 /// One L2 segment of the fabric: a bridge in its own namespace.
 struct Segment {
     switch: Netns,

@@ -1,25 +1,51 @@
 //! Runs reachability case files against a local cluster: the [`Driver`] of the conformance
 //! runner, backed by real pods, real servers in them and real probes.
+//!
+//! The local cluster has no API server, so this driver does what one would for Services:
+//! it allocates a ClusterIP from [`SERVICE_CIDR`] for a Service that leaves `clusterIP`
+//! unset (not for headless ones, `clusterIP: None`) and a nodePort from
+//! [`NODE_PORT_RANGE`] for each port of a NodePort Service that leaves `nodePort` unset,
+//! keeps both when the Service is applied again (as an update does), and writes the
+//! completed object for the controller. The controller derives the EndpointSlices.
 
-use std::{collections::BTreeMap, net::IpAddr, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
 use serde_json::Value;
 use weir_conformance::{
     PodRef,
-    cases::{Labels, Model, ObjectRef, Topology as CaseTopology},
-    probe::{ProbeOutcome, ProbeRequest, Servers, probe_many},
-    runner::{Driver, Probe},
+    cases::{Endpoint, Labels, Model, ObjectRef, Protocol, ServiceRef, Topology as CaseTopology},
+    probe::{ProbeOutcome, ProbeRequest, Servers, probe_many, probe_many_answered},
+    runner::{Answer, Driver, EndpointProbe, Probe},
 };
 
-use crate::{ClusterOptions, LocalCluster, PodSpec, Topology};
+use crate::{
+    ClusterOptions, LocalCluster, PodSpec, Topology,
+    cluster::{NODE_PORT_RANGE, SERVICE_CIDR},
+};
 
-/// The model's cluster: every namespace × every pod, spread round-robin over the nodes,
-/// each pod serving every model port on every model protocol.
+/// What the driver allocated for one Service.
+#[derive(Clone, Debug, Default)]
+struct ServiceAddresses {
+    /// `None` for a headless Service.
+    cluster_ip: Option<IpAddr>,
+    /// `(port, protocol, nodePort)` of every Service port.
+    ports: Vec<(u16, Protocol, Option<u16>)>,
+}
+
+/// The model's cluster: every namespace × every pod, spread round-robin over the nodes
+/// (pod k of the model's order on node (k mod N) + 1), each pod serving every model port
+/// on every model protocol and telling who it is (`ns/pod`); the external host serves the
+/// same ports as `external`.
 pub struct ClusterDriver {
     cluster: LocalCluster,
     model: Model,
     ips: BTreeMap<PodRef, IpAddr>,
+    services: BTreeMap<ServiceRef, ServiceAddresses>,
     _servers: Vec<Servers>,
 }
 
@@ -56,18 +82,184 @@ impl ClusterDriver {
                 .await
                 .with_context(|| format!("creating pod {pod}"))?;
             servers.push(
-                Servers::start(&created.netns.path(), &model.ports, &model.protocols)
-                    .with_context(|| format!("starting servers in {pod}"))?,
+                Servers::start_as(
+                    &created.netns.path(),
+                    &model.ports,
+                    &model.protocols,
+                    &pod.to_string(),
+                )
+                .with_context(|| format!("starting servers in {pod}"))?,
             );
             ips.insert(pod, created.ip);
+        }
+        if let Some(external) = cluster.external() {
+            servers.push(
+                Servers::start_as(
+                    &external.netns.path(),
+                    &model.ports,
+                    &model.protocols,
+                    "external",
+                )
+                .context("starting servers on the external host")?,
+            );
         }
         cluster.sync().await?;
         Ok(Self {
             cluster,
             model: model.clone(),
             ips,
+            services: BTreeMap::new(),
             _servers: servers,
         })
+    }
+
+    /// Fills in `clusterIP`/`clusterIPs` and `nodePort`s a Service leaves unset, and records
+    /// what it got.
+    fn complete_service(&mut self, mut object: Value) -> Result<Value> {
+        let key = ServiceRef {
+            namespace: object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned(),
+            name: object["metadata"]["name"]
+                .as_str()
+                .context("Service without metadata.name")?
+                .to_owned(),
+        };
+        let previous = self.services.remove(&key).unwrap_or_default();
+        let spec = object
+            .as_object_mut()
+            .context("Service is not a mapping")?
+            .entry("spec")
+            .or_insert_with(|| Value::Object(Default::default()));
+        let spec = spec
+            .as_object_mut()
+            .context("Service spec is not a mapping")?;
+        let cluster_ip = match spec.get("clusterIP").and_then(Value::as_str) {
+            Some("None") => None,
+            Some(ip) if !ip.is_empty() => Some(
+                ip.parse::<IpAddr>()
+                    .with_context(|| format!("Service {key}: clusterIP {ip:?}"))?,
+            ),
+            _ => {
+                let ip = match previous.cluster_ip {
+                    Some(ip) => ip,
+                    None => self.free_cluster_ip()?,
+                };
+                spec.insert("clusterIP".into(), Value::String(ip.to_string()));
+                spec.insert("clusterIPs".into(), serde_json::json!([ip.to_string()]));
+                Some(ip)
+            }
+        };
+        let node_ports = matches!(
+            spec.get("type").and_then(Value::as_str),
+            Some("NodePort" | "LoadBalancer")
+        );
+        let mut used = self.used_node_ports();
+        let mut ports = Vec::new();
+        if let Some(list) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+            for entry in list {
+                let port = entry["port"]
+                    .as_u64()
+                    .and_then(|port| u16::try_from(port).ok())
+                    .with_context(|| format!("Service {key}: a port without a port number"))?;
+                let protocol = match entry["protocol"].as_str() {
+                    None => Protocol::Tcp,
+                    Some(text) => text
+                        .parse()
+                        .map_err(|()| anyhow::anyhow!("Service {key}: protocol {text:?}"))?,
+                };
+                let node_port = if !node_ports {
+                    None
+                } else if let Some(given) = entry["nodePort"].as_u64() {
+                    Some(u16::try_from(given).context("nodePort")?)
+                } else {
+                    let kept = previous
+                        .ports
+                        .iter()
+                        .find(|(p, proto, _)| *p == port && *proto == protocol)
+                        .and_then(|(_, _, node_port)| *node_port)
+                        .filter(|node_port| !used.contains(node_port));
+                    let node_port = match kept {
+                        Some(node_port) => node_port,
+                        None => NODE_PORT_RANGE
+                            .clone()
+                            .find(|candidate| !used.contains(candidate))
+                            .context("no free nodePort left")?,
+                    };
+                    entry["nodePort"] = Value::from(node_port);
+                    Some(node_port)
+                };
+                if let Some(node_port) = node_port {
+                    used.insert(node_port);
+                }
+                ports.push((port, protocol, node_port));
+            }
+        }
+        self.services
+            .insert(key, ServiceAddresses { cluster_ip, ports });
+        Ok(object)
+    }
+
+    fn free_cluster_ip(&self) -> Result<IpAddr> {
+        let net: Ipv4Net = SERVICE_CIDR.parse().context("the service CIDR")?;
+        let used: BTreeSet<IpAddr> = self
+            .services
+            .values()
+            .filter_map(|service| service.cluster_ip)
+            .collect();
+        // .1 is the API server's Service in a real cluster; start above it.
+        net.hosts()
+            .skip(9)
+            .map(IpAddr::V4)
+            .find(|ip| !used.contains(ip))
+            .context("the service CIDR is full")
+    }
+
+    fn used_node_ports(&self) -> BTreeSet<u16> {
+        self.services
+            .values()
+            .flat_map(|service| {
+                service
+                    .ports
+                    .iter()
+                    .filter_map(|(_, _, node_port)| *node_port)
+            })
+            .collect()
+    }
+
+    fn service_port(
+        &self,
+        service: &ServiceRef,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<(&ServiceAddresses, Option<u16>), String> {
+        let addresses = self
+            .services
+            .get(service)
+            .ok_or_else(|| format!("no Service {service} was applied"))?;
+        let (_, _, node_port) = addresses
+            .ports
+            .iter()
+            .find(|(p, proto, _)| *p == port && *proto == protocol)
+            .ok_or_else(|| format!("Service {service} has no port {protocol}/{port}"))?;
+        Ok((addresses, *node_port))
+    }
+
+    /// The network namespace a probe from `from` runs in.
+    fn client_netns(&self, from: &Endpoint) -> Option<std::path::PathBuf> {
+        match from {
+            Endpoint::Pod(pod) => self
+                .cluster
+                .pod(&pod.namespace, &pod.name)
+                .map(|pod| pod.netns.path()),
+            Endpoint::Node(node) => self
+                .cluster
+                .nodes()
+                .get((*node as usize).checked_sub(1)?)
+                .map(|node| node.netns.path()),
+            _ => None,
+        }
     }
 
     pub fn cluster(&self) -> &LocalCluster {
@@ -94,6 +286,7 @@ impl Driver for ClusterDriver {
         for (kind, ns, name) in self.cluster.objects() {
             self.cluster.delete_object(&kind, ns.as_deref(), &name)?;
         }
+        self.services.clear();
         for ns in &self.model.namespaces {
             self.cluster
                 .set_namespace_labels(ns, &self.model.namespace_labels(ns))?;
@@ -123,12 +316,96 @@ impl Driver for ClusterDriver {
     }
 
     async fn apply(&mut self, object: Value) -> Result<()> {
+        let object = if object["kind"] == "Service" && object["apiVersion"] == "v1" {
+            self.complete_service(object)?
+        } else {
+            object
+        };
         self.cluster.apply_object(&object)
     }
 
     async fn delete(&mut self, object: &ObjectRef) -> Result<()> {
+        if object.kind == "Service" {
+            let Some(namespace) = &object.namespace else {
+                bail!("a Service is namespaced");
+            };
+            self.services.remove(&ServiceRef {
+                namespace: namespace.clone(),
+                name: object.name.clone(),
+            });
+        }
         self.cluster
             .delete_object(&object.kind, object.namespace.as_deref(), &object.name)
+    }
+
+    fn node_count(&self) -> Option<usize> {
+        Some(self.cluster.nodes().len())
+    }
+
+    fn external_ip(&self) -> Option<IpAddr> {
+        self.cluster
+            .external()
+            .map(|external| IpAddr::V4(external.ip))
+    }
+
+    fn service_target(
+        &self,
+        service: &ServiceRef,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<SocketAddr, String> {
+        let (addresses, _) = self.service_port(service, port, protocol)?;
+        let ip = addresses
+            .cluster_ip
+            .ok_or_else(|| format!("Service {service} is headless: it has no ClusterIP"))?;
+        Ok(SocketAddr::new(ip, port))
+    }
+
+    fn node_port_targets(
+        &self,
+        service: &ServiceRef,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<Vec<SocketAddr>, String> {
+        let (_, node_port) = self.service_port(service, port, protocol)?;
+        let node_port =
+            node_port.ok_or_else(|| format!("Service {service} is not of type NodePort"))?;
+        Ok(self
+            .cluster
+            .nodes()
+            .iter()
+            .map(|node| SocketAddr::new(IpAddr::V4(node.ip), node_port))
+            .collect())
+    }
+
+    async fn probe_endpoints(&self, probes: &[EndpointProbe]) -> Vec<Answer> {
+        let requests: Vec<Option<ProbeRequest>> = probes
+            .iter()
+            .map(|p| {
+                self.client_netns(&p.from).map(|netns| ProbeRequest {
+                    netns,
+                    target: p.target,
+                    protocol: p.protocol,
+                    timeout: p.timeout,
+                })
+            })
+            .collect();
+        let known: Vec<ProbeRequest> = requests.iter().flatten().cloned().collect();
+        let mut answers = probe_many_answered(&known).await.into_iter();
+        requests
+            .iter()
+            .zip(probes)
+            .map(|(request, probe)| match request {
+                Some(_) => match answers.next() {
+                    Some((outcome, answered_by)) => Answer {
+                        outcome,
+                        answered_by,
+                    },
+                    None => Answer::error("missing outcome"),
+                },
+                None => Answer::error(format!("{} is not a client in this cluster", probe.from)),
+            })
+            .collect()
     }
 
     async fn sync(&mut self) -> Result<()> {

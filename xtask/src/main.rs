@@ -295,10 +295,19 @@ fn test() -> Result<()> {
             .env("WEIR_BIN_DIR", &bin),
     )?;
     // The upstream NetworkPolicy suite on real clusters: one node, several nodes on one L2
-    // segment (direct routing), nodes in two subnets (VXLAN).
-    let cases = workspace_root().join("conformance/cases/upstream-netpol.yaml");
+    // segment (direct routing), nodes in two subnets (VXLAN). The upstream Service suite on
+    // two nodes in both topologies (its placement-dependent cases need exactly two).
+    let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
+    let services = workspace_root().join("conformance/cases/upstream-services.yaml");
+    let runs = [
+        (&netpol, 1, Topology::L2),
+        (&netpol, 2, Topology::L2),
+        (&netpol, 2, Topology::Routed),
+        (&services, 2, Topology::L2),
+        (&services, 2, Topology::Routed),
+    ];
     let mut failed = Vec::new();
-    for (nodes, topology) in [(1, Topology::L2), (2, Topology::L2), (2, Topology::Routed)] {
+    for (cases, nodes, topology) in runs {
         let args = conformance::Args {
             cases: cases.clone(),
             nodes: Some(nodes),
@@ -308,7 +317,8 @@ fn test() -> Result<()> {
             json: None,
         };
         if !runtime().block_on(conformance::run(bin.clone(), args))? {
-            failed.push(format!("{nodes} node(s), {topology}"));
+            let file = cases.file_name().unwrap_or_default().to_string_lossy();
+            failed.push(format!("{file} on {nodes} node(s), {topology}"));
         }
     }
     if !failed.is_empty() {

@@ -13,6 +13,10 @@
 //!   of its namespace and many probes run at once. INIT and COOKIE ECHO are re-sent like
 //!   UDP requests.
 //!
+//! [`probe_many_answered`] also reports who answered, when the server was started with an
+//! identity ([`Servers::start_as`]): TCP reads what the server writes before closing, UDP
+//! reads it after the echo, SCTP from the COOKIE ACK's chunk value.
+//!
 //! Each probe creates its socket inside the client namespace on a short-lived thread (see
 //! [`crate::netns`]) and then runs on the caller's tokio runtime, so hundreds of probes run
 //! concurrently on a couple of threads. Every probe owns exactly one socket, closed when the
@@ -106,7 +110,7 @@ pub async fn probe(
         Ok(Err(error)) => return ProbeOutcome::Error(error.to_string()),
         Err(_) => return ProbeOutcome::TimedOut,
     };
-    run_probe(socket, target, protocol, deadline).await
+    run_probe(socket, target, protocol, deadline, false).await.0
 }
 
 /// Runs every request concurrently; outcomes are in request order. Sockets are created
@@ -114,6 +118,23 @@ pub async fn probe(
 /// request's timeout counts from the call. Must run on a tokio runtime with I/O and time
 /// enabled.
 pub async fn probe_many(requests: &[ProbeRequest]) -> Vec<ProbeOutcome> {
+    probe_batch(requests, false)
+        .await
+        .into_iter()
+        .map(|(outcome, _)| outcome)
+        .collect()
+}
+
+/// [`probe_many`], and for each connected probe who answered, if the server told (see the
+/// module docs).
+pub async fn probe_many_answered(requests: &[ProbeRequest]) -> Vec<(ProbeOutcome, Option<String>)> {
+    probe_batch(requests, true).await
+}
+
+async fn probe_batch(
+    requests: &[ProbeRequest],
+    want_answer: bool,
+) -> Vec<(ProbeOutcome, Option<String>)> {
     let start = Instant::now();
     let mut by_netns: Vec<(PathBuf, Vec<usize>)> = Vec::new();
     for (index, request) in requests.iter().enumerate() {
@@ -172,32 +193,49 @@ pub async fn probe_many(requests: &[ProbeRequest]) -> Vec<ProbeOutcome> {
                         request.target,
                         request.protocol,
                         start + request.timeout,
+                        want_answer,
                     )
                     .await
                 }
-                Some(Err(error)) => ProbeOutcome::Error(error.to_string()),
-                None => ProbeOutcome::Error("no socket was created".to_owned()),
+                Some(Err(error)) => (ProbeOutcome::Error(error.to_string()), None),
+                None => (
+                    ProbeOutcome::Error("no socket was created".to_owned()),
+                    None,
+                ),
             }
         });
     futures::future::join_all(probes).await
 }
+
+/// What one probe saw: the outcome and, when asked for and told, who answered.
+type Answer = (ProbeOutcome, Option<String>);
 
 async fn run_probe(
     socket: Socket,
     target: SocketAddr,
     protocol: Protocol,
     deadline: Instant,
-) -> ProbeOutcome {
+    want_answer: bool,
+) -> Answer {
     let attempt = async {
         match protocol {
-            Protocol::Tcp => probe_tcp(socket, target).await,
+            Protocol::Tcp => probe_tcp(socket, target, deadline, want_answer).await,
             Protocol::Udp => probe_udp(socket, target, deadline).await,
             Protocol::Sctp => probe_sctp(socket, target, deadline).await,
         }
     };
     timeout_at(deadline, attempt)
         .await
-        .unwrap_or(ProbeOutcome::TimedOut)
+        .unwrap_or((ProbeOutcome::TimedOut, None))
+}
+
+/// The identity in an answer, if it is non-empty UTF-8.
+fn identity_of(bytes: &[u8]) -> Option<String> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .map(str::trim)
+        .filter(|text| !text.is_empty())
+        .map(str::to_owned)
 }
 
 /// Runs `work` on a short-lived thread inside `netns` without blocking the runtime.
@@ -273,12 +311,35 @@ fn outcome_of(error: &std::io::Error) -> ProbeOutcome {
     }
 }
 
-async fn probe_tcp(socket: Socket, target: SocketAddr) -> ProbeOutcome {
+async fn probe_tcp(
+    socket: Socket,
+    target: SocketAddr,
+    deadline: Instant,
+    want_answer: bool,
+) -> Answer {
     let stream = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    match stream.connect(target).await {
-        Ok(_) => ProbeOutcome::Connected,
-        Err(error) => outcome_of(&error),
+    let mut stream = match stream.connect(target).await {
+        Ok(stream) => stream,
+        Err(error) => return (outcome_of(&error), None),
+    };
+    if !want_answer {
+        return (ProbeOutcome::Connected, None);
     }
+    // The handshake decided the outcome; what the server writes before closing only says
+    // who it is, so a read that fails or runs out of time leaves the answer unknown.
+    let mut identity = Vec::new();
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 256];
+        while identity.len() < 1024 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(len) => identity.extend_from_slice(&chunk[..len]),
+            }
+        }
+    };
+    let _ = timeout_at(deadline, read).await;
+    (ProbeOutcome::Connected, identity_of(&identity))
 }
 
 /// How often an unanswered UDP request, INIT or COOKIE ECHO is re-sent within a probe's
@@ -290,14 +351,14 @@ fn resend_interval(deadline: Instant) -> Duration {
         .max(Duration::from_millis(50))
 }
 
-async fn probe_udp(socket: Socket, target: SocketAddr, deadline: Instant) -> ProbeOutcome {
+async fn probe_udp(socket: Socket, target: SocketAddr, deadline: Instant) -> Answer {
     let udp = match tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(socket)) {
         Ok(udp) => udp,
-        Err(error) => return ProbeOutcome::Error(error.to_string()),
+        Err(error) => return (ProbeOutcome::Error(error.to_string()), None),
     };
     // Connected, so the kernel filters replies by source and reports ICMP errors.
     if let Err(error) = udp.connect(target).await {
-        return outcome_of(&error);
+        return (outcome_of(&error), None);
     }
     let mut request = *b"weir-probe-0000000000000000";
     let mut nonce = [0u8; 8];
@@ -306,18 +367,28 @@ async fn probe_udp(socket: Socket, target: SocketAddr, deadline: Instant) -> Pro
         slot.copy_from_slice(format!("{byte:02x}").as_bytes());
     }
     let interval = resend_interval(deadline);
-    let mut buffer = [0u8; 64];
+    let mut buffer = [0u8; 1100];
     loop {
         if let Err(error) = udp.send(&request).await {
-            return outcome_of(&error);
+            return (outcome_of(&error), None);
         }
         let resend_at = Instant::now() + interval;
         loop {
             match tokio::time::timeout_at(resend_at, udp.recv(&mut buffer)).await {
                 Err(_) => break,
-                Ok(Ok(len)) if buffer[..len] == request => return ProbeOutcome::Connected,
+                // The echo, alone or followed by `@` and the server's identity.
+                Ok(Ok(len)) if buffer[..len].starts_with(&request) => {
+                    let rest = &buffer[request.len()..len];
+                    match rest.split_first() {
+                        None => return (ProbeOutcome::Connected, None),
+                        Some((b'@', identity)) => {
+                            return (ProbeOutcome::Connected, identity_of(identity));
+                        }
+                        Some(_) => {}
+                    }
+                }
                 Ok(Ok(_)) => {}
-                Ok(Err(error)) => return outcome_of(&error),
+                Ok(Err(error)) => return (outcome_of(&error), None),
             }
         }
     }
@@ -381,11 +452,11 @@ enum SctpState {
     CookieEchoed,
 }
 
-async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> ProbeOutcome {
+async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> Answer {
     // Connecting a raw socket makes the kernel deliver only packets from the target address
     // (and report ICMP errors for it); ports and tags are checked below.
     if let Err(error) = socket.connect(&SockAddr::from(SocketAddr::new(target.ip(), 0))) {
-        return outcome_of(&error);
+        return (outcome_of(&error), None);
     }
     // ICMP errors (protocol unreachable when the target has no SCTP at all) only raise
     // EPOLLERR on a raw socket, hence the error interest next to readability.
@@ -394,7 +465,7 @@ async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> Pr
     // owns the socket until the probe ends.
     let socket = match unsafe { AsyncFd::register_with_interest(socket, interest) } {
         Ok(socket) => socket,
-        Err(error) => return ProbeOutcome::Error(error.to_string()),
+        Err(error) => return (ProbeOutcome::Error(error.to_string()), None),
     };
     let ipv4 = target.is_ipv4();
     let our_port = 49152 + (random_u32() % 16384) as u16;
@@ -435,7 +506,7 @@ async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> Pr
     let mut buffer = vec![0u8; 65536];
     loop {
         if let Err(error) = send_raw(socket.get_ref(), &request) {
-            return outcome_of(&error);
+            return (outcome_of(&error), None);
         }
         let resend_at = Instant::now() + interval;
         loop {
@@ -444,7 +515,7 @@ async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> Pr
             let len = match received {
                 Err(_) => break,
                 Ok(Ok(len)) => len,
-                Ok(Err(error)) => return outcome_of(&error),
+                Ok(Err(error)) => return (outcome_of(&error), None),
             };
             let payload = if ipv4 {
                 match ipv4_payload(&buffer[..len]) {
@@ -472,7 +543,7 @@ async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> Pr
                     header.verification_tag == our_tag
                 };
                 if for_us {
-                    return ProbeOutcome::Refused;
+                    return (ProbeOutcome::Refused, None);
                 }
                 continue;
             }
@@ -498,7 +569,7 @@ async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> Pr
                     );
                     state = SctpState::CookieEchoed;
                     if let Err(error) = send_raw(socket.get_ref(), &request) {
-                        return outcome_of(&error);
+                        return (outcome_of(&error), None);
                     }
                 }
                 (SctpState::CookieEchoed, sctp::CHUNK_COOKIE_ACK) => {
@@ -513,7 +584,7 @@ async fn probe_sctp(socket: Socket, target: SocketAddr, deadline: Instant) -> Pr
                         &[(sctp::CHUNK_ABORT, 0, &[])],
                     );
                     let _ = send_raw(socket.get_ref(), &abort);
-                    return ProbeOutcome::Connected;
+                    return (ProbeOutcome::Connected, identity_of(chunk.value));
                 }
                 _ => {}
             }

@@ -6,12 +6,16 @@
 //! thread in the namespace avoids switching namespaces back and forth.
 //!
 //! * TCP: every connection is accepted and closed at once; completing the handshake is the
-//!   whole point.
+//!   whole point. A server started with an identity ([`Servers::start_as`], e.g. the pod's
+//!   `ns/pod`) first writes it on the connection, so a client can tell who answered (through
+//!   a Service, that is the backend).
 //! * UDP: every datagram is echoed back, from the address it was sent to (`IP_PKTINFO` /
-//!   `IPV6_PKTINFO`), so a connected client socket accepts the reply.
+//!   `IPV6_PKTINFO`), so a connected client socket accepts the reply; with an identity the
+//!   echo is followed by `@` and the identity.
 //! * SCTP: a stateless responder on a raw IP socket (protocol 132), because the kernels this
 //!   runs on may have no SCTP at all: INIT on a served port gets an INIT ACK with a state
-//!   cookie, a valid COOKIE ECHO gets a COOKIE ACK, INIT on any other port gets an ABORT
+//!   cookie, a valid COOKIE ECHO gets a COOKIE ACK (carrying the identity as its chunk value
+//!   when there is one), INIT on any other port gets an ABORT
 //!   (what a kernel SCTP stack answers for a port nobody listens on). Everything else is
 //!   ignored: the raw socket also sees the answers meant for probes running in the same
 //!   namespace, and answering those would break them. Having a raw socket for the protocol
@@ -51,6 +55,17 @@ impl Servers {
     /// Starts serving `ports` on `protocols` in the network namespace at `netns`. Returns
     /// once every socket is bound, so a probe sent afterwards finds them.
     pub fn start(netns: &Path, ports: &[u16], protocols: &[Protocol]) -> Result<Servers> {
+        Servers::start_as(netns, ports, protocols, "")
+    }
+
+    /// Like [`Servers::start`], and every answer tells `identity` (see the module docs);
+    /// an empty identity tells nothing.
+    pub fn start_as(
+        netns: &Path,
+        ports: &[u16],
+        protocols: &[Protocol],
+        identity: &str,
+    ) -> Result<Servers> {
         let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|errno| socket_error("creating the stop eventfd", errno.into()))?;
         let stop_for_thread = stop
@@ -61,11 +76,12 @@ impl Servers {
         let netns = netns.to_owned();
         let ports = ports.to_vec();
         let protocols = protocols.to_vec();
+        let identity = identity.as_bytes().to_vec();
         let thread = std::thread::Builder::new()
             .name("probe-servers".to_owned())
             .spawn(move || {
                 let sockets = crate::netns::enter(&netns)
-                    .and_then(|()| ServerSockets::open(&ports, &protocols));
+                    .and_then(|()| ServerSockets::open(&ports, &protocols, identity));
                 match sockets {
                     Ok(sockets) => {
                         let _ = ready_tx.send(Ok(()));
@@ -124,6 +140,8 @@ struct ServerSockets {
     sctp_ports: Vec<u16>,
     /// Key of the state cookie's check value; random per server.
     cookie_secret: [u8; 16],
+    /// What answers tell about who answered (empty: nothing).
+    identity: Vec<u8>,
 }
 
 /// Length of the state cookie this responder hands out: server tag, client tag, source port,
@@ -131,7 +149,7 @@ struct ServerSockets {
 const COOKIE_LEN: usize = 16;
 
 impl ServerSockets {
-    fn open(ports: &[u16], protocols: &[Protocol]) -> Result<ServerSockets> {
+    fn open(ports: &[u16], protocols: &[Protocol], identity: Vec<u8>) -> Result<ServerSockets> {
         let mut sockets = Vec::new();
         let mut cookie_secret = [0u8; 16];
         super::random_fill(&mut cookie_secret);
@@ -187,6 +205,7 @@ impl ServerSockets {
             sockets,
             sctp_ports,
             cookie_secret,
+            identity,
         })
     }
 
@@ -221,8 +240,10 @@ impl ServerSockets {
                     continue;
                 }
                 match server.role {
-                    Role::TcpListener => accept_all(&server.socket),
-                    Role::UdpEcho => echo_all(&server.socket, server.ipv6, &mut buffer),
+                    Role::TcpListener => accept_all(&server.socket, &self.identity),
+                    Role::UdpEcho => {
+                        echo_all(&server.socket, server.ipv6, &mut buffer, &self.identity)
+                    }
                     Role::SctpResponder => self.answer_sctp(server, &mut buffer),
                 }
             }
@@ -299,7 +320,7 @@ impl ServerSockets {
                 let client_tag = self.check_cookie(first.value, header)?;
                 Some(sctp::build(
                     reply_header(client_tag),
-                    &[(sctp::CHUNK_COOKIE_ACK, 0, &[])],
+                    &[(sctp::CHUNK_COOKIE_ACK, 0, &self.identity)],
                 ))
             }
             _ => None,
@@ -397,11 +418,17 @@ fn raw_sctp_socket(domain: Domain) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
-fn accept_all(listener: &Socket) {
+fn accept_all(listener: &Socket, identity: &[u8]) {
     loop {
         match listener.accept() {
-            // Dropping the accepted socket closes the connection: the handshake is done.
-            Ok(_) => {}
+            // Dropping the accepted socket closes the connection: the handshake is done. The
+            // identity is a few bytes, which a fresh connection's send buffer always takes.
+            Ok((connection, _)) => {
+                if !identity.is_empty() {
+                    let _ = connection.set_nonblocking(true);
+                    let _ = connection.send(identity);
+                }
+            }
             Err(error) if error.kind() == ErrorKind::Interrupted => {}
             // WouldBlock ends the batch. Other errors (ECONNABORTED for a connection reset
             // while queued, EMFILE) end it too: `poll` is level-triggered, so connections
@@ -413,9 +440,16 @@ fn accept_all(listener: &Socket) {
 }
 
 /// Echoes every pending datagram back to its sender, from the address it was sent to.
-fn echo_all(socket: &Socket, ipv6: bool, buffer: &mut [u8]) {
+fn echo_all(socket: &Socket, ipv6: bool, buffer: &mut [u8], identity: &[u8]) {
     while let Some((len, peer, local)) = recv_from(socket, ipv6, buffer) {
-        send_to(socket, &buffer[..len], peer, local);
+        if identity.is_empty() {
+            send_to(socket, &buffer[..len], peer, local);
+        } else {
+            let mut reply = buffer[..len].to_vec();
+            reply.push(b'@');
+            reply.extend_from_slice(identity);
+            send_to(socket, &reply, peer, local);
+        }
     }
 }
 
@@ -547,6 +581,7 @@ mod tests {
             sockets: Vec::new(),
             sctp_ports: ports.to_vec(),
             cookie_secret: [7; 16],
+            identity: Vec::new(),
         }
     }
 
