@@ -8,7 +8,7 @@ mod support;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     process::Command,
     time::Duration,
 };
@@ -46,7 +46,7 @@ fn reaches_cluster_ip(backend: &Netns, backend_ip: IpAddr, client: &Netns, what:
     let (tcp, udp) = backend
         .within(move || {
             (
-                TcpListener::bind((backend_ip, TARGET)).expect("listen"),
+                support::listen_retrying(SocketAddr::new(backend_ip, TARGET)),
                 UdpSocket::bind((backend_ip, TARGET)).expect("udp bind"),
             )
         })

@@ -8,7 +8,7 @@ mod support;
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     time::Duration,
 };
 
@@ -32,7 +32,7 @@ fn seen_by_backend(
 ) -> IpAddr {
     let to: SocketAddr = to.into();
     let listener = backend
-        .within(move || TcpListener::bind((backend_ip, TARGET)).expect("listen"))
+        .within(move || support::listen_retrying(SocketAddr::new(backend_ip, TARGET)))
         .expect("backend namespace");
     let server = std::thread::spawn(move || {
         let (mut stream, peer) = listener.accept().expect("accept");
@@ -160,16 +160,26 @@ async fn node_port_is_open_on_every_node(topology: Topology) {
         })
         .expect("client namespace");
 
-    // The refusals are drop events naming the Service port.
-    let (_, flows) = c.agent_http(1, "/flows?limit=100").expect("flows");
-    let flows: serde_json::Value = serde_json::from_str(&flows).expect("JSON");
+    // The refusals are drop events naming the Service port (read from the ring buffer by
+    // the agent as they come: give it a moment).
     for port in ["default/nobody:tcp", "default/nobody:udp"] {
-        assert!(
-            flows
+        let mut flows = serde_json::Value::Null;
+        let mut found = false;
+        for _ in 0..50 {
+            let (_, body) = c.agent_http(1, "/flows?limit=100").expect("flows");
+            flows = serde_json::from_str(&body).expect("JSON");
+            found = flows
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|f| { f["reason"] == "service_no_backend" && f["service"] == port }),
+                .any(|f| f["reason"] == "service_no_backend" && f["service"] == port);
+            if found {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            found,
             "{topology}: no drop event naming {port} in {flows:#}"
         );
     }

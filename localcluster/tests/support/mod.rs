@@ -301,3 +301,19 @@ pub fn vxlan_udp(
     d.extend_from_slice(payload);
     d
 }
+
+/// Binds a TCP listener, waiting up to two seconds while the port is still held by the
+/// previous round's connection.
+pub fn listen_retrying(addr: std::net::SocketAddr) -> std::net::TcpListener {
+    let mut tries = 0;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => return l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 40 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("listen on {addr}: {e}"),
+        }
+    }
+}
