@@ -1,18 +1,24 @@
-//! Kubernetes Events for NetworkPolicies the validator finds fault with, and the counters
-//! behind them.
+//! Kubernetes Events for the objects the controller finds fault with — NetworkPolicies the
+//! validator rejects or normalizes, Services and EndpointSlices it cannot use in part — and
+//! the counters behind them.
 //!
-//! Every distinct [`PolicyDiagnostic`] becomes one `events.k8s.io/v1` Event of type
-//! `Warning` regarding the NetworkPolicy (so `kubectl describe networkpolicy` shows it), with
-//! the diagnostic — field path included — as its note:
+//! Every distinct diagnostic becomes one `events.k8s.io/v1` Event of type `Warning`
+//! regarding the object (so `kubectl describe networkpolicy|service|endpointslice` shows
+//! it), with the diagnostic — field path included — as its note:
 //!
-//! * reason [`INVALID_POLICY_REASON`] for errors (the policy fails closed: it isolates the
-//!   pods it selects and allows nothing);
-//! * reason [`NORMALIZED_POLICY_REASON`] for values accepted in a normalized form (what the
-//!   API server accepts with a warning, e.g. a CIDR with host bits).
+//! * reason [`INVALID_POLICY_REASON`] for policy errors (the policy fails closed: it
+//!   isolates the pods it selects and allows nothing);
+//! * reason [`NORMALIZED_POLICY_REASON`] for policy values accepted in a normalized form
+//!   (what the API server accepts with a warning, e.g. a CIDR with host bits);
+//! * reason [`INVALID_SERVICE_REASON`] / [`INVALID_ENDPOINT_SLICE_REASON`] for a Service or
+//!   EndpointSlice part weir leaves out (an unknown protocol, a named `targetPort` no
+//!   backend has, a frontend another Service already holds); the rest of the Service, and
+//!   every other Service, is proxied as usual.
 //!
-//! "Distinct" is per policy object *and generation* (`metadata.generation` grows with every
-//! spec change): an edit that keeps the mistake is reported again, a recompile is not. The
-//! Event's name is derived from that identity (`<policy>.<hash>`), so when the leader
+//! "Distinct" is per object *and generation* (`metadata.generation` grows with every spec
+//! change; objects without one — Services — are identified by their uid alone): an edit
+//! that keeps the mistake is reported again, a recompile is not. The Event's name is derived
+//! from that identity (`<object>.<hash>`), so when the leader
 //! changes, or the controller restarts, the new leader's create of an Event that exists
 //! answers `409 AlreadyExists` and counts as done: one Event per diagnostic cluster-wide
 //! (until the API server's event TTL, one hour by default, removes it).
@@ -42,30 +48,111 @@ use kube::{Api, Client, api::PostParams};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::{PolicyDiagnostic, PolicyKey, Severity, kube::PolicyObjectRef, leader::Leadership};
+use crate::{
+    PolicyDiagnostic, Severity, kube::ObjectRef, leader::Leadership, service::ServiceDiagnostic,
+};
 
 /// Reason of the Event for a policy that fails closed.
 pub const INVALID_POLICY_REASON: &str = "InvalidNetworkPolicy";
 /// Reason of the Event for a value accepted in a normalized form.
 pub const NORMALIZED_POLICY_REASON: &str = "NetworkPolicyValueNormalized";
+/// Reason of the Event for a Service part weir leaves out.
+pub const INVALID_SERVICE_REASON: &str = "InvalidService";
+/// Reason of the Event for an EndpointSlice part weir leaves out.
+pub const INVALID_ENDPOINT_SLICE_REASON: &str = "InvalidEndpointSlice";
 /// `reportingController` of weir's Events (must be a qualified name).
 pub const REPORTING_CONTROLLER: &str = "weir.dev/controller";
-/// `action` of weir's policy Events.
+/// `action` of weir's Events.
 pub const VALIDATE_ACTION: &str = "Validate";
 /// The API server's limit on `note` (bytes).
 const NOTE_LIMIT: usize = 1024;
 
+/// The kind of object a diagnostic is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Subject {
+    NetworkPolicy,
+    Service,
+    EndpointSlice,
+}
+
+impl Subject {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::NetworkPolicy => "NetworkPolicy",
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+        }
+    }
+
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Self::NetworkPolicy => "networking.k8s.io/v1",
+            Self::Service => "v1",
+            Self::EndpointSlice => "discovery.k8s.io/v1",
+        }
+    }
+
+    fn from_kind(kind: &str) -> Option<Self> {
+        [Self::NetworkPolicy, Self::Service, Self::EndpointSlice]
+            .into_iter()
+            .find(|s| s.kind() == kind)
+    }
+}
+
 /// A diagnostic together with the identity of the object it is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReportedDiagnostic {
-    pub diagnostic: PolicyDiagnostic,
-    pub object: PolicyObjectRef,
+    pub subject: Subject,
+    pub namespace: String,
+    pub name: String,
+    pub object: ObjectRef,
+    /// Path of the field, as the API server writes it.
+    pub field: String,
+    pub severity: Severity,
+    pub problem: String,
 }
 
-/// What makes a diagnostic distinct: the policy object, its generation, and the problem.
+impl ReportedDiagnostic {
+    pub fn policy(d: &PolicyDiagnostic, object: ObjectRef) -> Self {
+        Self {
+            subject: Subject::NetworkPolicy,
+            namespace: d.policy.namespace.clone(),
+            name: d.policy.name.clone(),
+            object,
+            field: d.field.clone(),
+            severity: d.severity,
+            problem: d.problem.to_string(),
+        }
+    }
+
+    /// `None` for a diagnostic about a kind Events are not written for.
+    pub fn service(d: &ServiceDiagnostic, object: ObjectRef) -> Option<Self> {
+        Some(Self {
+            subject: Subject::from_kind(d.kind)?,
+            namespace: d.object.namespace.clone(),
+            name: d.object.name.clone(),
+            object,
+            field: d.field.clone(),
+            severity: Severity::Warning,
+            problem: d.problem.clone(),
+        })
+    }
+
+    fn is_invalid_policy(&self) -> bool {
+        self.subject == Subject::NetworkPolicy && self.severity == Severity::Error
+    }
+
+    fn is_normalized_policy_value(&self) -> bool {
+        self.subject == Subject::NetworkPolicy && self.severity == Severity::Warning
+    }
+}
+
+/// What makes a diagnostic distinct: the object, its generation, and the problem.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct DiagnosticId {
-    policy: PolicyKey,
+    subject: Subject,
+    namespace: String,
+    name: String,
     uid: String,
     generation: i64,
     field: String,
@@ -76,32 +163,40 @@ struct DiagnosticId {
 impl DiagnosticId {
     fn of(r: &ReportedDiagnostic) -> Self {
         Self {
-            policy: r.diagnostic.policy.clone(),
+            subject: r.subject,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
             uid: r.object.uid.clone().unwrap_or_default(),
             generation: r.object.generation.unwrap_or_default(),
-            field: r.diagnostic.field.clone(),
-            severity: match r.diagnostic.severity {
+            field: r.field.clone(),
+            severity: match r.severity {
                 Severity::Error => 0,
                 Severity::Warning => 1,
             },
-            problem: r.diagnostic.problem.to_string(),
+            problem: r.problem.clone(),
         }
     }
 
     /// 64-bit FNV-1a over the identity: stable across processes and versions, which the
-    /// Event name needs (a standard library hasher may change between releases).
+    /// Event name needs (a standard library hasher may change between releases). A
+    /// NetworkPolicy's identity hashes as it did before other kinds were reported, so Events
+    /// that exist keep answering for it.
     fn digest(&self) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let kind = match self.subject {
+            Subject::NetworkPolicy => None,
+            other => Some(other.kind()),
+        };
         let parts = [
-            self.policy.namespace.as_str(),
-            self.policy.name.as_str(),
+            self.namespace.as_str(),
+            self.name.as_str(),
             self.uid.as_str(),
             &self.generation.to_string(),
             self.field.as_str(),
             if self.severity == 0 { "E" } else { "W" },
             self.problem.as_str(),
         ];
-        for part in parts {
+        for part in kind.into_iter().chain(parts) {
             for b in part.bytes().chain([0u8]) {
                 h ^= u64::from(b);
                 h = h.wrapping_mul(0x0100_0000_01b3);
@@ -164,12 +259,12 @@ impl PolicyEventMetrics {
             ),
             (
                 "weir_controller_policy_events_total",
-                "Kubernetes Events emitted for policy diagnostics.",
+                "Kubernetes Events emitted for NetworkPolicy, Service and EndpointSlice diagnostics.",
                 self.events_emitted_total(),
             ),
             (
                 "weir_controller_policy_event_errors_total",
-                "Failed attempts to create policy Events.",
+                "Failed attempts to create diagnostic Events.",
                 self.event_errors_total(),
             ),
         ] {
@@ -193,11 +288,11 @@ pub fn write_invalid_policies(out: &mut String, value: u64) {
 }
 
 /// Emits one Event per distinct diagnostic.
-pub struct PolicyEvents {
+pub struct DiagnosticEvents {
     client: Client,
     instance: String,
     /// Policy versions counted invalid (every replica counts what it sees).
-    counted_invalid: BTreeSet<(PolicyKey, String, i64)>,
+    counted_invalid: BTreeSet<(String, String, String, i64)>,
     /// Normalized-value diagnostics counted.
     counted_normalized: BTreeSet<DiagnosticId>,
     /// Diagnostics whose Event exists.
@@ -205,7 +300,7 @@ pub struct PolicyEvents {
     metrics: Arc<PolicyEventMetrics>,
 }
 
-impl PolicyEvents {
+impl DiagnosticEvents {
     /// `instance` is the `reportingInstance` (the pod name; at most 128 bytes are used).
     pub fn new(client: Client, instance: impl Into<String>) -> Self {
         let mut instance = instance.into();
@@ -253,7 +348,7 @@ impl PolicyEvents {
                     self.metrics
                         .event_errors_total
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!(policy = %id.policy, error = %e, "creating a policy Event");
+                    warn!(kind = id.subject.kind(), namespace = %id.namespace, name = %id.name, error = %e, "creating an Event");
                 }
             }
         }
@@ -263,10 +358,17 @@ impl PolicyEvents {
     /// Updates the counters: new invalid policy versions, new normalized values, and the
     /// number of policies invalid now.
     fn count(&mut self, ids: &[(DiagnosticId, &ReportedDiagnostic)]) {
-        let invalid: BTreeSet<(PolicyKey, String, i64)> = ids
+        let invalid: BTreeSet<(String, String, String, i64)> = ids
             .iter()
-            .filter(|(id, _)| id.severity == 0)
-            .map(|(id, _)| (id.policy.clone(), id.uid.clone(), id.generation))
+            .filter(|(_, r)| r.is_invalid_policy())
+            .map(|(id, _)| {
+                (
+                    id.namespace.clone(),
+                    id.name.clone(),
+                    id.uid.clone(),
+                    id.generation,
+                )
+            })
             .collect();
         let new_invalid = invalid.difference(&self.counted_invalid).count();
         self.metrics
@@ -278,7 +380,7 @@ impl PolicyEvents {
         self.counted_invalid = invalid;
         let normalized: BTreeSet<DiagnosticId> = ids
             .iter()
-            .filter(|(id, _)| id.severity != 0)
+            .filter(|(_, r)| r.is_normalized_policy_value())
             .map(|(id, _)| id.clone())
             .collect();
         let new_normalized = normalized.difference(&self.counted_normalized).count();
@@ -290,10 +392,10 @@ impl PolicyEvents {
 
     async fn create(&self, id: &DiagnosticId, report: &ReportedDiagnostic) -> kube::Result<()> {
         let event = self.event(id, report);
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &id.policy.namespace);
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &id.namespace);
         match api.create(&PostParams::default(), &event).await {
             Ok(_) => {
-                debug!(policy = %id.policy, field = %id.field, "policy Event created");
+                debug!(kind = id.subject.kind(), namespace = %id.namespace, name = %id.name, field = %id.field, "Event created");
                 Ok(())
             }
             // Another replica (or this one before a restart) created it.
@@ -303,23 +405,32 @@ impl PolicyEvents {
     }
 
     fn event(&self, id: &DiagnosticId, report: &ReportedDiagnostic) -> Event {
-        let d = &report.diagnostic;
-        let (reason, consequence) = match d.severity {
-            Severity::Error => (
+        let (reason, consequence) = match (report.subject, report.severity) {
+            (Subject::NetworkPolicy, Severity::Error) => (
                 INVALID_POLICY_REASON,
-                "the policy fails closed: it isolates the pods it selects and allows nothing",
+                "; the policy fails closed: it isolates the pods it selects and allows nothing",
             ),
-            Severity::Warning => (NORMALIZED_POLICY_REASON, "the normalized value applies"),
+            (Subject::NetworkPolicy, Severity::Warning) => {
+                (NORMALIZED_POLICY_REASON, "; the normalized value applies")
+            }
+            (Subject::Service, _) => (
+                INVALID_SERVICE_REASON,
+                "; weir leaves this part out and proxies the rest",
+            ),
+            (Subject::EndpointSlice, _) => (
+                INVALID_ENDPOINT_SLICE_REASON,
+                "; weir leaves this part out and uses the rest",
+            ),
         };
-        let mut note = format!("{}: {}; {consequence}", d.field, d.problem);
+        let mut note = format!("{}: {}{consequence}", report.field, report.problem);
         truncate_at_char(&mut note, NOTE_LIMIT);
         // Object names are at most 253 characters; keep room for the suffix.
-        let mut prefix = id.policy.name.clone();
+        let mut prefix = id.name.clone();
         truncate_at_char(&mut prefix, 253 - 17);
         Event {
             metadata: ObjectMeta {
                 name: Some(format!("{prefix}.{:016x}", id.digest())),
-                namespace: Some(id.policy.namespace.clone()),
+                namespace: Some(id.namespace.clone()),
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(Timestamp::now())),
@@ -328,10 +439,10 @@ impl PolicyEvents {
             action: Some(VALIDATE_ACTION.into()),
             note: Some(note),
             regarding: Some(ObjectReference {
-                api_version: Some("networking.k8s.io/v1".into()),
-                kind: Some("NetworkPolicy".into()),
-                namespace: Some(id.policy.namespace.clone()),
-                name: Some(id.policy.name.clone()),
+                api_version: Some(id.subject.api_version().into()),
+                kind: Some(id.subject.kind().into()),
+                namespace: Some(id.namespace.clone()),
+                name: Some(id.name.clone()),
                 uid: report.object.uid.clone(),
                 ..ObjectReference::default()
             }),
@@ -357,8 +468,8 @@ const RETRY_FAILED_EVENTS: Duration = Duration::from_secs(30);
 
 /// Emits Events for the diagnostics published on `diagnostics` while this replica leads
 /// (followers only count). Ends when the sender is dropped.
-pub async fn run_policy_events(
-    mut events: PolicyEvents,
+pub async fn run_diagnostic_events(
+    mut events: DiagnosticEvents,
     mut diagnostics: watch::Receiver<Vec<ReportedDiagnostic>>,
     mut leadership: Leadership,
 ) {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use tracing::info;
 use weir_controller::{
-    events::{PolicyEvents, run_policy_events},
+    events::{DiagnosticEvents, run_diagnostic_events},
     http::{CompileMetrics, ControllerEndpoint},
     kube::{
         AgentServing, KubeOptions, KubeTokenReviewer, LeaderPodLabel, TokenReviewConfig,
@@ -203,7 +203,7 @@ async fn run_in_cluster(args: Args) -> Result<()> {
         )
     };
     let (elector, leadership) = LeaderElector::new(client.clone(), lease)?;
-    let events = PolicyEvents::new(client.clone(), &instance);
+    let events = DiagnosticEvents::new(client.clone(), &instance);
     // Up before anything waits for the API server: the liveness probe dials this port.
     spawn_endpoint(
         args.metrics_addr,
@@ -260,7 +260,7 @@ async fn run_in_cluster(args: Args) -> Result<()> {
     };
     let serve = tokio::spawn(serve_agents_while_leading(serving, leadership.clone()));
     let (diagnostics_tx, diagnostics_rx) = tokio::sync::watch::channel(Vec::new());
-    tokio::spawn(run_policy_events(events, diagnostics_rx, leadership));
+    tokio::spawn(run_diagnostic_events(events, diagnostics_rx, leadership));
     let mut elect = tokio::spawn(elector.run(shutdown_signal()));
 
     let opts = KubeOptions {

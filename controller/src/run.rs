@@ -22,7 +22,7 @@ use weir_transport::StatePublisher;
 use crate::{
     Cluster, Compiler, PolicyKey, Severity,
     node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
-    service::ObjectName,
+    service::{ObjectName, ServiceDiagnostic},
     source::{Change, ManifestDir, Object},
 };
 
@@ -34,6 +34,8 @@ pub struct Controller {
     published: BTreeMap<String, (u64, Arc<NodeState>)>,
     /// Diagnostics already reported, so each is logged once.
     reported: BTreeSet<String>,
+    /// What the last compile could not use of the Services and EndpointSlices.
+    service_diagnostics: Vec<ServiceDiagnostic>,
     /// Node objects: address and the pod CIDRs the cluster set.
     nodes: BTreeMap<String, NodeInfo>,
     node_cidrs: Option<(NodeCidrAllocator, Box<dyn CidrStore + Send>)>,
@@ -85,6 +87,7 @@ impl Controller {
             publisher,
             published: BTreeMap::new(),
             reported: BTreeSet::new(),
+            service_diagnostics: Vec::new(),
             nodes: BTreeMap::new(),
             node_cidrs: None,
             cidrs_saved: BTreeMap::new(),
@@ -122,6 +125,11 @@ impl Controller {
         self.cidrs_saved = loaded;
         self.node_cidrs = Some((allocator, store));
         Ok(self)
+    }
+
+    /// What the last compile could not use of the Services and EndpointSlices.
+    pub fn service_diagnostics(&self) -> &[ServiceDiagnostic] {
+        &self.service_diagnostics
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -227,6 +235,7 @@ impl Controller {
             }
         }
         self.reported = current;
+        self.service_diagnostics = out.service_diagnostics;
         let routes = self.routes();
         if *self.routes != routes {
             self.routes = Arc::new(routes);

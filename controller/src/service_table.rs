@@ -129,7 +129,7 @@ impl ServiceTable {
                                 object: svc.key.clone(),
                                 field,
                                 problem: format!(
-                                    "{} {}:{} ({}) is already the frontend of {}; left out",
+                                    "{} {}:{} ({}) is already the frontend of {}",
                                     kind_name(frontend.kind),
                                     frontend.ip,
                                     frontend.port,

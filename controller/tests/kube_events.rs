@@ -1,5 +1,5 @@
-//! Kubernetes Events for invalid NetworkPolicies: one Warning per distinct diagnostic,
-//! emitted by the leader only, counted in the metrics.
+//! Kubernetes Events for invalid NetworkPolicies and unusable Service parts: one Warning per
+//! distinct diagnostic, emitted by the leader only, counted in the metrics.
 
 mod kube_support;
 
@@ -9,7 +9,10 @@ use futures::StreamExt;
 use kube_support::*;
 use serde_json::{Value, json};
 use weir_controller::{
-    events::{INVALID_POLICY_REASON, PolicyEvents, REPORTING_CONTROLLER, ReportedDiagnostic},
+    events::{
+        DiagnosticEvents, INVALID_POLICY_REASON, INVALID_SERVICE_REASON, REPORTING_CONTROLLER,
+        ReportedDiagnostic,
+    },
     kube::{ClusterSync, WatchOptions, watch_cluster},
     run::Controller,
 };
@@ -30,9 +33,19 @@ fn bad_cidr_policy(rv: &str, generation: i64) -> Value {
 
 /// The diagnostics the controller reports after syncing a cluster with these policies.
 async fn diagnostics_of(policies: Vec<Value>) -> Vec<ReportedDiagnostic> {
+    diagnostics_with_services(policies, vec![]).await
+}
+
+/// The diagnostics the controller reports after syncing a cluster with these policies and
+/// Services (and no EndpointSlices).
+async fn diagnostics_with_services(
+    policies: Vec<Value>,
+    services: Vec<Value>,
+) -> Vec<ReportedDiagnostic> {
     let api = FakeApi::start(
         Script::new()
-            .without_services()
+            .on(SERVICES, [list("1", services)])
+            .on(ENDPOINT_SLICES, [list("1", vec![])])
             .on(NAMESPACES, [list("1", vec![namespace("prod", "1")])])
             .on(NODES, [list("1", vec![node("node-1", "1")])])
             .on(PODS, [list("1", vec![])])
@@ -67,7 +80,7 @@ async fn an_invalid_policy_yields_exactly_one_warning_event() {
     let diagnostics = diagnostics_of(vec![bad_cidr_policy("5", 1)]).await;
     assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
     let (client, created) = events_api(201);
-    let mut events = PolicyEvents::new(client, "weir-controller-abc");
+    let mut events = DiagnosticEvents::new(client, "weir-controller-abc");
 
     assert_eq!(events.sync(&diagnostics, true).await, 0);
     // Recompiles report the same diagnostic again: no new Event.
@@ -126,7 +139,7 @@ async fn followers_count_without_emitting_and_existing_events_are_not_duplicated
     let diagnostics = diagnostics_of(vec![bad_cidr_policy("5", 1)]).await;
     // The previous leader already created the Event: the API answers 409.
     let (client, created) = events_api(409);
-    let mut events = PolicyEvents::new(client, "replica-2");
+    let mut events = DiagnosticEvents::new(client, "replica-2");
 
     events.sync(&diagnostics, false).await;
     assert!(
@@ -166,7 +179,7 @@ async fn an_edit_that_keeps_the_mistake_is_reported_again_and_failures_are_retri
             })
         })
     };
-    let mut events = PolicyEvents::new(client, "replica-1");
+    let mut events = DiagnosticEvents::new(client, "replica-1");
     assert_eq!(events.sync(&first, true).await, 1, "the API failed once");
     assert_eq!(events.sync(&first, true).await, 0, "retried");
     assert_eq!(events.sync(&edited, true).await, 0);
@@ -186,4 +199,63 @@ async fn an_edit_that_keeps_the_mistake_is_reported_again_and_failures_are_retri
     events.sync(&[], true).await;
     assert_eq!(events.metrics().invalid_policies(), 0);
     assert_eq!(log.lock().unwrap().len(), 3, "no Event for a fix");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unusable_service_port_yields_one_event_regarding_the_service_and_nothing_else() {
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "prod", "name": "web", "uid": "uid-svc-web",
+                     "resourceVersion": "3"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                           {"name": "odd", "port": 81, "targetPort": 81, "protocol": "QUIC"}]},
+    });
+    let good = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "prod", "name": "fine", "uid": "uid-svc-fine",
+                     "resourceVersion": "4"},
+        "spec": {"clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"],
+                 "selector": {"app": "fine"},
+                 "ports": [{"port": 80, "targetPort": 80, "protocol": "TCP"}]},
+    });
+    let diagnostics = diagnostics_with_services(vec![], vec![service, good]).await;
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    let (client, created) = events_api(201);
+    let mut events = DiagnosticEvents::new(client, "weir-controller-abc");
+    assert_eq!(events.sync(&diagnostics, true).await, 0);
+    assert_eq!(
+        events.sync(&diagnostics, true).await,
+        0,
+        "recompiles add nothing"
+    );
+
+    let created = created.lock().unwrap().clone();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    let event = created[0].body.as_ref().unwrap();
+    assert_eq!(created[0].path, EVENTS);
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], INVALID_SERVICE_REASON);
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "v1", "kind": "Service",
+               "namespace": "prod", "name": "web", "uid": "uid-svc-web"})
+    );
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("spec.ports[1].protocol: unknown protocol \"QUIC\""),
+        "the note names the field: {note}"
+    );
+    assert!(note.contains("leaves this part out"), "{note}");
+    assert!(
+        event["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("web.")
+    );
+    let metrics = events.metrics();
+    assert_eq!(metrics.invalid_policies(), 0, "a Service is not a policy");
+    assert_eq!(metrics.invalid_policies_total(), 0);
+    assert_eq!(metrics.events_emitted_total(), 1);
 }

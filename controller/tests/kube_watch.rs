@@ -388,10 +388,7 @@ async fn run_kube_publishes_once_synced_and_reports_policy_diagnostics() {
         .unwrap();
     let reported = diagnostics.borrow().clone();
     assert_eq!(reported.len(), 1);
-    assert_eq!(
-        reported[0].diagnostic.field,
-        "spec.egress[0].to[0].ipBlock.cidr"
-    );
+    assert_eq!(reported[0].field, "spec.egress[0].to[0].ipBlock.cidr");
     assert_eq!(reported[0].object.uid.as_deref(), Some("uid-np-bad"));
     assert_eq!(publisher.published().get("node-1"), Some(&1));
     run.abort();

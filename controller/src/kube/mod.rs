@@ -35,7 +35,7 @@ pub use self::{
     serve::{
         AgentServing, LEADER_LABEL, LeaderPodLabel, mark_until_done, serve_agents_while_leading,
     },
-    sync::{ClusterSync, Flushed, PolicyObjectRef},
+    sync::{ClusterSync, Flushed, ObjectRef},
     token_review::{KubeTokenReviewer, TokenReviewConfig},
     watch::{Kind, KindEvent, WatchOptions, watch_cluster},
 };

@@ -28,7 +28,6 @@ use tracing::{debug, info};
 
 use super::watch::{Kind, KindEvent};
 use crate::{
-    PolicyKey,
     events::ReportedDiagnostic,
     run::Controller,
     source::{Change, Object, ObjectKey},
@@ -40,9 +39,9 @@ struct Known {
     resource_version: String,
 }
 
-/// Identity of a NetworkPolicy object (for Events about it).
+/// Identity of an object Events may be about (a NetworkPolicy, Service or EndpointSlice).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PolicyObjectRef {
+pub struct ObjectRef {
     pub uid: Option<String>,
     pub generation: Option<i64>,
 }
@@ -131,7 +130,8 @@ pub struct ClusterSync {
     controller: Controller,
     trackers: [KindTracker; 6],
     pending: Vec<Change>,
-    policy_refs: BTreeMap<PolicyKey, PolicyObjectRef>,
+    /// Identities of the objects diagnostics may be about.
+    refs: BTreeMap<ObjectKey, ObjectRef>,
     compiled_once: bool,
 }
 
@@ -141,7 +141,7 @@ impl ClusterSync {
             controller,
             trackers: Default::default(),
             pending: Vec::new(),
-            policy_refs: BTreeMap::new(),
+            refs: BTreeMap::new(),
             compiled_once: false,
         }
     }
@@ -152,8 +152,11 @@ impl ClusterSync {
 
     /// Takes in one event; its changes wait for [`Self::flush`].
     pub fn observe(&mut self, event: KindEvent) {
-        if event.kind == Kind::NetworkPolicy {
-            self.track_policy_ref(&event.event);
+        if matches!(
+            event.kind,
+            Kind::NetworkPolicy | Kind::Service | Kind::EndpointSlice
+        ) {
+            self.track_ref(event.kind, &event.event);
         }
         let tracker = &mut self.trackers[event.kind.index()];
         let was_synced = tracker.synced;
@@ -208,52 +211,63 @@ impl ClusterSync {
             .then(|| self.controller.recompute())
     }
 
-    /// Every diagnostic of every stored policy, with the policy object's identity.
+    /// Every diagnostic of every stored policy, and of the Services and EndpointSlices the
+    /// last compile used, with the object's identity.
     pub fn reported_diagnostics(&self) -> Vec<ReportedDiagnostic> {
-        self.controller
-            .cluster()
-            .diagnostics()
-            .map(|d| ReportedDiagnostic {
-                object: self.policy_refs.get(&d.policy).cloned().unwrap_or_default(),
-                diagnostic: d.clone(),
-            })
-            .collect()
+        let object = |kind: Kind, namespace: &str, name: &str| {
+            let key = ObjectKey {
+                kind: kind.as_str(),
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            };
+            self.refs.get(&key).cloned().unwrap_or_default()
+        };
+        let policies = self.controller.cluster().diagnostics().map(|d| {
+            ReportedDiagnostic::policy(
+                d,
+                object(Kind::NetworkPolicy, &d.policy.namespace, &d.policy.name),
+            )
+        });
+        let services = self
+            .controller
+            .service_diagnostics()
+            .iter()
+            .filter_map(|d| {
+                let kind = if d.kind == Kind::EndpointSlice.as_str() {
+                    Kind::EndpointSlice
+                } else {
+                    Kind::Service
+                };
+                ReportedDiagnostic::service(d, object(kind, &d.object.namespace, &d.object.name))
+            });
+        policies.chain(services).collect()
     }
 
-    fn track_policy_ref(&mut self, event: &Event<Object>) {
-        let key_of = |o: &Object| {
-            let k = o.key();
-            PolicyKey::new(k.namespace, k.name)
-        };
+    fn track_ref(&mut self, kind: Kind, event: &Event<Object>) {
         match event {
             Event::Apply(o) | Event::InitApply(o) => {
                 let m = meta(o);
-                self.policy_refs.insert(
-                    key_of(o),
-                    PolicyObjectRef {
+                self.refs.insert(
+                    o.key(),
+                    ObjectRef {
                         uid: m.uid.clone(),
                         generation: m.generation,
                     },
                 );
             }
             Event::Delete(o) => {
-                self.policy_refs.remove(&key_of(o));
+                self.refs.remove(&o.key());
             }
             Event::Init => {}
             Event::InitDone => {
-                let known = &self.trackers[Kind::NetworkPolicy.index()].known;
+                let tracker = &self.trackers[kind.index()];
                 // Runs before the tracker drops the keys the relist did not see; drop those
                 // that are not in the relist either.
-                let relisted = self.trackers[Kind::NetworkPolicy.index()]
-                    .relisting
-                    .as_ref();
-                self.policy_refs.retain(|k, _| {
-                    let key = ObjectKey {
-                        kind: Kind::NetworkPolicy.as_str(),
-                        namespace: k.namespace.clone(),
-                        name: k.name.clone(),
-                    };
-                    relisted.map_or(known.contains_key(&key), |seen| seen.contains(&key))
+                let relisted = tracker.relisting.as_ref();
+                self.refs.retain(|key, _| {
+                    key.kind != kind.as_str()
+                        || relisted
+                            .map_or(tracker.known.contains_key(key), |seen| seen.contains(key))
                 });
             }
         }
