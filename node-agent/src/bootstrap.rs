@@ -42,7 +42,7 @@ use std::{
 
 use tracing::{info, warn};
 use weir_transport::{
-    Backoff, ClientTls, IssuedCert, TransportError, bootstrap_node_certificate, pki,
+    Backoff, ClientTls, Endpoints, IssuedCert, TransportError, bootstrap_node_certificate, pki,
     tls::{CA_CERT_FILE, CERT_FILE, KEY_FILE},
 };
 use x509_parser::{pem::parse_x509_pem, prelude::FromDer};
@@ -217,8 +217,8 @@ pub fn write_credentials(
 /// Where to get a certificate and where to keep it.
 #[derive(Clone, Debug)]
 pub struct BootstrapConfig {
-    /// The controller, `https://host:port`.
-    pub endpoint: String,
+    /// The controller.
+    pub endpoints: Endpoints,
     /// The name the controller's certificate must carry.
     pub server_name: String,
     pub node: String,
@@ -311,9 +311,15 @@ impl CertificateKeeper {
             source,
         })?;
         let tls = ClientTls::new(&ca, &self.cfg.server_name).map_err(TransportError::from)?;
-        let issued =
-            bootstrap_node_certificate(&self.cfg.endpoint, &tls, &self.cfg.node, token).await?;
-        write_credentials(&self.cfg.tls_dir, &ca, &issued)
+        // Every endpoint in turn; the error is the last one's.
+        let mut last = None;
+        for endpoint in self.cfg.endpoints.current().await? {
+            match bootstrap_node_certificate(&endpoint, &tls, &self.cfg.node, token).await {
+                Ok(issued) => return write_credentials(&self.cfg.tls_dir, &ca, &issued),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("current() is never empty").into())
     }
 }
 
@@ -497,7 +503,7 @@ mod tests {
 
     fn config(dir: &Path, endpoint: &str) -> BootstrapConfig {
         BootstrapConfig {
-            endpoint: endpoint.to_owned(),
+            endpoints: Endpoints::fixed(endpoint),
             server_name: "weir-controller".into(),
             node: "n1".into(),
             tls_dir: dir.join("tls"),

@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod bpffs;
 pub mod cni_service;
 pub mod controller_link;
+pub mod controller_service;
 pub mod dataplane;
 pub mod endpoints;
 pub mod http;

@@ -94,6 +94,14 @@ struct Args {
     /// the agent only does networking (no policy).
     #[arg(long, env = "WEIR_CONTROLLER")]
     controller: Option<String>,
+    /// Find the controller through the API server instead of --controller: the ready
+    /// endpoints of this Service (NAMESPACE/NAME), looked up before every connection attempt.
+    /// For clusters where no kube-proxy routes the controller's ClusterIP before weir does.
+    #[arg(long, env = "WEIR_CONTROLLER_SERVICE", conflicts_with = "controller")]
+    controller_service: Option<weir_agent::controller_service::ServiceRef>,
+    /// With --controller-service: the name of the Service port agents are served on.
+    #[arg(long, env = "WEIR_CONTROLLER_PORT_NAME", default_value = "grpc")]
+    controller_port_name: String,
     /// Directory with ca.crt, tls.crt and tls.key (this node's client certificate). With
     /// --bootstrap-token-file and --ca-file they are obtained from the controller, and renewed.
     #[arg(long, env = "WEIR_TLS_DIR", default_value = "/etc/weir/tls")]
@@ -192,6 +200,20 @@ async fn run(args: Args) -> Result<()> {
         .node_name
         .clone()
         .context("--node-name (or NODE_NAME) is required")?;
+    let endpoints = match (&args.controller, &args.controller_service) {
+        (Some(url), _) => Some(weir_transport::Endpoints::fixed(url.clone())),
+        (None, Some(service)) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("--controller-service: no API server to ask (in-cluster configuration)")?;
+            Some(weir_agent::controller_service::endpoints(
+                client,
+                service.clone(),
+                args.controller_port_name.clone(),
+            ))
+        }
+        (None, None) => None,
+    };
     match bpffs::ensure_mounted(&args.bpffs)? {
         BpffsMount::Present => {}
         BpffsMount::Mounted => info!(path = %args.bpffs.display(), "mounted a bpf file system"),
@@ -235,7 +257,7 @@ async fn run(args: Args) -> Result<()> {
     let agent = Arc::new(Mutex::new(agent));
     {
         let (agent, flows, addr) = (agent.clone(), flows.clone(), args.metrics_addr);
-        let follows_controller = args.controller.is_some();
+        let follows_controller = endpoints.is_some();
         tokio::spawn(async move {
             if let Err(e) = weir_agent::http::serve(addr, agent, flows, follows_controller).await {
                 warn!(error = %e, %addr, "HTTP endpoint stopped");
@@ -246,7 +268,7 @@ async fn run(args: Args) -> Result<()> {
     // The socket appears only now: a plugin STATUS that reaches us means ADD can be served.
     let listener = weir_cni::server::bind(&args.cni_socket)
         .with_context(|| format!("binding {}", args.cni_socket.display()))?;
-    let policy_wait = if args.controller.is_some() {
+    let policy_wait = if endpoints.is_some() {
         Duration::try_from_secs_f64(args.pod_policy_wait).context("--pod-policy-wait")?
     } else {
         Duration::ZERO
@@ -259,9 +281,9 @@ async fn run(args: Args) -> Result<()> {
     });
     info!(socket = %args.cni_socket.display(), "serving the CNI plugin");
 
-    if let Some(endpoint) = args.controller.clone() {
+    if let Some(endpoints) = endpoints {
         let watch = weir_transport::WatchLoop::from_files(
-            endpoint.clone(),
+            endpoints.clone(),
             weir_transport::TlsFiles::in_dir(&args.tls_dir),
             args.controller_name.clone(),
             node_name.clone(),
@@ -273,7 +295,7 @@ async fn run(args: Args) -> Result<()> {
         match (&args.bootstrap_token_file, &args.ca_file) {
             (Some(token_file), Some(ca_file)) => {
                 let keeper = CertificateKeeper::new(BootstrapConfig {
-                    endpoint: endpoint.clone(),
+                    endpoints: endpoints.clone(),
                     server_name: args.controller_name.clone(),
                     node: node_name.clone(),
                     tls_dir: args.tls_dir.clone(),
@@ -295,9 +317,9 @@ async fn run(args: Args) -> Result<()> {
                 tokio::spawn(follow);
             }
         }
-        info!(%endpoint, "following the controller");
+        info!(controller = %endpoints, "following the controller");
     } else {
-        warn!("no --controller: pods get networking but no policy");
+        warn!("no --controller or --controller-service: pods get networking but no policy");
     }
 
     let refresher = agent.clone();

@@ -12,7 +12,8 @@ use weir_api::NodeState;
 
 use crate::{
     TransportError,
-    client::{Client, connect},
+    client::Client,
+    endpoints::Endpoints,
     server::AgentReport,
     tls::{ClientTls, TlsFiles},
     update::{Applied, NodeStateTracker, StateVersion},
@@ -90,16 +91,16 @@ enum TlsSource {
 /// Follows the controller for one node.
 #[derive(Clone, Debug)]
 pub struct WatchLoop {
-    endpoint: String,
+    endpoints: Endpoints,
     tls: TlsSource,
     node: String,
     backoff: Backoff,
 }
 
 impl WatchLoop {
-    pub fn new(endpoint: impl Into<String>, tls: ClientTls, node: impl Into<String>) -> Self {
+    pub fn new(endpoints: impl Into<Endpoints>, tls: ClientTls, node: impl Into<String>) -> Self {
         Self {
-            endpoint: endpoint.into(),
+            endpoints: endpoints.into(),
             tls: TlsSource::Fixed(tls),
             node: node.into(),
             backoff: Backoff::default(),
@@ -108,13 +109,13 @@ impl WatchLoop {
 
     /// Like [`Self::new`], reading the credentials from `files` at every connection attempt.
     pub fn from_files(
-        endpoint: impl Into<String>,
+        endpoints: impl Into<Endpoints>,
         files: TlsFiles,
         server_name: impl Into<String>,
         node: impl Into<String>,
     ) -> Self {
         Self {
-            endpoint: endpoint.into(),
+            endpoints: endpoints.into(),
             tls: TlsSource::Files {
                 files,
                 server_name: server_name.into(),
@@ -174,18 +175,16 @@ impl WatchLoop {
         let mut progressed = false;
         let fail = |progressed, error| SessionError { progressed, error };
         let tls = self.client_tls().map_err(|e| fail(false, e))?;
-        let client = connect(&self.endpoint, &tls)
+        let (endpoint, client) = self
+            .endpoints
+            .connect(&tls)
             .await
             .map_err(|e| fail(false, e))?;
         let mut updates = client
             .watch(&self.node, tracker.have())
             .await
             .map_err(|e| fail(false, e))?;
-        tracing::info!(
-            node = self.node,
-            endpoint = self.endpoint,
-            "following the controller"
-        );
+        tracing::info!(node = self.node, endpoint, "following the controller");
         while let Some(update) = updates.next().await {
             let update = update.map_err(|e| fail(progressed, e))?;
             progressed = true;

@@ -34,6 +34,7 @@
 pub mod bootstrap;
 pub mod client;
 pub mod convert;
+pub mod endpoints;
 pub mod follow;
 pub mod pb;
 pub mod pki;
@@ -50,6 +51,7 @@ use std::net::SocketAddr;
 pub use bootstrap::{Bootstrap, ReviewError, ReviewedIdentity, StaticTokenReviewer, TokenReviewer};
 pub use client::{Client, UpdateStream, bootstrap_node_certificate, connect};
 pub use convert::ProtoError;
+pub use endpoints::Endpoints;
 pub use follow::{Backoff, StateSink, WatchLoop};
 pub use pki::{ClusterCa, IssuedCert, PkiError};
 pub use server::{AgentReport, NodeStateServer, PublishError, StatePublisher};
@@ -69,6 +71,8 @@ pub enum TransportError {
         endpoint: String,
         source: tonic::transport::Error,
     },
+    #[error("finding {what}: {reason}")]
+    Resolve { what: String, reason: String },
     #[error("{rpc}: {status}")]
     Rpc {
         rpc: &'static str,

@@ -513,3 +513,48 @@ async fn removing_a_node_ends_its_stream_with_not_found() {
     assert_eq!(end.code(), Some(tonic::Code::NotFound));
     assert!(soon("stream end", updates.next()).await.is_none());
 }
+
+/// Endpoints found before every attempt (the agent asks the API server for the controller
+/// Service's endpoints): an unreachable one is skipped, a failed lookup retried.
+#[tokio::test]
+async fn resolved_endpoints_are_tried_in_order_and_looked_up_again_after_a_failure() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let pki = Pki::new();
+    let publisher = StatePublisher::new();
+    let server = TestServer::start(&publisher, &pki.server, None).await;
+    // A port nothing listens on: bind, note, close.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://{}", l.local_addr().unwrap())
+    };
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let endpoints = {
+        let (lookups, live, dead) = (lookups.clone(), server.endpoint(), dead.clone());
+        weir_transport::Endpoints::resolved("Service test/controller", move || {
+            let n = lookups.fetch_add(1, Ordering::SeqCst);
+            let found = if n == 0 {
+                Err("the API server is not there yet".to_owned())
+            } else {
+                Ok(vec![dead.clone(), live.clone()])
+            };
+            async move { found }
+        })
+    };
+    let (mut sink, mut view) = RecordingSink::new();
+    let agent =
+        WatchLoop::new(endpoints, pki.agent("node-a"), "node-a").with_backoff(fast_backoff());
+    let task = tokio::spawn(async move {
+        agent.run(&mut sink).await;
+    });
+    let state = random_states(1).remove(0);
+    publisher
+        .publish("node-a", 1, Arc::new(state.clone()))
+        .unwrap();
+    let applied = wait_for_version(&mut view, 1).await;
+    assert_eq!(applied.state, state);
+    assert!(
+        lookups.load(Ordering::SeqCst) >= 2,
+        "looked up again after the failed lookup"
+    );
+    task.abort();
+}
