@@ -3,12 +3,14 @@
 //!
 //! 1. Checks that `docker info`, `kind` and `kubectl` work (and stops there, saying what is
 //!    missing, if not), loads the case files, builds the image (`cargo xtask image`).
-//! 2. Creates a kind cluster without its default CNI (1 control-plane + 2 workers), whose pod
-//!    subnet is weir's cluster CIDR from `manifests/` (`weir-config` `cluster-cidr`), with its
-//!    kubeconfig in the work directory (the user's kubeconfig is not touched).
+//! 2. Creates a kind cluster without its default CNI and without kube-proxy (weir proxies
+//!    Services) (1 control-plane + 2 workers), whose pod subnet is weir's cluster CIDR from
+//!    `manifests/` (`weir-config` `cluster-cidr`), with its kubeconfig in the work directory
+//!    (the user's kubeconfig is not touched).
 //! 3. `kind load image-archive`, then `kubectl apply -k` of an overlay of `manifests/` that
-//!    only sets the image, and waits for the agent DaemonSet, the controller Deployment and
-//!    every node to be ready.
+//!    sets the image and the API server's address (the control-plane node's, port 6443:
+//!    nothing routes the `kubernetes` ClusterIP before weir runs), and waits for the agent
+//!    DaemonSet, the controller Deployment and every node to be ready.
 //! 4. Runs every case file through [`driver::KubeDriver`]: the model's namespaces and agnhost
 //!    pods, policies applied and deleted through the API, probes by `agnhost connect` exec'd
 //!    in the client pods.
@@ -125,7 +127,8 @@ pub fn run(args: Args) -> Result<()> {
     )?;
 
     let overlay = work.join("overlay");
-    write_overlay(&overlay, &manifests_dir, &image)?;
+    let api_server = control_plane_address(&args.name)?;
+    write_overlay(&overlay, &manifests_dir, &image, &api_server)?;
     let kubectl = |args: &[&str]| {
         let mut command = Command::new("kubectl");
         command.arg("--kubeconfig").arg(&kubeconfig).args(args);
@@ -314,15 +317,41 @@ fn kind_config_yaml(pod_subnet: &str, workers: usize) -> Result<String> {
     let config = json!({
         "kind": "Cluster",
         "apiVersion": "kind.x-k8s.io/v1alpha4",
-        "networking": {"disableDefaultCNI": true, "podSubnet": pod_subnet},
+        "networking": {
+            "disableDefaultCNI": true,
+            "kubeProxyMode": "none",
+            "podSubnet": pod_subnet,
+        },
         "nodes": nodes,
     });
     Ok(serde_norway::to_string(&config)?)
 }
 
-/// An overlay of `manifests/` that only sets the image, for `kubectl apply -k`. kustomize
-/// wants resources as paths relative to the kustomization.
-fn write_overlay(dir: &Path, manifests_dir: &Path, image: &ImageRef) -> Result<()> {
+/// The control-plane node's address on kind's Docker network: where its API server listens
+/// (port 6443), and a name its certificate carries.
+fn control_plane_address(cluster: &str) -> Result<String> {
+    let node = format!("{cluster}-control-plane");
+    let out = capture(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        &node,
+    ]))?;
+    out.split_whitespace()
+        .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+        .map(str::to_owned)
+        .with_context(|| format!("no IPv4 address for container {node}: {out:?}"))
+}
+
+/// An overlay of `manifests/` for `kubectl apply -k`: the image, and weir-config's API
+/// server address (the cluster runs without kube-proxy). kustomize wants resources as paths
+/// relative to the kustomization.
+fn write_overlay(
+    dir: &Path,
+    manifests_dir: &Path,
+    image: &ImageRef,
+    api_server: &str,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let base = relative_path(
         &std::fs::canonicalize(dir)?,
@@ -336,6 +365,13 @@ fn write_overlay(dir: &Path, manifests_dir: &Path, image: &ImageRef) -> Result<(
             "name": image::IMAGE_NAME,
             "newName": image.familiar_repository(),
             "newTag": image.tag(),
+        }],
+        "patches": [{
+            "target": {"kind": "ConfigMap", "name": "weir-config"},
+            "patch": serde_json::to_string(&json!([
+                {"op": "add", "path": "/data/kubernetes-service-host", "value": api_server},
+                {"op": "add", "path": "/data/kubernetes-service-port", "value": "6443"},
+            ]))?,
         }],
     });
     std::fs::write(
@@ -400,6 +436,8 @@ mod tests {
         let config: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
         assert_eq!(config["apiVersion"], "kind.x-k8s.io/v1alpha4");
         assert_eq!(config["networking"]["disableDefaultCNI"], true);
+        // weir proxies Services.
+        assert_eq!(config["networking"]["kubeProxyMode"], "none");
         assert_eq!(config["networking"]["podSubnet"], "10.244.0.0/16");
         let roles: Vec<&str> = config["nodes"]
             .as_array()
@@ -430,11 +468,17 @@ mod tests {
     }
 
     #[test]
-    fn the_overlay_installs_the_built_image() {
+    fn the_overlay_installs_the_built_image_and_names_the_api_server() {
         let dir = tempfile::tempdir().unwrap();
         let overlay = dir.path().join("overlay");
         let image = ImageRef::parse("registry.example:5000/team/weir:e2e").unwrap();
-        write_overlay(&overlay, &crate::workspace_root().join("manifests"), &image).unwrap();
+        write_overlay(
+            &overlay,
+            &crate::workspace_root().join("manifests"),
+            &image,
+            "172.18.0.3",
+        )
+        .unwrap();
         let objects = manifests::render(&overlay).unwrap();
         let base = manifests::render(&crate::workspace_root().join("manifests")).unwrap();
         assert_eq!(
@@ -453,6 +497,14 @@ mod tests {
                 }
             }
         }
+        let config = manifests::find(&objects, "ConfigMap", "weir-config").unwrap();
+        assert_eq!(config["data"]["kubernetes-service-host"], "172.18.0.3");
+        assert_eq!(config["data"]["kubernetes-service-port"], "6443");
+        assert_eq!(
+            config["data"]["cluster-cidr"],
+            manifests::find(&base, "ConfigMap", "weir-config").unwrap()["data"]["cluster-cidr"],
+            "the rest of the ConfigMap is kept"
+        );
         assert_eq!(images.len(), 3, "controller, agent and its init container");
         assert!(
             images

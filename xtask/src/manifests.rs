@@ -11,7 +11,9 @@
 //! * `labels` with `pairs` and `includeTemplates` (`includeSelectors: true` is refused:
 //!   selectors of Deployments and DaemonSets are immutable, so weir never changes them);
 //! * `images` with `name`, `newName`, `newTag`, `digest`, applied to the `containers` and
-//!   `initContainers` of pods and pod templates.
+//!   `initContainers` of pods and pod templates;
+//! * `patches` given inline as JSON 6902 operations (`patch`), with a `target` naming `kind`
+//!   and `name` (a target matching no object is an error, as in kustomize).
 //!
 //! Anything else (another kustomization field, a kind whose scope is unknown here) is an
 //! error, so the manifests cannot silently depend on a feature this renderer ignores. The
@@ -71,6 +73,23 @@ struct Kustomization {
     labels: Vec<LabelSet>,
     #[serde(default)]
     images: Vec<ImageOverride>,
+    #[serde(default)]
+    patches: Vec<Patch>,
+}
+
+/// One `patches:` entry: JSON 6902 operations for the object `target` names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Patch {
+    patch: String,
+    target: PatchTarget,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PatchTarget {
+    kind: String,
+    name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +251,21 @@ fn render_unsorted(dir: &Path) -> Result<Vec<Value>, RenderError> {
                 }
             }
         }
+    }
+    for patch in &kustomization.patches {
+        let operations: json_patch::Patch = serde_norway::from_str(&patch.patch)
+            .map_err(|e| unsupported(&format!("patches[].patch: {e}")))?;
+        let target = objects
+            .iter_mut()
+            .find(|o| kind_of(o) == patch.target.kind && name_of(o) == patch.target.name)
+            .ok_or_else(|| {
+                unsupported(&format!(
+                    "patches[]: no {} {} to patch",
+                    patch.target.kind, patch.target.name
+                ))
+            })?;
+        json_patch::patch(target, &operations)
+            .map_err(|e| unsupported(&format!("patches[] on {}: {e}", patch.target.name)))?;
     }
     Ok(objects)
 }

@@ -168,7 +168,15 @@ fn an_overlay_directory_is_rendered_after_its_base() {
 fn unsupported_kustomize_features_are_refused() {
     for (kustomization, expected) in [
         ("resources: []\ncommonLabels: {a: b}\n", "commonLabels"),
-        ("resources: []\npatches: []\n", "patches"),
+        // Only inline JSON 6902 patches with a kind/name target.
+        (
+            "resources: []\npatches: [{path: p.yaml, target: {kind: A, name: b}}]\n",
+            "patches",
+        ),
+        (
+            "resources: []\npatches: [{patch: '[]', target: {kind: A, name: b}}]\n",
+            "no A b to patch",
+        ),
         (
             "resources: []\nlabels: [{pairs: {a: b}, includeSelectors: true}]\n",
             "includeSelectors",
@@ -961,25 +969,35 @@ fn the_controller_may_do_what_it_does() {
 }
 
 #[test]
-fn the_agent_can_only_read_nodes() {
+fn the_agent_reads_its_node_and_where_the_controller_is() {
     let (cluster, namespaced) = rules_of(&rendered(), "weir-agent");
-    assert!(namespaced.is_empty(), "the agent has namespaced rules");
-    let granted: Vec<(Vec<String>, Vec<String>, Vec<String>)> = cluster
-        .iter()
-        .map(|r| {
-            (
-                r.api_groups.clone().unwrap_or_default(),
-                r.resources.clone().unwrap_or_default(),
-                r.verbs.clone(),
-            )
-        })
-        .collect();
+    let granted = |rules: &[PolicyRule]| -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
+        rules
+            .iter()
+            .map(|r| {
+                (
+                    r.api_groups.clone().unwrap_or_default(),
+                    r.resources.clone().unwrap_or_default(),
+                    r.verbs.clone(),
+                )
+            })
+            .collect()
+    };
     assert_eq!(
-        granted,
+        granted(&cluster),
         [(
             vec!["".to_owned()],
             vec!["nodes".to_owned()],
             vec!["get".to_owned()]
+        )]
+    );
+    // Only in weir-system (a Role), only listing.
+    assert_eq!(
+        granted(&namespaced),
+        [(
+            vec!["discovery.k8s.io".to_owned()],
+            vec!["endpointslices".to_owned()],
+            vec!["list".to_owned()]
         )]
     );
 }
@@ -1259,10 +1277,29 @@ fn settings_come_from_the_config_map() {
     assert!(
         ["auto", "direct", "vxlan"].contains(&config["data"]["routing-mode"].as_str().unwrap())
     );
-    // The controller allocates node ranges; the agents route.
+    // The controller allocates node ranges; the agents route; both may be told where the
+    // API server is (optional keys, unset by default: the `kubernetes` Service then applies).
+    let api_server = ["kubernetes-service-host", "kubernetes-service-port"];
+    for key in api_server {
+        assert!(
+            config["data"].get(key).is_none(),
+            "{key} is unset by default"
+        );
+    }
     for (name, expected) in [
-        ("weir-controller", vec!["cluster-cidr", "node-cidr-mask"]),
-        ("weir-agent", vec!["routing-mode"]),
+        (
+            "weir-controller",
+            vec![
+                "cluster-cidr",
+                "node-cidr-mask",
+                api_server[0],
+                api_server[1],
+            ],
+        ),
+        (
+            "weir-agent",
+            vec!["routing-mode", api_server[0], api_server[1]],
+        ),
     ] {
         let (_, _, spec, _) = workloads(&objects)
             .into_iter()
