@@ -969,7 +969,7 @@ fn the_controller_may_do_what_it_does() {
 }
 
 #[test]
-fn the_agent_reads_its_node_and_where_the_controller_is() {
+fn the_agent_reads_only_where_the_controller_is() {
     let (cluster, namespaced) = rules_of(&rendered(), "weir-agent");
     let granted = |rules: &[PolicyRule]| -> Vec<(Vec<String>, Vec<String>, Vec<String>)> {
         rules
@@ -983,14 +983,7 @@ fn the_agent_reads_its_node_and_where_the_controller_is() {
             })
             .collect()
     };
-    assert_eq!(
-        granted(&cluster),
-        [(
-            vec!["".to_owned()],
-            vec!["nodes".to_owned()],
-            vec!["get".to_owned()]
-        )]
-    );
+    assert!(granted(&cluster).is_empty(), "nothing cluster-wide");
     // Only in weir-system (a Role), only listing.
     assert_eq!(
         granted(&namespaced),
