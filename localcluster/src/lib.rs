@@ -8,5 +8,6 @@ pub mod netns;
 pub mod record;
 
 pub use cluster::{
-    ClusterOptions, EXTERNAL_IP, ExternalHost, LocalCluster, Node, Pod, PodSpec, Topology,
+    AGENT_HTTP_PORT, ClusterOptions, EXTERNAL_IP, ExternalHost, LocalCluster, Node, Pod, PodSpec,
+    Topology,
 };

@@ -282,3 +282,59 @@ async fn cni_del_is_idempotent_check_verifies_and_gc_reclaims() {
     );
     assert_ne!(e.ip, a.ip);
 }
+
+/// GET `path` on the agent at `addr` from inside `from`: the status code.
+fn http_status(from: &weir_localcluster::netns::Netns, addr: IpAddr, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    let response = from
+        .within(move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::new(addr, weir_localcluster::AGENT_HTTP_PORT),
+                Duration::from_secs(2),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(request.as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .expect("enter namespace")
+        .unwrap_or_else(|e| panic!("GET {path} from the namespace: {e}"));
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {response}"))
+}
+
+/// Flow records name pods and policies: the agent serves them to its node only, while
+/// metrics stay open to scrapers in pods.
+#[tokio::test(flavor = "multi_thread")]
+async fn flows_are_served_to_the_node_only_and_metrics_to_anyone() {
+    let mut c = cluster(1, Topology::L2).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let node = c.nodes()[0].netns.clone();
+    let node_ip = IpAddr::V4(c.nodes()[0].ip);
+    assert_eq!(
+        http_status(&a.netns, node_ip, "/flows"),
+        403,
+        "pod -> /flows"
+    );
+    assert_eq!(
+        http_status(&a.netns, node_ip, "/metrics"),
+        200,
+        "pod -> /metrics"
+    );
+    assert_eq!(
+        http_status(&node, node_ip, "/flows"),
+        200,
+        "node address -> /flows"
+    );
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    assert_eq!(
+        http_status(&node, loopback, "/flows"),
+        200,
+        "loopback -> /flows"
+    );
+}

@@ -1,11 +1,15 @@
 //! The agent's HTTP endpoint: `/readyz` for the DaemonSet's readiness probe, `/metrics` for
 //! Prometheus, `/flows` for the most recent flow events.
+//!
+//! `/flows` names pods' flows and the policies that decided them, so by default it answers
+//! only the node itself (a connection from loopback or to and from the same address); other
+//! clients get 403 unless the agent runs with `--flows-from-anywhere`.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{ConnectInfo, Query, State, connect_info::Connected},
     http::StatusCode,
     response::IntoResponse,
     routing::get,
@@ -24,6 +28,33 @@ struct AppState {
     flows: Arc<FlowLog>,
     /// Readiness also requires the controller's first state.
     follows_controller: bool,
+    /// `/flows` answers clients other than the node itself.
+    flows_from_anywhere: bool,
+}
+
+/// Both ends of a connection to the endpoint.
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self {
+            local: stream.io().local_addr().ok(),
+            remote: *stream.remote_addr(),
+        }
+    }
+}
+
+impl Peer {
+    /// The connection comes from the node itself: over loopback, or from the very address it
+    /// reached (no other host can hold the node's own address and complete a handshake).
+    fn is_this_node(&self) -> bool {
+        let remote = self.remote.ip().to_canonical();
+        remote.is_loopback() || self.local.is_some_and(|l| l.ip().to_canonical() == remote)
+    }
 }
 
 pub async fn serve(
@@ -31,6 +62,7 @@ pub async fn serve(
     agent: Arc<Mutex<Agent>>,
     flows: Arc<FlowLog>,
     follows_controller: bool,
+    flows_from_anywhere: bool,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/readyz", get(readyz))
@@ -40,9 +72,10 @@ pub async fn serve(
             agent,
             flows,
             follows_controller,
+            flows_from_anywhere,
         });
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).await
 }
 
 /// Ready means: the dataplane is loaded, the node's pod CIDR is known (pods can be
@@ -95,14 +128,43 @@ struct FlowQuery {
 
 async fn flows_handler(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     Query(q): Query<FlowQuery>,
-) -> Json<Vec<FlowRecord>> {
+) -> axum::response::Response {
+    if !s.flows_from_anywhere && !peer.is_this_node() {
+        return (
+            StatusCode::FORBIDDEN,
+            "/flows answers this node only (agent flag --flows-from-anywhere opens it)\n",
+        )
+            .into_response();
+    }
     let recent = s.flows.recent(q.limit.unwrap_or(100));
     let agent = s.agent.lock().await;
-    Json(
-        recent
-            .into_iter()
-            .map(|r| r.resolve(agent.policy()))
-            .collect(),
-    )
+    let records: Vec<FlowRecord> = recent
+        .into_iter()
+        .map(|r| r.resolve(agent.policy()))
+        .collect();
+    Json(records).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(local: &str, remote: &str) -> Peer {
+        Peer {
+            local: Some(local.parse().unwrap()),
+            remote: remote.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn only_the_node_itself_is_the_node() {
+        assert!(peer("127.0.0.1:9962", "127.0.0.1:40000").is_this_node());
+        assert!(peer("[::1]:9962", "[::1]:40000").is_this_node());
+        assert!(peer("172.18.0.2:9962", "172.18.0.2:40000").is_this_node());
+        assert!(peer("[::ffff:172.18.0.2]:9962", "172.18.0.2:40000").is_this_node());
+        assert!(!peer("172.18.0.2:9962", "10.244.1.5:40000").is_this_node());
+        assert!(!peer("172.18.0.2:9962", "172.18.0.3:40000").is_this_node());
+    }
 }

@@ -125,6 +125,10 @@ struct Args {
     /// Address of the HTTP endpoint (/readyz, /metrics, /flows).
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9962")]
     metrics_addr: std::net::SocketAddr,
+    /// Serve /flows (flow tuples, pod and policy names) to any client, not only to the node
+    /// itself.
+    #[arg(long, env = "WEIR_FLOWS_FROM_ANYWHERE")]
+    flows_from_anywhere: bool,
     /// Report one in N new flows as a flow event (0: only drops).
     #[arg(long, default_value_t = 0)]
     flow_sample_rate: u32,
@@ -258,8 +262,11 @@ async fn run(args: Args) -> Result<()> {
     {
         let (agent, flows, addr) = (agent.clone(), flows.clone(), args.metrics_addr);
         let follows_controller = endpoints.is_some();
+        let from_anywhere = args.flows_from_anywhere;
         tokio::spawn(async move {
-            if let Err(e) = weir_agent::http::serve(addr, agent, flows, follows_controller).await {
+            let served =
+                weir_agent::http::serve(addr, agent, flows, follows_controller, from_anywhere);
+            if let Err(e) = served.await {
                 warn!(error = %e, %addr, "HTTP endpoint stopped");
             }
         });
