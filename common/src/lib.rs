@@ -15,6 +15,7 @@ pub mod event;
 pub mod ip;
 pub mod policy;
 pub mod route;
+pub mod sctp;
 pub mod service;
 
 #[cfg(feature = "user")]

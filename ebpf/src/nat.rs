@@ -4,12 +4,17 @@
 //! frontend (`reverse`). Both happen on weir's own redirect paths, so the host's netfilter
 //! never sees these packets and cannot un-translate them.
 //!
-//! IPv4 only for now: the rewrite fixes the IPv4 header checksum and the TCP/UDP checksums
-//! (pseudo header and port). SCTP's CRC32c covers the ports but not the addresses; a port
-//! change is left to the checksum offload of the virtual devices pods sit behind.
+//! IPv4 only for now: the rewrite fixes the IPv4 header checksum, the TCP/UDP checksums
+//! (pseudo header and port) and SCTP's CRC32c, which covers the ports but not the
+//! addresses: a port change updates it in place in O(log n) (`weir_common::sctp`), for the
+//! packet's length as its IPv4 header gives it. Left as they are: an SCTP checksum field of
+//! zero (a sender offloading the CRC, `CHECKSUM_PARTIAL`, leaves it zero for the device or
+//! segmentation to fill in over the final packet; a real CRC of zero, one packet in 2^32,
+//! then arrives wrong and is retransmitted) and the first fragment of a fragmented SCTP
+//! packet, whose full length is not known (Linux's SCTP sets DF and avoids fragmenting).
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     programs::TcContext,
 };
@@ -18,6 +23,7 @@ use weir_common::{
     event::DropReason,
     ip::IpKey,
     policy::proto,
+    sctp,
     service::{AffinityKey, AffinityValue, NatEntry, ServiceKey, ServiceValue},
 };
 
@@ -51,11 +57,15 @@ pub enum Inbound {
     ReplyToClient,
 }
 
+const IPV4_MF: u16 = 0x2000;
 const IPV4_CHECK: usize = ETH_HLEN + 10;
 const IPV4_SADDR: usize = ETH_HLEN + 12;
 const IPV4_DADDR: usize = ETH_HLEN + 16;
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
+const SCTP_CHECK: usize = 8;
+/// Common header: ports, verification tag, checksum.
+const SCTP_HLEN: u16 = 12;
 
 /// What [`translate`] did with a pod's packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -483,7 +493,8 @@ fn remember(
 }
 
 /// Replaces the IPv4 address at `addr_offset` and the L4 port at `port_offset` (0: source,
-/// 2: destination), fixing the IPv4 header checksum and the TCP/UDP checksum.
+/// 2: destination), fixing the IPv4 header checksum and the TCP/UDP checksum or the SCTP
+/// CRC32c.
 #[inline(always)]
 #[expect(
     clippy::too_many_arguments,
@@ -529,8 +540,82 @@ fn rewrite(
         .map_err(|_| ())?;
     ctx.store(addr_offset, &new, 0).map_err(|_| ())?;
     if old_port_be != new_port_be {
-        ctx.store(l4 + port_offset, &new_port_be, 0)
+        // TCP and UDP: the checksum moved with the port, so a CHECKSUM_COMPLETE sum over
+        // the packet is unchanged. SCTP: it is not (the CRC is no ones' complement sum).
+        let (store_flags, sctp) = match pkt.proto {
+            proto::SCTP => (u64::from(BPF_F_RECOMPUTE_CSUM), true),
+            _ => (0, false),
+        };
+        ctx.store(l4 + port_offset, &new_port_be, store_flags)
             .map_err(|_| ())?;
+        if sctp {
+            // The ports' change, as the 4 bytes they are in the packet.
+            let x = (old_port_be ^ new_port_be).to_ne_bytes();
+            let ports_xor = if port_offset == 0 {
+                [x[0], x[1], 0, 0]
+            } else {
+                [0, 0, x[0], x[1]]
+            };
+            sctp_ports_changed(ctx, l4, ports_xor)?;
+        }
     }
     Ok(())
+}
+
+/// Updates the CRC32c of the SCTP packet at `l4` (an offset into the frame) whose ports
+/// changed by `ports_xor` (old ^ new, the 4 bytes as in the packet). Err when the packet
+/// could not be written.
+#[inline(always)]
+fn sctp_ports_changed(ctx: &TcContext, l4: usize, ports_xor: [u8; 4]) -> Result<(), ()> {
+    let (Ok(ip), Ok(field)) = (
+        ctx.load::<Ipv4Fields>(ETH_HLEN),
+        ctx.load::<[u8; 4]>(l4 + SCTP_CHECK),
+    ) else {
+        return Err(());
+    };
+    let (tot_len, frag_off) = (u16::from_be(ip.tot_len_be), u16::from_be(ip.frag_off_be));
+    // Zero: the CRC is still to be computed over the final packet (see the module comment).
+    // A first fragment: the SCTP packet's length is not known here.
+    if field == [0; 4] || frag_off & IPV4_MF != 0 {
+        return Ok(());
+    }
+    // The SCTP packet's length from the IPv4 header (the frame may carry padding).
+    let ihl = l4.wrapping_sub(ETH_HLEN) as u16;
+    let len = tot_len.wrapping_sub(ihl);
+    if len < SCTP_HLEN || len > tot_len {
+        return Ok(());
+    }
+    let delta =
+        weir_sctp_checksum_delta(u32::from_ne_bytes(ports_xor), u32::from(len)).to_le_bytes();
+    let new = [
+        field[0] ^ delta[0],
+        field[1] ^ delta[1],
+        field[2] ^ delta[2],
+        field[3] ^ delta[3],
+    ];
+    ctx.store(l4 + SCTP_CHECK, &new, u64::from(BPF_F_RECOMPUTE_CSUM))
+        .map_err(|_| ())
+}
+
+/// The start of the IPv4 header, up to the fields [`sctp_ports_changed`] reads.
+#[repr(C)]
+struct Ipv4Fields {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len_be: u16,
+    id_be: u16,
+    frag_off_be: u16,
+}
+
+/// [`sctp::checksum_delta`] for `ports_xor` (the 4 bytes in native order) and an SCTP packet
+/// of `len` bytes.
+///
+/// A global function (BPF-to-BPF call with BTF linkage global): the verifier checks its few
+/// hundred loop iterations once, on their own, instead of on every path through the programs
+/// that reaches a port rewrite (which exceeds its budget of a million instructions). Scalars
+/// in, a scalar out, no stack.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn weir_sctp_checksum_delta(ports_xor: u32, len: u32) -> u32 {
+    sctp::checksum_delta(ports_xor.to_ne_bytes(), len as u16)
 }

@@ -3,7 +3,8 @@
 //! rewritten back, the choice sticks to the flow, and policy judges the translated flow.
 //! A NodePort packet from the network reaches a backend on this node with the client's
 //! address, or one on another node with this node's address, and the replies leave as if
-//! from the node's port.
+//! from the node's port. SCTP's CRC32c, which covers the ports, is right after every port
+//! change.
 
 mod support;
 
@@ -47,6 +48,7 @@ const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
 const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+const SCTP: u8 = 132;
 
 /// Two pods on this node: A (the client) behind `veth_a`, B behind `veth_b`; the node's
 /// uplink `uplink` has `NODE_IP` on a /24 shared with `CLIENT` and `OTHER_NODE`.
@@ -721,4 +723,183 @@ fn a_pod_reaches_itself_through_its_service_from_the_frontend_address() {
     assert_eq!((seen.dst, seen.dport), (IP_A, 40000));
     assert_eq!(node.drops(DropReason::PolicyIngress), 0);
     assert_eq!(node.drops(DropReason::PolicyEgress), 0);
+}
+
+/// An Ethernet/IPv4 frame carrying an SCTP packet with `payload_len` bytes after the common
+/// header and a correct CRC32c (or a zero checksum field with `zero_checksum`), followed by
+/// `padding` bytes of Ethernet padding that are not part of the IP packet.
+#[expect(clippy::too_many_arguments, reason = "one argument per header field")]
+fn sctp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload_len: usize,
+    padding: usize,
+) -> Vec<u8> {
+    let mut sctp = Vec::new();
+    sctp.extend_from_slice(&sport.to_be_bytes());
+    sctp.extend_from_slice(&dport.to_be_bytes());
+    sctp.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    sctp.extend_from_slice(&[0; 4]);
+    sctp.extend((0..payload_len).map(|i| (i * 7 + 3) as u8));
+    let sum = sctp_checksum(&sctp);
+    sctp[8..12].copy_from_slice(&sum.to_le_bytes());
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .write(&mut out, etherparse::IpNumber::SCTP, &sctp)
+        .unwrap();
+    out.extend(std::iter::repeat_n(0xa5, padding));
+    out
+}
+
+/// CRC32c of an SCTP packet as its checksum field should hold it (the field zeroed).
+fn sctp_checksum(sctp: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&sctp[..8]);
+    let crc = crc32c::crc32c_append(crc, &[0; 4]);
+    crc32c::crc32c_append(crc, &sctp[12..])
+}
+
+/// Addresses and ports of an output SCTP frame, after checking the IPv4 header checksum
+/// and, unless the field is zero (left for offload), the CRC32c over the SCTP packet as the
+/// IPv4 header delimits it. Also returns the checksum field.
+fn inspect_sctp(out: &[u8]) -> (Seen, [u8; 4]) {
+    let p = SlicedPacket::from_ethernet(out).expect("a parsable frame");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!("not IPv4");
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        header.header_checksum,
+        header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    assert_eq!(header.protocol, etherparse::IpNumber::SCTP);
+    let sctp = ip.payload().payload;
+    assert!(sctp.len() >= 12, "an SCTP common header");
+    let field: [u8; 4] = sctp[8..12].try_into().unwrap();
+    if field != [0; 4] {
+        assert_eq!(
+            field,
+            sctp_checksum(sctp).to_le_bytes(),
+            "SCTP CRC32c of {} bytes",
+            sctp.len()
+        );
+    }
+    let seen = Seen {
+        src: header.source.into(),
+        dst: header.destination.into(),
+        sport: u16::from_be_bytes([sctp[0], sctp[1]]),
+        dport: u16::from_be_bytes([sctp[2], sctp[3]]),
+        dst_mac: out[0..6].try_into().unwrap(),
+    };
+    (seen, field)
+}
+
+/// SCTP payload lengths after the common header: none, odd ones, an MTU's worth. With
+/// the Ethernet padding each frame gets.
+const SCTP_LENGTHS: [(usize, usize); 7] = [
+    (0, 14),
+    (1, 0),
+    (3, 9),
+    (4, 0),
+    (37, 0),
+    (1001, 3),
+    (1452, 0),
+];
+
+#[test]
+fn sctp_to_a_cluster_ip_with_another_target_port_keeps_a_valid_crc32c_both_ways() {
+    let mut node = Node::new();
+    node.service(100, SCTP, &[(IP_B, 8100, BackendState::Ready)], false);
+    for (i, (len, padding)) in SCTP_LENGTHS.into_iter().enumerate() {
+        let sport = 40000 + i as u16;
+        let (verdict, out) = node.sent_by_a(&sctp_frame(
+            MAC_A, GW_A, IP_A, CLUSTER_IP, sport, 100, len, padding,
+        ));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{len} bytes");
+        let (seen, field) = inspect_sctp(&out);
+        assert_ne!(field, [0; 4]);
+        assert_eq!((seen.src, seen.sport), (IP_A, sport));
+        assert_eq!((seen.dst, seen.dport), (IP_B, 8100), "{len} bytes");
+        assert_eq!(seen.dst_mac, MAC_B);
+
+        let (verdict, out) = node.sent_by_b(&sctp_frame(
+            MAC_B, GW_B, IP_B, IP_A, 8100, sport, len, padding,
+        ));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{len} bytes");
+        let (seen, field) = inspect_sctp(&out);
+        assert_ne!(field, [0; 4]);
+        assert_eq!(
+            (seen.src, seen.sport),
+            (CLUSTER_IP, 100),
+            "the reply from the frontend's port, {len} bytes"
+        );
+        assert_eq!((seen.dst, seen.dport), (IP_A, sport));
+    }
+}
+
+#[test]
+fn sctp_node_port_to_another_node_keeps_a_valid_crc32c_with_both_ports_translated() {
+    let mut node = Node::new();
+    node.node_port(NODE_PORT, SCTP, &[(IP_REMOTE, 8100)]);
+    for (i, (len, padding)) in SCTP_LENGTHS.into_iter().enumerate() {
+        let sport = 40000 + i as u16;
+        let (verdict, out) = node.arrived(&sctp_frame(
+            CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, sport, NODE_PORT, len, padding,
+        ));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{len} bytes");
+        // Destination and source port both rewritten.
+        let (seen, _) = inspect_sctp(&out);
+        assert_eq!((seen.dst, seen.dport), (IP_REMOTE, 8100), "{len} bytes");
+        assert_eq!(seen.src, NODE_IP);
+        let snat_port = seen.sport;
+        assert_ne!(snat_port, sport);
+
+        let (verdict, out) = node.arrived(&sctp_frame(
+            UPLINK_MAC, UPLINK_MAC, IP_REMOTE, NODE_IP, 8100, snat_port, len, padding,
+        ));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{len} bytes");
+        let (seen, _) = inspect_sctp(&out);
+        assert_eq!((seen.src, seen.sport), (NODE_IP, NODE_PORT), "{len} bytes");
+        assert_eq!((seen.dst, seen.dport), (CLIENT, sport));
+    }
+}
+
+#[test]
+fn sctp_to_its_own_service_keeps_a_valid_crc32c() {
+    let mut node = Node::new();
+    node.service(100, SCTP, &[(IP_A, 8100, BackendState::Ready)], false);
+    let (verdict, out) = node.sent_by_a(&sctp_frame(
+        MAC_A, GW_A, IP_A, CLUSTER_IP, 40000, 100, 20, 0,
+    ));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back into A");
+    let (seen, _) = inspect_sctp(&out);
+    assert_eq!((seen.src, seen.dst, seen.dport), (CLUSTER_IP, IP_A, 8100));
+    let port = seen.sport;
+    let (verdict, out) = node.sent_by_a(&sctp_frame(
+        MAC_A, GW_A, IP_A, CLUSTER_IP, 8100, port, 20, 0,
+    ));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the reply goes back into A");
+    let (seen, _) = inspect_sctp(&out);
+    assert_eq!((seen.src, seen.sport), (CLUSTER_IP, 100));
+    assert_eq!((seen.dst, seen.dport), (IP_A, 40000));
+}
+
+#[test]
+fn an_sctp_checksum_left_to_offload_stays_zero() {
+    // A sender offloading the CRC (CHECKSUM_PARTIAL) leaves the field zero to be filled
+    // in over the final packet; a delta there would make that wrong.
+    let mut node = Node::new();
+    node.service(100, SCTP, &[(IP_B, 8100, BackendState::Ready)], false);
+    let mut f = sctp_frame(MAC_A, GW_A, IP_A, CLUSTER_IP, 40000, 100, 16, 0);
+    f[14 + 20 + 8..14 + 20 + 12].fill(0);
+    let (verdict, out) = node.sent_by_a(&f);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (seen, field) = inspect_sctp(&out);
+    assert_eq!((seen.dst, seen.dport), (IP_B, 8100));
+    assert_eq!(field, [0; 4]);
 }

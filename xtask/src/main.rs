@@ -114,10 +114,6 @@ impl Cmd {
     }
 }
 
-/// Tag of the Service cases that need SCTP port translation (a known gap, skipped by
-/// `cargo xtask test` and reported as skipped).
-const SCTP_PORT_TRANSLATION: &str = "sctp-port-translation";
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if cli.command.needs_setup() {
@@ -305,9 +301,7 @@ fn test() -> Result<()> {
     )?;
     // The upstream NetworkPolicy suite on real clusters: one node, several nodes on one L2
     // segment (direct routing), nodes in two subnets (VXLAN). The upstream Service suite on
-    // two nodes in both topologies (its placement-dependent cases need exactly two), without
-    // SCTP through a Service port that differs from the target port, which the dataplane
-    // cannot do yet (the SCTP checksum covers the ports).
+    // two nodes in both topologies (its placement-dependent cases need exactly two).
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
     let runs = [
@@ -326,7 +320,7 @@ fn test() -> Result<()> {
             verbose: false,
             filter: None,
             json: None,
-            skip_tags: vec![SCTP_PORT_TRANSLATION.to_string()],
+            skip_tags: Vec::new(),
         };
         if !runtime().block_on(conformance::run(bin.clone(), args))? {
             let file = cases.file_name().unwrap_or_default().to_string_lossy();
