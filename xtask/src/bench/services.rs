@@ -612,6 +612,14 @@ pub fn run(report: &mut Report, nets: &mut ServiceNetworks, settings: &Settings)
             println!("{line}");
         }
     }
+    report.note(
+        SECTION,
+        "Baseline of every row: the backend's pod IP reached directly in the weir cluster with the same number of Services and placement. kube-proxy's rules hook every new connection, not only those to a Service: a connection to a pod IP misses every Service rule (in iptables mode it walks the whole KUBE-SERVICES chain; the measured Services sit halfway down it), which is what the kube-proxy pod IP rows show.",
+    );
+    report.note(
+        SECTION,
+        "The local clusters' controllers were paused (SIGSTOP) during the measurements; kube-proxy's IPVS mode is not measured.",
+    );
     goals(report, settings);
     Ok(())
 }
