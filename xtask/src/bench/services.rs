@@ -590,9 +590,14 @@ pub fn run(report: &mut Report, nets: &mut ServiceNetworks, settings: &Settings)
             define(report, t, metric);
         }
     }
-    report.skip(
-        "services: kube-proxy's IPVS mode (not built by the benchmark: it needs ipvsadm and the ip_vs modules)",
-    );
+    report.skip(format!(
+        "services: kube-proxy's IPVS mode (the benchmark does not build it{})",
+        if std::path::Path::new("/proc/net/ip_vs").exists() {
+            ""
+        } else {
+            "; this kernel has no IPVS either: /proc/net/ip_vs is missing"
+        }
+    ));
     let _paused = PausedControllers::pause_clusters(nets.clusters.iter().map(|c| &c.cluster));
     for run in 1..=settings.runs {
         for &metric in &metrics {
