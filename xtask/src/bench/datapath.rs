@@ -347,14 +347,17 @@ impl Metric {
 }
 
 /// The local clusters' controllers, stopped with SIGSTOP until drop (SIGCONT).
-struct PausedControllers(Vec<weir_localcluster::record::ProcessRecord>);
+pub struct PausedControllers(Vec<weir_localcluster::record::ProcessRecord>);
 
 impl PausedControllers {
     fn pause(nets: &Networks) -> Self {
-        let controllers: Vec<_> = nets
-            .weir
-            .iter()
-            .filter_map(|w| weir_localcluster::record::RunRecord::load(w.cluster.dir()).ok())
+        Self::pause_clusters(nets.weir.iter().map(|w| &w.cluster))
+    }
+
+    pub fn pause_clusters<'a>(clusters: impl IntoIterator<Item = &'a LocalCluster>) -> Self {
+        let controllers: Vec<_> = clusters
+            .into_iter()
+            .filter_map(|c| weir_localcluster::record::RunRecord::load(c.dir()).ok())
             .flat_map(|r| r.processes)
             .filter(|p| p.what == "controller" && p.alive())
             .collect();

@@ -7,6 +7,7 @@ use serde_json::json;
 use super::{
     Args, Section, compile, datapath, propagation,
     report::{self, Report},
+    services,
     synthetic::Shape,
     verdict,
 };
@@ -19,6 +20,7 @@ pub fn run(args: Args) -> Result<()> {
         Section::Compile,
         Section::Datapath,
         Section::Propagation,
+        Section::Services,
     ];
     let sections: Vec<Section> = all
         .into_iter()
@@ -105,6 +107,28 @@ pub fn run(args: Args) -> Result<()> {
             }
             Err(e) => fail(
                 "datapath",
+                e.context("setting up the networks"),
+                &mut report,
+            ),
+        }
+    }
+    if sections.contains(&Section::Services) {
+        let rt = crate::runtime();
+        let settings = services::Settings::new(quick, runs);
+        println!("## Services: setting up networks\n");
+        let bin_dir = crate::target_dir().join("release");
+        match services::ServiceNetworks::up(&rt, bin_dir, &settings) {
+            Ok(mut nets) => {
+                println!("\n## Services: ClusterIP vs. pod IP, weir vs. kube-proxy\n");
+                if let Err(e) = services::run(&mut report, &mut nets, &settings) {
+                    fail("services", e, &mut report);
+                }
+                print_section(&report, services::SECTION);
+                println!("Tearing the networks down.");
+                drop(nets);
+            }
+            Err(e) => fail(
+                "services",
                 e.context("setting up the networks"),
                 &mut report,
             ),

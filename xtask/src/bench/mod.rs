@@ -9,7 +9,10 @@
 //!   of the same size, and through plain routed veths (the baseline);
 //! * `compile`: full compile time and peak memory of the controller for two large synthetic
 //!   clusters, and the cost of one pod label change and one policy change;
-//! * `propagation`: how long a policy takes from the manifest write to being enforced.
+//! * `propagation`: how long a policy takes from the manifest write to being enforced;
+//! * `services`: new connections per second and request/response latency through a
+//!   ClusterIP against the backend's pod IP, with 10 and 10k Services, through weir and
+//!   through kube-proxy's iptables and nftables modes.
 //!
 //! These are benchmarks, not timed tests: they print figures and never fail on a slow machine.
 //! Every figure is the median of several runs, interleaved across the configurations it is
@@ -32,6 +35,8 @@ mod harness;
 mod propagation;
 #[cfg(feature = "bench")]
 mod report;
+#[cfg(feature = "bench")]
+mod services;
 #[cfg(feature = "bench")]
 mod synthetic;
 #[cfg(feature = "bench")]
@@ -70,6 +75,9 @@ pub enum Section {
     Compile,
     /// Policy apply → enforced latency in the local cluster.
     Propagation,
+    /// Connection rate and latency through a ClusterIP vs. the pod IP, 10 and 10k Services,
+    /// weir vs. kube-proxy's iptables and nftables modes.
+    Services,
 }
 
 /// Set in the environment of the re-executed release build, so that a build without the

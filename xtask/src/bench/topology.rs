@@ -354,7 +354,7 @@ impl Filter {
 
 /// Runs `program args` inside `ns` (`ip netns exec`) with `input` on stdin (kept in a file
 /// in the run directory, for reading after the fact).
-fn exec_with_input(
+pub fn exec_with_input(
     ns: &Netns,
     dir: &Path,
     program: &str,
