@@ -44,7 +44,12 @@ pub fn test_run(
     opts.data_out = Some(&mut out);
     opts.ctx_in = Some(&ctx);
     let prog = dp.program(program).unwrap();
-    let res = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    let res = prog.test_run(opts).unwrap_or_else(|e| {
+        panic!(
+            "BPF_PROG_TEST_RUN of {} bytes {frame:02x?}: {e:?}",
+            frame.len()
+        )
+    });
     out.truncate(res.data_size_out as usize);
     (res.return_value, out)
 }
