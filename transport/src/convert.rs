@@ -1215,4 +1215,72 @@ mod tests {
             })
             .expect("decoding garbage must not panic");
     }
+
+    /// One edit to an encoded message: what a bit flip, a cut connection or a confused peer
+    /// makes of it.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Flip(prop::sample::Index, u8),
+        Truncate(prop::sample::Index),
+        Insert(prop::sample::Index, Vec<u8>),
+        Repeat(prop::sample::Index, prop::sample::Index),
+    }
+
+    fn mutate(mut bytes: Vec<u8>, edits: &[Mutation]) -> Vec<u8> {
+        for edit in edits {
+            let n = bytes.len();
+            match edit {
+                Mutation::Flip(at, x) if n > 0 => bytes[at.index(n)] ^= x | 1,
+                Mutation::Truncate(at) => bytes.truncate(at.index(n + 1)),
+                Mutation::Insert(at, extra) => {
+                    let at = at.index(n + 1);
+                    bytes.splice(at..at, extra.iter().copied());
+                }
+                Mutation::Repeat(a, b) if n > 0 => {
+                    let (a, b) = (a.index(n), b.index(n));
+                    let piece = bytes[a.min(b)..=a.max(b)].to_vec();
+                    bytes.extend(piece);
+                }
+                _ => {}
+            }
+        }
+        bytes
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            4 => (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(a, x)| Mutation::Flip(a, x)),
+            1 => any::<prop::sample::Index>().prop_map(Mutation::Truncate),
+            2 => (any::<prop::sample::Index>(), proptest::collection::vec(any::<u8>(), 1..12))
+                .prop_map(|(a, v)| Mutation::Insert(a, v)),
+            1 => (any::<prop::sample::Index>(), any::<prop::sample::Index>())
+                .prop_map(|(a, b)| Mutation::Repeat(a, b)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Valid states and diffs with a few edits on the wire: decoding and converting never
+        /// panic, and a diff that is accepted applies to a state without panicking either.
+        #[test]
+        fn mutated_messages_never_panic(
+            old in arb_node_state(),
+            new in arb_node_state(),
+            edits in proptest::collection::vec(mutation(), 1..4),
+        ) {
+            let bytes = mutate(pb::NodeState::from(&new).encode_to_vec(), &edits);
+            if let Ok(s) = pb::NodeState::decode(bytes.as_slice()) {
+                let _ = decode_state(s);
+            }
+            let diff = old.diff(&new, 1, 2);
+            let bytes = mutate(pb::NodeStateDiff::from(&diff).encode_to_vec(), &edits);
+            if let Ok(d) = pb::NodeStateDiff::decode(bytes.as_slice())
+                && let Ok(d) = NodeStateDiff::try_from(d)
+            {
+                let mut applied = old.clone();
+                applied.apply(&d);
+            }
+        }
+    }
 }

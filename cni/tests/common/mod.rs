@@ -1,5 +1,6 @@
 //! A fake agent for the integration tests: `weir_cni::server::serve` on a socket in a
 //! fresh temporary directory, with a handler that records every request.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
