@@ -2,6 +2,7 @@
 //! agent on every node, pods created through the real CNI plugin. Used by `cargo xtask
 //! up/demo/conformance` and by the end-to-end tests.
 
+pub mod chaos;
 pub mod cluster;
 pub mod conformance;
 pub mod netns;

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the developer and CI entry point.
 
 mod bench;
+mod chaos;
 mod conformance;
 mod demo;
 mod image;
@@ -77,6 +78,9 @@ enum Cmd {
     },
     /// Run every test: setup, build, unit, kernel and end-to-end tests.
     Test,
+    /// Fault scenarios (agents killed under traffic) on fresh local clusters in both
+    /// topologies; writes the figures to docs/reliability.md.
+    Chaos(chaos::Args),
     /// Build the container image without Docker (default target/weir-image.tar, weir:dev).
     Image(image::Args),
     /// Install weir on a new kind cluster and run reachability cases in it (Docker, kind,
@@ -104,6 +108,7 @@ impl Cmd {
             | Cmd::Demo { .. }
             | Cmd::Conformance { .. }
             | Cmd::Test
+            | Cmd::Chaos(_)
             | Cmd::Image(_)
             | Cmd::E2eKind(_)
             | Cmd::Bench(_) => true,
@@ -157,6 +162,10 @@ fn main() -> Result<()> {
         }
         Cmd::Down { run } => down(run),
         Cmd::Test => test(),
+        Cmd::Chaos(args) => {
+            let bin = build()?;
+            runtime().block_on(chaos::run(bin, args))
+        }
         Cmd::Image(args) => image::run(args),
         Cmd::E2eKind(args) => kind::run(args),
         Cmd::Bench(args) => bench::run(args),
