@@ -599,3 +599,105 @@ pub async fn controller_kills(c: &mut LocalCluster, kills: usize) -> Result<Cont
         udp_lost,
     })
 }
+
+/// What [`cni_cycles`] measured: what a node holds after many pods came and went, against
+/// what it held before.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CniCycleReport {
+    /// Pods added and deleted through the CNI plugin.
+    pub cycles: usize,
+    /// Agent restarts (SIGKILL) between them, half of them while a pod was up.
+    pub agent_restarts: usize,
+    /// Address allocations, host-side veths, endpoint records and endpoints the agent
+    /// reports in the dataplane beyond those of the node's pods before the run.
+    pub leaked_addresses: i64,
+    pub leaked_veths: i64,
+    pub leaked_endpoint_records: i64,
+    pub leaked_dataplane_endpoints: i64,
+}
+
+impl fmt::Display for CniCycleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} CNI ADD/DEL cycles with {} agent restarts: leaked addresses {}, veths {}, \
+             endpoint records {}, dataplane endpoints {}",
+            self.cycles,
+            self.agent_restarts,
+            self.leaked_addresses,
+            self.leaked_veths,
+            self.leaked_endpoint_records,
+            self.leaked_dataplane_endpoints,
+        )
+    }
+}
+
+/// What node `idx` holds: (address allocations, host-side veths, endpoint records,
+/// endpoints the agent reports in its dataplane).
+pub fn node_holdings(c: &LocalCluster, idx: usize) -> Result<(i64, i64, i64, i64)> {
+    let node = &c.nodes()[idx];
+    let count = |file: &str, key: &str| -> Result<i64> {
+        let path = node.dir.join(file);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "{}".into());
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(v[key].as_array().map_or(0, |a| a.len() as i64))
+    };
+    let addresses = count("state/ipam/allocations.json", "allocations")?;
+    let records = count("state/endpoints.json", "endpoints")?;
+    let veths = node
+        .netns
+        .ip(&["-o", "link", "show", "type", "veth"])?
+        .lines()
+        .count() as i64;
+    let (_, metrics) = c.agent_http(idx, "/metrics")?;
+    let endpoints = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("weir_agent_endpoints "))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .context("no weir_agent_endpoints in the agent's metrics")?;
+    Ok((addresses, veths, records, endpoints))
+}
+
+/// Adds and deletes a pod on the first node `cycles` times through the CNI plugin, killing
+/// the node's agent every `restart_every` cycles (alternately between the ADD and the DEL,
+/// and after the DEL), then compares what the node holds with what it held before.
+pub async fn cni_cycles(
+    c: &mut LocalCluster,
+    cycles: usize,
+    restart_every: usize,
+) -> Result<CniCycleReport> {
+    let before = node_holdings(c, 0)?;
+    let mut restarts = 0;
+    for i in 0..cycles {
+        let name = format!("cycle-{i}");
+        add(c, &name, "cycle", 0).await?;
+        let restart = restart_every > 0 && (i + 1) % restart_every == 0;
+        // Every other restart comes while the pod is up: the new agent must adopt it.
+        let while_up = restarts % 2 == 0;
+        if restart && while_up {
+            c.kill_agent(0);
+            c.start_agent(0).await?;
+        }
+        c.remove_pod(NAMESPACE, &name)
+            .await
+            .with_context(|| format!("deleting pod {name}"))?;
+        if restart && !while_up {
+            c.kill_agent(0);
+            c.start_agent(0).await?;
+        }
+        restarts += usize::from(restart);
+        if (i + 1) % 100 == 0 {
+            println!("  {} of {cycles} cycles", i + 1);
+        }
+    }
+    let after = node_holdings(c, 0)?;
+    Ok(CniCycleReport {
+        cycles,
+        agent_restarts: restarts,
+        leaked_addresses: after.0 - before.0,
+        leaked_veths: after.1 - before.1,
+        leaked_endpoint_records: after.2 - before.2,
+        leaked_dataplane_endpoints: after.3 - before.3,
+    })
+}

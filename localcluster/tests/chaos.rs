@@ -33,3 +33,21 @@ async fn killing_the_controller_while_policies_change_keeps_the_last_state_then_
     assert!(!report.stream_broke, "{report}");
     assert_eq!(report.udp_lost, 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_coming_and_going_across_agent_restarts_leak_nothing() {
+    let mut c = cluster(1, Topology::L2).await;
+    // A pod that stays, so that "nothing" is not the only state compared.
+    pod(&mut c, "default", "stays", 0).await;
+    let report = chaos::cni_cycles(&mut c, 40, 5).await.expect("scenario");
+    eprintln!("{report}");
+    assert_eq!(report.agent_restarts, 8, "{report}");
+    assert_eq!(report.leaked_addresses, 0, "{report}");
+    assert_eq!(report.leaked_veths, 0, "{report}");
+    assert_eq!(report.leaked_endpoint_records, 0, "{report}");
+    assert_eq!(report.leaked_dataplane_endpoints, 0, "{report}");
+    let (addresses, veths, records, endpoints) = chaos::node_holdings(&c, 0).unwrap();
+    // The pod that stays: its address, its veth (beside the node's own uplink veth), its
+    // record and its dataplane endpoint.
+    assert_eq!((addresses, veths, records, endpoints), (1, 2, 1, 1));
+}

@@ -13,6 +13,9 @@ pub struct Args {
     /// Agents to kill per topology, and controller kills (a policy change each).
     #[arg(long, default_value_t = 20)]
     pub kills: usize,
+    /// CNI ADD/DEL cycles on one node, with an agent restart every tenth.
+    #[arg(long, default_value_t = 1000)]
+    pub cycles: usize,
     /// Where to write the figures (relative to the workspace); `-` writes nothing.
     #[arg(long, default_value = "docs/reliability.md")]
     pub output: String,
@@ -66,9 +69,27 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<()> {
         }
         controller_rows.push((topology, report));
     }
+    println!(
+        "CNI ADD/DEL on one node: {} cycles, an agent restart every 10...",
+        args.cycles
+    );
+    let mut opts = ClusterOptions::new(bin.clone());
+    opts.nodes = 1;
+    let mut c = LocalCluster::up(opts).await?;
+    let cycles = chaos::cni_cycles(&mut c, args.cycles, 10).await;
+    c.down();
+    let cycles = cycles.context("CNI cycles")?;
+    println!("  {cycles}");
+    if cycles.leaked_addresses != 0
+        || cycles.leaked_veths != 0
+        || cycles.leaked_endpoint_records != 0
+        || cycles.leaked_dataplane_endpoints != 0
+    {
+        failed.push("CNI cycles".to_string());
+    }
     if args.output != "-" {
         let path = crate::workspace_root().join(&args.output);
-        std::fs::write(&path, document(&rows, &controller_rows))
+        std::fs::write(&path, document(&rows, &controller_rows, &cycles))
             .with_context(|| format!("writing {}", path.display()))?;
         println!("Wrote {}", path.display());
     }
@@ -83,6 +104,7 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<()> {
 fn document(
     rows: &[(Topology, chaos::AgentKillReport)],
     controller_rows: &[(Topology, chaos::ControllerKillReport)],
+    cycles: &chaos::CniCycleReport,
 ) -> String {
     let mut d = String::from(
         "# Reliability\n\n\
@@ -143,6 +165,22 @@ fn document(
             r.udp_sent,
         );
     }
+    let _ = write!(
+        d,
+        "\n## Pods coming and going across agent restarts\n\n\
+         {} pods added and deleted one after the other on one node through the CNI plugin, the\n\
+         agent killed every tenth ({} restarts, half of them while the pod was up). Left over\n\
+         afterwards, against the node before the run:\n\n\
+         | address allocations | host veths | endpoint records | dataplane endpoints |\n\
+         |---|---|---|---|\n\
+         | {} | {} | {} | {} |\n",
+        cycles.cycles,
+        cycles.agent_restarts,
+        cycles.leaked_addresses,
+        cycles.leaked_veths,
+        cycles.leaked_endpoint_records,
+        cycles.leaked_dataplane_endpoints,
+    );
     d.push_str(
         "\nThe dataplane's programs and maps are pinned: while no agent runs, the node keeps\n\
          routing and enforcing the last state it had, and a new agent takes the programs over\n\
