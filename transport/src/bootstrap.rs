@@ -240,3 +240,47 @@ impl RequestLimiter {
         self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod limiter_tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::{BootstrapLimits, MAX_TRACKED_SOURCES, RequestLimiter};
+
+    fn ip(n: u32) -> Option<IpAddr> {
+        Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)))
+    }
+
+    #[test]
+    fn one_source_cannot_use_up_another_ones_tokens() {
+        let limiter = RequestLimiter::new(BootstrapLimits {
+            per_source_burst: 1,
+            per_source_rate: 1e-6,
+            global_burst: 10,
+            global_rate: 1e-6,
+        });
+        assert!(limiter.admit(ip(1)).is_ok());
+        assert!(limiter.admit(ip(1)).is_err());
+        assert!(
+            limiter.admit(ip(2)).is_ok(),
+            "another source has its own bucket"
+        );
+        assert_eq!(limiter.refused(), 1);
+    }
+
+    #[test]
+    fn idle_sources_are_forgotten_so_the_table_stays_bounded() {
+        // Buckets refill at once: every one is full again at the next look.
+        let limiter = RequestLimiter::new(BootstrapLimits {
+            per_source_burst: 1,
+            per_source_rate: 1e12,
+            global_burst: u32::MAX,
+            global_rate: 1e12,
+        });
+        for n in 0..=u32::try_from(MAX_TRACKED_SOURCES).unwrap() {
+            assert!(limiter.admit(ip(n)).is_ok());
+        }
+        let tracked = limiter.state.lock().unwrap().sources.len();
+        assert!(tracked < MAX_TRACKED_SOURCES, "{tracked} sources tracked");
+    }
+}
