@@ -103,6 +103,9 @@ pub struct ControllerEndpoint {
     leadership: Option<Leadership>,
     /// Kubernetes mode: the counters behind the policy Events.
     policy_events: Option<Arc<PolicyEventMetrics>>,
+    /// Kubernetes mode: certificate bootstrap, for its refusal count; set once the CA is
+    /// loaded (the endpoint is up before that), never without a CA key.
+    bootstrap: Arc<std::sync::OnceLock<weir_transport::Bootstrap>>,
 }
 
 impl ControllerEndpoint {
@@ -112,7 +115,19 @@ impl ControllerEndpoint {
             publisher,
             leadership: None,
             policy_events: None,
+            bootstrap: Arc::default(),
         }
+    }
+
+    /// Reports the certificate requests refused over the rate limits
+    /// (`weir_controller_certificate_requests_refused_total`).
+    /// `bootstrap` is filled in later, once certificate bootstrap is set up.
+    pub fn with_bootstrap(
+        mut self,
+        bootstrap: Arc<std::sync::OnceLock<weir_transport::Bootstrap>>,
+    ) -> Self {
+        self.bootstrap = bootstrap;
+        self
     }
 
     /// Reports whether this replica leads (`weir_controller_leader`).
@@ -197,6 +212,7 @@ struct Snapshot {
     duration: Histogram,
     node_cidr_errors: u64,
     invalid_service_objects: u64,
+    refused_certificate_requests: Option<u64>,
 }
 
 impl Snapshot {
@@ -233,6 +249,10 @@ impl Snapshot {
                 .compiles
                 .invalid_service_objects
                 .load(Ordering::Relaxed),
+            refused_certificate_requests: endpoint
+                .bootstrap
+                .get()
+                .map(weir_transport::Bootstrap::refused_requests),
         }
     }
 }
@@ -265,6 +285,16 @@ impl Collector for Snapshot {
             "Services and EndpointSlices with a part the compiler could not use and left out",
             as_gauge(self.invalid_service_objects),
         )?;
+        if let Some(refused) = self.refused_certificate_requests {
+            let m = encoder.encode_descriptor(
+                "certificate_requests_refused",
+                "Certificate requests refused with RESOURCE_EXHAUSTED, over a --bootstrap-* rate \
+                 limit, before any TokenReview",
+                None,
+                MetricType::Counter,
+            )?;
+            prometheus_client::metrics::counter::ConstCounter::new(refused).encode(m)?;
+        }
         gauge(
             &mut encoder,
             "published_nodes",
@@ -478,6 +508,22 @@ mod tests {
             Some(1.0),
             "{body}"
         );
+    }
+
+    #[tokio::test]
+    async fn refused_certificate_requests_are_counted_once_bootstrap_is_set_up() {
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let endpoint = ControllerEndpoint::new(CompileMetrics::new(), StatePublisher::new())
+            .with_bootstrap(slot.clone());
+        let name = "weir_controller_certificate_requests_refused_total";
+        let body = endpoint.render_metrics();
+        assert_eq!(sample(&body, name, ""), None, "no bootstrap yet:\n{body}");
+        let ca = Arc::new(weir_transport::ClusterCa::generate("test").unwrap());
+        let reviewer = Arc::new(weir_transport::StaticTokenReviewer::default());
+        slot.set(weir_transport::Bootstrap::new(ca, reviewer))
+            .unwrap();
+        let body = endpoint.render_metrics();
+        assert_eq!(sample(&body, name, ""), Some(0.0), "{body}");
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use weir_controller::{
     events::{DiagnosticEvents, run_diagnostic_events},
     http::{CompileMetrics, ControllerEndpoint},
     kube::{
-        AgentServing, KubeOptions, KubeTokenReviewer, LeaderPodLabel, TokenReviewConfig,
+        AgentServing, KubeOptions, KubeTokenReviewer, LeaderEndpointSlice, TokenReviewConfig,
         ca::{CaSource, load_controller_tls},
         cidr_store::{self, CidrStoreConfig},
         run_kube, serve_agents_while_leading,
@@ -19,7 +19,9 @@ use weir_controller::{
     node_cidrs::{FileCidrStore, NodeCidrAllocator},
     run::{Controller, run_directory},
 };
-use weir_transport::{Bootstrap, NodeStateServer, ServerTls, StatePublisher, TlsFiles};
+use weir_transport::{
+    Bootstrap, BootstrapLimits, NodeStateServer, ServerTls, StatePublisher, TlsFiles,
+};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "weir controller")]
@@ -77,17 +79,38 @@ struct Args {
     /// Interval between leader-election attempts.
     #[arg(long, env = "WEIR_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
     retry_period: Duration,
-    /// This replica's pod (downward API `metadata.name`). The leader labels its pod
-    /// `weir.dev/controller-leader=true`, which the agents' Service selects; without a pod
-    /// name no label is managed.
+    /// This replica's pod (downward API `metadata.name`): the base of its Lease identity, and
+    /// the target named in the leader's EndpointSlice.
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
-    /// This replica's namespace (downward API `metadata.namespace`).
+    /// This replica's namespace (downward API `metadata.namespace`), where the leader writes
+    /// the EndpointSlice `weir-controller-leader`.
     #[arg(long, env = "POD_NAMESPACE", default_value = "weir-system")]
     pod_namespace: String,
+    /// This replica's address (downward API `status.podIP`). The leader writes it, with the
+    /// --listen port, into the EndpointSlice `weir-controller-leader` of --service, so the
+    /// agents' Service points at the leader; without an address no slice is written.
+    #[arg(long, env = "POD_IP")]
+    pod_ip: Option<std::net::IpAddr>,
+    /// The selectorless Service (in --pod-namespace) agents dial; its port named `grpc` is the
+    /// one the leader's EndpointSlice fills.
+    #[arg(long, env = "WEIR_SERVICE", default_value = "weir-controller")]
+    service: String,
     /// The ServiceAccount (NAMESPACE/NAME) whose tokens may obtain node certificates.
     #[arg(long, env = "WEIR_AGENT_SERVICE_ACCOUNT", default_value = "weir-system/weir-agent", value_parser = parse_namespaced)]
     agent_service_account: (String, String),
+    /// Certificate requests one source address may make at once (each costs a TokenReview).
+    #[arg(long, env = "WEIR_BOOTSTRAP_BURST_PER_SOURCE", default_value_t = BootstrapLimits::default().per_source_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    bootstrap_burst_per_source: u32,
+    /// Certificate requests per second one source address regains.
+    #[arg(long, env = "WEIR_BOOTSTRAP_RATE_PER_SOURCE", default_value_t = BootstrapLimits::default().per_source_rate, value_parser = parse_rate)]
+    bootstrap_rate_per_source: f64,
+    /// Certificate requests all sources together may make at once.
+    #[arg(long, env = "WEIR_BOOTSTRAP_BURST", default_value_t = BootstrapLimits::default().global_burst, value_parser = clap::value_parser!(u32).range(1..))]
+    bootstrap_burst: u32,
+    /// Certificate requests per second all sources together regain.
+    #[arg(long, env = "WEIR_BOOTSTRAP_RATE", default_value_t = BootstrapLimits::default().global_rate, value_parser = parse_rate)]
+    bootstrap_rate: f64,
     /// Audience agents request for their projected ServiceAccount token.
     #[arg(long, env = "WEIR_TOKEN_AUDIENCE", default_value = "weir-controller")]
     token_audience: String,
@@ -204,12 +227,14 @@ async fn run_in_cluster(args: Args) -> Result<()> {
     };
     let (elector, leadership) = LeaderElector::new(client.clone(), lease)?;
     let events = DiagnosticEvents::new(client.clone(), &instance);
+    let bootstrap_metrics = Arc::new(std::sync::OnceLock::new());
     // Up before anything waits for the API server: the liveness probe dials this port.
     spawn_endpoint(
         args.metrics_addr,
         ControllerEndpoint::new(compiles.clone(), publisher.clone())
             .with_leadership(leadership.clone())
-            .with_policy_events(events.metrics()),
+            .with_policy_events(events.metrics())
+            .with_bootstrap(bootstrap_metrics.clone()),
     )
     .await?;
 
@@ -232,7 +257,15 @@ async fn run_in_cluster(args: Args) -> Result<()> {
                     service_account,
                 },
             );
-            server = server.with_bootstrap(Bootstrap::new(ca.clone(), Arc::new(reviewer)));
+            let bootstrap =
+                Bootstrap::new(ca.clone(), Arc::new(reviewer)).with_limits(BootstrapLimits {
+                    per_source_burst: args.bootstrap_burst_per_source,
+                    per_source_rate: args.bootstrap_rate_per_source,
+                    global_burst: args.bootstrap_burst,
+                    global_rate: args.bootstrap_rate,
+                });
+            let _ = bootstrap_metrics.set(bootstrap.clone());
+            server = server.with_bootstrap(bootstrap);
         }
         None => info!("no CA key: agents need provisioned certificates"),
     }
@@ -253,10 +286,20 @@ async fn run_in_cluster(args: Args) -> Result<()> {
         listen: args.listen,
         server,
         tls: tls.server,
-        label: args
-            .pod_name
-            .as_ref()
-            .map(|pod| LeaderPodLabel::new(client.clone(), &args.pod_namespace, pod)),
+        endpoint: args.pod_ip.map(|ip| {
+            let slice = LeaderEndpointSlice::new(
+                client.clone(),
+                &args.pod_namespace,
+                &args.service,
+                ip,
+                args.listen.port(),
+                "grpc",
+            );
+            match &args.pod_name {
+                Some(pod) => slice.with_pod(pod),
+                None => slice,
+            }
+        }),
     };
     let serve = tokio::spawn(serve_agents_while_leading(serving, leadership.clone()));
     let (diagnostics_tx, diagnostics_rx) = tokio::sync::watch::channel(Vec::new());
@@ -331,6 +374,16 @@ fn host_name() -> String {
 }
 
 /// `15s`, `500ms`, `2m`, or a number of seconds.
+/// A rate in requests per second: a finite number above zero.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "{text:?} is not a rate above zero (requests per second)"
+        )),
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text

@@ -258,7 +258,7 @@ async fn a_leader_that_loses_the_lease_stops_serving_agents() {
         listen: addr,
         server: NodeStateServer::new(publisher.clone()),
         tls,
-        label: None,
+        endpoint: None,
     };
     tokio::spawn(serve_agents_while_leading(serving, a.leadership.clone()));
     a.becomes_leader_within(Duration::from_secs(5)).await;
@@ -296,112 +296,178 @@ async fn a_leader_that_loses_the_lease_stops_serving_agents() {
 }
 
 #[tokio::test]
-async fn the_leader_labels_its_own_pod_and_clears_former_leaders() {
+async fn the_leader_applies_its_endpoint_slice_and_never_touches_pods() {
     use std::sync::Mutex;
-    use weir_controller::kube::{LEADER_LABEL, LeaderPodLabel};
+    use weir_controller::kube::{LEADER_SLICE, LeaderEndpointSlice, SLICE_MANAGER};
     let log = Arc::new(Mutex::new(Vec::new()));
     let seen_log = log.clone();
     let (client, _task) = handler_client(move |seen| {
         seen_log.lock().unwrap().push(seen.clone());
-        Some(if seen.method == "GET" {
-            json_response(
-                200,
-                &serde_json::json!({
-                    "apiVersion": "v1", "kind": "PodList", "metadata": {},
-                    "items": [
-                        {"metadata": {"name": "ctrl-new", "namespace": "weir-system"}},
-                        {"metadata": {"name": "ctrl-old", "namespace": "weir-system"}},
-                    ],
-                }),
-            )
-        } else {
-            json_response(
-                200,
-                &serde_json::json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": "x", "namespace": "weir-system"},
-                }),
-            )
-        })
+        Some(json_response(
+            200,
+            &serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": LEADER_SLICE, "namespace": "weir-system"},
+                "addressType": "IPv4", "endpoints": [],
+            }),
+        ))
     });
-    let label = LeaderPodLabel::new(client, "weir-system", "ctrl-new");
-    label.mark().await.unwrap();
-    label.unmark().await.unwrap();
+    let slice = LeaderEndpointSlice::new(
+        client,
+        "weir-system",
+        "weir-controller",
+        "10.0.0.7".parse().unwrap(),
+        7443,
+        "grpc",
+    )
+    .with_pod("ctrl-new");
+    slice.mark().await.unwrap();
     let log = log.lock().unwrap().clone();
-    let calls: Vec<(String, String)> = log
-        .iter()
-        .map(|s| (s.method.clone(), s.path.clone()))
-        .collect();
-    let pods = "/api/v1/namespaces/weir-system/pods";
+    assert_eq!(log.len(), 1, "one write, nothing else: {log:?}");
+    let write = &log[0];
     assert_eq!(
-        calls,
-        [
-            ("PATCH".to_owned(), format!("{pods}/ctrl-new")),
-            ("GET".to_owned(), pods.to_owned()),
-            ("PATCH".to_owned(), format!("{pods}/ctrl-old")),
-            ("PATCH".to_owned(), format!("{pods}/ctrl-new")),
-        ]
+        (write.method.as_str(), write.path.as_str()),
+        (
+            "PATCH",
+            "/apis/discovery.k8s.io/v1/namespaces/weir-system/endpointslices/weir-controller-leader"
+        )
     );
     assert_eq!(
-        log[0].body.as_ref().unwrap()["metadata"]["labels"][LEADER_LABEL],
-        "true"
+        write.content_type.as_deref(),
+        Some("application/apply-patch+yaml"),
+        "server-side apply"
     );
     assert_eq!(
-        log[1].query.get("labelSelector").map(String::as_str),
-        Some(LEADER_LABEL)
+        write.query.get("fieldManager").map(String::as_str),
+        Some(SLICE_MANAGER)
     );
-    assert!(log[2].body.as_ref().unwrap()["metadata"]["labels"][LEADER_LABEL].is_null());
-    assert!(
-        log[2].body.as_ref().unwrap()["metadata"]["labels"]
-            .as_object()
-            .unwrap()
-            .contains_key(LEADER_LABEL),
-        "a merge patch removes a label with an explicit null"
+    assert_eq!(
+        write.query.get("force").map(String::as_str),
+        Some("true"),
+        "takes the fields over from a former leader"
     );
+    let body = write.body.as_ref().unwrap();
+    assert_eq!(
+        body["metadata"]["labels"],
+        serde_json::json!({
+            "kubernetes.io/service-name": "weir-controller",
+            "endpointslice.kubernetes.io/managed-by": "weir.dev/controller",
+        })
+    );
+    assert_eq!(body["addressType"], "IPv4");
+    assert_eq!(
+        body["endpoints"][0]["addresses"],
+        serde_json::json!(["10.0.0.7"])
+    );
+    assert_eq!(body["endpoints"][0]["conditions"]["ready"], true);
+    assert_eq!(body["endpoints"][0]["targetRef"]["name"], "ctrl-new");
+    assert_eq!(
+        body["ports"],
+        serde_json::json!([{"name": "grpc", "port": 7443, "protocol": "TCP"}])
+    );
+    // What the agents' reader makes of it: exactly the leader.
+    let parsed: k8s_openapi::api::discovery::v1::EndpointSlice =
+        serde_json::from_value(body.clone()).unwrap();
+    assert_eq!(parsed.endpoints.len(), 1);
 }
 
 #[tokio::test]
-async fn a_failed_leader_label_is_retried_while_leading() {
+async fn an_ipv6_leader_writes_an_ipv6_slice() {
+    use weir_controller::kube::LeaderEndpointSlice;
+    let (client, _task) = handler_client(|_| None);
+    let slice = LeaderEndpointSlice::new(
+        client,
+        "weir-system",
+        "weir-controller",
+        "fd00::7".parse().unwrap(),
+        7443,
+        "grpc",
+    );
+    let body = slice.desired();
+    assert_eq!(body["addressType"], "IPv6");
+    assert_eq!(
+        body["endpoints"][0]["addresses"],
+        serde_json::json!(["fd00::7"])
+    );
+    assert!(body["endpoints"][0].get("targetRef").is_none());
+}
+
+#[tokio::test]
+async fn a_failed_slice_write_is_retried_while_leading() {
     use std::sync::Mutex;
-    use weir_controller::kube::{LeaderPodLabel, mark_until_done};
+    use weir_controller::kube::{LeaderEndpointSlice, mark_until_done};
     let leases = FakeLeases::new();
     let mut a = Candidate::start(&leases, "a");
     a.becomes_leader_within(Duration::from_secs(5)).await;
 
-    // The API server refuses the first two label patches.
-    let patches = Arc::new(Mutex::new(0u32));
-    let seen_patches = patches.clone();
+    // The API server refuses the first two writes.
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let seen_writes = writes.clone();
     let (client, _task) = handler_client(move |seen| {
-        Some(if seen.method == "GET" {
+        let mut w = seen_writes.lock().unwrap();
+        w.push(seen.clone());
+        Some(if w.len() <= 2 {
+            json_response(500, &status(500, "InternalError", "etcd is unhappy"))
+        } else {
             json_response(
                 200,
                 &serde_json::json!({
-                    "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [],
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": "weir-controller-leader", "namespace": "weir-system"},
+                    "addressType": "IPv4", "endpoints": [],
                 }),
             )
-        } else {
-            let mut n = seen_patches.lock().unwrap();
-            *n += 1;
-            if *n <= 2 {
-                json_response(500, &status(500, "InternalError", "etcd is unhappy"))
-            } else {
-                json_response(
-                    200,
-                    &serde_json::json!({
-                        "apiVersion": "v1", "kind": "Pod",
-                        "metadata": {"name": "ctrl-a", "namespace": "weir-system"},
-                    }),
-                )
-            }
         })
     });
-    let label = LeaderPodLabel::new(client, "weir-system", "ctrl-a");
+    let slice = LeaderEndpointSlice::new(
+        client,
+        "weir-system",
+        "weir-controller",
+        "10.0.0.7".parse().unwrap(),
+        7443,
+        "grpc",
+    );
     timeout(
         Duration::from_secs(5),
-        mark_until_done(label, a.leadership.clone()),
+        mark_until_done(slice, a.leadership.clone()),
     )
     .await
-    .expect("the label is eventually set");
-    assert_eq!(*patches.lock().unwrap(), 3, "two failures, then success");
+    .expect("the slice is eventually written");
+    let writes = writes.lock().unwrap().clone();
+    assert_eq!(writes.len(), 3, "two failures, then success");
+    assert!(
+        writes
+            .iter()
+            .all(|w| w.method == "PATCH"
+                && w.path.ends_with("/endpointslices/weir-controller-leader")),
+        "only the slice is written: {writes:?}"
+    );
     a.shut_down().await;
+}
+
+#[tokio::test]
+async fn a_follower_does_not_write_the_slice() {
+    use std::sync::Mutex;
+    use weir_controller::kube::{LeaderEndpointSlice, mark_until_done};
+    let writes = Arc::new(Mutex::new(0u32));
+    let seen_writes = writes.clone();
+    let (client, _task) = handler_client(move |_| {
+        *seen_writes.lock().unwrap() += 1;
+        None
+    });
+    let slice = LeaderEndpointSlice::new(
+        client,
+        "weir-system",
+        "weir-controller",
+        "10.0.0.7".parse().unwrap(),
+        7443,
+        "grpc",
+    );
+    timeout(
+        Duration::from_secs(5),
+        mark_until_done(slice, Leadership::fixed(false)),
+    )
+    .await
+    .expect("returns at once");
+    assert_eq!(*writes.lock().unwrap(), 0);
 }

@@ -48,7 +48,9 @@ mod testing;
 
 use std::net::SocketAddr;
 
-pub use bootstrap::{Bootstrap, ReviewError, ReviewedIdentity, StaticTokenReviewer, TokenReviewer};
+pub use bootstrap::{
+    Bootstrap, BootstrapLimits, ReviewError, ReviewedIdentity, StaticTokenReviewer, TokenReviewer,
+};
 pub use client::{Client, UpdateStream, bootstrap_node_certificate, connect};
 pub use convert::ProtoError;
 pub use endpoints::Endpoints;

@@ -430,6 +430,12 @@ impl pb::node_state_service_server::NodeStateService for Handler {
                 "certificate bootstrap is not enabled on this controller",
             ));
         };
+        // Before anything costs the API server a TokenReview.
+        let source = request.remote_addr().map(|a| a.ip());
+        if let Err(why) = bootstrap.limiter.admit(source) {
+            tracing::warn!(?source, "refusing a certificate request: {why}");
+            return Err(Status::resource_exhausted(format!("{why}; retry later")));
+        }
         let req = request.into_inner();
         pki::validate_node_name(&req.node).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let identity = bootstrap

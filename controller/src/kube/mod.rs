@@ -33,7 +33,8 @@ use tracing::debug;
 
 pub use self::{
     serve::{
-        AgentServing, LEADER_LABEL, LeaderPodLabel, mark_until_done, serve_agents_while_leading,
+        AgentServing, LEADER_SLICE, LeaderEndpointSlice, SLICE_MANAGER, mark_until_done,
+        serve_agents_while_leading,
     },
     sync::{ClusterSync, Flushed, ObjectRef},
     token_review::{KubeTokenReviewer, TokenReviewConfig},

@@ -2,29 +2,34 @@
 //!
 //! # How agents reach the leader
 //!
-//! Agents dial one Service. Its selector includes the label [`LEADER_LABEL`]`: "true"`, which
-//! only the leader's pod carries:
+//! Agents dial one Service, `weir-controller`. It has no selector: its only endpoints are
+//! the ones of the EndpointSlice [`LEADER_SLICE`], which the leader writes with its own
+//! address (labels `kubernetes.io/service-name` and `endpointslice.kubernetes.io/managed-by:`
+//! [`SLICE_MANAGER`], so Kubernetes' EndpointSlice controller leaves it alone):
 //!
-//! * on becoming leader, a replica starts listening, labels its own pod and removes the label
-//!   from any other pod of its namespace that still has it (a predecessor that lost the lease
-//!   while cut off from the API server could not remove its own), retrying with backoff for
+//! * on becoming leader, a replica starts listening and writes the slice by server-side apply
+//!   (forced, so it takes the fields over from a former leader), retrying with backoff for
 //!   as long as its term lasts if the API server refuses;
 //! * on losing the lease (or shutting down), it stops listening at once — open `Watch`
-//!   streams end with `UNAVAILABLE`, and new connections are refused — then removes its
-//!   label (best effort; the next leader removes it anyway).
+//!   streams end with `UNAVAILABLE`, and new connections are refused — and stops writing
+//!   the slice. The slice keeps the former address until the next leader overwrites it;
+//!   agents dialing it in between are refused and retry.
 //!
-//! Agents reconnect with backoff and land on the new leader as soon as the Endpoints follow
-//! the labels. Readiness does not reflect leadership, so followers are Ready and rolling
-//! updates of the Deployment proceed normally.
+//! The controller needs no write access to pods (the agents' pods are privileged; a
+//! controller that may patch pods of its namespace could change them): only to this one
+//! EndpointSlice. Agents reconnect with backoff and land on the new leader as soon as the
+//! slice names it. Readiness does not reflect leadership, so followers are Ready and
+//! rolling updates of the Deployment proceed normally.
 //!
-//! Without a pod name (running outside the cluster) no label is managed.
+//! Without its own address (`--pod-ip`, when running outside the cluster) no slice is
+//! written.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::IpAddr, net::SocketAddr, time::Duration};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{
     Api, Client,
-    api::{ListParams, Patch, PatchParams},
+    api::{Patch, PatchParams},
 };
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -32,67 +37,94 @@ use weir_transport::{NodeStateServer, ServerTls};
 
 use crate::leader::Leadership;
 
-/// The label of the leader's pod, which the agents' Service selects.
-pub const LEADER_LABEL: &str = "weir.dev/controller-leader";
+/// The EndpointSlice the leader writes: the agents' Service's only endpoints.
+pub const LEADER_SLICE: &str = "weir-controller-leader";
+/// `endpointslice.kubernetes.io/managed-by` of [`LEADER_SLICE`], and the field manager of
+/// its server-side apply.
+pub const SLICE_MANAGER: &str = "weir.dev/controller";
 
-/// Puts [`LEADER_LABEL`] on this replica's pod (and only there).
-#[derive(Clone)]
-pub struct LeaderPodLabel {
-    pods: Api<Pod>,
-    pod: String,
+/// Where agents should connect while this replica leads: the EndpointSlice [`LEADER_SLICE`]
+/// of a selectorless Service, holding this replica's address.
+#[derive(Clone, Debug)]
+pub struct LeaderEndpointSlice {
+    slices: Api<EndpointSlice>,
+    service: String,
+    address: IpAddr,
+    port: u16,
+    port_name: String,
+    pod: Option<String>,
+    namespace: String,
 }
 
-impl std::fmt::Debug for LeaderPodLabel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LeaderPodLabel")
-            .field("pod", &self.pod)
-            .finish_non_exhaustive()
-    }
-}
-
-fn label_patch(value: Option<&str>) -> Patch<serde_json::Value> {
-    Patch::Merge(serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}}))
-}
-
-impl LeaderPodLabel {
-    pub fn new(client: Client, namespace: &str, pod: impl Into<String>) -> Self {
+impl LeaderEndpointSlice {
+    /// The slice of `service` (in `namespace`) naming `address:port` under the port name
+    /// `port_name` (the Service's port name).
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        service: impl Into<String>,
+        address: IpAddr,
+        port: u16,
+        port_name: impl Into<String>,
+    ) -> Self {
         Self {
-            pods: Api::namespaced(client, namespace),
-            pod: pod.into(),
+            slices: Api::namespaced(client, namespace),
+            service: service.into(),
+            address,
+            port,
+            port_name: port_name.into(),
+            pod: None,
+            namespace: namespace.to_owned(),
         }
     }
 
-    /// Labels this pod and unlabels every other pod of the namespace.
+    /// Names this replica's pod as the endpoint's target (informational, for `kubectl`).
+    pub fn with_pod(mut self, pod: impl Into<String>) -> Self {
+        self.pod = Some(pod.into());
+        self
+    }
+
+    /// The slice as this replica applies it.
+    pub fn desired(&self) -> serde_json::Value {
+        let address_type = if self.address.is_ipv4() {
+            "IPv4"
+        } else {
+            "IPv6"
+        };
+        let mut endpoint = serde_json::json!({
+            "addresses": [self.address.to_string()],
+            "conditions": {"ready": true, "serving": true, "terminating": false},
+        });
+        if let Some(pod) = &self.pod {
+            endpoint["targetRef"] = serde_json::json!({
+                "kind": "Pod", "namespace": self.namespace, "name": pod,
+            });
+        }
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": LEADER_SLICE,
+                "labels": {
+                    "kubernetes.io/service-name": self.service,
+                    "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER,
+                },
+            },
+            "addressType": address_type,
+            "endpoints": [endpoint],
+            "ports": [{"name": self.port_name, "port": self.port, "protocol": "TCP"}],
+        })
+    }
+
+    /// Writes the slice (server-side apply, forced: a former leader's fields are taken
+    /// over). Creates it if it does not exist.
     pub async fn mark(&self) -> kube::Result<()> {
-        self.pods
+        self.slices
             .patch(
-                &self.pod,
-                &PatchParams::default(),
-                &label_patch(Some("true")),
+                LEADER_SLICE,
+                &PatchParams::apply(SLICE_MANAGER).force(),
+                &Patch::Apply(self.desired()),
             )
-            .await?;
-        let labelled = self
-            .pods
-            .list_metadata(&ListParams::default().labels(LEADER_LABEL))
-            .await?;
-        for other in labelled.items {
-            let Some(name) = other.metadata.name else {
-                continue;
-            };
-            if name != self.pod {
-                info!(pod = %name, "removing the leader label of a former leader");
-                self.pods
-                    .patch(&name, &PatchParams::default(), &label_patch(None))
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes the label from this pod.
-    pub async fn unmark(&self) -> kube::Result<()> {
-        self.pods
-            .patch(&self.pod, &PatchParams::default(), &label_patch(None))
             .await
             .map(|_| ())
     }
@@ -104,7 +136,8 @@ pub struct AgentServing {
     pub listen: SocketAddr,
     pub server: NodeStateServer,
     pub tls: ServerTls,
-    pub label: Option<LeaderPodLabel>,
+    /// The slice that steers agents to the leader; none outside a cluster.
+    pub endpoint: Option<LeaderEndpointSlice>,
 }
 
 /// Serves agents during every leadership term; returns when the elector is gone.
@@ -122,12 +155,12 @@ pub async fn serve_agents_while_leading(serving: AgentServing, mut leadership: L
             }
         };
         info!(listen = %serving.listen, "leading: serving agents");
-        // Agents reach this replica only once its pod carries the label: keep trying for as
-        // long as the term lasts.
+        // Agents reach this replica only once the slice names it: keep trying for as long as
+        // the term lasts.
         let marking = serving
-            .label
+            .endpoint
             .clone()
-            .map(|label| tokio::spawn(mark_until_done(label, leadership.clone())));
+            .map(|slice| tokio::spawn(mark_until_done(slice, leadership.clone())));
         let mut lost = leadership.clone();
         let stop = async move {
             lost.wait_for(false).await;
@@ -144,11 +177,7 @@ pub async fn serve_agents_while_leading(serving: AgentServing, mut leadership: L
         if let Some(marking) = marking {
             marking.abort();
         }
-        if let Some(label) = &serving.label
-            && let Err(e) = label.unmark().await
-        {
-            warn!(error = %e, "removing the leader label from this pod");
-        }
+        // The slice is left as it is: the next leader overwrites it.
         // A server that failed while still leading: do not spin.
         if leadership.is_leader() {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -156,17 +185,20 @@ pub async fn serve_agents_while_leading(serving: AgentServing, mut leadership: L
     }
 }
 
-/// Labels this pod as the leader's, retrying with backoff (200 ms doubling to 10 s) until it
-/// succeeds or the term ends.
-pub async fn mark_until_done(label: LeaderPodLabel, mut leadership: Leadership) {
+/// Writes the leader's EndpointSlice, retrying with backoff (200 ms doubling to 10 s) until
+/// it succeeds or the term ends.
+pub async fn mark_until_done(slice: LeaderEndpointSlice, mut leadership: Leadership) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match label.mark().await {
+        if !leadership.is_leader() {
+            return;
+        }
+        match slice.mark().await {
             Ok(()) => return,
             Err(e) => warn!(
                 error = %e,
                 retry_in = ?delay,
-                "labelling this pod as the leader's (agents cannot reach it until this succeeds)"
+                "writing the leader's EndpointSlice (agents cannot reach this replica until it succeeds)"
             ),
         }
         tokio::select! {

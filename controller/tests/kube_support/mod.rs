@@ -42,6 +42,7 @@ pub struct Seen {
     pub path: String,
     pub query: BTreeMap<String, String>,
     pub body: Option<Value>,
+    pub content_type: Option<String>,
 }
 
 impl Seen {
@@ -226,6 +227,11 @@ impl FakeApi {
 
 async fn record(request: Request<Body>) -> Seen {
     let (parts, body) = request.into_parts();
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let query = parts
         .uri
         .query()
@@ -247,6 +253,7 @@ async fn record(request: Request<Body>) -> Seen {
         path: parts.uri.path().to_owned(),
         query,
         body,
+        content_type,
     }
 }
 

@@ -116,3 +116,94 @@ async fn bootstrap_is_unimplemented_unless_enabled() {
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::Unimplemented), "{err}");
 }
+
+/// A reviewer that counts the reviews it was asked for (each is a TokenReview in a cluster).
+struct CountingReviewer {
+    inner: StaticTokenReviewer,
+    reviews: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl weir_transport::TokenReviewer for CountingReviewer {
+    async fn review(&self, token: &str) -> Result<ReviewedIdentity, weir_transport::ReviewError> {
+        self.reviews
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.review(token).await
+    }
+}
+
+#[tokio::test]
+async fn a_burst_beyond_the_limit_is_refused_before_any_review_and_later_requests_succeed() {
+    use std::sync::atomic::Ordering;
+    let pki = Pki::new();
+    let publisher = StatePublisher::new();
+    let reviews = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let reviewer = CountingReviewer {
+        inner: StaticTokenReviewer::new([("token-of-a".to_owned(), identity("node-a"))]),
+        reviews: reviews.clone(),
+    };
+    let bootstrap = Bootstrap::new(pki.ca.clone(), Arc::new(reviewer)).with_limits(
+        weir_transport::BootstrapLimits {
+            per_source_burst: 2,
+            per_source_rate: 4.0,
+            global_burst: 100,
+            global_rate: 100.0,
+        },
+    );
+    let server = TestServer::start(&publisher, &pki.server, Some(bootstrap.clone())).await;
+    let tls = ClientTls::new(pki.ca.cert_pem(), SERVER_NAME).unwrap();
+
+    // Two within the burst (one with a bad token: it is reviewed and rejected), then refused.
+    bootstrap_node_certificate(&server.endpoint(), &tls, "node-a", "token-of-a")
+        .await
+        .unwrap();
+    let bad = bootstrap_node_certificate(&server.endpoint(), &tls, "node-a", "wrong")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Some(Code::Unauthenticated), "{bad}");
+    assert_eq!(reviews.load(Ordering::SeqCst), 2);
+    for _ in 0..5 {
+        let refused = bootstrap_node_certificate(&server.endpoint(), &tls, "node-a", "token-of-a")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+    }
+    assert_eq!(
+        reviews.load(Ordering::SeqCst),
+        2,
+        "refused requests cost no review"
+    );
+    assert_eq!(bootstrap.refused_requests(), 5);
+
+    // The bucket refills (4 per second): a later request succeeds.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    bootstrap_node_certificate(&server.endpoint(), &tls, "node-a", "token-of-a")
+        .await
+        .unwrap();
+    assert_eq!(reviews.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn the_global_limit_applies_across_sources() {
+    let pki = Pki::new();
+    let publisher = StatePublisher::new();
+    let reviewer = StaticTokenReviewer::new([("token-of-a".to_owned(), identity("node-a"))]);
+    let bootstrap = Bootstrap::new(pki.ca.clone(), Arc::new(reviewer)).with_limits(
+        weir_transport::BootstrapLimits {
+            per_source_burst: 100,
+            per_source_rate: 100.0,
+            global_burst: 1,
+            global_rate: 0.001,
+        },
+    );
+    let server = TestServer::start(&publisher, &pki.server, Some(bootstrap.clone())).await;
+    let tls = ClientTls::new(pki.ca.cert_pem(), SERVER_NAME).unwrap();
+    bootstrap_node_certificate(&server.endpoint(), &tls, "node-a", "token-of-a")
+        .await
+        .unwrap();
+    let refused = bootstrap_node_certificate(&server.endpoint(), &tls, "node-a", "token-of-a")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(Code::ResourceExhausted), "{refused}");
+    assert_eq!(bootstrap.refused_requests(), 1);
+}

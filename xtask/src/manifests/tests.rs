@@ -256,8 +256,10 @@ fn rendered() -> Vec<Value> {
 /// Objects the controller creates at run time, which the manifests may refer to: the CA
 /// Secret and the ConfigMap its certificate is published in (see controller-rbac.yaml).
 const CREATED_AT_RUNTIME: &[(&str, &str)] = &[("Secret", "weir-ca"), ("ConfigMap", "weir-ca")];
-/// Labels set at run time: the leader's pod carries this one (the Service selects it).
-const RUNTIME_LABELS: &[&str] = &["weir.dev/controller-leader"];
+/// Selectorless Services whose endpoints a workload writes at run time: the controller's
+/// leader writes the EndpointSlice of `weir-controller` with its own address (its pod IP,
+/// downward API `POD_IP`) and its container port.
+const ENDPOINTS_WRITTEN_BY: &[(&str, &str)] = &[("weir-controller", "weir-controller")];
 
 /// Collects every problem before failing, so one run reports them all.
 #[derive(Default)]
@@ -532,14 +534,39 @@ fn every_reference_resolves() {
         let at = format!("Service {}", name_of(service));
         let selector: BTreeMap<String, String> =
             serde_json::from_value(service["spec"]["selector"].clone()).unwrap_or_default();
-        let target = workloads.iter().find(|(_, _, _, labels)| {
-            selector
+        let target = if selector.is_empty() {
+            let writer = ENDPOINTS_WRITTEN_BY
                 .iter()
-                .filter(|(key, _)| !RUNTIME_LABELS.contains(&key.as_str()))
-                .all(|(k, v)| labels.get(k) == Some(v))
-        });
+                .find(|(s, _)| *s == name_of(service))
+                .map(|(_, w)| *w);
+            let found = workloads
+                .iter()
+                .find(|(kind, name, _, _)| kind == "Deployment" && Some(name.as_str()) == writer);
+            if let Some((_, _, spec, _)) = found {
+                // The slice holds the pod's own address: the writer must know it.
+                problems.check(
+                    spec.containers.iter().any(|c| {
+                        c.env.iter().flatten().any(|e| {
+                            e.name == "POD_IP"
+                                && e.value_from
+                                    .as_ref()
+                                    .and_then(|v| v.field_ref.as_ref())
+                                    .is_some_and(|f| f.field_path == "status.podIP")
+                        })
+                    }),
+                    || format!("{at}: the writer of its endpoints does not get POD_IP"),
+                );
+            }
+            found
+        } else {
+            workloads
+                .iter()
+                .find(|(_, _, _, labels)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        };
         let Some((_, _, spec, _)) = target else {
-            problems.0.push(format!("{at}: selects no workload"));
+            problems.0.push(format!(
+                "{at}: selects no workload, and none writes its endpoints"
+            ));
             continue;
         };
         for port in service["spec"]["ports"].as_array().into_iter().flatten() {
@@ -940,7 +967,20 @@ fn the_controller_may_do_what_it_does() {
         ("", "configmaps", "create", None),
         ("", "configmaps", "get", Some("weir-ca")),
         ("", "configmaps", "update", Some("weir-ca")),
-        ("", "pods", "patch", Some("weir-controller-abcde")),
+        // The leader's EndpointSlice, written by server-side apply.
+        ("discovery.k8s.io", "endpointslices", "create", None),
+        (
+            "discovery.k8s.io",
+            "endpointslices",
+            "patch",
+            Some("weir-controller-leader"),
+        ),
+        (
+            "discovery.k8s.io",
+            "endpointslices",
+            "get",
+            Some("weir-controller-leader"),
+        ),
     ];
     let mut problems = Problems::default();
     for need in cluster_needs {
@@ -965,6 +1005,37 @@ fn the_controller_may_do_what_it_does() {
         !allows(&cluster, ("", "nodes", "patch", Some("node-1"))),
         || "the controller can patch Nodes".into(),
     );
+    // No pod can be changed (the agents' pods are privileged), and no EndpointSlice but its
+    // own (another Service's endpoints would redirect its traffic).
+    for verb in ["patch", "update", "delete"] {
+        for pod in ["weir-agent-abcde", "weir-controller-abcde"] {
+            problems.check(
+                !allows(&namespaced, ("", "pods", verb, Some(pod)))
+                    && !allows(&cluster, ("", "pods", verb, Some(pod))),
+                || format!("the controller can {verb} pod {pod}"),
+            );
+        }
+        problems.check(
+            !allows(
+                &namespaced,
+                (
+                    "discovery.k8s.io",
+                    "endpointslices",
+                    verb,
+                    Some("other-abcde"),
+                ),
+            ) && !allows(
+                &cluster,
+                (
+                    "discovery.k8s.io",
+                    "endpointslices",
+                    verb,
+                    Some("other-abcde"),
+                ),
+            ),
+            || format!("the controller can {verb} EndpointSlices other than its own"),
+        );
+    }
     problems.assert_none();
 }
 
