@@ -486,8 +486,9 @@ impl DataplaneMaps {
     }
 
     /// Deletes conntrack entries that expired by `now_ns` (`CLOCK_MONOTONIC`), at most `max`
-    /// of them, with the Service translations of the expired flows. Walks the whole table
-    /// (to count it).
+    /// of them. Walks the whole table (to count it). The `SERVICE_NAT` entries of expired
+    /// translated flows stay, for that map's LRU to reclaim: while they last, a late reply
+    /// of such a flow is recognised and dropped rather than delivered untranslated.
     pub fn sweep_conntrack(&mut self, now_ns: u64, max: usize) -> Result<CtSweep> {
         let timeouts = *self.config()?.ct_timeouts();
         let mut entries = 0;
@@ -497,11 +498,11 @@ impl DataplaneMaps {
             if expired.len() < max
                 && timeouts.expired(k.proto(), e.flags(), e.last_seen_ns(), now_ns)
             {
-                expired.push((k, e));
+                expired.push(k);
             }
         }
         let mut removed = 0;
-        for (k, e) in &expired {
+        for k in &expired {
             // Deleted only if still expired: a packet may have refreshed it meanwhile.
             match self.conntrack.get(k, 0) {
                 Ok(now) if timeouts.expired(k.proto(), now.flags(), now.last_seen_ns(), now_ns) => {
@@ -510,43 +511,12 @@ impl DataplaneMaps {
             }
             if self.conntrack.remove(k).is_ok() {
                 removed += 1;
-                if e.flags() & CtEntry::FLAG_SERVICE != 0 {
-                    self.remove_translation(k);
-                }
             }
         }
         Ok(CtSweep {
             entries: entries - removed,
             removed,
         })
-    }
-
-    /// Removes both `SERVICE_NAT` entries of the translated flow whose conntrack key (client
-    /// → backend) is `flow`, when they are the plain kind (the client keeps its address).
-    /// Source-translated ones are left to the map's LRU.
-    fn remove_translation(&mut self, flow: &CtKey) {
-        let reply_key = flow.reversed();
-        let Ok(reply) = self.service_nat.get(&reply_key, 0) else {
-            return;
-        };
-        if !reply.is_reply() || reply.is_snat() {
-            return;
-        }
-        let original_key = CtKey::new(
-            *flow.saddr(),
-            *reply.addr(),
-            flow.sport().to_be(),
-            reply.port_be(),
-            flow.proto(),
-        );
-        if let Ok(original) = self.service_nat.get(&original_key, 0)
-            && !original.is_reply()
-            && original.addr() == flow.daddr()
-            && original.port_be() == flow.dport().to_be()
-        {
-            let _ = self.service_nat.remove(&original_key);
-        }
-        let _ = self.service_nat.remove(&reply_key);
     }
 
     /// Per-reason drop counters, summed over CPUs.

@@ -885,3 +885,93 @@ fn a_full_conntrack_table_drops_only_new_flows() {
     assert_eq!(node.sent_by_b(&reply).0, TC_ACT_REDIRECT, "and its replies");
     assert_eq!(node.drops(DropReason::ConntrackFull), 1);
 }
+
+/// Creates a map with the raw `bpf(2)` call (a layout no program of this version has) and
+/// pins it at `path`.
+fn pinned_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, max: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let mut attr = [0u8; 128];
+    for (i, v) in [map_type, key, value, max].into_iter().enumerate() {
+        attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix with the map-creation fields set.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: as above, the object-pinning fields; `c_path` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), attr.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// An agent of this layout upgrading from v4 (conntrack an LRU hash, a 16-byte
+/// `NODE_CONFIG`) carries the flows and the policy generation over, with the default
+/// timeouts. The old maps are pinned on a bpffs of the test's own mount namespace.
+#[test]
+fn flows_and_the_policy_generation_carry_over_from_the_v4_layout() {
+    use aya::maps::{Array, HashMap, MapData};
+    let mut node = Node::new();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("making mounts private");
+    let dir = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("bpf"),
+        dir.path(),
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mounting a bpffs");
+    const LRU_HASH: u32 = 9;
+    const ARRAY: u32 = 2;
+    let (ct, cfg) = (dir.path().join("CONNTRACK"), dir.path().join("NODE_CONFIG"));
+    pinned_map(&ct, LRU_HASH, 40, 24, 16);
+    pinned_map(&cfg, ARRAY, 4, 16, 1);
+    let flow = ct_key(IP_A, IP_B, 40000, 80, packet::TCP);
+    let entry = CtEntry::new(monotonic_ns(), 42, CtEntry::FLAG_REPLIED, 3, 0);
+    let mut old_ct: HashMap<MapData, CtKey, CtEntry> =
+        aya::maps::Map::from_map_data(MapData::from_pin(&ct).unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+    old_ct.insert(flow, entry, 0).unwrap();
+    let mut old_cfg: Array<MapData, [u32; 4]> =
+        aya::maps::Map::from_map_data(MapData::from_pin(&cfg).unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+    old_cfg.set(0, [42, 0, 0, 7], 0).unwrap();
+
+    let outcome: std::collections::HashMap<_, _> =
+        node.maps.carry_over(dir.path()).into_iter().collect();
+    assert_eq!(outcome["CONNTRACK"], Ok(1));
+    assert_eq!(outcome["NODE_CONFIG"], Ok(1));
+    let c = node.maps.config().unwrap();
+    assert_eq!((c.policy_gen(), c.vni()), (42, 7));
+    assert_eq!(*c.ct_timeouts(), CtTimeouts::DEFAULT);
+    assert_eq!(node.ct_entry(&flow), Some(entry));
+    // The carried-over flow is established: an isolated B's reply passes.
+    node.set_endpoints(0, 0, 0, 9);
+    let reply = packet::tcp(MAC_B, GW_B, IP_B, IP_A, 80, 40000, TCP_ACK);
+    assert_eq!(node.sent_by_b(&reply).0, TC_ACT_REDIRECT);
+    drop(old_ct);
+    drop(old_cfg);
+    nix::mount::umount(dir.path()).expect("unmounting the bpffs");
+}
