@@ -155,32 +155,32 @@ struct Args {
     #[arg(long, env = "WEIR_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
     /// Conntrack: idle timeout of an established TCP flow (seconds).
-    #[arg(long, env = "WEIR_CT_TCP_ESTABLISHED_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_established_s)]
+    #[arg(long, env = "WEIR_CT_TCP_ESTABLISHED_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_established_s, value_parser = clap::value_parser!(u32).range(1..))]
     ct_tcp_established_timeout: u32,
     /// Conntrack: idle timeout of a TCP flow after a FIN or RST (seconds).
-    #[arg(long, env = "WEIR_CT_TCP_CLOSING_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_closing_s)]
+    #[arg(long, env = "WEIR_CT_TCP_CLOSING_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_closing_s, value_parser = clap::value_parser!(u32).range(1..))]
     ct_tcp_closing_timeout: u32,
     /// Conntrack: idle timeout of a TCP flow not answered yet (seconds).
-    #[arg(long, env = "WEIR_CT_TCP_HALF_OPEN_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_half_open_s)]
+    #[arg(long, env = "WEIR_CT_TCP_HALF_OPEN_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_half_open_s, value_parser = clap::value_parser!(u32).range(1..))]
     ct_tcp_half_open_timeout: u32,
     /// Conntrack: idle timeout of a UDP flow not answered yet (seconds).
-    #[arg(long, env = "WEIR_CT_UDP_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.udp_s)]
+    #[arg(long, env = "WEIR_CT_UDP_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.udp_s, value_parser = clap::value_parser!(u32).range(1..))]
     ct_udp_timeout: u32,
     /// Conntrack: idle timeout of a UDP flow with replies (seconds).
-    #[arg(long, env = "WEIR_CT_UDP_STREAM_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.udp_stream_s)]
+    #[arg(long, env = "WEIR_CT_UDP_STREAM_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.udp_stream_s, value_parser = clap::value_parser!(u32).range(1..))]
     ct_udp_stream_timeout: u32,
     /// Conntrack: idle timeout of an ICMP flow (seconds).
-    #[arg(long, env = "WEIR_CT_ICMP_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.icmp_s)]
+    #[arg(long, env = "WEIR_CT_ICMP_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.icmp_s, value_parser = clap::value_parser!(u32).range(1..))]
     ct_icmp_timeout: u32,
     /// Conntrack: idle timeout of a flow of any other protocol (seconds).
-    #[arg(long, env = "WEIR_CT_OTHER_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.other_s)]
+    #[arg(long, env = "WEIR_CT_OTHER_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.other_s, value_parser = clap::value_parser!(u32).range(1..))]
     ct_other_timeout: u32,
     /// Seconds between two sweeps deleting expired conntrack entries.
     #[arg(long, env = "WEIR_CT_SWEEP_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     ct_sweep_interval: u64,
     /// Most expired conntrack entries one sweep deletes.
-    #[arg(long, env = "WEIR_CT_SWEEP_MAX", default_value_t = 65_536)]
-    ct_sweep_max: usize,
+    #[arg(long, env = "WEIR_CT_SWEEP_MAX", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_sweep_max: u64,
 }
 
 #[tokio::main]
@@ -380,7 +380,7 @@ async fn run(args: Args) -> Result<()> {
     let sweeper = agent.clone();
     let (sweep_every, sweep_max) = (
         Duration::from_secs(args.ct_sweep_interval),
-        args.ct_sweep_max,
+        usize::try_from(args.ct_sweep_max).unwrap_or(usize::MAX),
     );
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
