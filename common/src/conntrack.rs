@@ -2,7 +2,7 @@
 
 use crate::ip::IpKey;
 
-/// Key of the `CONNTRACK` LRU hash: the flow as its first packet carried it.
+/// Key of the `CONNTRACK` hash: the flow as its first packet carried it.
 /// Ports are kept in network byte order, exactly as they appear in the packet.
 /// For ICMP echo both ports hold the echo identifier, so a reply's reversed key matches.
 #[repr(C)]
@@ -56,7 +56,8 @@ impl CtKey {
     }
 }
 
-/// Value of the `CONNTRACK` LRU hash.
+/// Value of the `CONNTRACK` hash. It expires after the idle timeout of its protocol and
+/// state ([`crate::config::CtTimeouts`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
@@ -74,7 +75,7 @@ pub struct CtEntry {
 impl CtEntry {
     /// A packet in the reply direction has been seen.
     pub const FLAG_REPLIED: u32 = 1 << 0;
-    /// A TCP FIN or RST was seen; the entry may be reclaimed early.
+    /// A TCP FIN or RST was seen: the entry expires after the (short) closing timeout.
     pub const FLAG_CLOSING: u32 = 1 << 1;
     /// The flow was admitted by the egress check of a local source pod.
     pub const FLAG_EGRESS_CHECKED: u32 = 1 << 2;

@@ -30,12 +30,15 @@ pub enum DropReason {
     ServiceNatLost = 10,
     /// A VXLAN packet whose outer source is not another node.
     UnknownTunnelPeer = 11,
+    /// A new flow that conntrack had no room for (the table is full of live flows). Only
+    /// the new flow is refused: established flows keep their entries.
+    ConntrackFull = 12,
 }
 
 impl DropReason {
     /// Size of the `DROPS` array (reasons are 1-based; slot 0 stays unused).
-    pub const COUNT: u32 = 12;
-    pub const ALL: [DropReason; 11] = [
+    pub const COUNT: u32 = 13;
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::PolicyEgress,
@@ -47,6 +50,7 @@ impl DropReason {
         DropReason::NoBackend,
         DropReason::ServiceNatLost,
         DropReason::UnknownTunnelPeer,
+        DropReason::ConntrackFull,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -62,6 +66,7 @@ impl DropReason {
             DropReason::NoBackend => "service_no_backend",
             DropReason::ServiceNatLost => "service_nat_lost",
             DropReason::UnknownTunnelPeer => "unknown_tunnel_peer",
+            DropReason::ConntrackFull => "conntrack_full",
         }
     }
 
@@ -78,6 +83,7 @@ impl DropReason {
             9 => Some(DropReason::NoBackend),
             10 => Some(DropReason::ServiceNatLost),
             11 => Some(DropReason::UnknownTunnelPeer),
+            12 => Some(DropReason::ConntrackFull),
             _ => None,
         }
     }

@@ -30,7 +30,9 @@ mod pod;
 /// 4: `SERVICE_NAT` values carry a second address and port (NodePort source translation);
 ///    new maps `NODE_NETNS` and `SOCK_REVNAT` (Service translation at the socket, for the
 ///    node's own processes); new map `AFFINITY` (session affinity with its timeout).
-pub const ABI_VERSION: u32 = 4;
+/// 5: `CONNTRACK` is a plain hash (was an LRU hash) whose entries expire; `NODE_CONFIG`
+///    carries the conntrack timeouts; `DROPS` has the reason `conntrack_full`.
+pub const ABI_VERSION: u32 = 5;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {

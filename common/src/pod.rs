@@ -50,7 +50,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtEntry>(), 24);
         assert_eq!(size_of::<RouteEntry>(), 24);
-        assert_eq!(size_of::<NodeConfig>(), 16);
+        assert_eq!(size_of::<NodeConfig>(), 48);
         assert_eq!(size_of::<FlowEvent>(), 64);
         assert_eq!(size_of::<ServiceKey>(), 24);
         assert_eq!(size_of::<ServiceValue>(), 32);

@@ -1,6 +1,9 @@
 //! Stateful enforcement: a flow is decided once; later packets and replies take the fast
 //! path. Entries remember the policy generation they were decided under, so a policy change
 //! re-decides established flows on their next packet (revoked access stops existing flows).
+//! An entry idle for longer than its protocol's timeout is treated as absent: the packet
+//! is decided as a new flow in its own direction (so the reply direction of a flow that
+//! went quiet is no longer admitted by default).
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -15,7 +18,7 @@ use weir_common::{
 
 use crate::{
     events::{emit, record_drop},
-    maps::{CONNTRACK, RULE_HITS, SCRATCH_KEYS, count, node_config},
+    maps::{CONNTRACK, RULE_HITS, SCRATCH_KEYS, SERVICE_NAT, count, node_config},
     nat,
     parse::{self, Packet, TCP_FIN, TCP_RST},
     policy::admit,
@@ -37,32 +40,47 @@ pub fn enforce(
     flags: u32,
 ) -> Result<bool, ()> {
     let key = pkt.ct_key();
-    let generation = node_config().policy_gen();
+    let config = node_config();
+    let generation = config.policy_gen();
+    let timeouts = config.ct_timeouts();
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
     if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: map value pointer; concurrent updates only race on advisory fields.
         let entry = unsafe { &mut *entry };
-        if entry.policy_gen() != generation {
-            recheck(ctx, &key, src_ep, dst_ep, entry, generation)?;
+        if !timeouts.expired(key.proto(), entry.flags(), entry.last_seen_ns(), now) {
+            if entry.policy_gen() != generation {
+                recheck(ctx, &key, src_ep, dst_ep, entry, generation)?;
+            }
+            touch(entry, now, pkt.tcp_flags, flags);
+            return Ok(false);
         }
-        touch(entry, now, pkt.tcp_flags, flags);
-        return Ok(false);
+        // Expired: decided below as a new flow, whose entry replaces this one.
     }
     let reverse = key.reversed();
     if let Some(entry) = CONNTRACK.get_ptr_mut(&reverse) {
         // SAFETY: as above.
         let entry = unsafe { &mut *entry };
-        if entry.policy_gen() != generation {
-            // The flow was opened from the other end: decide it in its own direction.
-            recheck(ctx, &reverse, dst_ep, src_ep, entry, generation)?;
+        if !timeouts.expired(reverse.proto(), entry.flags(), entry.last_seen_ns(), now) {
+            if entry.policy_gen() != generation {
+                // The flow was opened from the other end: decide it in its own direction.
+                recheck(ctx, &reverse, dst_ep, src_ep, entry, generation)?;
+            }
+            touch(entry, now, pkt.tcp_flags, CtEntry::FLAG_REPLIED);
+            if entry.flags() & CtEntry::FLAG_SERVICE != 0 {
+                return nat::reverse(ctx, pkt).map(|()| true);
+            }
+            return Ok(false);
         }
-        touch(entry, now, pkt.tcp_flags, CtEntry::FLAG_REPLIED);
-        if entry.flags() & CtEntry::FLAG_SERVICE != 0 {
-            return nat::reverse(ctx, pkt).map(|()| true);
+        // The reply of a flow that expired: that flow is over.
+        let service = entry.flags() & CtEntry::FLAG_SERVICE != 0;
+        let _ = CONNTRACK.remove(&reverse);
+        if service {
+            // Its translation went with it: never deliver it untranslated.
+            record_drop(ctx, Some(&key), DropReason::ServiceNatLost, 0, 0);
+            return Err(());
         }
-        return Ok(false);
     }
 
     // An ICMP error about a flow conntrack knows (a port unreachable, fragmentation needed
@@ -70,6 +88,18 @@ pub fn enforce(
     // admits what the network says about it, from wherever it comes.
     if related_to_known_flow(ctx, pkt) {
         return Ok(false);
+    }
+
+    // The reply of a translated flow whose entry is gone (expired and swept): it would
+    // reach the client untranslated, from the backend's address.
+    if flags & CtEntry::FLAG_SERVICE == 0 {
+        // SAFETY: value copied out of the map.
+        if let Some(nat) = unsafe { SERVICE_NAT.get(&key) } {
+            if nat.is_reply() && !nat.is_snat() {
+                record_drop(ctx, Some(&key), DropReason::ServiceNatLost, 0, 0);
+                return Err(());
+            }
+        }
     }
 
     let admission = match admit(&key, src_ep, dst_ep) {
@@ -93,7 +123,11 @@ pub fn enforce(
         admission.egress_rule,
         admission.ingress_rule,
     );
-    let _ = CONNTRACK.insert(&key, &entry, 0);
+    if CONNTRACK.insert(&key, &entry, 0).is_err() {
+        // The table is full of live flows: refuse this one, keep theirs.
+        record_drop(ctx, Some(&key), DropReason::ConntrackFull, 0, 0);
+        return Err(());
+    }
     if admission.egress_rule != 0 {
         count(&RULE_HITS, admission.egress_rule);
     }

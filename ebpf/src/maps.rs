@@ -46,9 +46,12 @@ pub static VERDICTS_EXACT: HashMap<VerdictKey, Verdict> =
 pub static VERDICTS: LpmTrie<VerdictKey, Verdict> =
     LpmTrie::with_max_entries(capacity::VERDICTS, 0);
 
+/// A plain hash, not an LRU one: the kernel never evicts a live flow to make room for a new
+/// one (one pod's churn cannot break other pods' established flows). Entries expire after
+/// their idle timeout (`CtTimeouts`), are treated as absent from then on, and the agent's
+/// sweep deletes them; a new flow that finds the table full is dropped (`conntrack_full`).
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(capacity::CONNTRACK, 0);
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragPorts> =

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{LiveStream, cluster, pod, probe};
+use support::{LiveStream, cluster, cluster_with_agent_args, pod, probe};
 use weir_conformance::{Protocol, probe::Servers};
 use weir_localcluster::{LocalCluster, Topology};
 
@@ -346,4 +346,67 @@ async fn an_isolated_pod_hears_that_the_port_it_sent_to_is_closed() {
         "from a pod on the same node"
     );
     assert!(udp_refused(&a.netns, d.ip, 9), "from a pod on another node");
+}
+
+/// An agent whose UDP flows expire after 2 s idle: an egress-isolated pod answers a
+/// datagram it received, but once the flow has been idle for longer, what it sends on that
+/// flow is its own new flow, which its policy denies.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_isolated_pods_udp_reply_is_refused_once_the_flow_expired() {
+    let mut c = cluster_with_agent_args(
+        1,
+        Topology::L2,
+        &[
+            "--ct-udp-timeout",
+            "2",
+            "--ct-udp-stream-timeout",
+            "2",
+            "--ct-sweep-interval",
+            "1",
+        ],
+    )
+    .await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 0).await;
+    c.apply_object(&json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "mute-b", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"]},
+    }))
+    .unwrap();
+    c.sync().await.unwrap();
+    let bind = |ns: &weir_localcluster::netns::Netns, port: u16| {
+        let socket = ns
+            .within(move || std::net::UdpSocket::bind(("0.0.0.0", port)))
+            .expect("entering the namespace")
+            .expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        socket
+    };
+    let (client, server) = (bind(&a.netns, 0), bind(&b.netns, 7000));
+    let mut buf = [0u8; 16];
+    client.send_to(b"ping", (b.ip, 7000)).unwrap();
+    let (_, from) = server.recv_from(&mut buf).expect("b hears a");
+    server.send_to(b"pong", from).unwrap();
+    assert!(client.recv(&mut buf).is_ok(), "the reply of a fresh flow");
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.send_to(b"late", from).unwrap();
+    assert!(
+        client.recv(&mut buf).is_err(),
+        "b's packet on the expired flow is a new flow its egress policy denies"
+    );
+    let (_, metrics) = c.agent_http(0, "/metrics").unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    assert!(value("weir_agent_drops_total{reason=\"policy_egress\"}") >= 1);
+    assert!(value("weir_agent_conntrack_expired_removed_total") >= 1);
 }

@@ -7,7 +7,11 @@ use ipnet::IpNet;
 use thiserror::Error;
 use tracing::{info, warn};
 use weir_api::{NodeState, PodKey};
-use weir_common::{config::NodeConfig, endpoint::EndpointInfo, ip::IpKey};
+use weir_common::{
+    config::{CtTimeouts, NodeConfig},
+    endpoint::EndpointInfo,
+    ip::IpKey,
+};
 use weir_transport::Applied;
 
 use weir_common::TUNNEL_MAC;
@@ -15,7 +19,7 @@ use weir_common::TUNNEL_MAC;
 use crate::{
     dataplane::{Dataplane, DataplaneError, PinLayout},
     endpoints::{EndpointStore, EndpointStoreError, LocalEndpoint},
-    maps::{DataplaneMaps, MapsError},
+    maps::{CtSweep, DataplaneMaps, MapsError},
     masquerade::{self, MasqueradeConfig, MasqueradeError, MasqueradePlan},
     netlink::{Netlink, NetlinkError},
     podnet::{self, PodInterfaceSpec},
@@ -74,6 +78,8 @@ pub struct AgentConfig {
     /// The cgroup v2 directory the socket hooks (Service translation for the node's own
     /// processes) are attached to; None: the root of the cgroup v2 mount, if any.
     pub cgroup: Option<PathBuf>,
+    /// Idle timeouts of conntrack entries.
+    pub ct_timeouts: CtTimeouts,
 }
 
 #[derive(Debug, Error)]
@@ -147,6 +153,9 @@ pub struct Agent {
     masquerade: Option<MasqueradePlan>,
     /// Node addresses left out of `HOST_ADDRS` for lack of room.
     host_addrs_left_out: usize,
+    /// The last conntrack sweep's outcome, and the expired entries removed since the start.
+    ct_sweep: CtSweep,
+    ct_swept_total: u64,
 }
 
 impl Agent {
@@ -180,6 +189,7 @@ impl Agent {
         } else {
             config = NodeConfig::new(config.policy_gen(), cfg.flow_sample_rate, VNI);
         }
+        config = config.with_ct_timeouts(cfg.ct_timeouts);
         if cfg.service_proxy == ServiceProxy::KubeProxy {
             config = config.with_flags(NodeConfig::FLAG_HOST_PATH);
         }
@@ -231,6 +241,8 @@ impl Agent {
             pods_started_before_policy: 0,
             masquerade: None,
             host_addrs_left_out: 0,
+            ct_sweep: CtSweep::default(),
+            ct_swept_total: 0,
         };
         if !agent.cfg.masquerade.enabled {
             // Turning masquerade off removes what an earlier agent programmed.
@@ -312,6 +324,21 @@ impl Agent {
     }
 
     /// Node addresses that did not fit in the dataplane at the last refresh.
+    /// Deletes expired conntrack entries (at most `max`).
+    pub fn sweep_conntrack(&mut self, max: usize) -> Result<CtSweep> {
+        let sweep = self
+            .maps
+            .sweep_conntrack(crate::maps::monotonic_ns(), max)?;
+        self.ct_sweep = sweep;
+        self.ct_swept_total += sweep.removed as u64;
+        Ok(sweep)
+    }
+
+    /// Conntrack entries after the last sweep, and expired entries removed by all sweeps.
+    pub fn conntrack_counts(&self) -> (usize, u64) {
+        (self.ct_sweep.entries, self.ct_swept_total)
+    }
+
     pub fn host_addrs_left_out(&self) -> usize {
         self.host_addrs_left_out
     }

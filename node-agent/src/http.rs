@@ -110,6 +110,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         );
         snapshot.pods_started_before_policy = agent.pods_started_before_policy();
         snapshot.host_addrs_left_out = agent.host_addrs_left_out();
+        (snapshot.conntrack_entries, snapshot.conntrack_expired) = agent.conntrack_counts();
         snapshot
     };
     (

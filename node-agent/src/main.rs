@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 use tokio::{signal::unix::SignalKind, sync::Mutex};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use weir_agent::{
     agent::{Agent, AgentConfig},
     bootstrap::{BootstrapConfig, CertificateKeeper},
@@ -14,6 +14,7 @@ use weir_agent::{
     cni_service::CniService,
     install_cni::{self, ConflistSource, InstallCni},
 };
+use weir_common::config::CtTimeouts;
 use weir_transport::Backoff;
 
 #[derive(Parser, Debug)]
@@ -153,6 +154,33 @@ struct Args {
     /// network namespace only) [default: the root of the cgroup v2 mount].
     #[arg(long, env = "WEIR_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// Conntrack: idle timeout of an established TCP flow (seconds).
+    #[arg(long, env = "WEIR_CT_TCP_ESTABLISHED_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_established_s, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_tcp_established_timeout: u32,
+    /// Conntrack: idle timeout of a TCP flow after a FIN or RST (seconds).
+    #[arg(long, env = "WEIR_CT_TCP_CLOSING_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_closing_s, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_tcp_closing_timeout: u32,
+    /// Conntrack: idle timeout of a TCP flow not answered yet (seconds).
+    #[arg(long, env = "WEIR_CT_TCP_HALF_OPEN_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.tcp_half_open_s, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_tcp_half_open_timeout: u32,
+    /// Conntrack: idle timeout of a UDP flow not answered yet (seconds).
+    #[arg(long, env = "WEIR_CT_UDP_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.udp_s, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_udp_timeout: u32,
+    /// Conntrack: idle timeout of a UDP flow with replies (seconds).
+    #[arg(long, env = "WEIR_CT_UDP_STREAM_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.udp_stream_s, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_udp_stream_timeout: u32,
+    /// Conntrack: idle timeout of an ICMP flow (seconds).
+    #[arg(long, env = "WEIR_CT_ICMP_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.icmp_s, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_icmp_timeout: u32,
+    /// Conntrack: idle timeout of a flow of any other protocol (seconds).
+    #[arg(long, env = "WEIR_CT_OTHER_TIMEOUT", default_value_t = CtTimeouts::DEFAULT.other_s, value_parser = clap::value_parser!(u32).range(1..))]
+    ct_other_timeout: u32,
+    /// Seconds between two sweeps deleting expired conntrack entries.
+    #[arg(long, env = "WEIR_CT_SWEEP_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_sweep_interval: u64,
+    /// Most expired conntrack entries one sweep deletes.
+    #[arg(long, env = "WEIR_CT_SWEEP_MAX", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    ct_sweep_max: u64,
 }
 
 #[tokio::main]
@@ -237,6 +265,15 @@ async fn run(args: Args) -> Result<()> {
         },
         service_proxy: args.service_proxy,
         cgroup: args.cgroup_root.clone(),
+        ct_timeouts: CtTimeouts::new(
+            args.ct_tcp_established_timeout,
+            args.ct_tcp_closing_timeout,
+            args.ct_tcp_half_open_timeout,
+            args.ct_udp_timeout,
+            args.ct_udp_stream_timeout,
+            args.ct_icmp_timeout,
+            args.ct_other_timeout,
+        ),
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(
@@ -336,6 +373,22 @@ async fn run(args: Args) -> Result<()> {
             tick.tick().await;
             if let Err(e) = refresher.lock().await.refresh_host_addrs().await {
                 warn!(error = %e, "refreshing node addresses");
+            }
+        }
+    });
+
+    let sweeper = agent.clone();
+    let (sweep_every, sweep_max) = (
+        Duration::from_secs(args.ct_sweep_interval),
+        usize::try_from(args.ct_sweep_max).unwrap_or(usize::MAX),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweep_every);
+        loop {
+            tick.tick().await;
+            match sweeper.lock().await.sweep_conntrack(sweep_max) {
+                Ok(s) => debug!(removed = s.removed, entries = s.entries, "conntrack swept"),
+                Err(e) => warn!(error = %e, "sweeping conntrack"),
             }
         }
     });

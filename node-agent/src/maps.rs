@@ -55,6 +55,28 @@ pub enum MapsError {
 
 pub type Result<T, E = MapsError> = std::result::Result<T, E>;
 
+/// What a conntrack sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtSweep {
+    /// Entries left in the table.
+    pub entries: usize,
+    /// Expired entries deleted.
+    pub removed: usize,
+}
+
+/// The `CLOCK_MONOTONIC` time in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps
+/// conntrack entries.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; CLOCK_MONOTONIC always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    assert_eq!(rc, 0, "CLOCK_MONOTONIC is always available");
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 fn map_err(map: &'static str, action: impl Into<String>) -> impl FnOnce(MapError) -> MapsError {
     let action = action.into();
     move |source| MapsError::Map {
@@ -430,9 +452,20 @@ impl DataplaneMaps {
             (
                 names::NODE_CONFIG,
                 open(names::NODE_CONFIG).and_then(|m| {
-                    let old: Array<MapData, NodeConfig> =
-                        m.try_into().map_err(|e: MapError| e.to_string())?;
-                    let c = old.get(&0, 0).map_err(|e| e.to_string())?;
+                    let c = match Array::<MapData, NodeConfig>::try_from(m) {
+                        Ok(old) => old.get(&0, 0).map_err(|e| e.to_string())?,
+                        // Versions before 5 had no conntrack timeouts: their policy
+                        // generation, sample rate, VNI and flags, with the default timeouts
+                        // (the agent writes its own right after).
+                        Err(_) => {
+                            let m = open(names::NODE_CONFIG)?;
+                            let old: Array<MapData, [u32; 4]> =
+                                m.try_into().map_err(|e: MapError| e.to_string())?;
+                            let [policy_gen, flags, sample_rate, vni] =
+                                old.get(&0, 0).map_err(|e| e.to_string())?;
+                            NodeConfig::new(policy_gen, sample_rate, vni).with_flags(flags)
+                        }
+                    };
                     self.config.set(0, c, 0).map_err(|e| e.to_string())?;
                     Ok(1)
                 }),
@@ -450,6 +483,40 @@ impl DataplaneMaps {
             .collect();
         self.sync_tunnel_peers(&peers).map_err(|e| e.to_string())?;
         Ok(peers.len())
+    }
+
+    /// Deletes conntrack entries that expired by `now_ns` (`CLOCK_MONOTONIC`), at most `max`
+    /// of them. Walks the whole table (to count it). The `SERVICE_NAT` entries of expired
+    /// translated flows stay, for that map's LRU to reclaim: while they last, a late reply
+    /// of such a flow is recognised and dropped rather than delivered untranslated.
+    pub fn sweep_conntrack(&mut self, now_ns: u64, max: usize) -> Result<CtSweep> {
+        let timeouts = *self.config()?.ct_timeouts();
+        let mut entries = 0;
+        let mut expired = Vec::new();
+        for (k, e) in self.conntrack.iter().filter_map(|r| r.ok()) {
+            entries += 1;
+            if expired.len() < max
+                && timeouts.expired(k.proto(), e.flags(), e.last_seen_ns(), now_ns)
+            {
+                expired.push(k);
+            }
+        }
+        let mut removed = 0;
+        for k in &expired {
+            // Deleted only if still expired: a packet may have refreshed it meanwhile.
+            match self.conntrack.get(k, 0) {
+                Ok(now) if timeouts.expired(k.proto(), now.flags(), now.last_seen_ns(), now_ns) => {
+                }
+                _ => continue,
+            }
+            if self.conntrack.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(CtSweep {
+            entries: entries - removed,
+            removed,
+        })
     }
 
     /// Per-reason drop counters, summed over CPUs.

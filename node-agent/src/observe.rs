@@ -44,6 +44,10 @@ pub struct MetricsSnapshot {
     pub pods_started_before_policy: u64,
     /// Node addresses that did not fit in `HOST_ADDRS`.
     pub host_addrs_left_out: usize,
+    /// Conntrack entries after the last sweep.
+    pub conntrack_entries: usize,
+    /// Expired conntrack entries deleted by the sweeps.
+    pub conntrack_expired: u64,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -115,6 +119,8 @@ impl MetricsSnapshot {
             flow_events,
             pods_started_before_policy: 0,
             host_addrs_left_out: 0,
+            conntrack_entries: 0,
+            conntrack_expired: 0,
         }
     }
 
@@ -227,6 +233,19 @@ impl Collector for MetricsSnapshot {
              local pods is subject to policy",
             self.host_addrs_left_out as i64,
         )?;
+        gauge(
+            &mut encoder,
+            "conntrack_entries",
+            "Conntrack entries, as the last sweep counted them",
+            self.conntrack_entries as i64,
+        )?;
+        let m = encoder.encode_descriptor(
+            "conntrack_expired_removed",
+            "Expired conntrack entries deleted by the agent's sweeps",
+            None,
+            kind,
+        )?;
+        ConstCounter::new(self.conntrack_expired).encode(m)?;
         Ok(())
     }
 }

@@ -6,11 +6,15 @@ mod support;
 use std::net::Ipv4Addr;
 
 use ipnet::IpNet;
-use support::packet::{self, TCP_ACK, TCP_SYN};
-use weir_agent::{dataplane::Dataplane, maps::DataplaneMaps};
+use support::packet::{self, TCP_ACK, TCP_FIN, TCP_SYN};
+use weir_agent::{
+    dataplane::Dataplane,
+    maps::{DataplaneMaps, monotonic_ns},
+};
 use weir_api::{Action, PortPrefix, VerdictEntry, VerdictMatch};
 use weir_common::{
-    config::NodeConfig,
+    config::{CtTimeouts, NodeConfig},
+    conntrack::{CtEntry, CtKey},
     endpoint::EndpointInfo,
     event::DropReason,
     ip::IpKey,
@@ -682,4 +686,293 @@ fn more_node_addresses_than_the_map_holds_are_left_out_and_counted() {
     // A refresh with fewer addresses makes room again.
     let left_out = node.maps.sync_host_addrs(&addrs[..100]).unwrap();
     assert_eq!(left_out, 0);
+}
+
+const SECOND: u64 = 1_000_000_000;
+
+/// Established 100 s, closing 2 s, half-open 3 s, UDP 4 s, UDP stream 5 s, ICMP 6 s,
+/// other 7 s.
+const SHORT: CtTimeouts = CtTimeouts::new(100, 2, 3, 4, 5, 6, 7);
+
+impl Node {
+    fn set_ct_timeouts(&mut self, t: CtTimeouts) {
+        let c = self.maps.config().unwrap().with_ct_timeouts(t);
+        self.maps.set_config(c).unwrap();
+    }
+
+    fn ct_entry(&self, key: &CtKey) -> Option<CtEntry> {
+        self.maps.conntrack.get(key, 0).ok()
+    }
+
+    /// Makes the entry of `key` look idle for `idle_s` seconds.
+    fn age(&mut self, key: &CtKey, idle_s: u64) {
+        let mut e = self.ct_entry(key).expect("the flow has an entry");
+        e.set_last_seen_ns(monotonic_ns() - idle_s * SECOND);
+        self.maps.conntrack.insert(key, e, 0).unwrap();
+    }
+}
+
+fn ct_key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> CtKey {
+    CtKey::new(src.into(), dst.into(), sport.to_be(), dport.to_be(), proto)
+}
+
+/// B opens a UDP flow to A, which is then isolated for egress with nothing allowed: A's
+/// replies pass while the flow is fresh, and are decided as A's own new flow once it has
+/// been idle for longer than the UDP timeout.
+#[test]
+fn the_reply_direction_of_an_expired_flow_is_decided_as_a_new_flow() {
+    let mut node = Node::new();
+    node.set_ct_timeouts(SHORT);
+    let request = packet::ipv4(MAC_B, GW_B, IP_B, IP_A, packet::UDP, 5353, 53, 0);
+    let reply = packet::ipv4(MAC_A, GW_A, IP_A, IP_B, packet::UDP, 53, 5353, 0);
+    assert_eq!(node.sent_by_b(&request).0, TC_ACT_REDIRECT);
+    node.set_endpoints(0, 9, 0, 0);
+    assert_eq!(node.sent_by_a(&reply).0, TC_ACT_REDIRECT, "fresh: a reply");
+    let flow = ct_key(IP_B, IP_A, 5353, 53, packet::UDP);
+    // Replied: the stream timeout (5 s) applies, not the unreplied one (4 s).
+    node.age(&flow, 4);
+    assert_eq!(node.sent_by_a(&reply).0, TC_ACT_REDIRECT, "idle 4 s of 5");
+    node.age(&flow, 6);
+    assert_eq!(node.sent_by_a(&reply).0, TC_ACT_SHOT, "idle 6 s of 5");
+    assert_eq!(node.drops(DropReason::PolicyEgress), 1);
+    assert!(node.ct_entry(&flow).is_none(), "the expired entry is gone");
+    // B's next packet is a new flow again, admitted (B is not isolated) with a fresh entry.
+    assert_eq!(node.sent_by_b(&request).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&reply).0, TC_ACT_REDIRECT);
+}
+
+/// An expired entry in the original direction is re-decided against the current policy
+/// even without a policy change (its generation is current).
+#[test]
+fn an_expired_flow_is_checked_against_policy_again() {
+    let mut node = Node::new();
+    node.set_ct_timeouts(SHORT);
+    node.set_endpoints(0, 0, 7, 0);
+    node.classify("10.244.0.10/32", 3);
+    node.allow(7, 3, Some(packet::TCP), None, 1);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
+    // B becomes isolated with nothing allowed, and the generation is left as it was (as if
+    // the change raced the entry): only expiry re-decides the flow.
+    node.set_endpoints(0, 0, 8, 0);
+    let ack = packet::tcp(MAC_A, GW_A, IP_A, IP_B, 40000, 80, TCP_ACK);
+    assert_eq!(node.sent_by_a(&ack).0, TC_ACT_REDIRECT, "fresh");
+    let flow = ct_key(IP_A, IP_B, 40000, 80, packet::TCP);
+    node.age(&flow, 4);
+    assert_eq!(
+        node.sent_by_a(&ack).0,
+        TC_ACT_SHOT,
+        "half-open, idle 4 s of 3"
+    );
+    assert_eq!(node.drops(DropReason::PolicyIngress), 1);
+}
+
+#[test]
+fn a_closing_tcp_flow_expires_sooner_than_an_established_one() {
+    let mut node = Node::new();
+    node.set_ct_timeouts(SHORT);
+    let (open, closing) = ((40000, 80), (40001, 80));
+    for (sport, dport) in [open, closing] {
+        assert_eq!(
+            node.sent_by_b(&packet::tcp(MAC_B, GW_B, IP_B, IP_A, sport, dport, TCP_SYN))
+                .0,
+            TC_ACT_REDIRECT
+        );
+    }
+    node.set_endpoints(0, 9, 0, 0);
+    let reply = |(sport, dport): (u16, u16), flags| {
+        packet::tcp(MAC_A, GW_A, IP_A, IP_B, dport, sport, flags)
+    };
+    assert_eq!(
+        node.sent_by_a(&reply(open, TCP_SYN | TCP_ACK)).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        node.sent_by_a(&reply(closing, TCP_FIN | TCP_ACK)).0,
+        TC_ACT_REDIRECT
+    );
+    for (sport, dport) in [open, closing] {
+        node.age(&ct_key(IP_B, IP_A, sport, dport, packet::TCP), 10);
+    }
+    assert_eq!(
+        node.sent_by_a(&reply(open, TCP_ACK)).0,
+        TC_ACT_REDIRECT,
+        "established: idle 10 s of 100"
+    );
+    assert_eq!(
+        node.sent_by_a(&reply(closing, TCP_ACK)).0,
+        TC_ACT_SHOT,
+        "closing: idle 10 s of 2"
+    );
+}
+
+#[test]
+fn the_sweep_deletes_expired_entries_and_keeps_fresh_ones() {
+    let mut node = Node::new();
+    node.set_ct_timeouts(SHORT);
+    let now = monotonic_ns();
+    let entry = |idle_s: u64, flags| CtEntry::new(now - idle_s * SECOND, 1, flags, 0, 0);
+    let replied = CtEntry::FLAG_REPLIED;
+    let flows = [
+        // (key, entry, expired)
+        (ct_key(IP_A, IP_B, 1, 53, packet::UDP), entry(3, 0), false),
+        (ct_key(IP_A, IP_B, 2, 53, packet::UDP), entry(6, 0), true),
+        (
+            ct_key(IP_A, IP_B, 3, 53, packet::UDP),
+            entry(4, replied),
+            false,
+        ),
+        (
+            ct_key(IP_A, IP_B, 4, 80, packet::TCP),
+            entry(50, replied),
+            false,
+        ),
+        (
+            ct_key(IP_A, IP_B, 5, 80, packet::TCP),
+            entry(50, replied | CtEntry::FLAG_CLOSING),
+            true,
+        ),
+        (ct_key(IP_A, IP_B, 6, 6, packet::ICMP), entry(7, 0), true),
+    ];
+    for (k, e, _) in &flows {
+        node.maps.conntrack.insert(k, e, 0).unwrap();
+    }
+    // At most one per round.
+    let first = node.maps.sweep_conntrack(monotonic_ns(), 1).unwrap();
+    assert_eq!((first.removed, first.entries), (1, 5));
+    let rest = node.maps.sweep_conntrack(monotonic_ns(), 100).unwrap();
+    assert_eq!((rest.removed, rest.entries), (2, 3));
+    for (k, _, expired) in &flows {
+        assert_eq!(node.ct_entry(k).is_none(), *expired, "{k:?}");
+    }
+}
+
+/// A full table refuses new flows (counted) and never an established one.
+#[test]
+fn a_full_conntrack_table_drops_only_new_flows() {
+    let mut node = Node::new();
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
+    // Fill the rest with live flows of other addresses.
+    let now = monotonic_ns();
+    let mut n = 0u32;
+    // Bounded: a table that evicts instead of refusing never reports full.
+    while n < capacity::CONNTRACK {
+        let k = CtKey::new(
+            Ipv4Addr::from(0x0a63_0000 + n).into(),
+            IP_B.into(),
+            1u16.to_be(),
+            80u16.to_be(),
+            packet::TCP,
+        );
+        if node
+            .maps
+            .conntrack
+            .insert(k, CtEntry::new(now, 1, CtEntry::FLAG_REPLIED, 0, 0), 0)
+            .is_err()
+        {
+            break;
+        }
+        n += 1;
+    }
+    assert_eq!(n + 1, capacity::CONNTRACK, "the table is full");
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 80)).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::ConntrackFull), 1);
+    let ack = packet::tcp(MAC_A, GW_A, IP_A, IP_B, 40000, 80, TCP_ACK);
+    assert_eq!(
+        node.sent_by_a(&ack).0,
+        TC_ACT_REDIRECT,
+        "the established flow"
+    );
+    let reply = packet::tcp(MAC_B, GW_B, IP_B, IP_A, 80, 40000, TCP_ACK);
+    assert_eq!(node.sent_by_b(&reply).0, TC_ACT_REDIRECT, "and its replies");
+    assert_eq!(node.drops(DropReason::ConntrackFull), 1);
+}
+
+/// Creates a map with the raw `bpf(2)` call (a layout no program of this version has) and
+/// pins it at `path`.
+fn pinned_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, max: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let mut attr = [0u8; 128];
+    for (i, v) in [map_type, key, value, max].into_iter().enumerate() {
+        attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: `attr` is a zeroed `union bpf_attr` prefix with the map-creation fields set.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: as above, the object-pinning fields; `c_path` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, attr.as_ptr(), attr.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// An agent of this layout upgrading from v4 (conntrack an LRU hash, a 16-byte
+/// `NODE_CONFIG`) carries the flows and the policy generation over, with the default
+/// timeouts. The old maps are pinned on a bpffs of the test's own mount namespace.
+#[test]
+fn flows_and_the_policy_generation_carry_over_from_the_v4_layout() {
+    use aya::maps::{Array, HashMap, MapData};
+    let mut node = Node::new();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("making mounts private");
+    let dir = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("bpf"),
+        dir.path(),
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mounting a bpffs");
+    const LRU_HASH: u32 = 9;
+    const ARRAY: u32 = 2;
+    let (ct, cfg) = (dir.path().join("CONNTRACK"), dir.path().join("NODE_CONFIG"));
+    pinned_map(&ct, LRU_HASH, 40, 24, 16);
+    pinned_map(&cfg, ARRAY, 4, 16, 1);
+    let flow = ct_key(IP_A, IP_B, 40000, 80, packet::TCP);
+    let entry = CtEntry::new(monotonic_ns(), 42, CtEntry::FLAG_REPLIED, 3, 0);
+    let mut old_ct: HashMap<MapData, CtKey, CtEntry> =
+        aya::maps::Map::from_map_data(MapData::from_pin(&ct).unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+    old_ct.insert(flow, entry, 0).unwrap();
+    let mut old_cfg: Array<MapData, [u32; 4]> =
+        aya::maps::Map::from_map_data(MapData::from_pin(&cfg).unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+    old_cfg.set(0, [42, 0, 0, 7], 0).unwrap();
+
+    let outcome: std::collections::HashMap<_, _> =
+        node.maps.carry_over(dir.path()).into_iter().collect();
+    assert_eq!(outcome["CONNTRACK"], Ok(1));
+    assert_eq!(outcome["NODE_CONFIG"], Ok(1));
+    let c = node.maps.config().unwrap();
+    assert_eq!((c.policy_gen(), c.vni()), (42, 7));
+    assert_eq!(*c.ct_timeouts(), CtTimeouts::DEFAULT);
+    assert_eq!(node.ct_entry(&flow), Some(entry));
+    // The carried-over flow is established: an isolated B's reply passes.
+    node.set_endpoints(0, 0, 0, 9);
+    let reply = packet::tcp(MAC_B, GW_B, IP_B, IP_A, 80, 40000, TCP_ACK);
+    assert_eq!(node.sent_by_b(&reply).0, TC_ACT_REDIRECT);
+    drop(old_ct);
+    drop(old_cfg);
+    nix::mount::umount(dir.path()).expect("unmounting the bpffs");
 }

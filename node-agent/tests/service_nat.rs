@@ -11,13 +11,17 @@ mod support;
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
-use weir_agent::{dataplane::Dataplane, maps::DataplaneMaps};
+use weir_agent::{
+    dataplane::Dataplane,
+    maps::{DataplaneMaps, monotonic_ns},
+};
 use weir_api::{
     Action, BackendState, FrontendKind, PortPrefix, ServiceBackend, ServiceEntry, ServiceFrontend,
     ServiceRef, VerdictEntry, VerdictMatch,
 };
 use weir_common::{
-    config::NodeConfig,
+    config::{CtTimeouts, NodeConfig},
+    conntrack::CtKey,
     endpoint::EndpointInfo,
     event::DropReason,
     ip::IpKey,
@@ -902,4 +906,64 @@ fn an_sctp_checksum_left_to_offload_stays_zero() {
     let (seen, field) = inspect_sctp(&out);
     assert_eq!((seen.dst, seen.dport), (IP_B, 8100));
     assert_eq!(field, [0; 4]);
+}
+
+/// Ages the conntrack entry of UDP `src:sport → dst:dport` past the default UDP timeouts.
+fn age_udp_flow(node: &mut Node, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) {
+    let key = CtKey::new(src.into(), dst.into(), sport.to_be(), dport.to_be(), UDP);
+    let mut e = node
+        .maps
+        .conntrack
+        .get(&key, 0)
+        .expect("the flow has an entry");
+    let idle = u64::from(CtTimeouts::DEFAULT.udp_stream_s + 1) * 1_000_000_000;
+    e.set_last_seen_ns(monotonic_ns() - idle);
+    node.maps.conntrack.insert(key, e, 0).unwrap();
+}
+
+/// The backend's reply of a translated flow whose entry expired is not delivered (it would
+/// reach the client from the backend's address); the client's next packet is a new flow,
+/// translated again, and its replies come from the frontend again.
+#[test]
+fn the_reply_of_an_expired_translated_flow_is_dropped_not_delivered_untranslated() {
+    let mut node = Node::new();
+    node.service(53, UDP, &[(IP_B, 5353, BackendState::Ready)], false);
+    let request = frame(MAC_A, GW_A, IP_A, CLUSTER_IP, UDP, 41000, 53, false);
+    let reply = frame(MAC_B, GW_B, IP_B, IP_A, UDP, 5353, 41000, false);
+    assert_eq!(node.sent_by_a(&request).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_b(&reply).0, TC_ACT_REDIRECT);
+    age_udp_flow(&mut node, IP_A, IP_B, 41000, 5353);
+    assert_eq!(node.sent_by_b(&reply).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::ServiceNatLost), 1);
+
+    let (verdict, out) = node.sent_by_a(&request);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(inspect(&out).dst, IP_B);
+    let (verdict, out) = node.sent_by_b(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((inspect(&out).src, inspect(&out).sport), (CLUSTER_IP, 53));
+}
+
+/// The sweep deletes an expired translated flow's conntrack entry and leaves its
+/// translations to `SERVICE_NAT`'s LRU: a late reply is recognised by them and dropped, not
+/// delivered from the backend's address; the client's next packet opens the flow again.
+#[test]
+fn a_late_reply_of_a_swept_translated_flow_is_dropped_not_delivered_untranslated() {
+    let mut node = Node::new();
+    node.service(53, UDP, &[(IP_B, 5353, BackendState::Ready)], false);
+    let request = frame(MAC_A, GW_A, IP_A, CLUSTER_IP, UDP, 41000, 53, false);
+    let reply = frame(MAC_B, GW_B, IP_B, IP_A, UDP, 5353, 41000, false);
+    assert_eq!(node.sent_by_a(&request).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_b(&reply).0, TC_ACT_REDIRECT);
+    age_udp_flow(&mut node, IP_A, IP_B, 41000, 5353);
+    let sweep = node.maps.sweep_conntrack(monotonic_ns(), 10).unwrap();
+    assert_eq!((sweep.removed, sweep.entries), (1, 0));
+    assert_eq!(node.maps.conntrack.keys().count(), 0);
+    assert_eq!(node.sent_by_b(&reply).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::ServiceNatLost), 1);
+
+    assert_eq!(node.sent_by_a(&request).0, TC_ACT_REDIRECT);
+    let (verdict, out) = node.sent_by_b(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((inspect(&out).src, inspect(&out).sport), (CLUSTER_IP, 53));
 }

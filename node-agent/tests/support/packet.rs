@@ -9,6 +9,7 @@ pub const SCTP: u8 = 132;
 
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
 
 /// An Ethernet + IPv4 frame with a TCP/UDP/SCTP header carrying `sport`/`dport`, or an ICMP
 /// echo request with identifier `sport`.
