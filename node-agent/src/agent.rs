@@ -147,6 +147,38 @@ pub struct Agent {
     masquerade: Option<MasqueradePlan>,
     /// Node addresses left out of `HOST_ADDRS` for lack of room.
     host_addrs_left_out: usize,
+    /// How the controller's states fared.
+    apply_status: ApplyStatus,
+}
+
+/// How the last attempt to apply the controller's state went, for readiness and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStatus {
+    /// States (snapshots or diffs) that could not be applied in full.
+    pub errors_total: u64,
+    /// Why the last state could not be applied in full; None when it was (or none came yet).
+    pub last_error: Option<String>,
+    /// When a state was last applied in full (seconds since the epoch).
+    pub last_success_unix: Option<u64>,
+}
+
+impl ApplyStatus {
+    /// Records the outcome of one attempt.
+    pub fn record<E: std::fmt::Display>(&mut self, outcome: Result<(), &E>) {
+        match outcome {
+            Ok(()) => {
+                self.last_error = None;
+                self.last_success_unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs());
+            }
+            Err(e) => {
+                self.errors_total += 1;
+                self.last_error = Some(e.to_string());
+            }
+        }
+    }
 }
 
 impl Agent {
@@ -231,6 +263,7 @@ impl Agent {
             pods_started_before_policy: 0,
             masquerade: None,
             host_addrs_left_out: 0,
+            apply_status: ApplyStatus::default(),
         };
         if !agent.cfg.masquerade.enabled {
             // Turning masquerade off removes what an earlier agent programmed.
@@ -491,6 +524,19 @@ impl Agent {
     /// Whether the controller's state has been applied since this agent started.
     pub fn has_controller_state(&self) -> bool {
         self.have_controller_state
+    }
+
+    /// How the controller's states fared (the last one decides readiness).
+    pub fn apply_status(&self) -> &ApplyStatus {
+        &self.apply_status
+    }
+
+    /// Records the outcome of applying one controller state (policy, services and routes).
+    pub fn record_apply(&mut self, outcome: Result<(), &AgentError>) {
+        if let Err(e) = outcome {
+            warn!(error = %e, "the controller's state could not be applied in full");
+        }
+        self.apply_status.record(outcome);
     }
 
     /// The flow-event ring buffer, for the reader task (once).

@@ -44,6 +44,8 @@ pub struct MetricsSnapshot {
     pub pods_started_before_policy: u64,
     /// Node addresses that did not fit in `HOST_ADDRS`.
     pub host_addrs_left_out: usize,
+    /// How the controller's states fared.
+    pub apply: crate::agent::ApplyStatus,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -115,6 +117,7 @@ impl MetricsSnapshot {
             flow_events,
             pods_started_before_policy: 0,
             host_addrs_left_out: 0,
+            apply: Default::default(),
         }
     }
 
@@ -226,6 +229,26 @@ impl Collector for MetricsSnapshot {
             "Addresses of this node that did not fit in the dataplane: traffic from them to \
              local pods is subject to policy",
             self.host_addrs_left_out as i64,
+        )?;
+        let m = encoder.encode_descriptor(
+            "state_apply_errors",
+            "Controller states (snapshots or diffs) that could not be applied in full",
+            None,
+            kind,
+        )?;
+        ConstCounter::new(self.apply.errors_total).encode(m)?;
+        gauge(
+            &mut encoder,
+            "last_state_apply_success",
+            "1 when the controller's last state was applied in full, 0 when it was not or \
+             none came yet",
+            i64::from(self.apply.last_success_unix.is_some() && self.apply.last_error.is_none()),
+        )?;
+        gauge(
+            &mut encoder,
+            "last_state_apply_success_timestamp_seconds",
+            "When a controller state was last applied in full (seconds since the epoch, 0: never)",
+            self.apply.last_success_unix.unwrap_or(0) as i64,
         )?;
         Ok(())
     }
@@ -373,5 +396,39 @@ pub async fn read_flow_events(ring: RingBuf<MapData>, log: Arc<FlowLog>) -> std:
             log.push(record);
         }
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_metrics_follow_the_last_state() {
+        let mut snapshot = MetricsSnapshot::default();
+        snapshot.apply.record::<String>(Ok(()));
+        snapshot
+            .apply
+            .record(Err(&"map VERDICTS: full".to_string()));
+        let text = snapshot.render();
+        assert!(
+            text.contains("weir_agent_state_apply_errors_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_agent_last_state_apply_success 0\n"),
+            "{text}"
+        );
+        let mut snapshot = MetricsSnapshot::default();
+        snapshot.apply.record::<String>(Ok(()));
+        let text = snapshot.render();
+        assert!(
+            text.contains("weir_agent_last_state_apply_success 1\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("weir_agent_last_state_apply_success_timestamp_seconds 0\n"),
+            "{text}"
+        );
     }
 }
