@@ -100,6 +100,15 @@ pub enum AgentError {
     NoNetns(String),
     #[error("{0}")]
     Check(String),
+    #[error(
+        "{missing} policy entries could not be written ({first}): the endpoints of rule sets \
+         {rule_sets:?} deny every new flow until they are"
+    )]
+    PolicyIncomplete {
+        missing: usize,
+        first: String,
+        rule_sets: std::collections::BTreeSet<u32>,
+    },
     #[error("this node has no pod CIDR yet: waiting for the controller to assign one")]
     NoPodCidr,
     #[error("no uplink: no interface with a global IPv4 address{}", .0.as_ref().map(|n| format!(" named {n}")).unwrap_or_default())]
@@ -149,6 +158,9 @@ pub struct Agent {
     host_addrs_left_out: usize,
     /// How the controller's states fared.
     apply_status: ApplyStatus,
+    /// Rule sets of `policy` whose entries could not all be written: their endpoints point at
+    /// [`weir_common::policy::FAIL_CLOSED`] instead.
+    incomplete_rule_sets: std::collections::BTreeSet<u32>,
 }
 
 /// How the last attempt to apply the controller's state went, for readiness and metrics.
@@ -264,6 +276,7 @@ impl Agent {
             masquerade: None,
             host_addrs_left_out: 0,
             apply_status: ApplyStatus::default(),
+            incomplete_rule_sets: Default::default(),
         };
         if !agent.cfg.masquerade.enabled {
             // Turning masquerade off removes what an earlier agent programmed.
@@ -608,33 +621,60 @@ impl Agent {
 
     /// Makes the dataplane enforce the controller's state `state`; `change` says how it
     /// differs from the previously applied one. Conntrack entries re-check policy afterwards.
+    ///
+    /// The order is safe at every instant: new classes and verdicts first, then the
+    /// endpoints are pointed at them, then what the state no longer has goes. When an entry
+    /// does not fit, stale entries go first and it is tried again. Rule sets whose entries
+    /// still could not all be written fail closed (their endpoints deny every new flow);
+    /// everything else is applied, and the error says what is missing.
     pub fn apply_controller_state(&mut self, change: &Applied, state: &NodeState) -> Result<()> {
-        match change {
+        let (written, services) = match change {
             Applied::Unchanged => return Ok(()),
             Applied::Snapshot => {
-                self.maps.sync_policy(state, &self.policy)?;
-                if self.cfg.service_proxy == ServiceProxy::Weir {
-                    self.maps.sync_services(&state.services)?;
+                let written = self.maps.sync_policy(state, &self.policy)?;
+                self.incomplete_rule_sets = written.failed_rule_sets(state);
+                self.policy = state.clone();
+                self.sync_endpoint_map()?;
+                self.maps.prune_policy(state);
+                let services = if self.cfg.service_proxy == ServiceProxy::Weir {
+                    self.maps.sync_services(&state.services)
                 } else {
                     // Left to the host's proxy; what an earlier agent wrote goes.
-                    self.maps.sync_services(&Default::default())?;
-                }
-                self.policy = state.clone();
+                    self.maps.sync_services(&Default::default())
+                };
+                (written, services)
             }
             Applied::Diff(diff) => {
-                self.maps.apply_policy_diff(diff)?;
-                if self.cfg.service_proxy == ServiceProxy::Weir {
+                let written = self.maps.apply_policy_diff(diff)?;
+                let services = if self.cfg.service_proxy == ServiceProxy::Weir {
                     self.maps
-                        .apply_service_diff(&diff.services, &self.policy.services)?;
-                }
+                        .apply_service_diff(&diff.services, &self.policy.services)
+                } else {
+                    Ok(())
+                };
                 self.policy.apply(diff);
+                // Rule sets incomplete before stay so until a snapshot rewrites them.
+                let failed = written.failed_rule_sets(&self.policy);
+                self.incomplete_rule_sets.extend(failed);
+                self.sync_endpoint_map()?;
+                self.maps.remove_policy_entries(diff);
+                (written, services)
             }
-        }
+        };
         self.have_controller_state = true;
-        self.sync_endpoint_map()?;
         self.maps.bump_policy_generation()?;
         self.policy_applied.send_modify(|n| *n += 1);
-        Ok(())
+        services?;
+        if written.is_complete() && self.incomplete_rule_sets.is_empty() {
+            return Ok(());
+        }
+        Err(AgentError::PolicyIncomplete {
+            missing: written.missing(),
+            first: written
+                .first_error
+                .unwrap_or_else(|| "left from an earlier state".into()),
+            rule_sets: self.incomplete_rule_sets.clone(),
+        })
     }
 
     /// Counts a pod whose ADD gave up waiting for its policies.
@@ -729,7 +769,11 @@ impl Agent {
             for ip in &ep.ips {
                 let key = IpKey::from(*ip);
                 let info = match assigned {
-                    Some(p) => base.with_policies(p.ingress, p.egress),
+                    Some(p) => {
+                        let (ingress, egress) =
+                            fail_closed(p.ingress, p.egress, &self.incomplete_rule_sets);
+                        base.with_policies(ingress, egress)
+                    }
                     None if !self.have_controller_state => {
                         match self.maps.endpoints.get(&key, 0).ok() {
                             Some(old) if !old.policy_pending() => {
@@ -751,6 +795,23 @@ impl Agent {
         self.maps.sync_endpoints(&desired)?;
         Ok(())
     }
+}
+
+/// The rule sets an endpoint gets: [`weir_common::policy::FAIL_CLOSED`] in place of one
+/// whose entries are not all in the dataplane.
+pub fn fail_closed(
+    ingress: u32,
+    egress: u32,
+    incomplete: &std::collections::BTreeSet<u32>,
+) -> (u32, u32) {
+    let pick = |id: u32| {
+        if incomplete.contains(&id) {
+            weir_common::policy::FAIL_CLOSED
+        } else {
+            id
+        }
+    };
+    (pick(ingress), pick(egress))
 }
 
 const ASSIGNED_CIDRS: &str = "pod-cidrs.json";
