@@ -54,6 +54,10 @@ pub struct Controller {
     /// Derive EndpointSlices from pods (a manifest directory has no EndpointSlice
     /// controller).
     derive_endpoint_slices: bool,
+    /// The agents' map capacities every node's state is checked against.
+    capacities: crate::capacity::Capacities,
+    /// Rule sets too large for their node, as last reported (each is logged once).
+    too_large_reported: BTreeSet<String>,
 }
 
 type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
@@ -71,6 +75,9 @@ pub struct CompileReport {
     pub node_cidr_errors: usize,
     /// Services and EndpointSlices with something the compiler could not use (left out).
     pub invalid_service_objects: usize,
+    /// Rule sets (node, rule set) emptied because the node's state did not fit the agent's
+    /// maps: the pods they select fail closed.
+    pub rule_sets_too_large: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -95,6 +102,8 @@ impl Controller {
             cidrs_pruned: false,
             cidr_errors: BTreeSet::new(),
             compile_observer: None,
+            capacities: Default::default(),
+            too_large_reported: BTreeSet::new(),
             derive_endpoint_slices: false,
         }
     }
@@ -108,6 +117,13 @@ impl Controller {
     }
 
     /// Calls `observer` after every compile with what it did.
+    /// Checks every node's state against these map capacities instead of the agent's
+    /// compiled-in ones.
+    pub fn with_capacities(mut self, capacities: crate::capacity::Capacities) -> Self {
+        self.capacities = capacities;
+        self
+    }
+
     pub fn observe_compiles(mut self, observer: impl Fn(&CompileReport) + Send + 'static) -> Self {
         self.compile_observer = Some(Box::new(observer));
         self
@@ -242,8 +258,18 @@ impl Controller {
         }
         let mut versions = BTreeMap::new();
         let mut published = 0usize;
+        let mut too_large = BTreeSet::new();
         for (node, mut state) in out.nodes {
             state.routes = self.routes.clone();
+            // A state the agent cannot hold is cut down to one it can, failing closed for
+            // the policies that do not fit, before anything is published.
+            for t in crate::capacity::fit(&node, &mut state, &self.capacities) {
+                let line = t.to_string();
+                if !self.too_large_reported.contains(&line) {
+                    warn!(diagnostic = %line, "policies too large for the node's dataplane (they fail closed)");
+                }
+                too_large.insert(line);
+            }
             let (version, changed) = match self.published.get(&node) {
                 Some((v, old)) if **old == state => (*v, false),
                 Some((v, _)) => (v + 1, true),
@@ -290,6 +316,8 @@ impl Controller {
             self.compiler.forget_node(&node);
             self.published.remove(&node);
         }
+        let too_large_count = too_large.len();
+        self.too_large_reported = too_large;
         if let Some(observe) = &self.compile_observer {
             observe(&CompileReport {
                 duration: started.elapsed(),
@@ -297,6 +325,7 @@ impl Controller {
                 invalid_policies,
                 node_cidr_errors: self.cidr_errors.len(),
                 invalid_service_objects,
+                rule_sets_too_large: too_large_count,
             });
         }
         versions
