@@ -125,14 +125,8 @@ fn readiness(
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let snapshot = {
         let agent = s.agent.lock().await;
-        let addresses = agent.endpoints().iter().map(|e| e.ips.len()).sum();
-        let mut snapshot = MetricsSnapshot::read(
-            agent.maps(),
-            agent.policy(),
-            addresses,
-            agent.ready(),
-            s.flows.total(),
-        );
+        let mut snapshot =
+            MetricsSnapshot::read(agent.maps(), agent.policy(), agent.ready(), s.flows.total());
         snapshot.pods_started_before_policy = agent.pods_started_before_policy();
         snapshot.host_addrs_left_out = agent.host_addrs_left_out();
         snapshot.apply = agent.apply_status().clone();

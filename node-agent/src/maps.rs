@@ -152,6 +152,17 @@ impl PolicyWrite {
     }
 }
 
+/// Entries in the dataplane's tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    pub endpoints: usize,
+    /// `PEER_CLASSES` and `PEER_HOSTS`.
+    pub peer_classes: usize,
+    /// `VERDICTS` and `VERDICTS_EXACT`.
+    pub verdicts: usize,
+    pub routes: usize,
+}
+
 /// Handles to every map the agent writes or reads.
 pub struct DataplaneMaps {
     pub endpoints: HashMap<MapData, IpKey, EndpointInfo>,
@@ -569,6 +580,19 @@ impl DataplaneMaps {
             .collect();
         self.sync_tunnel_peers(&peers).map_err(|e| e.to_string())?;
         Ok(peers.len())
+    }
+
+    /// Entries in the policy and route tables, counted in the maps themselves (not taken
+    /// from the controller's state, which may not be all written).
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            endpoints: self.endpoints.keys().filter(|k| k.is_ok()).count(),
+            peer_classes: self.peer_classes.keys().filter(|k| k.is_ok()).count()
+                + self.peer_hosts.keys().filter(|k| k.is_ok()).count(),
+            verdicts: self.verdicts.keys().filter(|k| k.is_ok()).count()
+                + self.verdicts_exact.keys().filter(|k| k.is_ok()).count(),
+            routes: self.routes.keys().filter(|k| k.is_ok()).count(),
+        }
     }
 
     /// Per-reason drop counters, summed over CPUs.

@@ -56,15 +56,9 @@ fn direction(d: Direction) -> &'static str {
 }
 
 impl MetricsSnapshot {
-    /// `endpoints`: pod addresses on the node (the `ENDPOINTS` entries), counted from the
-    /// agent's store rather than by walking the map.
-    pub fn read(
-        maps: &DataplaneMaps,
-        state: &NodeState,
-        endpoints: usize,
-        ready: bool,
-        flow_events: u64,
-    ) -> Self {
+    /// The table sizes are counted in the maps: what the dataplane holds, also when a
+    /// state could not be written in full.
+    pub fn read(maps: &DataplaneMaps, state: &NodeState, ready: bool, flow_events: u64) -> Self {
         let rule_hits = DataplaneMaps::counter_totals(&maps.rule_hits, state.rules.keys().copied())
             .into_iter()
             // Rules that admitted nothing yet are left out (a node may know tens of thousands).
@@ -103,12 +97,13 @@ impl MetricsSnapshot {
                 })
                 .collect();
         let (services, service_backends) = maps.service_counts();
+        let sizes = maps.table_sizes();
         Self {
             ready,
-            endpoints,
-            peer_classes: state.peer_classes.len(),
-            verdicts: state.verdicts.len(),
-            routes: state.routes.len(),
+            endpoints: sizes.endpoints,
+            peer_classes: sizes.peer_classes,
+            verdicts: sizes.verdicts,
+            routes: sizes.routes,
             services,
             service_backends,
             drops: maps.drop_counts(),

@@ -802,6 +802,11 @@ fn a_rule_set_larger_than_the_map_fails_closed_and_the_others_stay_intact() {
         "the test needs the allowing entry in the map"
     );
     assert_eq!(node.sent_by_b(&syn_b_to_a(40002, 80)).0, TC_ACT_SHOT);
+    // The table sizes say what the maps hold, not what the state asked for.
+    let metrics = weir_agent::observe::MetricsSnapshot::read(&node.maps, &state, true, 0);
+    assert_eq!(metrics.verdicts, capacity::VERDICTS_EXACT as usize);
+    assert_eq!(metrics.peer_classes, 2);
+    assert_eq!(metrics.endpoints, 2);
     // Pointed at the incomplete rule set instead, B would get through.
     node.set_endpoints(1, 0, 2, 0);
     assert_eq!(node.sent_by_b(&syn_b_to_a(40003, 80)).0, TC_ACT_REDIRECT);
