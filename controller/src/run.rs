@@ -656,6 +656,69 @@ status: {phase: Running, podIPs: [{ip: 10.244.0.5}]}
     }
 
     #[test]
+    fn a_policy_too_large_for_the_node_fails_closed_and_the_others_are_published_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        // Ten ports no two of which merge into a range: ten single-port verdicts.
+        let ports: Vec<String> = (1..=10)
+            .map(|p| format!("{{port: {}}}", 2 * p + 1))
+            .collect();
+        let text = format!(
+            r#"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {{name: big, namespace: prod}}
+spec:
+  podSelector: {{matchLabels: {{app: big}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}], ports: [{}]}}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {{name: small, namespace: prod}}
+spec:
+  podSelector: {{matchLabels: {{app: small}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}], ports: [{{port: 80}}]}}]
+---
+kind: Pod
+apiVersion: v1
+metadata: {{name: big-1, namespace: prod, labels: {{app: big}}}}
+spec: {{nodeName: a, containers: []}}
+status: {{phase: Running, podIPs: [{{ip: 10.244.0.5}}]}}
+---
+kind: Pod
+apiVersion: v1
+metadata: {{name: small-1, namespace: prod, labels: {{app: small}}}}
+spec: {{nodeName: a, containers: []}}
+status: {{phase: Running, podIPs: [{{ip: 10.244.0.6}}]}}
+"#,
+            ports.join(", ")
+        );
+        let objects = crate::source::parse_manifests("np.yaml", &text).unwrap();
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let mut c = controller(dir.path())
+            .with_capacities(crate::capacity::Capacities {
+                verdicts_exact: 8,
+                ..Default::default()
+            })
+            .observe_compiles(move |r| seen.lock().unwrap().push(r.rule_sets_too_large));
+        c.apply(
+            objects
+                .into_iter()
+                .map(|o| Change::Upsert(Box::new(o)))
+                .collect(),
+        );
+        c.recompute();
+        let state = &c.published["a"].1;
+        let set = |pod: &str| state.endpoints[&PodKey::new("prod", pod)].ingress;
+        let (big, small) = (set("big-1"), set("small-1"));
+        assert_ne!(big, weir_api::NOT_ISOLATED);
+        let peer = "10.1.2.3".parse().unwrap();
+        assert_eq!(state.verdict(big, peer, 6, 3).0, weir_api::Action::Deny);
+        assert_eq!(state.verdict(small, peer, 6, 80).0, weir_api::Action::Allow);
+        assert_eq!(*reports.lock().unwrap(), [1]);
+    }
+
+    #[test]
     fn assignments_survive_a_controller_restart_and_deleted_nodes_release_theirs() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = controller(dir.path());
