@@ -7,6 +7,11 @@
 /// Rule-set id meaning "no policy selects this endpoint in this direction": allow.
 pub const NOT_ISOLATED: u32 = 0;
 
+/// Rule-set id with no verdicts at all: every new flow is denied. The agent points an
+/// endpoint at it in place of a rule set whose entries it could not write in full (the
+/// controller's ids are dense from 1 and never reach it).
+pub const FAIL_CLOSED: u32 = u32::MAX;
+
 /// Class of addresses no peer of any local policy matches (no entry in `PEER_CLASSES`).
 pub const CLASS_UNMATCHED: u32 = 0;
 

@@ -55,6 +55,7 @@ pub struct CompileMetrics {
     invalid_policies: AtomicU64,
     node_cidr_errors: AtomicU64,
     invalid_service_objects: AtomicU64,
+    rule_sets_too_large: AtomicU64,
 }
 
 impl Default for CompileMetrics {
@@ -67,6 +68,7 @@ impl Default for CompileMetrics {
             invalid_policies: AtomicU64::new(0),
             node_cidr_errors: AtomicU64::new(0),
             invalid_service_objects: AtomicU64::new(0),
+            rule_sets_too_large: AtomicU64::new(0),
         }
     }
 }
@@ -85,6 +87,8 @@ impl CompileMetrics {
             .store(report.node_cidr_errors as u64, Ordering::Relaxed);
         self.invalid_service_objects
             .store(report.invalid_service_objects as u64, Ordering::Relaxed);
+        self.rule_sets_too_large
+            .store(report.rule_sets_too_large as u64, Ordering::Relaxed);
         self.compiled.store(true, Ordering::Release);
     }
 
@@ -213,6 +217,7 @@ struct Snapshot {
     node_cidr_errors: u64,
     invalid_service_objects: u64,
     refused_certificate_requests: Option<u64>,
+    rule_sets_too_large: u64,
 }
 
 impl Snapshot {
@@ -253,6 +258,10 @@ impl Snapshot {
                 .bootstrap
                 .get()
                 .map(weir_transport::Bootstrap::refused_requests),
+            rule_sets_too_large: endpoint
+                .compiles
+                .rule_sets_too_large
+                .load(Ordering::Relaxed),
         }
     }
 }
@@ -295,6 +304,13 @@ impl Collector for Snapshot {
             )?;
             prometheus_client::metrics::counter::ConstCounter::new(refused).encode(m)?;
         }
+        gauge(
+            &mut encoder,
+            "rule_sets_too_large",
+            "Rule sets (per node) left without verdicts because the node's state did not fit \
+             the agent's maps: the pods their policies select fail closed",
+            as_gauge(self.rule_sets_too_large),
+        )?;
         gauge(
             &mut encoder,
             "published_nodes",
@@ -535,12 +551,18 @@ mod tests {
             invalid_policies: 7,
             node_cidr_errors: 0,
             invalid_service_objects: 2,
+            rule_sets_too_large: 3,
         });
         let endpoint = ControllerEndpoint::new(compiles, StatePublisher::new())
             .with_leadership(Leadership::fixed(false))
             .with_policy_events(Arc::new(PolicyEventMetrics::default()));
         let body = endpoint.render_metrics();
         assert_eq!(sample(&body, "weir_controller_leader", ""), Some(0.0));
+        assert_eq!(
+            sample(&body, "weir_controller_rule_sets_too_large", ""),
+            Some(3.0),
+            "{body}"
+        );
         assert_eq!(
             sample(&body, "weir_controller_invalid_service_objects", ""),
             Some(2.0),

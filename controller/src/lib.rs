@@ -43,6 +43,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod capacity;
 mod classes;
 pub mod cluster;
 pub mod compile;

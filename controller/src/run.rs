@@ -54,6 +54,10 @@ pub struct Controller {
     /// Derive EndpointSlices from pods (a manifest directory has no EndpointSlice
     /// controller).
     derive_endpoint_slices: bool,
+    /// The agents' map capacities every node's state is checked against.
+    capacities: crate::capacity::Capacities,
+    /// Rule sets too large for their node, as last reported (each is logged once).
+    too_large_reported: BTreeSet<String>,
 }
 
 type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
@@ -71,6 +75,9 @@ pub struct CompileReport {
     pub node_cidr_errors: usize,
     /// Services and EndpointSlices with something the compiler could not use (left out).
     pub invalid_service_objects: usize,
+    /// Rule sets (node, rule set) emptied because the node's state did not fit the agent's
+    /// maps: the pods they select fail closed.
+    pub rule_sets_too_large: usize,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -95,6 +102,8 @@ impl Controller {
             cidrs_pruned: false,
             cidr_errors: BTreeSet::new(),
             compile_observer: None,
+            capacities: Default::default(),
+            too_large_reported: BTreeSet::new(),
             derive_endpoint_slices: false,
         }
     }
@@ -108,6 +117,13 @@ impl Controller {
     }
 
     /// Calls `observer` after every compile with what it did.
+    /// Checks every node's state against these map capacities instead of the agent's
+    /// compiled-in ones.
+    pub fn with_capacities(mut self, capacities: crate::capacity::Capacities) -> Self {
+        self.capacities = capacities;
+        self
+    }
+
     pub fn observe_compiles(mut self, observer: impl Fn(&CompileReport) + Send + 'static) -> Self {
         self.compile_observer = Some(Box::new(observer));
         self
@@ -242,8 +258,18 @@ impl Controller {
         }
         let mut versions = BTreeMap::new();
         let mut published = 0usize;
+        let mut too_large = BTreeSet::new();
         for (node, mut state) in out.nodes {
             state.routes = self.routes.clone();
+            // A state the agent cannot hold is cut down to one it can, failing closed for
+            // the policies that do not fit, before anything is published.
+            for t in crate::capacity::fit(&node, &mut state, &self.capacities) {
+                let line = t.to_string();
+                if !self.too_large_reported.contains(&line) {
+                    warn!(diagnostic = %line, "policies too large for the node's dataplane (they fail closed)");
+                }
+                too_large.insert(line);
+            }
             let (version, changed) = match self.published.get(&node) {
                 Some((v, old)) if **old == state => (*v, false),
                 Some((v, _)) => (v + 1, true),
@@ -290,6 +316,8 @@ impl Controller {
             self.compiler.forget_node(&node);
             self.published.remove(&node);
         }
+        let too_large_count = too_large.len();
+        self.too_large_reported = too_large;
         if let Some(observe) = &self.compile_observer {
             observe(&CompileReport {
                 duration: started.elapsed(),
@@ -297,6 +325,7 @@ impl Controller {
                 invalid_policies,
                 node_cidr_errors: self.cidr_errors.len(),
                 invalid_service_objects,
+                rule_sets_too_large: too_large_count,
             });
         }
         versions
@@ -624,6 +653,69 @@ status: {phase: Running, podIPs: [{ip: 10.244.0.5}]}
         assert_eq!(frontend.ip, "10.96.0.10".parse::<IpAddr>().unwrap());
         assert_eq!(entry.backends.len(), 1);
         assert_eq!(entry.backends[0].port, 8080);
+    }
+
+    #[test]
+    fn a_policy_too_large_for_the_node_fails_closed_and_the_others_are_published_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        // Ten ports no two of which merge into a range: ten single-port verdicts.
+        let ports: Vec<String> = (1..=10)
+            .map(|p| format!("{{port: {}}}", 2 * p + 1))
+            .collect();
+        let text = format!(
+            r#"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {{name: big, namespace: prod}}
+spec:
+  podSelector: {{matchLabels: {{app: big}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}], ports: [{}]}}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {{name: small, namespace: prod}}
+spec:
+  podSelector: {{matchLabels: {{app: small}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}], ports: [{{port: 80}}]}}]
+---
+kind: Pod
+apiVersion: v1
+metadata: {{name: big-1, namespace: prod, labels: {{app: big}}}}
+spec: {{nodeName: a, containers: []}}
+status: {{phase: Running, podIPs: [{{ip: 10.244.0.5}}]}}
+---
+kind: Pod
+apiVersion: v1
+metadata: {{name: small-1, namespace: prod, labels: {{app: small}}}}
+spec: {{nodeName: a, containers: []}}
+status: {{phase: Running, podIPs: [{{ip: 10.244.0.6}}]}}
+"#,
+            ports.join(", ")
+        );
+        let objects = crate::source::parse_manifests("np.yaml", &text).unwrap();
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let mut c = controller(dir.path())
+            .with_capacities(crate::capacity::Capacities {
+                verdicts_exact: 8,
+                ..Default::default()
+            })
+            .observe_compiles(move |r| seen.lock().unwrap().push(r.rule_sets_too_large));
+        c.apply(
+            objects
+                .into_iter()
+                .map(|o| Change::Upsert(Box::new(o)))
+                .collect(),
+        );
+        c.recompute();
+        let state = &c.published["a"].1;
+        let set = |pod: &str| state.endpoints[&PodKey::new("prod", pod)].ingress;
+        let (big, small) = (set("big-1"), set("small-1"));
+        assert_ne!(big, weir_api::NOT_ISOLATED);
+        let peer = "10.1.2.3".parse().unwrap();
+        assert_eq!(state.verdict(big, peer, 6, 3).0, weir_api::Action::Deny);
+        assert_eq!(state.verdict(small, peer, 6, 80).0, weir_api::Action::Allow);
+        assert_eq!(*reports.lock().unwrap(), [1]);
     }
 
     #[test]

@@ -106,6 +106,15 @@ pub enum AgentError {
     NoNetns(String),
     #[error("{0}")]
     Check(String),
+    #[error(
+        "{missing} policy entries could not be written ({first}): the endpoints of rule sets \
+         {rule_sets:?} deny every new flow until they are"
+    )]
+    PolicyIncomplete {
+        missing: usize,
+        first: String,
+        rule_sets: std::collections::BTreeSet<u32>,
+    },
     #[error("this node has no pod CIDR yet: waiting for the controller to assign one")]
     NoPodCidr,
     #[error("no uplink: no interface with a global IPv4 address{}", .0.as_ref().map(|n| format!(" named {n}")).unwrap_or_default())]
@@ -156,6 +165,41 @@ pub struct Agent {
     /// The last conntrack sweep's outcome, and the expired entries removed since the start.
     ct_sweep: CtSweep,
     ct_swept_total: u64,
+    /// How the controller's states fared.
+    apply_status: ApplyStatus,
+    /// Rule sets of `policy` whose entries could not all be written: their endpoints point at
+    /// [`weir_common::policy::FAIL_CLOSED`] instead.
+    incomplete_rule_sets: std::collections::BTreeSet<u32>,
+}
+
+/// How the last attempt to apply the controller's state went, for readiness and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStatus {
+    /// States (snapshots or diffs) that could not be applied in full.
+    pub errors_total: u64,
+    /// Why the last state could not be applied in full; None when it was (or none came yet).
+    pub last_error: Option<String>,
+    /// When a state was last applied in full (seconds since the epoch).
+    pub last_success_unix: Option<u64>,
+}
+
+impl ApplyStatus {
+    /// Records the outcome of one attempt.
+    pub fn record<E: std::fmt::Display>(&mut self, outcome: Result<(), &E>) {
+        match outcome {
+            Ok(()) => {
+                self.last_error = None;
+                self.last_success_unix = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs());
+            }
+            Err(e) => {
+                self.errors_total += 1;
+                self.last_error = Some(e.to_string());
+            }
+        }
+    }
 }
 
 impl Agent {
@@ -243,6 +287,8 @@ impl Agent {
             host_addrs_left_out: 0,
             ct_sweep: CtSweep::default(),
             ct_swept_total: 0,
+            apply_status: ApplyStatus::default(),
+            incomplete_rule_sets: Default::default(),
         };
         if !agent.cfg.masquerade.enabled {
             // Turning masquerade off removes what an earlier agent programmed.
@@ -520,6 +566,19 @@ impl Agent {
         self.have_controller_state
     }
 
+    /// How the controller's states fared (the last one decides readiness).
+    pub fn apply_status(&self) -> &ApplyStatus {
+        &self.apply_status
+    }
+
+    /// Records the outcome of applying one controller state (policy, services and routes).
+    pub fn record_apply(&mut self, outcome: Result<(), &AgentError>) {
+        if let Err(e) = outcome {
+            warn!(error = %e, "the controller's state could not be applied in full");
+        }
+        self.apply_status.record(outcome);
+    }
+
     /// The flow-event ring buffer, for the reader task (once).
     pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
         let map = self.dp.take_map(weir_common::maps::EVENTS)?;
@@ -589,33 +648,60 @@ impl Agent {
 
     /// Makes the dataplane enforce the controller's state `state`; `change` says how it
     /// differs from the previously applied one. Conntrack entries re-check policy afterwards.
+    ///
+    /// The order is safe at every instant: new classes and verdicts first, then the
+    /// endpoints are pointed at them, then what the state no longer has goes. When an entry
+    /// does not fit, stale entries go first and it is tried again. Rule sets whose entries
+    /// still could not all be written fail closed (their endpoints deny every new flow);
+    /// everything else is applied, and the error says what is missing.
     pub fn apply_controller_state(&mut self, change: &Applied, state: &NodeState) -> Result<()> {
-        match change {
+        let (written, services) = match change {
             Applied::Unchanged => return Ok(()),
             Applied::Snapshot => {
-                self.maps.sync_policy(state, &self.policy)?;
-                if self.cfg.service_proxy == ServiceProxy::Weir {
-                    self.maps.sync_services(&state.services)?;
+                let written = self.maps.sync_policy(state, &self.policy)?;
+                self.incomplete_rule_sets = written.failed_rule_sets(state);
+                self.policy = state.clone();
+                self.sync_endpoint_map()?;
+                self.maps.prune_policy(state);
+                let services = if self.cfg.service_proxy == ServiceProxy::Weir {
+                    self.maps.sync_services(&state.services)
                 } else {
                     // Left to the host's proxy; what an earlier agent wrote goes.
-                    self.maps.sync_services(&Default::default())?;
-                }
-                self.policy = state.clone();
+                    self.maps.sync_services(&Default::default())
+                };
+                (written, services)
             }
             Applied::Diff(diff) => {
-                self.maps.apply_policy_diff(diff)?;
-                if self.cfg.service_proxy == ServiceProxy::Weir {
+                let written = self.maps.apply_policy_diff(diff)?;
+                let services = if self.cfg.service_proxy == ServiceProxy::Weir {
                     self.maps
-                        .apply_service_diff(&diff.services, &self.policy.services)?;
-                }
+                        .apply_service_diff(&diff.services, &self.policy.services)
+                } else {
+                    Ok(())
+                };
                 self.policy.apply(diff);
+                // Rule sets incomplete before stay so until a snapshot rewrites them.
+                let failed = written.failed_rule_sets(&self.policy);
+                self.incomplete_rule_sets.extend(failed);
+                self.sync_endpoint_map()?;
+                self.maps.remove_policy_entries(diff);
+                (written, services)
             }
-        }
+        };
         self.have_controller_state = true;
-        self.sync_endpoint_map()?;
         self.maps.bump_policy_generation()?;
         self.policy_applied.send_modify(|n| *n += 1);
-        Ok(())
+        services?;
+        if written.is_complete() && self.incomplete_rule_sets.is_empty() {
+            return Ok(());
+        }
+        Err(AgentError::PolicyIncomplete {
+            missing: written.missing(),
+            first: written
+                .first_error
+                .unwrap_or_else(|| "left from an earlier state".into()),
+            rule_sets: self.incomplete_rule_sets.clone(),
+        })
     }
 
     /// Counts a pod whose ADD gave up waiting for its policies.
@@ -710,7 +796,11 @@ impl Agent {
             for ip in &ep.ips {
                 let key = IpKey::from(*ip);
                 let info = match assigned {
-                    Some(p) => base.with_policies(p.ingress, p.egress),
+                    Some(p) => {
+                        let (ingress, egress) =
+                            fail_closed(p.ingress, p.egress, &self.incomplete_rule_sets);
+                        base.with_policies(ingress, egress)
+                    }
                     None if !self.have_controller_state => {
                         match self.maps.endpoints.get(&key, 0).ok() {
                             Some(old) if !old.policy_pending() => {
@@ -732,6 +822,23 @@ impl Agent {
         self.maps.sync_endpoints(&desired)?;
         Ok(())
     }
+}
+
+/// The rule sets an endpoint gets: [`weir_common::policy::FAIL_CLOSED`] in place of one
+/// whose entries are not all in the dataplane.
+pub fn fail_closed(
+    ingress: u32,
+    egress: u32,
+    incomplete: &std::collections::BTreeSet<u32>,
+) -> (u32, u32) {
+    let pick = |id: u32| {
+        if incomplete.contains(&id) {
+            weir_common::policy::FAIL_CLOSED
+        } else {
+            id
+        }
+    };
+    (pick(ingress), pick(egress))
 }
 
 const ASSIGNED_CIDRS: &str = "pod-cidrs.json";

@@ -30,16 +30,23 @@ impl StateSink for DataplaneSink {
     ) -> Result<(), AgentError> {
         {
             let mut agent = self.agent.lock().await;
-            agent.apply_controller_state(change, state)?;
+            // Policy and services are applied even when routes fail, and the other way
+            // round: a part that does not fit never holds up the rest.
+            let policy = agent.apply_controller_state(change, state);
             // Route sync costs a netlink dump and a write per route: only when they changed.
             let routes_changed = match change {
                 Applied::Snapshot => true,
                 Applied::Diff(d) => !d.routes.is_empty(),
                 Applied::Unchanged => false,
             };
-            if routes_changed {
-                agent.apply_routes(state).await?;
-            }
+            let routes = if routes_changed {
+                agent.apply_routes(state).await
+            } else {
+                Ok(())
+            };
+            let outcome = policy.and(routes);
+            agent.record_apply(outcome.as_ref().map(|_| ()));
+            outcome?;
         }
         let kind = match change {
             Applied::Snapshot => "snapshot".to_string(),

@@ -79,38 +79,58 @@ pub async fn serve(
 }
 
 /// Ready means: the dataplane is loaded, the node's pod CIDR is known (pods can be
-/// attached) and, with a controller, its state is enforced.
+/// attached) and, with a controller, its last state is enforced in full.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let agent = s.agent.lock().await;
-    if !agent.ready() {
+    readiness(
+        agent.ready(),
+        s.follows_controller,
+        agent.has_controller_state(),
+        agent.apply_status().last_error.as_deref(),
+    )
+}
+
+/// The answer of `/readyz`: 503 with the reason while pods cannot be attached, the
+/// controller's state has not arrived, or the last state from it could not be applied.
+fn readiness(
+    pod_cidr_known: bool,
+    follows_controller: bool,
+    has_controller_state: bool,
+    last_apply_error: Option<&str>,
+) -> (StatusCode, String) {
+    if !pod_cidr_known {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for this node's pod CIDR\n",
+            "waiting for this node's pod CIDR\n".into(),
         );
     }
-    if s.follows_controller && !agent.has_controller_state() {
+    if !follows_controller {
+        return (StatusCode::OK, "ready\n".into());
+    }
+    if let Some(e) = last_apply_error {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the controller's state\n",
+            format!("the controller's last state could not be applied: {e}\n"),
         );
     }
-    (StatusCode::OK, "ready\n")
+    if !has_controller_state {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the controller's state\n".into(),
+        );
+    }
+    (StatusCode::OK, "ready\n".into())
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let snapshot = {
         let agent = s.agent.lock().await;
-        let addresses = agent.endpoints().iter().map(|e| e.ips.len()).sum();
-        let mut snapshot = MetricsSnapshot::read(
-            agent.maps(),
-            agent.policy(),
-            addresses,
-            agent.ready(),
-            s.flows.total(),
-        );
+        let mut snapshot =
+            MetricsSnapshot::read(agent.maps(), agent.policy(), agent.ready(), s.flows.total());
         snapshot.pods_started_before_policy = agent.pods_started_before_policy();
         snapshot.host_addrs_left_out = agent.host_addrs_left_out();
         (snapshot.conntrack_entries, snapshot.conntrack_expired) = agent.conntrack_counts();
+        snapshot.apply = agent.apply_status().clone();
         snapshot
     };
     (
@@ -157,6 +177,34 @@ mod tests {
             local: Some(local.parse().unwrap()),
             remote: remote.parse().unwrap(),
         }
+    }
+
+    #[test]
+    fn readiness_follows_the_last_apply() {
+        use crate::agent::ApplyStatus;
+        let mut status = ApplyStatus::default();
+        let ready =
+            |s: &ApplyStatus, has_state| readiness(true, true, has_state, s.last_error.as_deref());
+        assert_eq!(ready(&status, false).0, StatusCode::SERVICE_UNAVAILABLE);
+        status.record::<String>(Ok(()));
+        assert_eq!(ready(&status, true).0, StatusCode::OK);
+        // A later state that does not fit: not ready, and the answer says why.
+        status.record(Err(&"map VERDICTS: full".to_string()));
+        let (code, body) = ready(&status, true);
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("map VERDICTS: full"), "{body}");
+        assert_eq!(status.errors_total, 1);
+        // The next one applied in full: ready again, the error count stays.
+        status.record::<String>(Ok(()));
+        assert_eq!(ready(&status, true).0, StatusCode::OK);
+        assert_eq!(status.errors_total, 1);
+        assert!(status.last_success_unix.is_some());
+        // Without a controller only the pod CIDR counts.
+        assert_eq!(readiness(true, false, false, None).0, StatusCode::OK);
+        assert_eq!(
+            readiness(false, true, true, None).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 
     #[test]

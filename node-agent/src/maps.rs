@@ -115,6 +115,76 @@ pub fn verdict_value(v: &VerdictEntry) -> Verdict {
     }
 }
 
+/// What a write of policy entries could not place.
+#[derive(Debug, Default)]
+pub struct PolicyWrite {
+    pub failed_classes: Vec<(IpNet, u32)>,
+    pub failed_verdicts: Vec<(VerdictMatch, VerdictEntry)>,
+    /// The first failure, for people.
+    pub first_error: Option<String>,
+}
+
+impl PolicyWrite {
+    pub fn is_complete(&self) -> bool {
+        self.failed_classes.is_empty() && self.failed_verdicts.is_empty()
+    }
+
+    /// How many entries are missing.
+    pub fn missing(&self) -> usize {
+        self.failed_classes.len() + self.failed_verdicts.len()
+    }
+
+    /// The rule sets of `state` the dataplane may not decide as compiled: those with a
+    /// verdict missing, and, for each missing class, those with verdicts for it, for the
+    /// class of any prefix that contains its prefix (the addresses fall back to that one) or
+    /// for unmatched addresses. Their endpoints must fail closed.
+    pub fn failed_rule_sets(&self, state: &NodeState) -> BTreeSet<u32> {
+        let mut out: BTreeSet<u32> = self
+            .failed_verdicts
+            .iter()
+            .map(|(m, _)| m.rule_set)
+            .collect();
+        if self.failed_classes.is_empty() {
+            return out;
+        }
+        let mut classes: HashSet<u32> = HashSet::from([weir_api::CLASS_UNMATCHED]);
+        for (net, class) in &self.failed_classes {
+            classes.insert(*class);
+            for (outer, c) in &state.peer_classes {
+                let covers = match (outer, net) {
+                    // IPv4 is looked up IPv4-mapped: short IPv6 prefixes cover it too.
+                    (IpNet::V6(o), IpNet::V4(n)) => {
+                        o.prefix_len() <= 96 && o.contains(&n.addr().to_ipv6_mapped())
+                    }
+                    _ => outer.contains(net),
+                };
+                if covers {
+                    classes.insert(*c);
+                }
+            }
+        }
+        out.extend(
+            state
+                .verdicts
+                .keys()
+                .filter(|m| classes.contains(&m.class))
+                .map(|m| m.rule_set),
+        );
+        out
+    }
+}
+
+/// Entries in the dataplane's tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSizes {
+    pub endpoints: usize,
+    /// `PEER_CLASSES` and `PEER_HOSTS`.
+    pub peer_classes: usize,
+    /// `VERDICTS` and `VERDICTS_EXACT`.
+    pub verdicts: usize,
+    pub routes: usize,
+}
+
 /// Handles to every map the agent writes or reads.
 pub struct DataplaneMaps {
     pub endpoints: HashMap<MapData, IpKey, EndpointInfo>,
@@ -316,9 +386,13 @@ impl DataplaneMaps {
         }
     }
 
-    /// Applies a policy diff: additions before the endpoint changes that use them, removals
-    /// after, so a packet never meets a rule set whose verdicts are half-written.
-    pub fn apply_policy_diff(&mut self, diff: &NodeStateDiff) -> Result<()> {
+    /// Applies the additions of a policy diff. Call [`DataplaneMaps::remove_policy_entries`]
+    /// once the endpoints point at the new rule sets: additions before the endpoint changes
+    /// that use them, removals after, so a packet never meets a rule set whose verdicts are
+    /// half-written. When an addition does not fit, the diff's removals are made first and
+    /// the addition tried again; what still fails is returned, not given up at: every other
+    /// entry is written.
+    pub fn apply_policy_diff(&mut self, diff: &NodeStateDiff) -> Result<PolicyWrite> {
         // An id new to this node (or standing for something else now) starts from zero, before
         // any verdict can name it.
         for (id, _) in &diff.rules.upsert {
@@ -327,32 +401,75 @@ impl DataplaneMaps {
         for (id, _) in &diff.rule_sets.upsert {
             reset_counter(&mut self.policy_drops, *id, names::POLICY_DROPS)?;
         }
-        for (m, v) in &diff.verdicts.upsert {
-            self.set_verdict(m, v)?;
+        let mut w = self.write_policy_entries(
+            diff.peer_classes.upsert.iter().map(|(n, c)| (n, c)),
+            diff.verdicts.upsert.iter().map(|(m, v)| (m, v)),
+        );
+        if !w.is_complete() {
+            // Short of room: stale entries go first.
+            self.remove_policy_entries(diff);
+            let failed = std::mem::take(&mut w);
+            w = self.write_policy_entries(
+                failed.failed_classes.iter().map(|(n, c)| (n, c)),
+                failed.failed_verdicts.iter().map(|(m, v)| (m, v)),
+            );
         }
-        for (net, class) in &diff.peer_classes.upsert {
-            self.set_peer_class(net, *class)?;
-        }
+        Ok(w)
+    }
+
+    /// The removals of a policy diff (see [`DataplaneMaps::apply_policy_diff`]).
+    pub fn remove_policy_entries(&mut self, diff: &NodeStateDiff) {
         for net in &diff.peer_classes.remove {
             self.remove_peer_class(net);
         }
         for m in &diff.verdicts.remove {
             self.remove_verdict(m);
         }
-        Ok(())
     }
 
-    /// Makes the policy maps hold exactly `state`'s classes and verdicts, whatever they held
-    /// before (a restarted agent does not know what its predecessor wrote). `previous` is the
-    /// state this agent applied last (empty after a start): counters of rule and rule-set ids
-    /// that stand for the same thing in both are kept, every other slot is zeroed. A snapshot
-    /// after a controller restart may reuse ids for other rules; after an agent restart
-    /// nothing says what the pinned counts belonged to, so they start from zero.
-    pub fn sync_policy(&mut self, state: &NodeState, previous: &NodeState) -> Result<()> {
-        let mut full = NodeState::default().diff(state, 0, 0);
-        full.rules = Default::default();
-        full.rule_sets = Default::default();
-        self.apply_policy_diff(&full)?;
+    /// Writes classes and verdicts, every one of them even when some fail; returns the ones
+    /// that failed.
+    fn write_policy_entries<'a>(
+        &mut self,
+        classes: impl Iterator<Item = (&'a IpNet, &'a u32)>,
+        verdicts: impl Iterator<Item = (&'a VerdictMatch, &'a VerdictEntry)>,
+    ) -> PolicyWrite {
+        let mut w = PolicyWrite::default();
+        for (net, class) in classes {
+            if let Err(e) = self.set_peer_class(net, *class) {
+                w.first_error.get_or_insert(e.to_string());
+                w.failed_classes.push((*net, *class));
+            }
+        }
+        // Smallest rule sets first: when room runs out, the largest ones miss entries (and
+        // fail closed), not every tenant's.
+        let mut by_rule_set: BTreeMap<u32, Vec<(&VerdictMatch, &VerdictEntry)>> = BTreeMap::new();
+        for (m, v) in verdicts {
+            by_rule_set.entry(m.rule_set).or_default().push((m, v));
+        }
+        let mut groups: Vec<_> = by_rule_set.into_values().collect();
+        groups.sort_by_key(|g| g.len());
+        for (m, v) in groups.into_iter().flatten() {
+            if let Err(e) = self.set_verdict(m, v) {
+                w.first_error.get_or_insert(e.to_string());
+                w.failed_verdicts.push((*m, *v));
+            }
+        }
+        w
+    }
+
+    /// Writes `state`'s classes and verdicts over whatever the policy maps held before (a
+    /// restarted agent does not know what its predecessor wrote). Call
+    /// [`DataplaneMaps::prune_policy`] once the endpoints point at the new rule sets. When an
+    /// entry does not fit, the entries `state` does not have are removed first and the
+    /// entry tried again; what still fails is returned, every other entry is written.
+    ///
+    /// `previous` is the state this agent applied last (empty after a start): counters of
+    /// rule and rule-set ids that stand for the same thing in both are kept, every other
+    /// slot is zeroed. A snapshot after a controller restart may reuse ids for other rules;
+    /// after an agent restart nothing says what the pinned counts belonged to, so they start
+    /// from zero.
+    pub fn sync_policy(&mut self, state: &NodeState, previous: &NodeState) -> Result<PolicyWrite> {
         sync_counters(
             &mut self.rule_hits,
             &state.rules,
@@ -365,6 +482,20 @@ impl DataplaneMaps {
             &previous.rule_sets,
             names::POLICY_DROPS,
         )?;
+        let mut w = self.write_policy_entries(state.peer_classes.iter(), state.verdicts.iter());
+        if !w.is_complete() {
+            self.prune_policy(state);
+            let failed = std::mem::take(&mut w);
+            w = self.write_policy_entries(
+                failed.failed_classes.iter().map(|(n, c)| (n, c)),
+                failed.failed_verdicts.iter().map(|(m, v)| (m, v)),
+            );
+        }
+        Ok(w)
+    }
+
+    /// Removes every class and verdict `state` does not have.
+    pub fn prune_policy(&mut self, state: &NodeState) {
         let mut wanted_prefixes: HashSet<(u32, IpKey)> = HashSet::new();
         let mut wanted_hosts: HashSet<IpKey> = HashSet::new();
         for n in state.peer_classes.keys() {
@@ -393,7 +524,6 @@ impl DataplaneMaps {
         remove_hash_keys(&mut self.verdicts_exact, |k| {
             !wanted_verdicts.contains(&(VerdictKey::PREFIX_FULL, *k))
         });
-        Ok(())
     }
 
     /// Makes the route map hold exactly `desired` (remote pod CIDR → node).
@@ -517,6 +647,19 @@ impl DataplaneMaps {
             entries: entries - removed,
             removed,
         })
+    }
+
+    /// Entries in the policy and route tables, counted in the maps themselves (not taken
+    /// from the controller's state, which may not be all written).
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            endpoints: self.endpoints.keys().filter(|k| k.is_ok()).count(),
+            peer_classes: self.peer_classes.keys().filter(|k| k.is_ok()).count()
+                + self.peer_hosts.keys().filter(|k| k.is_ok()).count(),
+            verdicts: self.verdicts.keys().filter(|k| k.is_ok()).count()
+                + self.verdicts_exact.keys().filter(|k| k.is_ok()).count(),
+            routes: self.routes.keys().filter(|k| k.is_ok()).count(),
+        }
     }
 
     /// Per-reason drop counters, summed over CPUs.

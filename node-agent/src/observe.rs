@@ -48,6 +48,8 @@ pub struct MetricsSnapshot {
     pub conntrack_entries: usize,
     /// Expired conntrack entries deleted by the sweeps.
     pub conntrack_expired: u64,
+    /// How the controller's states fared.
+    pub apply: crate::agent::ApplyStatus,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -58,15 +60,9 @@ fn direction(d: Direction) -> &'static str {
 }
 
 impl MetricsSnapshot {
-    /// `endpoints`: pod addresses on the node (the `ENDPOINTS` entries), counted from the
-    /// agent's store rather than by walking the map.
-    pub fn read(
-        maps: &DataplaneMaps,
-        state: &NodeState,
-        endpoints: usize,
-        ready: bool,
-        flow_events: u64,
-    ) -> Self {
+    /// The table sizes are counted in the maps: what the dataplane holds, also when a
+    /// state could not be written in full.
+    pub fn read(maps: &DataplaneMaps, state: &NodeState, ready: bool, flow_events: u64) -> Self {
         let rule_hits = DataplaneMaps::counter_totals(&maps.rule_hits, state.rules.keys().copied())
             .into_iter()
             // Rules that admitted nothing yet are left out (a node may know tens of thousands).
@@ -105,12 +101,13 @@ impl MetricsSnapshot {
                 })
                 .collect();
         let (services, service_backends) = maps.service_counts();
+        let sizes = maps.table_sizes();
         Self {
             ready,
-            endpoints,
-            peer_classes: state.peer_classes.len(),
-            verdicts: state.verdicts.len(),
-            routes: state.routes.len(),
+            endpoints: sizes.endpoints,
+            peer_classes: sizes.peer_classes,
+            verdicts: sizes.verdicts,
+            routes: sizes.routes,
             services,
             service_backends,
             drops: maps.drop_counts(),
@@ -121,6 +118,7 @@ impl MetricsSnapshot {
             host_addrs_left_out: 0,
             conntrack_entries: 0,
             conntrack_expired: 0,
+            apply: Default::default(),
         }
     }
 
@@ -246,6 +244,26 @@ impl Collector for MetricsSnapshot {
             kind,
         )?;
         ConstCounter::new(self.conntrack_expired).encode(m)?;
+        let m = encoder.encode_descriptor(
+            "state_apply_errors",
+            "Controller states (snapshots or diffs) that could not be applied in full",
+            None,
+            kind,
+        )?;
+        ConstCounter::new(self.apply.errors_total).encode(m)?;
+        gauge(
+            &mut encoder,
+            "last_state_apply_success",
+            "1 when the controller's last state was applied in full, 0 when it was not or \
+             none came yet",
+            i64::from(self.apply.last_success_unix.is_some() && self.apply.last_error.is_none()),
+        )?;
+        gauge(
+            &mut encoder,
+            "last_state_apply_success_timestamp_seconds",
+            "When a controller state was last applied in full (seconds since the epoch, 0: never)",
+            self.apply.last_success_unix.unwrap_or(0) as i64,
+        )?;
         Ok(())
     }
 }
@@ -392,5 +410,39 @@ pub async fn read_flow_events(ring: RingBuf<MapData>, log: Arc<FlowLog>) -> std:
             log.push(record);
         }
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_metrics_follow_the_last_state() {
+        let mut snapshot = MetricsSnapshot::default();
+        snapshot.apply.record::<String>(Ok(()));
+        snapshot
+            .apply
+            .record(Err(&"map VERDICTS: full".to_string()));
+        let text = snapshot.render();
+        assert!(
+            text.contains("weir_agent_state_apply_errors_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_agent_last_state_apply_success 0\n"),
+            "{text}"
+        );
+        let mut snapshot = MetricsSnapshot::default();
+        snapshot.apply.record::<String>(Ok(()));
+        let text = snapshot.render();
+        assert!(
+            text.contains("weir_agent_last_state_apply_success 1\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("weir_agent_last_state_apply_success_timestamp_seconds 0\n"),
+            "{text}"
+        );
     }
 }

@@ -976,3 +976,131 @@ fn flows_and_the_policy_generation_carry_over_from_the_v4_layout() {
     drop(old_cfg);
     nix::mount::umount(dir.path()).expect("unmounting the bpffs");
 }
+
+/// Policy state for A (ingress rule set `large`: every TCP port of classes 1..=`classes`,
+/// B's class 5 among them) and B (ingress rule set `small`: TCP 80 from A's class 3).
+fn near_capacity_state(large: u32, small: u32, classes: u32) -> weir_api::NodeState {
+    let mut s = weir_api::NodeState::default();
+    s.peer_classes
+        .insert(format!("{IP_A}/32").parse().unwrap(), 3);
+    s.peer_classes
+        .insert(format!("{IP_B}/32").parse().unwrap(), 5);
+    let allow = VerdictEntry {
+        action: Action::Allow,
+        rule: 1,
+    };
+    for class in 1..=classes {
+        for port in 1..=u16::MAX {
+            let m = VerdictMatch {
+                rule_set: large,
+                class,
+                proto: Some(packet::TCP),
+                ports: PortPrefix::new(port, 16),
+            };
+            s.verdicts.insert(m, allow);
+        }
+    }
+    let m = VerdictMatch {
+        rule_set: small,
+        class: 3,
+        proto: Some(packet::TCP),
+        ports: PortPrefix::new(80, 16),
+    };
+    s.verdicts.insert(m, allow);
+    s
+}
+
+fn syn_b_to_a(sport: u16, dport: u16) -> Vec<u8> {
+    packet::tcp(MAC_B, GW_B, IP_B, IP_A, sport, dport, TCP_SYN)
+}
+
+#[test]
+fn a_snapshot_that_renumbers_rule_sets_near_capacity_applies_in_full() {
+    let mut node = Node::new();
+    // 8 × 65,535 + 1 entries: fits, but not twice.
+    let before = near_capacity_state(1, 2, 8);
+    assert!(before.verdicts.len() <= capacity::VERDICTS_EXACT as usize);
+    let written = node
+        .maps
+        .sync_policy(&before, &weir_api::NodeState::default())
+        .unwrap();
+    assert!(written.is_complete(), "{:?}", written.first_error);
+    node.maps.prune_policy(&before);
+    node.set_endpoints(1, 0, 2, 0);
+    // A restarted controller numbers the same policies the other way round.
+    let after = near_capacity_state(2, 1, 8);
+    let written = node.maps.sync_policy(&after, &before).unwrap();
+    assert!(
+        written.is_complete(),
+        "{} entries left out: {:?}",
+        written.missing(),
+        written.first_error
+    );
+    node.set_endpoints(2, 0, 1, 0);
+    node.maps.prune_policy(&after);
+    let exact = node.maps.verdicts_exact.keys().count();
+    assert_eq!(
+        exact,
+        after.verdicts.len(),
+        "exactly the new state's verdicts"
+    );
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 81)).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_b(&syn_b_to_a(40002, 80)).0, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn a_rule_set_larger_than_the_map_fails_closed_and_the_others_stay_intact() {
+    let mut node = Node::new();
+    // 9 × 65,535 entries for A's rule set: more than VERDICTS_EXACT holds.
+    let state = near_capacity_state(1, 2, 9);
+    assert!(state.verdicts.len() > capacity::VERDICTS_EXACT as usize);
+    let written = node
+        .maps
+        .sync_policy(&state, &weir_api::NodeState::default())
+        .unwrap();
+    assert!(!written.is_complete());
+    assert!(
+        written
+            .first_error
+            .as_deref()
+            .unwrap()
+            .contains("VERDICTS_EXACT"),
+        "{:?}",
+        written.first_error
+    );
+    let failed = written.failed_rule_sets(&state);
+    assert_eq!(failed, [1].into(), "only the large rule set is incomplete");
+    // The endpoints as the agent points them.
+    let (a_in, a_out) = weir_agent::agent::fail_closed(1, 0, &failed);
+    let (b_in, b_out) = weir_agent::agent::fail_closed(2, 0, &failed);
+    assert_eq!(a_in, weir_common::policy::FAIL_CLOSED);
+    assert_eq!(b_in, 2);
+    node.set_endpoints(a_in, a_out, b_in, b_out);
+    // B's policy is intact: A reaches B on 80 only.
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 81)).0, TC_ACT_SHOT);
+    // A's policy did not fit: denied, although the entry allowing B on 80 was written.
+    let written_entry = VerdictMatch {
+        rule_set: 1,
+        class: 5,
+        proto: Some(packet::TCP),
+        ports: PortPrefix::new(80, 16),
+    };
+    assert!(
+        !written
+            .failed_verdicts
+            .iter()
+            .any(|(m, _)| *m == written_entry),
+        "the test needs the allowing entry in the map"
+    );
+    assert_eq!(node.sent_by_b(&syn_b_to_a(40002, 80)).0, TC_ACT_SHOT);
+    // The table sizes say what the maps hold, not what the state asked for.
+    let metrics = weir_agent::observe::MetricsSnapshot::read(&node.maps, &state, true, 0);
+    assert_eq!(metrics.verdicts, capacity::VERDICTS_EXACT as usize);
+    assert_eq!(metrics.peer_classes, 2);
+    assert_eq!(metrics.endpoints, 2);
+    // Pointed at the incomplete rule set instead, B would get through.
+    node.set_endpoints(1, 0, 2, 0);
+    assert_eq!(node.sent_by_b(&syn_b_to_a(40003, 80)).0, TC_ACT_REDIRECT);
+}

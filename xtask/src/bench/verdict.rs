@@ -375,7 +375,13 @@ fn load(policies: usize, peers: usize, ifs: &Interfaces) -> Result<Config> {
     let started = Instant::now();
     maps.set_config(NodeConfig::new(1, 0, 0))?;
     maps.sync_host_addrs(&[NODE_IP.into()])?;
-    maps.sync_policy(state, &weir_api::NodeState::default())?;
+    let written = maps.sync_policy(state, &weir_api::NodeState::default())?;
+    ensure!(
+        written.is_complete(),
+        "{} policy entries did not fit: {:?}",
+        written.missing(),
+        written.first_error
+    );
     let endpoints = BTreeMap::from([
         (
             IpKey::from(SERVER_IP),
