@@ -3,6 +3,11 @@
 
 mod support;
 
+use support::{
+    GW_A, GW_B, IP_A, IP_B, MAC_A, MAC_B, NODE_IP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    UPLINK_MAC,
+};
+
 use std::net::Ipv4Addr;
 
 use ipnet::IpNet;
@@ -23,17 +28,6 @@ use weir_common::{
     {TUNNEL_MAC, TUNNEL_SOURCE_MAC, capacity},
 };
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
-const GW_A: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0a];
-const GW_B: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0b];
-const IP_A: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
-const IP_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 /// Two pods on this node: A behind interface `veth_a`, B behind `veth_b`.
@@ -449,7 +443,6 @@ fn traffic_from_the_node_reaches_an_isolated_pod() {
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 3);
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
-const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 impl Node {
     /// Routes the other node's pod CIDR through `ifindex` in `mode`.

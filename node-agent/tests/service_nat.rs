@@ -8,6 +8,11 @@
 
 mod support;
 
+use support::{
+    GW_A, GW_B, IP_A, IP_B, MAC_A, MAC_B, NODE_IP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    UPLINK_MAC,
+};
+
 use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
@@ -29,19 +34,8 @@ use weir_common::{
     route::RouteEntry,
 };
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
-const GW_A: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0a];
-const GW_B: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0b];
-const IP_A: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
-const IP_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
 /// A backend on another node.
 const IP_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 20);
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// A host outside the cluster, on the uplink's segment.
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 9);
@@ -49,7 +43,6 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 9);
 const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
 const NODE_PORT: u16 = 30080;
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
-const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const SCTP: u8 = 132;

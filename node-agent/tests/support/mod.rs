@@ -3,6 +3,24 @@
 
 pub mod packet;
 
+use std::net::Ipv4Addr;
+
+/// TC verdicts (`TC_ACT_*`).
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// The test node's two pods (A and B): their MACs, their gateway MACs and their addresses;
+/// the node's address and its uplink's MAC.
+pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+pub const GW_A: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0a];
+pub const GW_B: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0b];
+pub const IP_A: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+pub const IP_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
 /// Moves the calling test thread into a fresh, private network namespace (only this thread:
 /// libtest runs each test on its own thread), so interfaces a test creates never touch the
 /// host. Fails loudly when not root: these tests must not pass by skipping.
