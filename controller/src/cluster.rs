@@ -29,7 +29,8 @@ use weir_api::PodKey;
 
 use crate::{
     Error, HashMap, Result,
-    policy::{PolicyKey, Protocol},
+    cnp::{self, ClusterNetworkPolicy, ClusterNetworkPolicySpec},
+    policy::{PolicyKey, PolicyKind, Protocol},
     selector::Labels,
     service::{ObjectName, ServiceDiagnostic, ServiceInfo, SliceInfo},
     validate::{self, PolicyDiagnostic, ValidatedPolicy},
@@ -193,6 +194,14 @@ pub struct PolicyRecord {
     pub validated: Arc<ValidatedPolicy>,
 }
 
+/// A stored ClusterNetworkPolicy: its validated form, and its spec as written if the store
+/// retains specs ([`Cluster::retaining_policy_specs`]).
+#[derive(Clone, Debug)]
+pub struct ClusterPolicyRecord {
+    pub spec: Option<ClusterNetworkPolicySpec>,
+    pub validated: Arc<ValidatedPolicy>,
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct NamespaceRecord {
     pub name: String,
@@ -314,6 +323,7 @@ pub struct Cluster {
     pods_by_port_name: HashMap<(String, Protocol), BTreeSet<PodIdx>>,
     nodes: BTreeSet<String>,
     policies: BTreeMap<PolicyKey, PolicyRecord>,
+    cluster_policies: BTreeMap<PolicyKey, ClusterPolicyRecord>,
     retain_specs: bool,
     services: BTreeMap<ObjectName, ServiceRecord>,
     /// EndpointSlices from the API server or the manifests.
@@ -643,11 +653,62 @@ impl Cluster {
             .map(|(_, r)| r)
     }
 
-    /// Every diagnostic of every stored policy.
+    /// Every diagnostic of every stored policy (NetworkPolicies, then
+    /// ClusterNetworkPolicies).
     pub fn diagnostics(&self) -> impl Iterator<Item = &PolicyDiagnostic> {
         self.policies
             .values()
             .flat_map(|r| r.validated.diagnostics.iter())
+            .chain(
+                self.cluster_policies
+                    .values()
+                    .flat_map(|r| r.validated.diagnostics.iter()),
+            )
+    }
+
+    /// Creates or replaces a ClusterNetworkPolicy and returns what validation found wrong
+    /// with it (an invalid policy is stored and fails closed, see [`crate::cnp`]).
+    pub fn upsert_cluster_policy(
+        &mut self,
+        cnp: &ClusterNetworkPolicy,
+    ) -> Result<&[PolicyDiagnostic]> {
+        let validated = cnp::validate(cnp)?;
+        let key = validated.policy.key.clone();
+        let record = ClusterPolicyRecord {
+            spec: self.retain_specs.then(|| cnp.spec.clone()),
+            validated: Arc::new(validated),
+        };
+        let slot = match self.cluster_policies.entry(key) {
+            btree_map::Entry::Occupied(mut e) => {
+                e.insert(record);
+                e.into_mut()
+            }
+            btree_map::Entry::Vacant(e) => e.insert(record),
+        };
+        Ok(&slot.validated.diagnostics)
+    }
+
+    pub fn delete_cluster_policy(&mut self, name: &str) {
+        self.cluster_policies.remove(&PolicyKey::cluster(name));
+    }
+
+    pub fn cluster_policy(&self, name: &str) -> Option<&ClusterPolicyRecord> {
+        self.cluster_policies.get(&PolicyKey::cluster(name))
+    }
+
+    /// Every ClusterNetworkPolicy, in name order.
+    pub fn cluster_policies(&self) -> impl Iterator<Item = (&PolicyKey, &ClusterPolicyRecord)> {
+        self.cluster_policies.iter()
+    }
+
+    /// The validated form of any stored policy, of either kind.
+    pub fn validated_policy(&self, key: &PolicyKey) -> Option<&Arc<ValidatedPolicy>> {
+        match key.kind {
+            PolicyKind::NetworkPolicy => self.policies.get(key).map(|r| &r.validated),
+            PolicyKind::ClusterNetworkPolicy => {
+                self.cluster_policies.get(key).map(|r| &r.validated)
+            }
+        }
     }
 
     // ---------------------------------------------------------------- services

@@ -26,8 +26,8 @@ use crate::{
     cluster::{Cluster, NsIdx},
     ids::IdAllocator,
     node::{NodeMemory, View},
-    peers::{AtomMembers, AtomTable, RuleAtoms},
-    policy::PolicyKey,
+    peers::{AtomKey, AtomMembers, AtomTable, RuleAtoms},
+    policy::{NamespaceScope, PodPeer, PolicyKey},
     service::ServiceDiagnostic,
     service_table::ServiceTable,
     validate::{PolicyDiagnostic, ValidatedPolicy},
@@ -92,6 +92,8 @@ pub(crate) struct CachedPolicy {
     /// Persistent small id (see [`PolicyIds`]).
     pub id: u32,
     pub validated: Arc<ValidatedPolicy>,
+    /// ClusterNetworkPolicy: the `Pods` atom of its subject (the pods it applies to).
+    pub subject: Option<u32>,
     pub ingress: Vec<RuleAtoms>,
     pub egress: Vec<RuleAtoms>,
 }
@@ -147,6 +149,7 @@ impl Compiler {
             members: &members,
             policies: &self.policies,
             by_namespace: None,
+            cluster_policies: Self::cluster_policies(&self.policies, cluster),
         };
         let memory = self.nodes.entry(node.to_owned()).or_default();
         let mut state = view.compile_node(memory, node);
@@ -186,6 +189,7 @@ impl Compiler {
             members: &members,
             policies: &self.policies,
             by_namespace: Some(by_namespace),
+            cluster_policies: Self::cluster_policies(&self.policies, cluster),
         };
         let chunk = work.len().div_ceil(self.threads).max(1);
         let mut nodes = BTreeMap::new();
@@ -219,8 +223,13 @@ impl Compiler {
         let live: BTreeSet<u32> = self
             .policies
             .values()
-            .flat_map(|p| p.ingress.iter().chain(&p.egress))
-            .flat_map(RuleAtoms::atom_ids)
+            .flat_map(|p| {
+                p.ingress
+                    .iter()
+                    .chain(&p.egress)
+                    .flat_map(RuleAtoms::atom_ids)
+                    .chain(p.subject)
+            })
             .collect();
         self.atoms.retain(&live);
         let released = std::mem::take(&mut self.policy_ids.released);
@@ -251,22 +260,26 @@ impl Compiler {
         if prune {
             let released = &mut self.policy_ids.released;
             self.policies.retain(|k, p| {
-                let keep = cluster.policy(k).is_some();
+                let keep = cluster.validated_policy(k).is_some();
                 if !keep {
                     released.push(p.id);
                 }
                 keep
             });
         }
-        for (key, record) in cluster.policies() {
+        let stored = cluster
+            .policies()
+            .map(|(k, r)| (k, &r.validated))
+            .chain(cluster.cluster_policies().map(|(k, r)| (k, &r.validated)));
+        for (key, validated) in stored {
             let fresh = self
                 .policies
                 .get(key)
-                .is_some_and(|c| Arc::ptr_eq(&c.validated, &record.validated));
+                .is_some_and(|c| Arc::ptr_eq(&c.validated, validated));
             if fresh {
                 continue;
             }
-            let policy = &record.validated.policy;
+            let policy = &validated.policy;
             let intern = |rules: Option<&Vec<crate::policy::Rule>>, atoms: &mut AtomTable| {
                 rules
                     .into_iter()
@@ -276,6 +289,13 @@ impl Compiler {
             };
             let ingress = intern(policy.ingress.as_ref(), &mut self.atoms);
             let egress = intern(policy.egress.as_ref(), &mut self.atoms);
+            let subject = match &policy.namespaces {
+                NamespaceScope::Matching(_) => Some(self.atoms.intern(&AtomKey::Pods(PodPeer {
+                    namespaces: policy.namespaces.clone(),
+                    pods: policy.pod_selector.clone(),
+                }))),
+                NamespaceScope::Own(_) => None,
+            };
             let id = match self.policies.get(key) {
                 Some(old) => old.id,
                 None => self.policy_ids.allocate(),
@@ -284,12 +304,26 @@ impl Compiler {
                 key.clone(),
                 CachedPolicy {
                     id,
-                    validated: record.validated.clone(),
+                    validated: validated.clone(),
+                    subject,
                     ingress,
                     egress,
                 },
             );
         }
+    }
+
+    /// The ClusterNetworkPolicies, in evaluation order (tier, priority, name).
+    fn cluster_policies<'p>(
+        policies: &'p HashMap<PolicyKey, CachedPolicy>,
+        cluster: &Cluster,
+    ) -> Vec<&'p CachedPolicy> {
+        let mut out: Vec<&CachedPolicy> = cluster
+            .cluster_policies()
+            .filter_map(|(k, _)| policies.get(k))
+            .collect();
+        out.sort_by(|a, b| a.validated.policy.order().cmp(&b.validated.policy.order()));
+        out
     }
 
     /// Number of interned peers (for tests and metrics).

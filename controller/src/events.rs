@@ -49,7 +49,8 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::{
-    PolicyDiagnostic, Severity, kube::ObjectRef, leader::Leadership, service::ServiceDiagnostic,
+    PolicyDiagnostic, Severity, kube::ObjectRef, leader::Leadership, policy::PolicyKind,
+    service::ServiceDiagnostic,
 };
 
 /// Reason of the Event for a policy that fails closed.
@@ -71,6 +72,7 @@ const NOTE_LIMIT: usize = 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Subject {
     NetworkPolicy,
+    ClusterNetworkPolicy,
     Service,
     EndpointSlice,
 }
@@ -79,6 +81,7 @@ impl Subject {
     pub fn kind(self) -> &'static str {
         match self {
             Self::NetworkPolicy => "NetworkPolicy",
+            Self::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
         }
@@ -87,6 +90,7 @@ impl Subject {
     pub fn api_version(self) -> &'static str {
         match self {
             Self::NetworkPolicy => "networking.k8s.io/v1",
+            Self::ClusterNetworkPolicy => crate::cnp::API_VERSION,
             Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
         }
@@ -114,8 +118,12 @@ pub struct ReportedDiagnostic {
 
 impl ReportedDiagnostic {
     pub fn policy(d: &PolicyDiagnostic, object: ObjectRef) -> Self {
+        let subject = match d.policy.kind {
+            PolicyKind::NetworkPolicy => Subject::NetworkPolicy,
+            PolicyKind::ClusterNetworkPolicy => Subject::ClusterNetworkPolicy,
+        };
         Self {
-            subject: Subject::NetworkPolicy,
+            subject,
             namespace: d.policy.namespace.clone(),
             name: d.policy.name.clone(),
             object,
@@ -410,7 +418,11 @@ impl DiagnosticEvents {
                 INVALID_POLICY_REASON,
                 "; the policy fails closed: it isolates the pods it selects and allows nothing",
             ),
-            (Subject::NetworkPolicy, Severity::Warning) => {
+            (Subject::ClusterNetworkPolicy, Severity::Error) => (
+                INVALID_POLICY_REASON,
+                "; the rule fails closed: an Accept rule matches nothing, any other denies everything",
+            ),
+            (Subject::NetworkPolicy | Subject::ClusterNetworkPolicy, Severity::Warning) => {
                 (NORMALIZED_POLICY_REASON, "; the normalized value applies")
             }
             (Subject::Service, _) => (

@@ -46,6 +46,7 @@
 pub mod capacity;
 mod classes;
 pub mod cluster;
+pub mod cnp;
 pub mod compile;
 mod endpoint_slices;
 pub mod events;
@@ -68,6 +69,7 @@ mod service_table;
 pub mod source;
 #[cfg(feature = "synthetic")]
 pub mod synthetic;
+mod tiers;
 pub mod validate;
 
 pub use cluster::{Cluster, NamedPort, PodInfo};

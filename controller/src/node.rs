@@ -22,12 +22,13 @@ use weir_api::{
 use crate::{
     HashMap, HashSet,
     classes::{Activation, ClassSignature, Classification, NodePeers},
-    cluster::{Cluster, NsIdx, PodRecord},
+    cluster::{Cluster, NsIdx, PodIdx, PodRecord},
     compile::CachedPolicy,
     ids::IdAllocator,
     peers::{AtomKey, AtomMembers, PortNumbers},
-    policy::{PolicyKey, PortMatch},
+    policy::{PolicyKey, PortMatch, Tier},
     ports::Allowances,
+    tiers::{Coverage, Decision, TierRule, Tiers},
 };
 
 /// Id memory of one node.
@@ -58,6 +59,8 @@ pub(crate) struct View<'a> {
     /// Policies per namespace, in key order (built once for a full compile; a one-node
     /// compile looks them up per namespace).
     pub by_namespace: Option<HashMap<NsIdx, Vec<&'a CachedPolicy>>>,
+    /// Every ClusterNetworkPolicy, in evaluation order.
+    pub cluster_policies: Vec<&'a CachedPolicy>,
 }
 
 /// A rule set of one node during its compile.
@@ -160,10 +163,10 @@ impl<'a> View<'a> {
     /// Step 1: the local endpoints and their rule sets.
     fn endpoints(&self, node: &str) -> (Vec<LocalRuleSet<'a>>, Vec<LocalEndpoint<'a>>) {
         let cluster = self.cluster;
-        let mut by_namespace: BTreeMap<NsIdx, Vec<&'a PodRecord>> = BTreeMap::new();
+        let mut by_namespace: BTreeMap<NsIdx, Vec<(PodIdx, &'a PodRecord)>> = BTreeMap::new();
         for pod in cluster.pods_on_node(node) {
             if let Some(r) = cluster.pod_record(pod) {
-                by_namespace.entry(r.namespace).or_default().push(r);
+                by_namespace.entry(r.namespace).or_default().push((pod, r));
             }
         }
         let mut rule_sets: Vec<LocalRuleSet<'a>> = Vec::new();
@@ -171,12 +174,34 @@ impl<'a> View<'a> {
         let mut endpoints = Vec::new();
         for (namespace, pods) in by_namespace {
             let policies = self.namespace_policies(namespace);
-            for record in pods {
-                let selecting: Vec<&'a CachedPolicy> = policies
+            for (pod, record) in pods {
+                let mut selecting: Vec<&'a CachedPolicy> = policies
                     .iter()
                     .copied()
                     .filter(|p| p.validated.policy.pod_selector.matches(&record.info.labels))
                     .collect();
+                let subject_of = |p: &&&'a CachedPolicy| {
+                    p.subject
+                        .is_some_and(|a| self.members.pods(a).binary_search(&pod).is_ok())
+                };
+                if !self.cluster_policies.is_empty() {
+                    // Evaluation order: Admin tier, NetworkPolicies, Baseline tier.
+                    let admin = self
+                        .cluster_policies
+                        .iter()
+                        .filter(|p| p.validated.policy.tier == Tier::Admin)
+                        .filter(subject_of);
+                    let baseline = self
+                        .cluster_policies
+                        .iter()
+                        .filter(|p| p.validated.policy.tier == Tier::Baseline)
+                        .filter(subject_of);
+                    selecting = admin
+                        .copied()
+                        .chain(selecting)
+                        .chain(baseline.copied())
+                        .collect();
+                }
                 let mut set_of = |direction: Direction| -> Option<usize> {
                     let chosen: Vec<&'a CachedPolicy> = selecting
                         .iter()
@@ -304,7 +329,27 @@ impl<'a> View<'a> {
         let mut verdicts = Vec::new();
         let mut allowances: Vec<Option<Allowances<u32>>> = vec![None; classes.signatures.len()];
         let mut touched: Vec<usize> = Vec::new();
+        let mut all_classes = present.clone();
+        if all_classes.first() != Some(&0) {
+            all_classes.insert(0, 0);
+        }
         for (set, &set_id) in rule_sets.iter().zip(set_ids) {
+            let tiered = set
+                .policies
+                .iter()
+                .any(|p| p.validated.policy.tier != Tier::NetworkPolicy);
+            if tiered {
+                self.tiered_verdicts(
+                    set,
+                    set_id,
+                    rules,
+                    classes,
+                    class_of,
+                    &all_classes,
+                    &mut verdicts,
+                );
+                continue;
+            }
             for &policy in &set.policies {
                 let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
                     continue;
@@ -372,6 +417,90 @@ impl<'a> View<'a> {
         verdicts.into_iter().collect()
     }
 
+    /// The verdicts of a rule set that ClusterNetworkPolicies take part in: for every class
+    /// (the unmatched one included, as the tiers can allow what no rule names), the
+    /// decision of the tiers over every protocol and port (the `tiers` module).
+    #[expect(clippy::too_many_arguments, reason = "the parts of one node's compile")]
+    fn tiered_verdicts(
+        &self,
+        set: &LocalRuleSet<'a>,
+        set_id: u32,
+        rules: &NodeRules,
+        classes: &Classification,
+        class_of: &[u32],
+        all_classes: &[usize],
+        out: &mut Vec<(VerdictMatch, VerdictEntry)>,
+    ) {
+        let isolated = set
+            .policies
+            .iter()
+            .any(|p| p.validated.policy.tier == Tier::NetworkPolicy);
+        for &class in all_classes {
+            let signature = &classes.signatures[class];
+            let atoms = signature.atoms();
+            let mut tiers = Tiers::default();
+            let mut np_rules: Vec<(u32, u32, Coverage)> = Vec::new();
+            for &policy in &set.policies {
+                let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
+                    continue;
+                };
+                let written = policy
+                    .validated
+                    .policy
+                    .rules(set.direction)
+                    .unwrap_or_default();
+                let interned = policy.rules(set.direction).unwrap_or_default();
+                for (i, (rule, ratoms)) in written.iter().zip(interned).enumerate() {
+                    let matches = match &ratoms.peers {
+                        None => true,
+                        Some(ids) => ids.iter().any(|a| atoms.binary_search(a).is_ok()),
+                    };
+                    if !matches {
+                        continue;
+                    }
+                    let coverage = rule_coverage(rule.ports.as_deref(), &ratoms.named, |named| {
+                        match set.direction {
+                            Direction::Ingress => set
+                                .ports
+                                .binary_search_by_key(&named, |(a, _)| *a)
+                                .map_or_else(|_| Vec::new(), |i| set.ports[i].1.to_vec()),
+                            Direction::Egress => signature.port_numbers(named),
+                        }
+                    });
+                    let id = rules.ids[first + i];
+                    let tier_rule = TierRule {
+                        action: rule.action,
+                        rule: id,
+                        coverage,
+                    };
+                    match policy.validated.policy.tier {
+                        Tier::Admin => tiers.admin.push(tier_rule),
+                        Tier::Baseline => tiers.baseline.push(tier_rule),
+                        Tier::NetworkPolicy => {
+                            np_rules.push((rules.rank[first + i], id, tier_rule.coverage));
+                        }
+                    }
+                }
+            }
+            if isolated {
+                np_rules.sort_by_key(|r| r.0);
+                tiers.network_policy =
+                    Some(np_rules.into_iter().map(|(_, id, c)| (id, c)).collect());
+            }
+            for (protocol, ports, decision) in tiers.entries() {
+                out.push((
+                    VerdictMatch {
+                        rule_set: set_id,
+                        class: class_of[class],
+                        proto: protocol.map(|p| p.number()),
+                        ports,
+                    },
+                    verdict_entry(decision),
+                ));
+            }
+        }
+    }
+
     /// The policies of a namespace, in key order.
     fn namespace_policies(&self, namespace: NsIdx) -> Vec<&'a CachedPolicy> {
         if let Some(map) = &self.by_namespace {
@@ -405,6 +534,42 @@ impl<'a> View<'a> {
             })
             .collect()
     }
+}
+
+fn verdict_entry(d: Decision) -> VerdictEntry {
+    VerdictEntry {
+        action: d.action,
+        rule: d.rule,
+    }
+}
+
+/// What one rule matches towards one class. `named_ports` gives the numbers a named-port
+/// atom stands for there.
+fn rule_coverage(
+    ports: Option<&[PortMatch]>,
+    named: &[Option<u32>],
+    named_ports: impl Fn(u32) -> Vec<u16>,
+) -> Coverage {
+    let Some(ports) = ports else {
+        return Coverage::everything();
+    };
+    let mut c = Coverage::default();
+    for (port, atom) in ports.iter().zip(named) {
+        match port {
+            PortMatch::AllOf(protocol) => c.add_protocol(*protocol),
+            PortMatch::Range {
+                protocol,
+                first,
+                last,
+            } => c.add_ports(*protocol, *first, *last),
+            PortMatch::Named { protocol, .. } => {
+                for n in atom.map(&named_ports).unwrap_or_default() {
+                    c.add_ports(*protocol, n, n);
+                }
+            }
+        }
+    }
+    c
 }
 
 /// Adds what one rule allows towards one class. `named_ports` gives the numbers a

@@ -6,10 +6,17 @@
 //! dataplane's lookup, emulated by [`weir_api::NodeState::verdict`]) against it.
 //!
 //! A connection from `src` to `dst` is allowed iff
-//! * `src` is a pod that no policy isolates for egress, or some egress rule of a policy
-//!   selecting it allows `dst` (address, protocol, port), **and**
-//! * `dst` is a pod that no policy isolates for ingress, or some ingress rule of a policy
-//!   selecting it allows `src`.
+//! * `src` is a pod whose egress evaluation allows `dst` (address, protocol, port), **and**
+//! * `dst` is a pod whose ingress evaluation allows `src`.
+//!
+//! One direction's evaluation, for a pod (ClusterNetworkPolicy, `policy.networking.k8s.io/v1alpha2`):
+//! 1. the Admin tier: the ClusterNetworkPolicies with `tier: Admin` whose subject selects the
+//!    pod, by `priority` (then name), their rules of that direction in order: the first
+//!    rule that matches decides — Accept allows, Deny denies, Pass ends the tier;
+//! 2. NetworkPolicies: if one selecting the pod isolates it in that direction, the
+//!    connection is allowed iff one of their rules allows it;
+//! 3. the Baseline tier, like the Admin tier (Pass ends it);
+//! 4. allowed.
 //!
 //! Implementation-defined choices are the compiler's (see `docs/policy-semantics.md`):
 //! ipBlocks match pod addresses too; named ports resolve against the destination pod and
@@ -27,6 +34,7 @@ use weir_api::{Action, Direction, PodKey};
 use crate::{
     Error, Result,
     cluster::{Cluster, PodInfo, PolicyRecord},
+    cnp::{ClusterNetworkPolicySpec, MAX_PRIORITY, NamespacedPod, ProtocolMatch, RulePeer},
     compile::CompileOutput,
     policy::Protocol,
     selector::Labels,
@@ -112,7 +120,7 @@ type RawRule<'a> = (
     Option<&'a Vec<NetworkPolicyPort>>,
 );
 
-/// `pod`'s policies for `direction`: not isolated, or some rule allows `peer`.
+/// `pod`'s evaluation for `direction`: the Admin tier, NetworkPolicies, the Baseline tier.
 fn direction_allows(
     cluster: &Cluster,
     pod: &PodInfo,
@@ -122,6 +130,218 @@ fn direction_allows(
     protocol: u8,
     port: u16,
 ) -> Result<bool> {
+    let packet = Packet {
+        peer,
+        port_owner,
+        protocol,
+        port,
+    };
+    if let Some(allowed) = tier_decides(cluster, pod, direction, "Admin", &packet)? {
+        return Ok(allowed);
+    }
+    if let Some(allowed) =
+        network_policies_decide(cluster, pod, direction, peer, port_owner, protocol, port)?
+    {
+        return Ok(allowed);
+    }
+    Ok(tier_decides(cluster, pod, direction, "Baseline", &packet)?.unwrap_or(true))
+}
+
+/// A ClusterNetworkPolicy rule as written: action, peers, protocols.
+type CnpRawRule<'a> = (
+    &'a str,
+    Option<&'a Vec<RulePeer>>,
+    Option<&'a Vec<ProtocolMatch>>,
+);
+
+/// What a connection looks like to one direction's rules.
+struct Packet<'a> {
+    peer: IpAddr,
+    port_owner: Option<&'a PodInfo>,
+    protocol: u8,
+    port: u16,
+}
+
+/// One ClusterNetworkPolicy tier for `pod`: `Some(allowed)` if a rule decides, `None` if
+/// none matches or one passes.
+fn tier_decides(
+    cluster: &Cluster,
+    pod: &PodInfo,
+    direction: Direction,
+    tier: &str,
+    packet: &Packet<'_>,
+) -> Result<Option<bool>> {
+    let mut policies = Vec::new();
+    for (key, record) in cluster.cluster_policies() {
+        let spec = record
+            .spec
+            .as_ref()
+            .ok_or_else(|| Error::PolicySpecNotRetained {
+                policy: key.clone(),
+            })?;
+        let errors: Vec<&str> = record
+            .validated
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.field.as_str())
+            .collect();
+        // An unreadable tier is the Admin tier; an out-of-range priority is clamped.
+        let policy_tier = match spec.tier.as_str() {
+            "Baseline" => "Baseline",
+            _ => "Admin",
+        };
+        if policy_tier != tier {
+            continue;
+        }
+        let priority = spec.priority.unwrap_or(0).clamp(0, i64::from(MAX_PRIORITY));
+        policies.push((priority, key.name.as_str(), spec, errors));
+    }
+    policies.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    for (_, _, spec, errors) in policies {
+        let failed = |path: &str| {
+            errors
+                .iter()
+                .any(|f| *f == path || f.starts_with(&format!("{path}.")))
+        };
+        // An unreadable subject selects every pod.
+        if !failed("spec.subject") && !subject_selects(cluster, spec, pod) {
+            continue;
+        }
+        let rules: Vec<CnpRawRule<'_>> = match direction {
+            Direction::Ingress => spec
+                .ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.action.as_str(), r.from.as_ref(), r.protocols.as_ref()))
+                .collect(),
+            Direction::Egress => spec
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| (r.action.as_str(), r.to.as_ref(), r.protocols.as_ref()))
+                .collect(),
+        };
+        let list = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        for (i, (action, peers, protocols)) in rules.into_iter().enumerate() {
+            if failed(&format!("spec.{list}[{i}]")) {
+                // Fails closed: an Accept rule matches nothing, any other denies everything.
+                if action == "Accept" {
+                    continue;
+                }
+                return Ok(Some(false));
+            }
+            let peer_ok = peers
+                .into_iter()
+                .flatten()
+                .any(|p| cnp_peer_matches(cluster, p, packet.peer));
+            let protocol_ok = match protocols {
+                None => true,
+                Some(list) => list.iter().any(|p| cnp_protocol_matches(p, packet)),
+            };
+            if peer_ok && protocol_ok {
+                return Ok(match action {
+                    "Accept" => Some(true),
+                    "Pass" => None,
+                    _ => Some(false),
+                });
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn namespaced_pod_matches(cluster: &Cluster, sel: &NamespacedPod, pod: &PodInfo) -> bool {
+    let ns_ok = cluster
+        .namespace_labels(&pod.key.namespace)
+        .is_some_and(|labels| {
+            sel.namespace_selector
+                .as_ref()
+                .is_none_or(|s| selector_matches(s, labels))
+        });
+    ns_ok
+        && sel
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| selector_matches(s, &pod.labels))
+}
+
+fn subject_selects(cluster: &Cluster, spec: &ClusterNetworkPolicySpec, pod: &PodInfo) -> bool {
+    if let Some(ns) = &spec.subject.namespaces {
+        return cluster
+            .namespace_labels(&pod.key.namespace)
+            .is_some_and(|labels| selector_matches(ns, labels));
+    }
+    spec.subject
+        .pods
+        .as_ref()
+        .is_some_and(|p| namespaced_pod_matches(cluster, p, pod))
+}
+
+fn cnp_peer_matches(cluster: &Cluster, peer: &RulePeer, addr: IpAddr) -> bool {
+    if let Some(networks) = &peer.networks {
+        return networks.iter().any(|n| {
+            n.parse::<ipnet::IpNet>()
+                .is_ok_and(|net| net.trunc().contains(&addr))
+        });
+    }
+    let Some(pod) = cluster.pod_at(addr) else {
+        return false;
+    };
+    if let Some(ns) = &peer.namespaces {
+        return cluster
+            .namespace_labels(&pod.key.namespace)
+            .is_some_and(|labels| selector_matches(ns, labels));
+    }
+    peer.pods
+        .as_ref()
+        .is_some_and(|p| namespaced_pod_matches(cluster, p, pod))
+}
+
+fn cnp_protocol_matches(p: &ProtocolMatch, packet: &Packet<'_>) -> bool {
+    if let Some(name) = &p.destination_named_port {
+        return packet.port_owner.is_some_and(|pod| {
+            pod.named_ports.iter().any(|np| {
+                np.name == *name
+                    && np.protocol.number() == packet.protocol
+                    && np.port == packet.port
+            })
+        });
+    }
+    let (number, ports) = match (&p.tcp, &p.udp, &p.sctp) {
+        (Some(x), _, _) => (Protocol::Tcp.number(), x),
+        (_, Some(x), _) => (Protocol::Udp.number(), x),
+        (_, _, Some(x)) => (Protocol::Sctp.number(), x),
+        _ => return false,
+    };
+    if number != packet.protocol {
+        return false;
+    }
+    let port = i32::from(packet.port);
+    match &ports.destination_port {
+        None => true,
+        Some(d) => match (d.number, &d.range) {
+            (Some(n), _) => n == port,
+            (None, Some(r)) => r.start <= port && port <= r.end,
+            (None, None) => false,
+        },
+    }
+}
+
+/// `pod`'s NetworkPolicies for `direction`: `None` if none isolates it, else whether some
+/// rule allows `peer`.
+fn network_policies_decide(
+    cluster: &Cluster,
+    pod: &PodInfo,
+    direction: Direction,
+    peer: IpAddr,
+    port_owner: Option<&PodInfo>,
+    protocol: u8,
+    port: u16,
+) -> Result<Option<bool>> {
     let mut isolated = false;
     for (key, record) in cluster.policies() {
         let spec = record
@@ -170,11 +390,11 @@ fn direction_allows(
                     .any(|p| port_matches(p, port_owner, protocol, port)),
             };
             if peer_ok && port_ok {
-                return Ok(true);
+                return Ok(Some(true));
             }
         }
     }
-    Ok(!isolated)
+    Ok(isolated.then_some(false))
 }
 
 fn selects(record: &PolicyRecord, spec: &NetworkPolicySpec, pod: &PodInfo) -> bool {

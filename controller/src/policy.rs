@@ -14,25 +14,57 @@ use crate::selector::Selector;
 
 /// The `kind` in [`PolicyRef`]s naming NetworkPolicies.
 pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
+/// The `kind` in [`PolicyRef`]s naming ClusterNetworkPolicies
+/// (`policy.networking.k8s.io/v1alpha2`).
+pub const CLUSTER_NETWORK_POLICY_KIND: &str = "ClusterNetworkPolicy";
 
-/// A NetworkPolicy, by namespace and name.
+/// The kinds of policy objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyKind {
+    NetworkPolicy,
+    ClusterNetworkPolicy,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NetworkPolicy => NETWORK_POLICY_KIND,
+            Self::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
+        }
+    }
+}
+
+/// A policy object: a NetworkPolicy by namespace and name, or a ClusterNetworkPolicy by
+/// name (`namespace` empty).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
     pub namespace: String,
     pub name: String,
+    pub kind: PolicyKind,
 }
 
 impl PolicyKey {
+    /// A NetworkPolicy.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
+            kind: PolicyKind::NetworkPolicy,
+        }
+    }
+
+    /// A ClusterNetworkPolicy.
+    pub fn cluster(name: impl Into<String>) -> Self {
+        Self {
+            namespace: String::new(),
+            name: name.into(),
+            kind: PolicyKind::ClusterNetworkPolicy,
         }
     }
 
     pub fn policy_ref(&self) -> PolicyRef {
         PolicyRef {
-            kind: NETWORK_POLICY_KIND.to_owned(),
+            kind: self.kind.as_str().to_owned(),
             namespace: self.namespace.clone(),
             name: self.name.clone(),
         }
@@ -41,8 +73,34 @@ impl PolicyKey {
 
 impl fmt::Display for PolicyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{NETWORK_POLICY_KIND}/{}/{}", self.namespace, self.name)
+        match self.kind {
+            PolicyKind::NetworkPolicy => {
+                write!(f, "{NETWORK_POLICY_KIND}/{}/{}", self.namespace, self.name)
+            }
+            PolicyKind::ClusterNetworkPolicy => {
+                write!(f, "{CLUSTER_NETWORK_POLICY_KIND}/{}", self.name)
+            }
+        }
     }
+}
+
+/// Where a policy sits in the evaluation order: the Admin tier of ClusterNetworkPolicies,
+/// then NetworkPolicies, then the Baseline tier (declaration order is evaluation order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    Admin,
+    NetworkPolicy,
+    Baseline,
+}
+
+/// What a rule does with the traffic it matches. NetworkPolicy rules only allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleAction {
+    /// `Accept` (and every NetworkPolicy rule).
+    Allow,
+    Deny,
+    /// Skip the rest of the tier.
+    Pass,
 }
 
 /// The protocols a NetworkPolicy port can name.
@@ -146,20 +204,32 @@ pub enum PortMatch {
 pub struct Rule {
     /// Position in the policy's `ingress` / `egress` list.
     pub index: u32,
+    /// The rule's `name` (ClusterNetworkPolicy), if any.
+    pub name: Option<String>,
+    /// Always [`RuleAction::Allow`] for NetworkPolicies.
+    pub action: RuleAction,
     /// `None`: every peer (`from`/`to` absent or empty).
     pub peers: Option<Vec<Peer>>,
     /// `None`: every port of every protocol, ICMP included (`ports` absent or empty).
     pub ports: Option<Vec<PortMatch>>,
 }
 
-/// A NetworkPolicy ready to compile.
+/// A NetworkPolicy or ClusterNetworkPolicy ready to compile.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub key: PolicyKey,
-    /// The pods (in the policy's namespace) the policy applies to.
+    /// [`Tier::NetworkPolicy`] for NetworkPolicies.
+    pub tier: Tier,
+    /// Precedence within the tier, lower first (`spec.priority`; 0 for NetworkPolicies).
+    pub priority: u32,
+    /// The namespaces of the pods the policy applies to: a NetworkPolicy's own, a
+    /// ClusterNetworkPolicy's `subject` namespace selector.
+    pub namespaces: NamespaceScope,
+    /// The pods (in those namespaces) the policy applies to.
     pub pod_selector: Selector,
-    /// `Some` when the policy isolates its pods for ingress (policyTypes), with the rules
-    /// that allow traffic; an empty list allows nothing.
+    /// NetworkPolicy: `Some` when the policy isolates its pods for ingress (policyTypes),
+    /// with the rules that allow traffic; an empty list allows nothing.
+    /// ClusterNetworkPolicy: `Some` when it has ingress rules (it affects ingress only then).
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
     /// False when the object failed validation: it then only isolates (fail closed).
@@ -167,6 +237,17 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Evaluation order: tier, then priority, then name (the choice for equal priorities,
+    /// see `docs/policy-semantics.md`).
+    pub fn order(&self) -> (Tier, u32, &str, &str) {
+        (
+            self.tier,
+            self.priority,
+            &self.key.name,
+            &self.key.namespace,
+        )
+    }
+
     pub fn rules(&self, direction: Direction) -> Option<&[Rule]> {
         match direction {
             Direction::Ingress => self.ingress.as_deref(),

@@ -172,6 +172,9 @@ impl Controller {
                         self.cluster.upsert_node(o)
                     }
                     Object::NetworkPolicy(o) => self.cluster.upsert_policy(o).map(|_| ()),
+                    Object::ClusterNetworkPolicy(o) => {
+                        self.cluster.upsert_cluster_policy(o).map(|_| ())
+                    }
                     Object::Service(o) => self.cluster.upsert_service(o).map(|_| ()),
                     Object::EndpointSlice(o) => self.cluster.upsert_endpoint_slice(o).map(|_| ()),
                 },
@@ -189,6 +192,7 @@ impl Controller {
                         "NetworkPolicy" => self
                             .cluster
                             .delete_policy(&PolicyKey::new(&k.namespace, &k.name)),
+                        "ClusterNetworkPolicy" => self.cluster.delete_cluster_policy(&k.name),
                         "Service" => self
                             .cluster
                             .delete_service(&ObjectName::new(&k.namespace, &k.name)),

@@ -16,6 +16,8 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize;
 
+use crate::cnp::ClusterNetworkPolicy;
+
 /// A cluster object the controller understands.
 #[derive(Clone, Debug, PartialEq)]
 #[expect(
@@ -27,6 +29,7 @@ pub enum Object {
     Pod(Pod),
     Node(Node),
     NetworkPolicy(NetworkPolicy),
+    ClusterNetworkPolicy(ClusterNetworkPolicy),
     Service(Service),
     EndpointSlice(EndpointSlice),
 }
@@ -56,6 +59,7 @@ impl Object {
             Object::Pod(o) => ("Pod", &o.metadata),
             Object::Node(o) => ("Node", &o.metadata),
             Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
+            Object::ClusterNetworkPolicy(o) => ("ClusterNetworkPolicy", &o.metadata),
             Object::Service(o) => ("Service", &o.metadata),
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
         };
@@ -122,6 +126,16 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
             "NetworkPolicy" => {
                 Object::NetworkPolicy(serde_json::from_value(v).map_err(|e| e.to_string())?)
             }
+            "ClusterNetworkPolicy" => {
+                let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
+                if api_version != crate::cnp::API_VERSION {
+                    return Err(format!(
+                        "ClusterNetworkPolicy of apiVersion {api_version:?}: only {} is supported",
+                        crate::cnp::API_VERSION
+                    ));
+                }
+                Object::ClusterNetworkPolicy(serde_json::from_value(v).map_err(|e| e.to_string())?)
+            }
             "Service" => Object::Service(serde_json::from_value(v).map_err(|e| e.to_string())?),
             "EndpointSlice" => {
                 Object::EndpointSlice(serde_json::from_value(v).map_err(|e| e.to_string())?)
@@ -144,9 +158,13 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
                 collect(item, out)?;
             }
         }
-        "Namespace" | "Pod" | "Node" | "NetworkPolicy" | "Service" | "EndpointSlice" => {
-            out.push(typed(value)?)
-        }
+        "Namespace"
+        | "Pod"
+        | "Node"
+        | "NetworkPolicy"
+        | "ClusterNetworkPolicy"
+        | "Service"
+        | "EndpointSlice" => out.push(typed(value)?),
         _ => {}
     }
     Ok(())

@@ -25,6 +25,7 @@ use crate::{
     Error, Result, names,
     policy::{
         IpBlockPeer, NamespaceScope, Peer, PodPeer, Policy, PolicyKey, PortMatch, Protocol, Rule,
+        RuleAction, Tier,
     },
     selector::{Operator, Requirement, Selector},
 };
@@ -82,6 +83,19 @@ pub enum Problem {
     UnsupportedPolicyType { value: String },
     #[error("may not specify more than two policyTypes ({count} given)")]
     TooManyPolicyTypes { count: usize },
+    #[error("unsupported value {value:?}: supported values are {supported}")]
+    UnsupportedValue {
+        value: String,
+        supported: &'static str,
+    },
+    #[error("invalid value {value:?}: {reason}")]
+    InvalidValue { value: String, reason: &'static str },
+    #[error("required value")]
+    Required,
+    #[error("exactly one field must be set")]
+    ExactlyOneField,
+    #[error("unsupported: {what}")]
+    Unsupported { what: String },
 }
 
 /// A problem with one field of one policy.
@@ -164,6 +178,9 @@ pub fn validate(np: &NetworkPolicy) -> Result<ValidatedPolicy> {
     let (isolates_ingress, isolates_egress) = fail_closed_directions(spec);
     let policy = if valid {
         Policy {
+            tier: Tier::NetworkPolicy,
+            priority: 0,
+            namespaces: NamespaceScope::Own(key.namespace.clone()),
             key,
             pod_selector: pod_selector.unwrap_or_default(),
             ingress: isolates_ingress.then_some(ingress),
@@ -172,6 +189,9 @@ pub fn validate(np: &NetworkPolicy) -> Result<ValidatedPolicy> {
         }
     } else {
         Policy {
+            tier: Tier::NetworkPolicy,
+            priority: 0,
+            namespaces: NamespaceScope::Own(key.namespace.clone()),
             key,
             // An unusable podSelector cannot tell which pods the author meant: all of them.
             pod_selector: pod_selector.unwrap_or_else(Selector::everything),
@@ -210,13 +230,31 @@ pub fn fail_closed_directions(spec: &NetworkPolicySpec) -> (bool, bool) {
     }
 }
 
-struct Validator {
+pub(crate) struct Validator {
     key: PolicyKey,
     diagnostics: Vec<PolicyDiagnostic>,
 }
 
 impl Validator {
-    fn report(&mut self, field: impl Into<String>, problem: Problem) {
+    pub(crate) fn new(key: PolicyKey) -> Self {
+        Self {
+            key,
+            diagnostics: Vec::new(),
+        }
+    }
+
+    pub(crate) fn error_count(&self) -> usize {
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count()
+    }
+
+    pub(crate) fn into_diagnostics(self) -> Vec<PolicyDiagnostic> {
+        self.diagnostics
+    }
+
+    pub(crate) fn report(&mut self, field: impl Into<String>, problem: Problem) {
         let severity = match problem {
             Problem::CidrHostBits { .. } => Severity::Warning,
             _ => Severity::Error,
@@ -251,6 +289,8 @@ impl Validator {
             .collect();
         Rule {
             index: u32::try_from(index).unwrap_or(u32::MAX),
+            name: None,
+            action: RuleAction::Allow,
             // An empty list means "everything", like an absent one.
             peers: (!peers.is_empty()).then_some(peers),
             ports: (!ports.is_empty()).then_some(ports),
@@ -338,7 +378,7 @@ impl Validator {
         }
     }
 
-    fn port_number(&mut self, value: i32, path: &str) -> Option<u16> {
+    pub(crate) fn port_number(&mut self, value: i32, path: &str) -> Option<u16> {
         names::check_port_number(value)
             .map_err(|reason| {
                 self.report(path, Problem::InvalidPortNumber { value, reason });
@@ -428,7 +468,7 @@ impl Validator {
         ok.then_some(IpBlockPeer { cidr, except })
     }
 
-    fn cidr(&mut self, value: &str, path: &str) -> Option<IpNet> {
+    pub(crate) fn cidr(&mut self, value: &str, path: &str) -> Option<IpNet> {
         match parse_cidr(value) {
             Ok(net) => {
                 let canonical = net.trunc();
@@ -458,7 +498,11 @@ impl Validator {
 
     /// Validates and normalizes a label selector; `None` if it is unusable. An absent
     /// selector is the empty one.
-    fn selector(&mut self, selector: Option<&LabelSelector>, path: &str) -> Option<Selector> {
+    pub(crate) fn selector(
+        &mut self,
+        selector: Option<&LabelSelector>,
+        path: &str,
+    ) -> Option<Selector> {
         let Some(selector) = selector else {
             return Some(Selector::everything());
         };

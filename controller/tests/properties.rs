@@ -21,8 +21,12 @@ use support::*;
 use weir_api::PodKey;
 use weir_controller::{
     Cluster, CompileOutput, Compiler,
+    cnp::{
+        self, ClusterNetworkPolicy, ClusterNetworkPolicySpec, EgressRule, IngressRule,
+        NamespacedPod, PortRange, ProtocolMatch, ProtocolPorts, RulePeer, Subject,
+    },
     oracle::{self, Endpoint},
-    policy::{NamespaceScope, Peer},
+    policy::{NamespaceScope, Peer, Policy},
 };
 
 // ------------------------------------------------------------------ model
@@ -33,6 +37,7 @@ struct Model {
     namespaces: Vec<BTreeMap<String, String>>,
     pods: Vec<PodBuilder>,
     policies: Vec<NetworkPolicy>,
+    cluster_policies: Vec<ClusterNetworkPolicy>,
 }
 
 fn ns_name(i: usize) -> String {
@@ -52,6 +57,9 @@ impl Model {
         }
         for p in &self.policies {
             c.upsert_policy(p).unwrap();
+        }
+        for p in &self.cluster_policies {
+            c.upsert_cluster_policy(p).unwrap();
         }
         c
     }
@@ -323,6 +331,158 @@ fn network_policy(namespaces: usize, index: usize) -> impl Strategy<Value = Netw
         )
 }
 
+fn cnp_peer(egress: bool) -> impl Strategy<Value = RulePeer> {
+    let networks = proptest::collection::vec(
+        proptest::sample::select(BLOCKS).prop_map(|(cidr, _)| cidr.to_owned()),
+        1..=2,
+    );
+    prop_oneof![
+        3 => selector(NS_KEYS).prop_map(|s| RulePeer {
+            namespaces: Some(s),
+            ..Default::default()
+        }),
+        3 => (proptest::option::of(selector(NS_KEYS)), selector(POD_KEYS)).prop_map(|(n, p)| RulePeer {
+            pods: Some(NamespacedPod {
+                namespace_selector: n,
+                pod_selector: Some(p),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        // Networks are egress peers; in an ingress rule they fail closed.
+        if egress { 3 } else { 1 } => networks.prop_map(|n| RulePeer {
+            networks: Some(n),
+            ..Default::default()
+        }),
+        // No field set, or one this implementation does not know: fails closed.
+        1 => prop_oneof![
+            Just(RulePeer::default()),
+            Just(RulePeer {
+                nodes: Some(LabelSelector::default()),
+                ..Default::default()
+            }),
+        ],
+    ]
+}
+
+fn cnp_protocol() -> impl Strategy<Value = ProtocolMatch> {
+    let ports = prop_oneof![
+        3 => proptest::sample::select(&[53, 80, 81][..]).prop_map(|n| cnp::Port {
+            number: Some(n),
+            ..Default::default()
+        }),
+        2 => proptest::sample::select(&[(80, 81), (50, 90), (81, 200), (5, 4)][..]).prop_map(
+            |(start, end)| cnp::Port {
+                range: Some(PortRange {
+                    start,
+                    end,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        ),
+    ]
+    .prop_map(|p| ProtocolPorts {
+        destination_port: Some(p),
+        ..Default::default()
+    });
+    prop_oneof![
+        2 => ports.clone().prop_map(|p| ProtocolMatch { tcp: Some(p), ..Default::default() }),
+        1 => ports.clone().prop_map(|p| ProtocolMatch { udp: Some(p), ..Default::default() }),
+        1 => ports.prop_map(|p| ProtocolMatch { sctp: Some(p), ..Default::default() }),
+        2 => proptest::sample::select(&["http", "dns", "nope"][..]).prop_map(|n| ProtocolMatch {
+            destination_named_port: Some(n.to_owned()),
+            ..Default::default()
+        }),
+    ]
+}
+
+type CnpRuleParts = (String, Vec<RulePeer>, Option<Vec<ProtocolMatch>>);
+
+fn cnp_rule(egress: bool) -> impl Strategy<Value = CnpRuleParts> {
+    (
+        prop_oneof![
+            3 => Just("Accept"),
+            3 => Just("Deny"),
+            2 => Just("Pass"),
+            1 => Just("Bogus"),
+        ]
+        .prop_map(str::to_owned),
+        proptest::collection::vec(cnp_peer(egress), 1..=2),
+        proptest::option::of(proptest::collection::vec(cnp_protocol(), 1..=2)),
+    )
+}
+
+fn cluster_network_policy(index: usize) -> impl Strategy<Value = ClusterNetworkPolicy> {
+    let subject = prop_oneof![
+        selector(NS_KEYS).prop_map(|s| Subject {
+            namespaces: Some(s),
+            ..Default::default()
+        }),
+        (proptest::option::of(selector(NS_KEYS)), selector(POD_KEYS)).prop_map(|(n, p)| Subject {
+            pods: Some(NamespacedPod {
+                namespace_selector: n,
+                pod_selector: Some(p),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    ];
+    (
+        prop_oneof![3 => Just("Admin"), 3 => Just("Baseline"), 1 => Just("Other")],
+        // Equal priorities are frequent on purpose.
+        proptest::sample::select(&[0i64, 5, 5, 1000, 2000][..]),
+        subject,
+        proptest::option::of(proptest::collection::vec(cnp_rule(false), 0..=3)),
+        proptest::option::of(proptest::collection::vec(cnp_rule(true), 0..=3)),
+    )
+        .prop_map(
+            move |(tier, priority, subject, ingress, egress)| ClusterNetworkPolicy {
+                metadata: ObjectMeta {
+                    name: Some(format!("cnp{index}")),
+                    ..Default::default()
+                },
+                spec: ClusterNetworkPolicySpec {
+                    tier: tier.to_owned(),
+                    priority: Some(priority),
+                    subject,
+                    ingress: ingress.map(|rules| {
+                        rules
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (action, from, protocols))| IngressRule {
+                                name: Some(format!("in{i}")),
+                                action,
+                                from: Some(from),
+                                protocols,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
+                    egress: egress.map(|rules| {
+                        rules
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (action, to, protocols))| EgressRule {
+                                name: Some(format!("out{i}")),
+                                action,
+                                to: Some(to),
+                                protocols,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+}
+
+fn cluster_policies() -> impl Strategy<Value = Vec<ClusterNetworkPolicy>> {
+    (0usize..=3).prop_flat_map(|n| (0..n).map(cluster_network_policy).collect::<Vec<_>>())
+}
+
 fn model() -> impl Strategy<Value = Model> {
     (2usize..=3, 2usize..=3)
         .prop_flat_map(|(nodes, namespaces)| {
@@ -335,14 +495,18 @@ fn model() -> impl Strategy<Value = Model> {
                         .map(|i| network_policy(namespaces, i))
                         .collect::<Vec<_>>()
                 }),
+                prop_oneof![1 => Just(Vec::new()), 2 => cluster_policies()],
             )
         })
-        .prop_map(|(nodes, namespaces, pods, policies)| Model {
-            nodes,
-            namespaces,
-            pods,
-            policies,
-        })
+        .prop_map(
+            |(nodes, namespaces, pods, policies, cluster_policies)| Model {
+                nodes,
+                namespaces,
+                pods,
+                policies,
+                cluster_policies,
+            },
+        )
 }
 
 // ------------------------------------------------------------------ checks
@@ -425,9 +589,17 @@ fn referenced(cluster: &Cluster, key: &PodKey) -> bool {
         .namespace_labels(&key.namespace)
         .cloned()
         .unwrap_or_default();
-    cluster.policies().any(|(_, record)| {
-        let p = &record.validated.policy;
-        let selected = p.key.namespace == key.namespace && p.pod_selector.matches(&pod.labels);
+    let policies: Vec<&Policy> = cluster
+        .policies()
+        .map(|(_, r)| &r.validated.policy)
+        .chain(cluster.cluster_policies().map(|(_, r)| &r.validated.policy))
+        .collect();
+    policies.into_iter().any(|p| {
+        let ns_ok = match &p.namespaces {
+            NamespaceScope::Own(ns) => *ns == key.namespace,
+            NamespaceScope::Matching(sel) => sel.matches(&ns_labels),
+        };
+        let selected = ns_ok && p.pod_selector.matches(&pod.labels);
         let peer = [p.ingress.as_ref(), p.egress.as_ref()]
             .into_iter()
             .flatten()
@@ -455,6 +627,7 @@ enum Change {
     MovePod(usize, usize),
     DeletePolicy(usize),
     ReplacePolicy(usize, Box<NetworkPolicy>),
+    ReplaceClusterPolicy(usize, Box<ClusterNetworkPolicy>),
 }
 
 fn change(namespaces: usize) -> impl Strategy<Value = Change> {
@@ -465,6 +638,7 @@ fn change(namespaces: usize) -> impl Strategy<Value = Change> {
         1 => (any::<usize>(), 0usize..3).prop_map(|(i, n)| Change::MovePod(i, n)),
         1 => any::<usize>().prop_map(Change::DeletePolicy),
         2 => (any::<usize>(), network_policy(namespaces, 9)).prop_map(|(i, p)| Change::ReplacePolicy(i, Box::new(p))),
+        1 => (any::<usize>(), cluster_network_policy(9)).prop_map(|(i, p)| Change::ReplaceClusterPolicy(i, Box::new(p))),
     ]
 }
 
@@ -504,6 +678,16 @@ fn apply(model: &Model, c: &Change) -> Model {
                 m.policies.push(p);
             }
         }
+        Change::ReplaceClusterPolicy(i, p) => {
+            let mut p = (**p).clone();
+            if !m.cluster_policies.is_empty() {
+                let n = m.cluster_policies.len();
+                p.metadata.name = m.cluster_policies[i % n].metadata.name.clone();
+                m.cluster_policies[i % n] = p;
+            } else {
+                m.cluster_policies.push(p);
+            }
+        }
     }
     m
 }
@@ -539,6 +723,19 @@ fn apply_to_cluster(cluster: &mut Cluster, before: &Model, after: &Model) {
     }
     for p in &after.policies {
         cluster.upsert_policy(p).unwrap();
+    }
+    for p in &before.cluster_policies {
+        let name = p.metadata.name.clone().unwrap();
+        if !after
+            .cluster_policies
+            .iter()
+            .any(|q| q.metadata.name.as_deref() == Some(&name))
+        {
+            cluster.delete_cluster_policy(&name);
+        }
+    }
+    for p in &after.cluster_policies {
+        cluster.upsert_cluster_policy(p).unwrap();
     }
 }
 

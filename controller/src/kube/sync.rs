@@ -29,6 +29,7 @@ use tracing::{debug, info};
 use super::watch::{Kind, KindEvent};
 use crate::{
     events::ReportedDiagnostic,
+    policy::PolicyKind,
     run::Controller,
     source::{Change, Object, ObjectKey},
 };
@@ -110,6 +111,7 @@ fn meta(o: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
         Object::Pod(o) => &o.metadata,
         Object::Node(o) => &o.metadata,
         Object::NetworkPolicy(o) => &o.metadata,
+        Object::ClusterNetworkPolicy(o) => &o.metadata,
         Object::Service(o) => &o.metadata,
         Object::EndpointSlice(o) => &o.metadata,
     }
@@ -222,12 +224,19 @@ impl ClusterSync {
             };
             self.refs.get(&key).cloned().unwrap_or_default()
         };
-        let policies = self.controller.cluster().diagnostics().map(|d| {
-            ReportedDiagnostic::policy(
-                d,
-                object(Kind::NetworkPolicy, &d.policy.namespace, &d.policy.name),
-            )
-        });
+        // ClusterNetworkPolicies are not watched from the API server (manifest directories
+        // only), so there is no object to write an Event for.
+        let policies = self
+            .controller
+            .cluster()
+            .diagnostics()
+            .filter(|d| d.policy.kind == PolicyKind::NetworkPolicy)
+            .map(|d| {
+                ReportedDiagnostic::policy(
+                    d,
+                    object(Kind::NetworkPolicy, &d.policy.namespace, &d.policy.name),
+                )
+            });
         let services = self
             .controller
             .service_diagnostics()
