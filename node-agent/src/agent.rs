@@ -80,6 +80,44 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     /// Idle timeouts of conntrack entries.
     pub ct_timeouts: CtTimeouts,
+    /// What a pod gets while the controller has not named its policies.
+    pub pending_pod_policy: PendingPodPolicy,
+}
+
+/// The policy of a pod whose rule sets the controller has not sent yet (it was away or behind
+/// when the pod started).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PendingPodPolicy {
+    /// Every new flow to and from the pod is denied (the node itself still reaches it:
+    /// kubelet's probes) until its policies arrive: no policy can be bypassed by starting a
+    /// pod while the controller is away.
+    #[default]
+    Deny,
+    /// The pod is unisolated until its policies arrive (what a node without a controller,
+    /// or a cluster that prefers availability, wants).
+    Allow,
+}
+
+impl std::str::FromStr for PendingPodPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "deny" => Ok(Self::Deny),
+            "allow" => Ok(Self::Allow),
+            other => Err(format!(
+                "unknown pending pod policy {other:?} (deny or allow)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PendingPodPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Deny => "deny",
+            Self::Allow => "allow",
+        })
+    }
 }
 
 #[derive(Debug, Error)]
@@ -782,8 +820,9 @@ impl Agent {
     }
 
     /// The `ENDPOINTS` map as it should be: every local pod address, with the rule sets the
-    /// controller assigned to the pod (policy pending until it has). Before the first state
-    /// from the controller, rule sets already in the map are kept.
+    /// controller assigned to the pod (policy pending until it has: denied both ways or
+    /// unisolated, as [`PendingPodPolicy`] says). Before the first state from the controller,
+    /// rule sets already in the map are kept.
     fn endpoint_entries(&self) -> BTreeMap<IpKey, EndpointInfo> {
         let mut out = BTreeMap::new();
         for ep in self.endpoints.iter() {
@@ -793,6 +832,12 @@ impl Agent {
                 ep.interface.host_mac,
             );
             let assigned = ep.pod.as_ref().and_then(|k| self.policy.endpoints.get(k));
+            // A container that is not a Kubernetes pod (no pod name in its CNI arguments)
+            // cannot be selected by any policy: it never waits for one.
+            let pending = match (&ep.pod, self.cfg.pending_pod_policy) {
+                (Some(_), PendingPodPolicy::Deny) => base.failing_closed_until_assigned(),
+                _ => base,
+            };
             for ip in &ep.ips {
                 let key = IpKey::from(*ip);
                 let info = match assigned {
@@ -806,10 +851,10 @@ impl Agent {
                             Some(old) if !old.policy_pending() => {
                                 base.with_policies(old.ingress_policy(), old.egress_policy())
                             }
-                            _ => base,
+                            _ => pending,
                         }
                     }
-                    None => base,
+                    None => pending,
                 };
                 out.insert(key, info);
             }

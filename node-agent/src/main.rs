@@ -120,9 +120,14 @@ struct Args {
     controller_name: String,
     /// With --controller: how long CNI ADD waits for the controller's state to name a new
     /// pod's policies, so its containers never start before they are enforced (seconds;
-    /// afterwards the pod starts unisolated and is isolated when the state arrives).
+    /// afterwards the pod starts with --pending-pod-policy until the state arrives).
     #[arg(long, env = "WEIR_POD_POLICY_WAIT", default_value_t = 5.0)]
     pod_policy_wait: f64,
+    /// With --controller: what a pod gets while the controller has not named its policies
+    /// (it was away or behind when the pod started): `deny` every new flow to and from it
+    /// (the node still reaches it, for kubelet's probes) or `allow` (unisolated).
+    #[arg(long, env = "WEIR_PENDING_POD_POLICY", default_value_t = weir_agent::agent::PendingPodPolicy::Deny)]
+    pending_pod_policy: weir_agent::agent::PendingPodPolicy,
     /// Address of the HTTP endpoint (/readyz, /metrics, /flows).
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9962")]
     metrics_addr: std::net::SocketAddr,
@@ -274,6 +279,12 @@ async fn run(args: Args) -> Result<()> {
             args.ct_icmp_timeout,
             args.ct_other_timeout,
         ),
+        // Without a controller no policy ever arrives: pods are unisolated.
+        pending_pod_policy: if endpoints.is_some() {
+            args.pending_pod_policy
+        } else {
+            weir_agent::agent::PendingPodPolicy::Allow
+        },
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(

@@ -219,7 +219,7 @@ impl Collector for MetricsSnapshot {
         let m = encoder.encode_descriptor(
             "pods_started_before_policy",
             "Pods whose CNI ADD gave up waiting for the controller's state naming their \
-             policies: they started unisolated until it arrived",
+             policies: they started with the pending pod policy until it arrived",
             None,
             kind,
         )?;
@@ -320,6 +320,13 @@ impl FlowRecord {
     pub fn resolve(mut self, state: &NodeState) -> Self {
         if let Some(set) = state.rule_sets.get(&self.raw.policy) {
             self.policies = set.policies.iter().map(|p| p.to_string()).collect();
+        } else if self.raw.policy == weir_common::policy::FAIL_CLOSED
+            && self.raw.verdict == FlowEvent::VERDICT_DROP
+        {
+            self.rule = Some(
+                "fail closed: the pod's policies are not known yet or could not all be written"
+                    .into(),
+            );
         }
         let by_service = matches!(
             DropReason::from_u32(self.raw.reason),
