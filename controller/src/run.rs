@@ -58,6 +58,8 @@ pub struct Controller {
     capacities: crate::capacity::Capacities,
     /// Rule sets too large for their node, as last reported (each is logged once).
     too_large_reported: BTreeSet<String>,
+    /// Rule sets too large for their node at the last compile.
+    too_large: Vec<crate::capacity::TooLarge>,
 }
 
 type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
@@ -104,6 +106,7 @@ impl Controller {
             compile_observer: None,
             capacities: Default::default(),
             too_large_reported: BTreeSet::new(),
+            too_large: Vec::new(),
             derive_endpoint_slices: false,
         }
     }
@@ -146,6 +149,11 @@ impl Controller {
     /// What the last compile could not use of the Services and EndpointSlices.
     pub fn service_diagnostics(&self) -> &[ServiceDiagnostic] {
         &self.service_diagnostics
+    }
+
+    /// The rule sets the last compile found too large for their node (they fail closed).
+    pub fn too_large(&self) -> &[crate::capacity::TooLarge] {
+        &self.too_large
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -259,6 +267,7 @@ impl Controller {
         let mut versions = BTreeMap::new();
         let mut published = 0usize;
         let mut too_large = BTreeSet::new();
+        let mut too_large_sets = Vec::new();
         for (node, mut state) in out.nodes {
             state.routes = self.routes.clone();
             // A state the agent cannot hold is cut down to one it can, failing closed for
@@ -269,6 +278,7 @@ impl Controller {
                     warn!(diagnostic = %line, "policies too large for the node's dataplane (they fail closed)");
                 }
                 too_large.insert(line);
+                too_large_sets.push(t);
             }
             let (version, changed) = match self.published.get(&node) {
                 Some((v, old)) if **old == state => (*v, false),
@@ -318,6 +328,7 @@ impl Controller {
         }
         let too_large_count = too_large.len();
         self.too_large_reported = too_large;
+        self.too_large = too_large_sets;
         if let Some(observe) = &self.compile_observer {
             observe(&CompileReport {
                 duration: started.elapsed(),

@@ -212,7 +212,8 @@ impl ClusterSync {
     }
 
     /// Every diagnostic of every stored policy, and of the Services and EndpointSlices the
-    /// last compile used, with the object's identity.
+    /// last compile used, and every policy too large for a node's dataplane, with the
+    /// object's identity.
     pub fn reported_diagnostics(&self) -> Vec<ReportedDiagnostic> {
         let object = |kind: Kind, namespace: &str, name: &str| {
             let key = ObjectKey {
@@ -240,7 +241,19 @@ impl ClusterSync {
                 };
                 ReportedDiagnostic::service(d, object(kind, &d.object.namespace, &d.object.name))
             });
-        policies.chain(services).collect()
+        let too_large = self.controller.too_large().iter().flat_map(|t| {
+            t.policies
+                .iter()
+                .filter(|p| p.kind == Kind::NetworkPolicy.as_str())
+                .map(move |p| {
+                    ReportedDiagnostic::too_large(
+                        t,
+                        p,
+                        object(Kind::NetworkPolicy, &p.namespace, &p.name),
+                    )
+                })
+        });
+        policies.chain(services).chain(too_large).collect()
     }
 
     fn track_ref(&mut self, kind: Kind, event: &Event<Object>) {
