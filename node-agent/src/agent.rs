@@ -140,6 +140,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the dataplane's maps are not pinned")]
+    Unpinned,
     #[error("network namespace {0} does not exist")]
     NoNetns(String),
     #[error("{0}")]
@@ -413,9 +415,24 @@ impl Agent {
         let sweep = self
             .maps
             .sweep_conntrack(crate::maps::monotonic_ns(), max)?;
+        self.record_sweep(sweep);
+        Ok(sweep)
+    }
+
+    /// Handles on conntrack of their own, to sweep it without holding the agent.
+    pub fn conntrack_sweeper(&self) -> Result<crate::maps::ConntrackSweeper> {
+        let pins = self.dp.pins().ok_or(AgentError::Unpinned)?;
+        let open = |name| crate::dataplane::open_pinned_map(pins, name);
+        Ok(crate::maps::ConntrackSweeper::new(
+            open(weir_common::maps::CONNTRACK)?,
+            open(weir_common::maps::NODE_CONFIG)?,
+        )?)
+    }
+
+    /// Takes in what a sweep on a [`crate::maps::ConntrackSweeper`] did.
+    pub fn record_sweep(&mut self, sweep: CtSweep) {
         self.ct_sweep = sweep;
         self.ct_swept_total += sweep.removed as u64;
-        Ok(sweep)
     }
 
     /// Conntrack entries after the last sweep, and expired entries removed by all sweeps.

@@ -393,12 +393,32 @@ async fn run(args: Args) -> Result<()> {
         Duration::from_secs(args.ct_sweep_interval),
         usize::try_from(args.ct_sweep_max).unwrap_or(usize::MAX),
     );
+    // The sweep walks the whole table on handles of its own, in a blocking task: CNI and
+    // state applies never wait for it.
+    let mut own = agent
+        .lock()
+        .await
+        .conntrack_sweeper()
+        .context("opening conntrack for the sweep")?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         loop {
             tick.tick().await;
-            match sweeper.lock().await.sweep_conntrack(sweep_max) {
-                Ok(s) => debug!(removed = s.removed, entries = s.entries, "conntrack swept"),
+            let swept = tokio::task::spawn_blocking(move || {
+                let r = own.sweep(weir_agent::maps::monotonic_ns(), sweep_max);
+                (own, r)
+            })
+            .await;
+            let Ok((back, result)) = swept else {
+                warn!("the conntrack sweep panicked; no more sweeps");
+                return;
+            };
+            own = back;
+            match result {
+                Ok(s) => {
+                    sweeper.lock().await.record_sweep(s);
+                    debug!(removed = s.removed, entries = s.entries, "conntrack swept");
+                }
                 Err(e) => warn!(error = %e, "sweeping conntrack"),
             }
         }

@@ -64,6 +64,70 @@ pub struct CtSweep {
     pub removed: usize,
 }
 
+/// Conntrack and the node configuration through handles of their own (opened from the
+/// pins): a sweep walks the whole table, and on these it runs without holding up the agent
+/// (CNI, state applies), in a blocking task.
+pub struct ConntrackSweeper {
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    config: Array<MapData, NodeConfig>,
+}
+
+impl ConntrackSweeper {
+    pub fn new(conntrack: MapData, config: MapData) -> Result<Self> {
+        Ok(Self {
+            conntrack: HashMap::try_from(aya::maps::Map::HashMap(conntrack))
+                .map_err(map_err(names::CONNTRACK, "opening"))?,
+            config: Array::try_from(aya::maps::Map::Array(config))
+                .map_err(map_err(names::NODE_CONFIG, "opening"))?,
+        })
+    }
+
+    /// Deletes expired entries (see [`DataplaneMaps::sweep_conntrack`]).
+    pub fn sweep(&mut self, now_ns: u64, max: usize) -> Result<CtSweep> {
+        let config = self
+            .config
+            .get(&0, 0)
+            .map_err(map_err(names::NODE_CONFIG, "reading"))?;
+        Ok(sweep_table(
+            &mut self.conntrack,
+            config.ct_timeouts(),
+            now_ns,
+            max,
+        ))
+    }
+}
+
+fn sweep_table(
+    conntrack: &mut HashMap<MapData, CtKey, CtEntry>,
+    timeouts: &weir_common::config::CtTimeouts,
+    now_ns: u64,
+    max: usize,
+) -> CtSweep {
+    let mut entries = 0;
+    let mut expired = Vec::new();
+    for (k, e) in conntrack.iter().filter_map(|r| r.ok()) {
+        entries += 1;
+        if expired.len() < max && timeouts.expired(k.proto(), e.flags(), e.last_seen_ns(), now_ns) {
+            expired.push(k);
+        }
+    }
+    let mut removed = 0;
+    for k in &expired {
+        // Deleted only if still expired: a packet may have refreshed it meanwhile.
+        match conntrack.get(k, 0) {
+            Ok(now) if timeouts.expired(k.proto(), now.flags(), now.last_seen_ns(), now_ns) => {}
+            _ => continue,
+        }
+        if conntrack.remove(k).is_ok() {
+            removed += 1;
+        }
+    }
+    CtSweep {
+        entries: entries - removed,
+        removed,
+    }
+}
+
 /// The `CLOCK_MONOTONIC` time in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps
 /// conntrack entries.
 pub fn monotonic_ns() -> u64 {
@@ -621,32 +685,7 @@ impl DataplaneMaps {
     /// of such a flow is recognised and dropped rather than delivered untranslated.
     pub fn sweep_conntrack(&mut self, now_ns: u64, max: usize) -> Result<CtSweep> {
         let timeouts = *self.config()?.ct_timeouts();
-        let mut entries = 0;
-        let mut expired = Vec::new();
-        for (k, e) in self.conntrack.iter().filter_map(|r| r.ok()) {
-            entries += 1;
-            if expired.len() < max
-                && timeouts.expired(k.proto(), e.flags(), e.last_seen_ns(), now_ns)
-            {
-                expired.push(k);
-            }
-        }
-        let mut removed = 0;
-        for k in &expired {
-            // Deleted only if still expired: a packet may have refreshed it meanwhile.
-            match self.conntrack.get(k, 0) {
-                Ok(now) if timeouts.expired(k.proto(), now.flags(), now.last_seen_ns(), now_ns) => {
-                }
-                _ => continue,
-            }
-            if self.conntrack.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
-        Ok(CtSweep {
-            entries: entries - removed,
-            removed,
-        })
+        Ok(sweep_table(&mut self.conntrack, &timeouts, now_ns, max))
     }
 
     /// Entries in the policy and route tables, counted in the maps themselves (not taken
