@@ -80,6 +80,8 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     /// Idle timeouts of conntrack entries.
     pub ct_timeouts: CtTimeouts,
+    /// Sizes of the configurable dataplane tables.
+    pub map_capacities: weir_api::MapCapacities,
 }
 
 #[derive(Debug, Error)]
@@ -210,7 +212,7 @@ impl Agent {
             source,
         })?;
         let pins = PinLayout::new(&cfg.bpffs, &cfg.node_name);
-        let mut dp = Dataplane::load(Some(pins))?;
+        let mut dp = Dataplane::load_with(Some(pins), &cfg.map_capacities)?;
         let mut maps = DataplaneMaps::take(&mut dp)?;
         // An agent of another release left maps of another layout version: carry their state
         // over before our programs replace theirs.

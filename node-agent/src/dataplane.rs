@@ -27,6 +27,7 @@ use aya::{
     },
 };
 use thiserror::Error;
+use weir_api::MapCapacities;
 use weir_common::{ABI_VERSION, maps, programs};
 
 /// The compiled eBPF object.
@@ -197,13 +198,23 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pins: Option<PinLayout>,
     mode: AttachMode,
+    capacities: MapCapacities,
 }
 
 impl Dataplane {
-    /// Loads the programs. With `pins`, maps are reopened from (or pinned to) the node's pin
-    /// directory; without, they are private to this instance (tests, benchmarks).
+    /// Loads the programs with the compiled-in map sizes. With `pins`, maps are reopened
+    /// from (or pinned to) the node's pin directory; without, they are private to this
+    /// instance (tests, benchmarks).
     pub fn load(pins: Option<PinLayout>) -> Result<Self> {
+        Self::load_with(pins, &MapCapacities::default())
+    }
+
+    /// [`Self::load`] with the configurable tables sized by `capacities`.
+    pub fn load_with(pins: Option<PinLayout>, capacities: &MapCapacities) -> Result<Self> {
         let mut loader = EbpfLoader::new();
+        for (name, entries) in capacities.maps() {
+            loader.map_max_entries(name, entries);
+        }
         let map_paths: Vec<(&'static str, PathBuf)> = match &pins {
             Some(p) => {
                 p.create_dirs()?;
@@ -255,7 +266,17 @@ impl Dataplane {
         } else {
             AttachMode::Netlink
         };
-        Ok(Self { ebpf, pins, mode })
+        Ok(Self {
+            ebpf,
+            pins,
+            mode,
+            capacities: *capacities,
+        })
+    }
+
+    /// The sizes the configurable tables were created with.
+    pub fn capacities(&self) -> &MapCapacities {
+        &self.capacities
     }
 
     /// Attaches through clsact/cls_bpf even where TCX exists (tests of the fallback).

@@ -13,7 +13,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use thiserror::Error;
-use weir_api::{Action, NodeState, NodeStateDiff, VerdictEntry, VerdictMatch};
+use weir_api::{Action, MapCapacities, NodeState, NodeStateDiff, VerdictEntry, VerdictMatch};
 use weir_common::{
     capacity,
     config::NodeConfig,
@@ -208,6 +208,8 @@ pub struct DataplaneMaps {
     pub service_nat: HashMap<MapData, CtKey, NatEntry>,
     /// Cookie of the node's network namespace, for the socket hooks.
     pub node_netns: Array<MapData, u64>,
+    /// The sizes of the configurable tables, as the kernel holds them.
+    pub capacities: MapCapacities,
 }
 
 macro_rules! take {
@@ -216,28 +218,74 @@ macro_rules! take {
             .try_into()
             .map_err(map_err($name, "opening"))?
     };
+    ($dp:expr, $name:expr, $sizes:expr) => {{
+        let map = $dp.take_map($name)?;
+        $sizes.push(($name, max_entries(&map, $name)?));
+        map.try_into().map_err(map_err($name, "opening"))?
+    }};
+}
+
+/// The size the kernel created a map with.
+fn max_entries(map: &aya::maps::Map, name: &'static str) -> Result<u32> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) | Map::Array(d) => d,
+        _ => {
+            return Err(MapsError::Map {
+                map: name,
+                action: "reading its size".into(),
+                source: Box::new(MapError::InvalidName {
+                    name: name.to_string(),
+                }),
+            });
+        }
+    };
+    Ok(data
+        .info()
+        .map_err(map_err(name, "reading its size"))?
+        .max_entries())
 }
 
 impl DataplaneMaps {
+    /// Takes the maps out of `dp`. [`Self::capacities`] are the sizes the kernel holds.
     pub fn take(dp: &mut Dataplane) -> Result<Self> {
-        Ok(Self {
-            endpoints: take!(dp, names::ENDPOINTS),
+        let mut sizes: Vec<(&'static str, u32)> = Vec::new();
+        let mut maps = Self {
+            endpoints: take!(dp, names::ENDPOINTS, sizes),
             host_addrs: take!(dp, names::HOST_ADDRS),
-            peer_classes: take!(dp, names::PEER_CLASSES),
-            peer_hosts: take!(dp, names::PEER_HOSTS),
-            verdicts: take!(dp, names::VERDICTS),
-            verdicts_exact: take!(dp, names::VERDICTS_EXACT),
-            conntrack: take!(dp, names::CONNTRACK),
-            routes: take!(dp, names::ROUTES),
+            peer_classes: take!(dp, names::PEER_CLASSES, sizes),
+            peer_hosts: take!(dp, names::PEER_HOSTS, sizes),
+            verdicts: take!(dp, names::VERDICTS, sizes),
+            verdicts_exact: take!(dp, names::VERDICTS_EXACT, sizes),
+            conntrack: take!(dp, names::CONNTRACK, sizes),
+            routes: take!(dp, names::ROUTES, sizes),
             tunnel_peers: take!(dp, names::TUNNEL_PEERS),
             config: take!(dp, names::NODE_CONFIG),
             drops: take!(dp, names::DROPS),
             rule_hits: take!(dp, names::RULE_HITS),
             policy_drops: take!(dp, names::POLICY_DROPS),
-            services: take!(dp, names::SERVICES),
-            service_nat: take!(dp, names::SERVICE_NAT),
+            services: take!(dp, names::SERVICES, sizes),
+            service_nat: take!(dp, names::SERVICE_NAT, sizes),
             node_netns: take!(dp, names::NODE_NETNS),
-        })
+            capacities: *dp.capacities(),
+        };
+        for (name, n) in sizes {
+            let c = &mut maps.capacities;
+            let field = match name {
+                names::ENDPOINTS => &mut c.endpoints,
+                names::PEER_CLASSES => &mut c.peer_classes,
+                names::PEER_HOSTS => &mut c.peer_hosts,
+                names::VERDICTS => &mut c.verdicts,
+                names::VERDICTS_EXACT => &mut c.verdicts_exact,
+                names::CONNTRACK => &mut c.conntrack,
+                names::ROUTES => &mut c.routes,
+                names::SERVICES => &mut c.services,
+                names::SERVICE_NAT => &mut c.service_nat,
+                _ => continue,
+            };
+            *field = n;
+        }
+        Ok(maps)
     }
 
     /// Makes the socket hooks act on the sockets of the network namespace with `cookie` (0:
