@@ -53,6 +53,26 @@ fn attach_sockets(
     Ok(())
 }
 
+/// Logs how copying a map's entries from `from` went.
+fn log_carried(
+    map: &'static str,
+    from: &std::path::Path,
+    outcome: std::result::Result<crate::maps::Copied, String>,
+) {
+    match outcome {
+        Ok(c) if c.left_out > 0 => warn!(
+            map,
+            copied = c.copied,
+            left_out = c.left_out,
+            first_error = c.first_error.as_deref().unwrap_or(""),
+            from = %from.display(),
+            "carried over in part: the entries left out did not fit (the map is smaller) or could not be written"
+        ),
+        Ok(c) => info!(map, entries = c.copied, from = %from.display(), "carried over"),
+        Err(e) => warn!(map, error = %e, from = %from.display(), "not carried over"),
+    }
+}
+
 /// Settings the agent starts with.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -221,12 +241,22 @@ impl Agent {
             .and_then(|p| p.other_versions().into_iter().next())
         {
             for (map, outcome) in maps.carry_over(&previous.join("maps")) {
-                match outcome {
-                    Ok(n) => info!(map, entries = n, from = %previous.display(), "carried over"),
-                    Err(e) => {
-                        warn!(map, error = %e, from = %previous.display(), "not carried over")
-                    }
-                }
+                log_carried(map, &previous, outcome);
+            }
+        }
+        // Pinned maps of another size than configured were created anew: their entries
+        // follow.
+        if let Some(pins) = dp.pins().cloned() {
+            for r in dp.resized() {
+                info!(
+                    map = r.map,
+                    from = r.from,
+                    to = r.to,
+                    "pinned map has another size than configured: created anew"
+                );
+            }
+            for (map, outcome) in maps.carry_over_resized(&pins) {
+                log_carried(map, &pins.resized_dir(), outcome);
             }
         }
         let mut config = maps.config()?;
