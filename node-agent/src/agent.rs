@@ -53,6 +53,26 @@ fn attach_sockets(
     Ok(())
 }
 
+/// Logs how copying a map's entries from `from` went.
+fn log_carried(
+    map: &'static str,
+    from: &std::path::Path,
+    outcome: std::result::Result<crate::maps::Copied, String>,
+) {
+    match outcome {
+        Ok(c) if c.left_out > 0 => warn!(
+            map,
+            copied = c.copied,
+            left_out = c.left_out,
+            first_error = c.first_error.as_deref().unwrap_or(""),
+            from = %from.display(),
+            "carried over in part: the entries left out did not fit (the map is smaller) or could not be written"
+        ),
+        Ok(c) => info!(map, entries = c.copied, from = %from.display(), "carried over"),
+        Err(e) => warn!(map, error = %e, from = %from.display(), "not carried over"),
+    }
+}
+
 /// Settings the agent starts with.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -82,6 +102,8 @@ pub struct AgentConfig {
     pub ct_timeouts: CtTimeouts,
     /// What a pod gets while the controller has not named its policies.
     pub pending_pod_policy: PendingPodPolicy,
+    /// Sizes of the configurable dataplane tables.
+    pub map_capacities: weir_api::MapCapacities,
 }
 
 /// The policy of a pod whose rule sets the controller has not sent yet (it was away or behind
@@ -250,7 +272,7 @@ impl Agent {
             source,
         })?;
         let pins = PinLayout::new(&cfg.bpffs, &cfg.node_name);
-        let mut dp = Dataplane::load(Some(pins))?;
+        let mut dp = Dataplane::load_with(Some(pins), &cfg.map_capacities)?;
         let mut maps = DataplaneMaps::take(&mut dp)?;
         // An agent of another release left maps of another layout version: carry their state
         // over before our programs replace theirs.
@@ -259,12 +281,22 @@ impl Agent {
             .and_then(|p| p.other_versions().into_iter().next())
         {
             for (map, outcome) in maps.carry_over(&previous.join("maps")) {
-                match outcome {
-                    Ok(n) => info!(map, entries = n, from = %previous.display(), "carried over"),
-                    Err(e) => {
-                        warn!(map, error = %e, from = %previous.display(), "not carried over")
-                    }
-                }
+                log_carried(map, &previous, outcome);
+            }
+        }
+        // Pinned maps of another size than configured were created anew: their entries
+        // follow.
+        if let Some(pins) = dp.pins().cloned() {
+            for r in dp.resized() {
+                info!(
+                    map = r.map,
+                    from = r.from,
+                    to = r.to,
+                    "pinned map has another size than configured: created anew"
+                );
+            }
+            for (map, outcome) in maps.carry_over_resized(&pins) {
+                log_carried(map, &pins.resized_dir(), outcome);
             }
         }
         let mut config = maps.config()?;

@@ -186,6 +186,12 @@ struct Args {
     /// Most expired conntrack entries one sweep deletes.
     #[arg(long, env = "WEIR_CT_SWEEP_MAX", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
     ct_sweep_max: u64,
+    /// Sizes of the dataplane tables, `TABLE=ENTRIES[,…]` (tables: endpoints, peer-classes,
+    /// peer-hosts, verdicts, verdicts-exact, conntrack, services, service-nat, routes; each
+    /// 1024 to 16777216 entries); tables not named keep their default size. A pinned table of
+    /// another size is recreated with its entries carried over.
+    #[arg(long, env = "WEIR_MAP_CAPACITY", default_value = "")]
+    map_capacity: weir_api::MapCapacities,
 }
 
 #[tokio::main]
@@ -285,6 +291,7 @@ async fn run(args: Args) -> Result<()> {
         } else {
             weir_agent::agent::PendingPodPolicy::Allow
         },
+        map_capacities: args.map_capacity,
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(
@@ -294,6 +301,9 @@ async fn run(args: Args) -> Result<()> {
         "dataplane loaded"
     );
     let mut agent = agent;
+    // What the maps hold, reported to the controller, which fits the node's state to it.
+    let capacities = agent.maps().capacities;
+    info!(%capacities, "dataplane table sizes");
     let flows = weir_agent::observe::FlowLog::new(4096);
     match agent.take_flow_events() {
         Ok(ring) => {
@@ -342,7 +352,8 @@ async fn run(args: Args) -> Result<()> {
             weir_transport::TlsFiles::in_dir(&args.tls_dir),
             args.controller_name.clone(),
             node_name.clone(),
-        );
+        )
+        .with_capacities(capacities);
         let mut sink = weir_agent::controller_link::DataplaneSink::new(agent.clone());
         let follow = async move {
             let _ = watch.run(&mut sink).await;
@@ -433,4 +444,35 @@ async fn run(args: Args) -> Result<()> {
     // no agent runs, and the next agent takes over without a gap.
     info!("exiting; the dataplane stays in place");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let mut argv = vec!["weir-agent", "--node-name", "n1"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv)
+    }
+
+    #[test]
+    fn map_capacities_default_to_the_compiled_in_sizes() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.agent.map_capacity, weir_api::MapCapacities::default());
+        let cli = parse(&["--map-capacity", "conntrack=1000000,routes=2048"]).unwrap();
+        assert_eq!(cli.agent.map_capacity.conntrack, 1_000_000);
+        assert_eq!(cli.agent.map_capacity.routes, 2048);
+    }
+
+    #[test]
+    fn a_map_capacity_of_zero_is_refused_at_start() {
+        let err = parse(&["--map-capacity", "conntrack=0"]).unwrap_err();
+        assert!(
+            err.to_string().contains("out of range (1024 to 16777216)"),
+            "{err}"
+        );
+        let err = parse(&["--map-capacity", "verdict=4096"]).unwrap_err();
+        assert!(err.to_string().contains("unknown table"), "{err}");
+    }
 }

@@ -204,11 +204,13 @@ impl ClusterSync {
         }
     }
 
-    /// Compiles when the node pod-CIDR store offers assignments the allocator has not adopted
-    /// (no object changed, but the ranges agents get may have).
+    /// Compiles when the node pod-CIDR store offers assignments the allocator has not adopted,
+    /// or an agent reported other map capacities (no object changed, but what agents get
+    /// may have).
     pub fn adopt_node_cidrs(&mut self) -> Option<BTreeMap<String, u64>> {
-        (self.compiled_once && self.controller.node_cidrs_pending())
-            .then(|| self.controller.recompute())
+        (self.compiled_once
+            && (self.controller.node_cidrs_pending() || self.controller.capacities_pending()))
+        .then(|| self.controller.recompute())
     }
 
     /// Every diagnostic of every stored policy, and of the Services and EndpointSlices the
