@@ -42,11 +42,14 @@ pub async fn views(
             Target::Local(local) => {
                 let tables = pinned::read(local.bpffs(), &node)
                     .with_context(|| format!("reading the maps of {node}"))?;
-                let mut state = match state {
-                    Ok(s) => s,
+                let (mut state, source) = match state {
+                    Ok(s) => (s, "pinned maps, names from the agent"),
                     Err(e) => {
                         warnings.push(format!("{e:#}: policy and rule names unknown on {node}"));
-                        NodeState::default()
+                        (
+                            NodeState::default(),
+                            "pinned maps, names unknown (agent unreachable)",
+                        )
                     }
                 };
                 state.peer_classes = tables.peer_classes;
@@ -56,7 +59,7 @@ pub async fn views(
                     endpoints: tables.endpoints,
                     host_addrs: tables.host_addrs,
                     state,
-                    source: "pinned maps, names from the agent".into(),
+                    source: source.into(),
                 });
             }
             Target::Kube(_) => match state {

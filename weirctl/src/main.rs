@@ -188,7 +188,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             for f in seen.fresh(batch) {
                 show(&f);
             }
-            while *follow {
+            if !*follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            loop {
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -203,7 +206,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     Err(e) => eprintln!("weirctl: {e:#}"),
                 }
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Trace {
             from,
