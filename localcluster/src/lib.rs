@@ -6,6 +6,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod conformance;
 pub mod netns;
+pub mod oci;
 pub mod record;
 
 pub use cluster::{
