@@ -12,10 +12,12 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+mod capacity;
 mod diff;
 mod lookup;
 mod service;
 
+pub use capacity::{CapacityError, MAX_CAPACITY, MIN_CAPACITY, MapCapacities, table_names};
 pub use diff::{NodeStateDiff, TableDiff};
 pub use lookup::ipv4_root;
 pub use service::{

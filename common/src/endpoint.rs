@@ -39,6 +39,16 @@ impl EndpointInfo {
         }
     }
 
+    /// Policy still pending, and every new flow in both directions denied meanwhile (the
+    /// reserved rule set [`crate::policy::FAIL_CLOSED`]): a pod that starts before the
+    /// controller names its policies runs isolated, not open.
+    pub const fn failing_closed_until_assigned(mut self) -> Self {
+        self.ingress_policy = crate::policy::FAIL_CLOSED;
+        self.egress_policy = crate::policy::FAIL_CLOSED;
+        self.flags |= Self::FLAG_POLICY_PENDING;
+        self
+    }
+
     pub const fn with_policies(mut self, ingress: u32, egress: u32) -> Self {
         self.ingress_policy = ingress;
         self.egress_policy = egress;

@@ -1,5 +1,6 @@
-//! The check of a node's compiled state against the agent's map capacities, before it is
-//! published: a state that does not fit would leave the agent unable to apply it.
+//! The check of a node's compiled state against its agent's map capacities (as the agent
+//! reported them, the compiled-in defaults if it reports none), before it is published: a
+//! state that does not fit would leave the agent unable to apply it.
 //!
 //! When the verdicts or classes of a node do not fit, the largest rule sets lose their
 //! verdicts, one after the other, until the rest fits. A rule set without verdicts denies
@@ -32,6 +33,18 @@ impl Default for Capacities {
             verdicts: capacity::VERDICTS as usize,
             peer_hosts: capacity::PEER_HOSTS as usize,
             peer_classes: capacity::PEER_CLASSES as usize,
+        }
+    }
+}
+
+impl From<&weir_api::MapCapacities> for Capacities {
+    /// The capacities an agent reported.
+    fn from(c: &weir_api::MapCapacities) -> Self {
+        Self {
+            verdicts_exact: c.verdicts_exact as usize,
+            verdicts: c.verdicts as usize,
+            peer_hosts: c.peer_hosts as usize,
+            peer_classes: c.peer_classes as usize,
         }
     }
 }

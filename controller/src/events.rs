@@ -13,7 +13,10 @@
 //! * reason [`INVALID_SERVICE_REASON`] / [`INVALID_ENDPOINT_SLICE_REASON`] for a Service or
 //!   EndpointSlice part weir leaves out (an unknown protocol, a named `targetPort` no
 //!   backend has, a frontend another Service already holds); the rest of the Service, and
-//!   every other Service, is proxied as usual.
+//!   every other Service, is proxied as usual;
+//! * reason [`POLICY_TOO_LARGE_REASON`] for a NetworkPolicy whose rule set does not fit a
+//!   node's dataplane with the node's other policies (the pods it selects on that node fail
+//!   closed in that direction; every other pod keeps its policies).
 //!
 //! "Distinct" is per object *and generation* (`metadata.generation` grows with every spec
 //! change; objects without one — Services — are identified by their uid alone): an edit
@@ -48,8 +51,11 @@ use kube::{Api, Client, api::PostParams};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use weir_api::PolicyRef;
+
 use crate::{
-    PolicyDiagnostic, Severity, kube::ObjectRef, leader::Leadership, policy::PolicyKind,
+    PolicyDiagnostic, Severity, capacity::TooLarge, kube::ObjectRef, leader::Leadership,
+    policy::PolicyKind,
     service::ServiceDiagnostic,
 };
 
@@ -61,6 +67,8 @@ pub const NORMALIZED_POLICY_REASON: &str = "NetworkPolicyValueNormalized";
 pub const INVALID_SERVICE_REASON: &str = "InvalidService";
 /// Reason of the Event for an EndpointSlice part weir leaves out.
 pub const INVALID_ENDPOINT_SLICE_REASON: &str = "InvalidEndpointSlice";
+/// Reason of the Event for a policy whose rule set does not fit a node's maps.
+pub const POLICY_TOO_LARGE_REASON: &str = "PolicyTooLarge";
 /// `reportingController` of weir's Events (must be a qualified name).
 pub const REPORTING_CONTROLLER: &str = "weir.dev/controller";
 /// `action` of weir's Events.
@@ -114,6 +122,18 @@ pub struct ReportedDiagnostic {
     pub field: String,
     pub severity: Severity,
     pub problem: String,
+    /// What kind of fault: the object itself, or its fit in a node's dataplane.
+    pub finding: Finding,
+}
+
+/// What a diagnostic finds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Finding {
+    /// The object (a field of it) is invalid or normalized.
+    #[default]
+    Validation,
+    /// The object is valid, but what it compiles to does not fit a node's maps.
+    TooLarge,
 }
 
 impl ReportedDiagnostic {
@@ -130,6 +150,21 @@ impl ReportedDiagnostic {
             field: d.field.clone(),
             severity: d.severity,
             problem: d.problem.to_string(),
+            finding: Finding::Validation,
+        }
+    }
+
+    /// `policy`, one of those whose rule set `t` did not fit its node.
+    pub fn too_large(t: &TooLarge, policy: &PolicyRef, object: ObjectRef) -> Self {
+        Self {
+            subject: Subject::NetworkPolicy,
+            namespace: policy.namespace.clone(),
+            name: policy.name.clone(),
+            object,
+            field: "spec".into(),
+            severity: Severity::Warning,
+            problem: t.to_string(),
+            finding: Finding::TooLarge,
         }
     }
 
@@ -143,15 +178,20 @@ impl ReportedDiagnostic {
             field: d.field.clone(),
             severity: Severity::Warning,
             problem: d.problem.clone(),
+            finding: Finding::Validation,
         })
     }
 
     fn is_invalid_policy(&self) -> bool {
-        self.subject == Subject::NetworkPolicy && self.severity == Severity::Error
+        self.subject == Subject::NetworkPolicy
+            && self.finding == Finding::Validation
+            && self.severity == Severity::Error
     }
 
     fn is_normalized_policy_value(&self) -> bool {
-        self.subject == Subject::NetworkPolicy && self.severity == Severity::Warning
+        self.subject == Subject::NetworkPolicy
+            && self.finding == Finding::Validation
+            && self.severity == Severity::Warning
     }
 }
 
@@ -414,6 +454,7 @@ impl DiagnosticEvents {
 
     fn event(&self, id: &DiagnosticId, report: &ReportedDiagnostic) -> Event {
         let (reason, consequence) = match (report.subject, report.severity) {
+            _ if report.finding == Finding::TooLarge => (POLICY_TOO_LARGE_REASON, ""),
             (Subject::NetworkPolicy, Severity::Error) => (
                 INVALID_POLICY_REASON,
                 "; the policy fails closed: it isolates the pods it selects and allows nothing",

@@ -54,10 +54,14 @@ pub struct Controller {
     /// Derive EndpointSlices from pods (a manifest directory has no EndpointSlice
     /// controller).
     derive_endpoint_slices: bool,
-    /// The agents' map capacities every node's state is checked against.
+    /// The map capacities a node's state is checked against when its agent reports none.
     capacities: crate::capacity::Capacities,
+    /// The map capacities agents reported (see [`StatePublisher::capacities`]).
+    reported_capacities: watch::Receiver<BTreeMap<String, weir_api::MapCapacities>>,
     /// Rule sets too large for their node, as last reported (each is logged once).
     too_large_reported: BTreeSet<String>,
+    /// Rule sets too large for their node at the last compile.
+    too_large: Vec<crate::capacity::TooLarge>,
 }
 
 type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
@@ -89,6 +93,7 @@ struct NodeInfo {
 impl Controller {
     pub fn new(publisher: StatePublisher) -> Self {
         Self {
+            reported_capacities: publisher.capacities(),
             cluster: Cluster::new(),
             compiler: Compiler::new(),
             publisher,
@@ -104,6 +109,7 @@ impl Controller {
             compile_observer: None,
             capacities: Default::default(),
             too_large_reported: BTreeSet::new(),
+            too_large: Vec::new(),
             derive_endpoint_slices: false,
         }
     }
@@ -117,8 +123,8 @@ impl Controller {
     }
 
     /// Calls `observer` after every compile with what it did.
-    /// Checks every node's state against these map capacities instead of the agent's
-    /// compiled-in ones.
+    /// Checks the state of every node whose agent reports no map capacities against these
+    /// instead of the compiled-in ones.
     pub fn with_capacities(mut self, capacities: crate::capacity::Capacities) -> Self {
         self.capacities = capacities;
         self
@@ -146,6 +152,11 @@ impl Controller {
     /// What the last compile could not use of the Services and EndpointSlices.
     pub fn service_diagnostics(&self) -> &[ServiceDiagnostic] {
         &self.service_diagnostics
+    }
+
+    /// The rule sets the last compile found too large for their node (they fail closed).
+    pub fn too_large(&self) -> &[crate::capacity::TooLarge] {
+        &self.too_large
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -218,10 +229,17 @@ impl Controller {
             .is_some_and(|(_, store)| store.has_fresh())
     }
 
+    /// Whether an agent reported map capacities other than the last compile used:
+    /// [`Self::recompute`] fits its node's state to them.
+    pub fn capacities_pending(&self) -> bool {
+        self.reported_capacities.has_changed().unwrap_or(false)
+    }
+
     /// Compiles every node and publishes the states that changed. Returns the version each
     /// node is now at.
     pub fn recompute(&mut self) -> BTreeMap<String, u64> {
         let started = Instant::now();
+        let reported = self.reported_capacities.borrow_and_update().clone();
         if self.derive_endpoint_slices {
             self.cluster.derive_endpoint_slices();
         }
@@ -263,16 +281,23 @@ impl Controller {
         let mut versions = BTreeMap::new();
         let mut published = 0usize;
         let mut too_large = BTreeSet::new();
+        let mut too_large_sets = Vec::new();
         for (node, mut state) in out.nodes {
             state.routes = self.routes.clone();
             // A state the agent cannot hold is cut down to one it can, failing closed for
             // the policies that do not fit, before anything is published.
-            for t in crate::capacity::fit(&node, &mut state, &self.capacities) {
+            // The node's agent's own map sizes; the defaults if it reports none.
+            let caps = reported
+                .get(&node)
+                .map(crate::capacity::Capacities::from)
+                .unwrap_or(self.capacities);
+            for t in crate::capacity::fit(&node, &mut state, &caps) {
                 let line = t.to_string();
                 if !self.too_large_reported.contains(&line) {
                     warn!(diagnostic = %line, "policies too large for the node's dataplane (they fail closed)");
                 }
                 too_large.insert(line);
+                too_large_sets.push(t);
             }
             let (version, changed) = match self.published.get(&node) {
                 Some((v, old)) if **old == state => (*v, false),
@@ -322,6 +347,7 @@ impl Controller {
         }
         let too_large_count = too_large.len();
         self.too_large_reported = too_large;
+        self.too_large = too_large_sets;
         if let Some(observe) = &self.compile_observer {
             observe(&CompileReport {
                 duration: started.elapsed(),
@@ -424,6 +450,7 @@ pub async fn run_directory(
     status_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let publisher = controller.publisher.clone();
+    let mut capacities = publisher.capacities();
     // No EndpointSlice controller writes into a directory: the slices come from the pods.
     controller.derive_endpoint_slices = true;
     use notify::Watcher as _;
@@ -461,8 +488,9 @@ pub async fn run_directory(
             debug!(changes = scan.changes.len(), "manifests changed");
             controller.apply(scan.changes);
         }
-        // Compile only when something changed (and once at start).
-        if changed || last_versions.is_none() {
+        // Compile only when something changed (and once at start), or when an agent
+        // reported other map capacities.
+        if changed || last_versions.is_none() || controller.capacities_pending() {
             last_versions = Some(controller.recompute());
         }
         let versions = last_versions.clone().unwrap_or_default();
@@ -474,8 +502,13 @@ pub async fn run_directory(
         });
         // Wait for the next change (events arrive in bursts: gather them briefly), with a
         // periodic rescan as a safety net for missed events.
-        if let Ok(None) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            anyhow::bail!("the directory watcher stopped");
+        tokio::select! {
+            event = tokio::time::timeout(Duration::from_secs(5), rx.recv()) => {
+                if let Ok(None) = event {
+                    anyhow::bail!("the directory watcher stopped");
+                }
+            }
+            _ = capacities.changed() => {}
         }
         tokio::time::sleep(Duration::from_millis(15)).await;
         while rx.try_recv().is_ok() {}
@@ -657,6 +690,109 @@ status: {phase: Running, podIPs: [{ip: 10.244.0.5}]}
         assert_eq!(frontend.ip, "10.96.0.10".parse::<IpAddr>().unwrap());
         assert_eq!(entry.backends.len(), 1);
         assert_eq!(entry.backends[0].port, 8080);
+    }
+
+    /// Each node's state is fitted to the map capacities its own agent reported: a node
+    /// whose `VERDICTS_EXACT` is small fails closed for the large rule set, a node with the
+    /// default sizes keeps it; once the small node's agent reports the defaults (or none), it
+    /// gets the rule set back.
+    #[test]
+    fn each_node_is_checked_against_the_capacities_its_agent_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<String> = (1..=10)
+            .map(|p| format!("{{port: {}}}", 2 * p + 1))
+            .collect();
+        let text = format!(
+            r#"
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {{name: big, namespace: prod}}
+spec:
+  podSelector: {{matchLabels: {{app: big}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}], ports: [{}]}}]
+---
+kind: NetworkPolicy
+apiVersion: networking.k8s.io/v1
+metadata: {{name: small, namespace: prod}}
+spec:
+  podSelector: {{matchLabels: {{app: small}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}], ports: [{{port: 80}}]}}]
+---
+kind: Pod
+apiVersion: v1
+metadata: {{name: big-a, namespace: prod, labels: {{app: big}}}}
+spec: {{nodeName: a, containers: []}}
+status: {{phase: Running, podIPs: [{{ip: 10.244.0.5}}]}}
+---
+kind: Pod
+apiVersion: v1
+metadata: {{name: small-a, namespace: prod, labels: {{app: small}}}}
+spec: {{nodeName: a, containers: []}}
+status: {{phase: Running, podIPs: [{{ip: 10.244.0.6}}]}}
+---
+kind: Pod
+apiVersion: v1
+metadata: {{name: big-b, namespace: prod, labels: {{app: big}}}}
+spec: {{nodeName: b, containers: []}}
+status: {{phase: Running, podIPs: [{{ip: 10.244.1.5}}]}}
+"#,
+            ports.join(", ")
+        );
+        let objects = crate::source::parse_manifests("np.yaml", &text).unwrap();
+        let publisher = StatePublisher::new();
+        let alloc = NodeCidrAllocator::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
+        let mut c = Controller::new(publisher.clone())
+            .with_node_cidrs(
+                alloc,
+                Box::new(FileCidrStore::new(dir.path().join("c.json"))),
+            )
+            .unwrap()
+            .observe_compiles(move |r| seen.lock().unwrap().push(r.rule_sets_too_large));
+        c.apply(
+            objects
+                .into_iter()
+                .map(|o| Change::Upsert(Box::new(o)))
+                .collect(),
+        );
+        // Node a's agent has room for 8 single-port verdicts; node b's reports nothing (an
+        // older agent): the defaults.
+        let small = weir_api::MapCapacities {
+            verdicts_exact: 8,
+            ..Default::default()
+        };
+        publisher.record_capacities("a", Some(small));
+        assert!(c.capacities_pending());
+        c.recompute();
+        assert!(!c.capacities_pending());
+        let peer: IpAddr = "10.1.2.3".parse().unwrap();
+        let verdict = |c: &Controller, node: &str, pod: &str, port: u16| {
+            let state = &c.published[node].1;
+            let set = state.endpoints[&PodKey::new("prod", pod)].ingress;
+            assert_ne!(set, weir_api::NOT_ISOLATED);
+            state.verdict(set, peer, 6, port).0
+        };
+        use weir_api::Action::{Allow, Deny};
+        assert_eq!(verdict(&c, "a", "big-a", 3), Deny, "fails closed on a");
+        assert_eq!(verdict(&c, "a", "small-a", 80), Allow);
+        assert_eq!(
+            verdict(&c, "b", "big-b", 3),
+            Allow,
+            "b has the default sizes"
+        );
+        assert_eq!(*reports.lock().unwrap(), [1]);
+        // Node a's agent restarts with the default sizes: the rule set comes back.
+        let version = c.published["a"].0;
+        publisher.record_capacities("a", Some(weir_api::MapCapacities::default()));
+        assert!(c.capacities_pending());
+        c.recompute();
+        assert_eq!(verdict(&c, "a", "big-a", 3), Allow);
+        assert!(c.published["a"].0 > version, "republished");
+        assert_eq!(*reports.lock().unwrap(), [1, 0]);
+        // Reporting the same again changes nothing.
+        publisher.record_capacities("a", Some(weir_api::MapCapacities::default()));
+        assert!(!c.capacities_pending());
     }
 
     #[test]

@@ -9,9 +9,10 @@ use futures::StreamExt;
 use kube_support::*;
 use serde_json::{Value, json};
 use weir_controller::{
+    capacity::Capacities,
     events::{
-        DiagnosticEvents, INVALID_POLICY_REASON, INVALID_SERVICE_REASON, REPORTING_CONTROLLER,
-        ReportedDiagnostic,
+        DiagnosticEvents, INVALID_POLICY_REASON, INVALID_SERVICE_REASON, POLICY_TOO_LARGE_REASON,
+        REPORTING_CONTROLLER, ReportedDiagnostic,
     },
     kube::{ClusterSync, WatchOptions, watch_cluster},
     run::Controller,
@@ -42,16 +43,33 @@ async fn diagnostics_with_services(
     policies: Vec<Value>,
     services: Vec<Value>,
 ) -> Vec<ReportedDiagnostic> {
+    diagnostics_in(
+        Controller::new(StatePublisher::new()),
+        policies,
+        services,
+        vec![],
+    )
+    .await
+}
+
+/// The diagnostics `controller` reports after syncing a cluster of one node with these
+/// objects.
+async fn diagnostics_in(
+    controller: Controller,
+    policies: Vec<Value>,
+    services: Vec<Value>,
+    pods: Vec<Value>,
+) -> Vec<ReportedDiagnostic> {
     let api = FakeApi::start(
         Script::new()
             .on(SERVICES, [list("1", services)])
             .on(ENDPOINT_SLICES, [list("1", vec![])])
             .on(NAMESPACES, [list("1", vec![namespace("prod", "1")])])
             .on(NODES, [list("1", vec![node("node-1", "1")])])
-            .on(PODS, [list("1", vec![])])
+            .on(PODS, [list("1", pods)])
             .on(POLICIES, [list("1", policies)]),
     );
-    let mut sync = ClusterSync::new(Controller::new(StatePublisher::new()));
+    let mut sync = ClusterSync::new(controller);
     let mut events = Box::pin(watch_cluster(api.client(), &WatchOptions::default()));
     while let Ok(Some(e)) = tokio::time::timeout(QUIET, events.next()).await {
         sync.observe(e);
@@ -257,5 +275,63 @@ async fn an_unusable_service_port_yields_one_event_regarding_the_service_and_not
     let metrics = events.metrics();
     assert_eq!(metrics.invalid_policies(), 0, "a Service is not a policy");
     assert_eq!(metrics.invalid_policies_total(), 0);
+    assert_eq!(metrics.events_emitted_total(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_too_large_for_a_node_yields_one_event_and_is_not_counted_as_invalid() {
+    // Ten single ports: ten exact verdicts, where the node holds eight.
+    let ports: Vec<Value> = (1..=10).map(|p| json!({"port": 2 * p + 1})).collect();
+    let mut big = policy(
+        "prod",
+        "big",
+        "5",
+        json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": ports}]}),
+    );
+    big["spec"]["podSelector"] = json!({"matchLabels": {"app": "big"}});
+    let mut small = policy(
+        "prod",
+        "small",
+        "6",
+        json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 80}]}]}),
+    );
+    small["spec"]["podSelector"] = json!({"matchLabels": {"app": "small"}});
+    let controller = Controller::new(StatePublisher::new()).with_capacities(Capacities {
+        verdicts_exact: 8,
+        ..Capacities::default()
+    });
+    let diagnostics = diagnostics_in(
+        controller,
+        vec![big, small],
+        vec![],
+        vec![
+            pod("prod", "big-1", "node-1", "10.244.0.5", "big", "7"),
+            pod("prod", "small-1", "node-1", "10.244.0.6", "small", "8"),
+        ],
+    )
+    .await;
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    let (client, created) = events_api(201);
+    let mut events = DiagnosticEvents::new(client, "weir-controller-abc");
+    assert_eq!(events.sync(&diagnostics, true).await, 0);
+    assert_eq!(events.sync(&diagnostics, true).await, 0, "reported once");
+
+    let created = created.lock().unwrap().clone();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    let event = created[0].body.as_ref().unwrap();
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], POLICY_TOO_LARGE_REASON);
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "namespace": "prod", "name": "big", "uid": "uid-np-big"})
+    );
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.contains("node node-1") && note.contains("NetworkPolicy/prod/big"),
+        "the note names the node and the policy: {note}"
+    );
+    let metrics = events.metrics();
+    assert_eq!(metrics.invalid_policies(), 0, "the policy itself is valid");
     assert_eq!(metrics.events_emitted_total(), 1);
 }

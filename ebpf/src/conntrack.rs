@@ -83,10 +83,11 @@ pub fn enforce(
         }
     }
 
-    // An ICMP error about a flow conntrack knows (a port unreachable, fragmentation needed
-    // on the path, a TTL exceeded) belongs to that flow: policy admitted the flow, so it
-    // admits what the network says about it, from wherever it comes.
-    if related_to_known_flow(ctx, pkt) {
+    // An ICMP error about a live flow conntrack knows (a port unreachable, fragmentation
+    // needed on the path, a TTL exceeded) belongs to that flow: policy admitted the flow, so
+    // it admits what the network says about it, from wherever it comes. An expired flow
+    // vouches for nothing.
+    if related_to_known_flow(ctx, pkt, now) {
         return Ok(false);
     }
 
@@ -147,10 +148,11 @@ pub fn enforce(
     Ok(false)
 }
 
-/// Whether `pkt` is an ICMP error about a flow conntrack knows (in either direction). The
-/// keys live in per-CPU scratch space: the stack has no room left for two more.
+/// Whether `pkt` is an ICMP error about a flow conntrack knows and that has not expired (in
+/// either direction). The keys live in per-CPU scratch space: the stack has no room left for
+/// two more.
 #[inline(always)]
-fn related_to_known_flow(ctx: &TcContext, pkt: &Packet) -> bool {
+fn related_to_known_flow(ctx: &TcContext, pkt: &Packet, now: u64) -> bool {
     if pkt.proto != proto::ICMP && pkt.proto != proto::ICMPV6 {
         return false;
     }
@@ -163,11 +165,29 @@ fn related_to_known_flow(ctx: &TcContext, pkt: &Packet) -> bool {
     if !parse::quoted(ctx, pkt, quoted) {
         return false;
     }
-    if CONNTRACK.get_ptr(&*quoted).is_some() {
+    if live(quoted, now) {
         return true;
     }
     *reversed = quoted.reversed();
-    CONNTRACK.get_ptr(&*reversed).is_some()
+    live(reversed, now)
+}
+
+/// Whether conntrack has an entry for `key` that has not expired.
+#[inline(always)]
+fn live(key: &CtKey, now: u64) -> bool {
+    match CONNTRACK.get_ptr(key) {
+        Some(entry) => {
+            // SAFETY: map value pointer, read only.
+            let entry = unsafe { &*entry };
+            !node_config().ct_timeouts().expired(
+                key.proto(),
+                entry.flags(),
+                entry.last_seen_ns(),
+                now,
+            )
+        }
+        None => false,
+    }
 }
 
 #[inline(always)]

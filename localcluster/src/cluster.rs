@@ -3,7 +3,8 @@
 //! Layout of a run (`<run>` is a short random id, so parallel runs never collide):
 //! * namespaces `weir-<run>-sw` (a bridge: the nodes' L2 segment; with the routed topology
 //!   two segments `-sw-a`/`-sw-b` joined by a router `-rtr`), `weir-<run>-ctl` (controller),
-//!   `weir-<node>` per node, `weir-<run>-<ns>-<pod>` per pod;
+//!   `weir-<node>` per node, `weir-<run>-<ns>-<pod>` per pod (with `--runtime containerd`
+//!   pods' namespaces are containerd's, mounted under the node's containerd state);
 //! * node `i` is named `<run>-n<i>`; the controller assigns its pod CIDR from 10.244.0.0/16;
 //! * files under `/run/weir-local/<run>/`: the run record (for `down`), per-node agent state,
 //!   sockets and logs, and the manifest directory the controller reads.
@@ -28,6 +29,7 @@ use serde_json::json;
 use weir_transport::ClusterCa;
 
 use crate::{
+    containerd::{self, Cri, Runtime},
     netns::{self, Netns},
     record::{ProcessRecord, RUNS_DIR, RunRecord},
 };
@@ -73,6 +75,8 @@ pub struct ClusterOptions {
     pub controller: bool,
     /// Extra arguments for every agent (e.g. `--service-proxy kube-proxy`).
     pub agent_args: Vec<String>,
+    /// How pods are created: the plugin called directly, or containers through containerd.
+    pub runtime: Runtime,
 }
 
 impl ClusterOptions {
@@ -85,6 +89,7 @@ impl ClusterOptions {
             log: "info".into(),
             controller: true,
             agent_args: Vec::new(),
+            runtime: Runtime::Direct,
         }
     }
 }
@@ -98,9 +103,24 @@ pub struct Node {
     pub pod_cidr: Option<Ipv4Net>,
     pub dir: PathBuf,
     agent: Option<(Child, ProcessRecord)>,
+    /// The node's containerd (`--runtime containerd`).
+    containerd: Option<(Child, ProcessRecord)>,
 }
 
 impl Node {
+    /// Where the node's containerd keeps everything (`--runtime containerd`).
+    pub fn containerd_dir(&self) -> PathBuf {
+        self.dir.join("containerd")
+    }
+    pub fn containerd_socket(&self) -> PathBuf {
+        containerd::socket_path(&self.containerd_dir())
+    }
+    pub fn containerd_log(&self) -> PathBuf {
+        self.containerd_dir().join("containerd.log")
+    }
+    pub fn containerd_pid(&self) -> Option<u32> {
+        self.containerd.as_ref().map(|(c, _)| c.id())
+    }
     pub fn cni_socket(&self) -> PathBuf {
         self.dir.join("cni.sock")
     }
@@ -120,6 +140,8 @@ pub struct Pod {
     pub node: String,
     pub netns: Netns,
     pub container_id: String,
+    /// The app container's id (`--runtime containerd`; `container_id` is the sandbox's).
+    pub app_container: Option<String>,
     pub ip: IpAddr,
     pub labels: BTreeMap<String, String>,
     /// (name, port, protocol) container ports, for named ports.
@@ -435,6 +457,8 @@ impl LocalCluster {
     /// Removes a node as a cluster would when it is deleted: its agent and pods go away, its
     /// Node object is deleted, and the others stop routing to it.
     pub async fn remove_node(&mut self, idx: usize) -> Result<()> {
+        // Its containers go first, while its agent still answers their plugin's DEL.
+        self.stop_containerd(idx, true);
         self.kill_agent(idx);
         let node = self.nodes.remove(idx);
         let pods: Vec<(String, String)> = self
@@ -450,7 +474,9 @@ impl LocalCluster {
                         .dir
                         .join(format!("manifests/pods/{}.{}.yaml", key.0, key.1)),
                 );
-                netns::delete(pod.netns.name());
+                if pod.netns.is_named() {
+                    netns::delete(pod.netns.name());
+                }
             }
         }
         let _ = fs::remove_file(
@@ -801,6 +827,7 @@ impl LocalCluster {
             pod_cidr,
             dir,
             agent: None,
+            containerd: None,
         });
         Ok(())
     }
@@ -844,7 +871,155 @@ impl LocalCluster {
         self.record.processes.push(rec.clone());
         self.record.save()?;
         self.nodes[idx].agent = Some((child, rec));
-        self.wait_agent_ready(idx, Duration::from_secs(30)).await
+        self.wait_agent_ready(idx, Duration::from_secs(30)).await?;
+        if self.opts.runtime == Runtime::Containerd && self.nodes[idx].containerd.is_none() {
+            self.start_containerd(idx).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `idx`'s containerd in the node's namespace (only the network namespace
+    /// changes, as with `nsenter --net`) with the node's CNI configuration, imports the pod
+    /// image into it the first time, and waits until its CRI reports ready.
+    pub async fn start_containerd(&mut self, idx: usize) -> Result<()> {
+        containerd::check_tools()?;
+        let node = &self.nodes[idx];
+        let dir = node.containerd_dir();
+        let conf_dir = node.dir.join("net.d");
+        fs::create_dir_all(&dir)?;
+        fs::create_dir_all(&conf_dir)?;
+        // containerd 1.6's CNI library knows results up to 1.0.0.
+        let conflist = json!({
+            "cniVersion": "1.0.0",
+            "name": "weir",
+            "plugins": [{"type": "weir-cni", "agentSocket": node.cni_socket()}],
+        });
+        fs::write(conf_dir.join("10-weir.conflist"), conflist.to_string())?;
+        // containerd takes one plugin directory, and sets up every pod's loopback with the
+        // reference `loopback` plugin: both plugins, linked into one directory per node.
+        let cni_bin = node.dir.join("cni-bin");
+        fs::create_dir_all(&cni_bin)?;
+        for (name, target) in [
+            ("weir-cni", self.opts.bin_dir.join("weir-cni")),
+            ("loopback", PathBuf::from(containerd::LOOPBACK_PLUGIN)),
+        ] {
+            let link = cni_bin.join(name);
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+        fs::write(
+            dir.join("config.toml"),
+            containerd::config_toml(&dir, &cni_bin, &conf_dir),
+        )?;
+        if !self.record.containerd.contains(&dir) {
+            self.record.containerd.push(dir.clone());
+            self.record.save()?;
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.containerd_log())?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = node
+            .netns
+            .spawn(&mut cmd)
+            .with_context(|| format!("starting containerd on {}", node.name))?;
+        let rec = ProcessRecord::new(child.id(), format!("containerd {}", node.name));
+        self.record.processes.push(rec.clone());
+        self.record.save()?;
+        self.nodes[idx].containerd = Some((child, rec));
+        let socket = self.nodes[idx].containerd_socket();
+        let log = self.nodes[idx].containerd_log();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut cri = loop {
+            if let Some((child, _)) = self.nodes[idx].containerd.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!("containerd exited ({status}); log:\n{}", tail(&log, 30));
+            }
+            if socket.exists()
+                && let Ok(mut cri) = Cri::connect(&socket).await
+                && cri.version().await.is_ok()
+            {
+                break cri;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "containerd did not answer on {} within 30 s; log:\n{}",
+                    socket.display(),
+                    tail(&log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if !cri.image_present(containerd::POD_IMAGE).await? {
+            let archive = self.record.dir.join("pod-image.tar");
+            if !archive.exists() {
+                containerd::write_pod_image(&archive)?;
+            }
+            let archive = archive.display().to_string();
+            let socket = socket.clone();
+            tokio::task::spawn_blocking(move || {
+                containerd::ctr(
+                    &socket,
+                    &["images", "import", "--snapshotter", "native", &archive],
+                )
+            })
+            .await??;
+        }
+        loop {
+            if cri.ready().await? && cri.image_present(containerd::POD_IMAGE).await? {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "containerd on {} not ready (runtime and network) within 30 s; log:\n{}",
+                    self.nodes[idx].name,
+                    tail(&log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops node `idx`'s containerd (SIGTERM, then SIGKILL). With `remove_pods`, its pod
+    /// sandboxes are removed first (the plugin's DEL for each) and whatever the daemon
+    /// leaves (shims, mounts) after it; without, the pods keep running, as across a
+    /// restart of the runtime.
+    pub fn stop_containerd(&mut self, idx: usize, remove_pods: bool) {
+        let socket = self.nodes[idx].containerd_socket();
+        let dir = self.nodes[idx].containerd_dir();
+        let Some((mut child, rec)) = self.nodes[idx].containerd.take() else {
+            return;
+        };
+        if remove_pods && let Err(e) = containerd::remove_all_sandboxes(&socket) {
+            tracing::warn!("removing the pods of {}: {e:#}", self.nodes[idx].name);
+        }
+        rec.stop(Duration::from_secs(5));
+        let _ = child.wait();
+        self.record.processes.retain(|p| p != &rec);
+        if remove_pods {
+            containerd::cleanup_after_daemon(&socket, &dir);
+            self.record.containerd.retain(|d| d != &dir);
+        }
+        let _ = self.record.save();
+    }
+
+    /// Restarts node `idx`'s containerd; running pods keep running.
+    pub async fn restart_containerd(&mut self, idx: usize) -> Result<()> {
+        self.stop_containerd(idx, false);
+        self.start_containerd(idx).await
+    }
+
+    /// A CRI client of node `idx`'s containerd.
+    pub async fn cri(&self, idx: usize) -> Result<Cri> {
+        Cri::connect(&self.nodes[idx].containerd_socket()).await
     }
 
     /// GET `path` from node `idx`'s agent HTTP endpoint (from inside the node's namespace).
@@ -1006,8 +1181,12 @@ impl LocalCluster {
         })
     }
 
-    /// Creates a pod: a namespace, then the plugin's ADD through the node's agent.
+    /// Creates a pod: a namespace, then the plugin's ADD through the node's agent; with
+    /// `--runtime containerd`, a pod sandbox and an app container through the node's CRI.
     pub async fn add_pod(&mut self, spec: PodSpec) -> Result<Pod> {
+        if self.opts.runtime == Runtime::Containerd {
+            return self.add_container_pod(spec).await;
+        }
         let idx = spec.node;
         let ns_name = self.ns_name(&format!("{}-{}", spec.namespace, spec.name));
         let netns = self.new_netns(&ns_name)?;
@@ -1018,23 +1197,7 @@ impl LocalCluster {
         ) + &format!("{:x}", self.pods.len());
         // Scheduled before the runtime calls the plugin, as in Kubernetes: the controller
         // compiles the pod's policies while ADD runs, and ADD waits for them.
-        if !self
-            .record
-            .dir
-            .join(format!("manifests/namespaces/{}.yaml", spec.namespace))
-            .exists()
-        {
-            self.set_namespace_labels(&spec.namespace, &BTreeMap::new())?;
-        }
-        let node_name = self.nodes[idx].name.clone();
-        self.write_pod_object(
-            &spec.namespace,
-            &spec.name,
-            &node_name,
-            &spec.labels,
-            &spec.ports,
-            None,
-        )?;
+        self.schedule_pod(&spec)?;
         let out = self
             .cni(
                 idx,
@@ -1070,6 +1233,7 @@ impl LocalCluster {
             node: self.nodes[idx].name.clone(),
             netns,
             container_id,
+            app_container: None,
             ip,
             labels: spec.labels,
             ports: spec.ports,
@@ -1080,12 +1244,124 @@ impl LocalCluster {
         Ok(pod)
     }
 
-    /// Deletes a pod: the plugin's DEL, then its namespace.
+    /// The pod object first (Pending), as the scheduler leaves it for kubelet.
+    fn schedule_pod(&mut self, spec: &PodSpec) -> Result<()> {
+        if !self
+            .record
+            .dir
+            .join(format!("manifests/namespaces/{}.yaml", spec.namespace))
+            .exists()
+        {
+            self.set_namespace_labels(&spec.namespace, &BTreeMap::new())?;
+        }
+        let node_name = self.nodes[spec.node].name.clone();
+        self.write_pod_object(
+            &spec.namespace,
+            &spec.name,
+            &node_name,
+            &spec.labels,
+            &spec.ports,
+            None,
+        )
+    }
+
+    /// `--runtime containerd`: RunPodSandbox (containerd creates the namespace and calls the
+    /// plugin's ADD), then an app container, as kubelet does.
+    async fn add_container_pod(&mut self, spec: PodSpec) -> Result<Pod> {
+        let idx = spec.node;
+        self.schedule_pod(&spec)?;
+        let uid = format!(
+            "{}-{}",
+            self.record.run,
+            random_run_id().trim_start_matches('w')
+        );
+        let log_dir = self.nodes[idx]
+            .containerd_dir()
+            .join("pods")
+            .join(format!("{}_{}_{uid}", spec.namespace, spec.name));
+        fs::create_dir_all(&log_dir)?;
+        let config =
+            containerd::sandbox_config(&spec.namespace, &spec.name, &uid, &spec.labels, &log_dir);
+        let mut cri = self.cri(idx).await?;
+        let started = async {
+            let sandbox = cri.run_pod_sandbox(&config).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "RunPodSandbox for {}/{} failed: {e:#}\nagent log:\n{}\ncontainerd log:\n{}",
+                    spec.namespace,
+                    spec.name,
+                    tail(&self.nodes[idx].agent_log(), 20),
+                    tail(&self.nodes[idx].containerd_log(), 20)
+                )
+            })?;
+            let app = async {
+                let app = cri
+                    .start_container(&sandbox, &config, "main", &containerd::APP_COMMAND)
+                    .await?;
+                let status = cri.sandbox_status(&sandbox).await?;
+                anyhow::Ok((app, status))
+            }
+            .await;
+            match app {
+                Ok((app, status)) => anyhow::Ok((sandbox, app, status)),
+                Err(e) => {
+                    let _ = cri.remove_pod_sandbox(&sandbox).await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        let (sandbox, app, status) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = fs::remove_file(self.record.dir.join(format!(
+                    "manifests/pods/{}.{}.yaml",
+                    spec.namespace, spec.name
+                )));
+                return Err(e);
+            }
+        };
+        let (Some(ip), Some(netns)) = (status.ip, status.netns.clone()) else {
+            let _ = cri.remove_pod_sandbox(&sandbox).await;
+            bail!(
+                "pod {}/{} has no address or network namespace in its sandbox status {status:?}",
+                spec.namespace,
+                spec.name
+            );
+        };
+        let pod = Pod {
+            namespace: spec.namespace,
+            name: spec.name,
+            node: self.nodes[idx].name.clone(),
+            netns: Netns::at_path(&netns),
+            container_id: sandbox,
+            app_container: Some(app),
+            ip,
+            labels: spec.labels,
+            ports: spec.ports,
+        };
+        self.write_pod_manifest(&pod)?;
+        self.pods
+            .insert((pod.namespace.clone(), pod.name.clone()), pod.clone());
+        Ok(pod)
+    }
+
+    /// Deletes a pod: the plugin's DEL, then its namespace (with `--runtime containerd`:
+    /// StopPodSandbox, which calls DEL, and RemovePodSandbox).
     pub async fn remove_pod(&mut self, namespace: &str, name: &str) -> Result<()> {
         let Some(pod) = self.pods.remove(&(namespace.to_string(), name.to_string())) else {
             return Ok(());
         };
         let idx = self.node_index(&pod.node)?;
+        if pod.app_container.is_some() {
+            let mut cri = self.cri(idx).await?;
+            cri.remove_pod_sandbox(&pod.container_id).await?;
+            let _ = fs::remove_file(
+                self.record
+                    .dir
+                    .join(format!("manifests/pods/{namespace}.{name}.yaml")),
+            );
+            return Ok(());
+        }
         let out = self
             .cni(
                 idx,
@@ -1137,8 +1413,11 @@ impl LocalCluster {
             std::mem::forget(child);
         }
         for node in &mut self.nodes {
-            // The agents keep running; their PIDs are in the run record.
+            // The agents and containerds keep running; their PIDs are in the run record.
             if let Some((child, _)) = node.agent.take() {
+                std::mem::forget(child);
+            }
+            if let Some((child, _)) = node.containerd.take() {
                 std::mem::forget(child);
             }
         }
@@ -1155,6 +1434,10 @@ impl LocalCluster {
             return;
         }
         self.torn_down = true;
+        // Containers first, while the agents still answer their plugin's DEL.
+        for idx in 0..self.nodes.len() {
+            self.stop_containerd(idx, true);
+        }
         self.kill_controller();
         for node in &mut self.nodes {
             if let Some((mut child, _)) = node.agent.take() {

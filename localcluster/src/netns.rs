@@ -50,22 +50,45 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 
 /// A named network namespace. It is not deleted on drop: the cluster owns teardown, so
 /// that `down` can also remove namespaces left by a crashed run.
+///
+/// A namespace a container runtime created (a pod's, under the runtime's state directory)
+/// is known by its path instead; it is then named by that path.
 #[derive(Clone, Debug)]
 pub struct Netns {
     name: String,
+    path: Option<PathBuf>,
 }
 
 impl Netns {
     pub fn create(name: &str) -> Result<Self> {
         run(Command::new("ip").args(["netns", "add", name]))?;
-        let ns = Self { name: name.into() };
+        let ns = Self {
+            name: name.into(),
+            path: None,
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
     /// A handle to an existing namespace.
     pub fn existing(name: &str) -> Self {
-        Self { name: name.into() }
+        Self {
+            name: name.into(),
+            path: None,
+        }
+    }
+
+    /// A namespace bind-mounted at `path` by someone else (a container runtime).
+    pub fn at_path(path: &Path) -> Self {
+        Self {
+            name: path.display().to_string(),
+            path: Some(path.to_path_buf()),
+        }
+    }
+
+    /// Is this a named namespace under `/run/netns` (one this crate creates and deletes)?
+    pub fn is_named(&self) -> bool {
+        self.path.is_none()
     }
 
     pub fn name(&self) -> &str {
@@ -73,12 +96,21 @@ impl Netns {
     }
 
     pub fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
+        match &self.path {
+            Some(path) => path.clone(),
+            None => Path::new("/run/netns").join(&self.name),
+        }
     }
 
-    /// `ip -n <ns> <args>`.
+    /// `ip -n <ns> <args>` (`nsenter --net=<path> ip <args>` for a namespace known by path).
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        match &self.path {
+            Some(path) => run(Command::new("nsenter")
+                .arg(format!("--net={}", path.display()))
+                .arg("ip")
+                .args(args)),
+            None => run(Command::new("ip").arg("-n").arg(&self.name).args(args)),
+        }
     }
 
     /// Writes `/proc/sys/<key with dots as slashes>` as seen from inside the namespace.

@@ -82,6 +82,10 @@ pub struct RunRecord {
     pub processes: Vec<ProcessRecord>,
     /// Node names, whose pins live under `<bpffs>/weir/<node>`.
     pub nodes: Vec<String>,
+    /// Directories of the nodes' containerds (`--runtime containerd`), whose pods are
+    /// removed through CRI before anything else stops.
+    #[serde(default)]
+    pub containerd: Vec<PathBuf>,
 }
 
 impl RunRecord {
@@ -103,12 +107,21 @@ impl RunRecord {
         serde_json::from_slice(&bytes).map_err(std::io::Error::other)
     }
 
-    /// Removes everything the run created: processes (newest first), namespaces (which
-    /// takes their interfaces with them), bpffs pins, the run directory.
+    /// Removes everything the run created: containerd's pods (through its CRI: the plugin's
+    /// DEL for each), processes (newest first), what containerd left (shims, mounts),
+    /// namespaces (which takes their interfaces with them), bpffs pins, the run directory.
     pub fn teardown(&self) {
+        for dir in &self.containerd {
+            let _ = crate::containerd::remove_all_sandboxes(&crate::containerd::socket_path(dir));
+        }
         for p in self.processes.iter().rev() {
             p.stop(Duration::from_secs(3));
         }
+        for dir in &self.containerd {
+            crate::containerd::cleanup_after_daemon(&crate::containerd::socket_path(dir), dir);
+        }
+        // Anything still mounted under the run (a runtime's namespace or rootfs mounts).
+        crate::containerd::unmount_under(&self.dir);
         for ns in self.namespaces.iter().rev() {
             netns::delete(ns);
         }

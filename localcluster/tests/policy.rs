@@ -227,8 +227,12 @@ async fn a_new_pod_is_isolated_before_its_first_packet_and_starts_without_the_co
     assert!(!tcp(&c, "a", "b").await, "denied from the first packet on");
     thaw.join().unwrap();
 
-    // Without the controller, ADD still succeeds after the wait (the pod is unisolated
-    // until the controller is back, which for this pod changes nothing).
+    // Without the controller, ADD still succeeds after the wait, and the pod runs with every
+    // new flow to and from it denied until its policies arrive (the default pending pod
+    // policy): lock-d, which the agent cannot know selects d, is never bypassed.
+    c.apply_object(&deny_ingress("default", "lock-d", "d"))
+        .unwrap();
+    c.sync().await.unwrap();
     c.kill_controller();
     let started = std::time::Instant::now();
     let d = pod(&mut c, "default", "d", 0).await;
@@ -238,7 +242,23 @@ async fn a_new_pod_is_isolated_before_its_first_packet_and_starts_without_the_co
         started.elapsed()
     );
     let _sd = Servers::start(&d.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
-    assert!(tcp(&c, "a", "d").await, "no policy selects d");
+    let _sa = Servers::start(
+        &c.pod("default", "a").unwrap().netns.path(),
+        &[80],
+        &[Protocol::Tcp],
+    )
+    .unwrap();
+    assert!(
+        !tcp(&c, "a", "d").await,
+        "d is denied while its policies are pending"
+    );
+    assert!(!tcp(&c, "d", "a").await, "d's own connections too");
+    assert!(
+        probe(&c.nodes()[0].netns, d.ip, 80, Protocol::Tcp)
+            .await
+            .is_connected(),
+        "the node still reaches d (kubelet's probes)"
+    );
     let (_, metrics) = c.agent_http(0, "/metrics").unwrap();
     assert!(
         metrics
@@ -246,10 +266,35 @@ async fn a_new_pod_is_isolated_before_its_first_packet_and_starts_without_the_co
             .any(|l| l == "weir_agent_pods_started_before_policy_total 1"),
         "d, and only d, started before its policies were known:\n{metrics}"
     );
+    let (_, flows) = c.agent_http(0, "/flows?limit=100").unwrap();
+    assert!(
+        flows.contains("fail closed: the pod's policies are not known yet"),
+        "the drops say why:\n{flows}"
+    );
     c.restart_controller().unwrap();
     c.sync().await.unwrap();
     assert!(!tcp(&c, "a", "b").await);
-    assert!(tcp(&c, "a", "d").await);
+    assert!(!tcp(&c, "a", "d").await, "lock-d applies");
+    assert!(tcp(&c, "d", "a").await, "no policy isolates d's egress");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_pending_pod_policy_allow_a_pod_started_without_the_controller_is_unisolated() {
+    let mut c = cluster_with_agent_args(1, Topology::L2, &["--pending-pod-policy=allow"]).await;
+    pod(&mut c, "default", "a", 0).await;
+    c.apply_object(&deny_ingress("default", "lock-d", "d"))
+        .unwrap();
+    c.sync().await.unwrap();
+    c.kill_controller();
+    let d = pod(&mut c, "default", "d", 0).await;
+    let _sd = Servers::start(&d.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    assert!(
+        tcp(&c, "a", "d").await,
+        "unisolated until the controller names d's policies"
+    );
+    c.restart_controller().unwrap();
+    c.sync().await.unwrap();
+    assert!(!tcp(&c, "a", "d").await, "isolated once they arrive");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -53,6 +53,26 @@ fn attach_sockets(
     Ok(())
 }
 
+/// Logs how copying a map's entries from `from` went.
+fn log_carried(
+    map: &'static str,
+    from: &std::path::Path,
+    outcome: std::result::Result<crate::maps::Copied, String>,
+) {
+    match outcome {
+        Ok(c) if c.left_out > 0 => warn!(
+            map,
+            copied = c.copied,
+            left_out = c.left_out,
+            first_error = c.first_error.as_deref().unwrap_or(""),
+            from = %from.display(),
+            "carried over in part: the entries left out did not fit (the map is smaller) or could not be written"
+        ),
+        Ok(c) => info!(map, entries = c.copied, from = %from.display(), "carried over"),
+        Err(e) => warn!(map, error = %e, from = %from.display(), "not carried over"),
+    }
+}
+
 /// Settings the agent starts with.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -80,6 +100,46 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     /// Idle timeouts of conntrack entries.
     pub ct_timeouts: CtTimeouts,
+    /// What a pod gets while the controller has not named its policies.
+    pub pending_pod_policy: PendingPodPolicy,
+    /// Sizes of the configurable dataplane tables.
+    pub map_capacities: weir_api::MapCapacities,
+}
+
+/// The policy of a pod whose rule sets the controller has not sent yet (it was away or behind
+/// when the pod started).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PendingPodPolicy {
+    /// Every new flow to and from the pod is denied (the node itself still reaches it:
+    /// kubelet's probes) until its policies arrive: no policy can be bypassed by starting a
+    /// pod while the controller is away.
+    #[default]
+    Deny,
+    /// The pod is unisolated until its policies arrive (what a node without a controller,
+    /// or a cluster that prefers availability, wants).
+    Allow,
+}
+
+impl std::str::FromStr for PendingPodPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "deny" => Ok(Self::Deny),
+            "allow" => Ok(Self::Allow),
+            other => Err(format!(
+                "unknown pending pod policy {other:?} (deny or allow)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PendingPodPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Deny => "deny",
+            Self::Allow => "allow",
+        })
+    }
 }
 
 #[derive(Debug, Error)]
@@ -102,6 +162,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the dataplane's maps are not pinned")]
+    Unpinned,
     #[error("network namespace {0} does not exist")]
     NoNetns(String),
     #[error("{0}")]
@@ -210,7 +272,7 @@ impl Agent {
             source,
         })?;
         let pins = PinLayout::new(&cfg.bpffs, &cfg.node_name);
-        let mut dp = Dataplane::load(Some(pins))?;
+        let mut dp = Dataplane::load_with(Some(pins), &cfg.map_capacities)?;
         let mut maps = DataplaneMaps::take(&mut dp)?;
         // An agent of another release left maps of another layout version: carry their state
         // over before our programs replace theirs.
@@ -219,12 +281,22 @@ impl Agent {
             .and_then(|p| p.other_versions().into_iter().next())
         {
             for (map, outcome) in maps.carry_over(&previous.join("maps")) {
-                match outcome {
-                    Ok(n) => info!(map, entries = n, from = %previous.display(), "carried over"),
-                    Err(e) => {
-                        warn!(map, error = %e, from = %previous.display(), "not carried over")
-                    }
-                }
+                log_carried(map, &previous, outcome);
+            }
+        }
+        // Pinned maps of another size than configured were created anew: their entries
+        // follow.
+        if let Some(pins) = dp.pins().cloned() {
+            for r in dp.resized() {
+                info!(
+                    map = r.map,
+                    from = r.from,
+                    to = r.to,
+                    "pinned map has another size than configured: created anew"
+                );
+            }
+            for (map, outcome) in maps.carry_over_resized(&pins) {
+                log_carried(map, &pins.resized_dir(), outcome);
             }
         }
         let mut config = maps.config()?;
@@ -375,9 +447,24 @@ impl Agent {
         let sweep = self
             .maps
             .sweep_conntrack(crate::maps::monotonic_ns(), max)?;
+        self.record_sweep(sweep);
+        Ok(sweep)
+    }
+
+    /// Handles on conntrack of their own, to sweep it without holding the agent.
+    pub fn conntrack_sweeper(&self) -> Result<crate::maps::ConntrackSweeper> {
+        let pins = self.dp.pins().ok_or(AgentError::Unpinned)?;
+        let open = |name| crate::dataplane::open_pinned_map(pins, name);
+        Ok(crate::maps::ConntrackSweeper::new(
+            open(weir_common::maps::CONNTRACK)?,
+            open(weir_common::maps::NODE_CONFIG)?,
+        )?)
+    }
+
+    /// Takes in what a sweep on a [`crate::maps::ConntrackSweeper`] did.
+    pub fn record_sweep(&mut self, sweep: CtSweep) {
         self.ct_sweep = sweep;
         self.ct_swept_total += sweep.removed as u64;
-        Ok(sweep)
     }
 
     /// Conntrack entries after the last sweep, and expired entries removed by all sweeps.
@@ -782,8 +869,9 @@ impl Agent {
     }
 
     /// The `ENDPOINTS` map as it should be: every local pod address, with the rule sets the
-    /// controller assigned to the pod (policy pending until it has). Before the first state
-    /// from the controller, rule sets already in the map are kept.
+    /// controller assigned to the pod (policy pending until it has: denied both ways or
+    /// unisolated, as [`PendingPodPolicy`] says). Before the first state from the controller,
+    /// rule sets already in the map are kept.
     fn endpoint_entries(&self) -> BTreeMap<IpKey, EndpointInfo> {
         let mut out = BTreeMap::new();
         for ep in self.endpoints.iter() {
@@ -793,6 +881,12 @@ impl Agent {
                 ep.interface.host_mac,
             );
             let assigned = ep.pod.as_ref().and_then(|k| self.policy.endpoints.get(k));
+            // A container that is not a Kubernetes pod (no pod name in its CNI arguments)
+            // cannot be selected by any policy: it never waits for one.
+            let pending = match (&ep.pod, self.cfg.pending_pod_policy) {
+                (Some(_), PendingPodPolicy::Deny) => base.failing_closed_until_assigned(),
+                _ => base,
+            };
             for ip in &ep.ips {
                 let key = IpKey::from(*ip);
                 let info = match assigned {
@@ -806,10 +900,10 @@ impl Agent {
                             Some(old) if !old.policy_pending() => {
                                 base.with_policies(old.ingress_policy(), old.egress_policy())
                             }
-                            _ => base,
+                            _ => pending,
                         }
                     }
-                    None => base,
+                    None => pending,
                 };
                 out.insert(key, info);
             }

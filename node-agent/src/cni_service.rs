@@ -13,7 +13,7 @@ use weir_cni::{
     spec::{CniError, CniResult, Interface, IpConfig, Route},
 };
 
-use crate::agent::{Agent, AgentError, Attach};
+use crate::agent::{Agent, AgentError, Attach, PendingPodPolicy};
 
 pub struct CniService {
     agent: Arc<Mutex<Agent>>,
@@ -31,8 +31,9 @@ impl CniService {
     /// ADD returns once the controller's state names the new pod's policies, or after `wait`:
     /// the pod's containers start only after ADD, so in the common case they never run
     /// before the policies selecting them are enforced. After `wait` (the controller away or
-    /// behind) the pod starts unisolated and is isolated when the state arrives, as kubelet
-    /// would otherwise retry the sandbox forever. Zero: no wait (no controller).
+    /// behind) the pod starts with the node's pending pod policy (denied both ways, or
+    /// unisolated) and gets its policies when the state arrives, as kubelet would otherwise
+    /// retry the sandbox forever. Zero: no wait (no controller).
     pub fn with_policy_wait(mut self, wait: Duration) -> Self {
         self.policy_wait = wait;
         self
@@ -49,13 +50,22 @@ impl CniService {
             match tokio::time::timeout_at(deadline, updates.changed()).await {
                 Ok(Ok(())) => {}
                 _ => {
-                    self.agent.lock().await.count_pod_started_before_policy();
-                    warn!(
-                        %pod,
-                        waited = ?self.policy_wait,
-                        "the controller has not sent this pod's policies: it starts unisolated \
-                         and is isolated as soon as they arrive"
-                    );
+                    let mut agent = self.agent.lock().await;
+                    agent.count_pod_started_before_policy();
+                    match agent.config().pending_pod_policy {
+                        PendingPodPolicy::Deny => warn!(
+                            %pod,
+                            waited = ?self.policy_wait,
+                            "the controller has not sent this pod's policies: it starts with \
+                             every new flow to and from it denied, until they arrive"
+                        ),
+                        PendingPodPolicy::Allow => warn!(
+                            %pod,
+                            waited = ?self.policy_wait,
+                            "the controller has not sent this pod's policies: it starts \
+                             unisolated and is isolated as soon as they arrive"
+                        ),
+                    }
                     return;
                 }
             }

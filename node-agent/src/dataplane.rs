@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData},
+    maps::{Map, MapData, MapInfo},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkOrder, PinnedLink},
@@ -27,6 +27,7 @@ use aya::{
     },
 };
 use thiserror::Error;
+use weir_api::MapCapacities;
 use weir_common::{ABI_VERSION, maps, programs};
 
 /// The compiled eBPF object.
@@ -107,6 +108,53 @@ impl PinLayout {
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
+    /// Where the pins of maps found with another size than configured wait until their
+    /// entries are copied into the maps that replace them.
+    pub fn resized_dir(&self) -> PathBuf {
+        self.root.join("resized")
+    }
+    /// Moves the pins of the maps `capacities` sizes whose pinned size differs into
+    /// [`Self::resized_dir`], so that loading creates them anew with the configured size.
+    /// A pin already set aside (by an agent that stopped before copying it) is kept: it holds
+    /// the entries from before that resize.
+    fn set_aside_resized(&self, capacities: &MapCapacities) -> Result<Vec<Resized>> {
+        let mut out = Vec::new();
+        for (map, to) in capacities.maps() {
+            let pin = self.maps_dir().join(map);
+            if !pin.exists() {
+                continue;
+            }
+            let from = MapInfo::from_pin(&pin)
+                .map_err(|e| DataplaneError::Io {
+                    action: "reading the size of pinned map",
+                    path: pin.clone(),
+                    source: io::Error::other(e.to_string()),
+                })?
+                .max_entries();
+            if from == to {
+                continue;
+            }
+            let dir = self.resized_dir();
+            fs::create_dir_all(&dir).map_err(|source| DataplaneError::Io {
+                action: "creating pin directory",
+                path: dir.clone(),
+                source,
+            })?;
+            let aside = dir.join(map);
+            let result = if aside.exists() {
+                fs::remove_file(&pin)
+            } else {
+                fs::rename(&pin, &aside)
+            };
+            result.map_err(|source| DataplaneError::Io {
+                action: "setting aside pinned map of another size",
+                path: pin.clone(),
+                source,
+            })?;
+            out.push(Resized { map, from, to });
+        }
+        Ok(out)
+    }
     fn link_path(&self, ifname: &str, dir: TcAttachType) -> PathBuf {
         let suffix = match dir {
             TcAttachType::Ingress => "ingress",
@@ -183,6 +231,18 @@ impl PinLayout {
     }
 }
 
+/// A pinned map the agent found with another size than configured: it is created anew with
+/// the configured size, and the entries of the old one are copied over
+/// ([`crate::maps::DataplaneMaps::carry_over_resized`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resized {
+    pub map: &'static str,
+    /// Its size when pinned.
+    pub from: u32,
+    /// The configured size.
+    pub to: u32,
+}
+
 /// How programs get onto an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -197,16 +257,31 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pins: Option<PinLayout>,
     mode: AttachMode,
+    capacities: MapCapacities,
+    resized: Vec<Resized>,
 }
 
 impl Dataplane {
-    /// Loads the programs. With `pins`, maps are reopened from (or pinned to) the node's pin
-    /// directory; without, they are private to this instance (tests, benchmarks).
+    /// Loads the programs with the compiled-in map sizes. With `pins`, maps are reopened
+    /// from (or pinned to) the node's pin directory; without, they are private to this
+    /// instance (tests, benchmarks).
     pub fn load(pins: Option<PinLayout>) -> Result<Self> {
+        Self::load_with(pins, &MapCapacities::default())
+    }
+
+    /// [`Self::load`] with the configurable tables sized by `capacities`.
+    pub fn load_with(pins: Option<PinLayout>, capacities: &MapCapacities) -> Result<Self> {
         let mut loader = EbpfLoader::new();
+        for (name, entries) in capacities.maps() {
+            loader.map_max_entries(name, entries);
+        }
+        let mut resized = Vec::new();
         let map_paths: Vec<(&'static str, PathBuf)> = match &pins {
             Some(p) => {
                 p.create_dirs()?;
+                // aya reuses a pinned map whatever its size: one of another size is set
+                // aside, to be created anew.
+                resized = p.set_aside_resized(capacities)?;
                 maps::ALL
                     .iter()
                     .map(|name| (*name, p.maps_dir().join(name)))
@@ -255,7 +330,23 @@ impl Dataplane {
         } else {
             AttachMode::Netlink
         };
-        Ok(Self { ebpf, pins, mode })
+        Ok(Self {
+            ebpf,
+            pins,
+            mode,
+            capacities: *capacities,
+            resized,
+        })
+    }
+
+    /// The sizes the configurable tables were created with.
+    pub fn capacities(&self) -> &MapCapacities {
+        &self.capacities
+    }
+
+    /// The pinned maps this load found with another size and created anew.
+    pub fn resized(&self) -> &[Resized] {
+        &self.resized
     }
 
     /// Attaches through clsact/cls_bpf even where TCX exists (tests of the fallback).

@@ -1,9 +1,12 @@
 //! The agent's HTTP endpoint: `/readyz` for the DaemonSet's readiness probe, `/metrics` for
-//! Prometheus, `/flows` for the most recent flow events.
+//! Prometheus, `/flows` for the most recent flow events, `/state` for the controller state the
+//! agent last applied (JSON, a `weir_api::NodeState`: endpoints, rule and rule-set names,
+//! classes, verdicts, Services), which `weirctl trace` reads the policy names from.
 //!
-//! `/flows` names pods' flows and the policies that decided them, so by default it answers
-//! only the node itself (a connection from loopback or to and from the same address); other
-//! clients get 403 unless the agent runs with `--flows-from-anywhere`.
+//! `/flows` names pods' flows and the policies that decided them, and `/state` names pods and
+//! policies, so by default they answer only the node itself (a connection from loopback or to
+//! and from the same address); other clients get 403 unless the agent runs with
+//! `--flows-from-anywhere`.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -68,6 +71,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/flows", get(flows_handler))
+        .route("/state", get(state_handler))
         .with_state(AppState {
             agent,
             flows,
@@ -166,6 +170,22 @@ async fn flows_handler(
         .map(|r| r.resolve(agent.policy()))
         .collect();
     Json(records).into_response()
+}
+
+/// The controller state the agent last applied (empty before the first one).
+async fn state_handler(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+) -> axum::response::Response {
+    if !s.flows_from_anywhere && !peer.is_this_node() {
+        return (
+            StatusCode::FORBIDDEN,
+            "/state answers this node only (agent flag --flows-from-anywhere opens it)\n",
+        )
+            .into_response();
+    }
+    let agent = s.agent.lock().await;
+    Json(agent.policy()).into_response()
 }
 
 #[cfg(test)]

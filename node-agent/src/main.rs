@@ -120,9 +120,14 @@ struct Args {
     controller_name: String,
     /// With --controller: how long CNI ADD waits for the controller's state to name a new
     /// pod's policies, so its containers never start before they are enforced (seconds;
-    /// afterwards the pod starts unisolated and is isolated when the state arrives).
+    /// afterwards the pod starts with --pending-pod-policy until the state arrives).
     #[arg(long, env = "WEIR_POD_POLICY_WAIT", default_value_t = 5.0)]
     pod_policy_wait: f64,
+    /// With --controller: what a pod gets while the controller has not named its policies
+    /// (it was away or behind when the pod started): `deny` every new flow to and from it
+    /// (the node still reaches it, for kubelet's probes) or `allow` (unisolated).
+    #[arg(long, env = "WEIR_PENDING_POD_POLICY", default_value_t = weir_agent::agent::PendingPodPolicy::Deny)]
+    pending_pod_policy: weir_agent::agent::PendingPodPolicy,
     /// Address of the HTTP endpoint (/readyz, /metrics, /flows).
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "0.0.0.0:9962")]
     metrics_addr: std::net::SocketAddr,
@@ -181,6 +186,12 @@ struct Args {
     /// Most expired conntrack entries one sweep deletes.
     #[arg(long, env = "WEIR_CT_SWEEP_MAX", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
     ct_sweep_max: u64,
+    /// Sizes of the dataplane tables, `TABLE=ENTRIES[,…]` (tables: endpoints, peer-classes,
+    /// peer-hosts, verdicts, verdicts-exact, conntrack, services, service-nat, routes; each
+    /// 1024 to 16777216 entries); tables not named keep their default size. A pinned table of
+    /// another size is recreated with its entries carried over.
+    #[arg(long, env = "WEIR_MAP_CAPACITY", default_value = "")]
+    map_capacity: weir_api::MapCapacities,
 }
 
 #[tokio::main]
@@ -274,6 +285,13 @@ async fn run(args: Args) -> Result<()> {
             args.ct_icmp_timeout,
             args.ct_other_timeout,
         ),
+        // Without a controller no policy ever arrives: pods are unisolated.
+        pending_pod_policy: if endpoints.is_some() {
+            args.pending_pod_policy
+        } else {
+            weir_agent::agent::PendingPodPolicy::Allow
+        },
+        map_capacities: args.map_capacity,
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(
@@ -283,6 +301,9 @@ async fn run(args: Args) -> Result<()> {
         "dataplane loaded"
     );
     let mut agent = agent;
+    // What the maps hold, reported to the controller, which fits the node's state to it.
+    let capacities = agent.maps().capacities;
+    info!(%capacities, "dataplane table sizes");
     let flows = weir_agent::observe::FlowLog::new(4096);
     match agent.take_flow_events() {
         Ok(ring) => {
@@ -331,7 +352,8 @@ async fn run(args: Args) -> Result<()> {
             weir_transport::TlsFiles::in_dir(&args.tls_dir),
             args.controller_name.clone(),
             node_name.clone(),
-        );
+        )
+        .with_capacities(capacities);
         let mut sink = weir_agent::controller_link::DataplaneSink::new(agent.clone());
         let follow = async move {
             let _ = watch.run(&mut sink).await;
@@ -382,12 +404,32 @@ async fn run(args: Args) -> Result<()> {
         Duration::from_secs(args.ct_sweep_interval),
         usize::try_from(args.ct_sweep_max).unwrap_or(usize::MAX),
     );
+    // The sweep walks the whole table on handles of its own, in a blocking task: CNI and
+    // state applies never wait for it.
+    let mut own = agent
+        .lock()
+        .await
+        .conntrack_sweeper()
+        .context("opening conntrack for the sweep")?;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(sweep_every);
         loop {
             tick.tick().await;
-            match sweeper.lock().await.sweep_conntrack(sweep_max) {
-                Ok(s) => debug!(removed = s.removed, entries = s.entries, "conntrack swept"),
+            let swept = tokio::task::spawn_blocking(move || {
+                let r = own.sweep(weir_agent::maps::monotonic_ns(), sweep_max);
+                (own, r)
+            })
+            .await;
+            let Ok((back, result)) = swept else {
+                warn!("the conntrack sweep panicked; no more sweeps");
+                return;
+            };
+            own = back;
+            match result {
+                Ok(s) => {
+                    sweeper.lock().await.record_sweep(s);
+                    debug!(removed = s.removed, entries = s.entries, "conntrack swept");
+                }
                 Err(e) => warn!(error = %e, "sweeping conntrack"),
             }
         }
@@ -402,4 +444,35 @@ async fn run(args: Args) -> Result<()> {
     // no agent runs, and the next agent takes over without a gap.
     info!("exiting; the dataplane stays in place");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let mut argv = vec!["weir-agent", "--node-name", "n1"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv)
+    }
+
+    #[test]
+    fn map_capacities_default_to_the_compiled_in_sizes() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.agent.map_capacity, weir_api::MapCapacities::default());
+        let cli = parse(&["--map-capacity", "conntrack=1000000,routes=2048"]).unwrap();
+        assert_eq!(cli.agent.map_capacity.conntrack, 1_000_000);
+        assert_eq!(cli.agent.map_capacity.routes, 2048);
+    }
+
+    #[test]
+    fn a_map_capacity_of_zero_is_refused_at_start() {
+        let err = parse(&["--map-capacity", "conntrack=0"]).unwrap_err();
+        assert!(
+            err.to_string().contains("out of range (1024 to 16777216)"),
+            "{err}"
+        );
+        let err = parse(&["--map-capacity", "verdict=4096"]).unwrap_err();
+        assert!(err.to_string().contains("unknown table"), "{err}");
+    }
 }

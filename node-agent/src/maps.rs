@@ -13,7 +13,7 @@ use aya::{
 };
 use ipnet::IpNet;
 use thiserror::Error;
-use weir_api::{Action, NodeState, NodeStateDiff, VerdictEntry, VerdictMatch};
+use weir_api::{Action, MapCapacities, NodeState, NodeStateDiff, VerdictEntry, VerdictMatch};
 use weir_common::{
     capacity,
     config::NodeConfig,
@@ -62,6 +62,70 @@ pub struct CtSweep {
     pub entries: usize,
     /// Expired entries deleted.
     pub removed: usize,
+}
+
+/// Conntrack and the node configuration through handles of their own (opened from the
+/// pins): a sweep walks the whole table, and on these it runs without holding up the agent
+/// (CNI, state applies), in a blocking task.
+pub struct ConntrackSweeper {
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    config: Array<MapData, NodeConfig>,
+}
+
+impl ConntrackSweeper {
+    pub fn new(conntrack: MapData, config: MapData) -> Result<Self> {
+        Ok(Self {
+            conntrack: HashMap::try_from(aya::maps::Map::HashMap(conntrack))
+                .map_err(map_err(names::CONNTRACK, "opening"))?,
+            config: Array::try_from(aya::maps::Map::Array(config))
+                .map_err(map_err(names::NODE_CONFIG, "opening"))?,
+        })
+    }
+
+    /// Deletes expired entries (see [`DataplaneMaps::sweep_conntrack`]).
+    pub fn sweep(&mut self, now_ns: u64, max: usize) -> Result<CtSweep> {
+        let config = self
+            .config
+            .get(&0, 0)
+            .map_err(map_err(names::NODE_CONFIG, "reading"))?;
+        Ok(sweep_table(
+            &mut self.conntrack,
+            config.ct_timeouts(),
+            now_ns,
+            max,
+        ))
+    }
+}
+
+fn sweep_table(
+    conntrack: &mut HashMap<MapData, CtKey, CtEntry>,
+    timeouts: &weir_common::config::CtTimeouts,
+    now_ns: u64,
+    max: usize,
+) -> CtSweep {
+    let mut entries = 0;
+    let mut expired = Vec::new();
+    for (k, e) in conntrack.iter().filter_map(|r| r.ok()) {
+        entries += 1;
+        if expired.len() < max && timeouts.expired(k.proto(), e.flags(), e.last_seen_ns(), now_ns) {
+            expired.push(k);
+        }
+    }
+    let mut removed = 0;
+    for k in &expired {
+        // Deleted only if still expired: a packet may have refreshed it meanwhile.
+        match conntrack.get(k, 0) {
+            Ok(now) if timeouts.expired(k.proto(), now.flags(), now.last_seen_ns(), now_ns) => {}
+            _ => continue,
+        }
+        if conntrack.remove(k).is_ok() {
+            removed += 1;
+        }
+    }
+    CtSweep {
+        entries: entries - removed,
+        removed,
+    }
 }
 
 /// The `CLOCK_MONOTONIC` time in nanoseconds: the clock of `bpf_ktime_get_ns`, which stamps
@@ -208,6 +272,8 @@ pub struct DataplaneMaps {
     pub service_nat: HashMap<MapData, CtKey, NatEntry>,
     /// Cookie of the node's network namespace, for the socket hooks.
     pub node_netns: Array<MapData, u64>,
+    /// The sizes of the configurable tables, as the kernel holds them.
+    pub capacities: MapCapacities,
 }
 
 macro_rules! take {
@@ -216,28 +282,74 @@ macro_rules! take {
             .try_into()
             .map_err(map_err($name, "opening"))?
     };
+    ($dp:expr, $name:expr, $sizes:expr) => {{
+        let map = $dp.take_map($name)?;
+        $sizes.push(($name, max_entries(&map, $name)?));
+        map.try_into().map_err(map_err($name, "opening"))?
+    }};
+}
+
+/// The size the kernel created a map with.
+fn max_entries(map: &aya::maps::Map, name: &'static str) -> Result<u32> {
+    use aya::maps::Map;
+    let data = match map {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) | Map::Array(d) => d,
+        _ => {
+            return Err(MapsError::Map {
+                map: name,
+                action: "reading its size".into(),
+                source: Box::new(MapError::InvalidName {
+                    name: name.to_string(),
+                }),
+            });
+        }
+    };
+    Ok(data
+        .info()
+        .map_err(map_err(name, "reading its size"))?
+        .max_entries())
 }
 
 impl DataplaneMaps {
+    /// Takes the maps out of `dp`. [`Self::capacities`] are the sizes the kernel holds.
     pub fn take(dp: &mut Dataplane) -> Result<Self> {
-        Ok(Self {
-            endpoints: take!(dp, names::ENDPOINTS),
+        let mut sizes: Vec<(&'static str, u32)> = Vec::new();
+        let mut maps = Self {
+            endpoints: take!(dp, names::ENDPOINTS, sizes),
             host_addrs: take!(dp, names::HOST_ADDRS),
-            peer_classes: take!(dp, names::PEER_CLASSES),
-            peer_hosts: take!(dp, names::PEER_HOSTS),
-            verdicts: take!(dp, names::VERDICTS),
-            verdicts_exact: take!(dp, names::VERDICTS_EXACT),
-            conntrack: take!(dp, names::CONNTRACK),
-            routes: take!(dp, names::ROUTES),
+            peer_classes: take!(dp, names::PEER_CLASSES, sizes),
+            peer_hosts: take!(dp, names::PEER_HOSTS, sizes),
+            verdicts: take!(dp, names::VERDICTS, sizes),
+            verdicts_exact: take!(dp, names::VERDICTS_EXACT, sizes),
+            conntrack: take!(dp, names::CONNTRACK, sizes),
+            routes: take!(dp, names::ROUTES, sizes),
             tunnel_peers: take!(dp, names::TUNNEL_PEERS),
             config: take!(dp, names::NODE_CONFIG),
             drops: take!(dp, names::DROPS),
             rule_hits: take!(dp, names::RULE_HITS),
             policy_drops: take!(dp, names::POLICY_DROPS),
-            services: take!(dp, names::SERVICES),
-            service_nat: take!(dp, names::SERVICE_NAT),
+            services: take!(dp, names::SERVICES, sizes),
+            service_nat: take!(dp, names::SERVICE_NAT, sizes),
             node_netns: take!(dp, names::NODE_NETNS),
-        })
+            capacities: *dp.capacities(),
+        };
+        for (name, n) in sizes {
+            let c = &mut maps.capacities;
+            let field = match name {
+                names::ENDPOINTS => &mut c.endpoints,
+                names::PEER_CLASSES => &mut c.peer_classes,
+                names::PEER_HOSTS => &mut c.peer_hosts,
+                names::VERDICTS => &mut c.verdicts,
+                names::VERDICTS_EXACT => &mut c.verdicts_exact,
+                names::CONNTRACK => &mut c.conntrack,
+                names::ROUTES => &mut c.routes,
+                names::SERVICES => &mut c.services,
+                names::SERVICE_NAT => &mut c.service_nat,
+                _ => continue,
+            };
+            *field = n;
+        }
+        Ok(maps)
     }
 
     /// Makes the socket hooks act on the sockets of the network namespace with `cookie` (0:
@@ -550,34 +662,38 @@ impl DataplaneMaps {
     /// whose layout has not changed (conntrack, endpoints, policy, routes, configuration), so
     /// that established flows and enforcement carry on while the programs are swapped. Maps
     /// whose layout changed, or that are missing, are skipped: returns each map's outcome.
-    pub fn carry_over(&mut self, maps_dir: &Path) -> Vec<(&'static str, Result<usize, String>)> {
+    pub fn carry_over(&mut self, maps_dir: &Path) -> Vec<(&'static str, Result<Copied, String>)> {
         let open = |name: &'static str| -> Result<aya::maps::Map, String> {
             let data = MapData::from_pin(maps_dir.join(name)).map_err(|e| e.to_string())?;
             aya::maps::Map::from_map_data(data).map_err(|e| e.to_string())
         };
-        macro_rules! carry {
-            ($name:expr, $copy:ident, $to:expr) => {
-                ($name, open($name).and_then(|m| $copy(m, $to)))
-            };
-        }
-        vec![
-            carry!(names::CONNTRACK, copy_hash, &mut self.conntrack),
-            carry!(names::SERVICE_NAT, copy_hash, &mut self.service_nat),
-            carry!(names::SERVICES, copy_hash, &mut self.services),
-            carry!(names::ENDPOINTS, copy_hash, &mut self.endpoints),
-            carry!(names::HOST_ADDRS, copy_hash, &mut self.host_addrs),
-            carry!(names::PEER_HOSTS, copy_hash, &mut self.peer_hosts),
-            carry!(names::VERDICTS_EXACT, copy_hash, &mut self.verdicts_exact),
-            carry!(names::PEER_CLASSES, copy_trie, &mut self.peer_classes),
-            carry!(names::VERDICTS, copy_trie, &mut self.verdicts),
-            carry!(names::ROUTES, copy_trie, &mut self.routes),
+        let mut out: Vec<(&'static str, Result<Copied, String>)> = [
+            names::CONNTRACK,
+            names::SERVICE_NAT,
+            names::SERVICES,
+            names::ENDPOINTS,
+            names::HOST_ADDRS,
+            names::PEER_HOSTS,
+            names::VERDICTS_EXACT,
+            names::PEER_CLASSES,
+            names::VERDICTS,
+            names::ROUTES,
+        ]
+        .into_iter()
+        .map(|name| (name, self.carry_map(name, maps_dir, CopyMode::Overwrite)))
+        .collect();
+        out.extend([
             // Versions before the tunnel checked its senders have no such map: the nodes are
             // the ones the carried-over routes lead to.
             (
                 names::TUNNEL_PEERS,
-                open(names::TUNNEL_PEERS)
-                    .and_then(|m| copy_hash(m, &mut self.tunnel_peers))
-                    .or_else(|_| self.tunnel_peers_from_routes()),
+                self.carry_map(names::TUNNEL_PEERS, maps_dir, CopyMode::Overwrite)
+                    .or_else(|_| {
+                        self.tunnel_peers_from_routes().map(|n| Copied {
+                            copied: n,
+                            ..Default::default()
+                        })
+                    }),
             ),
             (
                 names::NODE_CONFIG,
@@ -597,10 +713,103 @@ impl DataplaneMaps {
                         }
                     };
                     self.config.set(0, c, 0).map_err(|e| e.to_string())?;
-                    Ok(1)
+                    Ok(Copied {
+                        copied: 1,
+                        ..Default::default()
+                    })
                 }),
             ),
-        ]
+        ]);
+        out
+    }
+
+    /// Copies the entries of the maps an agent set aside for having another size than
+    /// configured ([`crate::dataplane::Resized`]; also those an agent that stopped before
+    /// copying left there) into the maps that replace them, then removes them. Entries the
+    /// new maps already have are kept; entries beyond a smaller map's size are left out and
+    /// counted. Returns each map's outcome.
+    pub fn carry_over_resized(
+        &mut self,
+        pins: &crate::dataplane::PinLayout,
+    ) -> Vec<(&'static str, Result<Copied, String>)> {
+        let dir = pins.resized_dir();
+        let mut out = Vec::new();
+        for (name, _) in self.capacities.maps() {
+            let pin = dir.join(name);
+            if !pin.exists() {
+                continue;
+            }
+            let outcome = self.carry_map(name, &dir, CopyMode::Missing);
+            if let Err(e) = std::fs::remove_file(&pin) {
+                tracing::warn!(map = name, error = %e, "removing the pin of a resized map");
+            }
+            out.push((name, outcome));
+        }
+        let _ = std::fs::remove_dir(&dir);
+        out
+    }
+
+    /// Copies the entries of the map `name` pinned in `dir` into this agent's map of that
+    /// name, as far as there is room.
+    fn carry_map(
+        &mut self,
+        name: &'static str,
+        dir: &Path,
+        mode: CopyMode,
+    ) -> Result<Copied, String> {
+        let data = MapData::from_pin(dir.join(name)).map_err(|e| e.to_string())?;
+        let from = aya::maps::Map::from_map_data(data).map_err(|e| e.to_string())?;
+        let room = |capacity: Option<u32>, len: usize| {
+            capacity.map_or(usize::MAX, |c| (c as usize).saturating_sub(len))
+        };
+        let cap = self.capacities.of_map(name);
+        match name {
+            names::CONNTRACK => {
+                let r = room(cap, self.conntrack.keys().count());
+                copy_hash(from, &mut self.conntrack, r, mode)
+            }
+            names::SERVICE_NAT => {
+                let r = room(cap, self.service_nat.keys().count());
+                copy_hash(from, &mut self.service_nat, r, mode)
+            }
+            names::SERVICES => {
+                let r = room(cap, self.services.keys().count());
+                copy_hash(from, &mut self.services, r, mode)
+            }
+            names::ENDPOINTS => {
+                let r = room(cap, self.endpoints.keys().count());
+                copy_hash(from, &mut self.endpoints, r, mode)
+            }
+            names::HOST_ADDRS => {
+                let r = room(Some(capacity::HOST_ADDRS), self.host_addrs.keys().count());
+                copy_hash(from, &mut self.host_addrs, r, mode)
+            }
+            names::PEER_HOSTS => {
+                let r = room(cap, self.peer_hosts.keys().count());
+                copy_hash(from, &mut self.peer_hosts, r, mode)
+            }
+            names::VERDICTS_EXACT => {
+                let r = room(cap, self.verdicts_exact.keys().count());
+                copy_hash(from, &mut self.verdicts_exact, r, mode)
+            }
+            names::TUNNEL_PEERS => {
+                let r = room(cap, self.tunnel_peers.keys().count());
+                copy_hash(from, &mut self.tunnel_peers, r, mode)
+            }
+            names::PEER_CLASSES => {
+                let r = room(cap, self.peer_classes.keys().count());
+                copy_trie(from, &mut self.peer_classes, r, mode)
+            }
+            names::VERDICTS => {
+                let r = room(cap, self.verdicts.keys().count());
+                copy_trie(from, &mut self.verdicts, r, mode)
+            }
+            names::ROUTES => {
+                let r = room(cap, self.routes.keys().count());
+                copy_trie(from, &mut self.routes, r, mode)
+            }
+            _ => Err(format!("map {name} is not carried over")),
+        }
     }
 
     /// Fills `TUNNEL_PEERS` with the nodes the `ROUTES` map leads to.
@@ -621,32 +830,7 @@ impl DataplaneMaps {
     /// of such a flow is recognised and dropped rather than delivered untranslated.
     pub fn sweep_conntrack(&mut self, now_ns: u64, max: usize) -> Result<CtSweep> {
         let timeouts = *self.config()?.ct_timeouts();
-        let mut entries = 0;
-        let mut expired = Vec::new();
-        for (k, e) in self.conntrack.iter().filter_map(|r| r.ok()) {
-            entries += 1;
-            if expired.len() < max
-                && timeouts.expired(k.proto(), e.flags(), e.last_seen_ns(), now_ns)
-            {
-                expired.push(k);
-            }
-        }
-        let mut removed = 0;
-        for k in &expired {
-            // Deleted only if still expired: a packet may have refreshed it meanwhile.
-            match self.conntrack.get(k, 0) {
-                Ok(now) if timeouts.expired(k.proto(), now.flags(), now.last_seen_ns(), now_ns) => {
-                }
-                _ => continue,
-            }
-            if self.conntrack.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
-        Ok(CtSweep {
-            entries: entries - removed,
-            removed,
-        })
+        Ok(sweep_table(&mut self.conntrack, &timeouts, now_ns, max))
     }
 
     /// Entries in the policy and route tables, counted in the maps themselves (not taken
@@ -707,33 +891,105 @@ fn remove_trie_keys<K: Pod, V: Pod>(
     }
 }
 
-/// Copies every entry of `from` (a hash or LRU hash map) into `to`, if their key and value
-/// sizes agree.
+/// What copying a map's entries into another did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Entries written.
+    pub copied: usize,
+    /// Entries the target already had (kept as they were).
+    pub present: usize,
+    /// Entries that did not fit (the target is smaller) or could not be written.
+    pub left_out: usize,
+    /// Why the first entry left out for an error (not for room) was.
+    pub first_error: Option<String>,
+}
+
+impl std::fmt::Display for Copied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} copied, {} already there, {} left out",
+            self.copied, self.present, self.left_out
+        )?;
+        if let Some(e) = &self.first_error {
+            write!(f, " (first error: {e})")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a copy writes an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyMode {
+    /// Over what the target holds.
+    Overwrite,
+    /// Only where the target has no entry: what it holds is newer.
+    Missing,
+}
+
+impl Copied {
+    /// Writes one entry through `insert`, if there is room (`room` entries at most).
+    fn one(
+        &mut self,
+        room: usize,
+        mode: CopyMode,
+        insert: impl FnOnce(u64) -> Result<(), MapError>,
+    ) {
+        if self.copied >= room {
+            self.left_out += 1;
+            return;
+        }
+        let flags = match mode {
+            CopyMode::Overwrite => 0,
+            CopyMode::Missing => 1, // BPF_NOEXIST
+        };
+        match insert(flags) {
+            Ok(()) => self.copied += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                self.present += 1
+            }
+            Err(e) => {
+                self.left_out += 1;
+                let full = matches!(&e, MapError::SyscallError(s)
+                    if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)));
+                if !full && self.first_error.is_none() {
+                    self.first_error = Some(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// Copies the entries of `from` (a hash or LRU hash map) into `to`, if their key and value
+/// sizes agree: at most `room` of them (the target's free room; the rest is left out, and
+/// an LRU target would otherwise evict what was copied first).
 fn copy_hash<K: Pod, V: Pod>(
     from: aya::maps::Map,
     to: &mut HashMap<MapData, K, V>,
-) -> Result<usize, String> {
+    room: usize,
+    mode: CopyMode,
+) -> Result<Copied, String> {
     let from: HashMap<MapData, K, V> = from.try_into().map_err(|e: MapError| e.to_string())?;
-    let mut n = 0;
+    let mut out = Copied::default();
     for (k, v) in from.iter().filter_map(|r| r.ok()) {
-        to.insert(k, v, 0).map_err(|e| e.to_string())?;
-        n += 1;
+        out.one(room, mode, |flags| to.insert(k, v, flags));
     }
-    Ok(n)
+    Ok(out)
 }
 
-/// Copies every entry of the LPM trie `from` into `to`, if their key and value sizes agree.
+/// [`copy_hash`] for LPM tries.
 fn copy_trie<K: Pod, V: Pod>(
     from: aya::maps::Map,
     to: &mut LpmTrie<MapData, K, V>,
-) -> Result<usize, String> {
+    room: usize,
+    mode: CopyMode,
+) -> Result<Copied, String> {
     let from: LpmTrie<MapData, K, V> = from.try_into().map_err(|e: MapError| e.to_string())?;
-    let mut n = 0;
+    let mut out = Copied::default();
     for (k, v) in from.iter().filter_map(|r| r.ok()) {
-        to.insert(&k, v, 0).map_err(|e| e.to_string())?;
-        n += 1;
+        out.one(room, mode, |flags| to.insert(&k, v, flags));
     }
-    Ok(n)
+    Ok(out)
 }
 
 /// Zeroes slot `id` on every CPU. Ids beyond the capacity have no slot: nothing to do.

@@ -50,6 +50,8 @@ pub struct MetricsSnapshot {
     pub conntrack_expired: u64,
     /// How the controller's states fared.
     pub apply: crate::agent::ApplyStatus,
+    /// Entries each configurable table holds at most (`--map-capacity`).
+    pub map_capacities: Vec<(&'static str, u32)>,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -119,6 +121,7 @@ impl MetricsSnapshot {
             conntrack_entries: 0,
             conntrack_expired: 0,
             apply: Default::default(),
+            map_capacities: maps.capacities.tables(),
         }
     }
 
@@ -183,6 +186,17 @@ impl Collector for MetricsSnapshot {
             self.service_backends as i64,
         )?;
 
+        let mut capacities = encoder.encode_descriptor(
+            "map_capacity",
+            "Entries a dataplane table holds at most (--map-capacity), to alert on its fill",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (table, n) in &self.map_capacities {
+            let labels = [("table".to_string(), table.to_string())];
+            ConstGauge::new(i64::from(*n)).encode(capacities.encode_family(&labels)?)?;
+        }
+
         let kind = ConstCounter::new(0u64).metric_type();
         let mut drops =
             encoder.encode_descriptor("drops", "Packets dropped, by reason", None, kind)?;
@@ -219,7 +233,7 @@ impl Collector for MetricsSnapshot {
         let m = encoder.encode_descriptor(
             "pods_started_before_policy",
             "Pods whose CNI ADD gave up waiting for the controller's state naming their \
-             policies: they started unisolated until it arrived",
+             policies: they started with the pending pod policy until it arrived",
             None,
             kind,
         )?;
@@ -320,6 +334,13 @@ impl FlowRecord {
     pub fn resolve(mut self, state: &NodeState) -> Self {
         if let Some(set) = state.rule_sets.get(&self.raw.policy) {
             self.policies = set.policies.iter().map(|p| p.to_string()).collect();
+        } else if self.raw.policy == weir_common::policy::FAIL_CLOSED
+            && self.raw.verdict == FlowEvent::VERDICT_DROP
+        {
+            self.rule = Some(
+                "fail closed: the pod's policies are not known yet or could not all be written"
+                    .into(),
+            );
         }
         let by_service = matches!(
             DropReason::from_u32(self.raw.reason),
@@ -416,6 +437,29 @@ pub async fn read_flow_events(ring: RingBuf<MapData>, log: Arc<FlowLog>) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_capacities_are_one_gauge_per_table() {
+        let caps: weir_api::MapCapacities = "conntrack=1000000".parse().unwrap();
+        let snapshot = MetricsSnapshot {
+            map_capacities: caps.tables(),
+            ..Default::default()
+        };
+        let text = snapshot.render();
+        assert!(
+            text.contains("weir_agent_map_capacity{table=\"conntrack\"} 1000000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_agent_map_capacity{table=\"verdicts-exact\"} 524288\n"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("weir_agent_map_capacity{").count(),
+            9,
+            "{text}"
+        );
+    }
 
     #[test]
     fn apply_metrics_follow_the_last_state() {

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashSet};
 
 use weir_api::{BackendState, ServiceEntry, ServiceFrontend, TableDiff};
 use weir_common::{
-    capacity,
     conntrack::CtKey,
     ip::IpKey,
     maps as names,
@@ -48,15 +47,15 @@ pub fn service_slots(table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> usize {
     table.values().map(|e| 1 + usable_backends(e).len()).sum()
 }
 
-/// Refuses a table that does not fit `SERVICES`, before anything is written: half a table
-/// would send flows to frontends whose backends are missing.
-fn fits(table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> Result<()> {
+/// Refuses a table that does not fit `SERVICES` (`capacity` entries), before anything is
+/// written: half a table would send flows to frontends whose backends are missing.
+fn fits(table: &BTreeMap<ServiceFrontend, ServiceEntry>, capacity: u32) -> Result<()> {
     let needed = service_slots(table);
-    if needed > capacity::SERVICES as usize {
+    if needed > capacity as usize {
         return Err(MapsError::Capacity {
             map: names::SERVICES,
             needed,
-            capacity: capacity::SERVICES,
+            capacity,
         });
     }
     Ok(())
@@ -154,7 +153,7 @@ impl DataplaneMaps {
     ) -> Result<()> {
         let mut new = old.clone();
         diff.apply_to(&mut new);
-        fits(&new)?;
+        fits(&new, self.capacities.services)?;
         for (f, entry) in &diff.upsert {
             self.write_frontend(f, entry)?;
         }
@@ -167,7 +166,7 @@ impl DataplaneMaps {
 
     /// Makes `SERVICES` hold exactly `table`, whatever it held before.
     pub fn sync_services(&mut self, table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> Result<()> {
-        fits(table)?;
+        fits(table, self.capacities.services)?;
         let mut wanted: HashSet<ServiceKey> = HashSet::new();
         for (f, entry) in table {
             self.write_frontend(f, entry)?;

@@ -4,6 +4,7 @@ use std::{pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
+use weir_api::MapCapacities;
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
@@ -82,10 +83,22 @@ impl Client {
         node: &str,
         have: Option<StateVersion>,
     ) -> Result<UpdateStream, TransportError> {
+        self.watch_with(node, have, None).await
+    }
+
+    /// [`Self::watch`], telling the controller the sizes of the node's dataplane tables (it
+    /// checks the node's state against them; without, against the compiled-in defaults).
+    pub async fn watch_with(
+        &self,
+        node: &str,
+        have: Option<StateVersion>,
+        capacities: Option<&MapCapacities>,
+    ) -> Result<UpdateStream, TransportError> {
         let request = pb::WatchRequest {
             node: node.to_owned(),
             have_version: have.map_or(0, |h| h.version),
             have_epoch: have.map_or(0, |h| h.epoch),
+            capacities: capacities.map(pb::MapCapacities::from),
         };
         let stream = self
             .inner

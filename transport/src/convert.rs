@@ -13,9 +13,10 @@ use std::{
 
 use ipnet::IpNet;
 use weir_api::{
-    Action, BackendState, Direction, EndpointPolicy, FrontendKind, IpProto, NodeRoute, NodeState,
-    NodeStateDiff, PodKey, PolicyRef, PortPrefix, RuleRef, RuleSetInfo, ServiceBackend,
-    ServiceEntry, ServiceFrontend, ServiceRef, TableDiff, VerdictEntry, VerdictMatch,
+    Action, BackendState, Direction, EndpointPolicy, FrontendKind, IpProto, MapCapacities,
+    NodeRoute, NodeState, NodeStateDiff, PodKey, PolicyRef, PortPrefix, RuleRef, RuleSetInfo,
+    ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef, TableDiff, VerdictEntry,
+    VerdictMatch,
 };
 
 use crate::pb;
@@ -228,6 +229,41 @@ fn service(f: &ServiceFrontend, e: &ServiceEntry) -> pb::Service {
             affinity_timeout_s: e.affinity_timeout_s,
             masquerade_external: e.masquerade_external,
         }),
+    }
+}
+
+impl From<&MapCapacities> for pb::MapCapacities {
+    fn from(c: &MapCapacities) -> Self {
+        Self {
+            endpoints: c.endpoints,
+            peer_classes: c.peer_classes,
+            peer_hosts: c.peer_hosts,
+            verdicts: c.verdicts,
+            verdicts_exact: c.verdicts_exact,
+            conntrack: c.conntrack,
+            services: c.services,
+            service_nat: c.service_nat,
+            routes: c.routes,
+        }
+    }
+}
+
+impl From<&pb::MapCapacities> for MapCapacities {
+    /// A table reported as 0 (an agent that does not know it) has its default size.
+    fn from(c: &pb::MapCapacities) -> Self {
+        let d = MapCapacities::default();
+        let or = |v: u32, default: u32| if v == 0 { default } else { v };
+        Self {
+            endpoints: or(c.endpoints, d.endpoints),
+            peer_classes: or(c.peer_classes, d.peer_classes),
+            peer_hosts: or(c.peer_hosts, d.peer_hosts),
+            verdicts: or(c.verdicts, d.verdicts),
+            verdicts_exact: or(c.verdicts_exact, d.verdicts_exact),
+            conntrack: or(c.conntrack, d.conntrack),
+            services: or(c.services, d.services),
+            service_nat: or(c.service_nat, d.service_nat),
+            routes: or(c.routes, d.routes),
+        }
     }
 }
 
@@ -696,6 +732,23 @@ mod tests {
 
     use super::*;
     use crate::testing::{arb_node_state, arb_verdict_match};
+
+    #[test]
+    fn map_capacities_round_trip_and_unreported_tables_are_the_defaults() {
+        let caps: MapCapacities = "conntrack=1000000,routes=2048".parse().unwrap();
+        assert_eq!(MapCapacities::from(&pb::MapCapacities::from(&caps)), caps);
+        let partial = pb::MapCapacities {
+            verdicts_exact: 4096,
+            ..Default::default()
+        };
+        assert_eq!(
+            MapCapacities::from(&partial),
+            MapCapacities {
+                verdicts_exact: 4096,
+                ..Default::default()
+            }
+        );
+    }
 
     fn decode_state(s: pb::NodeState) -> Result<NodeState, ProtoError> {
         NodeState::try_from(s)

@@ -8,7 +8,7 @@
 use std::{convert::Infallible, future::Future, time::Duration};
 
 use futures::StreamExt;
-use weir_api::NodeState;
+use weir_api::{MapCapacities, NodeState};
 
 use crate::{
     TransportError,
@@ -95,6 +95,7 @@ pub struct WatchLoop {
     tls: TlsSource,
     node: String,
     backoff: Backoff,
+    capacities: Option<MapCapacities>,
 }
 
 impl WatchLoop {
@@ -104,6 +105,7 @@ impl WatchLoop {
             tls: TlsSource::Fixed(tls),
             node: node.into(),
             backoff: Backoff::default(),
+            capacities: None,
         }
     }
 
@@ -122,11 +124,19 @@ impl WatchLoop {
             },
             node: node.into(),
             backoff: Backoff::default(),
+            capacities: None,
         }
     }
 
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// Reports these dataplane table sizes on every stream, so the controller checks the
+    /// node's state against them.
+    pub fn with_capacities(mut self, capacities: MapCapacities) -> Self {
+        self.capacities = Some(capacities);
         self
     }
 
@@ -181,7 +191,7 @@ impl WatchLoop {
             .await
             .map_err(|e| fail(false, e))?;
         let mut updates = client
-            .watch(&self.node, tracker.have())
+            .watch_with(&self.node, tracker.have(), self.capacities.as_ref())
             .await
             .map_err(|e| fail(false, e))?;
         tracing::info!(node = self.node, endpoint, "following the controller");

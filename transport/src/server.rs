@@ -28,7 +28,7 @@ use futures::Stream;
 use rustls_pki_types::CertificateDer;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::{Request, Response, Status};
-use weir_api::NodeState;
+use weir_api::{MapCapacities, NodeState};
 
 use crate::{
     TransportError,
@@ -89,6 +89,8 @@ struct PublisherInner {
     epoch: NonZeroU64,
     nodes: Mutex<HashMap<String, NodeSlot>>,
     reports: watch::Sender<BTreeMap<String, AgentReport>>,
+    /// The table sizes each agent reported when it opened its stream.
+    capacities: watch::Sender<BTreeMap<String, MapCapacities>>,
 }
 
 /// The newest state of every node, shared by all streams. Cheap to clone.
@@ -136,6 +138,7 @@ impl StatePublisher {
                 epoch,
                 nodes: Mutex::new(HashMap::new()),
                 reports: watch::Sender::new(BTreeMap::new()),
+                capacities: watch::Sender::new(BTreeMap::new()),
             }),
         }
     }
@@ -205,6 +208,26 @@ impl StatePublisher {
         self.inner
             .reports
             .send_if_modified(|reports| reports.remove(node).is_some());
+        self.inner
+            .capacities
+            .send_if_modified(|caps| caps.remove(node).is_some());
+    }
+
+    /// The dataplane table sizes of every agent that reported them (on its latest stream).
+    /// Nodes not in it have the compiled-in defaults (their agents report none, or did not
+    /// connect yet).
+    pub fn capacities(&self) -> watch::Receiver<BTreeMap<String, MapCapacities>> {
+        self.inner.capacities.subscribe()
+    }
+
+    /// Records the table sizes `node`'s agent reported (None: it reports none).
+    pub fn record_capacities(&self, node: &str, capacities: Option<MapCapacities>) {
+        self.inner
+            .capacities
+            .send_if_modified(|caps| match capacities {
+                Some(c) => caps.insert(node.to_owned(), c) != Some(c),
+                None => caps.remove(node).is_some(),
+            });
     }
 
     /// The currently published version of every node.
@@ -384,6 +407,8 @@ impl pb::node_state_service_server::NodeStateService for Handler {
             version: req.have_version,
         });
         tracing::debug!(node = req.node, ?have, "watch stream opened");
+        self.publisher
+            .record_capacities(&req.node, req.capacities.as_ref().map(MapCapacities::from));
         let source = UpdateSource {
             node: req.node.clone(),
             epoch: self.publisher.inner.epoch,

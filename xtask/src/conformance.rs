@@ -4,12 +4,14 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use weir_conformance::{CaseFile, RunOptions, cases::Topology as CaseTopology, runner};
-use weir_localcluster::{ClusterOptions, Topology, conformance::ClusterDriver};
+use weir_localcluster::{ClusterOptions, Runtime, Topology, conformance::ClusterDriver};
 
 pub struct Args {
     pub cases: PathBuf,
     pub nodes: Option<usize>,
     pub topology: Option<Topology>,
+    /// How the cluster creates pods.
+    pub runtime: Runtime,
     pub verbose: bool,
     pub filter: Option<String>,
     pub json: Option<PathBuf>,
@@ -33,12 +35,15 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<bool> {
     let nodes = file.model.nodes.unwrap_or(1);
     let topology = file.model.topology.unwrap_or(CaseTopology::L2);
     println!(
-        "Conformance: {} ({} cases) on {nodes} node(s), {topology:?} topology",
+        "Conformance: {} ({} cases) on {nodes} node(s), {topology:?} topology, runtime {}",
         args.cases.display(),
-        file.cases.len()
+        file.cases.len(),
+        args.runtime
     );
     let started = std::time::Instant::now();
-    let mut driver = ClusterDriver::start(&file.model, ClusterOptions::new(bin)).await?;
+    let mut opts = ClusterOptions::new(bin);
+    opts.runtime = args.runtime;
+    let mut driver = ClusterDriver::start(&file.model, opts).await?;
     println!("Cluster ready in {:.1?}.", started.elapsed());
     let opts = RunOptions {
         verbose: args.verbose,

@@ -3,7 +3,7 @@
 //! The image holds the three binaries in [`BIN_DIR`], what the agent's CNI-install init
 //! container runs (a static busybox: `/bin/sh`, `cp`, `chmod`, `mv`, ...), and a minimal root
 //! file system. It is written as one archive that `docker load`, `podman load`,
-//! `ctr images import` and `kind load image-archive` all accept (see [`archive`]).
+//! `ctr images import` and `kind load image-archive` all accept (see [`weir_localcluster::oci`]).
 //!
 //! # How the binaries run in the image
 //!
@@ -27,7 +27,6 @@
 //! Entries are sorted, every mtime is `SOURCE_DATE_EPOCH` (0 when unset), owners are root,
 //! JSON is serialized from fixed structures: the same binaries give the same image digest.
 
-mod archive;
 mod elf;
 mod verify;
 
@@ -40,8 +39,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-pub use archive::ImageRef;
-use archive::{ImageConfig, Layer};
+pub use weir_localcluster::oci::ImageRef;
+use weir_localcluster::oci::{self as archive, ImageConfig, Layer};
 
 /// The image `cargo xtask image` builds unless told otherwise; `manifests/` runs it.
 pub const DEFAULT_TAG: &str = "weir:dev";

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use weir_localcluster::{ClusterOptions, LocalCluster, Topology};
+use weir_localcluster::{ClusterOptions, LocalCluster, Runtime, Topology};
 
 #[derive(Parser)]
 #[command(about = "weir developer tasks")]
@@ -40,6 +40,10 @@ enum Cmd {
         /// Pods to create on each node.
         #[arg(long, default_value_t = 2)]
         pods_per_node: usize,
+        /// direct (the cluster calls the CNI plugin) or containerd (a containerd per node,
+        /// pods are containers started through its CRI).
+        #[arg(long, default_value = "direct")]
+        runtime: Runtime,
     },
     /// Bring up a throwaway local cluster, show which pods reach which, tear it down.
     Demo {
@@ -58,6 +62,9 @@ enum Cmd {
         /// l2 or routed (overrides the file's model).
         #[arg(long)]
         topology: Option<Topology>,
+        /// direct or containerd: how the cluster creates pods.
+        #[arg(long, default_value = "direct")]
+        runtime: Runtime,
         /// Print every truth table, not only failing ones.
         #[arg(long)]
         verbose: bool,
@@ -131,7 +138,8 @@ fn main() -> Result<()> {
             nodes,
             topology,
             pods_per_node,
-        } => up(nodes, topology, pods_per_node),
+            runtime: pods,
+        } => up(nodes, topology, pods_per_node, pods),
         Cmd::Demo { nodes, topology } => {
             let bin = build()?;
             runtime().block_on(demo::run(bin, nodes, topology))
@@ -140,6 +148,7 @@ fn main() -> Result<()> {
             cases,
             nodes,
             topology,
+            runtime: pods,
             verbose,
             case,
             json,
@@ -150,6 +159,7 @@ fn main() -> Result<()> {
                 cases,
                 nodes,
                 topology,
+                runtime: pods,
                 verbose,
                 filter: case,
                 json,
@@ -227,12 +237,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn up(nodes: usize, topology: Topology, pods_per_node: usize) -> Result<()> {
+fn up(nodes: usize, topology: Topology, pods_per_node: usize, pods: Runtime) -> Result<()> {
     let bin = build()?;
     runtime().block_on(async {
         let mut opts = ClusterOptions::new(bin);
         opts.nodes = nodes;
         opts.topology = topology;
+        opts.runtime = pods;
         let mut cluster = LocalCluster::up(opts).await?;
         for n in 0..nodes {
             for p in 0..pods_per_node {
@@ -310,22 +321,26 @@ fn test() -> Result<()> {
     )?;
     // The upstream NetworkPolicy suite on real clusters: one node, several nodes on one L2
     // segment (direct routing), nodes in two subnets (VXLAN). The upstream Service suite on
-    // two nodes in both topologies (its placement-dependent cases need exactly two).
+    // two nodes in both topologies (its placement-dependent cases need exactly two). And
+    // the NetworkPolicy suite once more on one node whose pods are containers started by
+    // containerd through its CRI, which calls the plugin as on a kubelet node.
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
     let runs = [
-        (&netpol, 1, Topology::L2),
-        (&netpol, 2, Topology::L2),
-        (&netpol, 2, Topology::Routed),
-        (&services, 2, Topology::L2),
-        (&services, 2, Topology::Routed),
+        (&netpol, 1, Topology::L2, Runtime::Direct),
+        (&netpol, 2, Topology::L2, Runtime::Direct),
+        (&netpol, 2, Topology::Routed, Runtime::Direct),
+        (&services, 2, Topology::L2, Runtime::Direct),
+        (&services, 2, Topology::Routed, Runtime::Direct),
+        (&netpol, 1, Topology::L2, Runtime::Containerd),
     ];
     let mut failed = Vec::new();
-    for (cases, nodes, topology) in runs {
+    for (cases, nodes, topology, pods) in runs {
         let args = conformance::Args {
             cases: cases.clone(),
             nodes: Some(nodes),
             topology: Some(topology),
+            runtime: pods,
             verbose: false,
             filter: None,
             json: None,
@@ -333,7 +348,9 @@ fn test() -> Result<()> {
         };
         if !runtime().block_on(conformance::run(bin.clone(), args))? {
             let file = cases.file_name().unwrap_or_default().to_string_lossy();
-            failed.push(format!("{file} on {nodes} node(s), {topology}"));
+            failed.push(format!(
+                "{file} on {nodes} node(s), {topology}, runtime {pods}"
+            ));
         }
     }
     if !failed.is_empty() {

@@ -17,6 +17,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ipset", "ipset"),
     ("iperf3", "iperf3"),
     ("ping", "iputils-ping"),
+    // `--runtime containerd` of the local cluster, and `cargo xtask image --verify`.
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    // containerd's CRI sets up every pod's loopback with the reference plugin.
+    ("/usr/lib/cni/loopback", "containernetworking-plugins"),
+    // The local cluster's pod image (and the weir image's shell) is a static busybox.
+    ("busybox", "busybox-static"),
 ];
 
 struct Report {

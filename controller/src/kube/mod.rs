@@ -99,7 +99,7 @@ pub async fn run_kube(
             event = events.next() => event.ok_or(KubeError::WatchesEnded)?,
             _ = adopt.tick() => {
                 if sync.adopt_node_cidrs().is_some() {
-                    debug!("adopted node pod CIDR assignments written by another replica");
+                    debug!("recompiled for node pod CIDRs another replica assigned or map capacities an agent reported");
                 }
                 continue;
             }

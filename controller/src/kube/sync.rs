@@ -206,15 +206,18 @@ impl ClusterSync {
         }
     }
 
-    /// Compiles when the node pod-CIDR store offers assignments the allocator has not adopted
-    /// (no object changed, but the ranges agents get may have).
+    /// Compiles when the node pod-CIDR store offers assignments the allocator has not adopted,
+    /// or an agent reported other map capacities (no object changed, but what agents get
+    /// may have).
     pub fn adopt_node_cidrs(&mut self) -> Option<BTreeMap<String, u64>> {
-        (self.compiled_once && self.controller.node_cidrs_pending())
-            .then(|| self.controller.recompute())
+        (self.compiled_once
+            && (self.controller.node_cidrs_pending() || self.controller.capacities_pending()))
+        .then(|| self.controller.recompute())
     }
 
     /// Every diagnostic of every stored policy, and of the Services and EndpointSlices the
-    /// last compile used, with the object's identity.
+    /// last compile used, and every policy too large for a node's dataplane, with the
+    /// object's identity.
     pub fn reported_diagnostics(&self) -> Vec<ReportedDiagnostic> {
         let object = |kind: Kind, namespace: &str, name: &str| {
             let key = ObjectKey {
@@ -249,7 +252,19 @@ impl ClusterSync {
                 };
                 ReportedDiagnostic::service(d, object(kind, &d.object.namespace, &d.object.name))
             });
-        policies.chain(services).collect()
+        let too_large = self.controller.too_large().iter().flat_map(|t| {
+            t.policies
+                .iter()
+                .filter(|p| p.kind == Kind::NetworkPolicy.as_str())
+                .map(move |p| {
+                    ReportedDiagnostic::too_large(
+                        t,
+                        p,
+                        object(Kind::NetworkPolicy, &p.namespace, &p.name),
+                    )
+                })
+        });
+        policies.chain(services).chain(too_large).collect()
     }
 
     fn track_ref(&mut self, kind: Kind, event: &Event<Object>) {

@@ -558,3 +558,37 @@ async fn resolved_endpoints_are_tried_in_order_and_looked_up_again_after_a_failu
     );
     task.abort();
 }
+
+/// An agent's watch request carries its map capacities, which the controller sees per node;
+/// an agent that reports none (an older one) leaves its node out, so the controller uses the
+/// defaults for it.
+#[tokio::test]
+async fn the_controller_sees_the_map_capacities_each_agent_reports() {
+    let pki = Pki::new();
+    let publisher = StatePublisher::new();
+    let server = TestServer::start(&publisher, &pki.server, None).await;
+    let caps: weir_api::MapCapacities = "verdicts-exact=4096,conntrack=1000000".parse().unwrap();
+    let (mut sink_a, mut view_a) = RecordingSink::new();
+    let agent_a = WatchLoop::new(server.endpoint(), pki.agent("node-a"), "node-a")
+        .with_backoff(fast_backoff())
+        .with_capacities(caps);
+    let task_a = tokio::spawn(async move {
+        agent_a.run(&mut sink_a).await;
+    });
+    let (task_b, mut view_b) = spawn_agent(server.endpoint(), &pki, "node-b");
+    for node in ["node-a", "node-b"] {
+        publisher
+            .publish(node, 1, Arc::new(NodeState::default()))
+            .unwrap();
+    }
+    wait_for_version(&mut view_a, 1).await;
+    wait_for_version(&mut view_b, 1).await;
+    let reported = publisher.capacities().borrow().clone();
+    assert_eq!(reported.get("node-a"), Some(&caps));
+    assert_eq!(reported.get("node-b"), None, "node-b reports none");
+    // A node that leaves the cluster takes its report with it.
+    publisher.remove_node("node-a");
+    assert_eq!(publisher.capacities().borrow().get("node-a"), None);
+    task_a.abort();
+    task_b.abort();
+}

@@ -214,7 +214,6 @@ impl Layer {
     }
 
     /// Paths in the layer, sorted (as written to the tar).
-    #[cfg(test)]
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
     }
