@@ -55,8 +55,7 @@ use weir_api::PolicyRef;
 
 use crate::{
     PolicyDiagnostic, Severity, capacity::TooLarge, kube::ObjectRef, leader::Leadership,
-    policy::PolicyKind,
-    service::ServiceDiagnostic,
+    policy::PolicyKind, service::ServiceDiagnostic,
 };
 
 /// Reason of the Event for a policy that fails closed.
