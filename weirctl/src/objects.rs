@@ -52,6 +52,7 @@ pub fn upsert(cluster: &mut Cluster, object: &Object) -> weir_controller::Result
         Object::Pod(o) => cluster.upsert_pod(o),
         Object::Node(o) => cluster.upsert_node(o),
         Object::NetworkPolicy(o) => cluster.upsert_policy(o).map(|_| ()),
+        Object::ClusterNetworkPolicy(o) => cluster.upsert_cluster_policy(o).map(|_| ()),
         Object::Service(o) => cluster.upsert_service(o).map(|_| ()),
         Object::EndpointSlice(o) => cluster.upsert_endpoint_slice(o).map(|_| ()),
     }
