@@ -5,6 +5,7 @@ use weir_common::{
     conntrack::CtKey,
     event::{DropReason, FlowEvent},
     ip::IpKey,
+    policy::FAIL_CLOSED,
 };
 
 use crate::maps::{DROPS, EVENTS, POLICY_DROPS, count};
@@ -19,7 +20,10 @@ pub fn record_drop(
     rule: u32,
 ) {
     count(&DROPS, reason as u32);
-    if policy != 0 {
+    if policy == FAIL_CLOSED {
+        // No rule set has id 0 (it means "not isolated"): its slot counts fail-closed drops.
+        count(&POLICY_DROPS, 0);
+    } else if policy != 0 {
         count(&POLICY_DROPS, policy);
     }
     emit(

@@ -211,8 +211,11 @@ pub struct Agent {
     tunnel_ifindex: u32,
     endpoints: EndpointStore,
     node: Netlink,
-    /// The controller's latest state for this node.
+    /// The controller's latest state for this node, in the ids written into the maps (see
+    /// [`crate::renumber`]).
     policy: NodeState,
+    /// The controller's ids → the maps' ids, for the current controller stream.
+    ids: crate::renumber::IdTranslation,
     /// Whether `policy` came from the controller since this agent started. Until it has, the
     /// rule sets already in the (pinned) map stay in force: a restart never opens a hole.
     have_controller_state: bool,
@@ -352,6 +355,7 @@ impl Agent {
             endpoints,
             node,
             policy: NodeState::default(),
+            ids: Default::default(),
             have_controller_state: false,
             policy_applied: tokio::sync::watch::Sender::new(0),
             pods_started_before_policy: 0,
@@ -745,11 +749,25 @@ impl Agent {
         let (written, services) = match change {
             Applied::Unchanged => return Ok(()),
             Applied::Snapshot => {
-                let written = self.maps.sync_policy(state, &self.policy)?;
-                self.incomplete_rule_sets = written.failed_rule_sets(state);
-                self.policy = state.clone();
+                // A snapshot may number classes and rule sets afresh (a restarted controller,
+                // a new leader): match it to what the maps hold so that no id changes meaning.
+                let applied = if self.have_controller_state {
+                    crate::renumber::PolicyTables::of(&self.policy)
+                } else {
+                    self.maps.read_policy_tables()
+                };
+                self.ids = crate::renumber::IdTranslation::for_snapshot(state, &applied);
+                let local = self.ids.state(state);
+                if !self.ids.is_identity() {
+                    info!(
+                        "the controller's snapshot numbers policy ids differently from the maps; translating its ids"
+                    );
+                }
+                let written = self.maps.sync_policy(&local, &self.policy)?;
+                self.incomplete_rule_sets = written.failed_rule_sets(&local);
+                self.policy = local;
                 self.sync_endpoint_map()?;
-                self.maps.prune_policy(state);
+                self.maps.prune_policy(&self.policy);
                 let services = if self.cfg.service_proxy == ServiceProxy::Weir {
                     self.maps.sync_services(&state.services)
                 } else {
@@ -759,6 +777,7 @@ impl Agent {
                 (written, services)
             }
             Applied::Diff(diff) => {
+                let diff = &self.ids.diff(diff);
                 let written = self.maps.apply_policy_diff(diff)?;
                 let services = if self.cfg.service_proxy == ServiceProxy::Weir {
                     self.maps

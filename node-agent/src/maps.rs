@@ -11,16 +11,18 @@ use aya::{
     Pod,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
-use weir_api::{Action, MapCapacities, NodeState, NodeStateDiff, VerdictEntry, VerdictMatch};
+use weir_api::{
+    Action, MapCapacities, NodeState, NodeStateDiff, PortPrefix, VerdictEntry, VerdictMatch,
+};
 use weir_common::{
     capacity,
     config::NodeConfig,
     conntrack::{CtEntry, CtKey},
     endpoint::{EndpointInfo, HostAddr},
     event::DropReason,
-    ip::{IpKey, trie_prefix_len},
+    ip::{IpKey, V4_MAPPED_PREFIX, trie_prefix_len},
     maps as names,
     policy::{PeerClass, Verdict, VerdictKey},
     route::{RouteEntry, TunnelPeer},
@@ -176,6 +178,56 @@ pub fn verdict_value(v: &VerdictEntry) -> Verdict {
     match v.action {
         Action::Allow => Verdict::allow(v.rule),
         Action::Deny => Verdict::deny(v.rule),
+    }
+}
+
+/// The address prefix a key of a 128-bit trie stands for (IPv4 is stored IPv4-mapped).
+pub fn trie_net(prefix_len: u32, data: IpKey) -> Option<IpNet> {
+    let addr = IpAddr::from(data);
+    match addr {
+        IpAddr::V4(v4) if prefix_len >= V4_MAPPED_PREFIX => {
+            Ipv4Net::new(v4, u8::try_from(prefix_len - V4_MAPPED_PREFIX).ok()?)
+                .ok()
+                .map(IpNet::V4)
+        }
+        IpAddr::V4(v4) => Ipv6Net::new(v4.to_ipv6_mapped(), u8::try_from(prefix_len).ok()?)
+            .ok()
+            .map(IpNet::V6),
+        IpAddr::V6(v6) => Ipv6Net::new(v6, u8::try_from(prefix_len).ok()?)
+            .ok()
+            .map(IpNet::V6),
+    }
+}
+
+/// The verdict match a key of `VERDICTS` (or, with [`VerdictKey::PREFIX_FULL`],
+/// `VERDICTS_EXACT`) stands for: the inverse of [`verdict_key`].
+pub fn verdict_match(prefix_len: u32, k: &VerdictKey) -> Option<VerdictMatch> {
+    let (proto, ports) = match prefix_len {
+        VerdictKey::PREFIX_ANY_PROTO => (None, None),
+        VerdictKey::PREFIX_ANY_PORT => (Some(k.proto()), None),
+        l if (VerdictKey::PREFIX_PORT_BASE..=VerdictKey::PREFIX_FULL).contains(&l) => {
+            let len = u8::try_from(l - VerdictKey::PREFIX_PORT_BASE).ok()?;
+            (Some(k.proto()), Some(PortPrefix::new(k.port(), len)?))
+        }
+        _ => return None,
+    };
+    Some(VerdictMatch {
+        rule_set: k.policy(),
+        class: k.class(),
+        proto,
+        ports,
+    })
+}
+
+/// The inverse of [`verdict_value`].
+pub fn verdict_entry(v: &Verdict) -> VerdictEntry {
+    VerdictEntry {
+        action: if v.is_allow() {
+            Action::Allow
+        } else {
+            Action::Deny
+        },
+        rule: v.rule(),
     }
 }
 
@@ -604,6 +656,37 @@ impl DataplaneMaps {
             );
         }
         Ok(w)
+    }
+
+    /// What the policy maps hold, read back (after a restart the agent does not know what
+    /// its predecessor wrote): classes, verdicts (an exact entry shadows the trie's, as in
+    /// the kernel's lookup) and the rule sets endpoints point at. Rules are not in the maps.
+    pub fn read_policy_tables(&self) -> crate::renumber::PolicyTables {
+        let mut t = crate::renumber::PolicyTables::default();
+        for (k, v) in self.peer_hosts.iter().filter_map(|r| r.ok()) {
+            t.peer_classes
+                .insert(IpNet::from(IpAddr::from(k)), v.class());
+        }
+        for (k, v) in self.peer_classes.iter().filter_map(|r| r.ok()) {
+            if let Some(net) = trie_net(k.prefix_len(), k.data()) {
+                t.peer_classes.insert(net, v.class());
+            }
+        }
+        for (k, v) in self.verdicts_exact.iter().filter_map(|r| r.ok()) {
+            if let Some(m) = verdict_match(VerdictKey::PREFIX_FULL, &k) {
+                t.verdicts.insert(m, verdict_entry(&v));
+            }
+        }
+        for (k, v) in self.verdicts.iter().filter_map(|r| r.ok()) {
+            if let Some(m) = verdict_match(k.prefix_len(), &k.data()) {
+                t.verdicts.entry(m).or_insert_with(|| verdict_entry(&v));
+            }
+        }
+        for (_, e) in self.endpoints.iter().filter_map(|r| r.ok()) {
+            t.rule_sets_in_use.insert(e.ingress_policy());
+            t.rule_sets_in_use.insert(e.egress_policy());
+        }
+        t
     }
 
     /// Removes every class and verdict `state` does not have.
@@ -1051,4 +1134,57 @@ fn drop_counts(drops: &PerCpuArray<MapData, u64>) -> Vec<(DropReason, u64)> {
             (*r, n)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::*;
+
+    #[test]
+    fn keys_decode_to_what_the_agent_encoded() {
+        for net in [
+            "10.244.0.0/16",
+            "0.0.0.0/0",
+            "10.1.2.3/32",
+            "2001:db8::/32",
+            "::/0",
+        ] {
+            let net: IpNet = net.parse().unwrap();
+            let k = prefix_key(&net);
+            assert_eq!(trie_net(k.prefix_len(), k.data()), Some(net), "{net}");
+        }
+        for m in [
+            VerdictMatch {
+                rule_set: 3,
+                class: 2,
+                proto: None,
+                ports: None,
+            },
+            VerdictMatch {
+                rule_set: 3,
+                class: 2,
+                proto: Some(6),
+                ports: None,
+            },
+            VerdictMatch {
+                rule_set: 3,
+                class: 2,
+                proto: Some(17),
+                ports: PortPrefix::new(1024, 6),
+            },
+            VerdictMatch {
+                rule_set: 9,
+                class: 0,
+                proto: Some(132),
+                ports: PortPrefix::new(80, 16),
+            },
+        ] {
+            let k = verdict_key(&m);
+            assert_eq!(verdict_match(k.prefix_len(), &k.data()), Some(m));
+        }
+        assert_eq!(verdict_match(65, &VerdictKey::new(1, 1, 6, 0)), None);
+        let deny = verdict_entry(&Verdict::deny(7));
+        assert_eq!(deny.action, Action::Deny);
+        assert_eq!(deny.rule, 7);
+    }
 }

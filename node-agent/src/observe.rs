@@ -39,6 +39,9 @@ pub struct MetricsSnapshot {
     pub rule_hits: Vec<([(String, String); 4], u64)>,
     /// (direction, policies of the rule set) → new flows denied.
     pub policy_drops: Vec<([(String, String); 2], u64)>,
+    /// New flows denied because the endpoint's rule set failed closed (its policies did not
+    /// fit, or are not known yet).
+    pub fail_closed_drops: u64,
     pub flow_events: u64,
     /// Pods whose CNI ADD gave up waiting for their policies.
     pub pods_started_before_policy: u64,
@@ -115,6 +118,9 @@ impl MetricsSnapshot {
             drops: maps.drop_counts(),
             rule_hits,
             policy_drops,
+            fail_closed_drops: DataplaneMaps::counter_totals(&maps.policy_drops, [0])
+                .into_values()
+                .sum(),
             flow_events,
             pods_started_before_policy: 0,
             host_addrs_left_out: 0,
@@ -222,6 +228,14 @@ impl Collector for MetricsSnapshot {
         for (labels, n) in &self.policy_drops {
             ConstCounter::new(*n).encode(denied.encode_family(labels)?)?;
         }
+        let m = encoder.encode_descriptor(
+            "fail_closed_denied_flows",
+            "New flows denied because the endpoint fails closed: its policies did not fit in \
+             the maps, or a pod's policies are not known yet (the pending pod policy)",
+            None,
+            kind,
+        )?;
+        ConstCounter::new(self.fail_closed_drops).encode(m)?;
         let events = ConstCounter::new(self.flow_events);
         let m = encoder.encode_descriptor(
             "flow_events",

@@ -1118,6 +1118,10 @@ fn a_rule_set_larger_than_the_map_fails_closed_and_the_others_stay_intact() {
     assert_eq!(node.sent_by_b(&syn_b_to_a(40002, 80)).0, TC_ACT_SHOT);
     // The table sizes say what the maps hold, not what the state asked for.
     let metrics = weir_agent::observe::MetricsSnapshot::read(&node.maps, &state, true, 0);
+    assert_eq!(
+        metrics.fail_closed_drops, 1,
+        "the fail-closed drop is counted"
+    );
     assert_eq!(metrics.verdicts, capacity::VERDICTS_EXACT as usize);
     assert_eq!(metrics.peer_classes, 2);
     assert_eq!(metrics.endpoints, 2);

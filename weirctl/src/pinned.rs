@@ -10,12 +10,15 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use weir_agent::dataplane::{PinLayout, open_pinned_map};
-use weir_api::{Action, EndpointPolicy, PortPrefix, VerdictEntry, VerdictMatch};
+use ipnet::IpNet;
+use weir_agent::{
+    dataplane::{PinLayout, open_pinned_map},
+    maps::{trie_net, verdict_entry, verdict_match},
+};
+use weir_api::{EndpointPolicy, VerdictEntry, VerdictMatch};
 use weir_common::{
     endpoint::{EndpointInfo, HostAddr},
-    ip::{IpKey, V4_MAPPED_PREFIX},
+    ip::IpKey,
     maps as names,
     policy::{PeerClass, Verdict, VerdictKey},
 };
@@ -27,55 +30,6 @@ pub struct PinnedTables {
     pub host_addrs: BTreeSet<IpAddr>,
     pub peer_classes: BTreeMap<IpNet, u32>,
     pub verdicts: BTreeMap<VerdictMatch, VerdictEntry>,
-}
-
-/// An address prefix from a key of the 128-bit trie (IPv4 stored IPv4-mapped).
-pub fn trie_net(prefix_len: u32, data: IpKey) -> Option<IpNet> {
-    let addr = IpAddr::from(data);
-    match addr {
-        IpAddr::V4(v4) if prefix_len >= V4_MAPPED_PREFIX => {
-            Ipv4Net::new(v4, u8::try_from(prefix_len - V4_MAPPED_PREFIX).ok()?)
-                .ok()
-                .map(IpNet::V4)
-        }
-        IpAddr::V4(v4) => Ipv6Net::new(v4.to_ipv6_mapped(), u8::try_from(prefix_len).ok()?)
-            .ok()
-            .map(IpNet::V6),
-        IpAddr::V6(v6) => Ipv6Net::new(v6, u8::try_from(prefix_len).ok()?)
-            .ok()
-            .map(IpNet::V6),
-    }
-}
-
-/// The verdict match a key of `VERDICTS` (or, with [`VerdictKey::PREFIX_FULL`],
-/// `VERDICTS_EXACT`) stands for.
-pub fn verdict_match(prefix_len: u32, k: &VerdictKey) -> Option<VerdictMatch> {
-    let (proto, ports) = match prefix_len {
-        VerdictKey::PREFIX_ANY_PROTO => (None, None),
-        VerdictKey::PREFIX_ANY_PORT => (Some(k.proto()), None),
-        l if (VerdictKey::PREFIX_PORT_BASE..=VerdictKey::PREFIX_FULL).contains(&l) => {
-            let len = u8::try_from(l - VerdictKey::PREFIX_PORT_BASE).ok()?;
-            (Some(k.proto()), Some(PortPrefix::new(k.port(), len)?))
-        }
-        _ => return None,
-    };
-    Some(VerdictMatch {
-        rule_set: k.policy(),
-        class: k.class(),
-        proto,
-        ports,
-    })
-}
-
-pub fn verdict_entry(v: &Verdict) -> VerdictEntry {
-    VerdictEntry {
-        action: if v.is_allow() {
-            Action::Allow
-        } else {
-            Action::Deny
-        },
-        rule: v.rule(),
-    }
 }
 
 fn open(pins: &PinLayout, name: &str) -> Result<MapData> {
@@ -135,58 +89,4 @@ pub fn read(bpffs: &Path, node: &str) -> Result<PinnedTables> {
         }
     }
     Ok(t)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use weir_agent::maps::{prefix_key, verdict_key};
-
-    #[test]
-    fn keys_decode_to_what_the_agent_encoded() {
-        for net in [
-            "10.244.0.0/16",
-            "0.0.0.0/0",
-            "10.1.2.3/32",
-            "2001:db8::/32",
-            "::/0",
-        ] {
-            let net: IpNet = net.parse().unwrap();
-            let k = prefix_key(&net);
-            assert_eq!(trie_net(k.prefix_len(), k.data()), Some(net), "{net}");
-        }
-        for m in [
-            VerdictMatch {
-                rule_set: 3,
-                class: 2,
-                proto: None,
-                ports: None,
-            },
-            VerdictMatch {
-                rule_set: 3,
-                class: 2,
-                proto: Some(6),
-                ports: None,
-            },
-            VerdictMatch {
-                rule_set: 3,
-                class: 2,
-                proto: Some(17),
-                ports: PortPrefix::new(1024, 6),
-            },
-            VerdictMatch {
-                rule_set: 9,
-                class: 0,
-                proto: Some(132),
-                ports: PortPrefix::new(80, 16),
-            },
-        ] {
-            let k = verdict_key(&m);
-            assert_eq!(verdict_match(k.prefix_len(), &k.data()), Some(m));
-        }
-        assert_eq!(verdict_match(65, &VerdictKey::new(1, 1, 6, 0)), None);
-        let deny = verdict_entry(&Verdict::deny(7));
-        assert_eq!(deny.action, Action::Deny);
-        assert_eq!(deny.rule, 7);
-    }
 }
