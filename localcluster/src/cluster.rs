@@ -833,6 +833,11 @@ impl LocalCluster {
     }
 
     /// Starts (or restarts) the agent of node `idx` and waits until it reports ready.
+    /// Extra arguments of every agent started from now on (a restart with other flags).
+    pub fn set_agent_args(&mut self, args: Vec<String>) {
+        self.opts.agent_args = args;
+    }
+
     pub async fn start_agent(&mut self, idx: usize) -> Result<()> {
         let bin = self.opts.bin_dir.join("weir-agent");
         let node = &self.nodes[idx];

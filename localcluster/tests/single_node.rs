@@ -164,6 +164,34 @@ async fn agent_restart_does_not_interrupt_an_established_tcp_stream() {
         .assert_flowing("after the restart", Duration::from_secs(1))
         .await;
 
+    // Once more with another conntrack size: the pinned table is recreated at the new size
+    // with the flows it held, and the stream never notices.
+    c.kill_agent(0);
+    c.set_agent_args(vec!["--map-capacity".into(), "conntrack=65536".into()]);
+    c.start_agent(0)
+        .await
+        .expect("agent restarts with a resized conntrack");
+    stream
+        .assert_flowing(
+            "after the restart with a resized conntrack",
+            Duration::from_secs(1),
+        )
+        .await;
+    let (status, metrics) = c.agent_http(0, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("weir_agent_map_capacity{table=\"conntrack\"} 65536\n"),
+        "the agent reports the new size"
+    );
+    let pins = PinLayout::new(std::path::Path::new("/sys/fs/bpf"), &c.nodes()[0].name);
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(pins.maps_dir().join(weir_common::maps::CONNTRACK))
+            .expect("the pinned conntrack")
+            .max_entries(),
+        65536,
+        "the pinned map has the new size"
+    );
+
     // The new agent re-adopted both pods: new connections and new pods work.
     let _servers = Servers::start(&b.netns.path(), &[80], &[Protocol::Tcp]).expect("servers");
     assert!(

@@ -309,21 +309,11 @@ impl Dataplane {
             programs::TO_TUNNEL,
         ] {
             let prog = classifier(&mut ebpf, name)?;
-            prog.load().map_err(|source| DataplaneError::Program {
-                action: "loading",
-                program: name,
-                ifname: String::new(),
-                source: Box::new(source),
-            })?;
+            load_retrying(name, || prog.load())?;
         }
         for &name in programs::SOCK {
             let prog = sock_program(&mut ebpf, name)?;
-            prog.load().map_err(|source| DataplaneError::Program {
-                action: "loading",
-                program: name,
-                ifname: String::new(),
-                source: Box::new(source),
-            })?;
+            load_retrying(name, || prog.load())?;
         }
         let mode = if tcx_supported() {
             AttachMode::Tcx
@@ -728,4 +718,85 @@ pub fn open_pinned_map(pins: &PinLayout, name: &str) -> Result<MapData> {
         path,
         source: io::Error::other(e.to_string()),
     })
+}
+
+/// Loads a program; again when the verifier gave up because a signal arrived meanwhile. A
+/// long verification checks for pending signals and fails with EAGAIN, and a process that
+/// reaps its children through a SIGCHLD handler (tokio does) gets one whenever a child exits.
+/// libbpf retries the same way.
+fn load_retrying(
+    name: &'static str,
+    mut load: impl FnMut() -> std::result::Result<(), aya::programs::ProgramError>,
+) -> Result<()> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            r => {
+                return r.map_err(|source| DataplaneError::Program {
+                    action: "loading",
+                    program: name,
+                    ifname: String::new(),
+                    source: Box::new(source),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use std::cell::Cell;
+
+    use aya::programs::ProgramError;
+
+    use super::*;
+
+    fn interrupted() -> ProgramError {
+        ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(11),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        }
+    }
+
+    #[test]
+    fn a_load_interrupted_by_a_signal_is_tried_again() {
+        let calls = Cell::new(0);
+        let r = load_retrying("p", || {
+            calls.set(calls.get() + 1);
+            if calls.get() < 3 {
+                Err(interrupted())
+            } else {
+                Ok(())
+            }
+        });
+        assert!(r.is_ok());
+        assert_eq!(calls.get(), 3);
+    }
+
+    #[test]
+    fn a_load_that_keeps_failing_or_is_rejected_gives_up() {
+        let calls = Cell::new(0);
+        let r = load_retrying("p", || {
+            calls.set(calls.get() + 1);
+            Err(interrupted())
+        });
+        assert!(r.is_err());
+        assert_eq!(calls.get(), 5);
+        calls.set(0);
+        let r = load_retrying("p", || {
+            calls.set(calls.get() + 1);
+            Err(ProgramError::LoadError {
+                io_error: std::io::Error::from_raw_os_error(13),
+                verifier_log: aya_obj::VerifierLog::new("R1 invalid mem access".into()),
+            })
+        });
+        assert!(r.is_err());
+        assert_eq!(calls.get(), 1, "a verifier rejection is not retried");
+    }
 }
