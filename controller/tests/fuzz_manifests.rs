@@ -289,7 +289,7 @@ fn baseline() -> ProdView {
         (0, 0),
         "the sound cluster is valid"
     );
-    // Not a view that hides everything: client reaches web on http only, other/c does not,
+    // Not a view that hides everything: client reaches web on http only, third/t does not,
     // and the Service has web as its backend on both nodes.
     let index = |src: usize, proto_port: usize| src * 6 + proto_port;
     // Destination web first: five sources (web itself skipped), six flows each; then client.
