@@ -2,6 +2,10 @@
 //! call it: configurations with every key of any type, broken JSON, odd environments and
 //! `CNI_ARGS`. It never panics, answers every failure with a CNI error of a documented code
 //! as JSON on stdout, and what reaches the agent is decoded by the agent's side as well.
+//! Valid configurations carrying anything in `runtimeConfig`, `args` and unknown keys
+//! (huge numbers, unicode, deep nesting) still parse and pass those on unchanged; mutated
+//! ones (keys removed, values of the wrong type, nesting beyond the parser's limit) are
+//! refused with a CNI error (`code` and `msg`) unless what the plugin reads is still sound.
 //!
 //! Failing inputs are kept by proptest under `tests/fuzz_input.proptest-regressions` and
 //! replayed first on every run; `PROPTEST_CASES` raises the number of cases.
@@ -19,7 +23,7 @@ use serde_json::{Map, Value};
 use weir_cni::{
     plugin,
     protocol::RequestFrame,
-    spec::{CniArgs, PluginInput, code},
+    spec::{CniArgs, CniError, PluginInput, code},
 };
 
 /// Codes a failing plugin may answer with (CNI's well-known ones and weir's documented
@@ -379,6 +383,330 @@ fn cni_args_and_agent_frames_never_panic() {
                     "undocumented error code {}",
                     error.code
                 );
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Values the runtime could put anywhere: wrong types, huge and negative numbers, unicode,
+/// nesting deeper than any configuration needs (but within the JSON parser's limit).
+fn hostile() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        3 => proptest::sample::select(vec![
+            Value::Null,
+            Value::Bool(true),
+            Value::from(-1),
+            Value::from(0),
+            Value::from(u64::MAX),
+            Value::from(i64::MIN),
+            Value::from(1e308),
+            Value::from(-0.0),
+            Value::String(String::new()),
+            Value::String("ünïcødé-💥\u{202e}\u{0}".into()),
+            Value::String("../../etc/passwd".into()),
+            Value::String("a".repeat(4096)),
+            Value::Array(vec![]),
+            Value::Object(Map::new()),
+        ]),
+        2 => ".{0,16}".prop_map(Value::String),
+        1 => any::<i64>().prop_map(Value::from),
+        1 => any::<f64>().prop_map(Value::from),
+        1 => (1usize..100).prop_map(nested),
+        2 => json(),
+    ]
+}
+
+/// `depth` arrays and objects inside each other.
+fn nested(depth: usize) -> Value {
+    (0..depth).fold(Value::from("core"), |v, i| {
+        if i % 2 == 0 {
+            Value::Array(vec![v])
+        } else {
+            let mut m = Map::new();
+            m.insert("n".into(), v);
+            Value::Object(m)
+        }
+    })
+}
+
+/// Capability arguments as runtimes pass them (`portMappings`, `bandwidth`, `ips`, `mac`,
+/// `dns`, ...), with hostile values mixed in.
+fn runtime_config() -> impl Strategy<Value = Map<String, Value>> {
+    let capability = prop_oneof![
+        Just("portMappings"),
+        Just("bandwidth"),
+        Just("ips"),
+        Just("mac"),
+        Just("dns"),
+        Just("aliases"),
+        Just("cgroupPath"),
+        Just("ünïcødé"),
+    ]
+    .prop_map(str::to_owned);
+    let value = prop_oneof![
+        (any::<u64>(), any::<i64>(), ".{0,6}").prop_map(|(host, container, proto)| {
+            serde_json::json!([{"hostPort": host, "containerPort": container, "protocol": proto}])
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(
+            |(rate, burst)| serde_json::json!({"ingressRate": rate, "ingressBurst": burst})
+        ),
+        hostile(),
+    ];
+    proptest::collection::btree_map(capability, value, 0..4).prop_map(|m| m.into_iter().collect())
+}
+
+/// A configuration the plugin must accept: every key it reads well formed, everything else
+/// (`runtimeConfig`, `args`, unknown keys) anything.
+fn valid_config(socket: String) -> impl Strategy<Value = Map<String, Value>> {
+    (
+        proptest::sample::select(vec!["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]),
+        "[a-zA-Z0-9][a-zA-Z0-9_.-]{0,20}",
+        prop_oneof![Just("weir".to_owned()), "[a-z][a-z0-9-]{0,8}"],
+        proptest::option::of(proptest::sample::select(vec![
+            "debug", "info", "warn", "error", "",
+        ])),
+        proptest::option::of(runtime_config()),
+        proptest::option::of(
+            proptest::collection::btree_map(".{1,8}", hostile(), 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ),
+        proptest::option::of(prev_result_valid()),
+        proptest::collection::btree_map("[a-zA-Z][a-zA-Z0-9]{0,8}|.{1,6}", hostile(), 0..4),
+    )
+        .prop_map(
+            move |(version, name, plugin_type, level, runtime, args, prev, extra)| {
+                let mut m: Map<String, Value> = extra
+                    .into_iter()
+                    .filter(|(k, _)| !MODELLED_KEYS.contains(&k.as_str()))
+                    .collect();
+                m.insert("cniVersion".into(), Value::from(version));
+                m.insert("name".into(), Value::from(name));
+                m.insert("type".into(), Value::from(plugin_type));
+                m.insert("agentSocket".into(), Value::from(socket.clone()));
+                if let Some(level) = level {
+                    m.insert("logLevel".into(), Value::from(level));
+                }
+                if let Some(r) = runtime {
+                    m.insert("runtimeConfig".into(), Value::Object(r));
+                }
+                if let Some(a) = args {
+                    m.insert("args".into(), a);
+                }
+                if let Some(p) = prev {
+                    m.insert("prevResult".into(), p);
+                }
+                m
+            },
+        )
+}
+
+/// Keys the parser reads itself; an unknown key must not collide with them.
+const MODELLED_KEYS: [&str; 10] = [
+    "cniVersion",
+    "name",
+    "type",
+    "agentSocket",
+    "logLevel",
+    "runtimeConfig",
+    "args",
+    "prevResult",
+    "cni.dev/valid-attachments",
+    "cni.dev/attachments",
+];
+
+/// A `prevResult` that decodes.
+fn prev_result_valid() -> impl Strategy<Value = Value> {
+    (
+        proptest::collection::vec(
+            (any::<[u8; 4]>(), 0u8..=32, proptest::option::of(0usize..4)),
+            0..3,
+        ),
+        proptest::collection::vec(("[a-z0-9]{1,15}", proptest::option::of(any::<u32>())), 0..3),
+    )
+        .prop_map(|(ips, interfaces)| {
+            let ips: Vec<Value> = ips
+                .into_iter()
+                .map(|(a, len, interface)| {
+                    let address = format!("{}.{}.{}.{}/{len}", a[0], a[1], a[2], a[3]);
+                    match interface {
+                        Some(i) => serde_json::json!({"address": address, "interface": i}),
+                        None => serde_json::json!({"address": address}),
+                    }
+                })
+                .collect();
+            let interfaces: Vec<Value> = interfaces
+                .into_iter()
+                .map(|(name, mtu)| match mtu {
+                    Some(mtu) => serde_json::json!({"name": name, "mtu": mtu}),
+                    None => serde_json::json!({"name": name}),
+                })
+                .collect();
+            serde_json::json!({"cniVersion": "1.0.0", "ips": ips, "interfaces": interfaces})
+        })
+}
+
+#[test]
+fn valid_configurations_with_hostile_extras_still_parse() {
+    runner(1024)
+        .run(&valid_config("/run/test.sock".into()), |config| {
+            let bytes = Value::Object(config).to_string().into_bytes();
+            // What the JSON says (floats need not survive a round trip through text).
+            let config: Map<String, Value> = serde_json::from_slice(&bytes).unwrap();
+            let input = PluginInput::parse(&bytes)
+                .map_err(|e| TestCaseError::fail(format!("valid configuration refused: {e}")))?;
+            // What the plugin passes on is what the runtime wrote.
+            prop_assert_eq!(
+                Some(&Value::from(input.config.name.clone())),
+                config.get("name")
+            );
+            prop_assert_eq!(
+                Some(&Value::from(input.config.cni_version.as_str())),
+                config.get("cniVersion")
+            );
+            let runtime = config
+                .get("runtimeConfig")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            prop_assert_eq!(&input.config.runtime_config, &runtime);
+            prop_assert_eq!(input.config.args.as_ref(), config.get("args"));
+            prop_assert_eq!(
+                input.prev_result.is_some(),
+                config.contains_key("prevResult")
+            );
+            for (k, v) in &config {
+                if !MODELLED_KEYS.contains(&k.as_str()) {
+                    prop_assert_eq!(input.config.extra.get(k), Some(v), "unknown key {:?}", k);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// One change to a valid configuration.
+#[derive(Clone, Debug)]
+enum Edit {
+    /// A key the parser reads removed.
+    Remove(&'static str),
+    /// A key the parser reads given a hostile value.
+    Replace(&'static str, Value),
+    /// The whole configuration wrapped `depth` levels deep in arrays and objects.
+    Nest(usize),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    let key = proptest::sample::select(MODELLED_KEYS.to_vec());
+    prop_oneof![
+        key.clone().prop_map(Edit::Remove),
+        (key, hostile()).prop_map(|(k, v)| Edit::Replace(k, v)),
+        prop_oneof![1usize..8, 120usize..200, Just(100_000usize)].prop_map(Edit::Nest),
+    ]
+}
+
+#[test]
+fn mutated_configurations_are_refused_with_a_cni_error_or_parse() {
+    let (accepted, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    let input = (
+        valid_config("/run/test.sock".into()),
+        proptest::collection::vec(edit(), 1..4),
+    );
+    runner(1024)
+        .run(&input, |(mut config, edits)| {
+            let mut wrapper = None;
+            for e in &edits {
+                match e {
+                    Edit::Remove(k) => {
+                        config.remove(*k);
+                    }
+                    Edit::Replace(k, v) => {
+                        config.insert((*k).to_owned(), v.clone());
+                    }
+                    Edit::Nest(depth) => wrapper = Some(*depth),
+                }
+            }
+            let text = Value::Object(config.clone()).to_string();
+            // Deep nesting is written as text: a value that deep would overflow the stack
+            // of the test itself when built and dropped.
+            let text = match wrapper {
+                Some(depth) => format!("{}{text}{}", "[".repeat(depth), "]".repeat(depth)),
+                None => text,
+            };
+            match PluginInput::parse(text.as_bytes()) {
+                Ok(input) => {
+                    accepted.set(accepted.get() + 1);
+                    // Accepted only with every key the parser needs, of the right type.
+                    prop_assert!(wrapper.is_none(), "a nested array accepted");
+                    for key in ["cniVersion", "name", "type"] {
+                        prop_assert!(
+                            config.get(key).is_some_and(Value::is_string),
+                            "accepted without a string {:?}",
+                            key
+                        );
+                    }
+                    prop_assert!(input.config.agent_socket.is_absolute());
+                }
+                Err(error) => {
+                    refused.set(refused.get() + 1);
+                    let error = CniError::from(error);
+                    prop_assert!(CODES.contains(&error.code), "undocumented code: {}", error);
+                    prop_assert!(!error.msg.is_empty(), "no message: {}", error);
+                    // The shape the runtime reads (SPEC.md section 5 "Error").
+                    let shown = error.to_json("1.1.0");
+                    prop_assert_eq!(shown["code"].as_u64(), Some(u64::from(error.code)));
+                    prop_assert!(shown["msg"].as_str().is_some_and(|m| !m.is_empty()));
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    let (accepted, refused) = (accepted.get(), refused.get());
+    assert!(
+        accepted > 0 && refused > 0,
+        "{accepted} accepted, {refused} refused"
+    );
+}
+
+#[test]
+fn cni_args_are_parsed_or_refused_with_code_4() {
+    let pair = prop_oneof![
+        ("K8S_POD_NAMESPACE|K8S_POD_NAME|K8S_POD_UID|K8S_POD_INFRA_CONTAINER_ID|IgnoreUnknown|[A-Za-z_]{1,8}", "[^;]{0,12}")
+            .prop_map(|(k, v)| format!("{k}={v}")),
+        "[^;]{0,12}",
+    ];
+    let raw = proptest::collection::vec(pair, 0..6).prop_map(|items| items.join(";"));
+    runner(2048)
+        .run(&raw, |raw| {
+            match CniArgs::parse(&raw) {
+                Ok(args) => {
+                    // Every item was KEY=VALUE with a key, and the named keys are read.
+                    for item in raw.split(';').filter(|i| !i.is_empty()) {
+                        let (key, value) = item.split_once('=').unwrap();
+                        prop_assert!(!key.is_empty());
+                        let read = match key {
+                            "K8S_POD_NAMESPACE" => args.k8s_pod_namespace.as_deref(),
+                            "K8S_POD_NAME" => args.k8s_pod_name.as_deref(),
+                            "K8S_POD_UID" => args.k8s_pod_uid.as_deref(),
+                            "K8S_POD_INFRA_CONTAINER_ID" => {
+                                args.k8s_pod_infra_container_id.as_deref()
+                            }
+                            other => args.other.get(other).map(String::as_str),
+                        };
+                        // The last occurrence of a key wins.
+                        let last = raw
+                            .split(';')
+                            .filter_map(|i| i.split_once('='))
+                            .rfind(|(k, _)| *k == key)
+                            .map(|(_, v)| v);
+                        prop_assert_eq!(read, last, "{}={}", key, value);
+                    }
+                }
+                Err(error) => {
+                    let error = CniError::from(error);
+                    prop_assert_eq!(error.code, code::INVALID_ENVIRONMENT_VARIABLES);
+                    prop_assert!(error.msg.contains("CNI_ARGS"), "{}", error);
+                }
             }
             Ok(())
         })
