@@ -113,7 +113,11 @@ impl KubeTarget {
                 .await
                 .context("no kubeconfig given and no in-cluster configuration")?,
         };
-        let client = kube::Client::try_from(config)?;
+        Self::discover(kube::Client::try_from(config)?, namespace).await
+    }
+
+    /// Finds weir's agents (by node) and controllers in `namespace` through `client`.
+    pub async fn discover(client: kube::Client, namespace: &str) -> Result<Self> {
         let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
         let list = |selector: &'static str| {
             let pods = pods.clone();

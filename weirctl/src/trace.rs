@@ -399,10 +399,25 @@ pub fn trace(views: &[NodeView], pods: &[PodInfo], req: &Request) -> Result<Trac
         }
         None => (None, vec![(dst, req.port)]),
     };
-    let paths: Vec<PathTrace> = targets
-        .iter()
-        .map(|(ip, port)| trace_path(views, pods, src, *ip, req.proto, *port))
-        .collect();
+    let paths: Vec<PathTrace> = if service.is_none() && src == dst {
+        // Packets to the pod's own address stay inside it: the dataplane never sees them.
+        vec![PathTrace {
+            dst,
+            dst_pod: pod_at(pods, dst),
+            port: req.port,
+            egress: None,
+            ingress: None,
+            notes: vec![format!(
+                "{src} reaches its own address: the packet never leaves it and no policy applies"
+            )],
+            allowed: true,
+        }]
+    } else {
+        targets
+            .iter()
+            .map(|(ip, port)| trace_path(views, pods, src, *ip, req.proto, *port))
+            .collect()
+    };
     // A Service without a usable backend refuses new flows.
     let allowed = !paths.is_empty() && paths.iter().all(|p| p.allowed);
     Ok(Trace {
