@@ -256,6 +256,7 @@ fn ingress_policy_allows_only_the_listed_port_and_peer() {
             policy: policy.clone(),
             direction: weir_api::Direction::Ingress,
             index: 0,
+            tiered: None,
         },
     ));
     diff.rule_sets.upsert.push((
@@ -289,6 +290,7 @@ fn a_snapshot_keeps_the_counts_of_rules_that_mean_the_same_and_zeroes_the_others
         },
         direction: weir_api::Direction::Ingress,
         index: 0,
+        tiered: None,
     };
     let mut before = weir_api::NodeState::default();
     before.rules.insert(70, rule("web"));
