@@ -201,9 +201,7 @@ impl ReportedDiagnostic {
     }
 
     fn is_invalid_policy(&self) -> bool {
-        self.is_policy()
-            && self.finding == Finding::Validation
-            && self.severity == Severity::Error
+        self.is_policy() && self.finding == Finding::Validation && self.severity == Severity::Error
     }
 
     fn is_normalized_policy_value(&self) -> bool {

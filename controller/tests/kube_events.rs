@@ -66,7 +66,9 @@ async fn diagnostics_in(
     let script = Script::new()
         .on(SERVICES, [list("1", services)])
         .on(POLICIES, [list("1", policies)]);
-    synced(controller, script, pods).await.reported_diagnostics()
+    synced(controller, script, pods)
+        .await
+        .reported_diagnostics()
 }
 
 /// The store of a controller synced with a cluster of one node, the namespace `prod`, these
@@ -385,11 +387,23 @@ async fn an_invalid_cluster_policy_yields_one_event_regarding_it_and_fails_close
     let db = node.endpoints[&weir_api::PodKey::new("prod", "db")];
     let web = node.endpoints[&weir_api::PodKey::new("prod", "web")];
     let decide = |set, ip: &str, port| node.verdict(set, ip.parse().unwrap(), 6, port).0;
-    assert_eq!(decide(db.ingress, "10.244.0.6", 5432), weir_api::Action::Deny);
-    assert_eq!(decide(db.ingress, "172.16.0.1", 5432), weir_api::Action::Deny);
+    assert_eq!(
+        decide(db.ingress, "10.244.0.6", 5432),
+        weir_api::Action::Deny
+    );
+    assert_eq!(
+        decide(db.ingress, "172.16.0.1", 5432),
+        weir_api::Action::Deny
+    );
     assert_eq!(decide(web.egress, "192.0.2.7", 443), weir_api::Action::Deny);
-    assert_eq!(decide(web.egress, "198.51.100.7", 443), weir_api::Action::Allow);
-    assert_eq!(decide(web.egress, "10.244.0.5", 5432), weir_api::Action::Allow);
+    assert_eq!(
+        decide(web.egress, "198.51.100.7", 443),
+        weir_api::Action::Allow
+    );
+    assert_eq!(
+        decide(web.egress, "10.244.0.5", 5432),
+        weir_api::Action::Allow
+    );
 
     let (client, created) = events_api(201);
     let mut events = DiagnosticEvents::new(client, "weir-controller-abc");

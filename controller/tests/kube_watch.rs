@@ -480,8 +480,14 @@ async fn a_missing_cluster_policy_crd_is_an_empty_list_until_it_is_installed() {
         lists_done, 1,
         "three 404s are one empty list, not one per retry"
     );
-    assert!(h.sync.is_synced(), "a missing CRD does not hold the controller back");
-    assert!(h.sync.flush().versions.is_some(), "everything else compiles");
+    assert!(
+        h.sync.is_synced(),
+        "a missing CRD does not hold the controller back"
+    );
+    assert!(
+        h.sync.flush().versions.is_some(),
+        "everything else compiles"
+    );
     assert_eq!(h.published_version(), Some(1));
     assert!(!h.has_cluster_policy());
     assert!(!h.db_isolated());

@@ -67,8 +67,7 @@ impl MetricsSnapshot {
     pub fn read(maps: &DataplaneMaps, state: &NodeState, ready: bool, flow_events: u64) -> Self {
         let mut rule_hits = Vec::new();
         let mut cluster_rule_hits = Vec::new();
-        for (rule, n) in
-            DataplaneMaps::counter_totals(&maps.rule_hits, state.rules.keys().copied())
+        for (rule, n) in DataplaneMaps::counter_totals(&maps.rule_hits, state.rules.keys().copied())
         {
             // Rules that decided nothing yet are left out (a node may know tens of thousands).
             let Some(r) = state.rules.get(&rule).filter(|_| n != 0) else {
@@ -554,7 +553,10 @@ mod tests {
         assert_eq!(json["reason"], "policy_ingress");
         assert_eq!(
             json["policies"],
-            serde_json::json!(["ClusterNetworkPolicy/guardrail", "NetworkPolicy/prod/allow-web"])
+            serde_json::json!([
+                "ClusterNetworkPolicy/guardrail",
+                "NetworkPolicy/prod/allow-web"
+            ])
         );
 
         // A NetworkPolicy rule: named as before, no tier or priority.
@@ -564,7 +566,10 @@ mod tests {
             Some("NetworkPolicy/prod/allow-web ingress #0")
         );
         let json = serde_json::to_value(&allow).unwrap();
-        assert!(json.get("tier").is_none() && json.get("priority").is_none(), "{json}");
+        assert!(
+            json.get("tier").is_none() && json.get("priority").is_none(),
+            "{json}"
+        );
     }
 
     #[test]

@@ -15,9 +15,8 @@ use ipnet::IpNet;
 use weir_api::{
     Action, BackendState, Direction, EndpointPolicy, FrontendKind, IpProto, MapCapacities,
     NodeRoute, NodeState, NodeStateDiff, PodKey, PolicyRef, PolicyTier, PortPrefix, RuleRef,
-    RuleSetInfo, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef, TableDiff, TieredAction,
-    TieredRule,
-    VerdictEntry, VerdictMatch,
+    RuleSetInfo, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef, TableDiff,
+    TieredAction, TieredRule, VerdictEntry, VerdictMatch,
 };
 
 use crate::pb;

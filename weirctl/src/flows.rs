@@ -628,7 +628,10 @@ mod tests {
         }
         assert!(!parse_filter(&["--policy", "default/tenants"]).matches(f));
         let json = serde_json::to_value(&*f).unwrap();
-        assert_eq!((json["tier"].clone(), json["priority"].clone()), ("Admin".into(), 10.into()));
+        assert_eq!(
+            (json["tier"].clone(), json["priority"].clone()),
+            ("Admin".into(), 10.into())
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use proptest::{collection::btree_map, prelude::*};
 use weir_api::{
     Action, BackendState, Direction, EndpointPolicy, FrontendKind, NodeRoute, NodeState, PodKey,
-    PolicyRef, PolicyTier, PortPrefix, RuleRef, RuleSetInfo, TieredAction, TieredRule, ServiceBackend, ServiceEntry, ServiceFrontend,
-    ServiceRef, VerdictEntry, VerdictMatch,
+    PolicyRef, PolicyTier, PortPrefix, RuleRef, RuleSetInfo, ServiceBackend, ServiceEntry,
+    ServiceFrontend, ServiceRef, TieredAction, TieredRule, VerdictEntry, VerdictMatch,
 };
 
 fn arb_ip() -> impl Strategy<Value = IpAddr> {
