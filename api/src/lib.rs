@@ -135,6 +135,16 @@ pub enum Direction {
     Egress,
 }
 
+impl Direction {
+    /// `ingress` or `egress`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
 /// A policy object, by kind, namespace (empty for cluster-scoped kinds) and name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PolicyRef {
@@ -159,6 +169,89 @@ pub struct RuleRef {
     pub policy: PolicyRef,
     pub direction: Direction,
     pub index: u32,
+    /// A ClusterNetworkPolicy rule's tier, priority and name; `None` for NetworkPolicy rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiered: Option<TieredRule>,
+}
+
+impl RuleRef {
+    /// The rule's own part of its name: its `name`, or `#index` when it has none (and for
+    /// NetworkPolicy rules, which have no names).
+    pub fn rule_name(&self) -> String {
+        match &self.tiered {
+            Some(t) if !t.name.is_empty() => t.name.clone(),
+            _ => format!("#{}", self.index),
+        }
+    }
+}
+
+/// `NetworkPolicy/<ns>/<name> <direction> #<index>` for NetworkPolicy rules;
+/// `ClusterNetworkPolicy/<name>/<rule> <direction> (<tier> tier, priority <n>)` for
+/// ClusterNetworkPolicy rules, `<rule>` being the rule's name ([`RuleRef::rule_name`]).
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let direction = self.direction.as_str();
+        match &self.tiered {
+            None => write!(f, "{} {direction} #{}", self.policy, self.index),
+            Some(t) => write!(
+                f,
+                "{}/{} {direction} ({} tier, priority {})",
+                self.policy,
+                self.rule_name(),
+                t.tier.as_str(),
+                t.priority
+            ),
+        }
+    }
+}
+
+/// The tier of ClusterNetworkPolicies: Admin before NetworkPolicies, Baseline after them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PolicyTier {
+    Admin,
+    Baseline,
+}
+
+impl PolicyTier {
+    /// As `spec.tier` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "Admin",
+            Self::Baseline => "Baseline",
+        }
+    }
+}
+
+/// Where a ClusterNetworkPolicy rule sits in the evaluation order, and its name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TieredRule {
+    pub tier: PolicyTier,
+    /// The policy's `spec.priority` (lower first).
+    pub priority: u32,
+    /// The rule's `name`; empty when it has none.
+    pub name: String,
+    pub action: TieredAction,
+}
+
+/// A ClusterNetworkPolicy rule's `action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TieredAction {
+    Accept,
+    Deny,
+    /// Never decides: it hands the traffic on to NetworkPolicies (Admin tier) or to the
+    /// default allow (Baseline tier).
+    Pass,
+}
+
+impl TieredAction {
+    /// As `action` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Accept => "Accept",
+            Self::Deny => "Deny",
+            Self::Pass => "Pass",
+        }
+    }
 }
 
 /// What a rule-set id stands for: the policies whose union it is.

@@ -1,13 +1,18 @@
-//! Kubernetes Events for the objects the controller finds fault with — NetworkPolicies the
-//! validator rejects or normalizes, Services and EndpointSlices it cannot use in part — and
-//! the counters behind them.
+//! Kubernetes Events for the objects the controller finds fault with — NetworkPolicies and
+//! ClusterNetworkPolicies the validator rejects or normalizes, Services and EndpointSlices it
+//! cannot use in part — and the counters behind them.
 //!
 //! Every distinct diagnostic becomes one `events.k8s.io/v1` Event of type `Warning`
-//! regarding the object (so `kubectl describe networkpolicy|service|endpointslice` shows
-//! it), with the diagnostic — field path included — as its note:
+//! regarding the object (so `kubectl describe
+//! networkpolicy|clusternetworkpolicy|service|endpointslice` shows it), with the diagnostic —
+//! field path included — as its note. Events are namespaced; those about a
+//! ClusterNetworkPolicy (cluster-scoped) are written to [`CLUSTER_SCOPED_EVENT_NAMESPACE`],
+//! as the kubelet does for Nodes:
 //!
-//! * reason [`INVALID_POLICY_REASON`] for policy errors (the policy fails closed: it
-//!   isolates the pods it selects and allows nothing);
+//! * reason [`INVALID_POLICY_REASON`] for policy errors (a NetworkPolicy fails closed: it
+//!   isolates the pods it selects and allows nothing; in a ClusterNetworkPolicy the rule
+//!   that cannot be read fails closed: as `Accept` it matches nothing, as `Deny` or `Pass`
+//!   it denies everything it could have matched);
 //! * reason [`NORMALIZED_POLICY_REASON`] for policy values accepted in a normalized form
 //!   (what the API server accepts with a warning, e.g. a CIDR with host bits);
 //! * reason [`INVALID_SERVICE_REASON`] / [`INVALID_ENDPOINT_SLICE_REASON`] for a Service or
@@ -72,6 +77,8 @@ pub const POLICY_TOO_LARGE_REASON: &str = "PolicyTooLarge";
 pub const REPORTING_CONTROLLER: &str = "weir.dev/controller";
 /// `action` of weir's Events.
 pub const VALIDATE_ACTION: &str = "Validate";
+/// Namespace of the Events about cluster-scoped objects (ClusterNetworkPolicies).
+pub const CLUSTER_SCOPED_EVENT_NAMESPACE: &str = "default";
 /// The API server's limit on `note` (bytes).
 const NOTE_LIMIT: usize = 1024;
 
@@ -155,8 +162,13 @@ impl ReportedDiagnostic {
 
     /// `policy`, one of those whose rule set `t` did not fit its node.
     pub fn too_large(t: &TooLarge, policy: &PolicyRef, object: ObjectRef) -> Self {
+        let subject = if policy.kind == Subject::ClusterNetworkPolicy.kind() {
+            Subject::ClusterNetworkPolicy
+        } else {
+            Subject::NetworkPolicy
+        };
         Self {
-            subject: Subject::NetworkPolicy,
+            subject,
             namespace: policy.namespace.clone(),
             name: policy.name.clone(),
             object,
@@ -181,14 +193,19 @@ impl ReportedDiagnostic {
         })
     }
 
+    fn is_policy(&self) -> bool {
+        matches!(
+            self.subject,
+            Subject::NetworkPolicy | Subject::ClusterNetworkPolicy
+        )
+    }
+
     fn is_invalid_policy(&self) -> bool {
-        self.subject == Subject::NetworkPolicy
-            && self.finding == Finding::Validation
-            && self.severity == Severity::Error
+        self.is_policy() && self.finding == Finding::Validation && self.severity == Severity::Error
     }
 
     fn is_normalized_policy_value(&self) -> bool {
-        self.subject == Subject::NetworkPolicy
+        self.is_policy()
             && self.finding == Finding::Validation
             && self.severity == Severity::Warning
     }
@@ -296,17 +313,17 @@ impl PolicyEventMetrics {
         for (name, help, value) in [
             (
                 "weir_controller_invalid_policies_total",
-                "NetworkPolicies seen invalid (they fail closed), once per object and generation.",
+                "NetworkPolicies and ClusterNetworkPolicies seen invalid (they fail closed), once per object and generation.",
                 self.invalid_policies_total(),
             ),
             (
                 "weir_controller_normalized_policy_values_total",
-                "Distinct NetworkPolicy values accepted in a normalized form.",
+                "Distinct NetworkPolicy and ClusterNetworkPolicy values accepted in a normalized form.",
                 self.normalized_values_total(),
             ),
             (
                 "weir_controller_policy_events_total",
-                "Kubernetes Events emitted for NetworkPolicy, Service and EndpointSlice diagnostics.",
+                "Kubernetes Events emitted for NetworkPolicy, ClusterNetworkPolicy, Service and EndpointSlice diagnostics.",
                 self.events_emitted_total(),
             ),
             (
@@ -328,7 +345,7 @@ pub fn write_invalid_policies(out: &mut String, value: u64) {
     let name = "weir_controller_invalid_policies";
     let _ = writeln!(
         out,
-        "# HELP {name} NetworkPolicies that are invalid (and fail closed) now."
+        "# HELP {name} NetworkPolicies and ClusterNetworkPolicies that are invalid (and fail closed) now."
     );
     let _ = writeln!(out, "# TYPE {name} gauge");
     let _ = writeln!(out, "{name} {value}");
@@ -439,7 +456,7 @@ impl DiagnosticEvents {
 
     async fn create(&self, id: &DiagnosticId, report: &ReportedDiagnostic) -> kube::Result<()> {
         let event = self.event(id, report);
-        let api: Api<Event> = Api::namespaced(self.client.clone(), &id.namespace);
+        let api: Api<Event> = Api::namespaced(self.client.clone(), event_namespace(id));
         match api.create(&PostParams::default(), &event).await {
             Ok(_) => {
                 debug!(kind = id.subject.kind(), namespace = %id.namespace, name = %id.name, field = %id.field, "Event created");
@@ -482,7 +499,7 @@ impl DiagnosticEvents {
         Event {
             metadata: ObjectMeta {
                 name: Some(format!("{prefix}.{:016x}", id.digest())),
-                namespace: Some(id.namespace.clone()),
+                namespace: Some(event_namespace(id).to_owned()),
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(Timestamp::now())),
@@ -493,7 +510,7 @@ impl DiagnosticEvents {
             regarding: Some(ObjectReference {
                 api_version: Some(id.subject.api_version().into()),
                 kind: Some(id.subject.kind().into()),
-                namespace: Some(id.namespace.clone()),
+                namespace: (!id.namespace.is_empty()).then(|| id.namespace.clone()),
                 name: Some(id.name.clone()),
                 uid: report.object.uid.clone(),
                 ..ObjectReference::default()
@@ -502,6 +519,16 @@ impl DiagnosticEvents {
             reporting_instance: Some(self.instance.clone()),
             ..Event::default()
         }
+    }
+}
+
+/// Where the Event about the object goes: its own namespace, or
+/// [`CLUSTER_SCOPED_EVENT_NAMESPACE`] for a cluster-scoped object.
+fn event_namespace(id: &DiagnosticId) -> &str {
+    if id.namespace.is_empty() {
+        CLUSTER_SCOPED_EVENT_NAMESPACE
+    } else {
+        &id.namespace
     }
 }
 

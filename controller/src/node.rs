@@ -15,8 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use weir_api::{
-    Action, CLASS_UNMATCHED, Direction, EndpointPolicy, NOT_ISOLATED, NodeState, PodKey, RuleRef,
-    RuleSetInfo, VerdictEntry, VerdictMatch,
+    Action, CLASS_UNMATCHED, Direction, EndpointPolicy, NOT_ISOLATED, NodeState, PodKey,
+    PolicyTier, RuleRef, RuleSetInfo, TieredAction, TieredRule, VerdictEntry, VerdictMatch,
 };
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
     compile::CachedPolicy,
     ids::IdAllocator,
     peers::{AtomKey, AtomMembers, PortNumbers},
-    policy::{PolicyKey, PortMatch, Tier},
+    policy::{PolicyKey, PortMatch, RuleAction, Tier},
     ports::Allowances,
     tiers::{Coverage, Decision, TierRule, Tiers},
 };
@@ -262,11 +262,27 @@ impl<'a> View<'a> {
                     .rules(set.direction)
                     .unwrap_or_default();
                 let interned = policy.rules(set.direction).unwrap_or_default();
+                let written_policy = &policy.validated.policy;
+                let tier = match written_policy.tier {
+                    Tier::Admin => Some(PolicyTier::Admin),
+                    Tier::Baseline => Some(PolicyTier::Baseline),
+                    Tier::NetworkPolicy => None,
+                };
                 for (rule, atoms) in written.iter().zip(interned) {
                     refs.push(RuleRef {
-                        policy: policy.validated.policy.key.policy_ref(),
+                        policy: written_policy.key.policy_ref(),
                         direction: set.direction,
                         index: rule.index,
+                        tiered: tier.map(|tier| TieredRule {
+                            tier,
+                            priority: written_policy.priority,
+                            name: rule.name.clone().unwrap_or_default(),
+                            action: match rule.action {
+                                RuleAction::Allow => TieredAction::Accept,
+                                RuleAction::Deny => TieredAction::Deny,
+                                RuleAction::Pass => TieredAction::Pass,
+                            },
+                        }),
                     });
                     keys.push((policy.id, set.direction, rule.index));
                     for &atom in atoms.peers.iter().flatten() {

@@ -7,7 +7,7 @@ mod support;
 use std::path::Path;
 
 use support::*;
-use weir_api::{Action, NOT_ISOLATED, PodKey};
+use weir_api::{Action, NOT_ISOLATED, PodKey, PolicyTier, TieredAction, TieredRule};
 use weir_controller::{
     Problem, Severity,
     cnp::{self, ClusterNetworkPolicy},
@@ -211,6 +211,28 @@ spec:
     let r = &node.rules[&rule];
     assert_eq!(r.policy.to_string(), "ClusterNetworkPolicy/tenants");
     assert_eq!(r.index, 0);
+    // With its tier, priority, name and action, for flow events and metrics.
+    assert_eq!(
+        r.tiered,
+        Some(TieredRule {
+            tier: PolicyTier::Admin,
+            priority: 10,
+            name: "deny-dev".into(),
+            action: TieredAction::Deny,
+        })
+    );
+    assert_eq!(
+        r.to_string(),
+        "ClusterNetworkPolicy/tenants/deny-dev ingress (Admin tier, priority 10)"
+    );
+    // NetworkPolicy rules carry none of it.
+    let (action, rule) = node.verdict(rs, "10.0.0.2".parse().unwrap(), TCP, 80);
+    assert_eq!(action, Action::Allow);
+    assert_eq!(node.rules[&rule].tiered, None);
+    assert_eq!(
+        node.rules[&rule].to_string(),
+        "NetworkPolicy/prod/allow-all ingress #0"
+    );
 }
 
 #[test]

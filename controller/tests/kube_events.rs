@@ -1,5 +1,6 @@
-//! Kubernetes Events for invalid NetworkPolicies and unusable Service parts: one Warning per
-//! distinct diagnostic, emitted by the leader only, counted in the metrics.
+//! Kubernetes Events for invalid NetworkPolicies and ClusterNetworkPolicies and unusable
+//! Service parts: one Warning per distinct diagnostic, emitted by the leader only, counted
+//! in the metrics.
 
 mod kube_support;
 
@@ -20,6 +21,8 @@ use weir_controller::{
 use weir_transport::StatePublisher;
 
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/prod/events";
+/// Where Events about cluster-scoped objects go.
+const DEFAULT_EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
 fn bad_cidr_policy(rv: &str, generation: i64) -> Value {
     let mut p = policy(
@@ -60,22 +63,34 @@ async fn diagnostics_in(
     services: Vec<Value>,
     pods: Vec<Value>,
 ) -> Vec<ReportedDiagnostic> {
-    let api = FakeApi::start(
-        Script::new()
-            .on(SERVICES, [list("1", services)])
-            .on(ENDPOINT_SLICES, [list("1", vec![])])
-            .on(NAMESPACES, [list("1", vec![namespace("prod", "1")])])
-            .on(NODES, [list("1", vec![node("node-1", "1")])])
-            .on(PODS, [list("1", pods)])
-            .on(POLICIES, [list("1", policies)]),
-    );
+    let script = Script::new()
+        .on(SERVICES, [list("1", services)])
+        .on(POLICIES, [list("1", policies)]);
+    synced(controller, script, pods)
+        .await
+        .reported_diagnostics()
+}
+
+/// The store of a controller synced with a cluster of one node, the namespace `prod`, these
+/// pods, and what `script` says about the other kinds (nothing: none).
+async fn synced(controller: Controller, script: Script, pods: Vec<Value>) -> ClusterSync {
+    let mut script = script
+        .on(NAMESPACES, [list("1", vec![namespace("prod", "1")])])
+        .on(NODES, [list("1", vec![node("node-1", "1")])])
+        .on(PODS, [list("1", pods)]);
+    for path in [SERVICES, ENDPOINT_SLICES, POLICIES] {
+        if !script.paths.contains_key(path) {
+            script = script.on(path, [list("1", vec![])]);
+        }
+    }
+    let api = FakeApi::start(script);
     let mut sync = ClusterSync::new(controller);
     let mut events = Box::pin(watch_cluster(api.client(), &WatchOptions::default()));
     while let Ok(Some(e)) = tokio::time::timeout(QUIET, events.next()).await {
         sync.observe(e);
     }
     assert!(sync.flush().versions.is_some());
-    sync.reported_diagnostics()
+    sync
 }
 
 /// An events API that records creates and answers with `code`.
@@ -333,5 +348,90 @@ async fn a_policy_too_large_for_a_node_yields_one_event_and_is_not_counted_as_in
     );
     let metrics = events.metrics();
     assert_eq!(metrics.invalid_policies(), 0, "the policy itself is valid");
+    assert_eq!(metrics.events_emitted_total(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_cluster_policy_yields_one_event_regarding_it_and_fails_closed_alone() {
+    // `networks` is an egress peer: this Deny rule cannot be read, so it denies everything.
+    let bad = cluster_policy(
+        "bad",
+        "5",
+        json!({"tier": "Admin", "priority": 5,
+               "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "db"}}}},
+               "ingress": [{"name": "odd", "action": "Deny", "from": [{"networks": ["10.1.0.0/16"]}]}]}),
+    );
+    let good = cluster_policy(
+        "good",
+        "6",
+        json!({"tier": "Admin", "priority": 6,
+               "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}},
+               "egress": [{"name": "no-docs", "action": "Deny", "to": [{"networks": ["192.0.2.0/24"]}]}]}),
+    );
+    let sync = synced(
+        Controller::new(StatePublisher::new()),
+        Script::new().on(CLUSTER_POLICIES, [list("1", vec![bad, good])]),
+        vec![
+            pod("prod", "db", "node-1", "10.244.0.5", "db", "7"),
+            pod("prod", "web", "node-1", "10.244.0.6", "web", "8"),
+        ],
+    )
+    .await;
+    let diagnostics = sync.reported_diagnostics();
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    assert_eq!(diagnostics[0].field, "spec.ingress[0].from[0].networks");
+
+    // bad fails closed for db; good applies to web as written.
+    let out = weir_controller::Compiler::new().compile_all(sync.controller().cluster());
+    let node = &out.nodes["node-1"];
+    let db = node.endpoints[&weir_api::PodKey::new("prod", "db")];
+    let web = node.endpoints[&weir_api::PodKey::new("prod", "web")];
+    let decide = |set, ip: &str, port| node.verdict(set, ip.parse().unwrap(), 6, port).0;
+    assert_eq!(
+        decide(db.ingress, "10.244.0.6", 5432),
+        weir_api::Action::Deny
+    );
+    assert_eq!(
+        decide(db.ingress, "172.16.0.1", 5432),
+        weir_api::Action::Deny
+    );
+    assert_eq!(decide(web.egress, "192.0.2.7", 443), weir_api::Action::Deny);
+    assert_eq!(
+        decide(web.egress, "198.51.100.7", 443),
+        weir_api::Action::Allow
+    );
+    assert_eq!(
+        decide(web.egress, "10.244.0.5", 5432),
+        weir_api::Action::Allow
+    );
+
+    let (client, created) = events_api(201);
+    let mut events = DiagnosticEvents::new(client, "weir-controller-abc");
+    assert_eq!(events.sync(&diagnostics, true).await, 0);
+    assert_eq!(events.sync(&diagnostics, true).await, 0, "reported once");
+    let created = created.lock().unwrap().clone();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    assert_eq!(
+        (created[0].method.as_str(), created[0].path.as_str()),
+        ("POST", DEFAULT_EVENTS),
+        "a cluster-scoped object's Events go to the default namespace"
+    );
+    let event = created[0].body.as_ref().unwrap();
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], INVALID_POLICY_REASON);
+    assert_eq!(event["metadata"]["namespace"], "default");
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "policy.networking.k8s.io/v1alpha2",
+               "kind": "ClusterNetworkPolicy", "name": "bad", "uid": "uid-cnp-bad"})
+    );
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("spec.ingress[0].from[0].networks: ") && note.contains("fails closed"),
+        "{note}"
+    );
+    let metrics = events.metrics();
+    assert_eq!(metrics.invalid_policies(), 1);
+    assert_eq!(metrics.invalid_policies_total(), 1);
     assert_eq!(metrics.events_emitted_total(), 1);
 }

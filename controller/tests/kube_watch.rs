@@ -7,12 +7,13 @@
 mod kube_support;
 
 use futures::{Stream, StreamExt};
+use kube::runtime::watcher::Event;
 use kube_support::*;
 use serde_json::json;
 use weir_api::{NOT_ISOLATED, PodKey};
 use weir_controller::{
     Compiler,
-    kube::{ClusterSync, KindEvent, WatchOptions, watch::POD_FIELD_SELECTOR, watch_cluster},
+    kube::{ClusterSync, Kind, KindEvent, WatchOptions, watch::POD_FIELD_SELECTOR, watch_cluster},
     run::Controller,
     source::{Change, ObjectKey},
 };
@@ -32,10 +33,29 @@ enum Scenario {
     PodWatchErrorThenRestart,
     /// A bookmark moves the namespace watch's version forward without any object.
     NamespaceBookmark,
+    /// The ClusterNetworkPolicy CRD is not installed (`404` to every request, three times),
+    /// then it is, with one policy.
+    ClusterPolicyCrdMissingThenInstalled,
+    /// The ClusterNetworkPolicy CRD is deleted: the watch ends and the API server answers
+    /// `404` from then on.
+    ClusterPolicyCrdDeleted,
+    /// The controller may not list ClusterNetworkPolicies (`403`, RBAC missing).
+    ClusterPolicyForbidden,
 }
 
 fn deny_all() -> serde_json::Value {
     policy("prod", "deny-all", "5", json!({"policyTypes": ["Ingress"]}))
+}
+
+/// An Admin-tier ClusterNetworkPolicy denying every pod's ingress from every pod.
+fn admin_deny(rv: &str) -> serde_json::Value {
+    cluster_policy(
+        "guardrail",
+        rv,
+        json!({"tier": "Admin", "priority": 10, "subject": {"namespaces": {}},
+               "ingress": [{"name": "no-pods", "action": "Deny",
+                            "from": [{"namespaces": {}}]}]}),
+    )
 }
 
 fn db_pod(rv: &str) -> serde_json::Value {
@@ -129,6 +149,44 @@ impl Scenario {
                         watch_from("25", vec![added(namespace("staging", "26"))]),
                     ],
                 ),
+            Scenario::ClusterPolicyCrdMissingThenInstalled => Script::new()
+                .without_services()
+                .on(NAMESPACES, [namespaces])
+                .on(NODES, [nodes])
+                .on(PODS, [pods])
+                .on(POLICIES, [list("10", vec![])])
+                .on(
+                    CLUSTER_POLICIES,
+                    [
+                        fail(404, "NotFound"),
+                        fail(404, "NotFound"),
+                        fail(404, "NotFound"),
+                        Step::Pause("crd-installed"),
+                        list("20", vec![admin_deny("19")]),
+                    ],
+                ),
+            Scenario::ClusterPolicyCrdDeleted => Script::new()
+                .without_services()
+                .on(NAMESPACES, [namespaces])
+                .on(NODES, [nodes])
+                .on(PODS, [pods])
+                .on(POLICIES, [list("10", vec![])])
+                .on(
+                    CLUSTER_POLICIES,
+                    [
+                        list("10", vec![admin_deny("9")]),
+                        Step::Pause("crd-deleted"),
+                        watch_from("10", vec![]),
+                        fail(404, "NotFound"),
+                    ],
+                ),
+            Scenario::ClusterPolicyForbidden => Script::new()
+                .without_services()
+                .on(NAMESPACES, [namespaces])
+                .on(NODES, [nodes])
+                .on(PODS, [pods])
+                .on(POLICIES, [list("10", vec![])])
+                .on(CLUSTER_POLICIES, [fail(403, "Forbidden")]),
         }
     }
 }
@@ -156,12 +214,27 @@ impl Harness {
 
     /// Takes in events until the API server has been quiet for a while; returns how many.
     async fn take_events(&mut self) -> usize {
+        self.take_events_counting(|_| true).await
+    }
+
+    /// [`Self::take_events`], counting only the events `count` picks.
+    async fn take_events_counting(&mut self, count: impl Fn(&KindEvent) -> bool) -> usize {
         let mut n = 0;
         while let Ok(Some(event)) = tokio::time::timeout(QUIET, self.events.next()).await {
+            if count(&event) {
+                n += 1;
+            }
             self.sync.observe(event);
-            n += 1;
         }
         n
+    }
+
+    fn has_cluster_policy(&self) -> bool {
+        self.sync
+            .controller()
+            .cluster()
+            .cluster_policy("guardrail")
+            .is_some()
     }
 
     /// Is `prod/db` isolated for ingress in the state compiled from the store?
@@ -393,4 +466,77 @@ async fn run_kube_publishes_once_synced_and_reports_policy_diagnostics() {
     assert_eq!(publisher.published().get("node-1"), Some(&1));
     run.abort();
     api.assert_no_surprises();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_cluster_policy_crd_is_an_empty_list_until_it_is_installed() {
+    let mut h = Harness::start(Scenario::ClusterPolicyCrdMissingThenInstalled);
+    let lists_done = h
+        .take_events_counting(|e| {
+            e.kind == Kind::ClusterNetworkPolicy && matches!(e.event, Event::InitDone)
+        })
+        .await;
+    assert_eq!(
+        lists_done, 1,
+        "three 404s are one empty list, not one per retry"
+    );
+    assert!(
+        h.sync.is_synced(),
+        "a missing CRD does not hold the controller back"
+    );
+    assert!(
+        h.sync.flush().versions.is_some(),
+        "everything else compiles"
+    );
+    assert_eq!(h.published_version(), Some(1));
+    assert!(!h.has_cluster_policy());
+    assert!(!h.db_isolated());
+    let requests = h.api.seen_on(CLUSTER_POLICIES);
+    assert_eq!(requests.len(), 3, "retried: {requests:?}");
+    assert!(requests.iter().all(|r| !r.is_watch()), "each a list");
+
+    // The CRD is installed: the next retry lists it, without a restart.
+    h.api.resume("crd-installed");
+    h.take_events().await;
+    let flushed = h.sync.flush();
+    assert_eq!(flushed.changes, 1);
+    assert!(h.has_cluster_policy());
+    assert!(h.db_isolated(), "the ClusterNetworkPolicy applies to db");
+    assert_eq!(h.published_version(), Some(2));
+    h.api.assert_no_surprises();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_cluster_policy_crd_takes_its_policies_with_it() {
+    let mut h = Harness::start(Scenario::ClusterPolicyCrdDeleted);
+    h.take_events().await;
+    h.sync.flush();
+    assert!(h.has_cluster_policy());
+    assert!(h.db_isolated());
+
+    h.api.resume("crd-deleted");
+    h.take_events().await;
+    assert_eq!(
+        h.sync.pending_changes(),
+        [Change::Delete(key("ClusterNetworkPolicy", "", "guardrail"))],
+        "no CRD, no ClusterNetworkPolicies"
+    );
+    h.sync.flush();
+    assert!(!h.has_cluster_policy());
+    assert!(!h.db_isolated());
+    assert_eq!(h.published_version(), Some(2));
+    h.api.assert_no_surprises();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forbidden_cluster_policy_list_keeps_the_controller_from_publishing() {
+    let mut h = Harness::start(Scenario::ClusterPolicyForbidden);
+    h.take_events().await;
+    assert!(
+        !h.sync.is_synced(),
+        "403 is not a missing CRD: the guardrails may exist, unread"
+    );
+    assert_eq!(h.sync.flush().versions, None);
+    assert!(h.publisher.published().is_empty());
+    h.api.assert_no_surprises();
 }

@@ -8,9 +8,13 @@ use weir_common::{
     policy::FAIL_CLOSED,
 };
 
-use crate::maps::{DROPS, EVENTS, POLICY_DROPS, count};
+use crate::maps::{DROPS, EVENTS, POLICY_DROPS, RULE_HITS, count};
 
-/// Counts a drop by reason (and by rule set for policy drops) and reports it as a flow event.
+/// Counts a drop by reason, and a policy drop once more: by the rule that denied it (a
+/// ClusterNetworkPolicy Deny rule, in the same per-rule counters that count what allowing
+/// rules admit), or, when no rule denied it (nothing allowed it), by its rule set. So every
+/// policy drop costs the same two counter updates, whatever decided it. Reports the drop as a
+/// flow event.
 #[inline(always)]
 pub fn record_drop(
     ctx: &TcContext,
@@ -20,11 +24,18 @@ pub fn record_drop(
     rule: u32,
 ) {
     count(&DROPS, reason as u32);
-    if policy == FAIL_CLOSED {
-        // No rule set has id 0 (it means "not isolated"): its slot counts fail-closed drops.
-        count(&POLICY_DROPS, 0);
-    } else if policy != 0 {
-        count(&POLICY_DROPS, policy);
+    // Only policy drops name a rule set; other drops may carry another id in `rule` (a
+    // Service port's).
+    if policy != 0 {
+        if rule != 0 {
+            count(&RULE_HITS, rule);
+        } else if policy == FAIL_CLOSED {
+            // No rule set has id 0 (it means "not isolated"): its slot counts fail-closed
+            // drops.
+            count(&POLICY_DROPS, 0);
+        } else {
+            count(&POLICY_DROPS, policy);
+        }
     }
     emit(
         ctx,

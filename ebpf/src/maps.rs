@@ -98,13 +98,15 @@ pub static NODE_CONFIG: Array<NodeConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
 
-/// Flows admitted per rule, indexed by rule id (ids are small and dense per node). An array
+/// New flows decided per rule, indexed by rule id (ids are small and dense per node):
+/// admitted by an allowing rule, or denied by a ClusterNetworkPolicy Deny rule. An array
 /// rather than a hash: on a new flow from a cold peer every cache line counts, and an array
 /// slot is one load away from its id.
 #[map]
 pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::RULE_HITS, 0);
 
-/// Policy drops per rule set, indexed by rule-set id.
+/// Policy drops that no rule decided (nothing allowed the flow), per rule set, indexed by
+/// rule-set id.
 #[map]
 pub static POLICY_DROPS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(capacity::POLICY_DROPS, 0);

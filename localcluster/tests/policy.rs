@@ -1,5 +1,6 @@
-//! NetworkPolicy end to end: the controller compiles, agents enforce; what a user sees when
-//! policies change, are wrong, or when weir's own components go away.
+//! NetworkPolicy (and ClusterNetworkPolicy) end to end: the controller compiles, agents
+//! enforce; what a user sees when policies change, are wrong, or when weir's own components
+//! go away.
 
 mod support;
 
@@ -66,6 +67,50 @@ async fn policy_drops_are_counted_and_reported_with_the_policy_that_caused_them(
         .unwrap_or_else(|| panic!("no drop event for b in {flows:#}"));
     assert_eq!(drop["dport"], 80);
     assert_eq!(drop["policies"], json!(["NetworkPolicy/default/lock-b"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_policy_deny_is_reported_with_its_rule_tier_and_priority() {
+    let mut c = cluster(1, Topology::L2).await;
+    pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 0).await;
+    let _s = Servers::start(&b.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    let pods = |name: &str| json!({"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": name}}});
+    c.apply_object(&json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "guardrail"},
+        "spec": {"tier": "Admin", "priority": 7, "subject": {"pods": pods("b")},
+                 "ingress": [{"name": "no-a", "action": "Deny", "from": [{"pods": pods("a")}]}]},
+    }))
+    .unwrap();
+    c.sync().await.unwrap();
+    assert!(!tcp(&c, "a", "b").await, "denied by guardrail");
+
+    let (_, flows) = c.agent_http(0, "/flows?limit=50").unwrap();
+    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    let drop = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["reason"] == "policy_ingress" && f["dst"] == b.ip.to_string())
+        .unwrap_or_else(|| panic!("no drop event for b in {flows:#}"));
+    assert_eq!(
+        drop["rule"],
+        "ClusterNetworkPolicy/guardrail/no-a ingress (Admin tier, priority 7)"
+    );
+    assert_eq!(drop["tier"], "Admin");
+    assert_eq!(drop["priority"], 7);
+    assert_eq!(drop["policies"], json!(["ClusterNetworkPolicy/guardrail"]));
+
+    let (_, metrics) = c.agent_http(0, "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "weir_agent_cluster_policy_rule_flows_total{policy=\"guardrail\",rule=\"no-a\",\
+             direction=\"ingress\",tier=\"Admin\",priority=\"7\",action=\"Deny\"}"
+        ) && !l.ends_with(" 0")),
+        "the Deny rule counts its drops:\n{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -35,8 +35,11 @@ pub struct MetricsSnapshot {
     pub services: u64,
     pub service_backends: u64,
     pub drops: Vec<(DropReason, u64)>,
-    /// (namespace, name, direction, rule index) → packets admitted (new flows).
+    /// NetworkPolicy rules: (namespace, name, direction, rule index) → new flows admitted.
     pub rule_hits: Vec<([(String, String); 4], u64)>,
+    /// ClusterNetworkPolicy rules: (policy, rule, direction, tier, priority, action) → new
+    /// flows decided (admitted by an Accept rule, denied by a Deny rule).
+    pub cluster_rule_hits: Vec<([(String, String); 6], u64)>,
     /// (direction, policies of the rule set) → new flows denied.
     pub policy_drops: Vec<([(String, String); 2], u64)>,
     /// New flows denied because the endpoint's rule set failed closed (its policies did not
@@ -58,23 +61,23 @@ pub struct MetricsSnapshot {
 }
 
 fn direction(d: Direction) -> &'static str {
-    match d {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-    }
+    d.as_str()
 }
 
 impl MetricsSnapshot {
     /// The table sizes are counted in the maps: what the dataplane holds, also when a
     /// state could not be written in full.
     pub fn read(maps: &DataplaneMaps, state: &NodeState, ready: bool, flow_events: u64) -> Self {
-        let rule_hits = DataplaneMaps::counter_totals(&maps.rule_hits, state.rules.keys().copied())
-            .into_iter()
-            // Rules that admitted nothing yet are left out (a node may know tens of thousands).
-            .filter(|(_, n)| *n != 0)
-            .filter_map(|(rule, n)| {
-                let r = state.rules.get(&rule)?;
-                Some((
+        let mut rule_hits = Vec::new();
+        let mut cluster_rule_hits = Vec::new();
+        for (rule, n) in DataplaneMaps::counter_totals(&maps.rule_hits, state.rules.keys().copied())
+        {
+            // Rules that decided nothing yet are left out (a node may know tens of thousands).
+            let Some(r) = state.rules.get(&rule).filter(|_| n != 0) else {
+                continue;
+            };
+            match &r.tiered {
+                None => rule_hits.push((
                     [
                         ("namespace".to_string(), r.policy.namespace.clone()),
                         ("policy".to_string(), r.policy.name.clone()),
@@ -82,9 +85,20 @@ impl MetricsSnapshot {
                         ("rule".to_string(), r.index.to_string()),
                     ],
                     n,
-                ))
-            })
-            .collect();
+                )),
+                Some(t) => cluster_rule_hits.push((
+                    [
+                        ("policy".to_string(), r.policy.name.clone()),
+                        ("rule".to_string(), r.rule_name()),
+                        ("direction".to_string(), direction(r.direction).to_string()),
+                        ("tier".to_string(), t.tier.as_str().to_string()),
+                        ("priority".to_string(), t.priority.to_string()),
+                        ("action".to_string(), t.action.as_str().to_string()),
+                    ],
+                    n,
+                )),
+            }
+        }
         let policy_drops =
             DataplaneMaps::counter_totals(&maps.policy_drops, state.rule_sets.keys().copied())
                 .into_iter()
@@ -117,6 +131,7 @@ impl MetricsSnapshot {
             service_backends,
             drops: maps.drop_counts(),
             rule_hits,
+            cluster_rule_hits,
             policy_drops,
             fail_closed_drops: DataplaneMaps::counter_totals(&maps.policy_drops, [0])
                 .into_values()
@@ -219,9 +234,20 @@ impl Collector for MetricsSnapshot {
         for (labels, n) in &self.rule_hits {
             ConstCounter::new(*n).encode(hits.encode_family(labels)?)?;
         }
+        let mut cluster_hits = encoder.encode_descriptor(
+            "cluster_policy_rule_flows",
+            "New flows decided by a ClusterNetworkPolicy rule: admitted by an Accept rule, \
+             denied by a Deny rule",
+            None,
+            kind,
+        )?;
+        for (labels, n) in &self.cluster_rule_hits {
+            ConstCounter::new(*n).encode(cluster_hits.encode_family(labels)?)?;
+        }
         let mut denied = encoder.encode_descriptor(
             "policy_denied_flows",
-            "New flows denied, by the policies isolating the endpoint",
+            "New flows denied because no rule allowed them, by the policies isolating the \
+             endpoint (flows a ClusterNetworkPolicy Deny rule denied are counted by that rule)",
             None,
             kind,
         )?;
@@ -311,8 +337,15 @@ pub struct FlowRecord {
     pub ifindex: u32,
     /// Rule set that decided, as policy names.
     pub policies: Vec<String>,
-    /// The deciding rule, `Kind/ns/name direction #index`.
+    /// The deciding rule: `NetworkPolicy/<ns>/<name> <direction> #<index>`, or
+    /// `ClusterNetworkPolicy/<name>/<rule> <direction> (<tier> tier, priority <n>)`.
     pub rule: Option<String>,
+    /// The deciding ClusterNetworkPolicy rule's tier (`Admin`, `Baseline`) ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<&'static str>,
+    /// ... and its policy's priority.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
     /// For a Service's drops (no backend, translation lost): the Service port,
     /// `ns/name[:port name]`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -339,6 +372,8 @@ impl FlowRecord {
             ifindex: e.ifindex,
             policies: Vec::new(),
             rule: None,
+            tier: None,
+            priority: None,
             service: None,
             raw: e,
         }
@@ -375,12 +410,11 @@ impl FlowRecord {
                     }
                 });
         } else if let Some(r) = state.rules.get(&self.raw.rule) {
-            self.rule = Some(format!(
-                "{} {} #{}",
-                r.policy,
-                direction(r.direction),
-                r.index
-            ));
+            self.rule = Some(r.to_string());
+            if let Some(t) = &r.tiered {
+                self.tier = Some(t.tier.as_str());
+                self.priority = Some(t.priority);
+            }
         }
         self
     }
@@ -451,6 +485,132 @@ pub async fn read_flow_events(ring: RingBuf<MapData>, log: Arc<FlowLog>) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node state whose rule 9 is an Admin-tier Deny rule of a ClusterNetworkPolicy and
+    /// rule 4 a NetworkPolicy rule, both in rule set 3.
+    fn tiered_state() -> NodeState {
+        let cnp = weir_api::PolicyRef {
+            kind: "ClusterNetworkPolicy".into(),
+            namespace: String::new(),
+            name: "guardrail".into(),
+        };
+        let np = weir_api::PolicyRef {
+            kind: "NetworkPolicy".into(),
+            namespace: "prod".into(),
+            name: "allow-web".into(),
+        };
+        let mut state = NodeState::default();
+        state.rules.insert(
+            9,
+            weir_api::RuleRef {
+                policy: cnp.clone(),
+                direction: Direction::Ingress,
+                index: 1,
+                tiered: Some(weir_api::TieredRule {
+                    tier: weir_api::PolicyTier::Admin,
+                    priority: 10,
+                    name: "no-pods".into(),
+                    action: weir_api::TieredAction::Deny,
+                }),
+            },
+        );
+        state.rules.insert(
+            4,
+            weir_api::RuleRef {
+                policy: np.clone(),
+                direction: Direction::Ingress,
+                index: 0,
+                tiered: None,
+            },
+        );
+        state.rule_sets.insert(
+            3,
+            weir_api::RuleSetInfo {
+                direction: Direction::Ingress,
+                policies: vec![cnp, np],
+            },
+        );
+        state
+    }
+
+    fn event(verdict: u8, reason: u32, rule: u32) -> FlowEvent {
+        FlowEvent {
+            saddr: std::net::Ipv4Addr::new(10, 244, 1, 7).into(),
+            daddr: std::net::Ipv4Addr::new(10, 244, 0, 5).into(),
+            sport: 40000,
+            dport: 5432,
+            proto: 6,
+            verdict,
+            reason,
+            policy: 3,
+            rule,
+            ..FlowEvent::default()
+        }
+    }
+
+    #[test]
+    fn a_cluster_policy_deny_names_its_rule_tier_and_priority_in_flows() {
+        let state = tiered_state();
+        let drop = FlowRecord::new(event(
+            FlowEvent::VERDICT_DROP,
+            DropReason::PolicyIngress as u32,
+            9,
+        ))
+        .resolve(&state);
+        assert_eq!(
+            drop.rule.as_deref(),
+            Some("ClusterNetworkPolicy/guardrail/no-pods ingress (Admin tier, priority 10)")
+        );
+        let json = serde_json::to_value(&drop).unwrap();
+        assert_eq!(json["tier"], "Admin");
+        assert_eq!(json["priority"], 10);
+        assert_eq!(json["reason"], "policy_ingress");
+        assert_eq!(
+            json["policies"],
+            serde_json::json!([
+                "ClusterNetworkPolicy/guardrail",
+                "NetworkPolicy/prod/allow-web"
+            ])
+        );
+
+        // A NetworkPolicy rule: named as before, no tier or priority.
+        let allow = FlowRecord::new(event(FlowEvent::VERDICT_ALLOW, 0, 4)).resolve(&state);
+        assert_eq!(
+            allow.rule.as_deref(),
+            Some("NetworkPolicy/prod/allow-web ingress #0")
+        );
+        let json = serde_json::to_value(&allow).unwrap();
+        assert!(
+            json.get("tier").is_none() && json.get("priority").is_none(),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn cluster_policy_rules_are_counted_with_tier_priority_and_action() {
+        let snapshot = MetricsSnapshot {
+            cluster_rule_hits: vec![(
+                [
+                    ("policy".to_string(), "guardrail".to_string()),
+                    ("rule".to_string(), "no-pods".to_string()),
+                    ("direction".to_string(), "ingress".to_string()),
+                    ("tier".to_string(), "Admin".to_string()),
+                    ("priority".to_string(), "10".to_string()),
+                    ("action".to_string(), "Deny".to_string()),
+                ],
+                3,
+            )],
+            ..Default::default()
+        };
+        let text = snapshot.render();
+        assert!(
+            text.contains(
+                "weir_agent_cluster_policy_rule_flows_total{policy=\"guardrail\",rule=\"no-pods\",\
+                 direction=\"ingress\",tier=\"Admin\",priority=\"10\",action=\"Deny\"} 3\n"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn map_capacities_are_one_gauge_per_table() {

@@ -256,6 +256,7 @@ fn ingress_policy_allows_only_the_listed_port_and_peer() {
             policy: policy.clone(),
             direction: weir_api::Direction::Ingress,
             index: 0,
+            tiered: None,
         },
     ));
     diff.rule_sets.upsert.push((
@@ -289,6 +290,7 @@ fn a_snapshot_keeps_the_counts_of_rules_that_mean_the_same_and_zeroes_the_others
         },
         direction: weir_api::Direction::Ingress,
         index: 0,
+        tiered: None,
     };
     let mut before = weir_api::NodeState::default();
     before.rules.insert(70, rule("web"));
@@ -360,6 +362,41 @@ fn a_single_port_entry_beats_a_whole_protocol_entry() {
         node.sent_by_a(&syn_a_to_b(40002, 81)).0,
         TC_ACT_REDIRECT,
         "A is still class 3"
+    );
+}
+
+#[test]
+fn a_drop_by_a_deny_rule_is_counted_by_that_rule_and_a_default_deny_by_the_rule_set() {
+    let mut node = Node::new();
+    node.set_endpoints(0, 0, 7, 0);
+    node.classify("10.244.0.10/32", 3);
+    // A ClusterNetworkPolicy Deny rule (id 2) for TCP/80; nothing allows TCP/81.
+    let m = VerdictMatch {
+        rule_set: 7,
+        class: 3,
+        proto: Some(packet::TCP),
+        ports: PortPrefix::new(80, 16),
+    };
+    node.maps
+        .set_verdict(
+            &m,
+            &VerdictEntry {
+                action: Action::Deny,
+                rule: 2,
+            },
+        )
+        .unwrap();
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 80)).0, TC_ACT_SHOT);
+    assert_eq!(node.sent_by_a(&syn_a_to_b(40002, 81)).0, TC_ACT_SHOT);
+    assert_eq!(node.drops(DropReason::PolicyIngress), 3);
+    let by_rule = DataplaneMaps::counter_totals(&node.maps.rule_hits, [2]);
+    assert_eq!(by_rule.get(&2), Some(&2), "the Deny rule's drops");
+    let by_set = DataplaneMaps::counter_totals(&node.maps.policy_drops, [7]);
+    assert_eq!(
+        by_set.get(&7),
+        Some(&1),
+        "only the drop no rule decided is counted against the rule set"
     );
 }
 

@@ -14,9 +14,9 @@ use std::{
 use ipnet::IpNet;
 use weir_api::{
     Action, BackendState, Direction, EndpointPolicy, FrontendKind, IpProto, MapCapacities,
-    NodeRoute, NodeState, NodeStateDiff, PodKey, PolicyRef, PortPrefix, RuleRef, RuleSetInfo,
-    ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef, TableDiff, VerdictEntry,
-    VerdictMatch,
+    NodeRoute, NodeState, NodeStateDiff, PodKey, PolicyRef, PolicyTier, PortPrefix, RuleRef,
+    RuleSetInfo, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef, TableDiff,
+    TieredAction, TieredRule, VerdictEntry, VerdictMatch,
 };
 
 use crate::pb;
@@ -159,6 +159,21 @@ fn rule(id: u32, r: &RuleRef) -> pb::Rule {
             policy: Some(policy_ref(&r.policy)),
             direction: direction(r.direction).into(),
             index: r.index,
+            tiered: r.tiered.as_ref().map(|t| pb::TieredRule {
+                tier: match t.tier {
+                    PolicyTier::Admin => pb::PolicyTier::Admin,
+                    PolicyTier::Baseline => pb::PolicyTier::Baseline,
+                }
+                .into(),
+                priority: t.priority,
+                name: t.name.clone(),
+                action: match t.action {
+                    TieredAction::Accept => pb::TieredAction::Accept,
+                    TieredAction::Deny => pb::TieredAction::Deny,
+                    TieredAction::Pass => pb::TieredAction::Pass,
+                }
+                .into(),
+            }),
         }),
     }
 }
@@ -478,8 +493,41 @@ fn decode_rule(r: pb::Rule) -> Result<(u32, RuleRef), ProtoError> {
             policy: decode_policy_ref(policy),
             direction: decode_direction(rule.direction, "RuleRef.direction")?,
             index: rule.index,
+            tiered: rule.tiered.map(decode_tiered_rule).transpose()?,
         },
     ))
+}
+
+fn decode_tiered_rule(t: pb::TieredRule) -> Result<TieredRule, ProtoError> {
+    let tier = match pb::PolicyTier::try_from(t.tier) {
+        Ok(pb::PolicyTier::Admin) => PolicyTier::Admin,
+        Ok(pb::PolicyTier::Baseline) => PolicyTier::Baseline,
+        Ok(pb::PolicyTier::Unspecified) | Err(_) => {
+            return Err(ProtoError::UnknownEnum {
+                field: "TieredRule.tier",
+                enum_name: "PolicyTier",
+                value: t.tier,
+            });
+        }
+    };
+    let action = match pb::TieredAction::try_from(t.action) {
+        Ok(pb::TieredAction::Accept) => TieredAction::Accept,
+        Ok(pb::TieredAction::Deny) => TieredAction::Deny,
+        Ok(pb::TieredAction::Pass) => TieredAction::Pass,
+        Ok(pb::TieredAction::Unspecified) | Err(_) => {
+            return Err(ProtoError::UnknownEnum {
+                field: "TieredRule.action",
+                enum_name: "TieredAction",
+                value: t.action,
+            });
+        }
+    };
+    Ok(TieredRule {
+        tier,
+        priority: t.priority,
+        name: t.name,
+        action,
+    })
 }
 
 fn decode_rule_set(r: pb::RuleSet) -> Result<(u32, RuleSetInfo), ProtoError> {
@@ -973,6 +1021,7 @@ mod tests {
                 policy: Some(pb::PolicyRef::default()),
                 direction: pb::Direction::Ingress.into(),
                 index: 0,
+                tiered: None,
             }),
         };
         let s = pb::NodeState {

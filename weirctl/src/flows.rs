@@ -35,6 +35,11 @@ pub struct Flow {
     pub policies: Vec<String>,
     #[serde(default)]
     pub rule: Option<String>,
+    /// The deciding ClusterNetworkPolicy rule's tier and its policy's priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// `namespace/name` of the pod holding `src`, if any.
@@ -428,6 +433,8 @@ mod tests {
                 vec![]
             },
             rule: None,
+            tier: None,
+            priority: None,
             service: None,
             src_pod: None,
             dst_pod: None,
@@ -590,6 +597,41 @@ mod tests {
         assert_eq!(dropped["flows"], 2);
         assert_eq!(dropped["dst"], "default/web");
         assert_eq!(dropped["policy"], "NetworkPolicy/default/lock-b");
+    }
+
+    #[test]
+    fn a_cluster_policy_drop_reads_renders_and_filters_by_its_policy() {
+        // As the agent serves it.
+        let served = serde_json::json!([{
+            "time": 2.0, "verdict": "drop", "reason": "policy_ingress",
+            "src": "10.244.1.2", "dst": "10.244.0.3", "proto": 6, "sport": 40000,
+            "dport": 80, "ifindex": 7,
+            "policies": ["ClusterNetworkPolicy/tenants"],
+            "rule": "ClusterNetworkPolicy/tenants/deny-dev ingress (Admin tier, priority 10)",
+            "tier": "Admin", "priority": 10,
+        }]);
+        let mut flows: Vec<Flow> = serde_json::from_value(served).unwrap();
+        let f = &mut flows[0];
+        f.node = "n1".into();
+        f.name_pods(&pods());
+        assert_eq!((f.tier.as_deref(), f.priority), (Some("Admin"), Some(10)));
+        assert!(
+            render_line(f).ends_with(
+                "DROP policy_ingress by ClusterNetworkPolicy/tenants/deny-dev ingress \
+                 (Admin tier, priority 10)"
+            ),
+            "{}",
+            render_line(f)
+        );
+        for wanted in ["tenants", "ClusterNetworkPolicy/tenants"] {
+            assert!(parse_filter(&["--policy", wanted]).matches(f), "{wanted}");
+        }
+        assert!(!parse_filter(&["--policy", "default/tenants"]).matches(f));
+        let json = serde_json::to_value(&*f).unwrap();
+        assert_eq!(
+            (json["tier"].clone(), json["priority"].clone()),
+            ("Admin".into(), 10.into())
+        );
     }
 
     #[test]

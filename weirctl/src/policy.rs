@@ -112,13 +112,7 @@ pub fn report(views: &[NodeView], pods: &[PodInfo], key: &PodKey) -> Result<Poli
                         Some(p) if p.first() == p.last() => p.first().to_string(),
                         Some(p) => format!("{}-{}", p.first(), p.last()),
                     },
-                    rule: view.state.rules.get(&v.rule).map(|r| {
-                        let d = match r.direction {
-                            Direction::Ingress => "ingress",
-                            Direction::Egress => "egress",
-                        };
-                        format!("{} {d} #{}", r.policy, r.index)
-                    }),
+                    rule: view.state.rules.get(&v.rule).map(|r| r.to_string()),
                 }
             })
             .collect();

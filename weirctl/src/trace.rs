@@ -125,7 +125,8 @@ pub struct SideTrace {
     /// The verdict entry matched: rule set, class, protocol, ports.
     pub entry: Option<String>,
     pub allowed: bool,
-    /// The deciding rule: `Kind/ns/name direction #index`.
+    /// The deciding rule: `NetworkPolicy/<ns>/<name> <direction> #<index>` or
+    /// `ClusterNetworkPolicy/<name>/<rule> <direction> (<tier> tier, priority <n>)`.
     pub rule: Option<String>,
     /// Why, in words.
     pub reason: String,
@@ -263,13 +264,7 @@ fn check_side(
                 ports_text(m.proto, m.ports)
             ));
             side.allowed = entry.action == Action::Allow;
-            side.rule = view.state.rules.get(&entry.rule).map(|r| {
-                let d = match r.direction {
-                    Direction::Ingress => "ingress",
-                    Direction::Egress => "egress",
-                };
-                format!("{} {d} #{}", r.policy, r.index)
-            });
+            side.rule = view.state.rules.get(&entry.rule).map(|r| r.to_string());
             if side.rule.is_none() && entry.rule != 0 {
                 side.rule = Some(format!("rule id {} (name unknown)", entry.rule));
             }

@@ -1,8 +1,9 @@
 //! The controller in a Kubernetes cluster: the API server as the source of objects.
 //!
-//! * [`watch`]: watches of Namespaces, Pods, Nodes, NetworkPolicies, Services and
-//!   EndpointSlices (kube-runtime
-//!   watchers with backoff), objects slimmed to what the compiler reads.
+//! * [`watch`]: watches of Namespaces, Pods, Nodes, NetworkPolicies, Services,
+//!   EndpointSlices and ClusterNetworkPolicies (kube-runtime watchers with backoff; a
+//!   missing ClusterNetworkPolicy CRD is an empty list), objects slimmed to what the
+//!   compiler reads.
 //! * [`sync`]: watcher events → [`crate::source::Change`]s (the same changes the manifest
 //!   directory produces), deletions missed while disconnected found at relists, and the gate
 //!   that compiles only once every kind is listed.

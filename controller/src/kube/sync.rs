@@ -40,7 +40,8 @@ struct Known {
     resource_version: String,
 }
 
-/// Identity of an object Events may be about (a NetworkPolicy, Service or EndpointSlice).
+/// Identity of an object Events may be about (a NetworkPolicy, ClusterNetworkPolicy, Service
+/// or EndpointSlice).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObjectRef {
     pub uid: Option<String>,
@@ -130,7 +131,7 @@ pub struct Flushed {
 /// passed on (for relists), and compiles only once every kind completed its initial list.
 pub struct ClusterSync {
     controller: Controller,
-    trackers: [KindTracker; 6],
+    trackers: [KindTracker; Kind::ALL.len()],
     pending: Vec<Change>,
     /// Identities of the objects diagnostics may be about.
     refs: BTreeMap<ObjectKey, ObjectRef>,
@@ -156,7 +157,7 @@ impl ClusterSync {
     pub fn observe(&mut self, event: KindEvent) {
         if matches!(
             event.kind,
-            Kind::NetworkPolicy | Kind::Service | Kind::EndpointSlice
+            Kind::NetworkPolicy | Kind::ClusterNetworkPolicy | Kind::Service | Kind::EndpointSlice
         ) {
             self.track_ref(event.kind, &event.event);
         }
@@ -227,19 +228,13 @@ impl ClusterSync {
             };
             self.refs.get(&key).cloned().unwrap_or_default()
         };
-        // ClusterNetworkPolicies are not watched from the API server (manifest directories
-        // only), so there is no object to write an Event for.
-        let policies = self
-            .controller
-            .cluster()
-            .diagnostics()
-            .filter(|d| d.policy.kind == PolicyKind::NetworkPolicy)
-            .map(|d| {
-                ReportedDiagnostic::policy(
-                    d,
-                    object(Kind::NetworkPolicy, &d.policy.namespace, &d.policy.name),
-                )
-            });
+        let policies = self.controller.cluster().diagnostics().map(|d| {
+            let kind = match d.policy.kind {
+                PolicyKind::NetworkPolicy => Kind::NetworkPolicy,
+                PolicyKind::ClusterNetworkPolicy => Kind::ClusterNetworkPolicy,
+            };
+            ReportedDiagnostic::policy(d, object(kind, &d.policy.namespace, &d.policy.name))
+        });
         let services = self
             .controller
             .service_diagnostics()
@@ -253,16 +248,16 @@ impl ClusterSync {
                 ReportedDiagnostic::service(d, object(kind, &d.object.namespace, &d.object.name))
             });
         let too_large = self.controller.too_large().iter().flat_map(|t| {
-            t.policies
-                .iter()
-                .filter(|p| p.kind == Kind::NetworkPolicy.as_str())
-                .map(move |p| {
-                    ReportedDiagnostic::too_large(
-                        t,
-                        p,
-                        object(Kind::NetworkPolicy, &p.namespace, &p.name),
-                    )
-                })
+            t.policies.iter().filter_map(move |p| {
+                let kind = [Kind::NetworkPolicy, Kind::ClusterNetworkPolicy]
+                    .into_iter()
+                    .find(|k| p.kind == k.as_str())?;
+                Some(ReportedDiagnostic::too_large(
+                    t,
+                    p,
+                    object(kind, &p.namespace, &p.name),
+                ))
+            })
         });
         policies.chain(services).chain(too_large).collect()
     }

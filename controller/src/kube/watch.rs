@@ -1,4 +1,4 @@
-//! Watches of the six kinds the compiler reads, merged into one stream of [`KindEvent`]s.
+//! Watches of the seven kinds the compiler reads, merged into one stream of [`KindEvent`]s.
 //!
 //! Each kind is a kube-runtime [`watcher`] (list, then watch from the list's
 //! `resourceVersion`; on a dropped connection it re-watches from the last version it saw,
@@ -6,6 +6,20 @@
 //! kube-runtime's default backoff on errors (0.8s doubling to 30s with jitter, reset after
 //! two quiet minutes, as client-go's reflector) so a slow or failing API server is not
 //! hammered. Errors are logged and never end the stream.
+//!
+//! # ClusterNetworkPolicies without their CRD
+//!
+//! `ClusterNetworkPolicy` (`policy.networking.k8s.io/v1alpha2`) is served only where its
+//! CRD is installed. Where it is not, the API server answers `404 Not Found` to the list;
+//! the controller must not wait for a kind that will never list. So a `404` on that kind
+//! counts as a complete, empty list ([`Event::Init`] then [`Event::InitDone`], which also
+//! deletes every ClusterNetworkPolicy the store held: a CRD that is deleted takes its
+//! objects with it). It is logged once per disappearance, not at every retry, and the
+//! watcher keeps retrying with the same backoff as any failed watch (at most 30 s apart),
+//! so a CRD installed later is picked up without a restart: its list then arrives as an
+//! ordinary (re)list. Only `404` is taken for "not installed": any other error (`403` from
+//! missing RBAC, a server error) keeps the kind unsynced as for every other kind, so the
+//! controller never publishes a state that silently lacks the cluster's guardrails.
 //!
 //! # Memory
 //!
@@ -44,9 +58,9 @@ use kube::{
         watcher::{self, Event},
     },
 };
-use tracing::warn;
+use tracing::{debug, info, warn};
 
-use crate::source::Object;
+use crate::{cnp::ClusterNetworkPolicy, source::Object};
 
 /// The kinds the compiler reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -57,16 +71,18 @@ pub enum Kind {
     NetworkPolicy,
     Service,
     EndpointSlice,
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Node,
         Kind::NetworkPolicy,
         Kind::Service,
         Kind::EndpointSlice,
+        Kind::ClusterNetworkPolicy,
     ];
 
     /// The kind's name, as in [`crate::source::ObjectKey::kind`].
@@ -78,6 +94,7 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::ClusterNetworkPolicy => crate::policy::CLUSTER_NETWORK_POLICY_KIND,
         }
     }
 
@@ -89,6 +106,7 @@ impl Kind {
             Kind::NetworkPolicy => 3,
             Kind::Service => 4,
             Kind::EndpointSlice => 5,
+            Kind::ClusterNetworkPolicy => 6,
         }
     }
 }
@@ -131,7 +149,8 @@ impl Default for WatchOptions {
 }
 
 /// The merged watches of Namespaces, Pods, Nodes, NetworkPolicies, Services and
-/// EndpointSlices (all namespaces).
+/// EndpointSlices (all namespaces), and of ClusterNetworkPolicies (empty while their CRD is
+/// not installed, see the module documentation).
 /// Never ends; errors are logged and retried with backoff.
 pub fn watch_cluster(
     client: Client,
@@ -173,10 +192,11 @@ pub fn watch_cluster(
         ),
         kind_stream(
             Kind::EndpointSlice,
-            Api::<EndpointSlice>::all(client),
-            config,
+            Api::<EndpointSlice>::all(client.clone()),
+            config.clone(),
             |o| Object::EndpointSlice(slim_endpoint_slice(o)),
         ),
+        cluster_policy_stream(Api::<ClusterNetworkPolicy>::all(client), config),
     ];
     futures::stream::select_all(streams)
 }
@@ -205,6 +225,83 @@ where
             }
         })
         .boxed()
+}
+
+/// The ClusterNetworkPolicy watch: a `404` (no CRD) is an empty list (module documentation).
+fn cluster_policy_stream(
+    api: Api<ClusterNetworkPolicy>,
+    config: watcher::Config,
+) -> BoxStream<'static, KindEvent> {
+    let kind = Kind::ClusterNetworkPolicy;
+    let wrap: fn(ClusterNetworkPolicy) -> Object =
+        |o| Object::ClusterNetworkPolicy(slim_cluster_policy(o));
+    // The CRD was found missing and no answer has come since.
+    let mut absent = false;
+    watcher::watcher(api, config)
+        .default_backoff()
+        .map(move |item| match item {
+            // Every retry of the list starts with `Init`; while the CRD is missing that
+            // announces nothing (the empty list was announced), so it is held back until the
+            // list brings something.
+            Ok(Event::Init) if absent => Vec::new(),
+            Ok(event) => {
+                let mut out = Vec::new();
+                if std::mem::take(&mut absent) {
+                    info!(%kind, "the ClusterNetworkPolicy CRD is served now");
+                    if matches!(event, Event::InitApply(_) | Event::InitDone) {
+                        out.push(KindEvent {
+                            kind,
+                            event: Event::Init,
+                        });
+                    }
+                }
+                out.push(KindEvent {
+                    kind,
+                    event: map_event(event, wrap),
+                });
+                out
+            }
+            Err(e) if crd_missing(&e) => {
+                if absent {
+                    debug!(%kind, error = %e, "still not served; retrying with backoff");
+                    return Vec::new();
+                }
+                absent = true;
+                warn!(
+                    %kind,
+                    "the API server does not serve policy.networking.k8s.io/v1alpha2 \
+                     ClusterNetworkPolicies (CRD not installed): running without them, and \
+                     watching for the CRD with backoff"
+                );
+                vec![
+                    KindEvent {
+                        kind,
+                        event: Event::Init,
+                    },
+                    KindEvent {
+                        kind,
+                        event: Event::InitDone,
+                    },
+                ]
+            }
+            Err(e) => {
+                warn!(%kind, error = %e, "watch failed; retrying with backoff");
+                Vec::new()
+            }
+        })
+        .flat_map(futures::stream::iter)
+        .boxed()
+}
+
+/// Is this the API server saying it does not serve the resource at all?
+fn crd_missing(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.is_not_found(),
+        watcher::Error::WatchError(s) => s.is_not_found(),
+        _ => false,
+    }
 }
 
 fn map_event<K>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
@@ -289,6 +386,16 @@ pub fn slim_node(node: Node) -> Node {
             node_info: s.node_info,
             ..NodeStatus::default()
         }),
+    }
+}
+
+/// ClusterNetworkPolicies keep their spec (unknown fields included, so that validation can
+/// fail closed on them); the status, written by implementations, is not read.
+pub fn slim_cluster_policy(cnp: ClusterNetworkPolicy) -> ClusterNetworkPolicy {
+    ClusterNetworkPolicy {
+        metadata: slim_meta(cnp.metadata),
+        status: None,
+        ..cnp
     }
 }
 

@@ -1,8 +1,9 @@
 //! A mocked API server for the Kubernetes tests: a `kube::Client` whose requests land in a
 //! script (`tower_test::mock`), and builders for the JSON the API server sends.
 //!
-//! Requests are answered per resource path from a queue of [`Step`]s, so the four
-//! concurrent watchers of the controller never race each other's script. A request that
+//! Requests are answered per resource path from a queue of [`Step`]s, so the concurrent
+//! watchers of the controller never race each other's script. A script that says nothing
+//! about ClusterNetworkPolicies lists none (a cluster with the CRD and no such object). A request that
 //! finds its queue empty, or paused, stays pending (a quiet watch). Everything that was
 //! requested is logged for assertions.
 
@@ -30,6 +31,7 @@ pub const NODES: &str = "/api/v1/nodes";
 pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 pub const SERVICES: &str = "/api/v1/services";
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+pub const CLUSTER_POLICIES: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
 
 /// Long enough for the watcher's first backoff (0.8 s, jittered up to twice that), short
 /// enough to be nothing in paused time.
@@ -146,6 +148,11 @@ type Pending = (Request<Body>, SendResponse<Response<Body>>);
 
 impl FakeApi {
     pub fn start(script: Script) -> Self {
+        let script = if script.paths.contains_key(CLUSTER_POLICIES) {
+            script
+        } else {
+            script.on(CLUSTER_POLICIES, [list("1", vec![])])
+        };
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let shared = Arc::new(Mutex::new(Shared {
@@ -392,6 +399,16 @@ pub fn policy(namespace: &str, name: &str, rv: &str, spec: Value) -> Value {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": name, "namespace": namespace, "resourceVersion": rv,
                      "uid": format!("uid-np-{name}"), "generation": 1},
+        "spec": spec,
+    })
+}
+
+/// A ClusterNetworkPolicy with this spec (`tier`, `priority`, `subject`, rules).
+pub fn cluster_policy(name: &str, rv: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": name, "resourceVersion": rv,
+                     "uid": format!("uid-cnp-{name}"), "generation": 1},
         "spec": spec,
     })
 }

@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use proptest::{collection::btree_map, prelude::*};
 use weir_api::{
     Action, BackendState, Direction, EndpointPolicy, FrontendKind, NodeRoute, NodeState, PodKey,
-    PolicyRef, PortPrefix, RuleRef, RuleSetInfo, ServiceBackend, ServiceEntry, ServiceFrontend,
-    ServiceRef, VerdictEntry, VerdictMatch,
+    PolicyRef, PolicyTier, PortPrefix, RuleRef, RuleSetInfo, ServiceBackend, ServiceEntry,
+    ServiceFrontend, ServiceRef, TieredAction, TieredRule, VerdictEntry, VerdictMatch,
 };
 
 fn arb_ip() -> impl Strategy<Value = IpAddr> {
@@ -53,6 +53,27 @@ fn arb_policy() -> impl Strategy<Value = PolicyRef> {
 
 fn arb_direction() -> impl Strategy<Value = Direction> {
     prop_oneof![Just(Direction::Ingress), Just(Direction::Egress)]
+}
+
+fn arb_tiered() -> impl Strategy<Value = Option<TieredRule>> {
+    prop::option::of(
+        (
+            prop_oneof![Just(PolicyTier::Admin), Just(PolicyTier::Baseline)],
+            0u32..=1000,
+            prop_oneof![Just(String::new()), "[a-z]{1,8}"],
+            prop_oneof![
+                Just(TieredAction::Accept),
+                Just(TieredAction::Deny),
+                Just(TieredAction::Pass)
+            ],
+        )
+            .prop_map(|(tier, priority, name, action)| TieredRule {
+                tier,
+                priority,
+                name,
+                action,
+            }),
+    )
 }
 
 fn arb_port_prefix() -> impl Strategy<Value = PortPrefix> {
@@ -166,11 +187,14 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
     );
     let rules = btree_map(
         0u32..8,
-        (arb_policy(), arb_direction(), 0u32..3).prop_map(|(policy, direction, index)| RuleRef {
-            policy,
-            direction,
-            index,
-        }),
+        (arb_policy(), arb_direction(), 0u32..3, arb_tiered()).prop_map(
+            |(policy, direction, index, tiered)| RuleRef {
+                policy,
+                direction,
+                index,
+                tiered,
+            },
+        ),
         0..6,
     );
     let rule_sets = btree_map(
