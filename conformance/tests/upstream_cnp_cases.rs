@@ -83,7 +83,8 @@ fn rule_swap_case_applies_the_patched_policy_in_a_second_step() {
         .cases
         .iter()
         .find(|case| {
-            case.name == "CNPAdminTierIngressTCP: Should support an 'deny-ingress' policy for \
+            case.name
+                == "CNPAdminTierIngressTCP: Should support an 'deny-ingress' policy for \
                           TCP protocol; ensure rule ordering is respected"
         })
         .expect("deny-ingress TCP case");
@@ -99,11 +100,17 @@ fn rule_swap_case_applies_the_patched_policy_in_a_second_step() {
     // Upstream swaps rules 0 and 1: Deny now precedes Accept for ravenclaw.
     assert_eq!(
         rule_names(0)[..2],
-        ["allow-from-ravenclaw-everything", "deny-from-ravenclaw-everything"]
+        [
+            "allow-from-ravenclaw-everything",
+            "deny-from-ravenclaw-everything"
+        ]
     );
     assert_eq!(
         rule_names(1)[..2],
-        ["deny-from-ravenclaw-everything", "allow-from-ravenclaw-everything"]
+        [
+            "deny-from-ravenclaw-everything",
+            "allow-from-ravenclaw-everything"
+        ]
     );
     assert!(case.steps[0].expect.is_empty());
     let verdicts: Vec<_> = case.steps[1]
@@ -121,7 +128,8 @@ fn integration_case_passes_from_admin_tier_to_network_policy() {
         .cases
         .iter()
         .find(|case| {
-            case.name == "CNPAdminTierIntegration: Should support a 'pass-ingress' policy for \
+            case.name
+                == "CNPAdminTierIntegration: Should support a 'pass-ingress' policy for \
                           admin CNP and respect the match for network policy"
         })
         .expect("integration pass-ingress case");
