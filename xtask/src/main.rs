@@ -323,9 +323,12 @@ fn test() -> Result<()> {
     // segment (direct routing), nodes in two subnets (VXLAN). The upstream Service suite on
     // two nodes in both topologies (its placement-dependent cases need exactly two). And
     // the NetworkPolicy suite once more on one node whose pods are containers started by
-    // containerd through its CRI, which calls the plugin as on a kubelet node.
+    // containerd through its CRI, which calls the plugin as on a kubelet node. The
+    // network-policy-api ClusterNetworkPolicy suite on one node and on two nodes in both
+    // topologies.
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
+    let cnp = workspace_root().join("conformance/cases/upstream-cnp.yaml");
     let runs = [
         (&netpol, 1, Topology::L2, Runtime::Direct),
         (&netpol, 2, Topology::L2, Runtime::Direct),
@@ -333,6 +336,9 @@ fn test() -> Result<()> {
         (&services, 2, Topology::L2, Runtime::Direct),
         (&services, 2, Topology::Routed, Runtime::Direct),
         (&netpol, 1, Topology::L2, Runtime::Containerd),
+        (&cnp, 1, Topology::L2, Runtime::Direct),
+        (&cnp, 2, Topology::L2, Runtime::Direct),
+        (&cnp, 2, Topology::Routed, Runtime::Direct),
     ];
     let mut failed = Vec::new();
     for (cases, nodes, topology, pods) in runs {
