@@ -383,6 +383,7 @@ mod tests {
             },
             direction: Direction::Ingress,
             index,
+            tiered: None,
         }
     }
 

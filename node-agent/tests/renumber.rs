@@ -51,6 +51,7 @@ fn rule(policy: &str) -> RuleRef {
         },
         direction: Direction::Ingress,
         index: 0,
+        tiered: None,
     }
 }
 
