@@ -1,77 +1,49 @@
-//! Just enough ELF to tell how a binary is loaded: its program interpreter (`PT_INTERP`,
-//! the dynamic loader the kernel starts it with), absent for static executables.
-//! Layout from the System V ABI, "Program Header" (ELF-64 object file format, little endian).
+//! How an executable is loaded: its program interpreter (`PT_INTERP`, the dynamic loader the
+//! kernel starts it with), absent for static executables. Read with the `object` crate, for
+//! 32- and 64-bit ELF of either byte order. Used by the image build (which binaries need
+//! which libraries) and by the local cluster's pod image (a static busybox).
+
+use object::{
+    FileKind,
+    elf::{FileHeader32, FileHeader64},
+    read::elf::{FileHeader, ProgramHeader},
+};
 
 /// Why a file could not be read as an ELF executable.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ElfError {
     #[error("not an ELF file")]
     NotElf,
-    #[error("only 64-bit little-endian ELF is supported (class {class}, data {data})")]
-    Unsupported { class: u8, data: u8 },
-    #[error("truncated ELF: {what} lies outside the file")]
-    Truncated { what: &'static str },
-}
-
-const PT_INTERP: u32 = 3;
-
-fn u16_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u16, ElfError> {
-    bytes
-        .get(at..at + 2)
-        .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        .ok_or(ElfError::Truncated { what })
-}
-
-fn u32_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u32, ElfError> {
-    bytes
-        .get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_le_bytes)
-        .ok_or(ElfError::Truncated { what })
-}
-
-fn u64_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u64, ElfError> {
-    bytes
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_le_bytes)
-        .ok_or(ElfError::Truncated { what })
-}
-
-fn offset(value: u64, what: &'static str) -> Result<usize, ElfError> {
-    usize::try_from(value).map_err(|_| ElfError::Truncated { what })
+    #[error("malformed ELF: {0}")]
+    Malformed(#[from] object::read::Error),
 }
 
 /// The program interpreter of an executable (`/lib64/ld-linux-x86-64.so.2`), or `None` for a
 /// static executable (including static-pie, which has no interpreter either).
 pub fn interpreter(bytes: &[u8]) -> Result<Option<String>, ElfError> {
-    if bytes.get(..4) != Some(b"\x7fELF".as_slice()) {
-        return Err(ElfError::NotElf);
+    match FileKind::parse(bytes) {
+        Ok(FileKind::Elf32) => interpreter_of::<FileHeader32<object::Endianness>>(bytes),
+        Ok(FileKind::Elf64) => interpreter_of::<FileHeader64<object::Endianness>>(bytes),
+        _ => Err(ElfError::NotElf),
     }
-    let (class, data) = (bytes.get(4).copied(), bytes.get(5).copied());
-    if class != Some(2) || data != Some(1) {
-        return Err(ElfError::Unsupported {
-            class: class.unwrap_or(0),
-            data: data.unwrap_or(0),
-        });
-    }
-    let phoff = offset(u64_at(bytes, 0x20, "e_phoff")?, "e_phoff")?;
-    let phentsize = usize::from(u16_at(bytes, 0x36, "e_phentsize")?);
-    let phnum = usize::from(u16_at(bytes, 0x38, "e_phnum")?);
-    for index in 0..phnum {
-        let header = phoff + index * phentsize;
-        if u32_at(bytes, header, "program header")? != PT_INTERP {
-            continue;
+}
+
+fn interpreter_of<Elf: FileHeader<Endian = object::Endianness>>(
+    bytes: &[u8],
+) -> Result<Option<String>, ElfError> {
+    let header = Elf::parse(bytes)?;
+    let endian = header.endian()?;
+    for segment in header.program_headers(endian, bytes)? {
+        if let Some(path) = segment.interpreter(endian, bytes)? {
+            return Ok(Some(String::from_utf8_lossy(path).into_owned()));
         }
-        let start = offset(u64_at(bytes, header + 8, "p_offset")?, "PT_INTERP")?;
-        let size = offset(u64_at(bytes, header + 32, "p_filesz")?, "PT_INTERP")?;
-        let raw = bytes
-            .get(start..start.saturating_add(size))
-            .ok_or(ElfError::Truncated { what: "PT_INTERP" })?;
-        let text = raw.split(|&b| b == 0).next().unwrap_or_default();
-        return Ok(Some(String::from_utf8_lossy(text).into_owned()));
     }
     Ok(None)
+}
+
+/// Whether `bytes` is an ELF executable without a program interpreter (statically linked).
+pub fn is_static(bytes: &[u8]) -> bool {
+    matches!(interpreter(bytes), Ok(None))
 }
 
 #[cfg(test)]
@@ -85,6 +57,7 @@ mod tests {
         bytes[..4].copy_from_slice(b"\x7fELF");
         bytes[4] = 2;
         bytes[5] = 1;
+        bytes[6] = 1; // EV_CURRENT
         bytes[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
         bytes[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
         bytes[0x38..0x3a].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
@@ -126,21 +99,17 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_errors_not_panics() {
-        assert_eq!(interpreter(b"#!/bin/sh\n"), Err(ElfError::NotElf));
+        assert!(matches!(interpreter(b"#!/bin/sh\n"), Err(ElfError::NotElf)));
         let mut bytes = elf(&[(3, 0x100, 4096)], b"/x\0");
-        assert_eq!(
-            interpreter(&bytes),
-            Err(ElfError::Truncated { what: "PT_INTERP" })
-        );
-        bytes[4] = 1;
-        assert!(matches!(
-            interpreter(&bytes),
-            Err(ElfError::Unsupported { class: 1, .. })
-        ));
+        assert!(matches!(interpreter(&bytes), Err(ElfError::Malformed(_))));
+        bytes[4] = 9;
+        assert!(matches!(interpreter(&bytes), Err(ElfError::NotElf)));
         let header_only = &elf(&[(3, 0x100, 1)], b"x")[..0x30];
-        assert!(matches!(
-            interpreter(header_only),
-            Err(ElfError::Truncated { .. })
-        ));
+        assert!(interpreter(header_only).is_err());
+        assert!(
+            !is_static(header_only),
+            "a broken file is not a static executable"
+        );
+        assert!(is_static(&elf(&[(1, 0, 0)], &[])));
     }
 }
