@@ -39,7 +39,6 @@
 
 use std::{
     collections::BTreeSet,
-    fmt::Write as _,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -281,8 +280,9 @@ pub struct PolicyEventMetrics {
 }
 
 impl PolicyEventMetrics {
-    /// Policies seen invalid (failing closed), counted once per object and generation.
-    pub fn invalid_policies_total(&self) -> u64 {
+    /// Policies seen invalid (failing closed), counted once per object and generation
+    /// (`weir_controller_invalid_policy_generations_total`).
+    pub fn invalid_policy_generations_total(&self) -> u64 {
         self.invalid_policies_total.load(Ordering::Relaxed)
     }
 
@@ -305,50 +305,6 @@ impl PolicyEventMetrics {
     pub fn event_errors_total(&self) -> u64 {
         self.event_errors_total.load(Ordering::Relaxed)
     }
-
-    /// The counters in the Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        write_invalid_policies(&mut out, self.invalid_policies());
-        for (name, help, value) in [
-            (
-                "weir_controller_invalid_policies_total",
-                "NetworkPolicies and ClusterNetworkPolicies seen invalid (they fail closed), once per object and generation.",
-                self.invalid_policies_total(),
-            ),
-            (
-                "weir_controller_normalized_policy_values_total",
-                "Distinct NetworkPolicy and ClusterNetworkPolicy values accepted in a normalized form.",
-                self.normalized_values_total(),
-            ),
-            (
-                "weir_controller_policy_events_total",
-                "Kubernetes Events emitted for NetworkPolicy, ClusterNetworkPolicy, Service and EndpointSlice diagnostics.",
-                self.events_emitted_total(),
-            ),
-            (
-                "weir_controller_policy_event_errors_total",
-                "Failed attempts to create diagnostic Events.",
-                self.event_errors_total(),
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {value}");
-        }
-        out
-    }
-}
-
-/// The gauge `weir_controller_invalid_policies`, in the Prometheus text format.
-pub fn write_invalid_policies(out: &mut String, value: u64) {
-    let name = "weir_controller_invalid_policies";
-    let _ = writeln!(
-        out,
-        "# HELP {name} NetworkPolicies and ClusterNetworkPolicies that are invalid (and fail closed) now."
-    );
-    let _ = writeln!(out, "# TYPE {name} gauge");
-    let _ = writeln!(out, "{name} {value}");
 }
 
 /// Emits one Event per distinct diagnostic.

@@ -7,20 +7,21 @@
 //!   every replica compiles, and the agents' Service selects the leader by a label, not by
 //!   readiness. A follower that counted as unready would stall every rolling update of the
 //!   Deployment.
-//! * `/metrics` is the Prometheus text format, version 0.0.4
-//!   (<https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-format>), the
-//!   format [`PolicyEventMetrics::render`] writes. Not OpenMetrics, as the agent serves: there a
-//!   counter `x_total` belongs to the family `x`, and the policy Event counters
-//!   (`weir_controller_invalid_policies_total`) would collide with the gauge
-//!   `weir_controller_invalid_policies`. Everything this module adds is a gauge or a histogram,
-//!   which both formats write alike.
+//! * `/metrics` is OpenMetrics 1.0 text
+//!   (<https://prometheus.io/docs/specs/om/open_metrics_spec/>), as the agent serves, from
+//!   one prometheus-client registry. Counters are families whose samples end in `_total`, so
+//!   no counter may be named after a gauge: the count of invalid policy generations is
+//!   `invalid_policy_generations_total`, beside the gauge `invalid_policies`.
 //!
 //! What is measured, all prefixed `weir_controller_`: `ready`, `leader`; the published state
 //! (`published_nodes`, `node_published_version{node}`); what agents report
 //! (`node_applied_version{node}`, `node_agent_ready{node}`, `agents_in_sync`); the compile loop
 //! (`compile_duration_seconds` histogram, `node_cidr_errors`, `invalid_service_objects`:
-//! Services and EndpointSlices with a part the compiler left out); invalid policies, from
-//! [`PolicyEventMetrics`] in Kubernetes mode and from the compiler with a manifest directory.
+//! Services and EndpointSlices with a part the compiler left out); invalid policies
+//! (`invalid_policies`), from [`PolicyEventMetrics`] in Kubernetes mode and from the compiler
+//! with a manifest directory; in Kubernetes mode also the policy diagnostics counters
+//! (`invalid_policy_generations_total`, `normalized_policy_values_total`,
+//! `policy_events_total`, `policy_event_errors_total`).
 
 use std::sync::{
     Arc,
@@ -33,6 +34,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
         MetricType,
+        counter::ConstCounter,
         gauge::ConstGauge,
         histogram::{Histogram, exponential_buckets},
     },
@@ -44,7 +46,7 @@ use weir_transport::StatePublisher;
 use crate::{events::PolicyEventMetrics, leader::Leadership, run::CompileReport};
 
 /// `Content-Type` of `/metrics`.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What the compile loop reports, kept for `/readyz` and `/metrics`. Feed it with
 /// [`crate::run::Controller::observe_compiles`].
@@ -165,16 +167,8 @@ impl ControllerEndpoint {
         let mut registry = Registry::with_prefix("weir_controller");
         registry.register_collector(Box::new(snapshot));
         let mut out = String::new();
-        // Without the OpenMetrics `# EOF`: the body goes on with the policy Event counters.
-        prometheus_client::encoding::text::encode_registry(&mut out, &registry)
+        prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
-        match &self.policy_events {
-            Some(events) => out.push_str(&events.render()),
-            None => crate::events::write_invalid_policies(
-                &mut out,
-                self.compiles.invalid_policies.load(Ordering::Relaxed),
-            ),
-        }
         out
     }
 }
@@ -218,6 +212,17 @@ struct Snapshot {
     invalid_service_objects: u64,
     refused_certificate_requests: Option<u64>,
     rule_sets_too_large: u64,
+    invalid_policies: u64,
+    /// Kubernetes mode: the policy diagnostics counters.
+    policy_events: Option<PolicyEventCounts>,
+}
+
+#[derive(Debug)]
+struct PolicyEventCounts {
+    invalid_policy_generations: u64,
+    normalized_values: u64,
+    events_emitted: u64,
+    event_errors: u64,
 }
 
 impl Snapshot {
@@ -262,6 +267,20 @@ impl Snapshot {
                 .compiles
                 .rule_sets_too_large
                 .load(Ordering::Relaxed),
+            // In Kubernetes mode the Event counters' gauge, not the compiler's count.
+            invalid_policies: endpoint.policy_events.as_ref().map_or_else(
+                || endpoint.compiles.invalid_policies.load(Ordering::Relaxed),
+                |events| events.invalid_policies(),
+            ),
+            policy_events: endpoint
+                .policy_events
+                .as_ref()
+                .map(|events| PolicyEventCounts {
+                    invalid_policy_generations: events.invalid_policy_generations_total(),
+                    normalized_values: events.normalized_values_total(),
+                    events_emitted: events.events_emitted_total(),
+                    event_errors: events.event_errors_total(),
+                }),
         }
     }
 }
@@ -294,15 +313,52 @@ impl Collector for Snapshot {
             "Services and EndpointSlices with a part the compiler could not use and left out",
             as_gauge(self.invalid_service_objects),
         )?;
+        let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(m)
+        };
         if let Some(refused) = self.refused_certificate_requests {
-            let m = encoder.encode_descriptor(
+            counter(
+                &mut encoder,
                 "certificate_requests_refused",
                 "Certificate requests refused with RESOURCE_EXHAUSTED, over a --bootstrap-* rate \
                  limit, before any TokenReview",
-                None,
-                MetricType::Counter,
+                refused,
             )?;
-            prometheus_client::metrics::counter::ConstCounter::new(refused).encode(m)?;
+        }
+        gauge(
+            &mut encoder,
+            "invalid_policies",
+            "NetworkPolicies that are invalid (and fail closed) now",
+            as_gauge(self.invalid_policies),
+        )?;
+        if let Some(events) = &self.policy_events {
+            for (name, help, value) in [
+                (
+                    "invalid_policy_generations",
+                    "NetworkPolicies seen invalid (they fail closed), once per object and \
+                     generation",
+                    events.invalid_policy_generations,
+                ),
+                (
+                    "normalized_policy_values",
+                    "Distinct NetworkPolicy values accepted in a normalized form",
+                    events.normalized_values,
+                ),
+                (
+                    "policy_events",
+                    "Kubernetes Events emitted for NetworkPolicy, Service and EndpointSlice \
+                     diagnostics",
+                    events.events_emitted,
+                ),
+                (
+                    "policy_event_errors",
+                    "Failed attempts to create diagnostic Events",
+                    events.event_errors,
+                ),
+            ] {
+                counter(&mut encoder, name, help, value)?;
+            }
         }
         gauge(
             &mut encoder,
@@ -574,7 +630,11 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(
-            sample(&body, "weir_controller_invalid_policies_total", ""),
+            sample(
+                &body,
+                "weir_controller_invalid_policy_generations_total",
+                ""
+            ),
             Some(0.0)
         );
         assert_eq!(
@@ -589,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn every_family_is_declared_once_and_no_openmetrics_eof_is_written() {
+    fn every_family_is_declared_once_and_the_body_ends_with_the_openmetrics_eof() {
         let compiles = CompileMetrics::new();
         let publisher = StatePublisher::new();
         publisher
@@ -601,7 +661,8 @@ mod tests {
                 .with_policy_events(Arc::new(PolicyEventMetrics::default())),
         ] {
             let body = endpoint.render_metrics();
-            assert!(!body.contains("# EOF"), "{body}");
+            assert!(body.ends_with("\n# EOF\n"), "{body}");
+            assert_eq!(body.matches("# EOF").count(), 1, "{body}");
             let mut declared = std::collections::BTreeSet::new();
             for line in body.lines().filter(|l| l.starts_with("# TYPE ")) {
                 let family = line.split_whitespace().nth(2).unwrap().to_owned();
@@ -610,7 +671,7 @@ mod tests {
             // Every sample belongs to a declared family (histograms add suffixes).
             for line in body.lines().filter(|l| !l.starts_with('#')) {
                 let name = line.split(['{', ' ']).next().unwrap();
-                let family = ["_bucket", "_sum", "_count"]
+                let family = ["_bucket", "_sum", "_count", "_total"]
                     .iter()
                     .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
                     .unwrap_or(name);

@@ -35,13 +35,7 @@
 //! read-modify-write with `resourceVersion`; `kube-leader-election` targets kube 4. This
 //! module is small and its behaviour is pinned by `tests/kube_leader.rs`.
 
-use std::{
-    future::Future,
-    hash::BuildHasher,
-    pin::pin,
-    sync::atomic::{AtomicU64, Ordering},
-    time::Duration,
-};
+use std::{future::Future, pin::pin, time::Duration};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -132,9 +126,8 @@ impl LeaseConfig {
 
 /// A process identity for the Lease: the pod name (or host name) plus a random suffix, as
 /// client-go's `hostname_<uuid>`, so a restarted pod with the same name is a new candidate.
-pub fn unique_identity(base: &str) -> String {
-    let random = foldhash::fast::RandomState::default().hash_one(std::process::id());
-    format!("{base}_{random:016x}")
+pub fn unique_identity(base: &str) -> Result<String, getrandom::Error> {
+    Ok(format!("{base}_{:016x}", getrandom::u64()?))
 }
 
 /// Whether this process currently leads; cheap to clone.
@@ -191,7 +184,6 @@ pub struct LeaderElector {
     config: LeaseConfig,
     observed: Option<Observed>,
     tx: watch::Sender<bool>,
-    jitter_seed: AtomicU64,
 }
 
 impl LeaderElector {
@@ -203,7 +195,6 @@ impl LeaderElector {
             config,
             observed: None,
             tx,
-            jitter_seed: AtomicU64::new(0),
         };
         Ok((elector, Leadership { rx }))
     }
@@ -406,14 +397,9 @@ impl LeaderElector {
 
     /// `retry_period × (1 + 1.2 × r)`, r uniform in [0, 1).
     fn jittered_retry(&self) -> Duration {
-        let n = self.jitter_seed.fetch_add(1, Ordering::Relaxed);
-        let bits = foldhash::fast::RandomState::default().hash_one(n);
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "53 random bits are plenty for a jitter factor"
-        )]
-        let r = (bits >> 11) as f64 / (1u64 << 53) as f64;
-        self.config.retry_period.mul_f64(1.0 + 1.2 * r)
+        self.config
+            .retry_period
+            .mul_f64(1.0 + 1.2 * fastrand::f64())
     }
 
     /// Clears the holder if it is still us (client-go's `release`). Best effort, bounded by
@@ -443,5 +429,20 @@ impl LeaderElector {
             Ok(Err(e)) => warn!(lease = %self.config.name, error = %e, "releasing the lease"),
             Err(_) => warn!(lease = %self.config.name, "releasing the lease timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_keep_the_name_and_differ_between_processes_of_that_name() {
+        let first = unique_identity("weir-controller-0").unwrap();
+        let second = unique_identity("weir-controller-0").unwrap();
+        assert_ne!(first, second);
+        let suffix = first.strip_prefix("weir-controller-0_").unwrap();
+        assert_eq!(suffix.len(), 16);
+        assert!(suffix.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 }

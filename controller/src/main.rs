@@ -222,7 +222,7 @@ async fn run_in_cluster(args: Args) -> Result<()> {
         ..LeaseConfig::new(
             &args.lease_namespace,
             &args.lease_name,
-            unique_identity(&instance),
+            unique_identity(&instance).context("drawing the Lease identity's random suffix")?,
         )
     };
     let (elector, leadership) = LeaderElector::new(client.clone(), lease)?;

@@ -8,7 +8,6 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs,
-    io::Write,
     net::IpAddr,
     path::PathBuf,
 };
@@ -92,17 +91,8 @@ impl CidrStore for FileCidrStore {
             path: self.path.clone(),
             message: e.to_string(),
         };
-        let tmp = self.path.with_extension("tmp");
-        let mut f = fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&serde_json::to_vec_pretty(assignments).expect("serialisable"))
-            .map_err(err)?;
-        f.sync_all().map_err(err)?;
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(err)?;
-        }
+        let bytes = serde_json::to_vec_pretty(assignments).expect("serialisable");
+        weir_persist::replace(&self.path, &bytes, 0o644).map_err(err)?;
         Ok(())
     }
 }

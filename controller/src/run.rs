@@ -527,10 +527,9 @@ async fn report_sync(
         tokio::select! {
             _ = publisher.wait_for_applied(&targets) => {
                 let status = SyncStatus { synced: token };
-                let tmp = path.with_extension("tmp");
                 let body = serde_json::to_vec(&status).expect("status serialises");
-                if std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
-                    warn!(path = %path.display(), "writing the sync status");
+                if let Err(error) = weir_persist::replace(&path, &body, 0o644) {
+                    warn!(path = %path.display(), %error, "writing the sync status");
                 }
                 if rx.changed().await.is_err() {
                     return;

@@ -15,6 +15,7 @@ use weir_controller::{
         DiagnosticEvents, INVALID_POLICY_REASON, INVALID_SERVICE_REASON, POLICY_TOO_LARGE_REASON,
         REPORTING_CONTROLLER, ReportedDiagnostic,
     },
+    http::{CompileMetrics, ControllerEndpoint},
     kube::{ClusterSync, WatchOptions, watch_cluster},
     run::Controller,
 };
@@ -153,12 +154,14 @@ async fn an_invalid_policy_yields_exactly_one_warning_event() {
     );
 
     let metrics = events.metrics();
-    assert_eq!(metrics.invalid_policies_total(), 1);
+    assert_eq!(metrics.invalid_policy_generations_total(), 1);
     assert_eq!(metrics.events_emitted_total(), 1);
     assert_eq!(metrics.invalid_policies(), 1);
-    let text = metrics.render();
+    let text = ControllerEndpoint::new(CompileMetrics::new(), StatePublisher::new())
+        .with_policy_events(metrics)
+        .render_metrics();
     assert!(
-        text.contains("\nweir_controller_invalid_policies_total 1\n"),
+        text.contains("\nweir_controller_invalid_policy_generations_total 1\n"),
         "{text}"
     );
     assert!(
@@ -179,7 +182,11 @@ async fn followers_count_without_emitting_and_existing_events_are_not_duplicated
         created.lock().unwrap().is_empty(),
         "a follower emits nothing"
     );
-    assert_eq!(events.metrics().invalid_policies_total(), 1, "but counts");
+    assert_eq!(
+        events.metrics().invalid_policy_generations_total(),
+        1,
+        "but counts"
+    );
 
     assert_eq!(
         events.sync(&diagnostics, true).await,
@@ -188,7 +195,11 @@ async fn followers_count_without_emitting_and_existing_events_are_not_duplicated
     );
     events.sync(&diagnostics, true).await;
     assert_eq!(created.lock().unwrap().len(), 1, "and is not retried");
-    assert_eq!(events.metrics().invalid_policies_total(), 1, "counted once");
+    assert_eq!(
+        events.metrics().invalid_policy_generations_total(),
+        1,
+        "counted once"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -222,7 +233,7 @@ async fn an_edit_that_keeps_the_mistake_is_reported_again_and_failures_are_retri
     assert_ne!(names[1], names[2], "a new generation is a new Event");
     assert_eq!(events.metrics().event_errors_total(), 1);
     assert_eq!(
-        events.metrics().invalid_policies_total(),
+        events.metrics().invalid_policy_generations_total(),
         2,
         "two generations"
     );
@@ -289,7 +300,7 @@ async fn an_unusable_service_port_yields_one_event_regarding_the_service_and_not
     );
     let metrics = events.metrics();
     assert_eq!(metrics.invalid_policies(), 0, "a Service is not a policy");
-    assert_eq!(metrics.invalid_policies_total(), 0);
+    assert_eq!(metrics.invalid_policy_generations_total(), 0);
     assert_eq!(metrics.events_emitted_total(), 1);
 }
 

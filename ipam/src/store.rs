@@ -3,13 +3,14 @@
 //! Layout of the state directory:
 //!
 //! * `allocations.json`: the whole state (format below), rewritten on every change.
-//! * `allocations.json.tmp`: the next version while it is being written; a leftover
-//!   from a crash is simply overwritten.
+//! * `.allocations.json.XXXXXX.tmp`: the next version while it is being written; a
+//!   leftover from a crash is removed when the store is opened (under the lock).
 //! * `lock`: held with `flock(LOCK_EX)` for as long as an [`Ipam`](crate::Ipam) is open.
 //!
-//! A change is durable before the call that made it returns: the new file is written to
-//! the temporary name and fsync'd, renamed over `allocations.json` (atomic on POSIX file
-//! systems), and the directory is fsync'd so the rename itself survives a power loss.
+//! A change is durable before the call that made it returns: [`weir_persist::replace`]
+//! writes the new file to the temporary name and fsyncs it, renames it over
+//! `allocations.json` (atomic on POSIX file systems), and fsyncs the directory so the
+//! rename itself survives a power loss.
 //! After a crash the file therefore holds either the state before or after the change,
 //! never a mix, and never loses an allocation whose `allocate` returned.
 //!
@@ -26,7 +27,7 @@
 //! ```
 
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -40,7 +41,8 @@ use crate::{Allocation, IpamError};
 pub(crate) const FORMAT: u32 = 1;
 
 const STATE_FILE: &str = "allocations.json";
-const TEMP_FILE: &str = "allocations.json.tmp";
+/// The temporary file of versions before weir-persist, removed when found.
+const OLD_TEMP_FILE: &str = "allocations.json.tmp";
 const LOCK_FILE: &str = "lock";
 
 /// The serialised state.
@@ -65,11 +67,7 @@ pub(crate) struct Cursor {
 /// An open, locked state directory.
 #[derive(Debug)]
 pub(crate) struct Store {
-    dir: PathBuf,
     state_path: PathBuf,
-    temp_path: PathBuf,
-    /// Open for the directory fsync after each rename.
-    dir_handle: File,
     /// Holds the flock; released when the store is dropped (the descriptor closes).
     _lock: File,
 }
@@ -121,15 +119,21 @@ impl Store {
                 });
             }
         }
-        let dir_handle = File::open(dir).map_err(|source| IpamError::StateDir {
+        // Holding the lock, this is the only writer: what a crashed one left can go.
+        let state_path = dir.join(STATE_FILE);
+        let state_dir_error = |source| IpamError::StateDir {
             dir: dir.to_owned(),
             source,
-        })?;
+        };
+        weir_persist::remove_leftovers(&state_path).map_err(state_dir_error)?;
+        match fs::remove_file(dir.join(OLD_TEMP_FILE)) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                return Err(state_dir_error(error));
+            }
+            _ => {}
+        }
         Ok(Store {
-            dir: dir.to_owned(),
-            state_path: dir.join(STATE_FILE),
-            temp_path: dir.join(TEMP_FILE),
-            dir_handle,
+            state_path,
             _lock: lock,
         })
     }
@@ -182,23 +186,7 @@ impl Store {
         };
         let bytes = serde_json::to_vec_pretty(state)
             .map_err(|error| write_error(io::Error::other(error)))?;
-        let mut temp = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.temp_path)
-            .map_err(write_error)?;
-        temp.write_all(&bytes).map_err(write_error)?;
-        temp.sync_all().map_err(write_error)?;
-        drop(temp);
-        fs::rename(&self.temp_path, &self.state_path).map_err(write_error)?;
-        self.dir_handle
-            .sync_all()
-            .map_err(|source| IpamError::StateDir {
-                dir: self.dir.clone(),
-                source,
-            })
+        weir_persist::replace(&self.state_path, &bytes, 0o600).map_err(write_error)
     }
 
     pub(crate) fn corrupt(&self, reason: String) -> IpamError {

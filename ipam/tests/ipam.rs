@@ -307,15 +307,24 @@ fn state_of_a_newer_format_is_refused() {
 }
 
 #[test]
-fn leftover_temp_file_from_a_crash_is_ignored() {
+fn leftover_temp_files_from_a_crash_are_ignored_and_removed() {
     let dir = tempfile::tempdir().unwrap();
     let kept = {
         let ipam = open(dir.path(), &["10.0.0.0/24"]);
         ipam.allocate(&owner("c1")).unwrap()
     };
-    fs::write(dir.path().join("allocations.json.tmp"), b"{half a wri").unwrap();
+    // What a crash mid-write leaves: the temporary file (and that of older versions).
+    for leftover in [".allocations.json.x7Yq2Z.tmp", "allocations.json.tmp"] {
+        fs::write(dir.path().join(leftover), b"{half a wri").unwrap();
+    }
     let ipam = open(dir.path(), &["10.0.0.0/24"]);
     assert_eq!(ipam.allocations(), vec![kept]);
+    let mut names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["allocations.json", "lock"]);
     ipam.allocate(&owner("c2")).unwrap();
     drop(ipam);
     assert_eq!(open(dir.path(), &["10.0.0.0/24"]).allocations().len(), 2);

@@ -15,7 +15,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::Write,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -242,10 +241,7 @@ pub struct Controller {
 }
 
 fn random_run_id() -> String {
-    let mut b = [0u8; 3];
-    let _ =
-        fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
-    format!("w{:02x}{:02x}{:02x}", b[0], b[1], b[2])
+    format!("w{:06x}", fastrand::u32(..1 << 24))
 }
 
 impl LocalCluster {
@@ -1030,34 +1026,8 @@ impl LocalCluster {
     /// GET `path` from node `idx`'s agent HTTP endpoint (from inside the node's namespace).
     /// Returns the status code and body.
     pub fn agent_http(&self, idx: usize, path: &str) -> Result<(u16, String)> {
-        use std::io::{Read, Write};
-        let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
-        let response = self.nodes[idx]
-            .netns
-            .within(move || -> std::io::Result<String> {
-                let mut s = std::net::TcpStream::connect(("127.0.0.1", AGENT_HTTP_PORT))?;
-                s.set_read_timeout(Some(Duration::from_secs(5)))?;
-                s.write_all(request.as_bytes())?;
-                let mut out = String::new();
-                s.read_to_string(&mut out)?;
-                Ok(out)
-            })??;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .with_context(|| format!("bad HTTP response from the agent: {head}"))?;
-        // Bodies may come chunked: keep only the payload lines.
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        Ok((code, body))
+        let agent = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, AGENT_HTTP_PORT));
+        crate::http::get_in(&self.nodes[idx].netns, agent, path)
     }
 
     /// Kills node `idx`'s agent abruptly (SIGKILL), as a crash or OOM would.
@@ -1403,12 +1373,8 @@ impl LocalCluster {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension("tmp~");
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(contents.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        Ok(())
+        weir_persist::replace(&path, contents.as_bytes(), 0o644)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Leaves the cluster running when this handle goes away; `cargo xtask down` (or
@@ -1493,22 +1459,6 @@ pub fn ensure_bpffs(path: &Path) -> Result<()> {
 
 /// Port of the agent's HTTP endpoint.
 pub const AGENT_HTTP_PORT: u16 = 9962;
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
-}
 
 /// The last `n` lines of a file, for error messages.
 pub fn tail(path: &Path, n: usize) -> String {

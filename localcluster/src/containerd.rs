@@ -42,7 +42,7 @@ pub const APP_COMMAND: [&str; 2] = ["/bin/sleep", "2147483647"];
 /// CRI runs for every pod besides the configured network.
 pub const LOOPBACK_PLUGIN: &str = "/usr/lib/cni/loopback";
 /// containerd 1.6 creates its shims' socket directory here whatever its configuration.
-const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
+pub const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
 const BUSYBOX_CANDIDATES: [&str; 2] = ["/bin/busybox", "/usr/bin/busybox"];
 const APPLETS: [&str; 6] = ["sh", "sleep", "cat", "ls", "kill", "true"];
 
@@ -76,6 +76,15 @@ impl std::str::FromStr for Runtime {
     }
 }
 
+/// The programs a private containerd runs.
+pub const DAEMON_TOOLS: [&str; 4] = ["containerd", "ctr", "runc", "containerd-shim-runc-v2"];
+
+/// Whether `tool` is an executable file in a directory of `PATH`.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+}
+
 /// Checks the machine has what `--runtime containerd` runs.
 pub fn check_tools() -> Result<()> {
     if !Path::new(LOOPBACK_PLUGIN).is_file() {
@@ -84,10 +93,8 @@ pub fn check_tools() -> Result<()> {
              containernetworking-plugins, or `cargo xtask setup`)"
         );
     }
-    for tool in ["containerd", "ctr", "runc", "containerd-shim-runc-v2"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()));
-        if !found {
+    for tool in DAEMON_TOOLS {
+        if !on_path(tool) {
             bail!(
                 "--runtime containerd needs {tool} (Debian: apt-get install containerd runc \
                  containernetworking-plugins busybox-static, or `cargo xtask setup`)"
@@ -97,23 +104,18 @@ pub fn check_tools() -> Result<()> {
     Ok(())
 }
 
-/// A statically linked busybox on this machine.
-fn static_busybox() -> Result<PathBuf> {
+/// A statically linked busybox on this machine (Debian's busybox-static): the pod image's
+/// programs, and the shell of weir's own image.
+pub fn static_busybox() -> Result<PathBuf> {
     for candidate in BUSYBOX_CANDIDATES {
         let Ok(bytes) = fs::read(candidate) else {
             continue;
         };
-        // A static executable has no PT_INTERP program header; a dynamic one names its
-        // loader, whose path is always in the file.
-        if bytes.starts_with(b"\x7fELF") && !contains(&bytes, b"/ld-linux") {
+        if crate::elf::is_static(&bytes) {
             return Ok(PathBuf::from(candidate));
         }
     }
-    bail!("no static busybox found for the pod image; install it: apt-get install busybox-static")
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    bail!("no static busybox found; install it: apt-get install busybox-static")
 }
 
 /// Writes the pod image archive (static busybox, `sleep` as its command) to `path`.
@@ -139,25 +141,42 @@ pub fn write_pod_image(path: &Path) -> Result<()> {
     };
     let image = ImageRef::parse(POD_IMAGE)?;
     let layer_tar = layer.to_tar(config.created)?;
-    let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    oci::write_archive(std::io::BufWriter::new(file), &image, &layer_tar, &config)?;
+    weir_persist::replace_with(path, 0o644, |out| {
+        oci::write_archive(out, &image, &layer_tar, &config).map_err(std::io::Error::other)
+    })
+    .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
-/// The containerd configuration of one node.
-pub fn config_toml(dir: &Path, cni_bin_dir: &Path, cni_conf_dir: &Path) -> String {
+/// The plugins no containerd of weir's uses: snapshotters that need kernel modules or
+/// special file systems (every daemon uses `native`, which leaves no mounts), and tracing.
+const UNUSED_PLUGINS: [&str; 6] = [
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.tracing.processor.v1.otlp",
+    "io.containerd.internal.v1.tracing",
+];
+
+/// The part of a private containerd's configuration every use shares: root, state, socket
+/// ([`socket_path`]) and `opt` all under `dir`, no debug or metrics listener, and the
+/// [`UNUSED_PLUGINS`] plus `also_disabled` turned off. Used by the local cluster's nodes
+/// (which add the CRI plugin's section) and by `cargo xtask image --verify` (which disables
+/// the CRI plugin).
+pub fn daemon_config_toml(dir: &Path, also_disabled: &[&str]) -> String {
+    let disabled: String = also_disabled
+        .iter()
+        .chain(&UNUSED_PLUGINS)
+        .map(|plugin| format!("  \"{plugin}\",\n"))
+        .collect();
+    let socket = socket_path(dir);
     format!(
         r#"version = 2
 root = "{root}"
 state = "{state}"
 disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
+{disabled}]
 
 [grpc]
   address = "{socket}"
@@ -173,7 +192,19 @@ disabled_plugins = [
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        socket = socket.display(),
+        opt = dir.join("opt").display(),
+    )
+}
 
+/// The containerd configuration of one node: [`daemon_config_toml`] and the CRI plugin,
+/// which runs the node's CNI configuration and plugins for every pod sandbox.
+pub fn config_toml(dir: &Path, cni_bin_dir: &Path, cni_conf_dir: &Path) -> String {
+    let cri = format!(
+        r#"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{image}"
   netns_mounts_under_state_dir = true
@@ -194,15 +225,12 @@ disabled_plugins = [
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         Root = "{runc}"
 "#,
-        root = dir.join("root").display(),
-        state = dir.join("state").display(),
-        socket = socket_path(dir).display(),
-        opt = dir.join("opt").display(),
         image = POD_IMAGE,
         cni_bin = cni_bin_dir.display(),
         cni_conf = cni_conf_dir.display(),
         runc = dir.join("runc").display(),
-    )
+    );
+    daemon_config_toml(dir, &[]) + &cri
 }
 
 /// The daemon's socket under its directory.

@@ -7,6 +7,8 @@ pub mod chaos;
 pub mod cluster;
 pub mod conformance;
 pub mod containerd;
+pub mod elf;
+pub mod http;
 pub mod netns;
 pub mod oci;
 pub mod record;

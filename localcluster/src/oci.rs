@@ -34,8 +34,8 @@ pub enum ArchiveError {
     DuplicatePath { path: String },
     #[error("{path:?} needs {parent:?} to be a directory, but it is not")]
     ParentNotDirectory { path: String, parent: String },
-    #[error("symlink target {target:?} of {path:?} is longer than 100 bytes (ustar limit)")]
-    LinkTooLong { path: String, target: String },
+    #[error("creation time {seconds} s after the epoch is past the year 9999")]
+    CreatedOutOfRange { seconds: u64 },
     #[error("writing the archive: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -198,13 +198,6 @@ impl Layer {
 
     /// Adds a symbolic link (and its missing parent directories).
     pub fn add_symlink(&mut self, path: &str, target: &str) -> Result<(), ArchiveError> {
-        let normalized = normalize(path)?;
-        if target.len() > 100 {
-            return Err(ArchiveError::LinkTooLong {
-                path: normalized,
-                target: target.to_owned(),
-            });
-        }
         self.add_leaf(
             path,
             Node::Symlink {
@@ -255,15 +248,15 @@ impl Layer {
 
     /// The layer as an uncompressed tar with every entry's mtime set to `mtime`.
     pub fn to_tar(&self, mtime: u64) -> Result<Vec<u8>, ArchiveError> {
-        let mut tar = TarWriter::new(Vec::new());
+        let mut tar = tar::Builder::new(Vec::new());
         for (path, node) in &self.entries {
             match node {
-                Node::Dir { mode } => tar.dir(path, *mode, mtime)?,
-                Node::File { mode, data } => tar.file(path, *mode, mtime, data)?,
-                Node::Symlink { target } => tar.symlink(path, target, mtime)?,
+                Node::Dir { mode } => append_dir(&mut tar, path, *mode, mtime)?,
+                Node::File { mode, data } => append_file(&mut tar, path, *mode, mtime, data)?,
+                Node::Symlink { target } => append_symlink(&mut tar, path, target, mtime)?,
             }
         }
-        tar.finish()
+        Ok(tar.into_inner()?)
     }
 }
 
@@ -286,116 +279,54 @@ fn normalize(path: &str) -> Result<String, ArchiveError> {
     Ok(relative.to_owned())
 }
 
-/// A ustar writer (POSIX.1-1988 "ustar Interchange Format") for the three entry types the
-/// image needs. Names longer than 100 bytes use the 155-byte prefix field.
-pub struct TarWriter<W: Write> {
-    out: W,
+/// A tar header for one entry: owner root:root without user or group names, the given mode
+/// and mtime. GNU format, whose long-name and long-link extensions (`././@LongLink`) the
+/// `tar` crate writes for paths and link targets that do not fit in 100 bytes; every runtime's
+/// tar reader (Go's `archive/tar` in containerd and Docker, GNU tar, libarchive) reads them.
+fn tar_header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode & 0o7777);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_size(size);
+    header.set_mtime(mtime);
+    header
 }
 
-const BLOCK: usize = 512;
-
-impl<W: Write> TarWriter<W> {
-    pub fn new(out: W) -> Self {
-        TarWriter { out }
-    }
-
-    pub fn dir(&mut self, path: &str, mode: u32, mtime: u64) -> Result<(), ArchiveError> {
-        let name = format!("{}/", path.trim_end_matches('/'));
-        let header = header(&name, mode, 0, mtime, b'5', "")?;
-        self.out.write_all(&header)?;
-        Ok(())
-    }
-
-    pub fn file(
-        &mut self,
-        path: &str,
-        mode: u32,
-        mtime: u64,
-        data: &[u8],
-    ) -> Result<(), ArchiveError> {
-        let header = header(path, mode, data.len() as u64, mtime, b'0', "")?;
-        self.out.write_all(&header)?;
-        self.out.write_all(data)?;
-        let padding = (BLOCK - data.len() % BLOCK) % BLOCK;
-        self.out.write_all(&[0u8; BLOCK][..padding])?;
-        Ok(())
-    }
-
-    pub fn symlink(&mut self, path: &str, target: &str, mtime: u64) -> Result<(), ArchiveError> {
-        let header = header(path, 0o777, 0, mtime, b'2', target)?;
-        self.out.write_all(&header)?;
-        Ok(())
-    }
-
-    /// Writes the end-of-archive marker (two zero blocks) and returns the writer.
-    pub fn finish(mut self) -> Result<W, ArchiveError> {
-        self.out.write_all(&[0u8; 2 * BLOCK])?;
-        self.out.flush()?;
-        Ok(self.out)
-    }
-}
-
-fn header(
-    name: &str,
+fn append_dir<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
     mode: u32,
-    size: u64,
     mtime: u64,
-    typeflag: u8,
-    linkname: &str,
-) -> Result<[u8; BLOCK], ArchiveError> {
-    let mut block = [0u8; BLOCK];
-    let (prefix, name_field) = split_name(name)?;
-    if linkname.len() > 100 {
-        return Err(ArchiveError::LinkTooLong {
-            path: name.to_owned(),
-            target: linkname.to_owned(),
-        });
-    }
-    block[..name_field.len()].copy_from_slice(name_field.as_bytes());
-    octal(&mut block[100..108], u64::from(mode & 0o7777));
-    octal(&mut block[108..116], 0); // uid
-    octal(&mut block[116..124], 0); // gid
-    octal(&mut block[124..136], size);
-    octal(&mut block[136..148], mtime);
-    block[156] = typeflag;
-    block[157..157 + linkname.len()].copy_from_slice(linkname.as_bytes());
-    block[257..263].copy_from_slice(b"ustar\0");
-    block[263..265].copy_from_slice(b"00");
-    octal(&mut block[329..337], 0); // devmajor
-    octal(&mut block[337..345], 0); // devminor
-    block[345..345 + prefix.len()].copy_from_slice(prefix.as_bytes());
-    // The checksum is computed with its own field read as eight spaces.
-    block[148..156].copy_from_slice(b"        ");
-    let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
-    let text = format!("{sum:06o}\0 ");
-    block[148..156].copy_from_slice(text.as_bytes());
-    Ok(block)
+) -> Result<(), ArchiveError> {
+    let name = format!("{}/", path.trim_end_matches('/'));
+    let mut header = tar_header(tar::EntryType::Directory, mode, 0, mtime);
+    tar.append_data(&mut header, name, std::io::empty())?;
+    Ok(())
 }
 
-/// Splits a name into ustar's (prefix, name) fields: the whole name if it fits in 100 bytes,
-/// else at the last `/` that leaves ≤ 155 bytes of prefix and ≤ 100 of name.
-fn split_name(name: &str) -> Result<(&str, &str), ArchiveError> {
-    if name.len() <= 100 {
-        return Ok(("", name));
-    }
-    let trimmed = name.trim_end_matches('/');
-    for (index, _) in trimmed.rmatch_indices('/') {
-        let (prefix, rest) = (&name[..index], &name[index + 1..]);
-        if prefix.len() <= 155 && rest.len() <= 100 {
-            return Ok((prefix, rest));
-        }
-    }
-    Err(ArchiveError::InvalidPath {
-        path: name.to_owned(),
-        reason: "too long for ustar (155-byte prefix + 100-byte name)",
-    })
+fn append_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    mode: u32,
+    mtime: u64,
+    data: &[u8],
+) -> Result<(), ArchiveError> {
+    let mut header = tar_header(tar::EntryType::Regular, mode, data.len() as u64, mtime);
+    tar.append_data(&mut header, path, data)?;
+    Ok(())
 }
 
-/// Zero-padded octal in all but the field's last byte, which stays NUL.
-fn octal(field: &mut [u8], value: u64) {
-    let digits = field.len() - 1;
-    let text = format!("{value:0digits$o}");
-    field[..digits].copy_from_slice(&text.as_bytes()[text.len() - digits..]);
+fn append_symlink<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &str,
+    target: &str,
+    mtime: u64,
+) -> Result<(), ArchiveError> {
+    let mut header = tar_header(tar::EntryType::Symlink, 0o777, 0, mtime);
+    tar.append_link(&mut header, path, target)?;
+    Ok(())
 }
 
 /// The image configuration (OCI image spec "config.md").
@@ -457,7 +388,7 @@ pub fn write_archive(
     layer_tar: &[u8],
     config: &ImageConfig,
 ) -> Result<WrittenImage, ArchiveError> {
-    let created = rfc3339(config.created);
+    let created = rfc3339(config.created)?;
     let layer_digest = sha256_digest(layer_tar);
     // `json!` objects serialize their keys in a fixed order (sorted, or insertion order if
     // serde_json's preserve_order feature is on), so the documents are byte-stable.
@@ -530,13 +461,13 @@ pub fn write_archive(
     files.insert("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#);
     files.insert("repositories".into(), &repositories);
 
-    let mut tar = TarWriter::new(out);
-    tar.dir("blobs", 0o755, config.created)?;
-    tar.dir("blobs/sha256", 0o755, config.created)?;
+    let mut tar = tar::Builder::new(out);
+    append_dir(&mut tar, "blobs", 0o755, config.created)?;
+    append_dir(&mut tar, "blobs/sha256", 0o755, config.created)?;
     for (path, data) in files {
-        tar.file(&path, 0o644, config.created, data)?;
+        append_file(&mut tar, &path, 0o644, config.created, data)?;
     }
-    tar.finish()?;
+    tar.into_inner()?.flush()?;
     Ok(WrittenImage {
         manifest: manifest_digest,
         config: config_digest,
@@ -544,27 +475,13 @@ pub fn write_archive(
     })
 }
 
-/// Seconds since the epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`), via the
-/// days-to-civil-date algorithm of <https://howardhinnant.github.io/date_algorithms.html>.
-pub fn rfc3339(seconds: u64) -> String {
-    let days = seconds / 86_400;
-    let rest = seconds % 86_400;
-    let (hour, minute, second) = (rest / 3600, rest % 3600 / 60, rest % 60);
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+/// Seconds since the epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`).
+pub fn rfc3339(seconds: u64) -> Result<String, ArchiveError> {
+    i64::try_from(seconds)
+        .ok()
+        .and_then(|seconds| jiff::Timestamp::from_second(seconds).ok())
+        .map(|instant| instant.to_string())
+        .ok_or(ArchiveError::CreatedOutOfRange { seconds })
 }
 
 #[cfg(test)]
@@ -751,21 +668,43 @@ mod tests {
     }
 
     #[test]
-    fn long_names_use_the_prefix_field() {
-        let dir = "d".repeat(90);
-        let path = format!("{dir}/{}", "f".repeat(60));
+    fn names_over_255_bytes_and_link_targets_over_100_read_back() {
+        let deep = format!("{}/{}/{}", "d".repeat(120), "e".repeat(120), "f".repeat(60));
+        let flat = "x".repeat(120);
+        let target = format!("/{}/{}", "t".repeat(120), "busybox");
         let mut layer = Layer::default();
-        layer.add_file(&path, 0o644, b"ok".to_vec()).unwrap();
-        let entries = read_back(&layer.to_tar(0).unwrap());
-        assert_eq!(entries.last().unwrap().0, path);
-        let mut layer = Layer::default();
+        layer.add_file(&deep, 0o644, b"deep".to_vec()).unwrap();
+        layer.add_file(&flat, 0o600, b"flat".to_vec()).unwrap();
+        layer.add_symlink("/bin/long", &target).unwrap();
         layer
-            .add_file(&"x".repeat(120), 0o644, vec![])
-            .expect("a long name without a slash is accepted by the layer");
-        assert!(matches!(
-            layer.to_tar(0),
-            Err(ArchiveError::InvalidPath { .. })
-        ));
+            .add_symlink(&format!("{deep}-link"), "busybox")
+            .unwrap();
+        let bytes = layer.to_tar(7).unwrap();
+        assert_eq!(bytes, layer.to_tar(7).unwrap(), "the tar is deterministic");
+        let entries = read_back(&bytes);
+        let find = |path: &str| {
+            entries
+                .iter()
+                .find(|entry| entry.0 == path)
+                .unwrap_or_else(|| panic!("{path} is not in the tar"))
+        };
+        assert!(deep.len() > 255);
+        let file = find(&deep);
+        assert_eq!(
+            (file.1, file.2, file.3),
+            (tar::EntryType::Regular, 0o644, 7)
+        );
+        assert_eq!(file.4, b"deep");
+        assert_eq!(find(&flat).4, b"flat");
+        assert!(target.len() > 100);
+        let link = find("bin/long");
+        assert_eq!(link.1, tar::EntryType::Symlink);
+        assert_eq!(link.5.as_deref(), Some(target.as_str()));
+        let link = find(&format!("{deep}-link"));
+        assert_eq!(link.5.as_deref(), Some("busybox"));
+        // Parents of the deep path are directories named in full.
+        let parent = format!("{}/{}/", "d".repeat(120), "e".repeat(120));
+        assert_eq!(find(&parent).1, tar::EntryType::Directory);
     }
 
     fn sample_config() -> ImageConfig {
@@ -855,9 +794,13 @@ mod tests {
 
     #[test]
     fn rfc3339_matches_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+        assert_eq!(rfc3339(0).unwrap(), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400).unwrap(), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000).unwrap(), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(4_102_444_799).unwrap(), "2099-12-31T23:59:59Z");
+        assert!(matches!(
+            rfc3339(u64::MAX),
+            Err(ArchiveError::CreatedOutOfRange { .. })
+        ));
     }
 }

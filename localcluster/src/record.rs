@@ -3,7 +3,6 @@
 
 use std::{
     fs,
-    io::Write,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -95,11 +94,8 @@ impl RunRecord {
 
     pub fn save(&self) -> std::io::Result<()> {
         let path = Self::path(&self.dir);
-        let tmp = path.with_extension("json.tmp");
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("record serialises"))?;
-        f.sync_all()?;
-        fs::rename(tmp, path)
+        let bytes = serde_json::to_vec_pretty(self).expect("record serialises");
+        weir_persist::replace(&path, &bytes, 0o644)
     }
 
     pub fn load(dir: &Path) -> std::io::Result<Self> {

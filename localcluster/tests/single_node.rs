@@ -316,27 +316,10 @@ async fn cni_del_is_idempotent_check_verifies_and_gc_reclaims() {
 
 /// GET `path` on the agent at `addr` from inside `from`: the status code.
 fn http_status(from: &weir_localcluster::netns::Netns, addr: IpAddr, path: &str) -> u16 {
-    use std::io::{Read, Write};
-    let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
-    let response = from
-        .within(move || -> std::io::Result<String> {
-            let mut s = std::net::TcpStream::connect_timeout(
-                &std::net::SocketAddr::new(addr, weir_localcluster::AGENT_HTTP_PORT),
-                Duration::from_secs(2),
-            )?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(request.as_bytes())?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .expect("enter namespace")
-        .unwrap_or_else(|e| panic!("GET {path} from the namespace: {e}"));
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad response: {response}"))
+    let agent = std::net::SocketAddr::new(addr, weir_localcluster::AGENT_HTTP_PORT);
+    weir_localcluster::http::get_in(from, agent, path)
+        .unwrap_or_else(|e| panic!("GET {path} from the namespace: {e:#}"))
+        .0
 }
 
 /// Flow records name pods and policies: the agent serves them to its node only, while

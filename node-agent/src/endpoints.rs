@@ -4,8 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    io::{self, Write},
+    fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -125,31 +124,21 @@ impl EndpointStore {
         Ok(removed)
     }
 
-    /// Temp file, fsync, rename, fsync of the directory: a crash leaves the old or the new
-    /// state, never a torn one.
+    /// Through [`weir_persist::replace`]: a crash leaves the old or the new state, never a
+    /// torn one.
     fn persist(&self) -> Result<(), EndpointStoreError> {
         let disk = OnDisk {
             version: 1,
             endpoints: self.endpoints.values().cloned().collect(),
         };
         let bytes = serde_json::to_vec_pretty(&disk).expect("endpoint state serialises");
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = self.path.with_extension("json.tmp");
-        let io = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| EndpointStoreError::Io {
-                action,
-                path,
+        weir_persist::replace(&self.path, &bytes, 0o644).map_err(|source| {
+            EndpointStoreError::Io {
+                action: "replacing",
+                path: self.path.clone(),
                 source,
             }
-        };
-        let mut f = fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(&bytes).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io("renaming into", &self.path))?;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing", dir))?;
+        })?;
         Ok(())
     }
 }

@@ -23,9 +23,8 @@
 //! answers in whichever version the configuration names (see `weir_cni::spec::CniVersion`).
 
 use std::{
-    fs,
-    io::{self, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    fs, io,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
@@ -199,6 +198,13 @@ pub fn install(spec: &InstallCni) -> Result<Installed, InstallError> {
             }
         }
     };
+    // The init container is the only writer of these files: what one that died left can go.
+    for target in [spec.bin_dir.join(PLUGIN), spec.conf_dir.join(CONFLIST)] {
+        weir_persist::remove_leftovers(&target).map_err(|source| InstallError::Write {
+            path: target.clone(),
+            source,
+        })?;
+    }
     // The configuration last: a runtime that finds it must find the plugin too.
     let plugin = replace_file(&spec.bin_dir, PLUGIN, &plugin_bytes, 0o755)?;
     let conflist = replace_file(&spec.conf_dir, CONFLIST, &conflist_bytes, 0o644)?;
@@ -209,10 +215,9 @@ pub fn install(spec: &InstallCni) -> Result<Installed, InstallError> {
     })
 }
 
-/// Makes `dir/name` hold `contents` with permissions `mode`, atomically: the file is written
-/// and flushed under a hidden temporary name in `dir`, then renamed over `name`, and the
-/// directory is flushed so the rename survives a crash. Readers see the old file or the new
-/// one, never a mix. Leaves the file alone if it already has these contents and mode.
+/// Makes `dir/name` hold `contents` with permissions `mode`, atomically and durably
+/// ([`weir_persist::replace`]): readers see the old file or the new one, never a mix.
+/// Leaves the file alone if it already has these contents and mode.
 pub fn replace_file(
     dir: &Path,
     name: &str,
@@ -227,36 +232,11 @@ pub fn replace_file(
     {
         return Ok(Outcome::Unchanged);
     }
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = write_new(&tmp, contents, mode)
-        .and_then(|()| fs::rename(&tmp, &target))
-        .and_then(|()| fs::File::open(dir)?.sync_all());
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|source| InstallError::Write {
+    weir_persist::replace(&target, contents, mode).map_err(|source| InstallError::Write {
         path: target,
         source,
     })?;
     Ok(Outcome::Written)
-}
-
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    // A file of the same name left by a run that died (in a container the process id is
-    // often the same every time) is replaced, never written through.
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
-    file.write_all(contents)?;
-    // The umask may have narrowed the mode given at creation.
-    file.set_permissions(fs::Permissions::from_mode(mode))?;
-    file.sync_all()
 }
 
 #[cfg(test)]
@@ -406,7 +386,7 @@ mod tests {
         let n = node();
         install(&spec(&n, generated())).unwrap();
         fs::set_permissions(n.bin.join(PLUGIN), fs::Permissions::from_mode(0o644)).unwrap();
-        let leftover = n.bin.join(format!(".{PLUGIN}.tmp-{}", std::process::id()));
+        let leftover = n.bin.join(format!(".{PLUGIN}.Xq3v9Z.tmp"));
         fs::write(&leftover, b"half a binary").unwrap();
         assert_eq!(
             install(&spec(&n, generated())).unwrap().plugin,

@@ -16,10 +16,8 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
     net::IpAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -271,29 +269,8 @@ pub fn get_in_netns(ns: &str, port: u16, path: &str) -> Result<(u16, String)> {
     if !Path::new("/run/netns").join(ns).exists() {
         bail!("network namespace {ns} does not exist");
     }
-    let request = format!("GET {path} HTTP/1.0\r\nHost: weir\r\n\r\n");
-    let response = Netns::existing(ns).within(move || -> std::io::Result<Vec<u8>> {
-        let mut s = std::net::TcpStream::connect_timeout(
-            &(std::net::Ipv4Addr::LOCALHOST, port).into(),
-            Duration::from_secs(3),
-        )?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(request.as_bytes())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        Ok(out)
-    })??;
-    parse_response(&String::from_utf8_lossy(&response))
-}
-
-fn parse_response(response: &str) -> Result<(u16, String)> {
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP response: {head:?}"))?;
-    Ok((code, body.to_string()))
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    weir_localcluster::http::get_in(&Netns::existing(ns), addr, path)
 }
 
 #[cfg(test)]
@@ -313,11 +290,11 @@ mod tests {
             std::fs::create_dir_all(&record.dir).unwrap();
             record.save().unwrap();
             if i == 0 {
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
         // Directory mtimes: make the order explicit.
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
         std::fs::File::open(dir.path().join("wold"))
             .unwrap()
             .set_modified(old)
@@ -330,14 +307,5 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let err = LocalRun::find(empty.path(), None).unwrap_err().to_string();
         assert!(err.contains("no local cluster"), "{err}");
-    }
-
-    #[test]
-    fn http_responses() {
-        assert_eq!(
-            parse_response("HTTP/1.0 503 Service Unavailable\r\nx: y\r\n\r\nwaiting\n").unwrap(),
-            (503, "waiting\n".to_string())
-        );
-        assert!(parse_response("garbage").is_err());
     }
 }

@@ -27,12 +27,10 @@
 //! Entries are sorted, every mtime is `SOURCE_DATE_EPOCH` (0 when unset), owners are root,
 //! JSON is serialized from fixed structures: the same binaries give the same image digest.
 
-mod elf;
 mod verify;
 
 use std::{
     collections::BTreeMap,
-    io::BufWriter,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -40,7 +38,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub use weir_localcluster::oci::ImageRef;
-use weir_localcluster::oci::{self as archive, ImageConfig, Layer};
+use weir_localcluster::{
+    elf,
+    oci::{self as archive, ImageConfig, Layer},
+};
 
 /// The image `cargo xtask image` builds unless told otherwise; `manifests/` runs it.
 pub const DEFAULT_TAG: &str = "weir:dev";
@@ -128,14 +129,11 @@ pub fn build(image: &ImageRef, output: &Path) -> Result<BuiltImage> {
     if let Some(dir) = output.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // Written next to the target and renamed, so a reader never sees half an archive.
-    let partial = output.with_extension("tar.partial");
-    let file = std::fs::File::create(&partial)
-        .with_context(|| format!("creating {}", partial.display()))?;
-    let written = archive::write_archive(BufWriter::new(file), image, &layer_tar, &config)
-        .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, output)
-        .with_context(|| format!("renaming {} to {}", partial.display(), output.display()))?;
+    // Replaced atomically, so a reader never sees half an archive.
+    let written = weir_persist::replace_with(output, 0o644, |out| {
+        archive::write_archive(out, image, &layer_tar, &config).map_err(std::io::Error::other)
+    })
+    .with_context(|| format!("writing {}", output.display()))?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     println!(
         "Wrote {} ({:.1} MiB): {} ({architecture})",
@@ -279,7 +277,8 @@ fn assemble_layer(binaries: &Binaries) -> Result<Layer> {
         layer.add_file(image_path, mode, read(&real)?)?;
     }
 
-    let busybox = find_static_busybox()?;
+    let busybox = weir_localcluster::containerd::static_busybox()
+        .context("the image's /bin/sh for the CNI-install init container")?;
     layer.add_file(BUSYBOX, 0o755, read(&busybox)?)?;
     let available = Command::new(&busybox)
         .arg("--list")
@@ -314,22 +313,6 @@ fn assemble_layer(binaries: &Binaries) -> Result<Layer> {
     // account mount (/var/run/secrets/…) resolve under /run.
     layer.add_symlink("/var/run", "/run")?;
     Ok(layer)
-}
-
-fn find_static_busybox() -> Result<PathBuf> {
-    for candidate in ["/usr/bin/busybox", "/bin/busybox"] {
-        let path = PathBuf::from(candidate);
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
-        };
-        if matches!(elf::interpreter(&bytes), Ok(None)) {
-            return Ok(path);
-        }
-    }
-    bail!(
-        "no static busybox found (the image's /bin/sh for the CNI-install init container); \
-         install it: apt-get install busybox-static"
-    )
 }
 
 /// `(path in the image, path on this host)` of the program interpreter and every shared

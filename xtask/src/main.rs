@@ -365,3 +365,39 @@ fn test() -> Result<()> {
     println!("All tests passed.");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    /// On a fresh clone nothing has run `setup` (CI's `.ci/run` starts from one): every
+    /// command the README lists that builds weir or runs a cluster must install the
+    /// toolchain itself, `conformance` among them.
+    #[test]
+    fn commands_that_build_or_run_a_cluster_set_up_first() {
+        let needs = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            cli.command.needs_setup()
+        };
+        for args in [
+            &[
+                "conformance",
+                "--cases",
+                "conformance/cases/upstream-netpol.yaml",
+            ][..],
+            &["build"],
+            &["up"],
+            &["demo"],
+            &["test"],
+            &["image"],
+        ] {
+            assert!(needs(args), "{args:?} must run setup first");
+        }
+        for args in [&["setup"][..], &["down"]] {
+            assert!(!needs(args), "{args:?} must not run setup");
+        }
+    }
+}

@@ -394,26 +394,14 @@ async fn probe_udp(socket: Socket, target: SocketAddr, deadline: Instant) -> Ans
     }
 }
 
-/// Fills `buffer` from the kernel's random source. Falls back to a clock-derived value if
-/// `getrandom(2)` fails, which only makes tags and nonces predictable, never wrong.
+/// Fills `buffer` with random bytes. Tags, nonces and the cookie secret only need to differ
+/// between probes and runs, not to be secret: fastrand (seeded per thread).
 pub(crate) fn random_fill(buffer: &mut [u8]) {
-    // SAFETY: the pointer and length describe `buffer`, which is valid for writes.
-    let filled = unsafe { libc::getrandom(buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-    if usize::try_from(filled).ok() != Some(buffer.len()) {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_nanos())
-            .unwrap_or_default();
-        for (index, byte) in buffer.iter_mut().enumerate() {
-            *byte = (seed >> ((index % 16) * 8)) as u8 ^ (index as u8).wrapping_mul(151);
-        }
-    }
+    fastrand::fill(buffer);
 }
 
 pub(crate) fn random_u32() -> u32 {
-    let mut bytes = [0u8; 4];
-    random_fill(&mut bytes);
-    u32::from_ne_bytes(bytes)
+    fastrand::u32(..)
 }
 
 pub(crate) fn socket_error(what: &str, source: std::io::Error) -> Error {

@@ -32,11 +32,7 @@ pub struct BenchRun {
 
 impl BenchRun {
     pub fn new() -> Result<Self> {
-        let mut b = [0u8; 3];
-        fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-            .context("reading /dev/urandom")?;
-        let run = format!("wb{:02x}{:02x}{:02x}", b[0], b[1], b[2]);
+        let run = format!("wb{:06x}", fastrand::u32(..1 << 24));
         let dir = Path::new(RUNS_DIR).join(&run);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let record = RunRecord {

@@ -32,14 +32,14 @@ use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
 use serde_json::Value;
 
+use weir_localcluster::containerd::{self, SHIM_SOCKET_DIR};
+
 use super::{BIN_DIR, BuiltImage};
 use crate::manifests;
 
 const NAMESPACE: &str = "weir-verify";
 /// Longest a container of the checks may run.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-/// containerd 1.6 creates its shims' socket directory here whatever its configuration.
-const SHIM_SOCKET_DIR: &str = "/run/containerd/s";
 
 /// Reads a child's pipe to the end on a thread of its own (so a full pipe never blocks it).
 fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
@@ -57,9 +57,9 @@ pub fn run(built: &BuiltImage) -> Result<()> {
         nix::unistd::geteuid().is_root(),
         "--verify runs containerd and runc: run it as root"
     );
-    for tool in ["containerd", "ctr", "runc", "containerd-shim-runc-v2"] {
+    for tool in containerd::DAEMON_TOOLS {
         ensure!(
-            on_path(tool),
+            containerd::on_path(tool),
             "--verify needs {tool} (Debian: apt-get install containerd runc)"
         );
     }
@@ -90,11 +90,6 @@ pub fn run(built: &BuiltImage) -> Result<()> {
     Ok(())
 }
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
-}
-
 /// A containerd started by this process, stopped by PID.
 struct Containerd {
     child: Option<Child>,
@@ -107,9 +102,9 @@ struct Containerd {
 
 impl Containerd {
     fn start(dir: &Path) -> Result<Containerd> {
-        let socket = dir.join("containerd.sock");
+        let socket = containerd::socket_path(dir);
         let config = dir.join("config.toml");
-        std::fs::write(&config, config_toml(dir, &socket))?;
+        std::fs::write(&config, config_toml(dir))?;
         let created_dirs = Path::new(SHIM_SOCKET_DIR)
             .ancestors()
             .filter(|dir| dir.starts_with("/run/") && !dir.exists())
@@ -319,42 +314,10 @@ fn ctr_capabilities(kubernetes: &[String]) -> Vec<String> {
     out
 }
 
-/// containerd's configuration: everything under `dir`, only what `ctr run` needs.
-fn config_toml(dir: &Path, socket: &Path) -> String {
-    format!(
-        r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{socket}.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-"#,
-        root = dir.join("root").display(),
-        state = dir.join("state").display(),
-        socket = socket.display(),
-        opt = dir.join("opt").display(),
-    )
+/// containerd's configuration: everything under `dir`, only what `ctr run` needs (the local
+/// cluster's private daemon without its CRI plugin, so no CNI and no Kubernetes).
+fn config_toml(dir: &Path) -> String {
+    containerd::daemon_config_toml(dir, &["io.containerd.grpc.v1.cri"])
 }
 
 fn text(output: &Output) -> String {
@@ -637,7 +600,7 @@ mod tests {
     #[test]
     fn the_private_containerd_keeps_everything_in_its_directory() {
         let dir = Path::new("/tmp/weir-image-verify-x");
-        let config = config_toml(dir, &dir.join("containerd.sock"));
+        let config = config_toml(dir);
         for line in [
             "root = \"/tmp/weir-image-verify-x/root\"",
             "state = \"/tmp/weir-image-verify-x/state\"",
