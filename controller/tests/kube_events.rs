@@ -443,6 +443,6 @@ async fn an_invalid_cluster_policy_yields_one_event_regarding_it_and_fails_close
     );
     let metrics = events.metrics();
     assert_eq!(metrics.invalid_policies(), 1);
-    assert_eq!(metrics.invalid_policies_total(), 1);
+    assert_eq!(metrics.invalid_policy_generations_total(), 1);
     assert_eq!(metrics.events_emitted_total(), 1);
 }
