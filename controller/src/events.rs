@@ -58,8 +58,8 @@ use tracing::{debug, warn};
 use weir_api::PolicyRef;
 
 use crate::{
-    PolicyDiagnostic, Severity, capacity::TooLarge, kube::ObjectRef, leader::Leadership,
-    policy::PolicyKind, service::ServiceDiagnostic,
+    PolicyDiagnostic, Severity, capacity::TooLarge, leader::Leadership, policy::PolicyKind,
+    service::ServiceDiagnostic,
 };
 
 /// Reason of the Event for a policy that fails closed.
@@ -114,6 +114,14 @@ impl Subject {
             .into_iter()
             .find(|s| s.kind() == kind)
     }
+}
+
+/// Identity of an object Events may be about (a NetworkPolicy, ClusterNetworkPolicy, Service
+/// or EndpointSlice).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
 }
 
 /// A diagnostic together with the identity of the object it is about.
