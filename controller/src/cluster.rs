@@ -25,7 +25,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::{NetworkPolicy, NetworkPolicySpec},
 };
-use weir_api::PodKey;
+use weir_api::{PodKey, canonical_ip};
 
 use crate::{
     Error, HashMap, Result,
@@ -176,14 +176,6 @@ fn container_named_ports(container: &Container) -> impl Iterator<Item = NamedPor
             port,
         })
     })
-}
-
-/// IPv4-mapped IPv6 addresses are IPv4 addresses (as in the dataplane's keys).
-pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// A stored NetworkPolicy: its validated form, and its spec as written if the store
