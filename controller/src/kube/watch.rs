@@ -40,7 +40,7 @@
 //! A metadata-only watch would be cheaper still, but pods' IPs, node and ports are in spec
 //! and status.
 
-use std::{fmt, time::Duration};
+use std::{borrow::Cow, fmt, time::Duration};
 
 use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::{
@@ -60,7 +60,11 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{cnp::ClusterNetworkPolicy, source::Object};
+use crate::{
+    cnp::{self, ClusterNetworkPolicy},
+    policy::CLUSTER_NETWORK_POLICY_KIND,
+    source::Object,
+};
 
 /// The kinds the compiler reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,7 +98,7 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
-            Kind::ClusterNetworkPolicy => crate::policy::CLUSTER_NETWORK_POLICY_KIND,
+            Kind::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
         }
     }
 
@@ -225,6 +229,41 @@ where
             }
         })
         .boxed()
+}
+
+/// The API server's name for the type, so that kube-rs can list and watch it
+/// (`/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies`, cluster-scoped).
+impl kube::Resource for ClusterNetworkPolicy {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(CLUSTER_NETWORK_POLICY_KIND)
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::GROUP)
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::VERSION)
+    }
+
+    fn api_version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::API_VERSION)
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::PLURAL)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// The ClusterNetworkPolicy watch: a `404` (no CRD) is an empty list (module documentation).
