@@ -28,8 +28,8 @@ use tracing::{debug, info};
 
 use super::watch::{Kind, KindEvent};
 use crate::{
+    compiler::policy::PolicyKind,
     events::{ObjectRef, ReportedDiagnostic},
-    policy::PolicyKind,
     run::Controller,
     source::{Change, Object, ObjectKey},
 };

@@ -29,7 +29,7 @@
 //!
 //! * Pods are watched with the field selector [`POD_FIELD_SELECTOR`]: host-network pods and
 //!   terminal pods (phase Succeeded or Failed) are neither endpoints nor peers
-//!   (see [`crate::cluster`]), so the API server does not send them at all. A pod that
+//!   (see [`crate::compiler::cluster`]), so the API server does not send them at all. A pod that
 //!   becomes terminal leaves the selection, which the API server reports as a deletion
 //!   (<https://kubernetes.io/docs/concepts/overview/working-with-objects/field-selectors/>,
 //!   selectable pod fields: `spec.hostNetwork`, `status.phase`). Of the rest only name,
@@ -61,8 +61,10 @@ use kube::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    cnp::{self, ClusterNetworkPolicy},
-    policy::CLUSTER_NETWORK_POLICY_KIND,
+    compiler::{
+        cnp::{self, ClusterNetworkPolicy},
+        policy::CLUSTER_NETWORK_POLICY_KIND,
+    },
     source::Object,
 };
 
@@ -373,7 +375,7 @@ pub fn slim_namespace(ns: Namespace) -> Namespace {
     }
 }
 
-/// What [`crate::cluster::PodInfo::from_pod`] reads: labels, node, host network, phase, IPs,
+/// What [`crate::PodInfo::from_pod`] reads: labels, node, host network, phase, IPs,
 /// and the named ports of containers and restartable init containers (sidecars).
 pub fn slim_pod(pod: Pod) -> Pod {
     let container = |c: Container| Container {

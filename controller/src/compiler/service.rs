@@ -17,7 +17,7 @@ use k8s_openapi::{
 };
 use weir_api::{BackendState, canonical_ip};
 
-use crate::{Error, Result, policy::Protocol};
+use super::{Error, Result, policy::Protocol};
 
 /// Label on an EndpointSlice naming the Service it belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

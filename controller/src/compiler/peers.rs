@@ -19,7 +19,7 @@ use std::{
 
 use weir_api::Direction;
 
-use crate::{
+use super::{
     HashMap,
     cluster::{Cluster, NsIdx, PodIdx},
     policy::{IpBlockPeer, NamespaceScope, Peer, PodPeer, PortMatch, Protocol, Rule},

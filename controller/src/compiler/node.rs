@@ -19,7 +19,7 @@ use weir_api::{
     PolicyTier, RuleRef, RuleSetInfo, TieredAction, TieredRule, VerdictEntry, VerdictMatch,
 };
 
-use crate::{
+use super::{
     HashMap, HashSet,
     classes::{Activation, ClassSignature, Classification, NodePeers},
     cluster::{Cluster, NsIdx, PodIdx, PodRecord},

@@ -21,13 +21,13 @@ use std::{
 
 use weir_api::{NodeState, ServiceRef};
 
-use crate::{
+use super::{
     HashMap,
     cluster::{Cluster, NsIdx},
     ids::IdAllocator,
     node::{NodeMemory, View},
     peers::{AtomKey, AtomMembers, AtomTable, CachedPolicy, RuleAtoms},
-    policy::{NamespaceScope, PodPeer, PolicyKey},
+    policy::{NamespaceScope, PodPeer, PolicyKey, Rule},
     service::ServiceDiagnostic,
     service_table::ServiceTable,
     validate::PolicyDiagnostic,
@@ -247,7 +247,7 @@ impl Compiler {
                 continue;
             }
             let policy = &validated.policy;
-            let intern = |rules: Option<&Vec<crate::policy::Rule>>, atoms: &mut AtomTable| {
+            let intern = |rules: Option<&Vec<Rule>>, atoms: &mut AtomTable| {
                 rules
                     .into_iter()
                     .flatten()

@@ -27,7 +27,7 @@ use k8s_openapi::api::{
 };
 use weir_api::{PodKey, canonical_ip};
 
-use crate::{
+use super::{
     Error, HashMap, Result,
     cnp::{self, ClusterNetworkPolicy, ClusterNetworkPolicySpec},
     policy::{PolicyKey, PolicyKind, Protocol},
@@ -349,8 +349,8 @@ impl Cluster {
     }
 
     /// A store that also keeps every policy's spec as written, which the reference
-    /// [`crate::oracle`] evaluates. (The compiler needs only the validated form; keeping
-    /// the raw objects roughly doubles the memory of a policy.)
+    /// [`oracle`](super::oracle) evaluates. (The compiler needs only the validated form;
+    /// keeping the raw objects roughly doubles the memory of a policy.)
     pub fn retaining_policy_specs() -> Self {
         Self {
             retain_specs: true,
@@ -659,7 +659,7 @@ impl Cluster {
     }
 
     /// Creates or replaces a ClusterNetworkPolicy and returns what validation found wrong
-    /// with it (an invalid policy is stored and fails closed, see [`crate::cnp`]).
+    /// with it (an invalid policy is stored and fails closed, see [`cnp`]).
     pub fn upsert_cluster_policy(
         &mut self,
         cnp: &ClusterNetworkPolicy,
