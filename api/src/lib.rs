@@ -19,7 +19,7 @@ mod service;
 
 pub use capacity::{CapacityError, MAX_CAPACITY, MIN_CAPACITY, MapCapacities, table_names};
 pub use diff::{NodeStateDiff, TableDiff};
-pub use lookup::ipv4_root;
+pub use lookup::{canonical_ip, ipv4_root};
 pub use service::{
     BackendState, FrontendKind, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef,
 };

@@ -33,7 +33,7 @@ impl NodeState {
 
     /// The `peer_classes` entry that classifies `addr` (prefix and class), if any.
     pub fn longest_class_match(&self, addr: IpAddr) -> Option<(IpNet, u32)> {
-        match canonical(addr) {
+        match canonical_ip(addr) {
             IpAddr::V4(v4) => {
                 for len in (0..=32u8).rev() {
                     let net = IpNet::V4(Ipv4Net::new(v4, len).ok()?.trunc());
@@ -109,8 +109,8 @@ impl NodeState {
     }
 }
 
-/// IPv4-mapped IPv6 addresses are IPv4 addresses to the dataplane.
-fn canonical(addr: IpAddr) -> IpAddr {
+/// IPv4-mapped IPv6 addresses are IPv4 addresses to the dataplane (and in its keys).
+pub fn canonical_ip(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,

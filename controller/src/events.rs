@@ -58,8 +58,9 @@ use tracing::{debug, warn};
 use weir_api::PolicyRef;
 
 use crate::{
-    PolicyDiagnostic, Severity, capacity::TooLarge, kube::ObjectRef, leader::Leadership,
-    policy::PolicyKind, service::ServiceDiagnostic,
+    PolicyDiagnostic, Severity,
+    compiler::{capacity::TooLarge, policy::PolicyKind, service::ServiceDiagnostic},
+    leader::Leadership,
 };
 
 /// Reason of the Event for a policy that fails closed.
@@ -103,7 +104,7 @@ impl Subject {
     pub fn api_version(self) -> &'static str {
         match self {
             Self::NetworkPolicy => "networking.k8s.io/v1",
-            Self::ClusterNetworkPolicy => crate::cnp::API_VERSION,
+            Self::ClusterNetworkPolicy => crate::compiler::cnp::API_VERSION,
             Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
         }
@@ -114,6 +115,14 @@ impl Subject {
             .into_iter()
             .find(|s| s.kind() == kind)
     }
+}
+
+/// Identity of an object Events may be about (a NetworkPolicy, ClusterNetworkPolicy, Service
+/// or EndpointSlice).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
 }
 
 /// A diagnostic together with the identity of the object it is about.

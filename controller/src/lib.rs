@@ -1,20 +1,22 @@
 //! weir's controller: compiles Kubernetes NetworkPolicies into per-node dataplane state.
 //!
-//! The heart is the [`compile`] module, a pure function (no I/O, no clocks) from a
-//! [`Cluster`] snapshot to one [`weir_api::NodeState`] per node. The semantics it implements,
-//! and every choice made where Kubernetes leaves one open, are described in
+//! The heart is the [`compiler`], a pure function (no I/O, no clocks) from a [`Cluster`]
+//! snapshot to one [`weir_api::NodeState`] per node: the typed store, validation, peers,
+//! peer classes, ids, each node's compile, the service table, capacity checks and the
+//! reference evaluator ([`compiler::oracle`]). Its semantics are described in
 //! `docs/policy-semantics.md`.
 //!
-//! * [`Cluster`]: the typed store (Namespaces, Pods, Nodes, NetworkPolicies, Services,
-//!   EndpointSlices) with its indexes; [`service`] reads Services and EndpointSlices, and
-//!   manifest directories derive EndpointSlices from pods ([`Cluster::derive_endpoint_slices`]).
-//! * [`validate`]: NetworkPolicy → normalized [`policy::Policy`] plus diagnostics; invalid
-//!   policies fail closed.
-//! * [`Compiler`]: [`Compiler::compile_all`] / [`Compiler::compile_node`], with per-node id
-//!   memory so that successive compiles diff small; each node's service table comes from
-//!   the `service_table` module.
-//! * [`oracle`]: a naive reference evaluator, and the emulated dataplane decision over
-//!   compiled state, for tests and debugging tools.
+//! Around it, the runtime, which does the I/O and imports the compiler (never the other way):
+//!
+//! * [`source`]: objects from a directory of manifests, as [`source::Change`]s;
+//! * [`kube`]: objects from the API server (watchers, relists, the first-compile gate), agent
+//!   serving while leading, certificates, TokenReview, node pod-CIDR assignments in a
+//!   ConfigMap;
+//! * [`run`]: the loop — changes in, compile, check capacities, publish the node states that
+//!   changed to the agents;
+//! * [`leader`] (Lease election), [`node_cidrs`] (pod CIDRs for nodes), [`events`]
+//!   (diagnostics as Kubernetes Events), [`http`] (`/readyz`, `/metrics`);
+//! * `synthetic` (feature `synthetic`): generated clusters for measurements.
 //!
 //! ```
 //! use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
@@ -43,56 +45,21 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod capacity;
-mod classes;
-pub mod cluster;
-pub mod cnp;
-pub mod compile;
-mod endpoint_slices;
+pub mod compiler;
 pub mod events;
 pub mod http;
-mod ids;
 pub mod kube;
-pub mod labels;
 pub mod leader;
-pub mod names;
-mod node;
 pub mod node_cidrs;
-pub mod oracle;
-mod peers;
-pub mod policy;
-pub mod ports;
 pub mod run;
-pub mod selector;
-pub mod service;
-mod service_table;
 pub mod source;
 #[cfg(feature = "synthetic")]
 pub mod synthetic;
-mod tiers;
-pub mod validate;
 
-pub use cluster::{Cluster, NamedPort, PodInfo};
-pub use compile::{CompileOutput, Compiler};
-pub use endpoint_slices::derive as derive_endpoint_slices;
-pub use labels::Labels;
-pub use policy::{PolicyKey, Protocol};
-pub use validate::{PolicyDiagnostic, Problem, Severity};
-
-/// Errors of the controller library.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{kind} object has no metadata.name")]
-    MissingName { kind: &'static str },
-    #[error("{kind} {name:?} has no metadata.namespace")]
-    MissingNamespace { kind: &'static str, name: String },
-    #[error("the store did not retain the spec of {policy} (use Cluster::retaining_policy_specs)")]
-    PolicySpecNotRetained { policy: PolicyKey },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Hash maps keyed by cluster data use a fast seeded hash (the keys are small: ids,
-/// addresses, label strings).
-pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+// The compiler's front door: what tests, tools and the runtime name most.
+pub use compiler::{
+    cluster::{Cluster, PodInfo},
+    compile::{CompileOutput, Compiler},
+    policy::PolicyKey,
+    validate::{PolicyDiagnostic, Problem, Severity},
+};

@@ -21,8 +21,11 @@ use weir_transport::StatePublisher;
 
 use crate::{
     Cluster, Compiler, PolicyKey, Severity,
+    compiler::{
+        capacity::{self, Capacities, TooLarge},
+        service::{ObjectName, ServiceDiagnostic},
+    },
     node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
-    service::{ObjectName, ServiceDiagnostic},
     source::{Change, ManifestDir, Object},
 };
 
@@ -55,13 +58,13 @@ pub struct Controller {
     /// controller).
     derive_endpoint_slices: bool,
     /// The map capacities a node's state is checked against when its agent reports none.
-    capacities: crate::capacity::Capacities,
+    capacities: Capacities,
     /// The map capacities agents reported (see [`StatePublisher::capacities`]).
     reported_capacities: watch::Receiver<BTreeMap<String, weir_api::MapCapacities>>,
     /// Rule sets too large for their node, as last reported (each is logged once).
     too_large_reported: BTreeSet<String>,
     /// Rule sets too large for their node at the last compile.
-    too_large: Vec<crate::capacity::TooLarge>,
+    too_large: Vec<TooLarge>,
 }
 
 type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
@@ -125,7 +128,7 @@ impl Controller {
     /// Calls `observer` after every compile with what it did.
     /// Checks the state of every node whose agent reports no map capacities against these
     /// instead of the compiled-in ones.
-    pub fn with_capacities(mut self, capacities: crate::capacity::Capacities) -> Self {
+    pub fn with_capacities(mut self, capacities: Capacities) -> Self {
         self.capacities = capacities;
         self
     }
@@ -155,7 +158,7 @@ impl Controller {
     }
 
     /// The rule sets the last compile found too large for their node (they fail closed).
-    pub fn too_large(&self) -> &[crate::capacity::TooLarge] {
+    pub fn too_large(&self) -> &[TooLarge] {
         &self.too_large
     }
 
@@ -289,9 +292,9 @@ impl Controller {
             // The node's agent's own map sizes; the defaults if it reports none.
             let caps = reported
                 .get(&node)
-                .map(crate::capacity::Capacities::from)
+                .map(Capacities::from)
                 .unwrap_or(self.capacities);
-            for t in crate::capacity::fit(&node, &mut state, &caps) {
+            for t in capacity::fit(&node, &mut state, &caps) {
                 let line = t.to_string();
                 if !self.too_large_reported.contains(&line) {
                     warn!(diagnostic = %line, "policies too large for the node's dataplane (they fail closed)");
@@ -835,7 +838,7 @@ status: {{phase: Running, podIPs: [{{ip: 10.244.0.6}}]}}
         let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = reports.clone();
         let mut c = controller(dir.path())
-            .with_capacities(crate::capacity::Capacities {
+            .with_capacities(Capacities {
                 verdicts_exact: 8,
                 ..Default::default()
             })

@@ -16,7 +16,7 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize;
 
-use crate::cnp::ClusterNetworkPolicy;
+use crate::compiler::cnp::{self, ClusterNetworkPolicy};
 
 /// A cluster object the controller understands.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,10 +128,10 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
             }
             "ClusterNetworkPolicy" => {
                 let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
-                if api_version != crate::cnp::API_VERSION {
+                if api_version != cnp::API_VERSION {
                     return Err(format!(
                         "ClusterNetworkPolicy of apiVersion {api_version:?}: only {} is supported",
-                        crate::cnp::API_VERSION
+                        cnp::API_VERSION
                     ));
                 }
                 Object::ClusterNetworkPolicy(serde_json::from_value(v).map_err(|e| e.to_string())?)

@@ -10,7 +10,7 @@ use support::*;
 use weir_api::{Action, NOT_ISOLATED, PodKey, PolicyTier, TieredAction, TieredRule};
 use weir_controller::{
     Problem, Severity,
-    cnp::{self, ClusterNetworkPolicy},
+    compiler::cnp::{self, ClusterNetworkPolicy},
     source::{Object, parse_manifests},
 };
 
@@ -116,7 +116,10 @@ spec:
     // The Accept rule matches nothing; the Pass rule denies everything.
     assert_eq!(rules.len(), 1);
     assert_eq!(rules[0].index, 1);
-    assert_eq!(rules[0].action, weir_controller::policy::RuleAction::Deny);
+    assert_eq!(
+        rules[0].action,
+        weir_controller::compiler::policy::RuleAction::Deny
+    );
     assert!(rules[0].peers.is_none() && rules[0].ports.is_none());
 }
 

@@ -31,10 +31,12 @@ use serde_json::{Value, json};
 use weir_api::{FrontendKind, PodKey, ServiceEntry, ServiceFrontend};
 use weir_controller::{
     Cluster, Compiler, PolicyKey, Severity,
-    cnp::ClusterNetworkPolicy,
-    oracle::{self, Endpoint},
+    compiler::{
+        cnp::ClusterNetworkPolicy,
+        oracle::{self, Endpoint},
+        service::ObjectName,
+    },
     run::{CompileReport, Controller},
-    service::ObjectName,
     source::{Change, ManifestError, Object, parse_manifests},
 };
 use weir_transport::StatePublisher;
@@ -579,7 +581,7 @@ fn runner(default_cases: u32) -> TestRunner {
     })
 }
 
-fn seed_subject() -> weir_controller::cnp::Subject {
+fn seed_subject() -> weir_controller::compiler::cnp::Subject {
     let cnp: ClusterNetworkPolicy = serde_json::from_value(seeds()[3].clone()).unwrap();
     cnp.spec.subject
 }

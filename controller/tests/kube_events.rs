@@ -10,7 +10,7 @@ use futures::StreamExt;
 use kube_support::*;
 use serde_json::{Value, json};
 use weir_controller::{
-    capacity::Capacities,
+    compiler::capacity::Capacities,
     events::{
         DiagnosticEvents, INVALID_POLICY_REASON, INVALID_SERVICE_REASON, POLICY_TOO_LARGE_REASON,
         REPORTING_CONTROLLER, ReportedDiagnostic,

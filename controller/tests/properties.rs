@@ -21,12 +21,14 @@ use support::*;
 use weir_api::PodKey;
 use weir_controller::{
     Cluster, CompileOutput, Compiler,
-    cnp::{
-        self, ClusterNetworkPolicy, ClusterNetworkPolicySpec, EgressRule, IngressRule,
-        NamespacedPod, PortRange, ProtocolMatch, ProtocolPorts, RulePeer, Subject,
+    compiler::{
+        cnp::{
+            self, ClusterNetworkPolicy, ClusterNetworkPolicySpec, EgressRule, IngressRule,
+            NamespacedPod, PortRange, ProtocolMatch, ProtocolPorts, RulePeer, Subject,
+        },
+        oracle::{self, Endpoint},
+        policy::{NamespaceScope, Peer, Policy},
     },
-    oracle::{self, Endpoint},
-    policy::{NamespaceScope, Peer, Policy},
 };
 
 // ------------------------------------------------------------------ model

@@ -16,7 +16,7 @@ use support::*;
 use weir_api::PodKey;
 use weir_controller::{
     Cluster, Compiler, PolicyKey,
-    oracle::{self, Endpoint},
+    compiler::oracle::{self, Endpoint},
 };
 
 const CASES: &str = include_str!("../../conformance/cases/upstream-netpol.yaml");

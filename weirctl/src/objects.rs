@@ -46,7 +46,7 @@ pub fn load_dir(dir: &Path, default_node: Option<&str>) -> Result<Cluster> {
     Ok(cluster)
 }
 
-pub fn upsert(cluster: &mut Cluster, object: &Object) -> weir_controller::Result<()> {
+pub fn upsert(cluster: &mut Cluster, object: &Object) -> weir_controller::compiler::Result<()> {
     match object {
         Object::Namespace(o) => cluster.upsert_namespace(o),
         Object::Pod(o) => cluster.upsert_pod(o),

@@ -37,7 +37,7 @@ pub use self::{
         AgentServing, LEADER_SLICE, LeaderEndpointSlice, SLICE_MANAGER, mark_until_done,
         serve_agents_while_leading,
     },
-    sync::{ClusterSync, Flushed, ObjectRef},
+    sync::{ClusterSync, Flushed},
     token_review::{KubeTokenReviewer, TokenReviewConfig},
     watch::{Kind, KindEvent, WatchOptions, watch_cluster},
 };

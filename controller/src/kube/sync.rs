@@ -28,8 +28,8 @@ use tracing::{debug, info};
 
 use super::watch::{Kind, KindEvent};
 use crate::{
-    events::ReportedDiagnostic,
-    policy::PolicyKind,
+    compiler::policy::PolicyKind,
+    events::{ObjectRef, ReportedDiagnostic},
     run::Controller,
     source::{Change, Object, ObjectKey},
 };
@@ -38,14 +38,6 @@ use crate::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Known {
     resource_version: String,
-}
-
-/// Identity of an object Events may be about (a NetworkPolicy, ClusterNetworkPolicy, Service
-/// or EndpointSlice).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ObjectRef {
-    pub uid: Option<String>,
-    pub generation: Option<i64>,
 }
 
 /// One kind's view: keys passed on, and the keys seen by a relist in progress.

@@ -29,7 +29,7 @@
 //!
 //! * Pods are watched with the field selector [`POD_FIELD_SELECTOR`]: host-network pods and
 //!   terminal pods (phase Succeeded or Failed) are neither endpoints nor peers
-//!   (see [`crate::cluster`]), so the API server does not send them at all. A pod that
+//!   (see [`crate::compiler::cluster`]), so the API server does not send them at all. A pod that
 //!   becomes terminal leaves the selection, which the API server reports as a deletion
 //!   (<https://kubernetes.io/docs/concepts/overview/working-with-objects/field-selectors/>,
 //!   selectable pod fields: `spec.hostNetwork`, `status.phase`). Of the rest only name,
@@ -40,7 +40,7 @@
 //! A metadata-only watch would be cheaper still, but pods' IPs, node and ports are in spec
 //! and status.
 
-use std::{fmt, time::Duration};
+use std::{borrow::Cow, fmt, time::Duration};
 
 use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::{
@@ -60,7 +60,13 @@ use kube::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{cnp::ClusterNetworkPolicy, source::Object};
+use crate::{
+    compiler::{
+        cnp::{self, ClusterNetworkPolicy},
+        policy::CLUSTER_NETWORK_POLICY_KIND,
+    },
+    source::Object,
+};
 
 /// The kinds the compiler reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,7 +100,7 @@ impl Kind {
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
-            Kind::ClusterNetworkPolicy => crate::policy::CLUSTER_NETWORK_POLICY_KIND,
+            Kind::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
         }
     }
 
@@ -227,6 +233,41 @@ where
         .boxed()
 }
 
+/// The API server's name for the type, so that kube-rs can list and watch it
+/// (`/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies`, cluster-scoped).
+impl kube::Resource for ClusterNetworkPolicy {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(CLUSTER_NETWORK_POLICY_KIND)
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::GROUP)
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::VERSION)
+    }
+
+    fn api_version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::API_VERSION)
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(cnp::PLURAL)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// The ClusterNetworkPolicy watch: a `404` (no CRD) is an empty list (module documentation).
 fn cluster_policy_stream(
     api: Api<ClusterNetworkPolicy>,
@@ -334,7 +375,7 @@ pub fn slim_namespace(ns: Namespace) -> Namespace {
     }
 }
 
-/// What [`crate::cluster::PodInfo::from_pod`] reads: labels, node, host network, phase, IPs,
+/// What [`crate::PodInfo::from_pod`] reads: labels, node, host network, phase, IPs,
 /// and the named ports of containers and restartable init containers (sidecars).
 pub fn slim_pod(pod: Pod) -> Pod {
     let container = |c: Container| Container {

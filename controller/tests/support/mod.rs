@@ -17,7 +17,7 @@ use k8s_openapi::{
 use weir_api::PodKey;
 use weir_controller::{
     Cluster, CompileOutput, Compiler,
-    oracle::{self, Endpoint},
+    compiler::oracle::{self, Endpoint},
 };
 
 pub const TCP: u8 = 6;

@@ -15,9 +15,9 @@ use k8s_openapi::{
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use weir_api::BackendState;
+use weir_api::{BackendState, canonical_ip};
 
-use crate::{Error, Result, cluster::canonical_ip, policy::Protocol};
+use super::{Error, Result, policy::Protocol};
 
 /// Label on an EndpointSlice naming the Service it belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -16,7 +16,7 @@
 
 use weir_api::{Action, PortPrefix};
 
-use crate::{
+use super::{
     policy::{Protocol, RuleAction},
     ports::aligned_blocks,
 };

@@ -8,17 +8,23 @@
 //! * [`AtomKey::Block`]: the addresses an `ipBlock` selects.
 //! * [`AtomKey::NamedPort`]: what a port name means on a pod (ingress: on the local pod;
 //!   egress: on the destination pod).
+//!
+//! A stored policy with its rules interned this way is a [`CachedPolicy`]: the compiler keeps
+//! one per policy and every node's compile reads them.
 
 use std::{
     collections::BTreeSet,
     sync::{Arc, OnceLock},
 };
 
-use crate::{
+use weir_api::Direction;
+
+use super::{
     HashMap,
     cluster::{Cluster, NsIdx, PodIdx},
     policy::{IpBlockPeer, NamespaceScope, Peer, PodPeer, PortMatch, Protocol, Rule},
     selector::Selector,
+    validate::ValidatedPolicy,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -151,6 +157,39 @@ impl RuleAtoms {
             .iter()
             .flat_map(|p| p.iter().copied())
             .chain(self.named.iter().flatten().copied())
+    }
+}
+
+/// A policy with its rules' peers and named ports interned, reused while the stored policy
+/// is unchanged.
+#[derive(Debug)]
+pub(crate) struct CachedPolicy {
+    /// Persistent small id (see `PolicyIds` in the `compile` module).
+    pub id: u32,
+    pub validated: Arc<ValidatedPolicy>,
+    /// ClusterNetworkPolicy: the `Pods` atom of its subject (the pods it applies to).
+    pub subject: Option<u32>,
+    pub ingress: Vec<RuleAtoms>,
+    pub egress: Vec<RuleAtoms>,
+}
+
+impl CachedPolicy {
+    /// The interned rules of one direction; `None` if the policy does not isolate it.
+    pub fn rules(&self, direction: Direction) -> Option<&[RuleAtoms]> {
+        match direction {
+            Direction::Ingress => self
+                .validated
+                .policy
+                .ingress
+                .as_ref()
+                .map(|_| &self.ingress[..]),
+            Direction::Egress => self
+                .validated
+                .policy
+                .egress
+                .as_ref()
+                .map(|_| &self.egress[..]),
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! `matchLabels` entries and `matchExpressions` are ANDed; an empty selector matches
 //! everything; `NotIn` matches objects without the key.
 
-pub use crate::labels::Labels;
+pub use super::labels::Labels;
 
 /// One requirement on a label key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

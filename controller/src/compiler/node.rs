@@ -19,13 +19,12 @@ use weir_api::{
     PolicyTier, RuleRef, RuleSetInfo, TieredAction, TieredRule, VerdictEntry, VerdictMatch,
 };
 
-use crate::{
+use super::{
     HashMap, HashSet,
     classes::{Activation, ClassSignature, Classification, NodePeers},
     cluster::{Cluster, NsIdx, PodIdx, PodRecord},
-    compile::CachedPolicy,
     ids::IdAllocator,
-    peers::{AtomKey, AtomMembers, PortNumbers},
+    peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers},
     policy::{PolicyKey, PortMatch, RuleAction, Tier},
     ports::Allowances,
     tiers::{Coverage, Decision, TierRule, Tiers},

@@ -21,7 +21,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
-use crate::{
+use super::{
     Error, Result, names,
     policy::{
         IpBlockPeer, NamespaceScope, Peer, PodPeer, Policy, PolicyKey, PortMatch, Protocol, Rule,

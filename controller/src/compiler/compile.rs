@@ -19,18 +19,18 @@ use std::{
     thread,
 };
 
-use weir_api::{Direction, NodeState, ServiceRef};
+use weir_api::{NodeState, ServiceRef};
 
-use crate::{
+use super::{
     HashMap,
     cluster::{Cluster, NsIdx},
     ids::IdAllocator,
     node::{NodeMemory, View},
-    peers::{AtomKey, AtomMembers, AtomTable, RuleAtoms},
-    policy::{NamespaceScope, PodPeer, PolicyKey},
+    peers::{AtomKey, AtomMembers, AtomTable, CachedPolicy, RuleAtoms},
+    policy::{NamespaceScope, PodPeer, PolicyKey, Rule},
     service::ServiceDiagnostic,
     service_table::ServiceTable,
-    validate::{PolicyDiagnostic, ValidatedPolicy},
+    validate::PolicyDiagnostic,
 };
 
 /// The result of compiling every node.
@@ -82,39 +82,6 @@ impl PolicyIds {
 impl Default for Compiler {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// A policy with its rules' peers and named ports interned, reused while the stored policy
-/// is unchanged.
-#[derive(Debug)]
-pub(crate) struct CachedPolicy {
-    /// Persistent small id (see [`PolicyIds`]).
-    pub id: u32,
-    pub validated: Arc<ValidatedPolicy>,
-    /// ClusterNetworkPolicy: the `Pods` atom of its subject (the pods it applies to).
-    pub subject: Option<u32>,
-    pub ingress: Vec<RuleAtoms>,
-    pub egress: Vec<RuleAtoms>,
-}
-
-impl CachedPolicy {
-    /// The interned rules of one direction; `None` if the policy does not isolate it.
-    pub fn rules(&self, direction: Direction) -> Option<&[RuleAtoms]> {
-        match direction {
-            Direction::Ingress => self
-                .validated
-                .policy
-                .ingress
-                .as_ref()
-                .map(|_| &self.ingress[..]),
-            Direction::Egress => self
-                .validated
-                .policy
-                .egress
-                .as_ref()
-                .map(|_| &self.egress[..]),
-        }
     }
 }
 
@@ -280,7 +247,7 @@ impl Compiler {
                 continue;
             }
             let policy = &validated.policy;
-            let intern = |rules: Option<&Vec<crate::policy::Rule>>, atoms: &mut AtomTable| {
+            let intern = |rules: Option<&Vec<Rule>>, atoms: &mut AtomTable| {
                 rules
                     .into_iter()
                     .flatten()

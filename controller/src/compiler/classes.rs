@@ -22,7 +22,7 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::{
+use super::{
     HashMap,
     cluster::{Cluster, PodIdx},
     peers::{AtomKey, AtomMembers, PortNumbers},

@@ -10,7 +10,7 @@
 
 use weir_api::PortPrefix;
 
-use crate::policy::Protocol;
+use super::policy::Protocol;
 
 /// The allowances of one (rule set, peer class), each attributed to a rule `R` (smaller
 /// means earlier in rule order).

@@ -20,10 +20,11 @@ use std::collections::BTreeMap;
 
 use weir_api::BackendState;
 
-use crate::{
-    Cluster,
-    cluster::SliceRecord,
-    service::{ObjectName, ServiceDiagnostic, ServiceInfo, SliceEndpoint, SlicePort, TargetPort},
+use super::{
+    cluster::{Cluster, PodInfo, SliceRecord},
+    service::{
+        ObjectName, ServiceDiagnostic, ServiceInfo, SliceEndpoint, SliceInfo, SlicePort, TargetPort,
+    },
 };
 
 impl Cluster {
@@ -51,7 +52,7 @@ pub fn derive(cluster: &Cluster, svc: &ServiceInfo) -> SliceRecord {
     let Some(selector) = svc.selector.as_ref().filter(|s| !s.is_empty()) else {
         return record;
     };
-    let pods: Vec<&crate::PodInfo> = cluster
+    let pods: Vec<&PodInfo> = cluster
         .namespace_id(&svc.key.namespace)
         .and_then(|ns| cluster.namespace_record(ns))
         .into_iter()
@@ -101,7 +102,7 @@ pub fn derive(cluster: &Cluster, svc: &ServiceInfo) -> SliceRecord {
         let family = if v6 { "ipv6" } else { "ipv4" };
         for (i, (ports, mut endpoints)) in groups.into_iter().enumerate() {
             endpoints.sort();
-            record.slices.push(crate::service::SliceInfo {
+            record.slices.push(SliceInfo {
                 key: ObjectName::new(&svc.key.namespace, format!("{}-{family}-{i}", svc.key.name)),
                 service: Some(svc.key.name.clone()),
                 ports,

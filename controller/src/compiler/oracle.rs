@@ -31,7 +31,7 @@ use k8s_openapi::{
 };
 use weir_api::{Action, Direction, PodKey};
 
-use crate::{
+use super::{
     Error, Result,
     cluster::{Cluster, PodInfo, PolicyRecord},
     cnp::{ClusterNetworkPolicySpec, MAX_PRIORITY, NamespacedPod, ProtocolMatch, RulePeer},

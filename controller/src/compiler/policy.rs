@@ -1,7 +1,7 @@
 //! NetworkPolicies in the normalized form the compiler works on, produced by
-//! [`crate::validate`]. Defaults are applied (protocol TCP, inferred policyTypes), empty
-//! lists that mean "everything" are `None`, and selectors are in canonical form, so equal
-//! meanings compare equal.
+//! [`validate`](super::validate). Defaults are applied (protocol TCP, inferred policyTypes),
+//! empty lists that mean "everything" are `None`, and selectors are in canonical form, so
+//! equal meanings compare equal.
 //!
 //! Reference: <https://kubernetes.io/docs/reference/kubernetes-api/policy-resources/network-policy-v1/>.
 
@@ -10,7 +10,7 @@ use std::{fmt, net::IpAddr};
 use ipnet::IpNet;
 use weir_api::{Direction, PolicyRef};
 
-use crate::selector::Selector;
+use super::selector::Selector;
 
 /// The `kind` in [`PolicyRef`]s naming NetworkPolicies.
 pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";

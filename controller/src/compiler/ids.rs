@@ -13,7 +13,7 @@
 
 use std::{collections::BTreeSet, hash::Hash};
 
-use crate::HashMap;
+use super::HashMap;
 
 #[derive(Clone, Debug)]
 pub(crate) struct IdAllocator<K> {

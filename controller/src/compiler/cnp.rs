@@ -14,12 +14,12 @@
 //! Admin tier; a `priority` out of range is clamped to 0..=1000. See
 //! `docs/policy-semantics.md`.
 
-use std::{borrow::Cow, collections::BTreeMap};
+use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::{Deserialize, Serialize};
 
-use crate::{
+use super::{
     Error, Result, names,
     policy::{
         IpBlockPeer, NamespaceScope, Peer, PodPeer, Policy, PolicyKey, PortMatch, Protocol, Rule,
@@ -58,41 +58,6 @@ pub struct ClusterNetworkPolicy {
     /// Written by implementations; not read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
-}
-
-/// The API server's name for the type, so that kube-rs can list and watch it
-/// (`/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies`, cluster-scoped).
-impl kube::Resource for ClusterNetworkPolicy {
-    type DynamicType = ();
-    type Scope = k8s_openapi::ClusterResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(crate::policy::CLUSTER_NETWORK_POLICY_KIND)
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(GROUP)
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(VERSION)
-    }
-
-    fn api_version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(API_VERSION)
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(PLURAL)
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

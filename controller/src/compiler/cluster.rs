@@ -25,9 +25,9 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     networking::v1::{NetworkPolicy, NetworkPolicySpec},
 };
-use weir_api::PodKey;
+use weir_api::{PodKey, canonical_ip};
 
-use crate::{
+use super::{
     Error, HashMap, Result,
     cnp::{self, ClusterNetworkPolicy, ClusterNetworkPolicySpec},
     policy::{PolicyKey, PolicyKind, Protocol},
@@ -176,14 +176,6 @@ fn container_named_ports(container: &Container) -> impl Iterator<Item = NamedPor
             port,
         })
     })
-}
-
-/// IPv4-mapped IPv6 addresses are IPv4 addresses (as in the dataplane's keys).
-pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 /// A stored NetworkPolicy: its validated form, and its spec as written if the store
@@ -357,8 +349,8 @@ impl Cluster {
     }
 
     /// A store that also keeps every policy's spec as written, which the reference
-    /// [`crate::oracle`] evaluates. (The compiler needs only the validated form; keeping
-    /// the raw objects roughly doubles the memory of a policy.)
+    /// [`oracle`](super::oracle) evaluates. (The compiler needs only the validated form;
+    /// keeping the raw objects roughly doubles the memory of a policy.)
     pub fn retaining_policy_specs() -> Self {
         Self {
             retain_specs: true,
@@ -667,7 +659,7 @@ impl Cluster {
     }
 
     /// Creates or replaces a ClusterNetworkPolicy and returns what validation found wrong
-    /// with it (an invalid policy is stored and fails closed, see [`crate::cnp`]).
+    /// with it (an invalid policy is stored and fails closed, see [`cnp`]).
     pub fn upsert_cluster_policy(
         &mut self,
         cnp: &ClusterNetworkPolicy,

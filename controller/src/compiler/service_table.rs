@@ -30,8 +30,8 @@ use weir_api::{
     BackendState, FrontendKind, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef,
 };
 
-use crate::{
-    Cluster,
+use super::{
+    cluster::Cluster,
     ids::IdAllocator,
     service::{ServiceDiagnostic, ServiceInfo, ServicePort},
 };

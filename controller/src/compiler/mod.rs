@@ -1,0 +1,65 @@
+//! The policy compiler: a pure function (no I/O, no clocks, no async runtime, no API client)
+//! from a [`Cluster`](cluster::Cluster) snapshot to one [`weir_api::NodeState`] per node.
+//! The semantics it implements, and every choice made where Kubernetes leaves one open, are
+//! described in `docs/policy-semantics.md`.
+//!
+//! Everything here takes plain structs and returns plain structs; the runtime around it (the
+//! crate's other modules: manifest and Kubernetes sources, leader election, the publishing
+//! loop, Events, the HTTP endpoint) feeds it objects and publishes what it returns, and
+//! nothing here imports them.
+//!
+//! * [`cluster`]: the typed store (Namespaces, Pods, Nodes, NetworkPolicies,
+//!   ClusterNetworkPolicies, Services, EndpointSlices) with its indexes; [`service`] reads
+//!   Services and EndpointSlices, and manifest directories derive EndpointSlices from pods
+//!   ([`Cluster::derive_endpoint_slices`](cluster::Cluster::derive_endpoint_slices), the
+//!   `endpoint_slices` module).
+//! * [`validate`]: NetworkPolicy → normalized [`policy::Policy`] plus diagnostics; invalid
+//!   policies fail closed. [`cnp`] does the same for ClusterNetworkPolicies. Both read
+//!   label selectors ([`selector`], [`labels`]) and check names ([`names`]).
+//! * [`compile::Compiler`]: `compile_all` / `compile_node`, with per-node id memory (the
+//!   `ids` module) so that successive compiles diff small. Per node (the `node` module):
+//!   rule sets, the peers their rules name (the `peers` module), peer classes over them (the
+//!   `classes` module), and verdicts, with ClusterNetworkPolicy tiers decided by the `tiers`
+//!   module and port ranges as prefixes by [`ports`]. Each node's service table comes from
+//!   the `service_table` module.
+//! * [`capacity`]: whether a node's compiled state fits its agent's maps.
+//! * [`oracle`]: a naive reference evaluator, and the emulated dataplane decision over
+//!   compiled state, for tests and debugging tools.
+
+pub mod capacity;
+mod classes;
+pub mod cluster;
+pub mod cnp;
+pub mod compile;
+mod endpoint_slices;
+mod ids;
+pub mod labels;
+pub mod names;
+mod node;
+pub mod oracle;
+mod peers;
+pub mod policy;
+pub mod ports;
+pub mod selector;
+pub mod service;
+mod service_table;
+mod tiers;
+pub mod validate;
+
+/// Errors of the compiler's input: objects the store cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{kind} object has no metadata.name")]
+    MissingName { kind: &'static str },
+    #[error("{kind} {name:?} has no metadata.namespace")]
+    MissingNamespace { kind: &'static str, name: String },
+    #[error("the store did not retain the spec of {policy} (use Cluster::retaining_policy_specs)")]
+    PolicySpecNotRetained { policy: policy::PolicyKey },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Hash maps keyed by cluster data use a fast seeded hash (the keys are small: ids,
+/// addresses, label strings).
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
