@@ -415,20 +415,16 @@ pub(crate) fn socket_error(what: &str, source: std::io::Error) -> Error {
 /// Returns `None` unless it is an unfragmented SCTP packet with a sane header (raw sockets
 /// get reassembled datagrams, so a fragment here is malformed).
 pub(crate) fn ipv4_payload(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, &[u8])> {
-    if packet.len() < 20 || packet[0] >> 4 != 4 {
+    let ip = etherparse::Ipv4Slice::from_slice(packet).ok()?;
+    if ip.is_payload_fragmented() || ip.payload_ip_number().0 != Protocol::Sctp.ip_protocol() {
         return None;
     }
-    let header_len = usize::from(packet[0] & 0x0f) * 4;
-    let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-    if header_len < 20 || total_len < header_len || total_len > packet.len() {
-        return None;
-    }
-    if packet[9] != Protocol::Sctp.ip_protocol() {
-        return None;
-    }
-    let src = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
-    let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-    Some((src, dst, &packet[header_len..total_len]))
+    let header = ip.header();
+    Some((
+        header.source_addr(),
+        header.destination_addr(),
+        ip.payload().payload,
+    ))
 }
 
 /// What the SCTP client waits for next.
@@ -619,6 +615,9 @@ mod tests {
         packet[9] = 6;
         assert!(ipv4_payload(&packet).is_none(), "not SCTP");
         packet[9] = 132;
+        packet[6] = 0x20;
+        assert!(ipv4_payload(&packet).is_none(), "a fragment");
+        packet[6] = 0;
         packet[3] = 200;
         assert!(ipv4_payload(&packet).is_none(), "length beyond the buffer");
     }

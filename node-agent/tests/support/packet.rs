@@ -1,6 +1,10 @@
-//! Synthetic frames for `BPF_PROG_TEST_RUN`.
+//! Synthetic frames for `BPF_PROG_TEST_RUN`, built with valid checksums.
 
 use std::net::Ipv4Addr;
+
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Header, IpNumber, PacketBuilder,
+};
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -10,6 +14,8 @@ pub const SCTP: u8 = 132;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 pub const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
 
 /// An Ethernet + IPv4 frame with a TCP/UDP/SCTP header carrying `sport`/`dport`, or an ICMP
 /// echo request with identifier `sport`.
@@ -27,59 +33,40 @@ pub fn ipv4(
     dport: u16,
     tcp_flags: u8,
 ) -> Vec<u8> {
-    let l4: Vec<u8> = match proto {
+    let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.octets(), dst.octets(), 64);
+    let mut f = Vec::with_capacity(64);
+    match proto {
         TCP => {
-            let mut h = vec![0u8; 20];
-            h[0..2].copy_from_slice(&sport.to_be_bytes());
-            h[2..4].copy_from_slice(&dport.to_be_bytes());
-            h[12] = 5 << 4;
-            h[13] = tcp_flags;
-            h
+            let mut tcp = ip.tcp(sport, dport, 0, 64240);
+            if tcp_flags & TCP_SYN != 0 {
+                tcp = tcp.syn();
+            }
+            if tcp_flags & TCP_ACK != 0 {
+                tcp = tcp.ack(0);
+            }
+            if tcp_flags & TCP_FIN != 0 {
+                tcp = tcp.fin();
+            }
+            if tcp_flags & TCP_RST != 0 {
+                tcp = tcp.rst();
+            }
+            if tcp_flags & TCP_PSH != 0 {
+                tcp = tcp.psh();
+            }
+            tcp.write(&mut f, &[])
         }
-        UDP => {
-            let mut h = vec![0u8; 8];
-            h[0..2].copy_from_slice(&sport.to_be_bytes());
-            h[2..4].copy_from_slice(&dport.to_be_bytes());
-            h[4..6].copy_from_slice(&8u16.to_be_bytes());
-            h
-        }
+        UDP => ip.udp(sport, dport).write(&mut f, &[]),
+        ICMP => ip.icmpv4_echo_request(sport, 0).write(&mut f, &[]),
         SCTP => {
-            let mut h = vec![0u8; 12];
-            h[0..2].copy_from_slice(&sport.to_be_bytes());
-            h[2..4].copy_from_slice(&dport.to_be_bytes());
-            h
+            // The common header: ports, a zero verification tag and checksum.
+            let mut sctp = [0u8; 12];
+            sctp[0..2].copy_from_slice(&sport.to_be_bytes());
+            sctp[2..4].copy_from_slice(&dport.to_be_bytes());
+            ip.write(&mut f, IpNumber::SCTP, &sctp)
         }
-        ICMP => {
-            let mut h = vec![0u8; 8];
-            h[0] = 8;
-            h[4..6].copy_from_slice(&sport.to_be_bytes());
-            h
-        }
-        _ => vec![0u8; 8],
-    };
-    ipv4_frame(src_mac, dst_mac, src, dst, proto, &l4)
-}
-
-/// An Ethernet frame carrying an IPv4 header (no options) and `payload`.
-fn ipv4_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut f = eth(src_mac, dst_mac, 0x0800);
-    let total = 20 + payload.len();
-    let mut ip = vec![0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(payload);
+        other => ip.write(&mut f, IpNumber(other), &[0u8; 8]),
+    }
+    .expect("a frame within IPv4's size");
     f
 }
 
@@ -106,27 +93,47 @@ pub fn icmp_error(
     code: u8,
     quoted: &[u8],
 ) -> Vec<u8> {
-    let mut icmp = vec![ty, code, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&quoted[14..quoted.len().min(14 + 28)]);
-    ipv4_frame(src_mac, dst_mac, src, dst, ICMP, &icmp)
+    let (header, _) = Icmpv4Header::from_slice(&[ty, code, 0, 0, 0, 0, 0, 0])
+        .expect("eight bytes make an ICMP header");
+    let mut f = Vec::with_capacity(14 + 20 + 8 + 28);
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4(header.icmp_type)
+        .write(&mut f, &quoted[14..quoted.len().min(14 + 28)])
+        .expect("a frame within IPv4's size");
+    f
 }
 
+/// An Ethernet header alone, for frames whose payload a test writes itself.
 pub fn eth(src: [u8; 6], dst: [u8; 6], ethertype: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ethertype.to_be_bytes());
+    etherparse::Ethernet2Header {
+        source: src,
+        destination: dst,
+        ether_type: EtherType(ethertype),
+    }
+    .write(&mut f)
+    .expect("writing to a vector");
     f
 }
 
 /// An ARP request: who has `target`? tell `sender`.
 pub fn arp_request(sender_mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
-    let mut f = eth(sender_mac, [0xff; 6], 0x0806);
-    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    f.extend_from_slice(&sender_mac);
-    f.extend_from_slice(&sender.octets());
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&target.octets());
+    let arp = ArpPacket::new(
+        ArpHardwareId::ETHERNET,
+        EtherType::IPV4,
+        ArpOperation::REQUEST,
+        &sender_mac,
+        &sender.octets(),
+        &[0; 6],
+        &target.octets(),
+    )
+    .expect("Ethernet and IPv4 address lengths");
+    let mut f = Vec::with_capacity(42);
+    PacketBuilder::ethernet2(sender_mac, [0xff; 6])
+        .arp(arp)
+        .write(&mut f)
+        .expect("writing to a vector");
     f
 }
 

@@ -532,7 +532,7 @@ fn test_run(prog: &mut SchedClassifier, ifindex: u32, frame: &[u8]) -> Result<(u
     Ok((res.return_value, res.duration))
 }
 
-/// Ethernet + IPv4 + TCP, no options, no payload.
+/// Ethernet + IPv4 + TCP, no options, no payload, valid checksums.
 fn tcp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
@@ -542,40 +542,18 @@ fn tcp_frame(
     dport: u16,
     flags: u8,
 ) -> Vec<u8> {
-    let mut f = Vec::with_capacity(54);
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend_from_slice(&ip);
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    f.extend_from_slice(&tcp);
-    f
-}
-
-/// The Internet checksum (RFC 1071).
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+    let mut tcp = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, dport, 0, 64240);
+    if flags & TCP_SYN != 0 {
+        tcp = tcp.syn();
     }
-    !(sum as u16)
+    if flags & TCP_ACK != 0 {
+        tcp = tcp.ack(0);
+    }
+    let mut f = Vec::with_capacity(54);
+    tcp.write(&mut f, &[]).expect("a frame within IPv4's size");
+    f
 }
 
 #[cfg(test)]
@@ -583,7 +561,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ip_header_checksum_verifies_to_zero() {
+    fn frames_carry_valid_checksums() {
         let f = tcp_frame(
             CLIENT_MAC,
             CLIENT_GW_MAC,
@@ -594,9 +572,12 @@ mod tests {
             TCP_SYN,
         );
         assert_eq!(f.len(), 54);
-        assert_eq!(checksum(&f[14..34]), 0);
-        assert_eq!(u16::from_be_bytes([f[34], f[35]]), 1234);
-        assert_eq!(f[47], TCP_SYN);
+        let (ip, rest) = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap();
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        let (tcp, _) = etherparse::TcpHeader::from_slice(rest).unwrap();
+        assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(&ip, &[]).unwrap());
+        assert_eq!(tcp.source_port, 1234);
+        assert!(tcp.syn && !tcp.ack);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::{StreamExt, stream};
@@ -34,6 +34,7 @@ use kube::{
     },
     core::ObjectMeta,
     discovery::Scope,
+    runtime::wait::await_condition,
 };
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
@@ -63,6 +64,12 @@ pub enum DriverError {
         what: &'static str,
         timeout: Duration,
         detail: String,
+    },
+    #[error("{what}: {source}")]
+    Watch {
+        what: String,
+        #[source]
+        source: kube::runtime::wait::Error,
     },
     #[error("{0}")]
     Invalid(String),
@@ -168,40 +175,44 @@ impl KubeDriver {
         Ok(driver)
     }
 
+    /// Waits (watching each pod, not polling) until every test pod runs, is ready and has
+    /// an address.
     async fn wait_for_pods(&mut self) -> Result<(), DriverError> {
-        let deadline = Instant::now() + self.options.ready_timeout;
-        loop {
-            let mut waiting = Vec::new();
-            for namespace in &self.model.namespaces {
-                let listed = Api::<Pod>::namespaced(self.client.clone(), namespace)
-                    .list(&ListParams::default())
-                    .await
-                    .map_err(api_error(format!("listing pods of {namespace}")))?;
-                for pod in listed.items {
-                    let reference =
-                        PodRef::new(namespace, pod.metadata.name.clone().unwrap_or_default());
-                    let Some(entry) = self.pods.get_mut(&reference) else {
-                        continue;
-                    };
-                    entry.0 = running_ip(&pod);
+        let timeout = self.options.ready_timeout;
+        let waits = self.pods.keys().cloned().map(|pod| {
+            let api = Api::<Pod>::namespaced(self.client.clone(), &pod.namespace);
+            async move {
+                let running = |p: Option<&Pod>| p.and_then(running_ip).is_some();
+                let found =
+                    tokio::time::timeout(timeout, await_condition(api, &pod.name, running)).await;
+                (pod, found)
+            }
+        });
+        let mut waiting = Vec::new();
+        for (pod, found) in futures::future::join_all(waits).await {
+            match found {
+                Ok(Ok(Some(object))) => {
+                    if let Some(entry) = self.pods.get_mut(&pod) {
+                        entry.0 = running_ip(&object);
+                    }
                 }
-            }
-            for (pod, (ip, _)) in &self.pods {
-                if ip.is_none() {
-                    waiting.push(pod.to_string());
+                Ok(Err(source)) => {
+                    return Err(DriverError::Watch {
+                        what: format!("watching pod {pod}"),
+                        source,
+                    });
                 }
+                Ok(Ok(None)) | Err(_) => waiting.push(pod.to_string()),
             }
-            if waiting.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(DriverError::Timeout {
-                    what: "test pods running with an IP",
-                    timeout: self.options.ready_timeout,
-                    detail: format!("still waiting for {}", waiting.join(", ")),
-                });
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        if waiting.is_empty() {
+            Ok(())
+        } else {
+            Err(DriverError::Timeout {
+                what: "test pods running with an IP",
+                timeout,
+                detail: format!("still waiting for {}", waiting.join(", ")),
+            })
         }
     }
 
@@ -218,24 +229,29 @@ impl KubeDriver {
                 }
             }
         }
-        let deadline = Instant::now() + self.options.ready_timeout;
+        let timeout = self.options.ready_timeout;
         for namespace in &self.model.namespaces {
-            loop {
-                let found = namespaces
-                    .get_opt(namespace)
-                    .await
-                    .map_err(api_error(format!("reading namespace {namespace}")))?;
-                if found.is_none() {
-                    break;
+            let gone = |n: Option<&Namespace>| n.is_none();
+            match tokio::time::timeout(
+                timeout,
+                await_condition(namespaces.clone(), namespace, gone),
+            )
+            .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(source)) => {
+                    return Err(DriverError::Watch {
+                        what: format!("watching namespace {namespace}"),
+                        source,
+                    });
                 }
-                if Instant::now() > deadline {
+                Err(_) => {
                     return Err(DriverError::Timeout {
                         what: "test namespaces deleted",
-                        timeout: self.options.ready_timeout,
+                        timeout,
                         detail: format!("{namespace} still exists"),
                     });
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
         Ok(())
