@@ -1,6 +1,7 @@
 //! What a node trusts from the network, end to end: forged VXLAN datagrams (real
 //! encapsulation, sent over plain UDP to port 4789) must not reach an ingress-isolated pod,
-//! whoever sends them, in both topologies.
+//! whoever sends them, in both topologies. The XDP program on the node's uplink (native on
+//! the local cluster's veths) drops them before decapsulation, so TC never sees them.
 
 mod support;
 
@@ -56,6 +57,36 @@ fn drops(c: &LocalCluster, node: usize, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The metric line `weir_agent_xdp_mode{...}` of a node.
+fn xdp_mode(c: &LocalCluster, node: usize) -> Option<String> {
+    let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
+    metrics
+        .lines()
+        .find(|l| l.starts_with("weir_agent_xdp_mode{"))
+        .map(str::to_owned)
+}
+
+/// Whether the node's flow log holds a drop for `reason` from `src` seen on interface
+/// `ifindex`.
+fn dropped_on(c: &LocalCluster, node: usize, reason: &str, src: Ipv4Addr, ifindex: u32) -> bool {
+    let (_, flows) = c.agent_http(node, "/flows?limit=200").expect("flows");
+    let flows: serde_json::Value = serde_json::from_str(&flows).expect("flows as JSON");
+    flows.as_array().expect("a list").iter().any(|f| {
+        f["verdict"] == "drop"
+            && f["reason"] == reason
+            && f["src"] == src.to_string()
+            && f["ifindex"] == ifindex
+    })
+}
+
+/// The node's uplink (`eth0` in its namespace).
+fn uplink_ifindex(netns: &Netns) -> u32 {
+    netns
+        .within(|| nix::net::if_::if_nametoindex("eth0"))
+        .expect("enter the node's namespace")
+        .expect("the node's uplink")
+}
+
 /// A UDP listener inside the pod; `received` says whether anything arrived within `wait`.
 struct Listener(UdpSocket);
 
@@ -98,6 +129,14 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
     let forged =
         |payload: &[u8]| support::vxlan_udp(target_node, v4(b.ip), 40000, TARGET_PORT, payload);
 
+    let uplink = uplink_ifindex(&c.nodes()[1].netns);
+    let mode = xdp_mode(&c, 1).expect("an XDP mode metric");
+    assert_eq!(
+        mode, "weir_agent_xdp_mode{interface=\"eth0\",mode=\"native\"} 1",
+        "{topology}: XDP runs natively on the node's veth uplink"
+    );
+
+    let untrusted_before = drops(&c, 1, "tunnel_untrusted");
     let unknown_before = drops(&c, 1, "unknown_tunnel_peer");
     send_vxlan(&a.netns, target_node, forged(b"from a pod"));
     assert_eq!(
@@ -106,8 +145,13 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
         "{topology}: a pod's forged tunnel packet reached the isolated pod"
     );
     assert!(
-        drops(&c, 1, "unknown_tunnel_peer") > unknown_before,
-        "{topology}: the pod's datagram is counted as from an unknown tunnel peer"
+        drops(&c, 1, "tunnel_untrusted") > untrusted_before,
+        "{topology}: XDP drops the pod's datagram as from an untrusted tunnel sender"
+    );
+    assert_eq!(
+        drops(&c, 1, "unknown_tunnel_peer"),
+        unknown_before,
+        "{topology}: the datagram never reached TC on the tunnel device"
     );
 
     let spoofed_before = drops(&c, 1, "spoofed");
@@ -121,6 +165,11 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
     assert!(
         drops(&c, 1, "spoofed") > spoofed_before,
         "{topology}: the inner source claiming the node's address is counted as spoofed"
+    );
+    assert!(
+        dropped_on(&c, 1, "spoofed", target_node, uplink),
+        "{topology}: the spoofed inner source is dropped on the uplink (by XDP), not after \
+         decapsulation on the tunnel device"
     );
 
     // What the node itself sends still passes: the listener would have seen the others.
