@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::json;
-use support::{cluster, pod};
+use support::{cluster, cluster_with_agent_args, pod};
 use weir_localcluster::{LocalCluster, Topology, netns::Netns};
 
 const VXLAN_PORT: u16 = 4789;
@@ -193,4 +193,76 @@ async fn forged_tunnel_packets_are_dropped_on_one_segment() {
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_tunnel_packets_are_dropped_across_subnets() {
     forged_tunnel_packets_are_dropped(Topology::Routed).await;
+}
+
+/// A UDP listener on every address of `netns`; `received` as [`Listener::received`].
+fn node_listener(netns: &Netns) -> Listener {
+    let s = netns
+        .within(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, TARGET_PORT)))
+        .expect("enter the node's namespace")
+        .expect("bind");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    Listener(s)
+}
+
+/// Value of `weir_agent_prefilter_drops_total{cidr}` on a node.
+fn prefilter_drops(c: &LocalCluster, node: usize, cidr: &str) -> Option<u64> {
+    let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
+    let prefix = format!("weir_agent_prefilter_drops_total{{cidr=\"{cidr}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|n| n.trim().parse().expect("a count"))
+}
+
+/// A host outside the cluster in a prefiltered prefix is dropped by XDP on the node's
+/// uplink (counted per prefix and as `prefilter`) while another node still gets through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefiltered_sender_is_dropped_at_the_uplink_and_others_pass() {
+    let dir = std::env::temp_dir().join(format!("weir-prefilter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("prefilter");
+    let external_net = format!("{}/32", weir_localcluster::EXTERNAL_IP);
+    std::fs::write(&file, format!("# test\n{external_net}\nnot-a-cidr\n")).unwrap();
+    let c = cluster_with_agent_args(
+        2,
+        Topology::L2,
+        &["--prefilter-file", file.to_str().unwrap()],
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let external = c.external().expect("external host").clone();
+    let target = c.nodes()[0].ip;
+    let listener = node_listener(&c.nodes()[0].netns);
+    assert_eq!(prefilter_drops(&c, 0, &external_net), Some(0));
+
+    let send = |from: &Netns, payload: &'static [u8]| {
+        from.within(move || {
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?.send_to(payload, (target, TARGET_PORT))
+        })
+        .expect("enter the sender's namespace")
+        .expect("send");
+    };
+    send(&external.netns, b"from the prefiltered host");
+    assert_eq!(
+        listener.received(Duration::from_secs(1)),
+        None,
+        "the prefiltered host reached the node"
+    );
+    assert!(prefilter_drops(&c, 0, &external_net).unwrap() > 0);
+    assert!(drops(&c, 0, "prefilter") > 0);
+
+    let other = c.nodes()[1].netns.clone();
+    send(&other, b"from another node");
+    assert_eq!(
+        listener.received(Duration::from_secs(2)).as_deref(),
+        Some(&b"from another node"[..]),
+        "a sender outside the prefilter passes"
+    );
+    let (_, metrics) = c.agent_http(0, "/metrics").unwrap();
+    assert!(
+        metrics.contains("weir_agent_prefilter_invalid_lines 1"),
+        "the line that is not a CIDR is reported: {metrics}"
+    );
 }
