@@ -33,12 +33,18 @@ pub enum DropReason {
     /// A new flow that conntrack had no room for (the table is full of live flows). Only
     /// the new flow is refused: established flows keep their entries.
     ConntrackFull = 12,
+    /// A VXLAN datagram to this node whose outer source is not another node, dropped by the
+    /// XDP program on the uplink before the kernel decapsulates it (`unknown_tunnel_peer` is
+    /// the same check in TC, where XDP did not run).
+    TunnelUntrusted = 13,
+    /// A packet from a source in the XDP prefilter.
+    Prefilter = 14,
 }
 
 impl DropReason {
     /// Size of the `DROPS` array (reasons are 1-based; slot 0 stays unused).
-    pub const COUNT: u32 = 13;
-    pub const ALL: [DropReason; 12] = [
+    pub const COUNT: u32 = 15;
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::PolicyEgress,
@@ -51,6 +57,8 @@ impl DropReason {
         DropReason::ServiceNatLost,
         DropReason::UnknownTunnelPeer,
         DropReason::ConntrackFull,
+        DropReason::TunnelUntrusted,
+        DropReason::Prefilter,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -67,6 +75,8 @@ impl DropReason {
             DropReason::ServiceNatLost => "service_nat_lost",
             DropReason::UnknownTunnelPeer => "unknown_tunnel_peer",
             DropReason::ConntrackFull => "conntrack_full",
+            DropReason::TunnelUntrusted => "tunnel_untrusted",
+            DropReason::Prefilter => "prefilter",
         }
     }
 
@@ -84,6 +94,8 @@ impl DropReason {
             10 => Some(DropReason::ServiceNatLost),
             11 => Some(DropReason::UnknownTunnelPeer),
             12 => Some(DropReason::ConntrackFull),
+            13 => Some(DropReason::TunnelUntrusted),
+            14 => Some(DropReason::Prefilter),
             _ => None,
         }
     }

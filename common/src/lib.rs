@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod event;
 pub mod ip;
 pub mod policy;
+pub mod prefilter;
 pub mod route;
 pub mod sctp;
 pub mod service;
@@ -32,7 +33,9 @@ mod pod;
 ///    node's own processes); new map `AFFINITY` (session affinity with its timeout).
 /// 5: `CONNTRACK` is a plain hash (was an LRU hash) whose entries expire; `NODE_CONFIG`
 ///    carries the conntrack timeouts; `DROPS` has the reason `conntrack_full`.
-pub const ABI_VERSION: u32 = 5;
+/// 6: the XDP program on the uplink: `DROPS` has the reasons `tunnel_untrusted` and
+///    `prefilter`; new maps `PREFILTER` and `PREFILTER_DROPS`.
+pub const ABI_VERSION: u32 = 6;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {
@@ -56,6 +59,8 @@ pub mod maps {
     pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
     pub const NODE_NETNS: &str = "NODE_NETNS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const PREFILTER: &str = "PREFILTER";
+    pub const PREFILTER_DROPS: &str = "PREFILTER_DROPS";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
@@ -79,6 +84,8 @@ pub mod maps {
         TUNNEL_PEERS,
         NODE_NETNS,
         SOCK_REVNAT,
+        PREFILTER,
+        PREFILTER_DROPS,
     ];
 }
 
@@ -94,6 +101,9 @@ pub mod programs {
     pub const FROM_TUNNEL: &str = "from_tunnel";
     /// TC egress of the tunnel device: picks the remote node to encapsulate towards.
     pub const TO_TUNNEL: &str = "to_tunnel";
+    /// XDP on the node's uplink: the checks that need no conntrack (malformed headers, the
+    /// tunnel's admission, spoofed sources, the prefilter), before `from_network`.
+    pub const XDP_UPLINK: &str = "xdp_uplink";
     /// cgroup `connect4`: a TCP or UDP socket of the node's own namespace connecting to a
     /// Service frontend is connected to a backend instead.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
@@ -121,6 +131,10 @@ pub const TUNNEL_MAC: [u8; 6] = [0x02, 0x77, 0x65, 0x69, 0x72, 0x00];
 /// Source MAC of tunnelled inner frames. It must differ from [`TUNNEL_MAC`]: the receiving
 /// VXLAN driver drops frames "from itself" as loops.
 pub const TUNNEL_SOURCE_MAC: [u8; 6] = [0x02, 0x77, 0x65, 0x69, 0x72, 0x01];
+
+/// UDP port of the VXLAN tunnel (IANA's): the agent creates the device with it, and the XDP
+/// program admits datagrams to it only from other nodes.
+pub const TUNNEL_PORT: u16 = 4789;
 
 /// Map capacities. The peer-class map is the one that grows with the cluster.
 pub mod capacity {
@@ -150,4 +164,8 @@ pub mod capacity {
     pub const AFFINITY: u32 = 65_536;
     /// Sockets of the node's own processes talking to Services, per backend.
     pub const SOCK_REVNAT: u32 = 65_536;
+    /// Prefixes of the XDP prefilter, and their per-CPU drop counters (ids from 1, so one
+    /// prefix fewer than slots). The trie's lookup cost does not grow with its entries; the
+    /// counters cost 8 bytes per slot per CPU.
+    pub const PREFILTER: u32 = 65_536;
 }

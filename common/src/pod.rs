@@ -7,6 +7,7 @@ use crate::{
     event::FlowEvent,
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
+    prefilter::PrefilterEntry,
     route::{RouteEntry, TunnelPeer},
     service::{AffinityKey, AffinityValue, NatEntry, ServiceKey, ServiceValue, SockRevKey},
 };
@@ -33,6 +34,7 @@ unsafe impl aya::Pod for NatEntry {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for SockRevKey {}
+unsafe impl aya::Pod for PrefilterEntry {}
 
 #[cfg(test)]
 mod tests {
@@ -58,6 +60,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 20);
         assert_eq!(size_of::<AffinityValue>(), 32);
         assert_eq!(size_of::<SockRevKey>(), 32);
+        assert_eq!(size_of::<PrefilterEntry>(), 4);
     }
 
     #[test]

@@ -47,6 +47,21 @@ pub fn record_drop(
     );
 }
 
+/// [`record_drop`] for the XDP program: counts the drop by reason and reports it as a flow
+/// event on `ifindex` (no policy drops happen there).
+#[inline(always)]
+pub fn record_xdp_drop(ifindex: u32, flow: &CtKey, reason: DropReason, id: u32) {
+    count(&DROPS, reason as u32);
+    emit_on(
+        ifindex,
+        Some(flow),
+        FlowEvent::VERDICT_DROP,
+        reason as u32,
+        0,
+        id,
+    );
+}
+
 #[inline(always)]
 pub fn emit(
     ctx: &TcContext,

@@ -1,5 +1,6 @@
 //! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
-//! `from_tunnel`, `to_tunnel`; the socket hooks in `sock`), one per mechanism (`parse`, `conntrack`, `policy`, `nat`,
+//! `from_tunnel`, `to_tunnel`; XDP on the uplink in `xdp`; the socket hooks in `sock`), one
+//! per mechanism (`parse`, `conntrack`, `policy`, `nat`,
 //! `forward`, `route`, `arp`, `events`), maps in `maps`.
 #![no_std]
 #![no_main]
@@ -20,10 +21,11 @@ mod route;
 mod sock;
 mod to_pod;
 mod to_tunnel;
+mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 #[classifier]
@@ -49,6 +51,11 @@ pub fn from_tunnel(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_tunnel(ctx: TcContext) -> i32 {
     to_tunnel::run(&ctx)
+}
+
+#[xdp]
+pub fn xdp_uplink(ctx: XdpContext) -> u32 {
+    xdp::run(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

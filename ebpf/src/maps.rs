@@ -14,6 +14,7 @@ use weir_common::{
     event::DropReason,
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
+    prefilter::PrefilterEntry,
     route::{RouteEntry, TunnelPeer},
     service::{AffinityKey, AffinityValue, NatEntry, ServiceKey, ServiceValue, SockRevKey},
 };
@@ -123,6 +124,17 @@ pub static SCRATCH_TUNNEL_KEY: PerCpuArray<bpf_tunnel_key> = PerCpuArray::with_m
 /// Per-CPU room for a FIB lookup's parameters (not pinned either).
 #[map]
 pub static SCRATCH_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// The XDP prefilter: sources in these prefixes are dropped on the uplink (see `xdp`).
+#[map]
+pub static PREFILTER: LpmTrie<IpKey, PrefilterEntry> =
+    LpmTrie::with_max_entries(capacity::PREFILTER, 0);
+
+/// Prefilter drops per entry, indexed by the entry's id (per CPU: a flood from one prefix
+/// must not make every CPU fight over one counter's cache line).
+#[map]
+pub static PREFILTER_DROPS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(capacity::PREFILTER, 0);
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);

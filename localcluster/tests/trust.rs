@@ -1,6 +1,7 @@
 //! What a node trusts from the network, end to end: forged VXLAN datagrams (real
 //! encapsulation, sent over plain UDP to port 4789) must not reach an ingress-isolated pod,
-//! whoever sends them, in both topologies.
+//! whoever sends them, in both topologies. The XDP program on the node's uplink (native on
+//! the local cluster's veths) drops them before decapsulation, so TC never sees them.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::{
 };
 
 use serde_json::json;
-use support::{cluster, pod};
+use support::{cluster, cluster_with_agent_args, pod};
 use weir_localcluster::{LocalCluster, Topology, netns::Netns};
 
 const VXLAN_PORT: u16 = 4789;
@@ -56,6 +57,36 @@ fn drops(c: &LocalCluster, node: usize, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The metric line `weir_agent_xdp_mode{...}` of a node.
+fn xdp_mode(c: &LocalCluster, node: usize) -> Option<String> {
+    let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
+    metrics
+        .lines()
+        .find(|l| l.starts_with("weir_agent_xdp_mode{"))
+        .map(str::to_owned)
+}
+
+/// Whether the node's flow log holds a drop for `reason` from `src` seen on interface
+/// `ifindex`.
+fn dropped_on(c: &LocalCluster, node: usize, reason: &str, src: Ipv4Addr, ifindex: u32) -> bool {
+    let (_, flows) = c.agent_http(node, "/flows?limit=200").expect("flows");
+    let flows: serde_json::Value = serde_json::from_str(&flows).expect("flows as JSON");
+    flows.as_array().expect("a list").iter().any(|f| {
+        f["verdict"] == "drop"
+            && f["reason"] == reason
+            && f["src"] == src.to_string()
+            && f["ifindex"] == ifindex
+    })
+}
+
+/// The node's uplink (`eth0` in its namespace).
+fn uplink_ifindex(netns: &Netns) -> u32 {
+    netns
+        .within(|| nix::net::if_::if_nametoindex("eth0"))
+        .expect("enter the node's namespace")
+        .expect("the node's uplink")
+}
+
 /// A UDP listener inside the pod; `received` says whether anything arrived within `wait`.
 struct Listener(UdpSocket);
 
@@ -98,6 +129,14 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
     let forged =
         |payload: &[u8]| support::vxlan_udp(target_node, v4(b.ip), 40000, TARGET_PORT, payload);
 
+    let uplink = uplink_ifindex(&c.nodes()[1].netns);
+    let mode = xdp_mode(&c, 1).expect("an XDP mode metric");
+    assert_eq!(
+        mode, "weir_agent_xdp_mode{interface=\"eth0\",mode=\"native\"} 1",
+        "{topology}: XDP runs natively on the node's veth uplink"
+    );
+
+    let untrusted_before = drops(&c, 1, "tunnel_untrusted");
     let unknown_before = drops(&c, 1, "unknown_tunnel_peer");
     send_vxlan(&a.netns, target_node, forged(b"from a pod"));
     assert_eq!(
@@ -106,8 +145,13 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
         "{topology}: a pod's forged tunnel packet reached the isolated pod"
     );
     assert!(
-        drops(&c, 1, "unknown_tunnel_peer") > unknown_before,
-        "{topology}: the pod's datagram is counted as from an unknown tunnel peer"
+        drops(&c, 1, "tunnel_untrusted") > untrusted_before,
+        "{topology}: XDP drops the pod's datagram as from an untrusted tunnel sender"
+    );
+    assert_eq!(
+        drops(&c, 1, "unknown_tunnel_peer"),
+        unknown_before,
+        "{topology}: the datagram never reached TC on the tunnel device"
     );
 
     let spoofed_before = drops(&c, 1, "spoofed");
@@ -121,6 +165,11 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
     assert!(
         drops(&c, 1, "spoofed") > spoofed_before,
         "{topology}: the inner source claiming the node's address is counted as spoofed"
+    );
+    assert!(
+        dropped_on(&c, 1, "spoofed", target_node, uplink),
+        "{topology}: the spoofed inner source is dropped on the uplink (by XDP), not after \
+         decapsulation on the tunnel device"
     );
 
     // What the node itself sends still passes: the listener would have seen the others.
@@ -144,4 +193,76 @@ async fn forged_tunnel_packets_are_dropped_on_one_segment() {
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_tunnel_packets_are_dropped_across_subnets() {
     forged_tunnel_packets_are_dropped(Topology::Routed).await;
+}
+
+/// A UDP listener on every address of `netns`; `received` as [`Listener::received`].
+fn node_listener(netns: &Netns) -> Listener {
+    let s = netns
+        .within(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, TARGET_PORT)))
+        .expect("enter the node's namespace")
+        .expect("bind");
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    Listener(s)
+}
+
+/// Value of `weir_agent_prefilter_drops_total{cidr}` on a node.
+fn prefilter_drops(c: &LocalCluster, node: usize, cidr: &str) -> Option<u64> {
+    let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
+    let prefix = format!("weir_agent_prefilter_drops_total{{cidr=\"{cidr}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|n| n.trim().parse().expect("a count"))
+}
+
+/// A host outside the cluster in a prefiltered prefix is dropped by XDP on the node's
+/// uplink (counted per prefix and as `prefilter`) while another node still gets through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefiltered_sender_is_dropped_at_the_uplink_and_others_pass() {
+    let dir = std::env::temp_dir().join(format!("weir-prefilter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("prefilter");
+    let external_net = format!("{}/32", weir_localcluster::EXTERNAL_IP);
+    std::fs::write(&file, format!("# test\n{external_net}\nnot-a-cidr\n")).unwrap();
+    let c = cluster_with_agent_args(
+        2,
+        Topology::L2,
+        &["--prefilter-file", file.to_str().unwrap()],
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let external = c.external().expect("external host").clone();
+    let target = c.nodes()[0].ip;
+    let listener = node_listener(&c.nodes()[0].netns);
+    assert_eq!(prefilter_drops(&c, 0, &external_net), Some(0));
+
+    let send = |from: &Netns, payload: &'static [u8]| {
+        from.within(move || {
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?.send_to(payload, (target, TARGET_PORT))
+        })
+        .expect("enter the sender's namespace")
+        .expect("send");
+    };
+    send(&external.netns, b"from the prefiltered host");
+    assert_eq!(
+        listener.received(Duration::from_secs(1)),
+        None,
+        "the prefiltered host reached the node"
+    );
+    assert!(prefilter_drops(&c, 0, &external_net).unwrap() > 0);
+    assert!(drops(&c, 0, "prefilter") > 0);
+
+    let other = c.nodes()[1].netns.clone();
+    send(&other, b"from another node");
+    assert_eq!(
+        listener.received(Duration::from_secs(2)).as_deref(),
+        Some(&b"from another node"[..]),
+        "a sender outside the prefilter passes"
+    );
+    let (_, metrics) = c.agent_http(0, "/metrics").unwrap();
+    assert!(
+        metrics.contains("weir_agent_prefilter_invalid_lines 1"),
+        "the line that is not a CIDR is reported: {metrics}"
+    );
 }

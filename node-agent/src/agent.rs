@@ -17,7 +17,7 @@ use weir_transport::Applied;
 use weir_common::TUNNEL_MAC;
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError, PinLayout},
+    dataplane::{Dataplane, DataplaneError, PinLayout, XdpMode},
     endpoints::{EndpointStore, EndpointStoreError, LocalEndpoint},
     maps::{CtSweep, DataplaneMaps, MapsError},
     masquerade::{self, MasqueradeConfig, MasqueradeError, MasqueradePlan},
@@ -104,6 +104,8 @@ pub struct AgentConfig {
     pub pending_pod_policy: PendingPodPolicy,
     /// Sizes of the configurable dataplane tables.
     pub map_capacities: weir_api::MapCapacities,
+    /// The XDP prefilter's prefixes, one CIDR per line ([`crate::prefilter`]); None: none.
+    pub prefilter_file: Option<PathBuf>,
 }
 
 /// The policy of a pod whose rule sets the controller has not sent yet (it was away or behind
@@ -235,6 +237,12 @@ pub struct Agent {
     /// Rule sets of `policy` whose entries could not all be written: their endpoints point at
     /// [`weir_common::policy::FAIL_CLOSED`] instead.
     incomplete_rule_sets: std::collections::BTreeSet<u32>,
+    /// The interface the XDP program runs on and its mode; None: it could not be attached
+    /// (the TC programs still make the same checks, but for the prefilter's).
+    xdp: Option<(String, XdpMode)>,
+    /// The prefilter file as last read, and the entry id of each of its prefixes.
+    prefilter: Option<crate::prefilter::PrefilterList>,
+    prefilter_ids: BTreeMap<IpNet, u32>,
 }
 
 /// How the last attempt to apply the controller's state went, for readiness and metrics.
@@ -345,6 +353,19 @@ impl Agent {
         dp.attach_uplink(&uplink.ifname)?;
         dp.attach_tunnel(TUNNEL_IFNAME)?;
         info!(uplink = %uplink.ifname, subnets = ?uplink.subnets, "attached to the uplink and the tunnel");
+        // XDP adds early drops in front of checks TC makes anyway: an uplink that takes no
+        // XDP program (another one's there) is reported, not a reason to leave the node
+        // without pod networking.
+        let xdp = match dp.attach_uplink_xdp(&uplink.ifname) {
+            Ok(mode) => {
+                info!(uplink = %uplink.ifname, mode = mode.as_str(), "XDP program attached to the uplink");
+                Some((uplink.ifname.clone(), mode))
+            }
+            Err(e) => {
+                warn!(uplink = %uplink.ifname, error = %e, "no XDP on the uplink: the prefilter is off; TC checks the rest");
+                None
+            }
+        };
         let mut agent = Self {
             cfg,
             dp,
@@ -365,7 +386,13 @@ impl Agent {
             ct_swept_total: 0,
             apply_status: ApplyStatus::default(),
             incomplete_rule_sets: Default::default(),
+            xdp,
+            prefilter: None,
+            prefilter_ids: BTreeMap::new(),
         };
+        if let Err(e) = agent.refresh_prefilter() {
+            warn!(error = %e, "loading the prefilter; it stays as a previous agent left it");
+        }
         if !agent.cfg.masquerade.enabled {
             // Turning masquerade off removes what an earlier agent programmed.
             masquerade::remove()?;
@@ -443,6 +470,52 @@ impl Agent {
             self.host_addrs_left_out = left_out;
         }
         Ok(())
+    }
+
+    /// Reads the prefilter file (if one is configured) and, when its contents changed since
+    /// the last read, makes the `PREFILTER` map hold its prefixes. A file that cannot be read
+    /// keeps the prefixes last read (at start: the ones a previous agent left in the map).
+    pub fn refresh_prefilter(&mut self) -> Result<()> {
+        let Some(path) = self.cfg.prefilter_file.clone() else {
+            if self.prefilter.is_none() {
+                // Configured off: a previous agent's entries go.
+                self.prefilter_ids = self.maps.sync_prefilter(&Default::default())?;
+                self.prefilter = Some(Default::default());
+            }
+            return Ok(());
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "reading the prefilter file; the prefilter stays as it was");
+                return Ok(());
+            }
+        };
+        let list = crate::prefilter::parse(&text);
+        if self.prefilter.as_ref() == Some(&list) {
+            return Ok(());
+        }
+        for (line, entry) in &list.invalid {
+            warn!(file = %path.display(), line, entry, "not a CIDR: left out of the prefilter");
+        }
+        self.prefilter_ids = self.maps.sync_prefilter(&list.nets)?;
+        info!(file = %path.display(), prefixes = list.nets.len(), invalid = list.invalid.len(), "prefilter loaded");
+        self.prefilter = Some(list);
+        Ok(())
+    }
+
+    /// The prefilter's prefixes with their entry ids, and the lines of the file that are not
+    /// prefixes.
+    pub fn prefilter(&self) -> (&BTreeMap<IpNet, u32>, usize) {
+        (
+            &self.prefilter_ids,
+            self.prefilter.as_ref().map_or(0, |l| l.invalid.len()),
+        )
+    }
+
+    /// The interface the XDP program runs on, and its mode.
+    pub fn xdp(&self) -> Option<(&str, XdpMode)> {
+        self.xdp.as_ref().map(|(i, m)| (i.as_str(), *m))
     }
 
     /// Node addresses that did not fit in the dataplane at the last refresh.

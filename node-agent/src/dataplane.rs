@@ -1,7 +1,9 @@
 //! Loading the eBPF object, pinning its maps, attaching programs to interfaces.
 //!
 //! Everything that must survive an agent restart lives in bpffs under
-//! `<bpffs>/weir/<node>/v<ABI>/`: `maps/<NAME>`, `links/<ifname>-<direction>` and
+//! `<bpffs>/weir/<node>/v<ABI>/`: `maps/<NAME>`, `links/<ifname>-<direction>`,
+//! `links/<ifname>-xdp-<native|generic>` (the XDP program on the uplink; the name keeps the
+//! mode the link was made with, which the kernel does not report for a link) and
 //! `links/cgroup-<program>` (the socket hooks on the cgroup v2 root). A restarted agent
 //! reopens the maps (so conntrack and policy state carry over) and atomically swaps its
 //! freshly loaded programs into the pinned links (`BPF_LINK_UPDATE`), so no packet ever
@@ -21,9 +23,11 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, MapInfo},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp,
+        XdpMode as AyaXdpMode,
         links::{FdLink, LinkOrder, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        xdp::XdpLink,
     },
 };
 use thiserror::Error;
@@ -165,6 +169,29 @@ impl PinLayout {
         let name = ifname.replace('.', "_");
         self.links_dir().join(format!("{name}-{suffix}"))
     }
+    fn xdp_link_path(&self, ifname: &str, mode: XdpMode) -> PathBuf {
+        let name = ifname.replace('.', "_");
+        self.links_dir()
+            .join(format!("{name}-xdp-{}", mode.as_str()))
+    }
+    /// The XDP link pinned for `ifname` by this version or, failing that, another one, with
+    /// the mode it was attached in.
+    fn pinned_xdp_link(&self, ifname: &str) -> Option<(PathBuf, XdpMode)> {
+        let modes = [XdpMode::Native, XdpMode::Generic];
+        let mine = modes
+            .iter()
+            .map(|m| (self.xdp_link_path(ifname, *m), *m))
+            .find(|(p, _)| p.exists());
+        mine.or_else(|| {
+            self.other_versions().into_iter().find_map(|v| {
+                modes.iter().find_map(|m| {
+                    let file = self.xdp_link_path(ifname, *m);
+                    let p = v.join("links").join(file.file_name()?);
+                    p.exists().then_some((p, *m))
+                })
+            })
+        })
+    }
     fn sock_link_path(&self, program: &str) -> PathBuf {
         self.links_dir().join(format!("cgroup-{program}"))
     }
@@ -252,11 +279,38 @@ pub enum AttachMode {
     Netlink,
 }
 
+/// Where the XDP program runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// In the driver, before any socket buffer exists (veth, most physical NICs).
+    Native,
+    /// Generic (SKB) mode, in the core receive path after the socket buffer is allocated:
+    /// any driver, the same checks, less of the saving.
+    Generic,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+    fn aya(self) -> AyaXdpMode {
+        match self {
+            XdpMode::Native => AyaXdpMode::Driver,
+            XdpMode::Generic => AyaXdpMode::Skb,
+        }
+    }
+}
+
 /// The loaded programs and the maps they share.
 pub struct Dataplane {
     ebpf: Ebpf,
     pins: Option<PinLayout>,
     mode: AttachMode,
+    /// Attach XDP in generic mode even where the driver has native XDP (tests).
+    force_generic_xdp: bool,
     capacities: MapCapacities,
     resized: Vec<Resized>,
 }
@@ -315,6 +369,8 @@ impl Dataplane {
             let prog = sock_program(&mut ebpf, name)?;
             load_retrying(name, || prog.load())?;
         }
+        let prog = xdp_program(&mut ebpf)?;
+        load_retrying(programs::XDP_UPLINK, || prog.load())?;
         let mode = if tcx_supported() {
             AttachMode::Tcx
         } else {
@@ -324,6 +380,7 @@ impl Dataplane {
             ebpf,
             pins,
             mode,
+            force_generic_xdp: false,
             capacities: *capacities,
             resized,
         })
@@ -342,6 +399,12 @@ impl Dataplane {
     /// Attaches through clsact/cls_bpf even where TCX exists (tests of the fallback).
     pub fn force_netlink_attach(&mut self) {
         self.mode = AttachMode::Netlink;
+    }
+
+    /// Attaches XDP in generic mode even where the driver has native XDP (tests of the
+    /// fallback).
+    pub fn force_generic_xdp(&mut self) {
+        self.force_generic_xdp = true;
     }
 
     pub fn attach_mode(&self) -> AttachMode {
@@ -376,6 +439,91 @@ impl Dataplane {
     /// for local pods is checked and delivered straight to them.
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
         self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)
+    }
+
+    /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.
+    pub fn xdp(&mut self) -> Result<&mut Xdp> {
+        xdp_program(&mut self.ebpf)
+    }
+
+    /// Attaches the XDP program to the uplink: natively where the driver supports it,
+    /// generic (SKB) mode otherwise; returns the mode. A link pinned by a previous agent
+    /// (this version or another) gets this agent's program swapped in (`BPF_LINK_UPDATE`)
+    /// and keeps its mode, so the uplink is never without the checks.
+    pub fn attach_uplink_xdp(&mut self, ifname: &str) -> Result<XdpMode> {
+        let pins = self.pins.clone();
+        let force_generic = self.force_generic_xdp;
+        let prog = xdp_program(&mut self.ebpf)?;
+        let err = |action, source| DataplaneError::Program {
+            action,
+            program: programs::XDP_UPLINK,
+            ifname: ifname.to_string(),
+            source: Box::new(source),
+        };
+        if let Some((path, mode)) = pins.as_ref().and_then(|p| p.pinned_xdp_link(ifname)) {
+            let link_err = |source| DataplaneError::Link {
+                path: path.clone(),
+                source: Box::new(source),
+            };
+            let pinned = PinnedLink::from_pin(&path).map_err(link_err)?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err)?;
+            let id = prog.attach_to_link(link).map_err(|e| err("replacing", e))?;
+            let link = prog.take_link(id).map_err(|e| err("releasing", e))?;
+            let new = pins.as_ref().map(|p| p.xdp_link_path(ifname, mode));
+            if let Some(new) = new.filter(|n| *n != path) {
+                // Another version's link: pin it under this version.
+                let fd = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                    path: new.clone(),
+                    source: Box::new(source),
+                })?;
+                fd.pin(&new).map_err(|source| DataplaneError::Pin {
+                    path: new.clone(),
+                    source: Box::new(source),
+                })?;
+                fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                    action: "unpinning the link of another version",
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            // Otherwise the pin keeps the link attached; our fd can go.
+            return Ok(mode);
+        }
+        let modes: &[XdpMode] = if force_generic {
+            &[XdpMode::Generic]
+        } else {
+            &[XdpMode::Native, XdpMode::Generic]
+        };
+        let mut failure = None;
+        for &mode in modes {
+            match prog.attach(ifname, mode.aya()) {
+                Ok(id) => {
+                    let link = prog.take_link(id).map_err(|e| err("releasing", e))?;
+                    match pins.as_ref().map(|p| p.xdp_link_path(ifname, mode)) {
+                        Some(path) => {
+                            let fd =
+                                FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                                    path: path.clone(),
+                                    source: Box::new(source),
+                                })?;
+                            fd.pin(&path).map_err(|source| DataplaneError::Pin {
+                                path,
+                                source: Box::new(source),
+                            })?;
+                        }
+                        // Unpinned (tests): attached as long as the process lives.
+                        None => std::mem::forget(link),
+                    }
+                    return Ok(mode);
+                }
+                // The driver has no native XDP (EOPNOTSUPP), or the like: try the next mode.
+                Err(e) => failure = Some(e),
+            }
+        }
+        Err(err(
+            "attaching",
+            failure.expect("at least one mode was tried"),
+        ))
     }
 
     /// Attaches the tunnel programs to the VXLAN device: `from_tunnel` on ingress (decapsulated
@@ -626,6 +774,13 @@ const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x7765);
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
     ebpf.program_mut(name)
         .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        .ok_or(DataplaneError::MissingProgram { name })
+}
+
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
+    let name = programs::XDP_UPLINK;
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut Xdp>::try_from(p).ok())
         .ok_or(DataplaneError::MissingProgram { name })
 }
 

@@ -16,6 +16,7 @@ pub mod masquerade;
 pub mod netlink;
 pub mod observe;
 pub mod podnet;
+pub mod prefilter;
 pub mod renumber;
 pub mod routing;
 pub mod services;

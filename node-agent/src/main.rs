@@ -192,6 +192,10 @@ struct Args {
     /// another size is recreated with its entries carried over.
     #[arg(long, env = "WEIR_MAP_CAPACITY", default_value = "")]
     map_capacity: weir_api::MapCapacities,
+    /// Address prefixes whose packets the XDP program drops on the uplink: a file of one CIDR
+    /// per line (`#` comments), read at start and again when it changes.
+    #[arg(long, env = "WEIR_PREFILTER_FILE")]
+    prefilter_file: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -292,6 +296,7 @@ async fn run(args: Args) -> Result<()> {
             weir_agent::agent::PendingPodPolicy::Allow
         },
         map_capacities: args.map_capacity,
+        prefilter_file: args.prefilter_file.clone(),
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(
@@ -393,8 +398,12 @@ async fn run(args: Args) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             tick.tick().await;
-            if let Err(e) = refresher.lock().await.refresh_host_addrs().await {
+            let mut agent = refresher.lock().await;
+            if let Err(e) = agent.refresh_host_addrs().await {
                 warn!(error = %e, "refreshing node addresses");
+            }
+            if let Err(e) = agent.refresh_prefilter() {
+                warn!(error = %e, "refreshing the prefilter");
             }
         }
     });

@@ -25,6 +25,7 @@ use weir_common::{
     ip::{IpKey, V4_MAPPED_PREFIX, trie_prefix_len},
     maps as names,
     policy::{PeerClass, Verdict, VerdictKey},
+    prefilter::PrefilterEntry,
     route::{RouteEntry, TunnelPeer},
     service::{NatEntry, ServiceKey, ServiceValue},
 };
@@ -324,6 +325,9 @@ pub struct DataplaneMaps {
     pub service_nat: HashMap<MapData, CtKey, NatEntry>,
     /// Cookie of the node's network namespace, for the socket hooks.
     pub node_netns: Array<MapData, u64>,
+    /// The XDP prefilter's prefixes, and its drops per entry id.
+    pub prefilter: LpmTrie<MapData, IpKey, PrefilterEntry>,
+    pub prefilter_drops: PerCpuArray<MapData, u64>,
     /// The sizes of the configurable tables, as the kernel holds them.
     pub capacities: MapCapacities,
 }
@@ -383,6 +387,8 @@ impl DataplaneMaps {
             services: take!(dp, names::SERVICES, sizes),
             service_nat: take!(dp, names::SERVICE_NAT, sizes),
             node_netns: take!(dp, names::NODE_NETNS),
+            prefilter: take!(dp, names::PREFILTER),
+            prefilter_drops: take!(dp, names::PREFILTER_DROPS),
             capacities: *dp.capacities(),
         };
         for (name, n) in sizes {
@@ -502,6 +508,54 @@ impl DataplaneMaps {
         }
         remove_hash_keys(&mut self.tunnel_peers, |k| !peers.contains(k));
         Ok(())
+    }
+
+    /// Makes the prefilter hold exactly `nets`; returns each prefix with its entry id (the
+    /// slot of its drop counter). A prefix already in the map keeps its id, and so its
+    /// count, across agent restarts; a new one takes the lowest free id, its counter zeroed.
+    /// More prefixes than the map holds is an error, before anything is written.
+    pub fn sync_prefilter(&mut self, nets: &BTreeSet<IpNet>) -> Result<BTreeMap<IpNet, u32>> {
+        // Host bits do not count (the trie ignores them too).
+        let nets: BTreeSet<IpNet> = nets.iter().map(IpNet::trunc).collect();
+        let max = capacity::PREFILTER - 1;
+        if nets.len() > max as usize {
+            return Err(MapsError::Capacity {
+                map: names::PREFILTER,
+                needed: nets.len(),
+                capacity: max,
+            });
+        }
+        let present: Vec<(Key<IpKey>, PrefilterEntry)> =
+            self.prefilter.iter().filter_map(|r| r.ok()).collect();
+        let mut out = BTreeMap::new();
+        for (key, entry) in &present {
+            let net = trie_net(key.prefix_len(), key.data());
+            match net.filter(|n| nets.contains(n)) {
+                Some(n) => {
+                    out.insert(n, entry.id());
+                }
+                None => {
+                    let _ = self.prefilter.remove(key);
+                }
+            }
+        }
+        let mut used: BTreeSet<u32> = out.values().copied().collect();
+        let mut next = 1;
+        for net in &nets {
+            if out.contains_key(net) {
+                continue;
+            }
+            while used.contains(&next) {
+                next += 1;
+            }
+            reset_counter(&mut self.prefilter_drops, next, names::PREFILTER_DROPS)?;
+            self.prefilter
+                .insert(&prefix_key(net), PrefilterEntry::new(next), 0)
+                .map_err(map_err(names::PREFILTER, format!("writing {net}")))?;
+            used.insert(next);
+            out.insert(*net, next);
+        }
+        Ok(out)
     }
 
     /// Sets the class of an address prefix. Full-length prefixes (a pod's address) go to

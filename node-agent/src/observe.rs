@@ -3,7 +3,7 @@
 //! new flows), kept in a bounded log with policy names resolved.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -58,6 +58,13 @@ pub struct MetricsSnapshot {
     pub apply: crate::agent::ApplyStatus,
     /// Entries each configurable table holds at most (`--map-capacity`).
     pub map_capacities: Vec<(&'static str, u32)>,
+    /// The interface the XDP program runs on and its mode (`native`, `generic`); None: not
+    /// attached.
+    pub xdp: Option<(String, &'static str)>,
+    /// Prefilter prefixes and the packets each dropped.
+    pub prefilter_drops: Vec<(String, u64)>,
+    /// Lines of the prefilter file that are not prefixes.
+    pub prefilter_invalid: usize,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -143,7 +150,29 @@ impl MetricsSnapshot {
             conntrack_expired: 0,
             apply: Default::default(),
             map_capacities: maps.capacities.tables(),
+            xdp: None,
+            prefilter_drops: Vec::new(),
+            prefilter_invalid: 0,
         }
+    }
+
+    /// Adds the XDP program's mode and the prefilter's counters.
+    pub fn with_xdp(
+        mut self,
+        maps: &DataplaneMaps,
+        xdp: Option<(&str, crate::dataplane::XdpMode)>,
+        prefilter: &BTreeMap<ipnet::IpNet, u32>,
+        invalid: usize,
+    ) -> Self {
+        self.xdp = xdp.map(|(i, m)| (i.to_string(), m.as_str()));
+        let counts =
+            DataplaneMaps::counter_totals(&maps.prefilter_drops, prefilter.values().copied());
+        self.prefilter_drops = prefilter
+            .iter()
+            .map(|(net, id)| (net.to_string(), counts.get(id).copied().unwrap_or(0)))
+            .collect();
+        self.prefilter_invalid = invalid;
+        self
     }
 
     /// Prometheus text exposition.
@@ -225,6 +254,48 @@ impl Collector for MetricsSnapshot {
             let labels = [("reason".to_string(), reason.as_str().to_string())];
             ConstCounter::new(*n).encode(drops.encode_family(&labels)?)?;
         }
+        let mut xdp_mode = encoder.encode_descriptor(
+            "xdp_mode",
+            "1 for the mode the XDP program runs in on an interface (native: in the driver; \
+             generic: after the socket buffer is allocated; none: not attached, TC alone checks)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        if let Some((interface, mode)) = &self.xdp {
+            let labels = [
+                ("interface".to_string(), interface.clone()),
+                ("mode".to_string(), mode.to_string()),
+            ];
+            ConstGauge::new(1i64).encode(xdp_mode.encode_family(&labels)?)?;
+        } else {
+            let labels = [
+                ("interface".to_string(), String::new()),
+                ("mode".to_string(), "none".to_string()),
+            ];
+            ConstGauge::new(1i64).encode(xdp_mode.encode_family(&labels)?)?;
+        }
+        let mut prefilter = encoder.encode_descriptor(
+            "prefilter_drops",
+            "Packets the XDP prefilter dropped, by prefix",
+            None,
+            kind,
+        )?;
+        for (cidr, n) in &self.prefilter_drops {
+            let labels = [("cidr".to_string(), cidr.clone())];
+            ConstCounter::new(*n).encode(prefilter.encode_family(&labels)?)?;
+        }
+        gauge(
+            &mut encoder,
+            "prefilter_entries",
+            "Prefixes in the XDP prefilter",
+            self.prefilter_drops.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "prefilter_invalid_lines",
+            "Lines of the prefilter file that are not CIDRs (left out of the prefilter)",
+            self.prefilter_invalid as i64,
+        )?;
         let mut hits = encoder.encode_descriptor(
             "policy_rule_flows",
             "New flows admitted, by the policy rule that admitted them",

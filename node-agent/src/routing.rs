@@ -20,8 +20,8 @@ use crate::netlink::{Netlink, NetlinkError, link_mac};
 
 /// Name of the node's VXLAN device.
 pub const TUNNEL_IFNAME: &str = "weir.vxlan";
-/// IANA VXLAN port.
-pub const VXLAN_PORT: u16 = 4789;
+/// IANA VXLAN port (the XDP program's tunnel admission checks datagrams to it).
+pub const VXLAN_PORT: u16 = weir_common::TUNNEL_PORT;
 /// VXLAN network identifier weir uses.
 pub const VNI: u32 = 1;
 

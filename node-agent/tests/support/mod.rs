@@ -71,3 +71,38 @@ pub fn test_run(
     out.truncate(res.data_size_out as usize);
     (res.return_value, out)
 }
+
+/// XDP verdicts (`XDP_*`).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+/// Runs the XDP program on `frame` through `BPF_PROG_TEST_RUN` as if it arrived on
+/// `ifindex` (an interface of the calling thread's namespace); returns the verdict and the
+/// frame as it left.
+pub fn test_run_xdp(
+    dp: &mut weir_agent::dataplane::Dataplane,
+    ifindex: u32,
+    frame: &[u8],
+) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. The kernel wants data 0 and data_end the frame's length.
+    let mut ctx = [0u32; 6];
+    ctx[1] = frame.len() as u32;
+    ctx[3] = ifindex;
+    let ctx: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.ctx_in = Some(&ctx);
+    let prog = dp.xdp().unwrap();
+    let res = prog.test_run(opts).unwrap_or_else(|e| {
+        panic!(
+            "BPF_PROG_TEST_RUN (XDP) of {} bytes {frame:02x?}: {e:?}",
+            frame.len()
+        )
+    });
+    out.truncate(res.data_size_out as usize);
+    (res.return_value, out)
+}

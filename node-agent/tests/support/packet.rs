@@ -144,3 +144,44 @@ pub fn dst_mac(frame: &[u8]) -> [u8; 6] {
 pub fn src_mac(frame: &[u8]) -> [u8; 6] {
     frame[6..12].try_into().unwrap()
 }
+
+/// An Ethernet + IPv4 + UDP frame carrying `payload` (UDP length and IP total length right).
+pub fn udp_with(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut udp = Vec::with_capacity(8 + payload.len());
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    ipv4_frame(src_mac, dst_mac, src, dst, UDP, &udp)
+}
+
+/// A VXLAN datagram (UDP to 4789, VNI 1) from `outer_src` to `outer_dst` carrying the
+/// Ethernet frame `inner`.
+pub fn vxlan(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    payload.extend_from_slice(inner);
+    udp_with(
+        src_mac,
+        dst_mac,
+        outer_src,
+        outer_dst,
+        40000,
+        weir_common::TUNNEL_PORT,
+        &payload,
+    )
+}

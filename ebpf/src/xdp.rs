@@ -1,0 +1,263 @@
+//! XDP on the node's uplink: the checks that need no conntrack, before the kernel allocates a
+//! socket buffer for the packet. Whatever they drop, TC (`from_network`, `from_tunnel`) never
+//! sees; everything else passes untouched, to TC and the host stack.
+//!
+//! * **Malformed headers**: an Ethernet frame too short for its header; an IPv4 header that
+//!   is truncated, not version 4, shorter than 20 bytes or longer than its total length, or
+//!   whose total length runs past the frame; a UDP header (first fragment) that is
+//!   truncated, or whose length is shorter than the header or (unfragmented) longer than the
+//!   IP payload; an IPv6 header that is truncated. The kernel would drop all of these too,
+//!   later and at greater cost.
+//! * **Prefilter**: a source (outer, and the inner one of a VXLAN datagram) in a prefix of
+//!   the `PREFILTER` trie: one LPM lookup, whatever the number of prefixes.
+//! * **Spoofed sources**: no packet from the network may claim this node's addresses or a
+//!   local pod's (the node-to-pod policy exemption is keyed on them), as outer or as inner
+//!   source of a VXLAN datagram. The same check as `from_network`'s (reason `spoofed`).
+//! * **Tunnel admission**: a VXLAN datagram to one of this node's addresses is accepted only
+//!   from another node (`TUNNEL_PEERS`): reason `tunnel_untrusted`. `from_tunnel` checks the
+//!   same after decapsulation (reason `unknown_tunnel_peer`) for the packets XDP did not see
+//!   (an interface without the XDP program, fragmented datagrams reassembled by the kernel).
+//!
+//! The TC checks stay in place: they are the fallback where XDP cannot run, and they cost
+//! a packet that XDP passed two hash lookups.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    maps::lpm_trie::Key,
+    programs::XdpContext,
+};
+use weir_common::{TUNNEL_PORT, conntrack::CtKey, event::DropReason, ip::IpKey, policy::proto};
+
+use crate::{
+    events::record_xdp_drop,
+    maps::{ENDPOINTS, HOST_ADDRS, PREFILTER, PREFILTER_DROPS, TUNNEL_PEERS, count},
+    parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr},
+};
+
+/// Why a packet is dropped, and by which prefilter entry (0: none).
+struct Drop {
+    reason: DropReason,
+    entry: u32,
+    flow: CtKey,
+}
+
+impl Drop {
+    #[inline(always)]
+    fn malformed() -> Self {
+        Self {
+            reason: DropReason::Malformed,
+            entry: 0,
+            flow: CtKey::new(IpKey::UNSPECIFIED, IpKey::UNSPECIFIED, 0, 0, 0),
+        }
+    }
+}
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    match check(ctx) {
+        Ok(()) => XDP_PASS,
+        Err(d) => {
+            if d.entry != 0 {
+                count(&PREFILTER_DROPS, d.entry);
+            }
+            // SAFETY: the xdp_md the kernel passed this program.
+            let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+            record_xdp_drop(ifindex, &d.flow, d.reason, d.entry);
+            XDP_DROP
+        }
+    }
+}
+
+/// Returns a pointer to a `T` at `offset` into the packet, if the packet is long enough.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Drop> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(Drop::malformed());
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[repr(C)]
+struct Ipv4Hdr {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len_be: u16,
+    id_be: u16,
+    frag_off_be: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    ver_tc_flow: [u8; 4],
+    payload_len: u16,
+    next_hdr: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+#[repr(C)]
+struct UdpHdr {
+    sport_be: u16,
+    dport_be: u16,
+    len_be: u16,
+    check: u16,
+}
+
+/// VXLAN header (RFC 7348): flags, reserved bits, the VNI.
+const VXLAN_HLEN: usize = 8;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+#[inline(always)]
+fn check(ctx: &XdpContext) -> Result<(), Drop> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    match u16::from_be(unsafe { (*eth).proto_be }) {
+        ETH_P_IP => outer_v4(ctx),
+        ETH_P_IPV6 => {
+            let (saddr, daddr, next) = v6_addrs(ctx, ETH_HLEN)?;
+            check_source(saddr, daddr, next)
+        }
+        // ARP, VLAN tags and the rest: not ours to judge here.
+        _ => Ok(()),
+    }
+}
+
+/// The outer IPv4 header: its own checks, then the tunnel's if it is a VXLAN datagram.
+#[inline(always)]
+fn outer_v4(ctx: &XdpContext) -> Result<(), Drop> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (ver_ihl, tot_len, frag_off, p, saddr, daddr) = unsafe {
+        (
+            (*ip).ver_ihl,
+            usize::from(u16::from_be((*ip).tot_len_be)),
+            u16::from_be((*ip).frag_off_be),
+            (*ip).proto,
+            IpKey::from_v4((*ip).saddr),
+            IpKey::from_v4((*ip).daddr),
+        )
+    };
+    // At most 60: the verifier sees the bound.
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    let frame = ctx.data_end() - ctx.data();
+    if ver_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || ETH_HLEN + tot_len > frame {
+        return Err(Drop::malformed());
+    }
+    check_source(saddr, daddr, p)?;
+    if p != proto::UDP || frag_off & IP_OFFSET != 0 {
+        // Not UDP, or a later fragment (no UDP header in it).
+        return Ok(());
+    }
+    let l4 = ETH_HLEN + ihl;
+    let udp = ptr_at::<UdpHdr>(ctx, l4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (sport_be, dport_be, ulen) = unsafe {
+        (
+            (*udp).sport_be,
+            (*udp).dport_be,
+            u16::from_be((*udp).len_be),
+        )
+    };
+    let ulen = usize::from(ulen);
+    // The length of a fragmented datagram is that of the whole datagram.
+    if ulen < size_of::<UdpHdr>() || (frag_off & IP_MF == 0 && ulen > tot_len - ihl) {
+        return Err(Drop::malformed());
+    }
+    // SAFETY: existence check only.
+    if u16::from_be(dport_be) != TUNNEL_PORT || unsafe { HOST_ADDRS.get(&daddr).is_none() } {
+        return Ok(());
+    }
+    // A VXLAN datagram to this node: the kernel would decapsulate it whoever sent it.
+    // SAFETY: existence check only.
+    if unsafe { TUNNEL_PEERS.get(&saddr).is_none() } {
+        return Err(Drop {
+            reason: DropReason::TunnelUntrusted,
+            entry: 0,
+            flow: CtKey::new(saddr, daddr, sport_be, dport_be, proto::UDP),
+        });
+    }
+    if frag_off & IP_MF != 0 {
+        // The inner packet continues in other fragments: `from_tunnel` and `from_network`
+        // check it once the kernel has reassembled it.
+        return Ok(());
+    }
+    inner(ctx, l4 + size_of::<UdpHdr>() + VXLAN_HLEN)
+}
+
+/// The inner packet of a VXLAN datagram from another node, whose Ethernet header is at
+/// `offset`: its source is checked as an outer one would be.
+#[inline(always)]
+fn inner(ctx: &XdpContext, offset: usize) -> Result<(), Drop> {
+    let eth = ptr_at::<EthHdr>(ctx, offset)?;
+    let l3 = offset + ETH_HLEN;
+    // SAFETY: bounds checked by ptr_at.
+    match u16::from_be(unsafe { (*eth).proto_be }) {
+        ETH_P_IP => {
+            let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
+            // SAFETY: bounds checked by ptr_at.
+            let (ver_ihl, p, saddr, daddr) = unsafe {
+                (
+                    (*ip).ver_ihl,
+                    (*ip).proto,
+                    IpKey::from_v4((*ip).saddr),
+                    IpKey::from_v4((*ip).daddr),
+                )
+            };
+            if ver_ihl >> 4 != 4 || ver_ihl & 0x0f < 5 {
+                return Err(Drop::malformed());
+            }
+            check_source(saddr, daddr, p)
+        }
+        ETH_P_IPV6 => {
+            let (saddr, daddr, next) = v6_addrs(ctx, l3)?;
+            check_source(saddr, daddr, next)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Source, destination and next header of the IPv6 header at `offset`.
+#[inline(always)]
+fn v6_addrs(ctx: &XdpContext, offset: usize) -> Result<(IpKey, IpKey, u8), Drop> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        Ok((
+            IpKey::from_v6((*ip).saddr),
+            IpKey::from_v6((*ip).daddr),
+            (*ip).next_hdr,
+        ))
+    }
+}
+
+/// The prefilter, then the spoofing check, on a source from the network.
+#[inline(always)]
+fn check_source(saddr: IpKey, daddr: IpKey, p: u8) -> Result<(), Drop> {
+    if let Some(entry) = PREFILTER.get(Key::new(128, saddr)) {
+        return Err(Drop {
+            reason: DropReason::Prefilter,
+            entry: entry.id(),
+            flow: CtKey::new(saddr, daddr, 0, 0, p),
+        });
+    }
+    // SAFETY: existence checks only.
+    if unsafe { HOST_ADDRS.get(&saddr).is_some() || ENDPOINTS.get(&saddr).is_some() } {
+        return Err(Drop {
+            reason: DropReason::Spoofed,
+            entry: 0,
+            flow: CtKey::new(saddr, daddr, 0, 0, p),
+        });
+    }
+    Ok(())
+}
