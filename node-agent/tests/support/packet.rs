@@ -155,13 +155,13 @@ pub fn udp_with(
     dport: u16,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut udp = Vec::with_capacity(8 + payload.len());
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-    ipv4_frame(src_mac, dst_mac, src, dst, UDP, &udp)
+    let mut f = Vec::with_capacity(14 + 20 + 8 + payload.len());
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut f, payload)
+        .expect("a frame within IPv4's size");
+    f
 }
 
 /// A VXLAN datagram (UDP to 4789, VNI 1) from `outer_src` to `outer_dst` carrying the
