@@ -68,6 +68,8 @@ pub struct NodeStateDiff {
     pub routes: TableDiff<ipnet::IpNet, crate::NodeRoute>,
     #[serde(default)]
     pub services: TableDiff<crate::ServiceFrontend, crate::ServiceEntry>,
+    #[serde(default)]
+    pub prefilter: TableDiff<ipnet::IpNet, String>,
 }
 
 impl NodeStateDiff {
@@ -79,6 +81,7 @@ impl NodeStateDiff {
             && self.rule_sets.is_empty()
             && self.routes.is_empty()
             && self.services.is_empty()
+            && self.prefilter.is_empty()
     }
 
     /// Number of entries changed.
@@ -90,6 +93,7 @@ impl NodeStateDiff {
             + self.rule_sets.len()
             + self.routes.len()
             + self.services.len()
+            + self.prefilter.len()
     }
 }
 
@@ -111,6 +115,11 @@ impl NodeState {
                 TableDiff::between(&self.routes, &new.routes)
             },
             services: TableDiff::between(&self.services, &new.services),
+            prefilter: if std::sync::Arc::ptr_eq(&self.prefilter, &new.prefilter) {
+                TableDiff::default()
+            } else {
+                TableDiff::between(&self.prefilter, &new.prefilter)
+            },
         }
     }
 
@@ -124,6 +133,10 @@ impl NodeState {
         if !diff.routes.is_empty() {
             diff.routes
                 .apply_to(std::sync::Arc::make_mut(&mut self.routes));
+        }
+        if !diff.prefilter.is_empty() {
+            diff.prefilter
+                .apply_to(std::sync::Arc::make_mut(&mut self.prefilter));
         }
     }
 }

@@ -292,6 +292,11 @@ pub struct NodeState {
     /// Service frontends this node translates, each with the backends it picks from.
     #[serde(default, with = "pairs")]
     pub services: BTreeMap<ServiceFrontend, ServiceEntry>,
+    /// Source prefixes every node drops on its uplink before anything else looks at the
+    /// packet (the XDP prefilter), each with the object that lists it (a `DropCIDRSet`'s
+    /// name). The same table for every node, shared like `routes`.
+    #[serde(default, with = "shared_pairs")]
+    pub prefilter: Arc<BTreeMap<IpNet, String>>,
 }
 
 /// [`pairs`] for a shared map.

@@ -35,7 +35,8 @@ mod pod;
 ///    carries the conntrack timeouts; `DROPS` has the reason `conntrack_full`.
 /// 6: the XDP program on the uplink: `DROPS` has the reasons `tunnel_untrusted` and
 ///    `prefilter`; new maps `PREFILTER` and `PREFILTER_DROPS`.
-pub const ABI_VERSION: u32 = 6;
+/// 7: `PREFILTER` and `PREFILTER_DROPS` hold 131,072 slots (were 65,536).
+pub const ABI_VERSION: u32 = 7;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {
@@ -167,5 +168,5 @@ pub mod capacity {
     /// Prefixes of the XDP prefilter, and their per-CPU drop counters (ids from 1, so one
     /// prefix fewer than slots). The trie's lookup cost does not grow with its entries; the
     /// counters cost 8 bytes per slot per CPU.
-    pub const PREFILTER: u32 = 65_536;
+    pub const PREFILTER: u32 = 131_072;
 }

@@ -19,6 +19,9 @@
 //!   EndpointSlice part weir leaves out (an unknown protocol, a named `targetPort` no
 //!   backend has, a frontend another Service already holds); the rest of the Service, and
 //!   every other Service, is proxied as usual;
+//! * reason [`INVALID_DROP_CIDR_SET_REASON`] for a DropCIDRSet entry weir leaves out (not a
+//!   CIDR, holding a node's address or a pod CIDR, beyond the prefilter's room); the set's
+//!   other entries, and every other set, still apply;
 //! * reason [`POLICY_TOO_LARGE_REASON`] for a NetworkPolicy whose rule set does not fit a
 //!   node's dataplane with the node's other policies (the pods it selects on that node fail
 //!   closed in that direction; every other pod keeps its policies).
@@ -71,6 +74,8 @@ pub const NORMALIZED_POLICY_REASON: &str = "NetworkPolicyValueNormalized";
 pub const INVALID_SERVICE_REASON: &str = "InvalidService";
 /// Reason of the Event for an EndpointSlice part weir leaves out.
 pub const INVALID_ENDPOINT_SLICE_REASON: &str = "InvalidEndpointSlice";
+/// Reason of the Event for a DropCIDRSet entry weir leaves out.
+pub const INVALID_DROP_CIDR_SET_REASON: &str = "InvalidDropCIDRSet";
 /// Reason of the Event for a policy whose rule set does not fit a node's maps.
 pub const POLICY_TOO_LARGE_REASON: &str = "PolicyTooLarge";
 /// `reportingController` of weir's Events (must be a qualified name).
@@ -89,6 +94,7 @@ pub enum Subject {
     ClusterNetworkPolicy,
     Service,
     EndpointSlice,
+    DropCidrSet,
 }
 
 impl Subject {
@@ -98,6 +104,7 @@ impl Subject {
             Self::ClusterNetworkPolicy => "ClusterNetworkPolicy",
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
+            Self::DropCidrSet => crate::compiler::drop_cidrs::KIND,
         }
     }
 
@@ -107,13 +114,19 @@ impl Subject {
             Self::ClusterNetworkPolicy => crate::compiler::cnp::API_VERSION,
             Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::DropCidrSet => crate::compiler::drop_cidrs::API_VERSION,
         }
     }
 
     fn from_kind(kind: &str) -> Option<Self> {
-        [Self::NetworkPolicy, Self::Service, Self::EndpointSlice]
-            .into_iter()
-            .find(|s| s.kind() == kind)
+        [
+            Self::NetworkPolicy,
+            Self::Service,
+            Self::EndpointSlice,
+            Self::DropCidrSet,
+        ]
+        .into_iter()
+        .find(|s| s.kind() == kind)
     }
 }
 
@@ -454,6 +467,10 @@ impl DiagnosticEvents {
             (Subject::EndpointSlice, _) => (
                 INVALID_ENDPOINT_SLICE_REASON,
                 "; weir leaves this part out and uses the rest",
+            ),
+            (Subject::DropCidrSet, _) => (
+                INVALID_DROP_CIDR_SET_REASON,
+                "; weir leaves this entry out and drops the rest",
             ),
         };
         let mut note = format!("{}: {}{consequence}", report.field, report.problem);

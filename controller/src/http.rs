@@ -17,7 +17,8 @@
 //! (`published_nodes`, `node_published_version{node}`); what agents report
 //! (`node_applied_version{node}`, `node_agent_ready{node}`, `agents_in_sync`); the compile loop
 //! (`compile_duration_seconds` histogram, `node_cidr_errors`, `invalid_service_objects`:
-//! Services and EndpointSlices with a part the compiler left out); invalid policies
+//! Services and EndpointSlices with a part the compiler left out, `invalid_drop_cidr_sets`:
+//! DropCIDRSets with an entry left out); invalid policies
 //! (`invalid_policies`), from [`PolicyEventMetrics`] in Kubernetes mode and from the compiler
 //! with a manifest directory; in Kubernetes mode also the policy diagnostics counters
 //! (`invalid_policy_generations_total`, `normalized_policy_values_total`,
@@ -57,6 +58,7 @@ pub struct CompileMetrics {
     invalid_policies: AtomicU64,
     node_cidr_errors: AtomicU64,
     invalid_service_objects: AtomicU64,
+    invalid_drop_cidr_sets: AtomicU64,
     rule_sets_too_large: AtomicU64,
 }
 
@@ -70,6 +72,7 @@ impl Default for CompileMetrics {
             invalid_policies: AtomicU64::new(0),
             node_cidr_errors: AtomicU64::new(0),
             invalid_service_objects: AtomicU64::new(0),
+            invalid_drop_cidr_sets: AtomicU64::new(0),
             rule_sets_too_large: AtomicU64::new(0),
         }
     }
@@ -89,6 +92,8 @@ impl CompileMetrics {
             .store(report.node_cidr_errors as u64, Ordering::Relaxed);
         self.invalid_service_objects
             .store(report.invalid_service_objects as u64, Ordering::Relaxed);
+        self.invalid_drop_cidr_sets
+            .store(report.invalid_drop_cidr_sets as u64, Ordering::Relaxed);
         self.rule_sets_too_large
             .store(report.rule_sets_too_large as u64, Ordering::Relaxed);
         self.compiled.store(true, Ordering::Release);
@@ -210,6 +215,7 @@ struct Snapshot {
     duration: Histogram,
     node_cidr_errors: u64,
     invalid_service_objects: u64,
+    invalid_drop_cidr_sets: u64,
     refused_certificate_requests: Option<u64>,
     rule_sets_too_large: u64,
     invalid_policies: u64,
@@ -258,6 +264,10 @@ impl Snapshot {
             invalid_service_objects: endpoint
                 .compiles
                 .invalid_service_objects
+                .load(Ordering::Relaxed),
+            invalid_drop_cidr_sets: endpoint
+                .compiles
+                .invalid_drop_cidr_sets
                 .load(Ordering::Relaxed),
             refused_certificate_requests: endpoint
                 .bootstrap
@@ -312,6 +322,12 @@ impl Collector for Snapshot {
             "invalid_service_objects",
             "Services and EndpointSlices with a part the compiler could not use and left out",
             as_gauge(self.invalid_service_objects),
+        )?;
+        gauge(
+            &mut encoder,
+            "invalid_drop_cidr_sets",
+            "DropCIDRSets with an entry left out (not a CIDR, holding a node's address or pods, no room)",
+            as_gauge(self.invalid_drop_cidr_sets),
         )?;
         let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
@@ -607,6 +623,7 @@ mod tests {
             invalid_policies: 7,
             node_cidr_errors: 0,
             invalid_service_objects: 2,
+            invalid_drop_cidr_sets: 1,
             rule_sets_too_large: 3,
         });
         let endpoint = ControllerEndpoint::new(compiles, StatePublisher::new())
@@ -622,6 +639,11 @@ mod tests {
         assert_eq!(
             sample(&body, "weir_controller_invalid_service_objects", ""),
             Some(2.0),
+            "{body}"
+        );
+        assert_eq!(
+            sample(&body, "weir_controller_invalid_drop_cidr_sets", ""),
+            Some(1.0),
             "{body}"
         );
         // The Event counters' gauge, not the compiler's count: one family, one value.

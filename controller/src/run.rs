@@ -23,6 +23,7 @@ use crate::{
     Cluster, Compiler, PolicyKey, Severity,
     compiler::{
         capacity::{self, Capacities, TooLarge},
+        drop_cidrs,
         service::{ObjectName, ServiceDiagnostic},
     },
     node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
@@ -39,6 +40,10 @@ pub struct Controller {
     reported: BTreeSet<String>,
     /// What the last compile could not use of the Services and EndpointSlices.
     service_diagnostics: Vec<ServiceDiagnostic>,
+    /// What the last compile could not use of the DropCIDRSets.
+    drop_set_diagnostics: Vec<ServiceDiagnostic>,
+    /// The prefilter every node state shares (replaced only when it changes, like routes).
+    prefilter: Arc<BTreeMap<IpNet, String>>,
     /// Node objects: address and the pod CIDRs the cluster set.
     nodes: BTreeMap<String, NodeInfo>,
     node_cidrs: Option<(NodeCidrAllocator, Box<dyn CidrStore + Send>)>,
@@ -82,6 +87,8 @@ pub struct CompileReport {
     pub node_cidr_errors: usize,
     /// Services and EndpointSlices with something the compiler could not use (left out).
     pub invalid_service_objects: usize,
+    /// DropCIDRSets with an entry left out (not a CIDR, cutting the cluster off, no room).
+    pub invalid_drop_cidr_sets: usize,
     /// Rule sets (node, rule set) emptied because the node's state did not fit the agent's
     /// maps: the pods they select fail closed.
     pub rule_sets_too_large: usize,
@@ -103,6 +110,8 @@ impl Controller {
             published: BTreeMap::new(),
             reported: BTreeSet::new(),
             service_diagnostics: Vec::new(),
+            drop_set_diagnostics: Vec::new(),
+            prefilter: Arc::default(),
             nodes: BTreeMap::new(),
             node_cidrs: None,
             cidrs_saved: BTreeMap::new(),
@@ -157,6 +166,11 @@ impl Controller {
         &self.service_diagnostics
     }
 
+    /// What the last compile could not use of the DropCIDRSets (left out).
+    pub fn drop_set_diagnostics(&self) -> &[ServiceDiagnostic] {
+        &self.drop_set_diagnostics
+    }
+
     /// The rule sets the last compile found too large for their node (they fail closed).
     pub fn too_large(&self) -> &[TooLarge] {
         &self.too_large
@@ -191,6 +205,7 @@ impl Controller {
                     }
                     Object::Service(o) => self.cluster.upsert_service(o).map(|_| ()),
                     Object::EndpointSlice(o) => self.cluster.upsert_endpoint_slice(o).map(|_| ()),
+                    Object::DropCidrSet(o) => self.cluster.upsert_drop_set(o).map(|_| ()),
                 },
                 Change::Delete(k) => {
                     match k.kind {
@@ -213,6 +228,7 @@ impl Controller {
                         "EndpointSlice" => self
                             .cluster
                             .delete_endpoint_slice(&ObjectName::new(&k.namespace, &k.name)),
+                        drop_cidrs::KIND => self.cluster.delete_drop_set(&k.name),
                         _ => {}
                     }
                     Ok(())
@@ -275,18 +291,37 @@ impl Controller {
                 warn!(diagnostic = %line, "unusable part of a Service or EndpointSlice (left out)");
             }
         }
-        self.reported = current;
-        self.service_diagnostics = out.service_diagnostics;
         let routes = self.routes();
         if *self.routes != routes {
             self.routes = Arc::new(routes);
         }
+        let (prefilter, mut drop_diags) = self.prefilter_table();
+        if *self.prefilter != prefilter {
+            self.prefilter = Arc::new(prefilter);
+        }
+        drop_diags.splice(0..0, self.cluster.drop_set_diagnostics().cloned());
+        for d in &drop_diags {
+            let line = d.to_string();
+            current.insert(line.clone());
+            if !self.reported.contains(&line) {
+                warn!(diagnostic = %line, "unusable entry of a DropCIDRSet (left out)");
+            }
+        }
+        let invalid_drop_cidr_sets = drop_diags
+            .iter()
+            .map(|d| &d.object)
+            .collect::<BTreeSet<_>>()
+            .len();
+        self.drop_set_diagnostics = drop_diags;
+        self.reported = current;
+        self.service_diagnostics = out.service_diagnostics;
         let mut versions = BTreeMap::new();
         let mut published = 0usize;
         let mut too_large = BTreeSet::new();
         let mut too_large_sets = Vec::new();
         for (node, mut state) in out.nodes {
             state.routes = self.routes.clone();
+            state.prefilter = self.prefilter.clone();
             // A state the agent cannot hold is cut down to one it can, failing closed for
             // the policies that do not fit, before anything is published.
             // The node's agent's own map sizes; the defaults if it reports none.
@@ -358,6 +393,7 @@ impl Controller {
                 invalid_policies,
                 node_cidr_errors: self.cidr_errors.len(),
                 invalid_service_objects,
+                invalid_drop_cidr_sets,
                 rule_sets_too_large: too_large_count,
             });
         }
@@ -366,6 +402,27 @@ impl Controller {
 }
 
 impl Controller {
+    /// The DropCIDRSets' prefixes every node drops, sparing nodes' addresses and pod CIDRs
+    /// (see [`drop_cidrs`]), and what is left out.
+    fn prefilter_table(&self) -> (BTreeMap<IpNet, String>, Vec<ServiceDiagnostic>) {
+        let node_ips: BTreeMap<IpAddr, String> = self
+            .nodes
+            .iter()
+            .filter_map(|(name, info)| Some((info.ip?, name.clone())))
+            .collect();
+        let pod_cidrs: BTreeMap<IpNet, String> = self
+            .routes
+            .iter()
+            .map(|(cidr, r)| (*cidr, r.node.clone()))
+            .collect();
+        drop_cidrs::prefilter_table(
+            self.cluster.drop_sets(),
+            &node_ips,
+            &pod_cidrs,
+            drop_cidrs::CAPACITY,
+        )
+    }
+
     /// Every node's pod CIDRs and address: the route table every agent gets. Nodes without
     /// an address or a CIDR are left out (their agents wait).
     fn routes(&mut self) -> BTreeMap<IpNet, NodeRoute> {

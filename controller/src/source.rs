@@ -16,7 +16,10 @@ use k8s_openapi::api::{
 };
 use serde::Deserialize;
 
-use crate::compiler::cnp::{self, ClusterNetworkPolicy};
+use crate::compiler::{
+    cnp::{self, ClusterNetworkPolicy},
+    drop_cidrs::{self, DropCidrSet},
+};
 
 /// A cluster object the controller understands.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +35,7 @@ pub enum Object {
     ClusterNetworkPolicy(ClusterNetworkPolicy),
     Service(Service),
     EndpointSlice(EndpointSlice),
+    DropCidrSet(DropCidrSet),
 }
 
 /// Identity of an object: kind, namespace ("" for cluster-scoped kinds), name.
@@ -62,6 +66,7 @@ impl Object {
             Object::ClusterNetworkPolicy(o) => ("ClusterNetworkPolicy", &o.metadata),
             Object::Service(o) => ("Service", &o.metadata),
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            Object::DropCidrSet(o) => (drop_cidrs::KIND, &o.metadata),
         };
         ObjectKey {
             kind,
@@ -140,6 +145,16 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
             "EndpointSlice" => {
                 Object::EndpointSlice(serde_json::from_value(v).map_err(|e| e.to_string())?)
             }
+            drop_cidrs::KIND => {
+                let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
+                if api_version != drop_cidrs::API_VERSION {
+                    return Err(format!(
+                        "DropCIDRSet of apiVersion {api_version:?}: only {} is supported",
+                        drop_cidrs::API_VERSION
+                    ));
+                }
+                Object::DropCidrSet(serde_json::from_value(v).map_err(|e| e.to_string())?)
+            }
             _ => unreachable!("filtered below"),
         };
         if o.key().name.is_empty() {
@@ -164,7 +179,8 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
         | "NetworkPolicy"
         | "ClusterNetworkPolicy"
         | "Service"
-        | "EndpointSlice" => out.push(typed(value)?),
+        | "EndpointSlice"
+        | drop_cidrs::KIND => out.push(typed(value)?),
         _ => {}
     }
     Ok(())

@@ -206,10 +206,11 @@ fn node_listener(netns: &Netns) -> Listener {
     Listener(s)
 }
 
-/// Value of `weir_agent_prefilter_drops_total{cidr}` on a node.
-fn prefilter_drops(c: &LocalCluster, node: usize, cidr: &str) -> Option<u64> {
+/// Value of `weir_agent_prefilter_drops_total{cidr,source}` on a node.
+fn prefilter_drops(c: &LocalCluster, node: usize, cidr: &str, source: &str) -> Option<u64> {
     let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
-    let prefix = format!("weir_agent_prefilter_drops_total{{cidr=\"{cidr}\"}} ");
+    let prefix =
+        format!("weir_agent_prefilter_drops_total{{cidr=\"{cidr}\",source=\"{source}\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&prefix))
@@ -235,7 +236,7 @@ async fn a_prefiltered_sender_is_dropped_at_the_uplink_and_others_pass() {
     let external = c.external().expect("external host").clone();
     let target = c.nodes()[0].ip;
     let listener = node_listener(&c.nodes()[0].netns);
-    assert_eq!(prefilter_drops(&c, 0, &external_net), Some(0));
+    assert_eq!(prefilter_drops(&c, 0, &external_net, "file"), Some(0));
 
     let send = |from: &Netns, payload: &'static [u8]| {
         from.within(move || {
@@ -250,7 +251,7 @@ async fn a_prefiltered_sender_is_dropped_at_the_uplink_and_others_pass() {
         None,
         "the prefiltered host reached the node"
     );
-    assert!(prefilter_drops(&c, 0, &external_net).unwrap() > 0);
+    assert!(prefilter_drops(&c, 0, &external_net, "file").unwrap() > 0);
     assert!(drops(&c, 0, "prefilter") > 0);
 
     let other = c.nodes()[1].netns.clone();
@@ -265,4 +266,92 @@ async fn a_prefiltered_sender_is_dropped_at_the_uplink_and_others_pass() {
         metrics.contains("weir_agent_prefilter_invalid_lines 1"),
         "the line that is not a CIDR is reported: {metrics}"
     );
+}
+
+/// Sends one UDP datagram from inside `from` to `to`:[`TARGET_PORT`].
+fn send_udp(from: &Netns, to: Ipv4Addr, payload: &'static [u8]) {
+    from.within(move || {
+        UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?.send_to(payload, (to, TARGET_PORT))
+    })
+    .expect("enter the sender's namespace")
+    .expect("send");
+}
+
+/// A DropCIDRSet reaches every node's prefilter: the external host it lists is dropped by
+/// XDP on each node (counted under the set's name) while the nodes still reach each other;
+/// an entry holding a node's address is left out and reported, the set's other entries
+/// apply; an agent that restarts keeps dropping; deleting the set lets the host through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drop_cidr_set_reaches_every_node_and_spares_the_cluster() {
+    let mut c = cluster(2, Topology::L2).await;
+    let external = c.external().expect("external host").clone();
+    let external_net = format!("{}/32", weir_localcluster::EXTERNAL_IP);
+    let node1_net = format!("{}/32", c.nodes()[1].ip);
+    c.apply_object(&json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "DropCIDRSet",
+        "metadata": {"name": "scanners"},
+        "spec": {"cidrs": [external_net, node1_net, "not-a-cidr"]},
+    }))
+    .unwrap();
+    c.sync().await.unwrap();
+
+    for node in 0..2 {
+        let listener = node_listener(&c.nodes()[node].netns);
+        send_udp(&external.netns, c.nodes()[node].ip, b"from a listed host");
+        assert_eq!(
+            listener.received(Duration::from_secs(1)),
+            None,
+            "the listed host reached node {node}"
+        );
+        assert!(
+            prefilter_drops(&c, node, &external_net, "scanners").unwrap_or(0) > 0,
+            "node {node} counts the drop under the set's name"
+        );
+        assert!(drops(&c, node, "prefilter") > 0);
+        assert_eq!(
+            prefilter_drops(&c, node, &node1_net, "scanners"),
+            None,
+            "an entry holding a node's address is left out"
+        );
+    }
+    let listener = node_listener(&c.nodes()[0].netns);
+    send_udp(&c.nodes()[1].netns.clone(), c.nodes()[0].ip, b"from node 1");
+    assert_eq!(
+        listener.received(Duration::from_secs(2)).as_deref(),
+        Some(&b"from node 1"[..]),
+        "a node listed by mistake still reaches the others"
+    );
+    let log = std::fs::read_to_string(c.controller().unwrap().dir.join("controller.log")).unwrap();
+    for problem in ["holds node", "not a CIDR"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("DropCIDRSet scanners") && l.contains(problem)),
+            "the controller reports the entry that {problem}: {log}"
+        );
+    }
+
+    // An agent that restarts keeps the prefilter: while it is down, and once it is back.
+    c.kill_agent(0);
+    send_udp(&external.netns, c.nodes()[0].ip, b"while no agent runs");
+    assert_eq!(listener.received(Duration::from_secs(1)), None);
+    c.start_agent(0).await.unwrap();
+    send_udp(&external.netns, c.nodes()[0].ip, b"while the agent starts");
+    assert_eq!(listener.received(Duration::from_secs(1)), None);
+    c.wait_agent_ready(0, Duration::from_secs(30))
+        .await
+        .unwrap();
+    send_udp(&external.netns, c.nodes()[0].ip, b"after the restart");
+    assert_eq!(listener.received(Duration::from_secs(1)), None);
+    assert!(prefilter_drops(&c, 0, &external_net, "scanners").unwrap_or(0) > 0);
+
+    c.delete_object("DropCIDRSet", None, "scanners").unwrap();
+    c.sync().await.unwrap();
+    send_udp(&external.netns, c.nodes()[0].ip, b"no longer listed");
+    assert_eq!(
+        listener.received(Duration::from_secs(2)).as_deref(),
+        Some(&b"no longer listed"[..]),
+        "a deleted set drops nothing"
+    );
+    assert_eq!(prefilter_drops(&c, 0, &external_net, "scanners"), None);
 }

@@ -240,8 +240,12 @@ pub struct Agent {
     /// The interface the XDP program runs on and its mode; None: it could not be attached
     /// (the TC programs still make the same checks, but for the prefilter's).
     xdp: Option<(String, XdpMode)>,
-    /// The prefilter file as last read, and the entry id of each of its prefixes.
+    /// The prefilter file as last read.
     prefilter: Option<crate::prefilter::PrefilterList>,
+    /// The controller's prefilter (its DropCIDRSets), once a state has been applied: until
+    /// then the prefixes a previous agent left stay.
+    prefilter_cluster: Option<std::sync::Arc<BTreeMap<IpNet, String>>>,
+    /// Every prefix in the prefilter with its entry id.
     prefilter_ids: BTreeMap<IpNet, u32>,
 }
 
@@ -388,6 +392,7 @@ impl Agent {
             incomplete_rule_sets: Default::default(),
             xdp,
             prefilter: None,
+            prefilter_cluster: None,
             prefilter_ids: BTreeMap::new(),
         };
         if let Err(e) = agent.refresh_prefilter() {
@@ -473,42 +478,110 @@ impl Agent {
     }
 
     /// Reads the prefilter file (if one is configured) and, when its contents changed since
-    /// the last read, makes the `PREFILTER` map hold its prefixes. A file that cannot be read
-    /// keeps the prefixes last read (at start: the ones a previous agent left in the map).
+    /// the last read, makes the `PREFILTER` map hold its prefixes with the controller's. A file
+    /// that cannot be read keeps the prefixes last read (at start: the ones a previous agent
+    /// left in the map).
     pub fn refresh_prefilter(&mut self) -> Result<()> {
-        let Some(path) = self.cfg.prefilter_file.clone() else {
-            if self.prefilter.is_none() {
-                // Configured off: a previous agent's entries go.
-                self.prefilter_ids = self.maps.sync_prefilter(&Default::default())?;
-                self.prefilter = Some(Default::default());
-            }
-            return Ok(());
+        let list = match self.cfg.prefilter_file.clone() {
+            None => crate::prefilter::PrefilterList::default(),
+            Some(path) => match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let list = crate::prefilter::parse(&text);
+                    if self.prefilter.as_ref() != Some(&list) {
+                        for (line, entry) in &list.invalid {
+                            warn!(file = %path.display(), line, entry, "not a CIDR: left out of the prefilter");
+                        }
+                        info!(file = %path.display(), prefixes = list.nets.len(), invalid = list.invalid.len(), "prefilter file read");
+                    }
+                    list
+                }
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "reading the prefilter file; the prefilter stays as it was");
+                    return Ok(());
+                }
+            },
         };
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(file = %path.display(), error = %e, "reading the prefilter file; the prefilter stays as it was");
-                return Ok(());
-            }
-        };
-        let list = crate::prefilter::parse(&text);
         if self.prefilter.as_ref() == Some(&list) {
             return Ok(());
         }
-        for (line, entry) in &list.invalid {
-            warn!(file = %path.display(), line, entry, "not a CIDR: left out of the prefilter");
-        }
-        self.prefilter_ids = self.maps.sync_prefilter(&list.nets)?;
-        info!(file = %path.display(), prefixes = list.nets.len(), invalid = list.invalid.len(), "prefilter loaded");
         self.prefilter = Some(list);
+        self.sync_prefilter()
+    }
+
+    /// Takes the controller's prefilter (its DropCIDRSets) from `state`.
+    pub fn apply_prefilter(&mut self, state: &NodeState) -> Result<()> {
+        if self
+            .prefilter_cluster
+            .as_ref()
+            .is_some_and(|p| std::sync::Arc::ptr_eq(p, &state.prefilter) || **p == *state.prefilter)
+        {
+            return Ok(());
+        }
+        info!(
+            prefixes = state.prefilter.len(),
+            "prefilter from the cluster's DropCIDRSets"
+        );
+        self.prefilter_cluster = Some(state.prefilter.clone());
+        self.sync_prefilter()
+    }
+
+    /// Makes the `PREFILTER` map hold the controller's prefixes and the file's (as many of
+    /// the file's as fit after the controller's). Until the controller's are known, what the
+    /// map holds stays too.
+    fn sync_prefilter(&mut self) -> Result<()> {
+        let max = weir_common::capacity::PREFILTER as usize - 1;
+        let mut nets: std::collections::BTreeSet<IpNet> = self
+            .prefilter_cluster
+            .iter()
+            .flat_map(|p| p.keys().copied())
+            .collect();
+        let mut left_out = 0usize;
+        for net in self.prefilter.iter().flat_map(|l| &l.nets) {
+            if nets.len() < max || nets.contains(net) {
+                nets.insert(*net);
+            } else {
+                left_out += 1;
+            }
+        }
+        if left_out > 0 {
+            warn!(
+                left_out,
+                capacity = max,
+                "the prefilter is full: prefixes of the file left out"
+            );
+        }
+        self.prefilter_ids = self
+            .maps
+            .sync_prefilter(&nets, self.prefilter_cluster.is_none())?;
         Ok(())
     }
 
-    /// The prefilter's prefixes with their entry ids, and the lines of the file that are not
+    /// The prefilter's prefixes with their entry ids and where each comes from (the
+    /// DropCIDRSet that lists it, or `file`), and the lines of the file that are not
     /// prefixes.
-    pub fn prefilter(&self) -> (&BTreeMap<IpNet, u32>, usize) {
+    pub fn prefilter(&self) -> (Vec<(IpNet, u32, String)>, usize) {
+        let source = |net: &IpNet| {
+            self.prefilter_cluster
+                .as_ref()
+                .and_then(|p| p.get(net).cloned())
+                .unwrap_or_else(|| {
+                    if self
+                        .prefilter
+                        .as_ref()
+                        .is_some_and(|l| l.nets.contains(net))
+                    {
+                        "file".to_string()
+                    } else {
+                        // Left by a previous agent, until the controller's state arrives.
+                        String::new()
+                    }
+                })
+        };
         (
-            &self.prefilter_ids,
+            self.prefilter_ids
+                .iter()
+                .map(|(net, id)| (*net, *id, source(net)))
+                .collect(),
             self.prefilter.as_ref().map_or(0, |l| l.invalid.len()),
         )
     }

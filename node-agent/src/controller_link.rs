@@ -44,7 +44,17 @@ impl StateSink for DataplaneSink {
             } else {
                 Ok(())
             };
-            let outcome = policy.and(routes);
+            let prefilter_changed = match change {
+                Applied::Snapshot => true,
+                Applied::Diff(d) => !d.prefilter.is_empty(),
+                Applied::Unchanged => false,
+            };
+            let prefilter = if prefilter_changed {
+                agent.apply_prefilter(state)
+            } else {
+                Ok(())
+            };
+            let outcome = policy.and(routes).and(prefilter);
             agent.record_apply(outcome.as_ref().map(|_| ()));
             outcome?;
         }

@@ -132,7 +132,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         let (prefilter, invalid) = agent.prefilter();
         let mut snapshot =
             MetricsSnapshot::read(agent.maps(), agent.policy(), agent.ready(), s.flows.total())
-                .with_xdp(agent.maps(), agent.xdp(), prefilter, invalid);
+                .with_xdp(agent.maps(), agent.xdp(), &prefilter, invalid);
         snapshot.pods_started_before_policy = agent.pods_started_before_policy();
         snapshot.host_addrs_left_out = agent.host_addrs_left_out();
         (snapshot.conntrack_entries, snapshot.conntrack_expired) = agent.conntrack_counts();

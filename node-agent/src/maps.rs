@@ -513,8 +513,13 @@ impl DataplaneMaps {
     /// Makes the prefilter hold exactly `nets`; returns each prefix with its entry id (the
     /// slot of its drop counter). A prefix already in the map keeps its id, and so its
     /// count, across agent restarts; a new one takes the lowest free id, its counter zeroed.
-    /// More prefixes than the map holds is an error, before anything is written.
-    pub fn sync_prefilter(&mut self, nets: &BTreeSet<IpNet>) -> Result<BTreeMap<IpNet, u32>> {
+    /// More prefixes than the map holds is an error, before anything is written. With
+    /// `keep_present`, prefixes the map holds that are not in `nets` stay (and are returned).
+    pub fn sync_prefilter(
+        &mut self,
+        nets: &BTreeSet<IpNet>,
+        keep_present: bool,
+    ) -> Result<BTreeMap<IpNet, u32>> {
         // Host bits do not count (the trie ignores them too).
         let nets: BTreeSet<IpNet> = nets.iter().map(IpNet::trunc).collect();
         let max = capacity::PREFILTER - 1;
@@ -530,7 +535,7 @@ impl DataplaneMaps {
         let mut out = BTreeMap::new();
         for (key, entry) in &present {
             let net = trie_net(key.prefix_len(), key.data());
-            match net.filter(|n| nets.contains(n)) {
+            match net.filter(|n| keep_present || nets.contains(n)) {
                 Some(n) => {
                     out.insert(n, entry.id());
                 }

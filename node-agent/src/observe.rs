@@ -3,7 +3,7 @@
 //! new flows), kept in a bounded log with policy names resolved.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::VecDeque,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -62,7 +62,8 @@ pub struct MetricsSnapshot {
     /// attached.
     pub xdp: Option<(String, &'static str)>,
     /// Prefilter prefixes and the packets each dropped.
-    pub prefilter_drops: Vec<(String, u64)>,
+    /// (prefix, the DropCIDRSet that lists it or `file`, drops).
+    pub prefilter_drops: Vec<(String, String, u64)>,
     /// Lines of the prefilter file that are not prefixes.
     pub prefilter_invalid: usize,
 }
@@ -161,15 +162,23 @@ impl MetricsSnapshot {
         mut self,
         maps: &DataplaneMaps,
         xdp: Option<(&str, crate::dataplane::XdpMode)>,
-        prefilter: &BTreeMap<ipnet::IpNet, u32>,
+        prefilter: &[(ipnet::IpNet, u32, String)],
         invalid: usize,
     ) -> Self {
         self.xdp = xdp.map(|(i, m)| (i.to_string(), m.as_str()));
-        let counts =
-            DataplaneMaps::counter_totals(&maps.prefilter_drops, prefilter.values().copied());
+        let counts = DataplaneMaps::counter_totals(
+            &maps.prefilter_drops,
+            prefilter.iter().map(|(_, id, _)| *id),
+        );
         self.prefilter_drops = prefilter
             .iter()
-            .map(|(net, id)| (net.to_string(), counts.get(id).copied().unwrap_or(0)))
+            .map(|(net, id, source)| {
+                (
+                    net.to_string(),
+                    source.clone(),
+                    counts.get(id).copied().unwrap_or(0),
+                )
+            })
             .collect();
         self.prefilter_invalid = invalid;
         self
@@ -280,8 +289,11 @@ impl Collector for MetricsSnapshot {
             None,
             kind,
         )?;
-        for (cidr, n) in &self.prefilter_drops {
-            let labels = [("cidr".to_string(), cidr.clone())];
+        for (cidr, source, n) in &self.prefilter_drops {
+            let labels = [
+                ("cidr".to_string(), cidr.clone()),
+                ("source".to_string(), source.clone()),
+            ];
             ConstCounter::new(*n).encode(prefilter.encode_family(&labels)?)?;
         }
         gauge(

@@ -275,6 +275,7 @@ impl IdTranslation {
                 .collect(),
             routes: state.routes.clone(),
             services: state.services.clone(),
+            prefilter: state.prefilter.clone(),
         }
     }
 
@@ -320,6 +321,7 @@ impl IdTranslation {
             ),
             routes: diff.routes.clone(),
             services: diff.services.clone(),
+            prefilter: diff.prefilter.clone(),
         }
     }
 

@@ -76,7 +76,7 @@ impl Node {
 
     fn prefilter(&mut self, nets: &[&str]) -> std::collections::BTreeMap<IpNet, u32> {
         let nets: BTreeSet<IpNet> = nets.iter().map(|n| n.parse().unwrap()).collect();
-        self.maps.sync_prefilter(&nets).unwrap()
+        self.maps.sync_prefilter(&nets, false).unwrap()
     }
 
     fn prefilter_drops(&self, id: u32) -> u64 {

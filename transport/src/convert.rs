@@ -188,6 +188,13 @@ fn rule_set(id: u32, info: &RuleSetInfo) -> pb::RuleSet {
     }
 }
 
+fn drop_prefix(net: &IpNet, source: &str) -> pb::DropPrefix {
+    pb::DropPrefix {
+        prefix: Some(ip_prefix(net)),
+        source: source.to_owned(),
+    }
+}
+
 fn route(cidr: &IpNet, r: &NodeRoute) -> pb::Route {
     pb::Route {
         pod_cidr: Some(ip_prefix(cidr)),
@@ -296,6 +303,7 @@ impl From<&NodeState> for pb::NodeState {
             rule_sets: s.rule_sets.iter().map(|(k, v)| rule_set(*k, v)).collect(),
             routes: s.routes.iter().map(|(k, v)| route(k, v)).collect(),
             services: s.services.iter().map(|(k, v)| service(k, v)).collect(),
+            prefilter: s.prefilter.iter().map(|(k, v)| drop_prefix(k, v)).collect(),
         }
     }
 }
@@ -344,6 +352,13 @@ impl From<&NodeStateDiff> for pb::NodeStateDiff {
                 .map(|(k, v)| service(k, v))
                 .collect(),
             remove_services: d.services.remove.iter().map(service_frontend).collect(),
+            upsert_prefilter: d
+                .prefilter
+                .upsert
+                .iter()
+                .map(|(k, v)| drop_prefix(k, v))
+                .collect(),
+            remove_prefilter: d.prefilter.remove.iter().map(ip_prefix).collect(),
         }
     }
 }
@@ -541,6 +556,11 @@ fn decode_rule_set(r: pb::RuleSet) -> Result<(u32, RuleSetInfo), ProtoError> {
     ))
 }
 
+fn decode_drop_prefix(p: pb::DropPrefix) -> Result<(IpNet, String), ProtoError> {
+    let prefix = required(p.prefix.as_ref(), "DropPrefix.prefix")?;
+    Ok((decode_prefix(prefix, "DropPrefix.prefix")?, p.source))
+}
+
 fn decode_route(r: pb::Route) -> Result<(IpNet, NodeRoute), ProtoError> {
     let cidr = required(r.pod_cidr.as_ref(), "Route.pod_cidr")?;
     let cidr = decode_prefix(cidr, "Route.pod_cidr")?;
@@ -715,6 +735,11 @@ impl TryFrom<pb::NodeState> for NodeState {
             rule_sets: collect_table("rule_sets", s.rule_sets, decode_rule_set)?,
             routes: std::sync::Arc::new(collect_table("routes", s.routes, decode_route)?),
             services: collect_table("services", s.services, decode_service)?,
+            prefilter: std::sync::Arc::new(collect_table(
+                "prefilter",
+                s.prefilter,
+                decode_drop_prefix,
+            )?),
         })
     }
 }
@@ -768,6 +793,13 @@ impl TryFrom<pb::NodeStateDiff> for NodeStateDiff {
                 &d.remove_services,
                 decode_service,
                 decode_service_frontend,
+            )?,
+            prefilter: decode_table_diff(
+                "prefilter",
+                d.upsert_prefilter,
+                &d.remove_prefilter,
+                decode_drop_prefix,
+                |p| decode_prefix(p, "NodeStateDiff.remove_prefilter"),
             )?,
         })
     }

@@ -55,5 +55,6 @@ pub fn upsert(cluster: &mut Cluster, object: &Object) -> weir_controller::compil
         Object::ClusterNetworkPolicy(o) => cluster.upsert_cluster_policy(o).map(|_| ()),
         Object::Service(o) => cluster.upsert_service(o).map(|_| ()),
         Object::EndpointSlice(o) => cluster.upsert_endpoint_slice(o).map(|_| ()),
+        Object::DropCidrSet(o) => cluster.upsert_drop_set(o).map(|_| ()),
     }
 }

@@ -30,6 +30,7 @@ use weir_api::{PodKey, canonical_ip};
 use super::{
     Error, HashMap, Result,
     cnp::{self, ClusterNetworkPolicy, ClusterNetworkPolicySpec},
+    drop_cidrs::{self, DropCidrSet, DropSet},
     policy::{PolicyKey, PolicyKind, Protocol},
     selector::Labels,
     service::{ObjectName, ServiceDiagnostic, ServiceInfo, SliceInfo},
@@ -325,6 +326,8 @@ pub struct Cluster {
     /// Slices derived from pods (manifest directories, which have no EndpointSlice
     /// controller), by Service; see [`Cluster::derive_endpoint_slices`].
     derived_slices: BTreeMap<ObjectName, SliceRecord>,
+    /// DropCIDRSets by name, with what could not be used of each.
+    drop_sets: BTreeMap<String, (DropSet, Vec<ServiceDiagnostic>)>,
 }
 
 /// A stored Service and what could not be used of it.
@@ -804,6 +807,35 @@ impl Cluster {
             .flat_map(|r| &r.diagnostics)
             .chain(self.slices.values().flat_map(|r| &r.diagnostics))
             .chain(self.derived_slices.values().flat_map(|r| &r.diagnostics))
+    }
+
+    // ---------------------------------------------------------------- drop sets
+
+    /// Creates or replaces a DropCIDRSet and returns what could not be used of it (left out).
+    pub fn upsert_drop_set(&mut self, set: &DropCidrSet) -> Result<&[ServiceDiagnostic]> {
+        let (set, diagnostics) = drop_cidrs::validate(set)?;
+        let slot = match self.drop_sets.entry(set.name.clone()) {
+            btree_map::Entry::Occupied(mut e) => {
+                e.insert((set, diagnostics));
+                e.into_mut()
+            }
+            btree_map::Entry::Vacant(e) => e.insert((set, diagnostics)),
+        };
+        Ok(&slot.1)
+    }
+
+    pub fn delete_drop_set(&mut self, name: &str) {
+        self.drop_sets.remove(name);
+    }
+
+    /// Every DropCIDRSet's usable prefixes, in name order.
+    pub fn drop_sets(&self) -> impl Iterator<Item = &DropSet> {
+        self.drop_sets.values().map(|(s, _)| s)
+    }
+
+    /// What could not be used of stored DropCIDRSets.
+    pub fn drop_set_diagnostics(&self) -> impl Iterator<Item = &ServiceDiagnostic> {
+        self.drop_sets.values().flat_map(|(_, d)| d)
     }
 
     // ---------------------------------------------------------------- index access

@@ -22,6 +22,7 @@
 //!   `classes` module), and verdicts, with ClusterNetworkPolicy tiers decided by the `tiers`
 //!   module and port ranges as prefixes by [`ports`]. Each node's service table comes from
 //!   the `service_table` module.
+//! * [`drop_cidrs`]: `DropCIDRSet`s, and the prefilter table every node gets from them.
 //! * [`capacity`]: whether a node's compiled state fits its agent's maps.
 //! * [`oracle`]: a naive reference evaluator, and the emulated dataplane decision over
 //!   compiled state, for tests and debugging tools.
@@ -31,6 +32,7 @@ mod classes;
 pub mod cluster;
 pub mod cnp;
 pub mod compile;
+pub mod drop_cidrs;
 mod endpoint_slices;
 mod ids;
 pub mod labels;

@@ -156,6 +156,8 @@ impl<'a> View<'a> {
             // The same for every node but for the traffic policies: filled in by the
             // compiler from one table of the cluster's frontends.
             services: Default::default(),
+            // The same for every node: filled in with the route table.
+            prefilter: Default::default(),
         }
     }
 

@@ -107,6 +107,7 @@ fn meta(o: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
         Object::ClusterNetworkPolicy(o) => &o.metadata,
         Object::Service(o) => &o.metadata,
         Object::EndpointSlice(o) => &o.metadata,
+        Object::DropCidrSet(o) => &o.metadata,
     }
 }
 
@@ -149,7 +150,11 @@ impl ClusterSync {
     pub fn observe(&mut self, event: KindEvent) {
         if matches!(
             event.kind,
-            Kind::NetworkPolicy | Kind::ClusterNetworkPolicy | Kind::Service | Kind::EndpointSlice
+            Kind::NetworkPolicy
+                | Kind::ClusterNetworkPolicy
+                | Kind::Service
+                | Kind::EndpointSlice
+                | Kind::DropCidrSet
         ) {
             self.track_ref(event.kind, &event.event);
         }
@@ -251,7 +256,18 @@ impl ClusterSync {
                 ))
             })
         });
-        policies.chain(services).chain(too_large).collect()
+        let drop_sets = self
+            .controller
+            .drop_set_diagnostics()
+            .iter()
+            .filter_map(|d| {
+                ReportedDiagnostic::service(d, object(Kind::DropCidrSet, "", &d.object.name))
+            });
+        policies
+            .chain(services)
+            .chain(too_large)
+            .chain(drop_sets)
+            .collect()
     }
 
     fn track_ref(&mut self, kind: Kind, event: &Event<Object>) {

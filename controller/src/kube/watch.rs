@@ -1,4 +1,4 @@
-//! Watches of the seven kinds the compiler reads, merged into one stream of [`KindEvent`]s.
+//! Watches of the eight kinds the compiler reads, merged into one stream of [`KindEvent`]s.
 //!
 //! Each kind is a kube-runtime [`watcher`] (list, then watch from the list's
 //! `resourceVersion`; on a dropped connection it re-watches from the last version it saw,
@@ -7,18 +7,19 @@
 //! two quiet minutes, as client-go's reflector) so a slow or failing API server is not
 //! hammered. Errors are logged and never end the stream.
 //!
-//! # ClusterNetworkPolicies without their CRD
+//! # Kinds without their CRD
 //!
-//! `ClusterNetworkPolicy` (`policy.networking.k8s.io/v1alpha2`) is served only where its
-//! CRD is installed. Where it is not, the API server answers `404 Not Found` to the list;
-//! the controller must not wait for a kind that will never list. So a `404` on that kind
-//! counts as a complete, empty list ([`Event::Init`] then [`Event::InitDone`], which also
-//! deletes every ClusterNetworkPolicy the store held: a CRD that is deleted takes its
-//! objects with it). It is logged once per disappearance, not at every retry, and the
-//! watcher keeps retrying with the same backoff as any failed watch (at most 30 s apart),
-//! so a CRD installed later is picked up without a restart: its list then arrives as an
-//! ordinary (re)list. Only `404` is taken for "not installed": any other error (`403` from
-//! missing RBAC, a server error) keeps the kind unsynced as for every other kind, so the
+//! `ClusterNetworkPolicy` (`policy.networking.k8s.io/v1alpha2`) and weir's own
+//! `DropCIDRSet` (`weir.dev/v1alpha1`) are served only where their CRD is installed. Where
+//! one is not, the API server answers `404 Not Found` to the list; the controller must not
+//! wait for a kind that will never list. So a `404` on such a kind counts as a complete,
+//! empty list ([`Event::Init`] then [`Event::InitDone`], which also deletes every object of
+//! the kind the store held: a CRD that is deleted takes its objects with it). It is logged
+//! once per disappearance, not at every retry, and the watcher keeps retrying with the same
+//! backoff as any failed watch (at most 30 s apart), so a CRD installed later is picked up
+//! without a restart: its list then arrives as an ordinary (re)list. Only `404` is taken for
+//! "not installed": any other error (`403` from missing RBAC, a server error) keeps the kind
+//! unsynced as for every other kind, so the
 //! controller never publishes a state that silently lacks the cluster's guardrails.
 //!
 //! # Memory
@@ -63,6 +64,7 @@ use tracing::{debug, info, warn};
 use crate::{
     compiler::{
         cnp::{self, ClusterNetworkPolicy},
+        drop_cidrs::{self, DropCidrSet},
         policy::CLUSTER_NETWORK_POLICY_KIND,
     },
     source::Object,
@@ -78,10 +80,11 @@ pub enum Kind {
     Service,
     EndpointSlice,
     ClusterNetworkPolicy,
+    DropCidrSet,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Node,
@@ -89,6 +92,7 @@ impl Kind {
         Kind::Service,
         Kind::EndpointSlice,
         Kind::ClusterNetworkPolicy,
+        Kind::DropCidrSet,
     ];
 
     /// The kind's name, as in [`crate::source::ObjectKey::kind`].
@@ -101,6 +105,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
+            Kind::DropCidrSet => drop_cidrs::KIND,
         }
     }
 
@@ -113,6 +118,7 @@ impl Kind {
             Kind::Service => 4,
             Kind::EndpointSlice => 5,
             Kind::ClusterNetworkPolicy => 6,
+            Kind::DropCidrSet => 7,
         }
     }
 }
@@ -155,8 +161,8 @@ impl Default for WatchOptions {
 }
 
 /// The merged watches of Namespaces, Pods, Nodes, NetworkPolicies, Services and
-/// EndpointSlices (all namespaces), and of ClusterNetworkPolicies (empty while their CRD is
-/// not installed, see the module documentation).
+/// EndpointSlices (all namespaces), and of ClusterNetworkPolicies and DropCIDRSets (empty
+/// while their CRD is not installed, see the module documentation).
 /// Never ends; errors are logged and retried with backoff.
 pub fn watch_cluster(
     client: Client,
@@ -202,7 +208,23 @@ pub fn watch_cluster(
             config.clone(),
             |o| Object::EndpointSlice(slim_endpoint_slice(o)),
         ),
-        cluster_policy_stream(Api::<ClusterNetworkPolicy>::all(client), config),
+        crd_stream(
+            Kind::ClusterNetworkPolicy,
+            Api::<ClusterNetworkPolicy>::all(client.clone()),
+            config.clone(),
+            |o| Object::ClusterNetworkPolicy(slim_cluster_policy(o)),
+        ),
+        crd_stream(
+            Kind::DropCidrSet,
+            Api::<DropCidrSet>::all(client),
+            config,
+            |o| {
+                Object::DropCidrSet(DropCidrSet {
+                    metadata: slim_meta(o.metadata),
+                    ..o
+                })
+            },
+        ),
     ];
     futures::stream::select_all(streams)
 }
@@ -268,14 +290,57 @@ impl kube::Resource for ClusterNetworkPolicy {
     }
 }
 
-/// The ClusterNetworkPolicy watch: a `404` (no CRD) is an empty list (module documentation).
-fn cluster_policy_stream(
-    api: Api<ClusterNetworkPolicy>,
+/// The DropCIDRSet CRD's type (`/apis/weir.dev/v1alpha1/dropcidrsets`, cluster-scoped).
+impl kube::Resource for DropCidrSet {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(drop_cidrs::KIND)
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(drop_cidrs::GROUP)
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(drop_cidrs::VERSION)
+    }
+
+    fn api_version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(drop_cidrs::API_VERSION)
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(drop_cidrs::PLURAL)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The watch of a kind a CRD serves (ClusterNetworkPolicy, DropCIDRSet): a `404` (no CRD) is
+/// an empty list (module documentation).
+fn crd_stream<K>(
+    kind: Kind,
+    api: Api<K>,
     config: watcher::Config,
-) -> BoxStream<'static, KindEvent> {
-    let kind = Kind::ClusterNetworkPolicy;
-    let wrap: fn(ClusterNetworkPolicy) -> Object =
-        |o| Object::ClusterNetworkPolicy(slim_cluster_policy(o));
+    wrap: fn(K) -> Object,
+) -> BoxStream<'static, KindEvent>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + fmt::Debug
+        + Send
+        + 'static,
+{
+    let served = format!("{} {}", K::api_version(&()), K::plural(&()));
     // The CRD was found missing and no answer has come since.
     let mut absent = false;
     watcher::watcher(api, config)
@@ -288,7 +353,7 @@ fn cluster_policy_stream(
             Ok(event) => {
                 let mut out = Vec::new();
                 if std::mem::take(&mut absent) {
-                    info!(%kind, "the ClusterNetworkPolicy CRD is served now");
+                    info!(%kind, "the CRD is served now");
                     if matches!(event, Event::InitApply(_) | Event::InitDone) {
                         out.push(KindEvent {
                             kind,
@@ -310,9 +375,8 @@ fn cluster_policy_stream(
                 absent = true;
                 warn!(
                     %kind,
-                    "the API server does not serve policy.networking.k8s.io/v1alpha2 \
-                     ClusterNetworkPolicies (CRD not installed): running without them, and \
-                     watching for the CRD with backoff"
+                    "the API server does not serve {served} (CRD not installed): running \
+                     without them, and watching for the CRD with backoff"
                 );
                 vec![
                     KindEvent {

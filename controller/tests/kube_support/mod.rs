@@ -32,6 +32,7 @@ pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 pub const SERVICES: &str = "/api/v1/services";
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const CLUSTER_POLICIES: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
+pub const DROP_CIDR_SETS: &str = "/apis/weir.dev/v1alpha1/dropcidrsets";
 
 /// Long enough for the watcher's first backoff (0.8 s, jittered up to twice that), short
 /// enough to be nothing in paused time.
@@ -152,6 +153,11 @@ impl FakeApi {
             script
         } else {
             script.on(CLUSTER_POLICIES, [list("1", vec![])])
+        };
+        let script = if script.paths.contains_key(DROP_CIDR_SETS) {
+            script
+        } else {
+            script.on(DROP_CIDR_SETS, [list("1", vec![])])
         };
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");

@@ -213,6 +213,7 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
         0..4,
     );
     let services = btree_map(arb_service_frontend(), arb_service_entry(), 0..4);
+    let prefilter = btree_map(arb_net(), "[a-z]{0,6}", 0..4);
     (
         endpoints,
         peer_classes,
@@ -221,16 +222,20 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
         rule_sets,
         routes,
         services,
+        prefilter,
     )
         .prop_map(
-            |(endpoints, peer_classes, verdicts, rules, rule_sets, routes, services)| NodeState {
-                endpoints,
-                peer_classes,
-                verdicts,
-                rules,
-                rule_sets,
-                routes: routes.into(),
-                services,
+            |(endpoints, peer_classes, verdicts, rules, rule_sets, routes, services, prefilter)| {
+                NodeState {
+                    endpoints,
+                    peer_classes,
+                    verdicts,
+                    rules,
+                    rule_sets,
+                    routes: routes.into(),
+                    services,
+                    prefilter: prefilter.into(),
+                }
             },
         )
 }

@@ -820,10 +820,16 @@ fn api_resources() -> Vec<ApiResource> {
         api::<Event>(true, ALL_VERBS),
         api::<Lease>(true, ALL_VERBS),
         api::<TokenReview>(false, &["create"]),
-        // Served by the CRD in manifests/ (the one kind weir reads that Kubernetes lacks).
+        // Served by the CRDs in manifests/ (the kinds weir reads that Kubernetes lacks).
         ApiResource {
             group: "policy.networking.k8s.io",
             plural: "clusternetworkpolicies",
+            namespaced: false,
+            verbs: ALL_VERBS,
+        },
+        ApiResource {
+            group: "weir.dev",
+            plural: "dropcidrsets",
             namespaced: false,
             verbs: ALL_VERBS,
         },
@@ -965,6 +971,8 @@ fn the_controller_may_do_what_it_does() {
             "watch",
             None,
         ),
+        ("weir.dev", "dropcidrsets", "list", None),
+        ("weir.dev", "dropcidrsets", "watch", None),
         ("", "services", "list", None),
         ("", "services", "watch", None),
         ("discovery.k8s.io", "endpointslices", "list", None),
