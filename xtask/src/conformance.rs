@@ -32,6 +32,14 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<bool> {
             Topology::Routed => CaseTopology::Routed,
         });
     }
+    if let Some(filter) = &args.filter
+        && !file.cases.iter().any(|c| c.name.contains(filter.as_str()))
+    {
+        anyhow::bail!(
+            "--case {filter:?} matches no case in {}: nothing would run",
+            args.cases.display()
+        );
+    }
     let nodes = file.model.nodes.unwrap_or(1);
     let topology = file.model.topology.unwrap_or(CaseTopology::L2);
     println!(
