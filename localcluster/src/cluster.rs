@@ -893,7 +893,11 @@ impl LocalCluster {
         let conflist = json!({
             "cniVersion": "1.0.0",
             "name": "weir",
-            "plugins": [{"type": "weir-cni", "agentSocket": node.cni_socket()}],
+            "plugins": [{
+                "type": "weir-cni",
+                "agentSocket": node.cni_socket(),
+                "capabilities": {"portMappings": true},
+            }],
         });
         fs::write(conf_dir.join("10-weir.conflist"), conflist.to_string())?;
         // containerd takes one plugin directory, and sets up every pod's loopback with the
