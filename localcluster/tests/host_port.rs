@@ -2,8 +2,8 @@
 //! plugin as `runtimeConfig.portMappings`, as kubelet does) is reached on its node's address
 //! from a host outside the cluster, from the other node and from a pod on it; the client's
 //! address is kept, so the pod's ingress rules judge the real client; a second pod claiming
-//! the same port is refused; after the pod's deletion the port is closed and no frontend is
-//! left in the dataplane.
+//! the same port is refused; a restarted agent keeps serving it; after the pod's deletion
+//! the port is closed and no frontend is left in the dataplane.
 
 mod support;
 
@@ -165,6 +165,22 @@ async fn host_port_serves_the_pod(topology: Topology) {
             );
         }
     }
+
+    // A restarted agent keeps serving it: the mappings are kept with the endpoint, and the
+    // controller's snapshot the new agent applies leaves them in place.
+    c.kill_agent(0);
+    c.start_agent(0).await.expect("agent restart");
+    c.sync().await.expect("sync");
+    assert_eq!(
+        metric(&c, 0, "weir_agent_host_ports"),
+        Some(2),
+        "{topology}"
+    );
+    let again = probe(&external.netns, ip1, HOST_PORT, Protocol::Tcp).await;
+    assert!(
+        again.is_connected(),
+        "{topology}: after an agent restart: {again:?}"
+    );
     drop(servers);
 
     // Deleted: the port closes and the frontends go.
