@@ -10,8 +10,8 @@ use std::io::{Read, Write};
 use crate::client::AgentClient;
 use crate::protocol::{AddRequest, CheckRequest, DelRequest, GcRequest, Request, StatusRequest};
 use crate::spec::{
-    CniError, CniVersion, Command, Invocation, LogLevel, PluginInput, VALID_ATTACHMENTS_KEY, code,
-    is_well_formed, requested_version,
+    CniError, CniVersion, Command, Invocation, LogLevel, PluginInput, PortMapping,
+    VALID_ATTACHMENTS_KEY, code, is_well_formed, requested_version,
 };
 
 /// What the process prints on stdout and how it exits.
@@ -187,14 +187,21 @@ fn build_request(invocation: Invocation, parsed: PluginInput) -> Result<Request,
     };
     let netns = || invocation.netns.clone().ok_or_else(|| missing("CNI_NETNS"));
     Ok(match command {
-        Command::Add => Request::Add(AddRequest {
-            container_id: container_id()?,
-            ifname: ifname()?,
-            netns: netns()?,
-            args: invocation.args.clone(),
-            config,
-            prev_result,
-        }),
+        Command::Add => {
+            // Checked here, before anything is built: a mapping the agent cannot serve fails
+            // the ADD as a whole.
+            let port_mappings = PortMapping::from_runtime_config(&config.runtime_config)
+                .map_err(|error| CniError::invalid_network_config(error.to_string()))?;
+            Request::Add(AddRequest {
+                container_id: container_id()?,
+                ifname: ifname()?,
+                netns: netns()?,
+                args: invocation.args.clone(),
+                config,
+                prev_result,
+                port_mappings,
+            })
+        }
         Command::Del => Request::Del(DelRequest {
             container_id: container_id()?,
             ifname: ifname()?,

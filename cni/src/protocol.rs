@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Attachment, CniArgs, CniError, CniResult, Command, NetworkConfig};
+use crate::spec::{Attachment, CniArgs, CniError, CniResult, Command, NetworkConfig, PortMapping};
 
 /// The version of this protocol; bump it on any incompatible change of the frames.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -107,6 +107,10 @@ pub struct AddRequest {
     /// in, not a fresh one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_result: Option<CniResult>,
+    /// The pod's `hostPort`s (`runtimeConfig.portMappings`, validated by the plugin); absent
+    /// from the frames of plugins that predate them, which is the same as none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// `DEL`: undo `ADD`. Must succeed for unknown containers, repeated calls and a netns that
@@ -280,6 +284,21 @@ mod tests {
                 args: CniArgs::parse("K8S_POD_NAME=p;K8S_POD_NAMESPACE=n").unwrap(),
                 config: config(),
                 prev_result: None,
+                port_mappings: vec![],
+            }),
+            Request::Add(AddRequest {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+                netns: "/run/netns/x".into(),
+                args: CniArgs::default(),
+                config: config(),
+                prev_result: None,
+                port_mappings: vec![PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: crate::spec::PortProtocol::Udp,
+                    host_ip: None,
+                }],
             }),
             Request::Del(DelRequest {
                 container_id: "c1".into(),
@@ -315,6 +334,22 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value["request"]["command"], "STATUS");
         assert_eq!(value["protocolVersion"], PROTOCOL_VERSION);
+    }
+
+    #[test]
+    fn add_without_port_mappings_is_what_older_peers_send() {
+        let frame = json!({"protocolVersion": 1, "request": {
+            "command": "ADD", "containerId": "c1", "ifname": "eth0", "netns": "/run/netns/x",
+            "args": {}, "config": config(),
+        }});
+        let decoded = RequestFrame::decode(frame.to_string().as_bytes()).unwrap();
+        let Request::Add(add) = &decoded.request else {
+            panic!("{decoded:?}");
+        };
+        assert!(add.port_mappings.is_empty());
+        let bytes = encode_frame(&decoded);
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(value["request"].get("portMappings").is_none(), "{value}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use common::{CHECK_MISMATCH, FakeAgent, PANICKING_CONTAINER, VANISHED_CONTAINER}
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use weir_cni::protocol::Request;
-use weir_cni::spec::{CniError, CniVersion, code};
+use weir_cni::spec::{CniError, CniVersion, PortMapping, PortProtocol, code};
 
 const SUPPORTED: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
@@ -247,6 +247,53 @@ async fn add_forwards_the_invocation_to_the_agent() {
     );
     assert_eq!(request.config.extra["mtu"], 1450);
     assert_eq!(request.prev_result, None);
+    assert_eq!(
+        request.port_mappings,
+        vec![PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: PortProtocol::Tcp,
+            host_ip: None,
+        }]
+    );
+}
+
+#[tokio::test]
+async fn add_with_a_bad_port_mapping_is_invalid_config_and_never_reaches_the_agent() {
+    let agent = FakeAgent::start().await;
+    let stdin = with(
+        config("1.1.0", agent.socket()),
+        "runtimeConfig",
+        json!({"portMappings": [
+            {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+            {"hostPort": 8081, "containerPort": 81, "protocol": "icmp"},
+        ]}),
+    );
+    let run = Runtime::attachment("ADD", "c1").stdin(&stdin).run().await;
+    let (error, _) = run.error();
+    common::assert_code(&error, code::INVALID_NETWORK_CONFIG);
+    assert!(
+        error.msg.contains("portMappings[1]") && error.msg.contains("icmp"),
+        "{error}"
+    );
+    assert!(agent.handler.requests().is_empty());
+}
+
+#[tokio::test]
+async fn del_ignores_port_mappings_it_could_not_serve() {
+    // DEL must succeed whatever ADD made of the configuration.
+    let agent = FakeAgent::start().await;
+    let stdin = with(
+        config("1.1.0", agent.socket()),
+        "runtimeConfig",
+        json!({"portMappings": [{"hostPort": 0, "containerPort": 80}]}),
+    );
+    let out = Runtime::attachment("DEL", "c1")
+        .stdin(&stdin)
+        .run()
+        .await
+        .success();
+    assert_eq!(out, Value::Null);
 }
 
 #[tokio::test]

@@ -35,6 +35,7 @@ fn add_request(agent: &FakeAgent, container_id: &str) -> Request {
         args: CniArgs::default(),
         config: network_config(agent),
         prev_result: None,
+        port_mappings: vec![],
     })
 }
 

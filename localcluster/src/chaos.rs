@@ -91,6 +91,7 @@ async fn add(c: &mut LocalCluster, name: &str, app: &str, node: usize) -> Result
         node,
         labels: BTreeMap::from([("app".to_string(), app.to_string())]),
         ports: vec![],
+        host_ports: vec![],
     })
     .await
     .with_context(|| format!("creating pod {name}"))

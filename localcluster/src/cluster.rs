@@ -145,6 +145,8 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// (name, port, protocol) container ports, for named ports.
     pub ports: Vec<(String, u16, String)>,
+    /// (host port, container port, protocol) hostPorts.
+    pub host_ports: Vec<(u16, u16, String)>,
 }
 
 /// What to create.
@@ -156,6 +158,9 @@ pub struct PodSpec {
     pub node: usize,
     pub labels: BTreeMap<String, String>,
     pub ports: Vec<(String, u16, String)>,
+    /// (host port, container port, protocol): the containers' `hostPort`s, passed to the
+    /// plugin as `runtimeConfig.portMappings`, as kubelet does (direct runtime only).
+    pub host_ports: Vec<(u16, u16, String)>,
 }
 
 /// The result of one plugin invocation.
@@ -691,11 +696,11 @@ impl LocalCluster {
 
     fn write_pod_manifest(&self, pod: &Pod) -> Result<()> {
         self.write_pod_object(
-            &pod.namespace,
-            &pod.name,
+            (&pod.namespace, &pod.name),
             &pod.node,
             &pod.labels,
             &pod.ports,
+            &pod.host_ports,
             Some(pod.ip),
         )
     }
@@ -704,17 +709,27 @@ impl LocalCluster {
     /// once the plugin gave it one (Pending before, as when kubelet calls the plugin).
     fn write_pod_object(
         &self,
-        namespace: &str,
-        name: &str,
+        (namespace, name): (&str, &str),
         node: &str,
         labels: &BTreeMap<String, String>,
         ports: &[(String, u16, String)],
+        host_ports: &[(u16, u16, String)],
         ip: Option<IpAddr>,
     ) -> Result<()> {
-        let ports: Vec<serde_json::Value> = ports
+        let mut ports: Vec<serde_json::Value> = ports
             .iter()
             .map(|(name, port, proto)| json!({"name": name, "containerPort": port, "protocol": proto}))
             .collect();
+        for (host, container, proto) in host_ports {
+            let same = ports
+                .iter_mut()
+                .find(|p| p["containerPort"] == json!(container) && p["protocol"] == json!(proto));
+            match same {
+                Some(p) => p["hostPort"] = json!(host),
+                None => ports
+                    .push(json!({"containerPort": container, "hostPort": host, "protocol": proto})),
+            }
+        }
         let status = match ip {
             Some(ip) => {
                 json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]})
@@ -893,7 +908,11 @@ impl LocalCluster {
         let conflist = json!({
             "cniVersion": "1.0.0",
             "name": "weir",
-            "plugins": [{"type": "weir-cni", "agentSocket": node.cni_socket()}],
+            "plugins": [{
+                "type": "weir-cni",
+                "agentSocket": node.cni_socket(),
+                "capabilities": {"portMappings": true},
+            }],
         });
         fs::write(conf_dir.join("10-weir.conflist"), conflist.to_string())?;
         // containerd takes one plugin directory, and sets up every pod's loopback with the
@@ -1173,13 +1192,27 @@ impl LocalCluster {
         // Scheduled before the runtime calls the plugin, as in Kubernetes: the controller
         // compiles the pod's policies while ADD runs, and ADD waits for them.
         self.schedule_pod(&spec)?;
+        let mut config = self.cni_config(idx);
+        if !spec.host_ports.is_empty() {
+            // What kubelet derives from the containers' ports with a hostPort.
+            let mappings: Vec<serde_json::Value> = spec
+                .host_ports
+                .iter()
+                .map(|(host, container, proto)| {
+                    json!({"hostPort": host, "containerPort": container,
+                           "protocol": proto.to_lowercase(), "hostIP": ""})
+                })
+                .collect();
+            config["runtimeConfig"] = json!({"portMappings": mappings});
+        }
         let out = self
-            .cni(
+            .cni_with_config(
                 idx,
                 "ADD",
                 &container_id,
                 Some(&netns.path()),
                 Some((&spec.namespace, &spec.name)),
+                config,
             )
             .await?;
         if !out.success {
@@ -1187,6 +1220,10 @@ impl LocalCluster {
                 "manifests/pods/{}.{}.yaml",
                 spec.namespace, spec.name
             )));
+            // As a runtime does with the sandbox of a failed ADD.
+            netns::delete(netns.name());
+            self.record.namespaces.retain(|n| n != netns.name());
+            self.record.save()?;
             bail!(
                 "CNI ADD for {}/{} failed: {}{}\nagent log:\n{}",
                 spec.namespace,
@@ -1212,6 +1249,7 @@ impl LocalCluster {
             ip,
             labels: spec.labels,
             ports: spec.ports,
+            host_ports: spec.host_ports,
         };
         self.write_pod_manifest(&pod)?;
         self.pods
@@ -1231,11 +1269,11 @@ impl LocalCluster {
         }
         let node_name = self.nodes[spec.node].name.clone();
         self.write_pod_object(
-            &spec.namespace,
-            &spec.name,
+            (&spec.namespace, &spec.name),
             &node_name,
             &spec.labels,
             &spec.ports,
+            &spec.host_ports,
             None,
         )
     }
@@ -1243,6 +1281,9 @@ impl LocalCluster {
     /// `--runtime containerd`: RunPodSandbox (containerd creates the namespace and calls the
     /// plugin's ADD), then an app container, as kubelet does.
     async fn add_container_pod(&mut self, spec: PodSpec) -> Result<Pod> {
+        if !spec.host_ports.is_empty() {
+            bail!("hostPorts are not passed to containerd's pod sandboxes yet");
+        }
         let idx = spec.node;
         self.schedule_pod(&spec)?;
         let uid = format!(
@@ -1313,6 +1354,7 @@ impl LocalCluster {
             ip,
             labels: spec.labels,
             ports: spec.ports,
+            host_ports: spec.host_ports,
         };
         self.write_pod_manifest(&pod)?;
         self.pods

@@ -78,6 +78,7 @@ impl ClusterDriver {
                     node: i % nodes,
                     labels: model.pod_labels(&pod),
                     ports: ports.clone(),
+                    host_ports: vec![],
                 })
                 .await
                 .with_context(|| format!("creating pod {pod}"))?;

@@ -119,6 +119,7 @@ async fn web_pod(c: &mut LocalCluster, name: &str, node: usize) -> weir_localclu
             ("app".to_string(), "web".to_string()),
         ]),
         ports: vec![],
+        host_ports: vec![],
     })
     .await
     .expect("pod created")

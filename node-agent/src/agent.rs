@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 use ipnet::IpNet;
 use thiserror::Error;
 use tracing::{info, warn};
-use weir_api::{NodeState, PodKey};
+use weir_api::{NodeState, PodKey, ServiceEntry, ServiceFrontend};
 use weir_common::{
     config::{CtTimeouts, NodeConfig},
     endpoint::EndpointInfo,
@@ -168,6 +168,8 @@ pub enum AgentError {
     Unpinned,
     #[error("network namespace {0} does not exist")]
     NoNetns(String),
+    #[error(transparent)]
+    HostPort(#[from] crate::host_ports::HostPortError),
     #[error("{0}")]
     Check(String),
     #[error(
@@ -194,6 +196,8 @@ pub struct Attach {
     pub ifname: String,
     pub netns: PathBuf,
     pub pod: Option<PodKey>,
+    /// The pod's hostPorts (CNI `portMappings`).
+    pub port_mappings: Vec<weir_cni::spec::PortMapping>,
 }
 
 /// What ADD built, for the CNI result.
@@ -247,6 +251,8 @@ pub struct Agent {
     prefilter_cluster: Option<std::sync::Arc<BTreeMap<IpNet, String>>>,
     /// Every prefix in the prefilter with its entry id.
     prefilter_ids: BTreeMap<IpNet, u32>,
+    /// The host-port frontends as last written (see [`crate::host_ports`]).
+    host_ports: BTreeMap<ServiceFrontend, ServiceEntry>,
 }
 
 /// How the last attempt to apply the controller's state went, for readiness and metrics.
@@ -394,6 +400,7 @@ impl Agent {
             prefilter: None,
             prefilter_cluster: None,
             prefilter_ids: BTreeMap::new(),
+            host_ports: BTreeMap::new(),
         };
         if let Err(e) = agent.refresh_prefilter() {
             warn!(error = %e, "loading the prefilter; it stays as a previous agent left it");
@@ -403,6 +410,7 @@ impl Agent {
             masquerade::remove()?;
         }
         agent.readopt().await?;
+        agent.sync_host_ports()?;
         agent.refresh_host_addrs().await?;
         // Every link this agent knows is ours now; what another version pinned besides is
         // released with its maps.
@@ -653,6 +661,8 @@ impl Agent {
             self.remove_attachment(&existing.container_id, &existing.ifname, &existing.ips)
                 .await?;
         }
+        // Checked before anything is built: a port already taken fails the ADD whole.
+        let host_ports = self.claim_host_ports(&req)?;
         let owner = weir_ipam::Owner {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -668,7 +678,7 @@ impl Agent {
             .allocate(&owner)?;
         let ips: Vec<IpAddr> = allocation.addresses.iter().map(|n| n.addr()).collect();
         let (container_id, ifname) = (req.container_id.clone(), req.ifname.clone());
-        match self.build(req, ips.clone()).await {
+        match self.build(req, ips.clone(), host_ports).await {
             Ok(ep) => {
                 info!(container = %ep.container_id, pod = ?ep.pod, ips = ?ep.ips, ifname = %ep.interface.host_ifname, "pod attached");
                 Ok(Attached {
@@ -687,7 +697,12 @@ impl Agent {
 
     /// The interface, programs, endpoint record and map entries of a new attachment with
     /// addresses `ips`. The caller undoes what a failure left.
-    async fn build(&mut self, req: Attach, ips: Vec<IpAddr>) -> Result<LocalEndpoint> {
+    async fn build(
+        &mut self,
+        req: Attach,
+        ips: Vec<IpAddr>,
+        host_ports: Vec<crate::host_ports::HostPort>,
+    ) -> Result<LocalEndpoint> {
         // `setup` replaces a host end of the same name; links still pinned for the old one
         // are severed, and swapping a program into them fails.
         self.dp
@@ -709,10 +724,66 @@ impl Agent {
             ips,
             mtu: self.cfg.pod_mtu,
             interface: built,
+            host_ports,
         };
         self.endpoints.insert(ep.clone())?;
         self.sync_endpoint_map()?;
+        self.sync_host_ports()?;
         Ok(ep)
+    }
+
+    /// The host ports `req` asks for, with their ids, if this node can serve them all.
+    /// Under another Service proxy they are left to it (a chained `portmap` plugin).
+    fn claim_host_ports(&self, req: &Attach) -> Result<Vec<crate::host_ports::HostPort>> {
+        if req.port_mappings.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.cfg.service_proxy != ServiceProxy::Weir {
+            info!(
+                container = %req.container_id,
+                "hostPorts left to the host's Service proxy (--service-proxy is not weir)"
+            );
+            return Ok(Vec::new());
+        }
+        Ok(crate::host_ports::claim(
+            &req.port_mappings,
+            (&req.container_id, &req.ifname),
+            self.endpoints.iter(),
+            &self.policy.services,
+        )?)
+    }
+
+    /// Writes the host-port frontends of the endpoints as they are now, and removes those
+    /// of endpoints that are gone.
+    fn sync_host_ports(&mut self) -> Result<()> {
+        if self.cfg.service_proxy != ServiceProxy::Weir {
+            return Ok(());
+        }
+        let new = crate::host_ports::table(self.endpoints.iter());
+        let diff = crate::host_ports::diff(&self.host_ports, &new, &self.policy.services);
+        if diff.upsert.is_empty() && diff.remove.is_empty() {
+            return Ok(());
+        }
+        let old = crate::host_ports::merged(&self.policy.services, &self.host_ports);
+        self.maps.apply_service_diff(&diff, &old)?;
+        self.host_ports = new;
+        Ok(())
+    }
+
+    /// The host-port frontends in effect (those the controller's Services do not shadow).
+    pub fn host_port_count(&self) -> usize {
+        self.host_ports
+            .keys()
+            .filter(|f| !self.policy.services.contains_key(f))
+            .count()
+    }
+
+    /// Names of the host-port Services by id, for flow events.
+    pub fn host_port_names(&self) -> BTreeMap<u32, String> {
+        self.host_ports
+            .values()
+            .map(|e| (e.id, e.service.to_string()))
+            .collect()
     }
 
     /// Whether `ep`'s interface is still the one ADD built (same host link, pod end and
@@ -772,6 +843,7 @@ impl Agent {
             .map(|_| ())
             .map_err(AgentError::from);
         let synced = self.sync_endpoint_map();
+        let host_ports = self.sync_host_ports();
         let released = match &self.ipam {
             Some(ipam) => ipam
                 .release(container_id, ifname)
@@ -783,6 +855,7 @@ impl Agent {
             .and(torn_down)
             .and(forgotten)
             .and(synced)
+            .and(host_ports)
             .and(released)
     }
 
@@ -915,7 +988,10 @@ impl Agent {
                 self.sync_endpoint_map()?;
                 self.maps.prune_policy(&self.policy);
                 let services = if self.cfg.service_proxy == ServiceProxy::Weir {
-                    self.maps.sync_services(&state.services)
+                    self.maps.sync_services(&crate::host_ports::merged(
+                        &state.services,
+                        &self.host_ports,
+                    ))
                 } else {
                     // Left to the host's proxy; what an earlier agent wrote goes.
                     self.maps.sync_services(&Default::default())
@@ -926,8 +1002,10 @@ impl Agent {
                 let diff = &self.ids.diff(diff);
                 let written = self.maps.apply_policy_diff(diff)?;
                 let services = if self.cfg.service_proxy == ServiceProxy::Weir {
-                    self.maps
-                        .apply_service_diff(&diff.services, &self.policy.services)
+                    self.maps.apply_service_diff(
+                        &crate::host_ports::merge_diff(&diff.services, &self.host_ports),
+                        &crate::host_ports::merged(&self.policy.services, &self.host_ports),
+                    )
                 } else {
                     Ok(())
                 };

@@ -94,6 +94,7 @@ fn to_cni(e: AgentError) -> CniError {
         ),
         AgentError::Ipam(_) => CniError::internal("no pod address could be allocated on this node"),
         AgentError::NoPodCidr => CniError::try_again_later("this node has no pod CIDR yet"),
+        AgentError::HostPort(ref e) => CniError::internal(e.to_string()),
         _ => CniError::internal("the weir agent could not complete the request"),
     }
     .with_details(details)
@@ -124,6 +125,7 @@ impl CniHandler for CniService {
             ifname: request.ifname.clone(),
             netns: request.netns.clone(),
             pod: pod_of(&request.args),
+            port_mappings: request.port_mappings.clone(),
         };
         let pod = attach.pod.clone();
         let attached = self.agent.lock().await.add(attach).await.map_err(to_cni)?;

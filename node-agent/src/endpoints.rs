@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use weir_api::PodKey;
 
-use crate::podnet::PodInterface;
+use crate::{host_ports::HostPort, podnet::PodInterface};
 
 /// One pod attachment (CNI: container id + interface name).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,9 @@ pub struct LocalEndpoint {
     pub ips: Vec<IpAddr>,
     pub mtu: u32,
     pub interface: PodInterface,
+    /// The pod's hostPorts (CNI `portMappings`), served as NodePort-like frontends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<HostPort>,
 }
 
 pub type AttachmentId = (String, String);

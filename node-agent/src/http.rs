@@ -135,6 +135,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
                 .with_xdp(agent.maps(), agent.xdp(), &prefilter, invalid);
         snapshot.pods_started_before_policy = agent.pods_started_before_policy();
         snapshot.host_addrs_left_out = agent.host_addrs_left_out();
+        snapshot.host_ports = agent.host_port_count();
         (snapshot.conntrack_entries, snapshot.conntrack_expired) = agent.conntrack_counts();
         snapshot.apply = agent.apply_status().clone();
         snapshot
@@ -167,9 +168,10 @@ async fn flows_handler(
     }
     let recent = s.flows.recent(q.limit.unwrap_or(100));
     let agent = s.agent.lock().await;
+    let host_ports = agent.host_port_names();
     let records: Vec<FlowRecord> = recent
         .into_iter()
-        .map(|r| r.resolve(agent.policy()))
+        .map(|r| r.resolve(agent.policy(), &host_ports))
         .collect();
     Json(records).into_response()
 }

@@ -113,6 +113,15 @@ struct PluginEntry<'a> {
     #[serde(rename = "type")]
     plugin_type: &'a str,
     agent_socket: &'a Path,
+    /// `portMappings`: the runtime passes the pod's hostPorts, which the agent serves
+    /// itself (no `portmap` plugin needed).
+    capabilities: Capabilities,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Capabilities {
+    port_mappings: bool,
 }
 
 #[derive(Serialize)]
@@ -131,6 +140,9 @@ pub fn conflist(agent_socket: &Path, cni_version: CniVersion) -> String {
         plugins: [PluginEntry {
             plugin_type: PLUGIN,
             agent_socket,
+            capabilities: Capabilities {
+                port_mappings: true,
+            },
         }],
     };
     let mut text = serde_json::to_string_pretty(&list).expect("a fixed structure serializes");

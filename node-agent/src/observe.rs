@@ -34,6 +34,8 @@ pub struct MetricsSnapshot {
     /// Service frontends and backend slots in the `SERVICES` map.
     pub services: u64,
     pub service_backends: u64,
+    /// Pods' hostPorts in effect on this node (counted in `services` too).
+    pub host_ports: usize,
     pub drops: Vec<(DropReason, u64)>,
     /// NetworkPolicy rules: (namespace, name, direction, rule index) → new flows admitted.
     pub rule_hits: Vec<([(String, String); 4], u64)>,
@@ -137,6 +139,7 @@ impl MetricsSnapshot {
             routes: sizes.routes,
             services,
             service_backends,
+            host_ports: 0,
             drops: maps.drop_counts(),
             rule_hits,
             cluster_rule_hits,
@@ -235,7 +238,7 @@ impl Collector for MetricsSnapshot {
         gauge(
             &mut encoder,
             "services",
-            "Service frontends (ClusterIP and NodePort, per port and protocol) in the dataplane",
+            "Service frontends (ClusterIP, NodePort and hostPort, per port and protocol) in the dataplane",
             self.services as i64,
         )?;
         gauge(
@@ -243,6 +246,12 @@ impl Collector for MetricsSnapshot {
             "service_backends",
             "Backend slots of the Service frontends in the dataplane",
             self.service_backends as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "host_ports",
+            "Pods' hostPorts served on this node (also counted as Service frontends)",
+            self.host_ports as i64,
         )?;
 
         let mut capacities = encoder.encode_descriptor(
@@ -462,8 +471,9 @@ impl FlowRecord {
         }
     }
 
-    /// Fills in policy names from the controller's state.
-    pub fn resolve(mut self, state: &NodeState) -> Self {
+    /// Fills in policy names from the controller's state, and the names of the node's
+    /// host-port Services (`hostPort/<ns>/<pod>`, by id).
+    pub fn resolve(mut self, state: &NodeState, host_ports: &BTreeMap<u32, String>) -> Self {
         if let Some(set) = state.rule_sets.get(&self.raw.policy) {
             self.policies = set.policies.iter().map(|p| p.to_string()).collect();
         } else if self.raw.policy == weir_common::policy::FAIL_CLOSED
@@ -491,7 +501,8 @@ impl FlowRecord {
                     } else {
                         format!("{}/{}:{}", s.namespace, s.name, s.port_name)
                     }
-                });
+                })
+                .or_else(|| host_ports.get(&self.raw.rule).cloned());
         } else if let Some(r) = state.rules.get(&self.raw.rule) {
             self.rule = Some(r.to_string());
             if let Some(t) = &r.tiered {
@@ -639,7 +650,7 @@ mod tests {
             DropReason::PolicyIngress as u32,
             9,
         ))
-        .resolve(&state);
+        .resolve(&state, &BTreeMap::new());
         assert_eq!(
             drop.rule.as_deref(),
             Some("ClusterNetworkPolicy/guardrail/no-pods ingress (Admin tier, priority 10)")
@@ -657,7 +668,8 @@ mod tests {
         );
 
         // A NetworkPolicy rule: named as before, no tier or priority.
-        let allow = FlowRecord::new(event(FlowEvent::VERDICT_ALLOW, 0, 4)).resolve(&state);
+        let allow = FlowRecord::new(event(FlowEvent::VERDICT_ALLOW, 0, 4))
+            .resolve(&state, &BTreeMap::new());
         assert_eq!(
             allow.rule.as_deref(),
             Some("NetworkPolicy/prod/allow-web ingress #0")

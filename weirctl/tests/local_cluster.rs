@@ -96,6 +96,7 @@ async fn status_flows_trace_and_policy_on_a_local_cluster() {
                     ("role".to_string(), role.to_string()),
                 ]),
                 ports: vec![],
+                host_ports: vec![],
             })
             .await
             .expect("pod created");

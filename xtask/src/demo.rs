@@ -35,6 +35,7 @@ pub async fn run(bin: PathBuf, nodes: usize, topology: Topology) -> Result<()> {
                 node: i % nodes,
                 labels: BTreeMap::from([("app".to_string(), name.to_string())]),
                 ports: vec![],
+                host_ports: vec![],
             })
             .await?;
         pods.push(pod);

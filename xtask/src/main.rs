@@ -254,6 +254,7 @@ fn up(nodes: usize, topology: Topology, pods_per_node: usize, pods: Runtime) -> 
                         node: n,
                         labels: [("app".to_string(), format!("demo-{}", p + 1))].into(),
                         ports: vec![],
+                        host_ports: vec![],
                     })
                     .await?;
             }

@@ -6,6 +6,7 @@
 mod config;
 mod env;
 mod error;
+mod port_mapping;
 mod result;
 mod version;
 
@@ -15,5 +16,6 @@ pub use config::{
 };
 pub use env::{CniArgs, Command, EnvError, Invocation, is_valid_identifier};
 pub use error::{CniError, code};
+pub use port_mapping::{PORT_MAPPINGS_KEY, PortMapping, PortMappingError, PortProtocol};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
 pub use version::{CniVersion, VersionError, is_well_formed};

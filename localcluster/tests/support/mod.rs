@@ -58,6 +58,7 @@ pub async fn pod(c: &mut LocalCluster, namespace: &str, name: &str, node: usize)
         node,
         labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
         ports: vec![],
+        host_ports: vec![],
     })
     .await
     .expect("pod created")

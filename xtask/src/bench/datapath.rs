@@ -246,6 +246,7 @@ async fn weir_up(bin_dir: PathBuf, policies: usize, cross: bool) -> Result<WeirC
         node,
         labels: [("bench-role".to_string(), role.to_string())].into(),
         ports: vec![],
+        host_ports: vec![],
     };
     let server = cluster.add_pod(spec("server", 0, "server")).await?;
     let client = cluster.add_pod(spec("client", 0, "client")).await?;

@@ -368,6 +368,7 @@ async fn cluster_up(bin_dir: PathBuf, mode: Mode, count: usize) -> Result<Servic
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         ports: vec![],
+        host_ports: vec![],
     };
     let client = cluster
         .add_pod(spec("client", 0, &[("bench-role", "client")]))

@@ -1,0 +1,390 @@
+//! Pods' `hostPort`s (the CNI `portMappings` capability), served where Services are
+//! translated: each mapping is a NodePort-like frontend (the unspecified address: every
+//! address of this node) on this node only, with one backend, the pod's address and
+//! container port. The programs translate it as they translate a NodePort — from the
+//! network, from a pod to its node's address, and at the socket for the node's own
+//! processes — and the pod's ingress rules judge the translated flow.
+//!
+//! The agent writes these frontends itself, next to the controller's: the table it writes
+//! into `SERVICES` is the controller's plus the host ports on frontends the controller does
+//! not use (a NodePort created later on a hostPort's port takes it over, as the controller's
+//! state is the cluster's; the hostPort comes back when the NodePort goes).
+//!
+//! Service ids: the controller numbers Service ports upwards from 1; host ports take ids
+//! from [`IDS`] (the upper half of the id space), so the two never meet. An id stays with
+//! its mapping for the mapping's life (it is persisted with the endpoint), so a restarted
+//! agent keeps the translations of live flows.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
+};
+
+use serde::{Deserialize, Serialize};
+use weir_api::{
+    BackendState, FrontendKind, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef,
+    TableDiff,
+};
+use weir_cni::spec::PortMapping;
+
+use crate::endpoints::LocalEndpoint;
+
+/// Service ids reserved for host ports (the controller's count up from 1).
+pub const IDS: RangeInclusive<u32> = 0x8000_0000..=u32::MAX;
+
+/// What the flow events and metrics call a host port's Service: `hostPort/<ns>/<pod>`
+/// (`hostPort/<container id>` for a container that is not a Kubernetes pod).
+pub const NAME_PREFIX: &str = "hostPort";
+
+/// One of an endpoint's host ports, with the Service id its frontend carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    #[serde(flatten)]
+    pub mapping: PortMapping,
+    pub id: u32,
+}
+
+/// Why a pod's host ports cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum HostPortError {
+    /// The port is already served on this node.
+    #[error("host port {port} is already in use on this node by {by}")]
+    Conflict { port: String, by: String },
+    /// Something the dataplane does not do (yet).
+    #[error("host port {port}: {why}")]
+    Unsupported { port: String, why: &'static str },
+}
+
+/// The frontend of a mapping.
+pub fn frontend(m: &PortMapping) -> ServiceFrontend {
+    ServiceFrontend {
+        kind: FrontendKind::NodePort,
+        ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        port: m.host_port,
+        proto: m.protocol.number(),
+    }
+}
+
+/// The name of an endpoint's host-port Service (see [`NAME_PREFIX`]).
+pub fn name(ep: &LocalEndpoint) -> ServiceRef {
+    match &ep.pod {
+        Some(pod) => ServiceRef {
+            namespace: NAME_PREFIX.into(),
+            name: format!("{}/{}", pod.namespace, pod.name),
+            port_name: String::new(),
+        },
+        None => ServiceRef {
+            namespace: NAME_PREFIX.into(),
+            name: ep.container_id.clone(),
+            port_name: String::new(),
+        },
+    }
+}
+
+fn describe(ep: &LocalEndpoint) -> String {
+    match &ep.pod {
+        Some(pod) => format!("pod {pod}"),
+        None => format!("container {}", ep.container_id),
+    }
+}
+
+/// Checks that `mappings` can be served for a new attachment of `owner` (container id,
+/// interface), besides every other endpoint's host ports and the controller's `services`,
+/// and gives each an id not used by another endpoint. Nothing is changed.
+pub fn claim<'a>(
+    mappings: &[PortMapping],
+    owner: (&str, &str),
+    endpoints: impl IntoIterator<Item = &'a LocalEndpoint>,
+    services: &BTreeMap<ServiceFrontend, ServiceEntry>,
+) -> Result<Vec<HostPort>, HostPortError> {
+    let others: Vec<&LocalEndpoint> = endpoints
+        .into_iter()
+        .filter(|ep| (ep.container_id.as_str(), ep.ifname.as_str()) != owner)
+        .collect();
+    let mut used: BTreeSet<u32> = BTreeSet::new();
+    for ep in &others {
+        used.extend(ep.host_ports.iter().map(|h| h.id));
+    }
+    let mut out = Vec::with_capacity(mappings.len());
+    let mut next = *IDS.start();
+    for m in mappings {
+        if m.host_ip.is_some() {
+            return Err(HostPortError::Unsupported {
+                port: m.host_side(),
+                why: "a hostPort bound to one host address (hostIP) is not supported; \
+                      leave hostIP empty to open it on every address of the node",
+            });
+        }
+        if let Some(ep) = others
+            .iter()
+            .find(|ep| ep.host_ports.iter().any(|h| h.mapping.overlaps(m)))
+        {
+            return Err(HostPortError::Conflict {
+                port: m.host_side(),
+                by: format!("the hostPort of {}", describe(ep)),
+            });
+        }
+        if let Some(entry) = services.get(&frontend(m)) {
+            return Err(HostPortError::Conflict {
+                port: m.host_side(),
+                by: format!("the NodePort of Service {}", entry.service),
+            });
+        }
+        while used.contains(&next) {
+            next = next.checked_add(1).ok_or(HostPortError::Unsupported {
+                port: m.host_side(),
+                why: "no Service id left for host ports",
+            })?;
+        }
+        used.insert(next);
+        out.push(HostPort {
+            mapping: *m,
+            id: next,
+        });
+    }
+    Ok(out)
+}
+
+/// The host-port frontends of `endpoints`, as Service table entries. An endpoint without an
+/// IPv4 address has none (Services are IPv4 for now; ADD refuses such mappings).
+pub fn table<'a>(
+    endpoints: impl Iterator<Item = &'a LocalEndpoint>,
+) -> BTreeMap<ServiceFrontend, ServiceEntry> {
+    let mut out = BTreeMap::new();
+    for ep in endpoints {
+        let Some(ip) = ep.ips.iter().find(|ip| ip.is_ipv4()) else {
+            continue;
+        };
+        for h in &ep.host_ports {
+            out.insert(
+                frontend(&h.mapping),
+                ServiceEntry {
+                    service: name(ep),
+                    id: h.id,
+                    backends: vec![ServiceBackend {
+                        ip: *ip,
+                        port: h.mapping.container_port,
+                        node: String::new(),
+                        state: BackendState::Ready,
+                    }],
+                    affinity_timeout_s: None,
+                    masquerade_external: false,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The table the agent writes: the controller's `services`, and the host ports on the
+/// frontends it leaves free.
+pub fn merged(
+    services: &BTreeMap<ServiceFrontend, ServiceEntry>,
+    host_ports: &BTreeMap<ServiceFrontend, ServiceEntry>,
+) -> BTreeMap<ServiceFrontend, ServiceEntry> {
+    let mut out = services.clone();
+    for (f, e) in host_ports {
+        out.entry(*f).or_insert_with(|| e.clone());
+    }
+    out
+}
+
+/// The controller's diff as it applies to the [`merged`] table: a frontend the controller
+/// gives up goes back to the host port on it, if there is one.
+pub fn merge_diff(
+    diff: &TableDiff<ServiceFrontend, ServiceEntry>,
+    host_ports: &BTreeMap<ServiceFrontend, ServiceEntry>,
+) -> TableDiff<ServiceFrontend, ServiceEntry> {
+    let mut out = diff.clone();
+    out.remove.retain(|f| !host_ports.contains_key(f));
+    for f in &diff.remove {
+        if let Some(e) = host_ports.get(f) {
+            out.upsert.push((*f, e.clone()));
+        }
+    }
+    out
+}
+
+/// The change of the written table when the host ports go from `old` to `new` and the
+/// controller's `services` stay.
+pub fn diff(
+    old: &BTreeMap<ServiceFrontend, ServiceEntry>,
+    new: &BTreeMap<ServiceFrontend, ServiceEntry>,
+    services: &BTreeMap<ServiceFrontend, ServiceEntry>,
+) -> TableDiff<ServiceFrontend, ServiceEntry> {
+    let mut out = TableDiff::default();
+    for (f, e) in new {
+        if !services.contains_key(f) && old.get(f) != Some(e) {
+            out.upsert.push((*f, e.clone()));
+        }
+    }
+    for f in old.keys() {
+        if !services.contains_key(f) && !new.contains_key(f) {
+            out.remove.push(*f);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use weir_api::PodKey;
+    use weir_cni::spec::PortProtocol;
+
+    use super::*;
+    use crate::podnet::PodInterface;
+
+    fn mapping(host_port: u16, container_port: u16) -> PortMapping {
+        PortMapping {
+            host_port,
+            container_port,
+            protocol: PortProtocol::Tcp,
+            host_ip: None,
+        }
+    }
+
+    fn endpoint(container: &str, ip: &str, host_ports: Vec<HostPort>) -> LocalEndpoint {
+        LocalEndpoint {
+            container_id: container.into(),
+            ifname: "eth0".into(),
+            pod: Some(PodKey::new("default", container)),
+            netns: PathBuf::from("/run/netns/x"),
+            ips: vec![ip.parse().unwrap()],
+            mtu: 1450,
+            interface: PodInterface {
+                host_ifname: "w".into(),
+                host_ifindex: 1,
+                host_mac: [0; 6],
+                pod_mac: [0; 6],
+            },
+            host_ports,
+        }
+    }
+
+    fn node_port(port: u16) -> (ServiceFrontend, ServiceEntry) {
+        (
+            frontend(&mapping(port, port)),
+            ServiceEntry {
+                service: ServiceRef {
+                    namespace: "default".into(),
+                    name: "np".into(),
+                    port_name: String::new(),
+                },
+                id: 7,
+                backends: vec![],
+                affinity_timeout_s: None,
+                masquerade_external: true,
+            },
+        )
+    }
+
+    #[test]
+    fn claims_get_distinct_ids_from_the_reserved_range() {
+        let a = endpoint(
+            "a",
+            "10.0.0.2",
+            vec![HostPort {
+                mapping: mapping(80, 80),
+                id: *IDS.start(),
+            }],
+        );
+        let claimed = claim(
+            &[mapping(81, 80), mapping(82, 80)],
+            ("b", "eth0"),
+            [&a],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let ids: Vec<u32> = claimed.iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![IDS.start() + 1, IDS.start() + 2]);
+    }
+
+    #[test]
+    fn a_taken_port_or_a_node_port_is_refused() {
+        let a = endpoint(
+            "a",
+            "10.0.0.2",
+            vec![HostPort {
+                mapping: mapping(80, 80),
+                id: *IDS.start(),
+            }],
+        );
+        let err = claim(&[mapping(80, 8080)], ("b", "eth0"), [&a], &BTreeMap::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "host port 80/tcp is already in use on this node by the hostPort of pod default/a"
+        );
+        // The same attachment again (a rebuilt ADD) does not conflict with itself.
+        claim(&[mapping(80, 80)], ("a", "eth0"), [&a], &BTreeMap::new()).unwrap();
+        // Another protocol is another port.
+        let udp = PortMapping {
+            protocol: PortProtocol::Udp,
+            ..mapping(80, 80)
+        };
+        claim(&[udp], ("b", "eth0"), [&a], &BTreeMap::new()).unwrap();
+        let services = BTreeMap::from([node_port(30080)]);
+        let err = claim(&[mapping(30080, 80)], ("b", "eth0"), [&a], &services).unwrap_err();
+        assert!(
+            err.to_string().contains("NodePort of Service default/np"),
+            "{err}"
+        );
+        let bound = PortMapping {
+            host_ip: Some("10.0.0.1".parse().unwrap()),
+            ..mapping(81, 80)
+        };
+        let err = claim(&[bound], ("b", "eth0"), [&a], &BTreeMap::new()).unwrap_err();
+        assert!(err.to_string().contains("hostIP"), "{err}");
+    }
+
+    #[test]
+    fn the_controller_keeps_its_frontends_and_gives_them_back() {
+        let a = endpoint(
+            "a",
+            "10.0.0.2",
+            vec![
+                HostPort {
+                    mapping: mapping(30080, 80),
+                    id: *IDS.start(),
+                },
+                HostPort {
+                    mapping: mapping(8080, 80),
+                    id: IDS.start() + 1,
+                },
+            ],
+        );
+        let host = table([&a].into_iter());
+        assert_eq!(host.len(), 2);
+        let hp = &host[&frontend(&mapping(8080, 80))];
+        assert_eq!(hp.service.to_string(), "hostPort/default/a");
+        assert_eq!(hp.backends[0].ip, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(hp.backends[0].port, 80);
+
+        let services = BTreeMap::from([node_port(30080)]);
+        let written = merged(&services, &host);
+        assert_eq!(written.len(), 2);
+        assert_eq!(written[&node_port(30080).0].id, 7);
+
+        // The NodePort goes: the host port takes its frontend back.
+        let gone = TableDiff {
+            upsert: vec![],
+            remove: vec![node_port(30080).0],
+        };
+        let d = merge_diff(&gone, &host);
+        assert!(d.remove.is_empty());
+        assert_eq!(
+            d.upsert,
+            vec![(node_port(30080).0, host[&node_port(30080).0].clone())]
+        );
+        assert_eq!(d.upsert[0].1.id, *IDS.start());
+
+        // Host ports change: what the controller holds is left alone.
+        let d = diff(&host, &BTreeMap::new(), &services);
+        assert_eq!(d.remove, vec![frontend(&mapping(8080, 80))]);
+        assert!(d.upsert.is_empty());
+        let d = diff(&BTreeMap::new(), &host, &services);
+        assert_eq!(d.upsert.len(), 1);
+    }
+}
