@@ -3,7 +3,7 @@
 //! new flows), kept in a bounded log with policy names resolved.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
