@@ -1,6 +1,7 @@
 //! The playground: a directory of manifests (namespaces, pods with labels, node names and
-//! addresses, policies, Services) compiled by the controller's own compiler, so that a
-//! trace or a policy listing answers offline what a cluster running these objects would do.
+//! addresses, Nodes with theirs, policies, Services) compiled by the controller's own
+//! compiler, so that a trace or a policy listing answers offline what a cluster running
+//! these objects would do.
 //! Pods without `spec.nodeName` go to one node named `playground`.
 
 use std::path::Path;
@@ -9,7 +10,7 @@ use anyhow::Result;
 use weir_controller::{Cluster, Compiler, PodInfo};
 
 use crate::{
-    objects::{PLAYGROUND_NODE, load_dir},
+    objects::{PLAYGROUND_NODE, load_dir_with_node_addresses},
     trace::{NodeView, views_from_states},
 };
 
@@ -23,15 +24,21 @@ pub struct Playground {
 }
 
 pub fn compile(dir: &Path) -> Result<Playground> {
-    let mut cluster = load_dir(dir, Some(PLAYGROUND_NODE))?;
+    let (mut cluster, node_addresses) = load_dir_with_node_addresses(dir, Some(PLAYGROUND_NODE))?;
     cluster.derive_endpoint_slices();
     let out = Compiler::new().compile_all(&cluster);
     let pods: Vec<PodInfo> = cluster.pods().cloned().collect();
-    let views = views_from_states(
+    let mut views = views_from_states(
         &out.nodes,
         &pods,
         &format!("compiled from {}", dir.display()),
     );
+    // A Node's addresses are its own, as the agent's `HOST_ADDRS` (nodePorts are on them).
+    for view in &mut views {
+        if let Some(addrs) = node_addresses.get(&view.node) {
+            view.host_addrs.extend(addrs.iter().copied());
+        }
+    }
     let diagnostics = out
         .diagnostics
         .iter()

@@ -3,7 +3,7 @@
 //! class of the other end, the verdict entry that matches (longest match, as the kernel's
 //! lookup) and the policy rule it came from, on the egress side (the source's node) and the
 //! ingress side (the destination's node). A ClusterIP is translated first, as the source's
-//! node does, and each backend is traced.
+//! node does, and a nodePort on a node's address as that node does; each backend is traced.
 //!
 //! The lookups are `weir_api`'s emulation of the kernel's (`NodeState::longest_class_match`
 //! and `longest_verdict_match`), run over entries read from the node's pinned maps in a
@@ -13,15 +13,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     str::FromStr,
 };
 
 use anyhow::{Result, bail};
 use serde::Serialize;
 use weir_api::{
-    Action, CLASS_UNMATCHED, Direction, EndpointPolicy, FrontendKind, IpProto, NOT_ISOLATED,
-    NodeState, PodKey, ServiceFrontend,
+    Action, BackendState, CLASS_UNMATCHED, Direction, EndpointPolicy, FrontendKind, IpProto,
+    NOT_ISOLATED, NodeState, PodKey, ServiceBackend, ServiceEntry, ServiceFrontend,
 };
 use weir_common::policy::FAIL_CLOSED;
 use weir_controller::PodInfo;
@@ -136,6 +136,9 @@ pub struct SideTrace {
 pub struct PathTrace {
     pub dst: IpAddr,
     pub dst_pod: Option<String>,
+    /// The source the destination sees (the client, or the address of the node that
+    /// forwarded a nodePort flow).
+    pub src: IpAddr,
     pub port: u16,
     pub egress: Option<SideTrace>,
     pub ingress: Option<SideTrace>,
@@ -146,10 +149,15 @@ pub struct PathTrace {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ServiceStep {
+    /// The node that translates.
     pub node: String,
+    /// `ClusterIP` or `NodePort`.
+    pub kind: &'static str,
     pub service: String,
     pub frontend: String,
     pub backends: Vec<String>,
+    /// How the frontend is translated, in words.
+    pub notes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -289,24 +297,74 @@ fn check_side(
     side
 }
 
+/// One path to check: the source's egress towards what it addresses, then the
+/// destination's ingress against the source its packets arrive with.
+struct Hop {
+    /// What the source's egress rules judge: the address and port the packet leaves with.
+    egress_to: (IpAddr, u16),
+    /// The pod (or address) that receives it, and on which port.
+    dst: IpAddr,
+    port: u16,
+    /// The source the destination's ingress rules see.
+    peer: IpAddr,
+    /// A pod reaching itself through a frontend its node translates: no policy applies.
+    hairpin: bool,
+    notes: Vec<String>,
+}
+
+impl Hop {
+    /// A packet that reaches `dst` as sent: no translation on the way.
+    fn direct(src: IpAddr, dst: IpAddr, port: u16) -> Self {
+        Hop {
+            egress_to: (dst, port),
+            dst,
+            port,
+            peer: src,
+            hairpin: false,
+            notes: Vec::new(),
+        }
+    }
+}
+
 fn trace_path(
     views: &[NodeView],
     pods: &[PodInfo],
     src: IpAddr,
-    dst: IpAddr,
+    hop: Hop,
     proto: IpProto,
-    port: u16,
 ) -> PathTrace {
-    let mut notes = Vec::new();
+    let Hop {
+        egress_to,
+        dst,
+        port,
+        peer,
+        hairpin,
+        mut notes,
+    } = hop;
+    if hairpin {
+        notes.push(format!(
+            "{src} is its own backend (hairpin): not subject to policy"
+        ));
+        return PathTrace {
+            dst,
+            dst_pod: pod_at(pods, dst),
+            src: peer,
+            port,
+            egress: None,
+            ingress: None,
+            notes,
+            allowed: true,
+        };
+    }
     let egress = match view_of(views, src) {
         Some(v) => Some(check_side(
             v,
             Direction::Egress,
             pod_at(pods, src).unwrap_or_else(|| src.to_string()),
             v.endpoints[&src].egress,
-            dst,
+            egress_to.0,
             proto,
-            port,
+            egress_to.1,
         )),
         None => {
             notes.push(format!("{src} is no node's pod: no egress check"));
@@ -319,7 +377,7 @@ fn trace_path(
             Direction::Ingress,
             pod_at(pods, dst).unwrap_or_else(|| dst.to_string()),
             v.endpoints[&dst].ingress,
-            src,
+            peer,
             proto,
             port,
         )),
@@ -333,12 +391,193 @@ fn trace_path(
     PathTrace {
         dst,
         dst_pod: pod_at(pods, dst),
+        src: peer,
         port,
         egress,
         ingress,
         notes,
         allowed,
     }
+}
+
+/// The node `ip` is an address of: its pinned `HOST_ADDRS`, or the route table's address of
+/// the node (where the view has no host addresses, as in Kubernetes).
+fn node_with_address(views: &[NodeView], ip: IpAddr) -> Option<&NodeView> {
+    views.iter().find(|v| {
+        v.host_addrs.contains(&ip)
+            || v.state
+                .routes
+                .values()
+                .any(|r| r.node == v.node && r.node_ip == ip)
+    })
+}
+
+/// The backends the node's dataplane picks from: the ready ones, or all (the terminating
+/// fallback) when none is ready — as the agent writes the slots.
+fn usable(entry: &ServiceEntry) -> Vec<&ServiceBackend> {
+    let ready: Vec<_> = entry
+        .backends
+        .iter()
+        .filter(|b| b.state == BackendState::Ready)
+        .collect();
+    if ready.is_empty() {
+        entry.backends.iter().collect()
+    } else {
+        ready
+    }
+}
+
+fn service_step(
+    view: &NodeView,
+    pods: &[PodInfo],
+    kind: &'static str,
+    frontend: String,
+    entry: &ServiceEntry,
+    backends: &[&ServiceBackend],
+) -> ServiceStep {
+    ServiceStep {
+        node: view.node.clone(),
+        kind,
+        service: entry.service.to_string(),
+        frontend,
+        backends: backends
+            .iter()
+            .map(|b| {
+                let name = pod_at(pods, b.ip)
+                    .map(|p| format!("{p} "))
+                    .unwrap_or_default();
+                format!("{name}{}:{}", b.ip, b.port)
+            })
+            .collect(),
+        notes: Vec::new(),
+    }
+}
+
+/// A packet a pod sends to a frontend its own node translates (`from_pod`), or a node's
+/// process connects to (the socket hooks): to the backend, from the client, egress judged
+/// against the backend. A pod that is its own backend (hairpin) gets the frontend's address
+/// as its peer and no policy applies.
+fn translated_at_source(src: IpAddr, backend: &ServiceBackend) -> Hop {
+    let mut hop = Hop::direct(src, backend.ip, backend.port);
+    hop.hairpin = backend.ip == src;
+    hop
+}
+
+/// A ClusterIP, translated on the source's node (any node's table if the source is not a
+/// pod: every node holds the same ClusterIPs).
+fn cluster_ip(
+    views: &[NodeView],
+    pods: &[PodInfo],
+    src: IpAddr,
+    src_node: Option<&str>,
+    dst: IpAddr,
+    req: &Request,
+) -> Option<(ServiceStep, Vec<Hop>)> {
+    let frontend = ServiceFrontend {
+        kind: FrontendKind::ClusterIp,
+        ip: dst,
+        port: req.port,
+        proto: req.proto,
+    };
+    let (view, entry) = views
+        .iter()
+        .filter(|v| src_node.is_none_or(|n| n == v.node))
+        .find_map(|v| Some((v, v.state.services.get(&frontend)?)))?;
+    let backends = usable(entry);
+    let step = service_step(
+        view,
+        pods,
+        "ClusterIP",
+        format!("{dst}:{} {}", req.port, proto_name(req.proto)),
+        entry,
+        &backends,
+    );
+    let hops = backends
+        .iter()
+        .map(|b| translated_at_source(src, b))
+        .collect();
+    Some((step, hops))
+}
+
+/// A nodePort on one of a node's addresses, translated by that node: by `from_pod` (like a
+/// ClusterIP) for its own pods and, through the socket hooks, its own processes; by
+/// `from_network` for everyone else, which keeps the client's address for a backend on the
+/// node and forwards to a backend elsewhere with the node's address as the source.
+fn node_port(
+    views: &[NodeView],
+    pods: &[PodInfo],
+    src: IpAddr,
+    src_node: Option<&str>,
+    dst: IpAddr,
+    req: &Request,
+) -> Option<(ServiceStep, Vec<Hop>)> {
+    // The dataplane translates IPv4 only (IPv6 frontends come with dual stack).
+    if !dst.is_ipv4() {
+        return None;
+    }
+    let view = node_with_address(views, dst)?;
+    let frontend = ServiceFrontend {
+        kind: FrontendKind::NodePort,
+        ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        port: req.port,
+        proto: req.proto,
+    };
+    let entry = view.state.services.get(&frontend)?;
+    let backends = usable(entry);
+    let mut step = service_step(
+        view,
+        pods,
+        "NodePort",
+        format!("{dst}:{} {}", req.port, proto_name(req.proto)),
+        entry,
+        &backends,
+    );
+    if !entry.masquerade_external {
+        step.notes.push(format!(
+            "externalTrafficPolicy Local: {}'s own backends only",
+            view.node
+        ));
+    }
+    let own_node = src_node == Some(view.node.as_str())
+        || node_with_address(views, src).is_some_and(|v| v.node == view.node);
+    let hops = if own_node {
+        step.notes.push(format!(
+            "from {}'s own {}: translated at the source, like a ClusterIP",
+            view.node,
+            if src_node.is_some() { "pod" } else { "address" }
+        ));
+        backends
+            .iter()
+            .map(|b| translated_at_source(src, b))
+            .collect()
+    } else {
+        step.notes
+            .push(format!("from the network: translated on {}", view.node));
+        backends
+            .iter()
+            .map(|b| {
+                let mut hop = Hop {
+                    egress_to: (dst, req.port),
+                    dst: b.ip,
+                    port: b.port,
+                    peer: src,
+                    hairpin: false,
+                    notes: Vec::new(),
+                };
+                if !view.endpoints.contains_key(&b.ip) {
+                    // Not a pod of the receiving node: forwarded with the node's address
+                    // as the source, so that the replies come back through it.
+                    hop.peer = dst;
+                    hop.notes.push(format!(
+                        "source translated to {dst}: the backend is not on {}",
+                        view.node
+                    ));
+                }
+                hop
+            })
+            .collect()
+    };
+    Some((step, hops))
 }
 
 /// Traces `req` over `views`.
@@ -350,55 +589,19 @@ pub fn trace(views: &[NodeView], pods: &[PodInfo], req: &Request) -> Result<Trac
     let src = resolve(&req.from)?;
     let dst = resolve(&req.to)?;
     let src_node = view_of(views, src).map(|v| v.node.clone());
-    // A ClusterIP is translated on the source's node (any node's table if the source is not
-    // a pod: every node holds the same ClusterIPs).
-    let frontend = ServiceFrontend {
-        kind: FrontendKind::ClusterIp,
-        ip: dst,
-        port: req.port,
-        proto: req.proto,
-    };
-    let service = views
-        .iter()
-        .filter(|v| src_node.as_ref().is_none_or(|n| *n == v.node))
-        .find_map(|v| Some((v, v.state.services.get(&frontend)?)));
-    let (service, targets) = match service {
-        Some((v, entry)) => {
-            let ready: Vec<_> = entry
-                .backends
-                .iter()
-                .filter(|b| b.state == weir_api::BackendState::Ready)
-                .collect();
-            let usable = if ready.is_empty() {
-                entry.backends.iter().collect()
-            } else {
-                ready
-            };
-            (
-                Some(ServiceStep {
-                    node: v.node.clone(),
-                    service: entry.service.to_string(),
-                    frontend: format!("{dst}:{} {}", req.port, proto_name(req.proto)),
-                    backends: usable
-                        .iter()
-                        .map(|b| {
-                            let name = pod_at(pods, b.ip)
-                                .map(|p| format!("{p} "))
-                                .unwrap_or_default();
-                            format!("{name}{}:{}", b.ip, b.port)
-                        })
-                        .collect(),
-                }),
-                usable.iter().map(|b| (b.ip, b.port)).collect::<Vec<_>>(),
-            )
-        }
-        None => (None, vec![(dst, req.port)]),
+    // A ClusterIP first, then a nodePort on a node's address, as the dataplane looks them up.
+    let translated = cluster_ip(views, pods, src, src_node.as_deref(), dst, req)
+        .or_else(|| node_port(views, pods, src, src_node.as_deref(), dst, req));
+    let (service, hops) = match translated {
+        Some((step, hops)) => (Some(step), hops),
+        None => (None, vec![Hop::direct(src, dst, req.port)]),
     };
     let paths: Vec<PathTrace> = if service.is_none() && src == dst {
         // Packets to the pod's own address stay inside it: the dataplane never sees them.
         vec![PathTrace {
             dst,
             dst_pod: pod_at(pods, dst),
+            src,
             port: req.port,
             egress: None,
             ingress: None,
@@ -408,9 +611,8 @@ pub fn trace(views: &[NodeView], pods: &[PodInfo], req: &Request) -> Result<Trac
             allowed: true,
         }]
     } else {
-        targets
-            .iter()
-            .map(|(ip, port)| trace_path(views, pods, src, *ip, req.proto, *port))
+        hops.into_iter()
+            .map(|hop| trace_path(views, pods, src, hop, req.proto))
             .collect()
     };
     // A Service without a usable backend refuses new flows.
@@ -495,8 +697,9 @@ pub fn render(t: &Trace) -> String {
     }
     if let Some(s) = &t.service {
         out.push_str(&format!(
-            "service {} is {} on {}: {}\n",
+            "service {} ({}) is {} on {}: {}\n",
             s.frontend,
+            s.kind,
             s.service,
             s.node,
             if s.backends.is_empty() {
@@ -505,14 +708,21 @@ pub fn render(t: &Trace) -> String {
                 format!("backends {}", s.backends.join(", "))
             }
         ));
+        for n in &s.notes {
+            out.push_str(&format!("  note     {n}\n"));
+        }
     }
     for p in &t.paths {
         if t.service.is_some() {
             out.push_str(&format!(
-                "to backend {}:{}\n",
+                "to backend {}:{}",
                 Named(p.dst, p.dst_pod.as_deref()),
                 p.port
             ));
+            if p.src != t.src {
+                out.push_str(&format!(" from {}", p.src));
+            }
+            out.push('\n');
         }
         if let Some(s) = &p.egress {
             render_side(&mut out, s);
@@ -561,7 +771,248 @@ pub fn views_from_states(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use weir_api::NodeRoute;
+
     use super::*;
+    use crate::playground;
+
+    /// Two nodes with addresses, a web pod on n1 behind two NodePort Services (one with
+    /// `externalTrafficPolicy: Local`), clients on n2; web takes 8080 from the external
+    /// range, from ops and from db; db may send only to the nodes' 30080.
+    const NODE_PORTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops, labels: {team: ops}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 10.0.0.1}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+status: {addresses: [{type: InternalIP, address: 10.0.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.1.2, podIPs: [{ip: 10.244.1.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {nodeName: n2, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.2.2, podIPs: [{ip: 10.244.2.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: probe, namespace: ops, labels: {app: probe}}
+spec: {nodeName: n2, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.244.2.3, podIPs: [{ip: 10.244.2.3}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, protocol: TCP, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-local, namespace: shop}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  clusterIP: 10.96.0.11
+  selector: {app: web}
+  ports: [{port: 81, targetPort: 8080, protocol: TCP, nodePort: 30081}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-in, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - ipBlock: {cidr: 192.0.2.0/24}
+    - namespaceSelector: {matchLabels: {team: ops}}
+    - podSelector: {matchLabels: {app: db}}
+    ports: [{protocol: TCP, port: 8080}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-out, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.0.0.0/24}}]
+    ports: [{protocol: TCP, port: 30080}]
+"#;
+
+    fn node_ports() -> playground::Playground {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("objects.yaml"), NODE_PORTS).unwrap();
+        let p = playground::compile(dir.path()).unwrap();
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        p
+    }
+
+    fn tcp(from: &str, to: &str) -> Request {
+        let SpecPort(to, port) = to.parse().unwrap();
+        Request {
+            from: from.parse().unwrap(),
+            to,
+            proto: 6,
+            port: port.unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_node_port_is_translated_by_the_node_that_receives_it() {
+        let p = node_ports();
+        let run = |from: &str, to: &str| {
+            let t = trace(&p.views, &p.pods, &tcp(from, to)).unwrap();
+            let text = render(&t);
+            (t, text)
+        };
+
+        // From outside to the backend's node: the backend sees the client.
+        let (t, text) = run("192.0.2.9", "10.0.0.1:30080");
+        assert!(t.allowed, "{text}");
+        let s = t.service.as_ref().unwrap();
+        assert_eq!(
+            (s.kind, s.node.as_str(), s.service.as_str()),
+            ("NodePort", "n1", "shop/web")
+        );
+        assert_eq!(s.backends, vec!["shop/web 10.244.1.2:8080"]);
+        let path = &t.paths[0];
+        assert_eq!((path.dst, path.port), ("10.244.1.2".parse().unwrap(), 8080));
+        assert_eq!(path.src, t.src);
+        assert!(path.egress.is_none());
+        let ingress = path.ingress.as_ref().unwrap();
+        assert_eq!(ingress.peer, t.src);
+        assert_eq!(
+            ingress.rule.as_deref(),
+            Some("NetworkPolicy/shop/web-in ingress #0")
+        );
+        assert!(
+            text.contains("service 10.0.0.1:30080 TCP (NodePort) is shop/web on n1"),
+            "{text}"
+        );
+
+        // From outside to the other node: forwarded with that node's address, which web's
+        // rules do not admit.
+        let (t, text) = run("192.0.2.9", "10.0.0.2:30080");
+        assert!(!t.allowed, "{text}");
+        assert_eq!(t.service.as_ref().unwrap().node, "n2");
+        let path = &t.paths[0];
+        let n2: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(path.src, n2);
+        assert_eq!(path.ingress.as_ref().unwrap().peer, n2);
+        assert!(text.contains("source translated to 10.0.0.2"), "{text}");
+        assert!(text.contains("from 10.0.0.2\n"), "{text}");
+
+        // externalTrafficPolicy Local: n2 has no backend of its own and refuses; n1 serves.
+        let (t, text) = run("192.0.2.9", "10.0.0.2:30081");
+        assert!(!t.allowed, "{text}");
+        assert!(t.paths.is_empty());
+        assert!(text.contains("no backend, new flows refused"), "{text}");
+        assert!(text.contains("externalTrafficPolicy Local"), "{text}");
+        let (t, text) = run("192.0.2.9", "10.0.0.1:30081");
+        assert!(t.allowed, "{text}");
+
+        // A pod to its own node's address: translated there like a ClusterIP, the egress
+        // rules judge the backend; to another node's: the egress rules judge the node's
+        // address and nodePort, the receiving node translates, the backend sees the pod.
+        let (t, text) = run("ops/probe", "10.0.0.2:30080");
+        assert!(t.allowed, "{text}");
+        assert!(text.contains("translated at the source"), "{text}");
+        let (t, text) = run("ops/probe", "10.0.0.1:30080");
+        assert!(t.allowed, "{text}");
+        assert_eq!(t.paths[0].src, t.src);
+        // db may send to the nodes' 30080 only: through its own node the packet leaves
+        // for web:8080 and is denied; to n1's address it leaves as sent and web admits db.
+        let (t, text) = run("shop/db", "10.0.0.2:30080");
+        assert!(!t.allowed, "{text}");
+        let egress = t.paths[0].egress.as_ref().unwrap();
+        assert!(!egress.allowed, "{text}");
+        assert_eq!(egress.peer, "10.244.1.2".parse::<IpAddr>().unwrap());
+        let (t, text) = run("shop/db", "10.0.0.1:30080");
+        assert!(t.allowed, "{text}");
+        let egress = t.paths[0].egress.as_ref().unwrap();
+        assert_eq!(egress.peer, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            egress.rule.as_deref(),
+            Some("NetworkPolicy/shop/db-out egress #0")
+        );
+
+        // The node's own processes: translated at the socket, no source translation; web's
+        // node is the client.
+        let (t, text) = run("10.0.0.2", "10.0.0.2:30080");
+        assert!(!t.allowed, "{text}");
+        assert_eq!(t.paths[0].src, n2);
+        assert!(text.contains("translated at the source"), "{text}");
+
+        // web through its own node's nodePort: hairpin, no policy; through the other node's:
+        // forwarded back with that node's address.
+        let (t, text) = run("shop/web", "10.0.0.1:30080");
+        assert!(t.allowed, "{text}");
+        assert!(text.contains("hairpin"), "{text}");
+        let (t, text) = run("shop/web", "10.0.0.2:30080");
+        assert!(!t.allowed, "{text}");
+
+        // Not a nodePort: the node's own business, as before.
+        let (t, text) = run("192.0.2.9", "10.0.0.1:30099");
+        assert!(t.service.is_none(), "{text}");
+        // The ClusterIP is unchanged.
+        let (t, text) = run("ops/probe", "10.96.0.10:80");
+        assert!(t.allowed, "{text}");
+        assert_eq!(t.service.as_ref().unwrap().kind, "ClusterIP");
+    }
+
+    #[test]
+    fn node_addresses_come_from_the_route_table_without_host_addresses() {
+        // In Kubernetes the views hold the agents' states: node addresses are in `routes`.
+        let mut p = node_ports();
+        let routes: BTreeMap<_, _> = [
+            ("n1", "10.244.1.0/24", "10.0.0.1"),
+            ("n2", "10.244.2.0/24", "10.0.0.2"),
+        ]
+        .into_iter()
+        .map(|(node, cidr, ip)| {
+            (
+                cidr.parse().unwrap(),
+                NodeRoute {
+                    node: node.into(),
+                    node_ip: ip.parse().unwrap(),
+                },
+            )
+        })
+        .collect();
+        let routes = Arc::new(routes);
+        for v in &mut p.views {
+            v.host_addrs.clear();
+            v.state.routes = routes.clone();
+        }
+        let t = trace(&p.views, &p.pods, &tcp("192.0.2.9", "10.0.0.2:30080")).unwrap();
+        assert_eq!(t.service.as_ref().unwrap().node, "n2");
+        assert_eq!(t.paths[0].src, "10.0.0.2".parse::<IpAddr>().unwrap());
+        assert!(!t.allowed);
+        let t = trace(&p.views, &p.pods, &tcp("192.0.2.9", "10.0.0.1:30080")).unwrap();
+        assert!(t.allowed, "{}", render(&t));
+    }
 
     #[test]
     fn ends_parse() {

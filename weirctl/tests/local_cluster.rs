@@ -325,6 +325,141 @@ async fn status_flows_trace_and_policy_on_a_local_cluster() {
     assert!(out.contains("egress: no policy selects it"), "{out}");
     assert!(out.contains("default/a ("), "the allowed peer named: {out}");
 
+    // NodePorts: b behind one Service on every node's address (TCP 30080, UDP 30081) and one
+    // with externalTrafficPolicy Local (TCP 30082, served by b's node only); b also takes
+    // TCP 80 from the external range. From pods on either node, from the host outside and
+    // from a node's own processes, to both nodes' addresses: the trace's verdict is what
+    // packets do (b's node keeps the client's address, the other node forwards with its
+    // own, which b's rules do not admit).
+    for (name, ip, node_port, local) in [
+        ("web", "10.96.0.80", 30080, false),
+        ("web-local", "10.96.0.82", 30082, true),
+    ] {
+        let mut ports = vec![
+            json!({"name": "tcp", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": node_port}),
+        ];
+        if !local {
+            ports.push(json!({"name": "udp", "port": 81, "targetPort": 81, "protocol": "UDP", "nodePort": 30081}));
+        }
+        c.apply_object(&json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "type": "NodePort",
+                "clusterIP": ip,
+                "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+                "selector": {"pod": "b"},
+                "ports": ports,
+            },
+        }))
+        .unwrap();
+    }
+    let external = c.external().expect("the external host").clone();
+    c.apply_object(&json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "b-from-outside", "namespace": "default"},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": "b"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": format!("{}/32", external.ip)}}],
+                         "ports": [{"protocol": "TCP", "port": 80}]}],
+        },
+    }))
+    .unwrap();
+    c.sync().await.unwrap();
+    let node_ips: Vec<std::net::IpAddr> = c.nodes().iter().map(|n| n.ip.into()).collect();
+    let mut clients = vec![
+        (
+            "default/a".to_string(),
+            c.pod("default", "a").unwrap().netns.path(),
+        ),
+        (
+            "other/c".to_string(),
+            c.pod("other", "c").unwrap().netns.path(),
+        ),
+        (external.ip.to_string(), external.netns.path()),
+    ];
+    clients.push((node_ips[0].to_string(), c.nodes()[0].netns.path()));
+    let mut table = Vec::new();
+    for (from, netns) in &clients {
+        for to in &node_ips {
+            for (proto, pname, port) in [
+                (Protocol::Tcp, "tcp", 30080u16),
+                (Protocol::Udp, "udp", 30081),
+                (Protocol::Tcp, "tcp", 30082),
+            ] {
+                let target = SocketAddr::new(*to, port);
+                let probe_once = || probe::probe(netns, target, proto, Duration::from_secs(2));
+                let (code, out, err) = weirctl(
+                    &c,
+                    &[
+                        "trace",
+                        "--from",
+                        from,
+                        "--to",
+                        &target.to_string(),
+                        "--protocol",
+                        pname,
+                    ],
+                );
+                let traced = match code {
+                    Some(0) => true,
+                    Some(1) => false,
+                    other => panic!("trace failed ({other:?}): {out}{err}"),
+                };
+                assert!(
+                    out.contains("(NodePort)"),
+                    "{from} -> {target}: not translated\n{out}"
+                );
+                // A disagreement is probed again (a probe may time out under load).
+                let mut real = probe_once().await.is_connected();
+                for _ in 0..2 {
+                    if real == traced {
+                        break;
+                    }
+                    real = probe_once().await.is_connected();
+                }
+                assert_eq!(
+                    traced, real,
+                    "{from} -> {target} {pname}: probe {real}, trace says\n{out}{err}"
+                );
+                table.push((from.clone(), target, pname, real));
+            }
+        }
+    }
+    // Both verdicts occur, and the external host is admitted through b's node only.
+    let (n1, n2) = (node_ips[0], node_ips[1]);
+    let ext = external.ip.to_string();
+    let verdict = |from: &str, to: std::net::IpAddr, port: u16| {
+        table
+            .iter()
+            .find(|r| r.0 == from && r.1 == SocketAddr::new(to, port))
+            .map(|r| r.3)
+            .unwrap()
+    };
+    assert!(verdict(&ext, n2, 30080), "{table:?}");
+    assert!(!verdict(&ext, n1, 30080), "{table:?}");
+    assert!(verdict(&ext, n2, 30082), "{table:?}");
+    assert!(!verdict(&ext, n1, 30082), "{table:?}");
+    assert!(verdict("default/a", n1, 30080), "{table:?}");
+    let (code, out, _) = weirctl(
+        &c,
+        &["trace", "--from", &ext, "--to", &format!("{n1}:30080")],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("source translated to {n1}")), "{out}");
+    let (code, out, _) = weirctl(
+        &c,
+        &["trace", "--from", &ext, "--to", &format!("{n2}:30080")],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("NetworkPolicy/default/b-from-outside ingress #0"),
+        "{out}"
+    );
+
     // Unhealthy: an agent stopped.
     c.kill_agent(1);
     let (code, out, _) = weirctl(&c, &["status"]);
