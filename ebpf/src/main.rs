@@ -12,6 +12,7 @@ mod forward;
 mod from_network;
 mod from_pod;
 mod from_tunnel;
+mod hdr;
 mod maps;
 mod nat;
 mod parse;

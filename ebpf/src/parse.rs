@@ -10,7 +10,10 @@ use weir_common::{
     policy::proto,
 };
 
-use crate::maps::FRAGMENTS;
+use crate::{
+    hdr::{Ipv4Hdr, Ipv6Hdr},
+    maps::FRAGMENTS,
+};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -33,30 +36,6 @@ pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
     pub proto_be: u16,
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id_be: u16,
-    frag_off_be: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    ver_tc_flow: [u8; 4],
-    payload_len: u16,
-    next_hdr: u8,
-    hop_limit: u8,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
 }
 
 /// First four bytes of TCP, UDP and SCTP headers: the ports.

@@ -32,6 +32,7 @@ use weir_common::{TUNNEL_PORT, conntrack::CtKey, event::DropReason, ip::IpKey, p
 
 use crate::{
     events::record_xdp_drop,
+    hdr::{Ipv4Hdr, Ipv6Hdr},
     maps::{ENDPOINTS, HOST_ADDRS, PREFILTER, PREFILTER_DROPS, TUNNEL_PEERS, count},
     parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr},
 };
@@ -79,30 +80,6 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Drop> {
         return Err(Drop::malformed());
     }
     Ok((start + offset) as *const T)
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    ver_ihl: u8,
-    tos: u8,
-    tot_len_be: u16,
-    id_be: u16,
-    frag_off_be: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    ver_tc_flow: [u8; 4],
-    payload_len: u16,
-    next_hdr: u8,
-    hop_limit: u8,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
 }
 
 #[repr(C)]

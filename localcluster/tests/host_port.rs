@@ -9,9 +9,7 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
-    time::Duration,
+    net::{IpAddr, SocketAddr},
 };
 
 use serde_json::json;
@@ -22,30 +20,10 @@ use weir_localcluster::{LocalCluster, PodSpec, Topology, netns::Netns};
 const HOST_PORT: u16 = 8081;
 const TARGET: u16 = 8080;
 
-/// Connects from `client` to `to` over TCP, gets the pod's greeting, and returns the address
-/// the pod saw the connection come from.
+/// Connects from `client` to `to` over TCP and returns the address the pod saw the
+/// connection come from.
 fn seen_by_pod(pod: &Netns, pod_ip: IpAddr, client: &Netns, to: SocketAddr) -> IpAddr {
-    let listener = pod
-        .within(move || support::listen_retrying(SocketAddr::new(pod_ip, TARGET)))
-        .expect("pod namespace");
-    let server = std::thread::spawn(move || {
-        let (mut stream, peer) = listener.accept().expect("accept");
-        stream.write_all(b"hi").expect("greeting");
-        peer.ip()
-    });
-    client
-        .within(move || {
-            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("timeout");
-            let mut reply = [0u8; 2];
-            stream.read_exact(&mut reply).expect("the pod's reply");
-            assert_eq!(&reply, b"hi");
-        })
-        .expect("client namespace");
-    server.join().expect("pod server")
+    support::source_seen_by(pod, pod_ip, TARGET, client, to)
 }
 
 /// The value of an unlabelled metric of node `node`'s agent.

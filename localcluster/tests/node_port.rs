@@ -7,7 +7,6 @@
 mod support;
 
 use std::{
-    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     time::Duration,
 };
@@ -30,28 +29,7 @@ fn seen_by_backend(
     client: &Netns,
     to: impl Into<SocketAddr>,
 ) -> IpAddr {
-    let to: SocketAddr = to.into();
-    let listener = backend
-        .within(move || support::listen_retrying(SocketAddr::new(backend_ip, TARGET)))
-        .expect("backend namespace");
-    let server = std::thread::spawn(move || {
-        let (mut stream, peer) = listener.accept().expect("accept");
-        stream.write_all(b"hi").expect("greeting");
-        peer.ip()
-    });
-    client
-        .within(move || {
-            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
-                .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("timeout");
-            let mut reply = [0u8; 2];
-            stream.read_exact(&mut reply).expect("the backend's reply");
-            assert_eq!(&reply, b"hi");
-        })
-        .expect("client namespace");
-    server.join().expect("backend server")
+    support::source_seen_by(backend, backend_ip, TARGET, client, to.into())
 }
 
 async fn node_port_is_open_on_every_node(topology: Topology) {

@@ -343,3 +343,33 @@ fn attached_xdp(ifname: &str) -> Option<(String, u32)> {
         .ok()?;
     Some((kind, id))
 }
+
+/// IPv6 frames: a source in a prefiltered IPv6 prefix is dropped and counted for its entry, a
+/// truncated IPv6 header is malformed, and other IPv6 traffic passes untouched.
+#[test]
+fn ipv6_sources_are_prefiltered_truncated_headers_are_malformed_and_the_rest_passes() {
+    let mut node = Node::new();
+    let ids = node.prefilter(&["2001:db8:bad::/48", "203.0.113.0/24"]);
+    let id = ids[&"2001:db8:bad::/48".parse::<IpNet>().unwrap()];
+    let to: std::net::Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+    let from = |src: &str| {
+        packet::udp6(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            src.parse().unwrap(),
+            to,
+            40000,
+            53,
+            b"query",
+        )
+    };
+    assert_eq!(node.arrives(&from("2001:db8:bad::7")), XDP_DROP);
+    assert_eq!(node.arrives(&from("2001:db8:bad:ffff::1")), XDP_DROP);
+    assert_eq!(node.prefilter_drops(id), 2);
+    let other = from("2001:db8:bae::7");
+    assert_eq!(node.arrives(&other), XDP_PASS);
+    // The IPv6 header cut short.
+    assert_eq!(node.arrives(&other[..14 + 30]), XDP_DROP);
+    assert_eq!(node.drops(DropReason::Prefilter), 2);
+    assert_eq!(node.drops(DropReason::Malformed), 1);
+}

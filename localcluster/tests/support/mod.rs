@@ -303,6 +303,39 @@ pub fn vxlan_udp(
     d
 }
 
+/// Connects from `client` to `to` over TCP, gets a greeting from a server on
+/// `server_ip`:`port` inside `server` (a pod, a Service's backend), and returns the address
+/// the server saw the connection come from.
+pub fn source_seen_by(
+    server: &weir_localcluster::netns::Netns,
+    server_ip: IpAddr,
+    port: u16,
+    client: &weir_localcluster::netns::Netns,
+    to: SocketAddr,
+) -> IpAddr {
+    let listener = server
+        .within(move || listen_retrying(SocketAddr::new(server_ip, port)))
+        .expect("server namespace");
+    let accepted = std::thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().expect("accept");
+        stream.write_all(b"hi").expect("greeting");
+        peer.ip()
+    });
+    client
+        .within(move || {
+            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut reply = [0u8; 2];
+            stream.read_exact(&mut reply).expect("the server's reply");
+            assert_eq!(&reply, b"hi");
+        })
+        .expect("client namespace");
+    accepted.join().expect("server thread")
+}
+
 /// Binds a TCP listener, waiting up to two seconds while the port is still held by the
 /// previous round's connection.
 pub fn listen_retrying(addr: std::net::SocketAddr) -> std::net::TcpListener {

@@ -1,6 +1,6 @@
 //! Synthetic frames for `BPF_PROG_TEST_RUN`, built with valid checksums.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Header, IpNumber, PacketBuilder,
@@ -184,4 +184,23 @@ pub fn vxlan(
         weir_common::TUNNEL_PORT,
         &payload,
     )
+}
+
+/// An Ethernet + IPv6 + UDP frame carrying `payload`.
+pub fn udp6(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + 40 + 8 + payload.len());
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut f, payload)
+        .expect("a frame within IPv6's size");
+    f
 }
