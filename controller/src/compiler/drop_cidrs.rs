@@ -150,7 +150,9 @@ pub fn prefilter_table<'a>(
                 continue;
             }
             let field = || format!("spec.cidrs[{i}]");
-            if let Some((ip, node)) = node_ips.iter().find(|(ip, _)| net.contains(*ip)) {
+            // Range lookups in address order: the cost per prefix does not grow with the
+            // cluster's nodes (every compile builds this table).
+            if let Some((ip, node)) = node_ips.range(net.network()..=net.broadcast()).next() {
                 diags.push(diagnostic(
                     &set.name,
                     field(),
@@ -158,10 +160,7 @@ pub fn prefilter_table<'a>(
                 ));
                 continue;
             }
-            if let Some((cidr, node)) = pod_cidrs
-                .iter()
-                .find(|(cidr, _)| net.contains(*cidr) || cidr.contains(net))
-            {
+            if let Some((cidr, node)) = overlapping(pod_cidrs, net) {
                 diags.push(diagnostic(
                     &set.name,
                     field(),
@@ -181,6 +180,24 @@ pub fn prefilter_table<'a>(
         }
     }
     (table, diags)
+}
+
+/// A prefix of `cidrs` (which do not overlap each other, as nodes' pod CIDRs) that overlaps
+/// `net`: one inside it, or the one before it in address order, which is the only one that
+/// can hold it.
+fn overlapping<'a>(
+    cidrs: &'a BTreeMap<IpNet, String>,
+    net: &IpNet,
+) -> Option<(&'a IpNet, &'a String)> {
+    let max = net.max_prefix_len();
+    let first = IpNet::new(net.network(), 0).ok()?;
+    let last = IpNet::new(net.broadcast(), max).ok()?;
+    let inside = cidrs.range(first..=last).next();
+    let before = cidrs.range(..first).next_back();
+    inside
+        .into_iter()
+        .chain(before)
+        .find(|(cidr, _)| net.contains(*cidr) || cidr.contains(net))
 }
 
 #[cfg(test)]
@@ -270,6 +287,40 @@ mod tests {
                 .iter()
                 .any(|d| d.problem.contains("node n1's address"))
         );
+    }
+
+    #[test]
+    fn overlap_with_pod_cidrs_is_found_either_way_and_neighbours_are_kept() {
+        let cidrs: BTreeMap<IpNet, String> = [
+            ("10.244.0.0/24", "n0"),
+            ("10.244.1.0/24", "n1"),
+            ("10.244.3.0/24", "n3"),
+            ("fd00:10:244::/64", "n0"),
+        ]
+        .into_iter()
+        .map(|(c, n)| (c.parse().unwrap(), n.to_string()))
+        .collect();
+        let hit = |n: &str| overlapping(&cidrs, &n.parse().unwrap()).map(|(c, _)| c.to_string());
+        assert_eq!(hit("10.244.1.7/32").as_deref(), Some("10.244.1.0/24"));
+        assert_eq!(hit("10.244.1.128/25").as_deref(), Some("10.244.1.0/24"));
+        assert_eq!(hit("10.244.0.0/16").as_deref(), Some("10.244.0.0/24"));
+        assert_eq!(hit("10.244.2.0/24"), None);
+        assert_eq!(hit("10.244.2.0/23").as_deref(), Some("10.244.3.0/24"));
+        assert_eq!(hit("0.0.0.0/0").as_deref(), Some("10.244.0.0/24"));
+        assert_eq!(
+            hit("fd00:10:244::5/128").as_deref(),
+            Some("fd00:10:244::/64")
+        );
+        assert_eq!(hit("192.0.2.0/24"), None);
+        let node_ips =
+            BTreeMap::from([("172.18.0.9".parse::<IpAddr>().unwrap(), "n1".to_string())]);
+        let (s, _) = validate(&set("x", &["172.18.0.0/24", "172.18.0.10/31"])).unwrap();
+        let (table, diags) = prefilter_table([&s], &node_ips, &cidrs, 10);
+        assert_eq!(
+            table.keys().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["172.18.0.10/31"]
+        );
+        assert_eq!(diags.len(), 1);
     }
 
     #[test]
