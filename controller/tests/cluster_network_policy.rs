@@ -4,7 +4,9 @@
 
 mod support;
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
+
+use k8s_openapi::api::core::v1::Node;
 
 use support::*;
 use weir_api::{Action, NOT_ISOLATED, PodKey, PolicyTier, TieredAction, TieredRule};
@@ -38,14 +40,20 @@ fn upstream_policies() -> Vec<(String, ClusterNetworkPolicy)> {
     out
 }
 
-/// Replaces every `{{ ... }}` with a port number.
+/// Replaces every `{{ ... }}` with a port number: `{{ index .HostNetworkPorts N }}` with
+/// 34567 + N (upstream's ranges go from one of them to a later one).
 fn render(template: &str) -> String {
     let mut out = String::new();
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
         out.push_str(&rest[..start]);
         let end = rest[start..].find("}}").expect("closed template action") + start + 2;
-        out.push_str("34567");
+        let index: u16 = rest[start + 2..end - 2]
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        out.push_str(&(34567 + index).to_string());
         rest = &rest[end..];
     }
     out.push_str(rest);
@@ -67,8 +75,15 @@ fn upstream_manifests_parse_and_standard_ones_validate_cleanly() {
             .iter()
             .filter(|d| d.severity == Severity::Error)
             .collect();
-        if file.contains("experimental") {
-            // nodes / domainNames peers: reported as unsupported, never passed silently.
+        let domain_names = p
+            .spec
+            .egress
+            .iter()
+            .flatten()
+            .flat_map(|r| r.to.iter().flatten())
+            .any(|peer| peer.domain_names.is_some());
+        if domain_names {
+            // domainNames peers: reported as unsupported, never passed silently.
             assert!(
                 errors
                     .iter()
@@ -392,27 +407,162 @@ fn unsupported_peers_fail_closed() {
     let p = r#"
 apiVersion: policy.networking.k8s.io/v1alpha2
 kind: ClusterNetworkPolicy
-metadata: {name: nodes}
+metadata: {name: names}
 spec:
   tier: Admin
   priority: 0
   subject: {namespaces: {matchLabels: {env: prod}}}
+  ingress:
+  - action: Accept
+    from: [{nodes: {}}]
   egress:
   - action: Accept
-    to: [{nodes: {}}]
+    to: [{namespaces: {}}]
+    protocols: [{tcp: {destinationPort: {number: 443}}}]
   - action: Pass
     to: [{domainNames: ["example.com"]}]
 "#;
     let h = harness(&[], &[p]);
     let d: Vec<_> = h.out.diagnostics.iter().map(|d| d.to_string()).collect();
     assert!(
-        d.iter()
-            .any(|d| d.contains("ClusterNetworkPolicy/nodes: spec.egress[0].to[0].nodes")),
+        d.iter().any(|d| d.contains(
+            "ClusterNetworkPolicy/names: spec.ingress[0].from[0].nodes: unsupported: nodes is an egress peer only"
+        )),
         "{d:?}"
     );
+    assert!(
+        d.iter()
+            .any(|d| d.contains("ClusterNetworkPolicy/names: spec.egress[1].to[0].domainNames")),
+        "{d:?}"
+    );
+    assert!(h.tcp("prod/web", "dev/web", 443), "before the failed rule");
     assert!(
         !h.tcp("prod/web", "dev/web", 80),
         "the Pass rule denies all"
     );
-    assert!(h.tcp("dev/web", "prod/web", 80), "ingress unaffected");
+    assert!(
+        h.tcp("dev/web", "prod/web", 80),
+        "an unreadable Accept rule matches nothing"
+    );
+}
+
+/// Nodes as ClusterNetworkPolicy has them: labels, and every IP in `status.addresses`.
+fn node_object(name: &str, labels: &[(&str, &str)], addresses: &[(&str, &str)]) -> Node {
+    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let addresses: Vec<_> = addresses
+        .iter()
+        .map(|(kind, address)| serde_json::json!({"type": kind, "address": address}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "status": {"addresses": addresses},
+    }))
+    .unwrap()
+}
+
+#[test]
+fn nodes_peers_select_node_addresses_by_label() {
+    let p = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: node-access}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {env: prod}}}
+  egress:
+  - name: kubelet-zone-a
+    action: Accept
+    to: [{nodes: {matchLabels: {zone: a}}}]
+    protocols: [{tcp: {destinationPort: {number: 10250}}}]
+  - name: dns-decided-below
+    action: Pass
+    to: [{nodes: {matchLabels: {kubernetes.io/os: linux}}}]
+    protocols: [{udp: {destinationPort: {number: 53}}}]
+  - name: no-other-node
+    action: Deny
+    to: [{nodes: {matchLabels: {kubernetes.io/os: linux}}}]
+"#;
+    let namespaces = [
+        namespace("prod", &[("env", "prod")]),
+        namespace("dev", &[("env", "dev")]),
+        namespace("kube-system", &[]),
+    ];
+    let mut c = cluster(&namespaces, &pods(), &[]);
+    let linux = ("kubernetes.io/os", "linux");
+    c.upsert_node(&node_object(
+        "node-1",
+        &[linux, ("zone", "a")],
+        &[("InternalIP", "192.168.1.1"), ("Hostname", "node-1")],
+    ))
+    .unwrap();
+    c.upsert_node(&node_object(
+        "node-2",
+        &[linux, ("zone", "b")],
+        &[("InternalIP", "192.168.1.2"), ("ExternalIP", "203.0.113.2")],
+    ))
+    .unwrap();
+    c.upsert_node(&node_object(
+        "node-3",
+        &[("kubernetes.io/os", "windows")],
+        &[("InternalIP", "192.168.1.3")],
+    ))
+    .unwrap();
+    c.upsert_cluster_policy(&serde_norway::from_str(p).unwrap())
+        .unwrap();
+    let mut h = Harness::new(c);
+    assert!(h.out.diagnostics.is_empty(), "{:?}", h.out.diagnostics);
+    assert!(h.tcp("prod/web", "192.168.1.1", 10250));
+    assert!(!h.tcp("prod/web", "192.168.1.2", 10250), "zone b: denied");
+    assert!(
+        !h.tcp("prod/web", "203.0.113.2", 10250),
+        "every address counts"
+    );
+    assert!(!h.tcp("prod/web", "192.168.1.1", 22));
+    assert!(h.tcp("prod/web", "192.168.1.3", 22), "no linux label");
+    assert!(
+        udp(&h, "prod/web", "192.168.1.2", 53),
+        "passed, nothing isolates"
+    );
+    assert!(h.tcp("prod/web", "192.168.1.4", 22), "not a node");
+    assert!(h.tcp("prod/web", "dev/web", 22), "pods are not nodes");
+    assert!(h.tcp("dev/web", "192.168.1.2", 10250), "not a subject");
+    // The drop names the rule.
+    let node = &h.out.nodes["node-1"];
+    let rs = node.endpoints[&PodKey::new("prod", "web")].egress;
+    let (action, rule) = node.verdict(rs, "192.168.1.2".parse().unwrap(), TCP, 22);
+    assert_eq!(action, Action::Deny);
+    assert_eq!(
+        node.rules[&rule].tiered.as_ref().map(|t| t.name.as_str()),
+        Some("no-other-node")
+    );
+
+    // A node's labels move it in and out of the peer.
+    h.cluster
+        .upsert_node(&node_object(
+            "node-3",
+            &[linux],
+            &[("InternalIP", "192.168.1.3")],
+        ))
+        .unwrap();
+    h.cluster
+        .upsert_node(&node_object(
+            "node-2",
+            &[linux, ("zone", "a")],
+            &[("InternalIP", "192.168.1.2")],
+        ))
+        .unwrap();
+    h.recompile();
+    assert!(!h.tcp("prod/web", "192.168.1.3", 22));
+    assert!(h.tcp("prod/web", "192.168.1.2", 10250));
+    assert!(
+        h.tcp("prod/web", "203.0.113.2", 10250),
+        "no longer its address"
+    );
+    h.cluster.delete_node("node-3");
+    h.recompile();
+    assert!(
+        h.tcp("prod/web", "192.168.1.3", 22),
+        "a deleted node is no peer"
+    );
 }

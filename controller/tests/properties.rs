@@ -7,9 +7,12 @@ mod support;
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
-    api::networking::v1::{
-        IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
-        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    api::{
+        core::v1::Node,
+        networking::v1::{
+            IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
+            NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+        },
     },
     apimachinery::pkg::{
         apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta},
@@ -36,6 +39,8 @@ use weir_controller::{
 #[derive(Clone, Debug)]
 struct Model {
     nodes: usize,
+    /// Node n is `node-n` at 192.168.0.(n+1) and fd00:0:0:1::(n+1) with these labels.
+    node_labels: Vec<BTreeMap<String, String>>,
     namespaces: Vec<BTreeMap<String, String>>,
     pods: Vec<PodBuilder>,
     policies: Vec<NetworkPolicy>,
@@ -54,6 +59,9 @@ impl Model {
                 l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             c.upsert_namespace(&namespace(&ns_name(i), &pairs)).unwrap();
         }
+        for (n, l) in self.node_labels.iter().enumerate() {
+            c.upsert_node(&node_object(n, l)).unwrap();
+        }
         for p in &self.pods {
             c.upsert_pod(&p.build()).unwrap();
         }
@@ -65,6 +73,32 @@ impl Model {
         }
         c
     }
+}
+
+fn node_addresses(n: usize) -> [IpAddr; 2] {
+    [
+        format!("192.168.0.{}", n + 1).parse().unwrap(),
+        format!("fd00:0:0:1::{}", n + 1).parse().unwrap(),
+    ]
+}
+
+fn node_object(n: usize, labels: &BTreeMap<String, String>) -> Node {
+    let mut labels = labels.clone();
+    labels.insert("kubernetes.io/hostname".to_owned(), format!("node-{n}"));
+    let addresses: Vec<serde_json::Value> = node_addresses(n)
+        .iter()
+        .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip.to_string()}))
+        .chain([serde_json::json!({"type": "Hostname", "address": format!("node-{n}")})])
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("node-{n}"), "labels": labels},
+        "status": {"addresses": addresses},
+    }))
+    .unwrap()
+}
+
+fn node_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    opt_label("zone", &["a", "b"]).prop_map(|l| l.into_iter().collect())
 }
 
 fn opt_label(
@@ -210,6 +244,10 @@ fn selector(
         })
 }
 
+const NODE_KEYS: &[(&str, &[&str])] = &[
+    ("zone", &["a", "b"]),
+    ("kubernetes.io/hostname", &["node-0", "node-1", "node-2"]),
+];
 const POD_KEYS: &[(&str, &[&str])] = &[("app", &["web", "db"]), ("tier", &["f", "b"])];
 const NS_KEYS: &[(&str, &[&str])] = &[
     ("team", &["a", "b"]),
@@ -356,11 +394,16 @@ fn cnp_peer(egress: bool) -> impl Strategy<Value = RulePeer> {
             networks: Some(n),
             ..Default::default()
         }),
+        // Nodes are egress peers; in an ingress rule they fail closed.
+        if egress { 3 } else { 1 } => selector(NODE_KEYS).prop_map(|s| RulePeer {
+            nodes: Some(s),
+            ..Default::default()
+        }),
         // No field set, or one this implementation does not know: fails closed.
         1 => prop_oneof![
             Just(RulePeer::default()),
             Just(RulePeer {
-                nodes: Some(LabelSelector::default()),
+                domain_names: Some(vec!["example.com".to_owned()]),
                 ..Default::default()
             }),
         ],
@@ -490,6 +533,7 @@ fn model() -> impl Strategy<Value = Model> {
         .prop_flat_map(|(nodes, namespaces)| {
             (
                 Just(nodes),
+                proptest::collection::vec(node_labels(), nodes),
                 proptest::collection::vec(namespace_labels(), namespaces),
                 pods(namespaces, nodes),
                 (0usize..=4).prop_flat_map(move |n| {
@@ -501,8 +545,9 @@ fn model() -> impl Strategy<Value = Model> {
             )
         })
         .prop_map(
-            |(nodes, namespaces, pods, policies, cluster_policies)| Model {
+            |(nodes, node_labels, namespaces, pods, policies, cluster_policies)| Model {
                 nodes,
+                node_labels,
                 namespaces,
                 pods,
                 policies,
@@ -540,7 +585,7 @@ fn same_family(a: IpAddr, b: IpAddr) -> bool {
     a.is_ipv4() == b.is_ipv4()
 }
 
-/// Every (source, destination pod address, probe): dataplane == oracle.
+/// Every (source, destination pod or node address, probe): dataplane == oracle.
 fn check_agreement(cluster: &Cluster, out: &CompileOutput) -> Result<(), TestCaseError> {
     let pod_addresses: Vec<(PodKey, IpAddr)> = cluster
         .pods()
@@ -551,22 +596,35 @@ fn check_agreement(cluster: &Cluster, out: &CompileOutput) -> Result<(), TestCas
         .map(|(k, ip)| Endpoint::PodAt(k.clone(), *ip))
         .collect();
     sources.extend(EXTERNAL.iter().map(|s| Endpoint::Ip(s.parse().unwrap())));
+    let mut destinations: Vec<(Option<&PodKey>, Endpoint)> = pod_addresses
+        .iter()
+        .map(|(k, ip)| (Some(k), Endpoint::PodAt(k.clone(), *ip)))
+        .collect();
+    // Nodes' addresses (host-network servers): only pods' egress rules apply to them.
+    let node_ips: Vec<IpAddr> = cluster
+        .nodes()
+        .flat_map(|(_, n)| n.ips.iter().copied())
+        .collect();
+    destinations.extend(node_ips.iter().map(|ip| (None, Endpoint::Ip(*ip))));
     for src in &sources {
         let src_ip = src.address(cluster).unwrap();
-        for (dst_key, dst_ip) in &pod_addresses {
+        for (dst_key, dst) in &destinations {
+            let dst_ip = dst.address(cluster).unwrap();
             if let Endpoint::PodAt(k, _) = src
-                && k == dst_key
+                && Some(k) == *dst_key
             {
                 continue; // a pod talking to itself never leaves it
             }
-            if !same_family(src_ip, *dst_ip) {
+            if !same_family(src_ip, dst_ip) {
                 continue;
             }
-            let dst = Endpoint::PodAt(dst_key.clone(), *dst_ip);
+            if dst_key.is_none() && !matches!(src, Endpoint::PodAt(..)) {
+                continue;
+            }
             for &(proto, port) in PROBES {
                 let expected =
-                    oracle::allowed(cluster, src, &dst, proto, port).expect("specs retained");
-                let got = oracle::emulated_allows(cluster, out, src, &dst, proto, port);
+                    oracle::allowed(cluster, src, dst, proto, port).expect("specs retained");
+                let got = oracle::emulated_allows(cluster, out, src, dst, proto, port);
                 prop_assert_eq!(
                     got,
                     expected,
@@ -615,7 +673,7 @@ fn referenced(cluster: &Cluster, key: &PodKey) -> bool {
                     };
                     ns_ok && pp.pods.matches(&pod.labels)
                 }
-                Peer::IpBlock(_) => false,
+                Peer::IpBlock(_) | Peer::Nodes(_) => false,
             });
         selected || peer
     })
@@ -630,6 +688,7 @@ enum Change {
     DeletePolicy(usize),
     ReplacePolicy(usize, Box<NetworkPolicy>),
     ReplaceClusterPolicy(usize, Box<ClusterNetworkPolicy>),
+    NodeLabels(usize, BTreeMap<String, String>),
 }
 
 fn change(namespaces: usize) -> impl Strategy<Value = Change> {
@@ -641,6 +700,7 @@ fn change(namespaces: usize) -> impl Strategy<Value = Change> {
         1 => any::<usize>().prop_map(Change::DeletePolicy),
         2 => (any::<usize>(), network_policy(namespaces, 9)).prop_map(|(i, p)| Change::ReplacePolicy(i, Box::new(p))),
         1 => (any::<usize>(), cluster_network_policy(9)).prop_map(|(i, p)| Change::ReplaceClusterPolicy(i, Box::new(p))),
+        1 => (any::<usize>(), node_labels()).prop_map(|(i, l)| Change::NodeLabels(i, l)),
     ]
 }
 
@@ -680,6 +740,10 @@ fn apply(model: &Model, c: &Change) -> Model {
                 m.policies.push(p);
             }
         }
+        Change::NodeLabels(i, l) => {
+            let n = m.node_labels.len();
+            m.node_labels[i % n] = l.clone();
+        }
         Change::ReplaceClusterPolicy(i, p) => {
             let mut p = (**p).clone();
             if !m.cluster_policies.is_empty() {
@@ -705,6 +769,9 @@ fn apply_to_cluster(cluster: &mut Cluster, before: &Model, after: &Model) {
     }
     for p in &after.pods {
         cluster.upsert_pod(&p.build()).unwrap();
+    }
+    for (n, l) in after.node_labels.iter().enumerate() {
+        cluster.upsert_node(&node_object(n, l)).unwrap();
     }
     for (i, l) in after.namespaces.iter().enumerate() {
         let pairs: Vec<(&str, &str)> = l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

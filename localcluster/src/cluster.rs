@@ -101,6 +101,9 @@ pub struct Node {
     /// Set only when the cluster runs without a controller (which otherwise assigns it).
     pub pod_cidr: Option<Ipv4Net>,
     pub dir: PathBuf,
+    /// Labels of its Node object besides the ones a kubelet sets (see
+    /// [`LocalCluster::set_node_labels`]).
+    labels: BTreeMap<String, String>,
     agent: Option<(Child, ProcessRecord)>,
     /// The node's containerd (`--runtime containerd`).
     containerd: Option<(Child, ProcessRecord)>,
@@ -645,19 +648,33 @@ impl LocalCluster {
         }
     }
 
-    /// The Node object of node `idx`, as a kubelet would register it.
+    /// The Node object of node `idx`, as a kubelet would register it, with the labels
+    /// [`Self::set_node_labels`] gave it.
     fn write_node_manifest(&self, idx: usize) -> Result<()> {
         let node = &self.nodes[idx];
+        let mut labels = node.labels.clone();
+        labels.insert("kubernetes.io/hostname".to_owned(), node.name.clone());
+        labels.insert("kubernetes.io/os".to_owned(), "linux".to_owned());
         let obj = json!({
             "apiVersion": "v1",
             "kind": "Node",
-            "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+            "metadata": {"name": node.name, "labels": labels},
             "status": {"addresses": [{"type": "InternalIP", "address": node.ip.to_string()}]},
         });
         self.write_manifest(
             &format!("nodes/{}.yaml", node.name),
             &serde_norway::to_string(&obj)?,
         )
+    }
+
+    /// Replaces node `idx`'s own labels (as `kubectl label node --overwrite` would; the
+    /// kubelet's `kubernetes.io/hostname` and `kubernetes.io/os` stay).
+    pub fn set_node_labels(&mut self, idx: usize, labels: BTreeMap<String, String>) -> Result<()> {
+        self.nodes
+            .get_mut(idx)
+            .with_context(|| format!("no node {idx}"))?
+            .labels = labels;
+        self.write_node_manifest(idx)
     }
 
     /// Creates or relabels a namespace (its `kubernetes.io/metadata.name` label is implied).
@@ -837,6 +854,7 @@ impl LocalCluster {
             ip,
             pod_cidr,
             dir,
+            labels: BTreeMap::new(),
             agent: None,
             containerd: None,
         });

@@ -113,6 +113,101 @@ async fn a_cluster_policy_deny_is_reported_with_its_rule_tier_and_priority() {
     );
 }
 
+/// ClusterNetworkPolicy `nodes` peers: a pod's egress to host-network servers on its own
+/// node and on another one, by node labels (upstream's CNPAdminTierEgressNodePeers shape:
+/// Accept one port, Pass another, Deny the rest), and a node label change moving a node out.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_peers_decide_a_pods_egress_to_host_network_servers_by_node_labels() {
+    let mut c = cluster(2, Topology::Routed).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 1).await;
+    let _sb = Servers::start(&b.netns.path(), &[80], &[Protocol::Tcp]).unwrap();
+    let nodes: Vec<_> = c.nodes().iter().map(|n| (n.netns.path(), n.ip)).collect();
+    let _servers: Vec<_> = nodes
+        .iter()
+        .map(|(netns, _)| {
+            Servers::start(
+                netns,
+                &[34567, 34568, 34569],
+                &[Protocol::Tcp, Protocol::Udp],
+            )
+            .unwrap()
+        })
+        .collect();
+    let to_nodes = |labels: serde_json::Value| json!([{"nodes": {"matchLabels": labels}}]);
+    c.apply_object(&json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha2",
+        "kind": "ClusterNetworkPolicy",
+        "metadata": {"name": "node-peers"},
+        "spec": {"tier": "Admin", "priority": 75,
+                 "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}},
+                 "egress": [
+                     {"name": "allow-34567", "action": "Accept",
+                      "to": to_nodes(json!({"kubernetes.io/os": "linux"})),
+                      "protocols": [{"tcp": {"destinationPort": {"number": 34567}}}]},
+                     {"name": "pass-34569", "action": "Pass",
+                      "to": to_nodes(json!({"kubernetes.io/os": "linux"})),
+                      "protocols": [{"udp": {"destinationPort": {"number": 34569}}}]},
+                     {"name": "deny-locked", "action": "Deny",
+                      "to": to_nodes(json!({"access": "locked"}))},
+                 ]},
+    }))
+    .unwrap();
+    c.set_node_labels(0, [("access".to_owned(), "locked".to_owned())].into())
+        .unwrap();
+    c.set_node_labels(1, [("access".to_owned(), "locked".to_owned())].into())
+        .unwrap();
+    c.sync().await.unwrap();
+
+    let reach = |to: std::net::IpAddr, port: u16, protocol: Protocol| {
+        let from = a.netns.clone();
+        async move { probe(&from, to, port, protocol).await.is_connected() }
+    };
+    for (_, ip) in &nodes {
+        let ip = std::net::IpAddr::V4(*ip);
+        assert!(reach(ip, 34567, Protocol::Tcp).await, "accepted to {ip}");
+        assert!(
+            reach(ip, 34569, Protocol::Udp).await,
+            "passed to {ip}, nothing isolates"
+        );
+        assert!(!reach(ip, 34568, Protocol::Tcp).await, "denied to {ip}");
+        assert!(!reach(ip, 34568, Protocol::Udp).await, "denied to {ip}");
+    }
+    assert!(
+        reach(b.ip, 80, Protocol::Tcp).await,
+        "a pod on a node is no node peer"
+    );
+
+    // Node 2 leaves the Deny rule's peer when its label goes.
+    c.set_node_labels(1, Default::default()).unwrap();
+    c.sync().await.unwrap();
+    let (node1, node2) = (
+        std::net::IpAddr::V4(nodes[0].1),
+        std::net::IpAddr::V4(nodes[1].1),
+    );
+    assert!(
+        reach(node2, 34568, Protocol::Tcp).await,
+        "node 2 unlabelled"
+    );
+    assert!(
+        !reach(node1, 34568, Protocol::Tcp).await,
+        "node 1 still locked"
+    );
+
+    let (_, flows) = c.agent_http(0, "/flows?limit=100").unwrap();
+    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    let drop = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["reason"] == "policy_egress" && f["dst"] == node1.to_string())
+        .unwrap_or_else(|| panic!("no egress drop to node 1 in {flows:#}"));
+    assert_eq!(
+        drop["rule"],
+        "ClusterNetworkPolicy/node-peers/deny-locked egress (Admin tier, priority 75)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_policy_fails_closed_for_its_pods_and_leaves_the_others_alone() {
     let mut c = cluster(1, Topology::L2).await;

@@ -112,6 +112,8 @@ pub(crate) struct NodePeers {
     pub selectors: BTreeSet<u32>,
     /// `Block` atoms.
     pub blocks: BTreeSet<u32>,
+    /// `Nodes` atoms.
+    pub nodes: BTreeSet<u32>,
     /// `NamedPort` atoms of egress rules, and where they apply.
     pub egress_ports: BTreeMap<u32, Activation>,
 }
@@ -122,7 +124,7 @@ pub(crate) struct Classification {
     /// Distinct signatures; index 0 is the empty one.
     pub signatures: Vec<ClassSignature>,
     regions: Regions,
-    /// Pod addresses and their signature index.
+    /// Pod addresses, and node addresses `nodes` peers select, with their signature index.
     pub pod_addresses: Vec<(IpAddr, usize)>,
 }
 
@@ -181,6 +183,26 @@ impl Classification {
                 encode(&mut flat, merged.iter().copied(), ports);
                 pod_addresses.push((ip, interner.intern(&flat)));
             }
+        }
+        // Node addresses a `nodes` peer selects: host entries like pods' (a node address is
+        // never a pod's: host-network pods are not stored).
+        let mut node_atoms: BTreeMap<IpAddr, Vec<u32>> = BTreeMap::new();
+        for &atom in &peers.nodes {
+            for &ip in members.node_addresses(atom) {
+                node_atoms.entry(ip).or_default().push(atom);
+            }
+        }
+        for (ip, mut atoms) in node_atoms {
+            if cluster.pod_at(ip).is_some() {
+                continue;
+            }
+            let (_, region) = regions.lookup(ip);
+            atoms.extend(interner.signatures[region].atoms());
+            atoms.sort_unstable();
+            atoms.dedup();
+            let mut flat = Vec::with_capacity(atoms.len());
+            encode(&mut flat, atoms.into_iter(), &[]);
+            pod_addresses.push((ip, interner.intern(&flat)));
         }
         Self {
             signatures: interner.signatures,

@@ -314,7 +314,7 @@ pub struct Cluster {
     /// Addresses more than one stored pod reports (rare: a stale object during IP reuse).
     contested_ips: BTreeSet<IpAddr>,
     pods_by_port_name: HashMap<(String, Protocol), BTreeSet<PodIdx>>,
-    nodes: BTreeSet<String>,
+    nodes: BTreeMap<String, NodeRecord>,
     policies: BTreeMap<PolicyKey, PolicyRecord>,
     cluster_policies: BTreeMap<PolicyKey, ClusterPolicyRecord>,
     retain_specs: bool,
@@ -328,6 +328,14 @@ pub struct Cluster {
     derived_slices: BTreeMap<ObjectName, SliceRecord>,
     /// DropCIDRSets by name, with what could not be used of each.
     drop_sets: BTreeMap<String, (DropSet, Vec<ServiceDiagnostic>)>,
+}
+
+/// What policy needs of a Node object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub labels: Labels,
+    /// The IP addresses of `status.addresses` (InternalIP, ExternalIP), canonical, sorted.
+    pub ips: Vec<IpAddr>,
 }
 
 /// A stored Service and what could not be used of it.
@@ -579,6 +587,8 @@ impl Cluster {
 
     // ---------------------------------------------------------------- nodes
 
+    /// Creates or replaces a Node: its labels and the addresses in `status.addresses` that
+    /// are IP addresses (what ClusterNetworkPolicy `nodes` peers select).
     pub fn upsert_node(&mut self, node: &Node) -> Result<()> {
         let name = node
             .metadata
@@ -586,8 +596,23 @@ impl Cluster {
             .clone()
             .filter(|n| !n.is_empty())
             .ok_or(Error::MissingName { kind: "Node" })?;
-        self.nodes.insert(name);
+        let mut ips: Vec<IpAddr> = node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .map(canonical_ip)
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        let labels = node.metadata.labels.clone().unwrap_or_default().into();
+        self.nodes.insert(name, NodeRecord { labels, ips });
         Ok(())
+    }
+
+    /// Node objects with their labels and addresses, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = (&str, &NodeRecord)> {
+        self.nodes.iter().map(|(n, r)| (n.as_str(), r))
     }
 
     pub fn delete_node(&mut self, name: &str) {
@@ -597,7 +622,7 @@ impl Cluster {
     /// Node names: Node objects, and nodes that stored pods are scheduled to.
     pub fn node_names(&self) -> BTreeSet<&str> {
         self.nodes
-            .iter()
+            .keys()
             .map(String::as_str)
             .chain(self.pods_by_node.keys().map(String::as_str))
             .collect()

@@ -481,12 +481,17 @@ fn rule(v: &mut Validator, raw: RawRule<'_>, path: &str) -> Option<Rule> {
             protocol(v, p, &format!("{path}.protocols[{i}]"), &mut ports);
         }
     }
-    if named && peers.iter().any(|p| matches!(p, Peer::IpBlock(_))) {
+    if named
+        && peers
+            .iter()
+            .any(|p| matches!(p, Peer::IpBlock(_) | Peer::Nodes(_)))
+    {
         v.report(
             format!("{path}.protocols"),
             Problem::Unsupported {
-                what: "destinationNamedPort with a networks peer (networks have no named ports)"
-                    .to_owned(),
+                what:
+                    "destinationNamedPort with a networks or nodes peer (they have no named ports)"
+                        .to_owned(),
             },
         );
     }
@@ -561,13 +566,19 @@ fn peer(v: &mut Validator, peer: &RulePeer, ingress: bool, path: &str, out: &mut
                 }));
             }
         }
-    } else if peer.nodes.is_some() {
-        v.report(
-            format!("{path}.nodes"),
-            Problem::Unsupported {
-                what: "nodes peers (experimental channel) are not implemented".to_owned(),
-            },
-        );
+    } else if let Some(nodes) = &peer.nodes {
+        if ingress {
+            v.report(
+                format!("{path}.nodes"),
+                Problem::Unsupported {
+                    what: "nodes is an egress peer only".to_owned(),
+                },
+            );
+            return;
+        }
+        if let Some(sel) = v.selector(Some(nodes), &format!("{path}.nodes")) {
+            out.push(Peer::Nodes(sel));
+        }
     } else if peer.domain_names.is_some() {
         v.report(
             format!("{path}.domainNames"),

@@ -294,6 +294,9 @@ impl<'a> View<'a> {
                             Some(AtomKey::Block(_)) => {
                                 peers.blocks.insert(atom);
                             }
+                            Some(AtomKey::Nodes(_)) => {
+                                peers.nodes.insert(atom);
+                            }
                             _ => {}
                         }
                     }

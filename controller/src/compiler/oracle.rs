@@ -288,6 +288,13 @@ fn cnp_peer_matches(cluster: &Cluster, peer: &RulePeer, addr: IpAddr) -> bool {
                 .is_ok_and(|net| net.trunc().contains(&addr))
         });
     }
+    if let Some(sel) = &peer.nodes {
+        // A node's addresses, unless a pod holds one (host-network pods are not stored).
+        return cluster.pod_at(addr).is_none()
+            && cluster
+                .nodes()
+                .any(|(_, node)| node.ips.contains(&addr) && selector_matches(sel, &node.labels));
+    }
     let Some(pod) = cluster.pod_at(addr) else {
         return false;
     };

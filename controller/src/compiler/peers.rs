@@ -6,6 +6,7 @@
 //! * [`AtomKey::Namespaces`]: the namespaces a `namespaceSelector` selects (shared by every
 //!   pod peer with that namespace selector).
 //! * [`AtomKey::Block`]: the addresses an `ipBlock` selects.
+//! * [`AtomKey::Nodes`]: the addresses of the Nodes a `nodes` peer selects.
 //! * [`AtomKey::NamedPort`]: what a port name means on a pod (ingress: on the local pod;
 //!   egress: on the destination pod).
 //!
@@ -14,6 +15,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::IpAddr,
     sync::{Arc, OnceLock},
 };
 
@@ -32,6 +34,7 @@ pub(crate) enum AtomKey {
     Pods(PodPeer),
     Namespaces(Selector),
     Block(IpBlockPeer),
+    Nodes(Selector),
     NamedPort { name: String, protocol: Protocol },
 }
 
@@ -130,6 +133,7 @@ impl RuleAtoms {
                 .map(|p| match p {
                     Peer::Pods(pp) => atoms.intern(&AtomKey::Pods(pp.clone())),
                     Peer::IpBlock(b) => atoms.intern(&AtomKey::Block(b.clone())),
+                    Peer::Nodes(sel) => atoms.intern(&AtomKey::Nodes(sel.clone())),
                 })
                 .collect();
             ids.sort_unstable();
@@ -200,6 +204,8 @@ pub(crate) struct AtomMembers<'a> {
     atoms: &'a AtomTable,
     /// `Pods` atoms: sorted pod indexes. `Namespaces` atoms: sorted namespace indexes.
     members: Vec<OnceLock<Box<[u32]>>>,
+    /// `Nodes` atoms: the selected nodes' addresses, sorted.
+    node_addresses: Vec<OnceLock<Box<[IpAddr]>>>,
 }
 
 impl<'a> AtomMembers<'a> {
@@ -208,7 +214,29 @@ impl<'a> AtomMembers<'a> {
             cluster,
             atoms,
             members: (0..atoms.capacity()).map(|_| OnceLock::new()).collect(),
+            node_addresses: (0..atoms.capacity()).map(|_| OnceLock::new()).collect(),
         }
+    }
+
+    /// The addresses of the nodes a `Nodes` atom selects (empty for other atoms).
+    pub fn node_addresses(&self, id: u32) -> &[IpAddr] {
+        let Some(cell) = self.node_addresses.get(id as usize) else {
+            return &[];
+        };
+        cell.get_or_init(|| match self.atoms.key(id) {
+            Some(AtomKey::Nodes(sel)) => {
+                let mut ips: Vec<IpAddr> = self
+                    .cluster
+                    .nodes()
+                    .filter(|(_, node)| sel.matches(&node.labels))
+                    .flat_map(|(_, node)| node.ips.iter().copied())
+                    .collect();
+                ips.sort_unstable();
+                ips.dedup();
+                ips.into_boxed_slice()
+            }
+            _ => Box::default(),
+        })
     }
 
     pub fn key(&self, id: u32) -> Option<&'a AtomKey> {

@@ -181,6 +181,8 @@ impl IpBlockPeer {
 pub enum Peer {
     Pods(PodPeer),
     IpBlock(IpBlockPeer),
+    /// The addresses of the Nodes whose labels match (ClusterNetworkPolicy `nodes`, egress).
+    Nodes(Selector),
 }
 
 /// One entry of a rule's `ports`.
