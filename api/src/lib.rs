@@ -43,6 +43,17 @@ impl PodKey {
             name: name.into(),
         }
     }
+
+    /// The node itself as a policy endpoint (its `HostPolicy` rule sets), among a node
+    /// state's pods: no pod has an empty namespace.
+    pub fn host() -> Self {
+        Self::new("", "host")
+    }
+
+    /// Whether this is [`PodKey::host`].
+    pub fn is_host(&self) -> bool {
+        self.namespace.is_empty()
+    }
 }
 
 impl fmt::Display for PodKey {

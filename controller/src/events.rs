@@ -92,6 +92,7 @@ const NOTE_LIMIT: usize = 1024;
 pub enum Subject {
     NetworkPolicy,
     ClusterNetworkPolicy,
+    HostPolicy,
     Service,
     EndpointSlice,
     DropCidrSet,
@@ -102,6 +103,7 @@ impl Subject {
         match self {
             Self::NetworkPolicy => "NetworkPolicy",
             Self::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Self::HostPolicy => crate::compiler::host_policy::KIND,
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::DropCidrSet => crate::compiler::drop_cidrs::KIND,
@@ -112,6 +114,7 @@ impl Subject {
         match self {
             Self::NetworkPolicy => "networking.k8s.io/v1",
             Self::ClusterNetworkPolicy => crate::compiler::cnp::API_VERSION,
+            Self::HostPolicy => crate::compiler::host_policy::API_VERSION,
             Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
             Self::DropCidrSet => crate::compiler::drop_cidrs::API_VERSION,
@@ -168,6 +171,7 @@ impl ReportedDiagnostic {
         let subject = match d.policy.kind {
             PolicyKind::NetworkPolicy => Subject::NetworkPolicy,
             PolicyKind::ClusterNetworkPolicy => Subject::ClusterNetworkPolicy,
+            PolicyKind::HostPolicy => Subject::HostPolicy,
         };
         Self {
             subject,
@@ -183,11 +187,10 @@ impl ReportedDiagnostic {
 
     /// `policy`, one of those whose rule set `t` did not fit its node.
     pub fn too_large(t: &TooLarge, policy: &PolicyRef, object: ObjectRef) -> Self {
-        let subject = if policy.kind == Subject::ClusterNetworkPolicy.kind() {
-            Subject::ClusterNetworkPolicy
-        } else {
-            Subject::NetworkPolicy
-        };
+        let subject = [Subject::ClusterNetworkPolicy, Subject::HostPolicy]
+            .into_iter()
+            .find(|s| policy.kind == s.kind())
+            .unwrap_or(Subject::NetworkPolicy);
         Self {
             subject,
             namespace: policy.namespace.clone(),
@@ -217,7 +220,7 @@ impl ReportedDiagnostic {
     fn is_policy(&self) -> bool {
         matches!(
             self.subject,
-            Subject::NetworkPolicy | Subject::ClusterNetworkPolicy
+            Subject::NetworkPolicy | Subject::ClusterNetworkPolicy | Subject::HostPolicy
         )
     }
 
@@ -457,9 +460,14 @@ impl DiagnosticEvents {
                 INVALID_POLICY_REASON,
                 "; the rule fails closed: an Accept rule matches nothing, any other denies everything",
             ),
-            (Subject::NetworkPolicy | Subject::ClusterNetworkPolicy, Severity::Warning) => {
-                (NORMALIZED_POLICY_REASON, "; the normalized value applies")
-            }
+            (Subject::HostPolicy, Severity::Error) => (
+                INVALID_POLICY_REASON,
+                "; the policy fails closed: the nodes it selects accept only replies and their failsafe ports",
+            ),
+            (
+                Subject::NetworkPolicy | Subject::ClusterNetworkPolicy | Subject::HostPolicy,
+                Severity::Warning,
+            ) => (NORMALIZED_POLICY_REASON, "; the normalized value applies"),
             (Subject::Service, _) => (
                 INVALID_SERVICE_REASON,
                 "; weir leaves this part out and proxies the rest",

@@ -23,7 +23,7 @@ use crate::{
     Cluster, Compiler, PolicyKey, Severity,
     compiler::{
         capacity::{self, Capacities, TooLarge},
-        drop_cidrs,
+        drop_cidrs, host_policy,
         service::{ObjectName, ServiceDiagnostic},
     },
     node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
@@ -206,6 +206,7 @@ impl Controller {
                     Object::Service(o) => self.cluster.upsert_service(o).map(|_| ()),
                     Object::EndpointSlice(o) => self.cluster.upsert_endpoint_slice(o).map(|_| ()),
                     Object::DropCidrSet(o) => self.cluster.upsert_drop_set(o).map(|_| ()),
+                    Object::HostPolicy(o) => self.cluster.upsert_host_policy(o).map(|_| ()),
                 },
                 Change::Delete(k) => {
                     match k.kind {
@@ -229,6 +230,7 @@ impl Controller {
                             .cluster
                             .delete_endpoint_slice(&ObjectName::new(&k.namespace, &k.name)),
                         drop_cidrs::KIND => self.cluster.delete_drop_set(&k.name),
+                        host_policy::KIND => self.cluster.delete_host_policy(&k.name),
                         _ => {}
                     }
                     Ok(())

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::compiler::{
     cnp::{self, ClusterNetworkPolicy},
     drop_cidrs::{self, DropCidrSet},
+    host_policy::{self, HostPolicy},
 };
 
 /// A cluster object the controller understands.
@@ -36,6 +37,7 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     DropCidrSet(DropCidrSet),
+    HostPolicy(HostPolicy),
 }
 
 /// Identity of an object: kind, namespace ("" for cluster-scoped kinds), name.
@@ -67,6 +69,7 @@ impl Object {
             Object::Service(o) => ("Service", &o.metadata),
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Object::DropCidrSet(o) => (drop_cidrs::KIND, &o.metadata),
+            Object::HostPolicy(o) => (host_policy::KIND, &o.metadata),
         };
         ObjectKey {
             kind,
@@ -145,6 +148,16 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
             "EndpointSlice" => {
                 Object::EndpointSlice(serde_json::from_value(v).map_err(|e| e.to_string())?)
             }
+            host_policy::KIND => {
+                let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
+                if api_version != host_policy::API_VERSION {
+                    return Err(format!(
+                        "HostPolicy of apiVersion {api_version:?}: only {} is supported",
+                        host_policy::API_VERSION
+                    ));
+                }
+                Object::HostPolicy(serde_json::from_value(v).map_err(|e| e.to_string())?)
+            }
             drop_cidrs::KIND => {
                 let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
                 if api_version != drop_cidrs::API_VERSION {
@@ -180,7 +193,8 @@ fn collect(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String
         | "ClusterNetworkPolicy"
         | "Service"
         | "EndpointSlice"
-        | drop_cidrs::KIND => out.push(typed(value)?),
+        | drop_cidrs::KIND
+        | host_policy::KIND => out.push(typed(value)?),
         _ => {}
     }
     Ok(())

@@ -85,5 +85,6 @@ pub fn upsert(cluster: &mut Cluster, object: &Object) -> weir_controller::compil
         Object::Service(o) => cluster.upsert_service(o).map(|_| ()),
         Object::EndpointSlice(o) => cluster.upsert_endpoint_slice(o).map(|_| ()),
         Object::DropCidrSet(o) => cluster.upsert_drop_set(o).map(|_| ()),
+        Object::HostPolicy(o) => cluster.upsert_host_policy(o).map(|_| ()),
     }
 }

@@ -31,6 +31,7 @@ use super::{
     Error, HashMap, Result,
     cnp::{self, ClusterNetworkPolicy, ClusterNetworkPolicySpec},
     drop_cidrs::{self, DropCidrSet, DropSet},
+    host_policy::{self, HostPolicy},
     policy::{PolicyKey, PolicyKind, Protocol},
     selector::Labels,
     service::{ObjectName, ServiceDiagnostic, ServiceInfo, SliceInfo},
@@ -317,6 +318,7 @@ pub struct Cluster {
     nodes: BTreeMap<String, NodeRecord>,
     policies: BTreeMap<PolicyKey, PolicyRecord>,
     cluster_policies: BTreeMap<PolicyKey, ClusterPolicyRecord>,
+    host_policies: BTreeMap<PolicyKey, Arc<ValidatedPolicy>>,
     retain_specs: bool,
     services: BTreeMap<ObjectName, ServiceRecord>,
     /// EndpointSlices from the API server or the manifests.
@@ -673,8 +675,8 @@ impl Cluster {
             .map(|(_, r)| r)
     }
 
-    /// Every diagnostic of every stored policy (NetworkPolicies, then
-    /// ClusterNetworkPolicies).
+    /// Every diagnostic of every stored policy (NetworkPolicies, ClusterNetworkPolicies,
+    /// then HostPolicies).
     pub fn diagnostics(&self) -> impl Iterator<Item = &PolicyDiagnostic> {
         self.policies
             .values()
@@ -683,6 +685,11 @@ impl Cluster {
                 self.cluster_policies
                     .values()
                     .flat_map(|r| r.validated.diagnostics.iter()),
+            )
+            .chain(
+                self.host_policies
+                    .values()
+                    .flat_map(|v| v.diagnostics.iter()),
             )
     }
 
@@ -728,7 +735,39 @@ impl Cluster {
             PolicyKind::ClusterNetworkPolicy => {
                 self.cluster_policies.get(key).map(|r| &r.validated)
             }
+            PolicyKind::HostPolicy => self.host_policies.get(key),
         }
+    }
+
+    // ---------------------------------------------------------------- host policies
+
+    /// Creates or replaces a HostPolicy and returns what validation found wrong with it (an
+    /// invalid one is stored and fails closed, see [`host_policy`]).
+    pub fn upsert_host_policy(&mut self, hp: &HostPolicy) -> Result<&[PolicyDiagnostic]> {
+        let validated = host_policy::validate(hp)?;
+        let key = validated.policy.key.clone();
+        let slot = match self.host_policies.entry(key) {
+            btree_map::Entry::Occupied(mut e) => {
+                e.insert(Arc::new(validated));
+                e.into_mut()
+            }
+            btree_map::Entry::Vacant(e) => e.insert(Arc::new(validated)),
+        };
+        Ok(&slot.diagnostics)
+    }
+
+    pub fn delete_host_policy(&mut self, name: &str) {
+        self.host_policies.remove(&PolicyKey::host(name));
+    }
+
+    /// Every HostPolicy, in name order.
+    pub fn host_policies(&self) -> impl Iterator<Item = (&PolicyKey, &Arc<ValidatedPolicy>)> {
+        self.host_policies.iter()
+    }
+
+    /// The labels of Node `name` (`None` without a Node object).
+    pub fn node_labels(&self, name: &str) -> Option<&Labels> {
+        self.nodes.get(name).map(|n| &n.labels)
     }
 
     // ---------------------------------------------------------------- services

@@ -29,6 +29,8 @@ use super::{
     validate::{Problem, Severity, ValidatedPolicy, Validator},
 };
 
+/// The kind.
+pub const KIND: &str = super::policy::CLUSTER_NETWORK_POLICY_KIND;
 /// API group and version.
 pub const API_VERSION: &str = "policy.networking.k8s.io/v1alpha2";
 /// API group.

@@ -117,6 +117,7 @@ impl Compiler {
             policies: &self.policies,
             by_namespace: None,
             cluster_policies: Self::cluster_policies(&self.policies, cluster),
+            host_policies: Self::host_policies(&self.policies, cluster),
         };
         let memory = self.nodes.entry(node.to_owned()).or_default();
         let mut state = view.compile_node(memory, node);
@@ -157,6 +158,7 @@ impl Compiler {
             policies: &self.policies,
             by_namespace: Some(by_namespace),
             cluster_policies: Self::cluster_policies(&self.policies, cluster),
+            host_policies: Self::host_policies(&self.policies, cluster),
         };
         let chunk = work.len().div_ceil(self.threads).max(1);
         let mut nodes = BTreeMap::new();
@@ -237,7 +239,8 @@ impl Compiler {
         let stored = cluster
             .policies()
             .map(|(k, r)| (k, &r.validated))
-            .chain(cluster.cluster_policies().map(|(k, r)| (k, &r.validated)));
+            .chain(cluster.cluster_policies().map(|(k, r)| (k, &r.validated)))
+            .chain(cluster.host_policies());
         for (key, validated) in stored {
             let fresh = self
                 .policies
@@ -291,6 +294,17 @@ impl Compiler {
             .collect();
         out.sort_by(|a, b| a.validated.policy.order().cmp(&b.validated.policy.order()));
         out
+    }
+
+    /// The HostPolicies, in name order.
+    fn host_policies<'p>(
+        policies: &'p HashMap<PolicyKey, CachedPolicy>,
+        cluster: &Cluster,
+    ) -> Vec<&'p CachedPolicy> {
+        cluster
+            .host_policies()
+            .filter_map(|(k, _)| policies.get(k))
+            .collect()
     }
 
     /// Number of interned peers (for tests and metrics).

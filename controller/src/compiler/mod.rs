@@ -22,6 +22,8 @@
 //!   `classes` module), and verdicts, with ClusterNetworkPolicy tiers decided by the `tiers`
 //!   module and port ranges as prefixes by [`ports`]. Each node's service table comes from
 //!   the `service_table` module.
+//! * [`host_policy`]: `HostPolicy`s, the nodes' own firewall, compiled like NetworkPolicies
+//!   with the node as one more endpoint.
 //! * [`drop_cidrs`]: `DropCIDRSet`s, and the prefilter table every node gets from them.
 //! * [`capacity`]: whether a node's compiled state fits its agent's maps.
 //! * [`oracle`]: a naive reference evaluator, and the emulated dataplane decision over
@@ -34,6 +36,7 @@ pub mod cnp;
 pub mod compile;
 pub mod drop_cidrs;
 mod endpoint_slices;
+pub mod host_policy;
 mod ids;
 pub mod labels;
 pub mod names;

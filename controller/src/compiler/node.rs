@@ -60,7 +60,12 @@ pub(crate) struct View<'a> {
     pub by_namespace: Option<HashMap<NsIdx, Vec<&'a CachedPolicy>>>,
     /// Every ClusterNetworkPolicy, in evaluation order.
     pub cluster_policies: Vec<&'a CachedPolicy>,
+    /// Every HostPolicy, in name order.
+    pub host_policies: Vec<&'a CachedPolicy>,
 }
+
+/// The key of the node itself among its endpoints.
+static HOST: std::sync::LazyLock<PodKey> = std::sync::LazyLock::new(PodKey::host);
 
 /// A rule set of one node during its compile.
 struct LocalRuleSet<'a> {
@@ -240,6 +245,33 @@ impl<'a> View<'a> {
                     egress,
                 });
             }
+        }
+        // The node itself, isolated for ingress by the HostPolicies that select it.
+        let labels = cluster.node_labels(node);
+        let host: Vec<&'a CachedPolicy> = self
+            .host_policies
+            .iter()
+            .copied()
+            .filter(|p| {
+                let selector = &p.validated.policy.pod_selector;
+                match labels {
+                    Some(l) => selector.matches(l),
+                    // Without a Node object only a policy for every node applies.
+                    None => selector.matches(&Default::default()),
+                }
+            })
+            .collect();
+        if !host.is_empty() {
+            rule_sets.push(LocalRuleSet {
+                direction: Direction::Ingress,
+                policies: host,
+                ports: Vec::new(),
+            });
+            endpoints.push(LocalEndpoint {
+                key: &HOST,
+                ingress: Some(rule_sets.len() - 1),
+                egress: None,
+            });
         }
         (rule_sets, endpoints)
     }

@@ -23,6 +23,8 @@ pub const CLUSTER_NETWORK_POLICY_KIND: &str = "ClusterNetworkPolicy";
 pub enum PolicyKind {
     NetworkPolicy,
     ClusterNetworkPolicy,
+    /// weir's `HostPolicy` (see [`super::host_policy`]).
+    HostPolicy,
 }
 
 impl PolicyKind {
@@ -30,6 +32,7 @@ impl PolicyKind {
         match self {
             Self::NetworkPolicy => NETWORK_POLICY_KIND,
             Self::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
+            Self::HostPolicy => super::host_policy::KIND,
         }
     }
 }
@@ -62,6 +65,15 @@ impl PolicyKey {
         }
     }
 
+    /// A HostPolicy.
+    pub fn host(name: impl Into<String>) -> Self {
+        Self {
+            namespace: String::new(),
+            name: name.into(),
+            kind: PolicyKind::HostPolicy,
+        }
+    }
+
     pub fn policy_ref(&self) -> PolicyRef {
         PolicyRef {
             kind: self.kind.as_str().to_owned(),
@@ -77,8 +89,8 @@ impl fmt::Display for PolicyKey {
             PolicyKind::NetworkPolicy => {
                 write!(f, "{NETWORK_POLICY_KIND}/{}/{}", self.namespace, self.name)
             }
-            PolicyKind::ClusterNetworkPolicy => {
-                write!(f, "{CLUSTER_NETWORK_POLICY_KIND}/{}", self.name)
+            PolicyKind::ClusterNetworkPolicy | PolicyKind::HostPolicy => {
+                write!(f, "{}/{}", self.kind.as_str(), self.name)
             }
         }
     }

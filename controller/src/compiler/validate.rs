@@ -297,7 +297,7 @@ impl Validator {
         }
     }
 
-    fn port(&mut self, port: &NetworkPolicyPort, path: &str) -> Option<PortMatch> {
+    pub(crate) fn port(&mut self, port: &NetworkPolicyPort, path: &str) -> Option<PortMatch> {
         let protocol = match port.protocol.as_deref() {
             None => Some(Protocol::Tcp),
             Some(p) => {
@@ -429,7 +429,7 @@ impl Validator {
         Some(Peer::Pods(PodPeer { namespaces, pods }))
     }
 
-    fn ip_block(&mut self, block: &IPBlock, path: &str) -> Option<IpBlockPeer> {
+    pub(crate) fn ip_block(&mut self, block: &IPBlock, path: &str) -> Option<IpBlockPeer> {
         if block.cidr.is_empty() {
             self.report(format!("{path}.cidr"), Problem::MissingCidr);
             return None;

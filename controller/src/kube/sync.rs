@@ -108,6 +108,7 @@ fn meta(o: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
         Object::Service(o) => &o.metadata,
         Object::EndpointSlice(o) => &o.metadata,
         Object::DropCidrSet(o) => &o.metadata,
+        Object::HostPolicy(o) => &o.metadata,
     }
 }
 
@@ -155,6 +156,7 @@ impl ClusterSync {
                 | Kind::Service
                 | Kind::EndpointSlice
                 | Kind::DropCidrSet
+                | Kind::HostPolicy
         ) {
             self.track_ref(event.kind, &event.event);
         }
@@ -229,6 +231,7 @@ impl ClusterSync {
             let kind = match d.policy.kind {
                 PolicyKind::NetworkPolicy => Kind::NetworkPolicy,
                 PolicyKind::ClusterNetworkPolicy => Kind::ClusterNetworkPolicy,
+                PolicyKind::HostPolicy => Kind::HostPolicy,
             };
             ReportedDiagnostic::policy(d, object(kind, &d.policy.namespace, &d.policy.name))
         });
@@ -246,9 +249,13 @@ impl ClusterSync {
             });
         let too_large = self.controller.too_large().iter().flat_map(|t| {
             t.policies.iter().filter_map(move |p| {
-                let kind = [Kind::NetworkPolicy, Kind::ClusterNetworkPolicy]
-                    .into_iter()
-                    .find(|k| p.kind == k.as_str())?;
+                let kind = [
+                    Kind::NetworkPolicy,
+                    Kind::ClusterNetworkPolicy,
+                    Kind::HostPolicy,
+                ]
+                .into_iter()
+                .find(|k| p.kind == k.as_str())?;
                 Some(ReportedDiagnostic::too_large(
                     t,
                     p,

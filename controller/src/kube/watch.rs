@@ -65,6 +65,7 @@ use crate::{
     compiler::{
         cnp::{self, ClusterNetworkPolicy},
         drop_cidrs::{self, DropCidrSet},
+        host_policy::{self, HostPolicy},
         policy::CLUSTER_NETWORK_POLICY_KIND,
     },
     source::Object,
@@ -81,10 +82,11 @@ pub enum Kind {
     EndpointSlice,
     ClusterNetworkPolicy,
     DropCidrSet,
+    HostPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Node,
@@ -93,6 +95,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::ClusterNetworkPolicy,
         Kind::DropCidrSet,
+        Kind::HostPolicy,
     ];
 
     /// The kind's name, as in [`crate::source::ObjectKey::kind`].
@@ -106,6 +109,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
             Kind::DropCidrSet => drop_cidrs::KIND,
+            Kind::HostPolicy => host_policy::KIND,
         }
     }
 
@@ -119,6 +123,7 @@ impl Kind {
             Kind::EndpointSlice => 5,
             Kind::ClusterNetworkPolicy => 6,
             Kind::DropCidrSet => 7,
+            Kind::HostPolicy => 8,
         }
     }
 }
@@ -216,10 +221,21 @@ pub fn watch_cluster(
         ),
         crd_stream(
             Kind::DropCidrSet,
-            Api::<DropCidrSet>::all(client),
-            config,
+            Api::<DropCidrSet>::all(client.clone()),
+            config.clone(),
             |o| {
                 Object::DropCidrSet(DropCidrSet {
+                    metadata: slim_meta(o.metadata),
+                    ..o
+                })
+            },
+        ),
+        crd_stream(
+            Kind::HostPolicy,
+            Api::<HostPolicy>::all(client),
+            config,
+            |o| {
+                Object::HostPolicy(HostPolicy {
                     metadata: slim_meta(o.metadata),
                     ..o
                 })
@@ -255,76 +271,50 @@ where
         .boxed()
 }
 
-/// The API server's name for the type, so that kube-rs can list and watch it
-/// (`/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies`, cluster-scoped).
-impl kube::Resource for ClusterNetworkPolicy {
-    type DynamicType = ();
-    type Scope = k8s_openapi::ClusterResourceScope;
+/// The API server's names for a cluster-scoped CRD type, so that kube-rs can list and watch
+/// it (`/apis/GROUP/VERSION/PLURAL`), from the constants of the type's module.
+macro_rules! cluster_scoped_crd {
+    ($ty:ty, $module:ident) => {
+        impl kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = k8s_openapi::ClusterResourceScope;
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(CLUSTER_NETWORK_POLICY_KIND)
-    }
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($module::KIND)
+            }
 
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(cnp::GROUP)
-    }
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($module::GROUP)
+            }
 
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(cnp::VERSION)
-    }
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($module::VERSION)
+            }
 
-    fn api_version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(cnp::API_VERSION)
-    }
+            fn api_version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($module::API_VERSION)
+            }
 
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(cnp::PLURAL)
-    }
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($module::PLURAL)
+            }
 
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
 
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
 
-/// The DropCIDRSet CRD's type (`/apis/weir.dev/v1alpha1/dropcidrsets`, cluster-scoped).
-impl kube::Resource for DropCidrSet {
-    type DynamicType = ();
-    type Scope = k8s_openapi::ClusterResourceScope;
+cluster_scoped_crd!(ClusterNetworkPolicy, cnp);
+cluster_scoped_crd!(DropCidrSet, drop_cidrs);
+cluster_scoped_crd!(HostPolicy, host_policy);
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(drop_cidrs::KIND)
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(drop_cidrs::GROUP)
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(drop_cidrs::VERSION)
-    }
-
-    fn api_version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(drop_cidrs::API_VERSION)
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed(drop_cidrs::PLURAL)
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// The watch of a kind a CRD serves (ClusterNetworkPolicy, DropCIDRSet): a `404` (no CRD) is
+/// The watch of a kind a CRD serves (ClusterNetworkPolicy, DropCIDRSet, HostPolicy): a `404` (no CRD) is
 /// an empty list (module documentation).
 fn crd_stream<K>(
     kind: Kind,

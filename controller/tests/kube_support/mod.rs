@@ -33,6 +33,7 @@ pub const SERVICES: &str = "/api/v1/services";
 pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const CLUSTER_POLICIES: &str = "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies";
 pub const DROP_CIDR_SETS: &str = "/apis/weir.dev/v1alpha1/dropcidrsets";
+pub const HOST_POLICIES: &str = "/apis/weir.dev/v1alpha1/hostpolicies";
 
 /// Long enough for the watcher's first backoff (0.8 s, jittered up to twice that), short
 /// enough to be nothing in paused time.
@@ -149,16 +150,13 @@ type Pending = (Request<Body>, SendResponse<Response<Body>>);
 
 impl FakeApi {
     pub fn start(script: Script) -> Self {
-        let script = if script.paths.contains_key(CLUSTER_POLICIES) {
-            script
-        } else {
-            script.on(CLUSTER_POLICIES, [list("1", vec![])])
-        };
-        let script = if script.paths.contains_key(DROP_CIDR_SETS) {
-            script
-        } else {
-            script.on(DROP_CIDR_SETS, [list("1", vec![])])
-        };
+        // The CRD kinds: empty unless the test says otherwise.
+        let mut script = script;
+        for path in [CLUSTER_POLICIES, DROP_CIDR_SETS, HOST_POLICIES] {
+            if !script.paths.contains_key(path) {
+                script = script.on(path, [list("1", vec![])]);
+            }
+        }
         let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let shared = Arc::new(Mutex::new(Shared {

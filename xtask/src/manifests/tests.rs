@@ -833,6 +833,12 @@ fn api_resources() -> Vec<ApiResource> {
             namespaced: false,
             verbs: ALL_VERBS,
         },
+        ApiResource {
+            group: "weir.dev",
+            plural: "hostpolicies",
+            namespaced: false,
+            verbs: ALL_VERBS,
+        },
     ]
 }
 
@@ -973,6 +979,8 @@ fn the_controller_may_do_what_it_does() {
         ),
         ("weir.dev", "dropcidrsets", "list", None),
         ("weir.dev", "dropcidrsets", "watch", None),
+        ("weir.dev", "hostpolicies", "list", None),
+        ("weir.dev", "hostpolicies", "watch", None),
         ("", "services", "list", None),
         ("", "services", "watch", None),
         ("discovery.k8s.io", "endpointslices", "list", None),
