@@ -26,6 +26,26 @@ pub struct EndpointInfo {
 impl EndpointInfo {
     /// The controller has not yet told the agent which policies select this pod.
     pub const FLAG_POLICY_PENDING: u32 = 1 << 0;
+    /// The node itself (`HOST_ENDPOINT`): its ingress rule set is its `HostPolicy`s'.
+    pub const FLAG_HOST: u32 = 1 << 1;
+
+    /// The node as a policy endpoint: isolated for ingress by rule set `ingress`
+    /// ([`crate::policy::NOT_ISOLATED`]: no host policy selects the node).
+    pub const fn host(ingress: u32) -> Self {
+        Self {
+            ifindex: 0,
+            ingress_policy: ingress,
+            egress_policy: crate::policy::NOT_ISOLATED,
+            flags: Self::FLAG_HOST,
+            pod_mac: [0; 6],
+            gateway_mac: [0; 6],
+            _pad: [0; 4],
+        }
+    }
+
+    pub const fn is_host(&self) -> bool {
+        self.flags & Self::FLAG_HOST != 0
+    }
 
     pub const fn new(ifindex: u32, pod_mac: [u8; 6], gateway_mac: [u8; 6]) -> Self {
         Self {
@@ -92,5 +112,35 @@ pub struct HostAddr {
 impl HostAddr {
     pub const fn new() -> Self {
         Self { flags: 0 }
+    }
+}
+
+/// Key of the `FAILSAFE` hash map: a port no `HostPolicy` can close. `inbound` (1): a
+/// connection to this port on the node; outbound (0): replies from this port of a remote
+/// host, for the node's own connections to it (its control plane: the API server, DNS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FailsafeKey {
+    port: u16,
+    proto: u8,
+    inbound: u8,
+}
+
+impl FailsafeKey {
+    pub const fn new(proto: u8, port: u16, inbound: bool) -> Self {
+        Self {
+            port,
+            proto,
+            inbound: inbound as u8,
+        }
+    }
+    pub const fn proto(&self) -> u8 {
+        self.proto
+    }
+    pub const fn port(&self) -> u16 {
+        self.port
+    }
+    pub const fn inbound(&self) -> bool {
+        self.inbound != 0
     }
 }

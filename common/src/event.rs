@@ -39,12 +39,15 @@ pub enum DropReason {
     TunnelUntrusted = 13,
     /// A packet from a source in the XDP prefilter.
     Prefilter = 14,
+    /// A new flow to one of this node's own addresses that no `HostPolicy` selecting the
+    /// node allows (and not to a failsafe port).
+    HostPolicy = 15,
 }
 
 impl DropReason {
     /// Size of the `DROPS` array (reasons are 1-based; slot 0 stays unused).
-    pub const COUNT: u32 = 15;
-    pub const ALL: [DropReason; 14] = [
+    pub const COUNT: u32 = 16;
+    pub const ALL: [DropReason; 15] = [
         DropReason::Malformed,
         DropReason::Spoofed,
         DropReason::PolicyEgress,
@@ -59,6 +62,7 @@ impl DropReason {
         DropReason::ConntrackFull,
         DropReason::TunnelUntrusted,
         DropReason::Prefilter,
+        DropReason::HostPolicy,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -77,6 +81,7 @@ impl DropReason {
             DropReason::ConntrackFull => "conntrack_full",
             DropReason::TunnelUntrusted => "tunnel_untrusted",
             DropReason::Prefilter => "prefilter",
+            DropReason::HostPolicy => "host_policy",
         }
     }
 
@@ -96,6 +101,7 @@ impl DropReason {
             12 => Some(DropReason::ConntrackFull),
             13 => Some(DropReason::TunnelUntrusted),
             14 => Some(DropReason::Prefilter),
+            15 => Some(DropReason::HostPolicy),
             _ => None,
         }
     }

@@ -36,7 +36,9 @@ mod pod;
 /// 6: the XDP program on the uplink: `DROPS` has the reasons `tunnel_untrusted` and
 ///    `prefilter`; new maps `PREFILTER` and `PREFILTER_DROPS`.
 /// 7: `PREFILTER` and `PREFILTER_DROPS` hold 131,072 slots (were 65,536).
-pub const ABI_VERSION: u32 = 7;
+/// 8: host policy: new maps `HOST_ENDPOINT` and `FAILSAFE`; `DROPS` has the reason
+///    `host_policy`.
+pub const ABI_VERSION: u32 = 8;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {
@@ -62,6 +64,8 @@ pub mod maps {
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     pub const PREFILTER: &str = "PREFILTER";
     pub const PREFILTER_DROPS: &str = "PREFILTER_DROPS";
+    pub const HOST_ENDPOINT: &str = "HOST_ENDPOINT";
+    pub const FAILSAFE: &str = "FAILSAFE";
 
     /// Every map the agent pins.
     pub const ALL: &[&str] = &[
@@ -87,6 +91,8 @@ pub mod maps {
         SOCK_REVNAT,
         PREFILTER,
         PREFILTER_DROPS,
+        HOST_ENDPOINT,
+        FAILSAFE,
     ];
 }
 
@@ -98,6 +104,9 @@ pub mod programs {
     pub const TO_POD: &str = "to_pod";
     /// TC ingress of the node's uplink: delivery to local pods.
     pub const FROM_NETWORK: &str = "from_network";
+    /// TC egress of the node's uplink: the node's own new flows, tracked while a host
+    /// policy isolates the node (so their replies are let in).
+    pub const TO_NETWORK: &str = "to_network";
     /// TC ingress of the tunnel device: only other nodes' packets, then as `from_network`.
     pub const FROM_TUNNEL: &str = "from_tunnel";
     /// TC egress of the tunnel device: picks the remote node to encapsulate towards.
@@ -169,4 +178,6 @@ pub mod capacity {
     /// prefix fewer than slots). The trie's lookup cost does not grow with its entries; the
     /// counters cost 8 bytes per slot per CPU.
     pub const PREFILTER: u32 = 131_072;
+    /// Failsafe ports, inbound and outbound.
+    pub const FAILSAFE: u32 = 256;
 }

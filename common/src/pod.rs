@@ -3,7 +3,7 @@
 use crate::{
     config::NodeConfig,
     conntrack::{CtEntry, CtKey, FragKey, FragPorts},
-    endpoint::{EndpointInfo, HostAddr},
+    endpoint::{EndpointInfo, FailsafeKey, HostAddr},
     event::FlowEvent,
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
@@ -35,6 +35,7 @@ unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for SockRevKey {}
 unsafe impl aya::Pod for PrefilterEntry {}
+unsafe impl aya::Pod for FailsafeKey {}
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,7 @@ use weir_common::{conntrack::CtEntry, event::DropReason};
 use crate::{
     conntrack::enforce,
     events::record_drop,
-    forward,
+    forward, host,
     maps::{ENDPOINTS, HOST_ADDRS, node_config},
     nat::{self, Inbound},
     parse::{self, L3},
@@ -48,7 +48,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     // SAFETY: existence check only.
     if dst_ep.is_none() && unsafe { HOST_ADDRS.get(&pkt.daddr).is_some() } {
         match nat::inbound(ctx, &mut pkt) {
-            Ok(Inbound::Pass) => return TC_ACT_OK,
+            Ok(Inbound::Pass) => return host::ingress(ctx, &mut pkt),
             Ok(Inbound::ReplyToClient) => return forward::by_fib(ctx, &pkt.saddr, &pkt.daddr),
             Ok(Inbound::ToRemoteBackend) => return to_remote_backend(ctx, &pkt),
             Ok(Inbound::ToBackend) => {

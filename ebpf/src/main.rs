@@ -13,6 +13,7 @@ mod from_network;
 mod from_pod;
 mod from_tunnel;
 mod hdr;
+mod host;
 mod maps;
 mod nat;
 mod parse;
@@ -42,6 +43,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_network(ctx: TcContext) -> i32 {
     from_network::run(&ctx)
+}
+
+#[classifier]
+pub fn to_network(ctx: TcContext) -> i32 {
+    host::egress(&ctx)
 }
 
 #[classifier]

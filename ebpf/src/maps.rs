@@ -10,7 +10,7 @@ use weir_common::{
     capacity,
     config::NodeConfig,
     conntrack::{CtEntry, CtKey, FragKey, FragPorts},
-    endpoint::{EndpointInfo, HostAddr},
+    endpoint::{EndpointInfo, FailsafeKey, HostAddr},
     event::DropReason,
     ip::IpKey,
     policy::{PeerClass, Verdict, VerdictKey},
@@ -26,6 +26,14 @@ pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> =
 #[map]
 pub static HOST_ADDRS: HashMap<IpKey, HostAddr> =
     HashMap::with_max_entries(capacity::HOST_ADDRS, 0);
+
+/// The node itself as a policy endpoint (one slot): its `HostPolicy` ingress rule set.
+#[map]
+pub static HOST_ENDPOINT: Array<EndpointInfo> = Array::with_max_entries(1, 0);
+
+/// Ports no host policy closes.
+#[map]
+pub static FAILSAFE: HashMap<FailsafeKey, u8> = HashMap::with_max_entries(capacity::FAILSAFE, 0);
 
 #[map]
 pub static PEER_CLASSES: LpmTrie<IpKey, PeerClass> =

@@ -90,9 +90,14 @@ pub fn admit(
     if let Some(dst) = dst_ep {
         let policy = dst.ingress_policy();
         if policy != NOT_ISOLATED && !is_host(flow.saddr()) {
+            let reason = if dst.is_host() {
+                DropReason::HostPolicy
+            } else {
+                DropReason::PolicyIngress
+            };
             admission.ingress_rule =
                 check(policy, flow.saddr(), flow.proto(), port).map_err(|rule| Denial {
-                    reason: DropReason::PolicyIngress,
+                    reason,
                     policy,
                     rule,
                 })?;

@@ -490,11 +490,11 @@ async fn an_agent_of_a_new_map_layout_takes_over_flows_and_enforcement_of_the_ol
         !older.exists(),
         "the older version's pins are gone (its programs detached)"
     );
-    // The uplink (TC and XDP), the tunnel (both ways), three pods (both ways) and the socket
-    // hooks: every link moved over.
+    // The uplink (TC both ways and XDP), the tunnel (both ways), three pods (both ways) and
+    // the socket hooks: every link moved over.
     assert_eq!(
         current.join("links").read_dir().unwrap().count(),
-        2 + 2 + 3 * 2 + weir_common::programs::SOCK.len()
+        3 + 2 + 3 * 2 + weir_common::programs::SOCK.len()
     );
     assert!(!stream.failed());
     stream.stop();

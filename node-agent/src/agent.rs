@@ -106,6 +106,12 @@ pub struct AgentConfig {
     pub map_capacities: weir_api::MapCapacities,
     /// The XDP prefilter's prefixes, one CIDR per line ([`crate::prefilter`]); None: none.
     pub prefilter_file: Option<PathBuf>,
+    /// Ports no host policy closes ([`crate::failsafe`]): the node's, and remote ones the
+    /// node connects to; plus the agent's own (its HTTP endpoint, the tunnel).
+    pub failsafe_inbound: crate::failsafe::Ports,
+    pub failsafe_outbound: crate::failsafe::Ports,
+    /// The agent's HTTP port (a failsafe port).
+    pub http_port: Option<u16>,
 }
 
 /// The policy of a pod whose rule sets the controller has not sent yet (it was away or behind
@@ -331,6 +337,15 @@ impl Agent {
             config = config.with_flags(NodeConfig::FLAG_HOST_PATH);
         }
         maps.set_config(config)?;
+        let own: Vec<(u8, u16)> = [(weir_common::policy::proto::UDP, weir_common::TUNNEL_PORT)]
+            .into_iter()
+            .chain(cfg.http_port.map(|p| (weir_common::policy::proto::TCP, p)))
+            .collect();
+        maps.sync_failsafe(&crate::failsafe::keys(
+            &cfg.failsafe_inbound,
+            &cfg.failsafe_outbound,
+            &own,
+        ))?;
         attach_sockets(&mut dp, &mut maps, cfg.cgroup.as_deref())?;
         // Pod CIDRs: configured, or as the controller last assigned them (so a restarted
         // agent can attach pods while the controller is away).
@@ -1157,6 +1172,18 @@ impl Agent {
     fn sync_endpoint_map(&mut self) -> Result<()> {
         let desired = self.endpoint_entries();
         self.maps.sync_endpoints(&desired)?;
+        // The node itself: its host policy, as the controller last said (until it has, the
+        // map keeps what a previous agent left).
+        if self.have_controller_state {
+            let ingress = self
+                .policy
+                .endpoints
+                .get(&weir_api::PodKey::host())
+                .map_or(weir_common::policy::NOT_ISOLATED, |p| {
+                    fail_closed(p.ingress, p.egress, &self.incomplete_rule_sets).0
+                });
+            self.maps.set_host_policy(ingress)?;
+        }
         Ok(())
     }
 }

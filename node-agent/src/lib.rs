@@ -9,6 +9,7 @@ pub mod controller_link;
 pub mod controller_service;
 pub mod dataplane;
 pub mod endpoints;
+pub mod failsafe;
 pub mod host_ports;
 pub mod http;
 pub mod install_cni;

@@ -196,6 +196,14 @@ struct Args {
     /// per line (`#` comments), read at start and again when it changes.
     #[arg(long, env = "WEIR_PREFILTER_FILE")]
     prefilter_file: Option<PathBuf>,
+    /// Ports of this node that no HostPolicy closes, `PROTOCOL:PORT[,…]` (tcp, udp, sctp;
+    /// empty: none). The agent's HTTP port and the tunnel's are always added.
+    #[arg(long, env = "WEIR_FAILSAFE_INBOUND", default_value = weir_agent::failsafe::DEFAULT_INBOUND)]
+    failsafe_inbound: weir_agent::failsafe::Ports,
+    /// Ports of remote hosts whose replies to this node no HostPolicy stops (its control
+    /// plane: DNS, the API server, weir's controller), `PROTOCOL:PORT[,…]`.
+    #[arg(long, env = "WEIR_FAILSAFE_OUTBOUND", default_value = weir_agent::failsafe::DEFAULT_OUTBOUND)]
+    failsafe_outbound: weir_agent::failsafe::Ports,
 }
 
 #[tokio::main]
@@ -297,6 +305,9 @@ async fn run(args: Args) -> Result<()> {
         },
         map_capacities: args.map_capacity,
         prefilter_file: args.prefilter_file.clone(),
+        failsafe_inbound: args.failsafe_inbound.clone(),
+        failsafe_outbound: args.failsafe_outbound.clone(),
+        http_port: Some(args.metrics_addr.port()),
     };
     let agent = Agent::start(cfg).await.context("starting the dataplane")?;
     info!(

@@ -20,7 +20,7 @@ use weir_common::{
     capacity,
     config::NodeConfig,
     conntrack::{CtEntry, CtKey},
-    endpoint::{EndpointInfo, HostAddr},
+    endpoint::{EndpointInfo, FailsafeKey, HostAddr},
     event::DropReason,
     ip::{IpKey, V4_MAPPED_PREFIX, trie_prefix_len},
     maps as names,
@@ -328,6 +328,9 @@ pub struct DataplaneMaps {
     /// The XDP prefilter's prefixes, and its drops per entry id.
     pub prefilter: LpmTrie<MapData, IpKey, PrefilterEntry>,
     pub prefilter_drops: PerCpuArray<MapData, u64>,
+    /// The node itself as a policy endpoint (its host policy), and the failsafe ports.
+    pub host_endpoint: Array<MapData, EndpointInfo>,
+    pub failsafe: HashMap<MapData, FailsafeKey, u8>,
     /// The sizes of the configurable tables, as the kernel holds them.
     pub capacities: MapCapacities,
 }
@@ -389,6 +392,8 @@ impl DataplaneMaps {
             node_netns: take!(dp, names::NODE_NETNS),
             prefilter: take!(dp, names::PREFILTER),
             prefilter_drops: take!(dp, names::PREFILTER_DROPS),
+            host_endpoint: take!(dp, names::HOST_ENDPOINT),
+            failsafe: take!(dp, names::FAILSAFE),
             capacities: *dp.capacities(),
         };
         for (name, n) in sizes {
@@ -408,6 +413,29 @@ impl DataplaneMaps {
             *field = n;
         }
         Ok(maps)
+    }
+
+    /// Isolates the node's own addresses with host-policy rule set `ingress`
+    /// ([`weir_common::policy::NOT_ISOLATED`]: none).
+    pub fn set_host_policy(&mut self, ingress: u32) -> Result<()> {
+        let host = EndpointInfo::host(ingress);
+        if self.host_endpoint.get(&0, 0).ok() != Some(host) {
+            self.host_endpoint
+                .set(0, host, 0)
+                .map_err(map_err(names::HOST_ENDPOINT, "writing"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the failsafe ports exactly `keys`.
+    pub fn sync_failsafe(&mut self, keys: &[FailsafeKey]) -> Result<()> {
+        for k in keys {
+            self.failsafe
+                .insert(k, 1, 0)
+                .map_err(map_err(names::FAILSAFE, "writing"))?;
+        }
+        remove_hash_keys(&mut self.failsafe, |k| !keys.contains(k));
+        Ok(())
     }
 
     /// Makes the socket hooks act on the sockets of the network namespace with `cookie` (0:
