@@ -355,38 +355,58 @@ fn policies_b(ns: &str, edited: bool) -> Result<Vec<NetworkPolicy>> {
 /// belongs to group `i mod 50` and is of kind `(i div 50) mod 8`, so every namespace is the
 /// subject of about `n / 50` of them, of every kind.
 ///
-/// * Admin: prod namespaces accept their own group's HTTP and deny dev namespaces; scraping
-///   by the monitoring namespace is passed to the NetworkPolicies; back-end pods may not
-///   reach a documentation range (`networks`, one /24 per policy); dev namespaces may
-///   always resolve names; traffic within the group is passed; the next group's front ends
-///   may not reach the databases' ports.
-/// * Baseline: a default deny of ingress, and egress to the cluster's HTTP ports or nowhere.
+/// Subjects are broad (a group's 500 namespaces), peers narrow: one partner namespace
+/// (4 pods), the monitoring namespace, the DNS pods, or networks. A peer that selects a
+/// large share of the cluster's pods (a whole owner group, every dev namespace) puts those
+/// pods' addresses into the class table of every node with a pod it applies to, which at
+/// this scale the compiler cannot afford (`docs/benchmarks.md`).
+///
+/// * Admin: prod namespaces accept HTTP from a partner namespace and deny SSH from its
+///   front ends; scraping by the monitoring namespace is passed to the NetworkPolicies;
+///   back-end pods may not reach a documentation range (`networks`, one /24 per policy);
+///   dev namespaces may always resolve names; nobody reaches the cloud metadata address,
+///   and a partner namespace's traffic is passed; another partner's front ends may not
+///   reach the databases' ports.
+/// * Baseline: monitoring denied by default, and prod egress to the cluster's HTTP ports or
+///   nowhere.
 ///
 /// Shape B's NetworkPolicies isolate every pod both ways, so the Baseline tier decides
 /// nothing there; it is compiled all the same.
 pub fn cluster_policies_b(n: usize) -> Result<Vec<ClusterNetworkPolicy>> {
+    let namespaces = Shape::BWithClusterPolicies.namespaces();
     (0..n)
         .map(|i| {
             let owner = format!("group-{}", i % 50);
-            let next_owner = format!("group-{}", (i + 1) % 50);
             let kind = (i / 50) % 8;
             let priority = (i * 37 + 11) % 1001;
             let own_namespaces = json!({"namespaces": {"matchLabels": {"owner": owner}}});
+            let partner = |salt: usize| {
+                let ns = format!("team-{}", (i * 7_919 + salt) % namespaces);
+                json!({"matchLabels": {"kubernetes.io/metadata.name": ns}})
+            };
+            let monitoring = json!({"pods": {
+                "namespaceSelector": {"matchLabels": {"team": "monitoring"}},
+                "podSelector": {"matchLabels": {"app": "prometheus"}},
+            }});
             let (tier, subject, ingress, egress) = match kind {
                 0 => (
                     "Admin",
                     json!({"namespaces": {"matchLabels": {"env": "prod", "owner": owner}}}),
                     json!([
                         {
-                            "name": "same-owner-http",
+                            "name": "partner-http",
                             "action": "Accept",
-                            "from": [own_namespaces],
+                            "from": [{"namespaces": partner(0)}],
                             "protocols": [{"tcp": {"destinationPort": {"number": 8080}}}],
                         },
                         {
-                            "name": "no-dev",
+                            "name": "no-ssh",
                             "action": "Deny",
-                            "from": [{"namespaces": {"matchLabels": {"env": "dev"}}}],
+                            "from": [{"pods": {
+                                "namespaceSelector": partner(1),
+                                "podSelector": {"matchLabels": {"tier": "front"}},
+                            }}],
+                            "protocols": [{"tcp": {"destinationPort": {"number": 22}}}],
                         },
                     ]),
                     Value::Null,
@@ -397,10 +417,7 @@ pub fn cluster_policies_b(n: usize) -> Result<Vec<ClusterNetworkPolicy>> {
                     json!([{
                         "name": "monitoring",
                         "action": "Pass",
-                        "from": [{"pods": {
-                            "namespaceSelector": {"matchLabels": {"team": "monitoring"}},
-                            "podSelector": {"matchLabels": {"app": "prometheus"}},
-                        }}],
+                        "from": [monitoring],
                         "protocols": [{"destinationNamedPort": "metrics"}],
                     }]),
                     Value::Null,
@@ -438,13 +455,13 @@ pub fn cluster_policies_b(n: usize) -> Result<Vec<ClusterNetworkPolicy>> {
                 4 => (
                     "Admin",
                     own_namespaces.clone(),
-                    json!([{"name": "own-group", "action": "Pass", "from": [own_namespaces]}]),
-                    json!([{"name": "own-group", "action": "Pass", "to": [own_namespaces]}]),
+                    json!([{"name": "partner", "action": "Pass", "from": [{"namespaces": partner(2)}]}]),
+                    json!([{"name": "no-metadata", "action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]}]),
                 ),
                 5 => (
                     "Baseline",
                     own_namespaces.clone(),
-                    json!([{"name": "default-deny", "action": "Deny", "from": [{"namespaces": {}}]}]),
+                    json!([{"name": "no-monitoring", "action": "Deny", "from": [monitoring]}]),
                     Value::Null,
                 ),
                 6 => (
@@ -468,7 +485,7 @@ pub fn cluster_policies_b(n: usize) -> Result<Vec<ClusterNetworkPolicy>> {
                         "name": "databases",
                         "action": "Deny",
                         "from": [{"pods": {
-                            "namespaceSelector": {"matchLabels": {"owner": next_owner}},
+                            "namespaceSelector": partner(3),
                             "podSelector": {"matchLabels": {"tier": "front"}},
                         }}],
                         "protocols": [{"tcp": {"destinationPort": {"range": {"start": 5432, "end": 5439}}}}],
