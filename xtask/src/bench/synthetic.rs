@@ -294,12 +294,12 @@ fn filler_cluster_policy(i: usize, groups: usize) -> serde_json::Value {
         }}),
     };
     let port = 20_000 + (i % 5_000) as u32;
-    let ingress_protocols = if i % 4 == 0 {
+    let ingress_protocols = if i.is_multiple_of(4) {
         json!([{"tcp": {"destinationPort": {"range": {"start": port, "end": port + 3}}}}])
     } else {
         json!([{"tcp": {"destinationPort": {"number": port}}}, {"udp": {"destinationPort": {"number": port}}}])
     };
-    let to = if i % 2 == 0 {
+    let to = if i.is_multiple_of(2) {
         json!({"networks": [format!("172.{}.{}.0/24", 16 + (i >> 8) % 16, i % 256)]})
     } else {
         json!({"namespaces": {"matchLabels": {"owner": tenant_owner}}})
