@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p weir-controller --features synthetic --example scale -- a   # 5k nodes, 150k pods, 10k policies
 //! cargo run --release -p weir-controller --features synthetic --example scale -- b   # 25k namespaces, 100k pods, 75k policies
+//! cargo run --release -p weir-controller --features synthetic --example scale -- b-cnp   # b + 1k ClusterNetworkPolicies
 //! ```
 //!
 //! Optional second argument: number of compile threads (default: all cores). With
@@ -104,7 +105,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let which = args.get(1).map_or("b", String::as_str);
     let Some(shape) = Shape::parse(which) else {
-        eprintln!("unknown shape {which:?}: use a or b");
+        eprintln!("unknown shape {which:?}: use a, b or b-cnp");
         std::process::exit(2);
     };
     let (cluster, t_build) = timed(|| shape.build());

@@ -13,7 +13,7 @@ use k8s_openapi::{
 };
 use serde_json::{Value, json};
 
-use crate::Cluster;
+use crate::{Cluster, compiler::cnp::ClusterNetworkPolicy};
 
 pub fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
     Some(
@@ -86,6 +86,10 @@ pub fn policy(v: Value) -> Result<NetworkPolicy> {
     serde_json::from_value(v).context("a synthetic NetworkPolicy does not deserialise")
 }
 
+pub fn cluster_policy(v: Value) -> Result<ClusterNetworkPolicy> {
+    serde_json::from_value(v).context("a synthetic ClusterNetworkPolicy does not deserialise")
+}
+
 /// The `n`-th address of a /8 (n < 2^24).
 pub fn nth_ip(first_octet: u8, n: usize) -> Ipv4Addr {
     let n = n as u32;
@@ -103,15 +107,21 @@ pub enum Shape {
     /// per namespace: default deny both ways, allow within the namespace and from monitoring,
     /// egress to DNS and the internet), over 5,000 nodes.
     B,
+    /// Shape B with 1,000 ClusterNetworkPolicies added, in both tiers ([`cluster_policies_b`]).
+    BWithClusterPolicies,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 2] = [Shape::A, Shape::B];
+    pub const ALL: [Shape; 3] = [Shape::A, Shape::B, Shape::BWithClusterPolicies];
+
+    /// ClusterNetworkPolicies of [`Shape::BWithClusterPolicies`].
+    pub const CLUSTER_POLICIES: usize = 1_000;
 
     pub fn name(self) -> &'static str {
         match self {
             Shape::A => "a",
             Shape::B => "b",
+            Shape::BWithClusterPolicies => "b-cnp",
         }
     }
 
@@ -119,6 +129,7 @@ impl Shape {
         match s {
             "a" => Some(Shape::A),
             "b" => Some(Shape::B),
+            "b-cnp" => Some(Shape::BWithClusterPolicies),
             _ => None,
         }
     }
@@ -127,20 +138,23 @@ impl Shape {
         match self {
             Shape::A => "5k nodes, 150k pods, 10k policies",
             Shape::B => "Antrea shape: 25k namespaces, 100k pods, 75k policies",
+            Shape::BWithClusterPolicies => {
+                "shape b + 1k ClusterNetworkPolicies, Admin and Baseline tiers"
+            }
         }
     }
 
     fn namespaces(self) -> usize {
         match self {
             Shape::A => 1_000,
-            Shape::B => 25_000,
+            Shape::B | Shape::BWithClusterPolicies => 25_000,
         }
     }
 
     fn pods_per_namespace(self) -> usize {
         match self {
             Shape::A => 150,
-            Shape::B => 4,
+            Shape::B | Shape::BWithClusterPolicies => 4,
         }
     }
 
@@ -154,7 +168,7 @@ impl Shape {
     pub fn relabel(self) -> (&'static str, &'static str) {
         match self {
             Shape::A => ("app", "app-2"),
-            Shape::B => ("tier", "front"),
+            Shape::B | Shape::BWithClusterPolicies => ("tier", "front"),
         }
     }
 
@@ -163,7 +177,7 @@ impl Shape {
     pub fn policies(self, ns: &str, edited: bool) -> Result<Vec<NetworkPolicy>> {
         match self {
             Shape::A => policies_a(ns, edited),
-            Shape::B => policies_b(ns, edited),
+            Shape::B | Shape::BWithClusterPolicies => policies_b(ns, edited),
         }
     }
 
@@ -215,6 +229,11 @@ impl Shape {
             }
             for np in self.policies(&ns, false)? {
                 c.upsert_policy(&np)?;
+            }
+        }
+        if self == Shape::BWithClusterPolicies {
+            for cnp in cluster_policies_b(Self::CLUSTER_POLICIES)? {
+                c.upsert_cluster_policy(&cnp)?;
             }
         }
         Ok(c)
@@ -330,6 +349,167 @@ fn policies_b(ns: &str, edited: bool) -> Result<Vec<NetworkPolicy>> {
     ])
 }
 
+/// The ClusterNetworkPolicies of [`Shape::BWithClusterPolicies`]: guardrails a platform team
+/// writes per owner group (the `owner` label of shape B's namespaces, 50 groups), in both
+/// tiers, with priorities spread over 0..=1000 and every action and kind of peer: policy `i`
+/// belongs to group `i mod 50` and is of kind `(i div 50) mod 8`, so every namespace is the
+/// subject of about `n / 50` of them, of every kind.
+///
+/// Subjects are broad (a group's 500 namespaces), peers narrow: one partner namespace
+/// (4 pods), the monitoring namespace, the DNS pods, or networks. A peer that selects a
+/// large share of the cluster's pods (a whole owner group, every dev namespace) puts those
+/// pods' addresses into the class table of every node with a pod it applies to, which at
+/// this scale the compiler cannot afford (`docs/benchmarks.md`).
+///
+/// * Admin: prod namespaces accept HTTP from a partner namespace and deny SSH from its
+///   front ends; scraping by the monitoring namespace is passed to the NetworkPolicies;
+///   back-end pods may not reach a documentation range (`networks`, one /24 per policy);
+///   dev namespaces may always resolve names; nobody reaches the cloud metadata address,
+///   and a partner namespace's traffic is passed; another partner's front ends may not
+///   reach the databases' ports.
+/// * Baseline: monitoring denied by default, and prod egress to the cluster's HTTP ports or
+///   nowhere.
+///
+/// Shape B's NetworkPolicies isolate every pod both ways, so the Baseline tier decides
+/// nothing there; it is compiled all the same.
+pub fn cluster_policies_b(n: usize) -> Result<Vec<ClusterNetworkPolicy>> {
+    let namespaces = Shape::BWithClusterPolicies.namespaces();
+    (0..n)
+        .map(|i| {
+            let owner = format!("group-{}", i % 50);
+            let kind = (i / 50) % 8;
+            let priority = (i * 37 + 11) % 1001;
+            let own_namespaces = json!({"namespaces": {"matchLabels": {"owner": owner}}});
+            let partner = |salt: usize| {
+                let ns = format!("team-{}", (i * 7_919 + salt) % namespaces);
+                json!({"matchLabels": {"kubernetes.io/metadata.name": ns}})
+            };
+            let monitoring = json!({"pods": {
+                "namespaceSelector": {"matchLabels": {"team": "monitoring"}},
+                "podSelector": {"matchLabels": {"app": "prometheus"}},
+            }});
+            let (tier, subject, ingress, egress) = match kind {
+                0 => (
+                    "Admin",
+                    json!({"namespaces": {"matchLabels": {"env": "prod", "owner": owner}}}),
+                    json!([
+                        {
+                            "name": "partner-http",
+                            "action": "Accept",
+                            "from": [{"namespaces": partner(0)}],
+                            "protocols": [{"tcp": {"destinationPort": {"number": 8080}}}],
+                        },
+                        {
+                            "name": "no-ssh",
+                            "action": "Deny",
+                            "from": [{"pods": {
+                                "namespaceSelector": partner(1),
+                                "podSelector": {"matchLabels": {"tier": "front"}},
+                            }}],
+                            "protocols": [{"tcp": {"destinationPort": {"number": 22}}}],
+                        },
+                    ]),
+                    Value::Null,
+                ),
+                1 => (
+                    "Admin",
+                    own_namespaces.clone(),
+                    json!([{
+                        "name": "monitoring",
+                        "action": "Pass",
+                        "from": [monitoring],
+                        "protocols": [{"destinationNamedPort": "metrics"}],
+                    }]),
+                    Value::Null,
+                ),
+                2 => (
+                    "Admin",
+                    json!({"pods": {
+                        "namespaceSelector": {"matchLabels": {"owner": owner}},
+                        "podSelector": {"matchLabels": {"tier": "back"}},
+                    }}),
+                    Value::Null,
+                    json!([{
+                        "name": "blocked-range",
+                        "action": "Deny",
+                        "to": [{"networks": [format!("198.{}.{}.0/24", 18 + (i >> 8) % 2, i % 256)]}],
+                    }]),
+                ),
+                3 => (
+                    "Admin",
+                    json!({"namespaces": {"matchLabels": {"env": "dev", "owner": owner}}}),
+                    Value::Null,
+                    json!([{
+                        "name": "dns",
+                        "action": "Accept",
+                        "to": [{"pods": {
+                            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                        }}],
+                        "protocols": [
+                            {"udp": {"destinationPort": {"number": 53}}},
+                            {"tcp": {"destinationPort": {"number": 53}}},
+                        ],
+                    }]),
+                ),
+                4 => (
+                    "Admin",
+                    own_namespaces.clone(),
+                    json!([{"name": "partner", "action": "Pass", "from": [{"namespaces": partner(2)}]}]),
+                    json!([{"name": "no-metadata", "action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}]}]),
+                ),
+                5 => (
+                    "Baseline",
+                    own_namespaces.clone(),
+                    json!([{"name": "no-monitoring", "action": "Deny", "from": [monitoring]}]),
+                    Value::Null,
+                ),
+                6 => (
+                    "Baseline",
+                    json!({"namespaces": {"matchLabels": {"env": "prod", "owner": owner}}}),
+                    Value::Null,
+                    json!([
+                        {
+                            "name": "cluster-http",
+                            "action": "Accept",
+                            "to": [{"networks": ["10.0.0.0/8"]}],
+                            "protocols": [{"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8999}}}}],
+                        },
+                        {"name": "nothing-else", "action": "Deny", "to": [{"networks": ["0.0.0.0/0"]}]},
+                    ]),
+                ),
+                _ => (
+                    "Admin",
+                    own_namespaces.clone(),
+                    json!([{
+                        "name": "databases",
+                        "action": "Deny",
+                        "from": [{"pods": {
+                            "namespaceSelector": partner(3),
+                            "podSelector": {"matchLabels": {"tier": "front"}},
+                        }}],
+                        "protocols": [{"tcp": {"destinationPort": {"range": {"start": 5432, "end": 5439}}}}],
+                    }]),
+                    Value::Null,
+                ),
+            };
+            let mut spec = json!({"tier": tier, "priority": priority, "subject": subject});
+            if !ingress.is_null() {
+                spec["ingress"] = ingress;
+            }
+            if !egress.is_null() {
+                spec["egress"] = egress;
+            }
+            cluster_policy(json!({
+                "apiVersion": crate::compiler::cnp::API_VERSION,
+                "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": format!("guard-{i:04}")},
+                "spec": spec,
+            }))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,5 +523,31 @@ mod tests {
             let differing = plain.iter().zip(&edited).filter(|(a, b)| a != b).count();
             assert_eq!(differing, 1, "{shape:?}");
         }
+    }
+
+    #[test]
+    fn shape_cluster_policies_are_valid_and_use_both_tiers_and_every_action() {
+        let cnps = cluster_policies_b(Shape::CLUSTER_POLICIES).unwrap();
+        assert_eq!(cnps.len(), Shape::CLUSTER_POLICIES);
+        let mut c = Cluster::new();
+        for cnp in &cnps {
+            let problems = c.upsert_cluster_policy(cnp).unwrap();
+            assert!(problems.is_empty(), "{:?}: {problems:?}", cnp.metadata.name);
+        }
+        let spec = |f: fn(&crate::compiler::cnp::ClusterNetworkPolicySpec) -> String| {
+            cnps.iter()
+                .map(|p| f(&p.spec))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(spec(|s| s.tier.clone()).len(), 2);
+        let actions = spec(|s| {
+            let ingress = s.ingress.iter().flatten().map(|r| r.action.as_str());
+            let egress = s.egress.iter().flatten().map(|r| r.action.as_str());
+            ingress.chain(egress).collect::<Vec<_>>().join(",")
+        });
+        for action in ["Accept", "Deny", "Pass"] {
+            assert!(actions.iter().any(|a| a.contains(action)), "{action}");
+        }
+        assert!(spec(|s| format!("{:?}", s.priority)).len() > 500);
     }
 }

@@ -9,6 +9,9 @@
 //! every change (timed together: that is the latency a change adds before agents hear of it),
 //! and does the same for one edited policy. Diff sizes are counted in table entries and in
 //! protobuf bytes as sent to agents (the `NodeStateDiff` message, without gRPC/TLS framing).
+//!
+//! Shape `b-cnp` is shape B with 1k ClusterNetworkPolicies added: its figures are compared
+//! with shape B's of the same run.
 
 use std::{
     process::Command,
@@ -39,13 +42,18 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
     for &shape in shapes {
         let s = shape.name();
         let d = shape.describe();
+        // Shape B with ClusterNetworkPolicies is compared with shape B.
+        let baseline = |figure: &str| {
+            (shape == Shape::BWithClusterPolicies && shapes.contains(&Shape::B))
+                .then(|| format!("{SECTION}.{}.{figure}", Shape::B.name()))
+        };
         report.define(
             SECTION,
             format!("{SECTION}.{s}.full.seconds"),
             format!("shape {s} ({d}): full compile"),
             "s",
             Better::Lower,
-            None,
+            baseline("full.seconds"),
         );
         report.define(
             SECTION,
@@ -53,7 +61,7 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
             format!("shape {s}: peak RSS after the full compile"),
             "MB",
             Better::Lower,
-            None,
+            baseline("full.peak_mb"),
         );
         report.define(
             SECTION,
@@ -61,7 +69,7 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
             format!("shape {s}: RSS of the cluster store alone"),
             "MB",
             Better::Lower,
-            None,
+            baseline("store_mb"),
         );
         for change in ["pod_change", "policy_change"] {
             let what = if change == "pod_change" {
@@ -76,7 +84,7 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
                     format!("shape {s}: {what}: {label}"),
                     unit,
                     Better::Lower,
-                    None,
+                    baseline(&format!("{change}.{field}")),
                 );
             }
         }
@@ -149,6 +157,40 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
             met: mem.map(|s| s.median <= 600.0),
         });
     }
+    if shapes.contains(&Shape::BWithClusterPolicies) {
+        let s = Shape::BWithClusterPolicies.name();
+        let base = |figure: &str| report.stats(&format!("{SECTION}.b.{figure}"));
+        let with = |figure: &str| report.stats(&format!("{SECTION}.{s}.{figure}"));
+        let measured = |figure: &str, unit: &str, digits: usize| match (base(figure), with(figure))
+        {
+            (Some(b), Some(w)) => format!(
+                "{:.digits$} {unit} (shape B alone {:.digits$} {unit}, {:.2}×)",
+                w.median,
+                b.median,
+                w.median / b.median
+            ),
+            (None, Some(w)) => format!("{:.digits$} {unit}", w.median),
+            _ => "—".into(),
+        };
+        let cnps = super::verdict::count(Shape::CLUSTER_POLICIES);
+        let goals = [
+            Goal {
+                goal: format!(
+                    "Antrea-shape full compile with {cnps} ClusterNetworkPolicies added ≤ 1.5 s"
+                ),
+                measured: measured("full.seconds", "s", 2),
+                met: with("full.seconds").map(|s| s.median <= 1.5),
+            },
+            Goal {
+                goal: format!(
+                    "Antrea-shape peak memory with {cnps} ClusterNetworkPolicies added ≤ 600 MB"
+                ),
+                measured: measured("full.peak_mb", "MB", 0),
+                met: with("full.peak_mb").map(|s| s.median <= 600.0),
+            },
+        ];
+        report.goals.extend(goals);
+    }
     report.note(
         SECTION,
         format!(
@@ -164,7 +206,7 @@ pub fn child(args: &[String]) -> Result<()> {
     let shape = args
         .first()
         .and_then(|s| Shape::parse(s))
-        .with_context(|| format!("compile child: expected shape a or b, got {args:?}"))?;
+        .with_context(|| format!("compile child: expected shape a, b or b-cnp, got {args:?}"))?;
     let mut cluster = shape.build()?;
     let store_mb = rss_mb("VmRSS:");
     let mut compiler = Compiler::new();
@@ -198,6 +240,7 @@ pub fn child(args: &[String]) -> Result<()> {
         "shape": shape.name(),
         "pods": cluster.pods().count(),
         "policies": cluster.policies().count(),
+        "cluster_policies": cluster.cluster_policies().count(),
         "store_mb": store_mb,
         "full_seconds": full.as_secs_f64(),
         "full_peak_mb": full_peak_mb,

@@ -3,12 +3,14 @@
 //!
 //! Sections (see `docs/benchmarks.md` for what each figure means and how it is measured):
 //! * `verdict`: per-packet cost of the real TC programs and maps under `BPF_PROG_TEST_RUN`,
-//!   for growing numbers of policies and peer pods (baseline: the same programs, no policy);
+//!   for growing numbers of policies and peer pods (baseline: the same programs, no policy),
+//!   and with 1k ClusterNetworkPolicies added (baseline: the same NetworkPolicies alone);
 //! * `datapath`: pod-to-pod TCP throughput (iperf3), request/response rate and latency, and
 //!   new connections per second, through weir, through iptables, ipset and nftables rule sets
 //!   of the same size, and through plain routed veths (the baseline);
-//! * `compile`: full compile time and peak memory of the controller for two large synthetic
-//!   clusters, and the cost of one pod label change and one policy change;
+//! * `compile`: full compile time and peak memory of the controller for large synthetic
+//!   clusters (the Antrea shape also with 1k ClusterNetworkPolicies), and the cost of one
+//!   pod label change and one policy change;
 //! * `propagation`: how long a policy takes from the manifest write to being enforced;
 //! * `services`: new connections per second and request/response latency through a
 //!   ClusterIP against the backend's pod IP, with 10 and 10k Services, through weir and

@@ -36,6 +36,16 @@
 //! same programs with no policy at all (the server not isolated: conntrack, no class or
 //! verdict lookup). Ratios show what policies add; flatness is the ratio between the
 //! smallest and the largest configuration.
+//!
+//! ClusterNetworkPolicies: one more configuration, the largest NetworkPolicy one with 1k
+//! ClusterNetworkPolicies added in both tiers
+//! ([`synthetic::verdict_cluster_with_cluster_policies`]), measured with the same packets;
+//! its baseline is that NetworkPolicy-only configuration. There the tiers decide the
+//! measured flows: on the other-node paths a tenth of the peers are denied by an Admin Deny
+//! rule (their packets are dropped, which the harness checks), a tenth accepted by an Admin
+//! Accept rule, the rest passed to the NetworkPolicies; the same-node client's egress is
+//! decided by the Baseline tier. Besides every packet's figure, the admitted and the denied
+//! packets' medians are reported on their own.
 
 use std::{
     collections::BTreeMap,
@@ -45,7 +55,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
 use weir_agent::{dataplane::Dataplane, maps::DataplaneMaps};
 use weir_api::PodKey;
 use weir_common::{
@@ -58,12 +71,13 @@ use weir_common::{
 use weir_controller::Compiler;
 
 use super::{
-    report::{Better, Report, Stats},
-    synthetic::{self, ALLOWED_PORT, CLIENT_IP, SERVER_IP, peer_ip},
+    report::{Better, Goal, Report, Stats},
+    synthetic::{self, ALLOWED_PORT, CLIENT_IP, Lane, SERVER_IP, peer_ip},
 };
 
 const SECTION: &str = "verdict";
 
+const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -82,6 +96,8 @@ pub struct Settings {
     /// Packets (calls) per run, path and kind of flow.
     pub packets: usize,
     pub runs: usize,
+    /// ClusterNetworkPolicies added to the largest configuration (0: no such configuration).
+    pub cluster_policies: usize,
 }
 
 impl Settings {
@@ -99,6 +115,7 @@ impl Settings {
             configs,
             packets: if quick { 1_000 } else { 5_000 },
             runs,
+            cluster_policies: 1_000,
         }
     }
 }
@@ -168,21 +185,38 @@ struct Interfaces {
 struct Config {
     policies: usize,
     peers: usize,
+    /// ClusterNetworkPolicies on top of the NetworkPolicies.
+    cluster_policies: usize,
     dp: Dataplane,
     maps: DataplaneMaps,
+    /// The flow events ring, emptied between runs as the agent empties it: a policy drop
+    /// reports one, and on a full ring it would skip that work.
+    events: RingBuf<MapData>,
 }
 
 impl Config {
     fn id(&self) -> String {
         if self.policies == 0 {
             "baseline".into()
+        } else if self.cluster_policies > 0 {
+            format!(
+                "{}-policies-{}-peers-{}-cnps",
+                self.policies, self.peers, self.cluster_policies
+            )
         } else {
-            format!("{}-policies-{}-peers", self.policies, self.peers)
+            np_id(self.policies, self.peers)
         }
     }
     fn label(&self) -> String {
         if self.policies == 0 {
             "no policy (baseline)".into()
+        } else if self.cluster_policies > 0 {
+            format!(
+                "{} ClusterNetworkPolicies + {} policies × {} peers",
+                count(self.cluster_policies),
+                count(self.policies),
+                count(self.peers)
+            )
         } else {
             format!(
                 "{} policies × {} peers",
@@ -191,6 +225,25 @@ impl Config {
             )
         }
     }
+    /// The configuration its figures are compared with: the NetworkPolicy-only one of the
+    /// same size for ClusterNetworkPolicies, no policy otherwise.
+    fn baseline_id(&self) -> String {
+        if self.cluster_policies > 0 {
+            np_id(self.policies, self.peers)
+        } else {
+            "baseline".into()
+        }
+    }
+    /// Whether the `n`-th packet of `path` is dropped by policy (an Admin Deny rule).
+    fn drops(&self, path: Path, n: usize) -> bool {
+        self.cluster_policies > 0
+            && path != Path::SameNode
+            && Lane::of_peer(peer_of(self, path, n)) == Lane::Quarantined
+    }
+}
+
+fn np_id(policies: usize, peers: usize) -> String {
+    format!("{policies}-policies-{peers}-peers")
 }
 
 /// `10000` → `10k`.
@@ -226,23 +279,45 @@ fn run_in_private_netns(report: &mut Report, settings: &Settings) -> Result<()> 
         client: veth("bench-client")?,
         uplink: veth("bench-uplink")?,
     };
+    let largest = settings.configs.iter().copied().max_by_key(|(p, q)| p * q);
+    let with_cluster_policies = largest
+        .filter(|_| settings.cluster_policies > 0)
+        .map(|(p, q)| (p, q, settings.cluster_policies));
     let mut configs = Vec::new();
-    for (policies, peers) in std::iter::once((0, 10)).chain(settings.configs.iter().copied()) {
-        let config = load(policies, peers, &ifs)
-            .with_context(|| format!("preparing {policies} policies × {peers} peers"))?;
+    for (policies, peers, cnps) in std::iter::once((0, 10, 0))
+        .chain(settings.configs.iter().map(|&(p, q)| (p, q, 0)))
+        .chain(with_cluster_policies)
+    {
+        let config = load(policies, peers, cnps, &ifs).with_context(|| {
+            format!("preparing {policies} policies × {peers} peers, {cnps} ClusterNetworkPolicies")
+        })?;
         configs.push(config);
     }
     for path in Path::ALL {
         for &flow in path.flows() {
             for c in &configs {
+                let what = format!("{}, {} flow, {}", path.label(), flow.id(), c.label());
+                let baseline = Some(key(path, flow, &c.baseline_id()));
                 report.define(
                     SECTION,
                     key(path, flow, &c.id()),
-                    format!("{}, {} flow, {}", path.label(), flow.id(), c.label()),
+                    what.clone(),
                     "ns/packet",
                     Better::Lower,
-                    Some(key(path, flow, "baseline")),
+                    baseline.clone(),
                 );
+                if flow == Flow::New && c.cluster_policies > 0 && path != Path::SameNode {
+                    for (part, label) in PARTS {
+                        report.define(
+                            SECTION,
+                            key(path, flow, &format!("{}-{part}", c.id())),
+                            format!("{what}: {label}"),
+                            "ns/packet",
+                            Better::Lower,
+                            baseline.clone(),
+                        );
+                    }
+                }
             }
         }
     }
@@ -257,7 +332,24 @@ fn run_in_private_netns(report: &mut Report, settings: &Settings) -> Result<()> 
                 );
                 for c in &mut configs {
                     let ns = match flow {
-                        Flow::New => new_flows(c, &ifs, path, settings.packets)?,
+                        Flow::New => {
+                            let times = new_flows(c, &ifs, path, settings.packets)?;
+                            if c.cluster_policies > 0 && path != Path::SameNode {
+                                for (part, _) in PARTS {
+                                    let dropped = part == "denied";
+                                    let subset: Vec<f64> = times
+                                        .iter()
+                                        .filter(|&&(_, d)| d == dropped)
+                                        .map(|&(t, _)| t)
+                                        .collect();
+                                    let m = median(&subset);
+                                    report
+                                        .record(&key(path, flow, &format!("{}-{part}", c.id())), m);
+                                    line.push_str(&format!(" {}-{part}={m:.0}", c.id()));
+                                }
+                            }
+                            median(&times.iter().map(|&(t, _)| t).collect::<Vec<_>>())
+                        }
                         Flow::Established => established(c, &ifs, path, settings.packets)?,
                     };
                     report.record(&key(path, flow, &c.id()), ns);
@@ -268,7 +360,61 @@ fn run_in_private_netns(report: &mut Report, settings: &Settings) -> Result<()> 
         }
     }
     flatness_goal(report, settings);
+    if let Some(c) = configs.iter().find(|c| c.cluster_policies > 0) {
+        cluster_policy_goal(report, c);
+    }
     Ok(())
+}
+
+/// The separate figures of the configuration with ClusterNetworkPolicies on the paths where
+/// some of its packets are dropped: key suffix and label.
+const PARTS: [(&str, &str); 2] = [
+    ("admitted", "admitted flows only"),
+    ("denied", "flows denied by the Admin tier only"),
+];
+
+fn median(values: &[f64]) -> f64 {
+    Stats::of(values).map_or(f64::NAN, |s| s.median)
+}
+
+/// Records whether ClusterNetworkPolicies cost nothing per packet: new flows in the
+/// configuration with them within 1.1× of the same NetworkPolicy-only configuration, for
+/// every packet and (where some are denied) for the admitted ones alone, whose work is the
+/// NetworkPolicy-only configuration's (a dropped packet skips the conntrack insert).
+fn cluster_policy_goal(report: &mut Report, c: &Config) {
+    for path in Path::ALL {
+        let np = report.stats(&key(path, Flow::New, &c.baseline_id()));
+        let all = report.stats(&key(path, Flow::New, &c.id()));
+        let admitted = report.stats(&key(path, Flow::New, &format!("{}-admitted", c.id())));
+        let (measured, met) = match (np, all) {
+            (Some(np), Some(all)) => {
+                let r = all.median / np.median;
+                let mut text = format!("{:.0} → {:.0} ns/packet ({r:.2}×)", np.median, all.median);
+                let mut met = r <= 1.10;
+                if let Some(a) = admitted {
+                    let ra = a.median / np.median;
+                    text.push_str(&format!(
+                        "; admitted flows only {:.0} ns/packet ({ra:.2}×)",
+                        a.median
+                    ));
+                    met &= ra <= 1.10;
+                }
+                (text, Some(met))
+            }
+            _ => ("—".into(), None),
+        };
+        report.goals.push(Goal {
+            goal: format!(
+                "ClusterNetworkPolicy costs nothing per packet, {}: new flow with {} ClusterNetworkPolicies + {} policies × {} peers within 1.1× of the NetworkPolicy-only figure",
+                path.label(),
+                count(c.cluster_policies),
+                count(c.policies),
+                count(c.peers)
+            ),
+            measured,
+            met,
+        });
+    }
 }
 
 /// Records whether the new-flow cost stays flat from the smallest to the largest
@@ -316,7 +462,7 @@ fn flatness_goal(report: &mut Report, settings: &Settings) {
             }
             _ => ("—".into(), None),
         };
-        report.goals.push(super::report::Goal {
+        report.goals.push(Goal {
             goal: format!(
                 "flat per-packet cost, {}: new flow at {} policies × {} peers within 1.1× of {} × {}",
                 path.label(),
@@ -346,9 +492,13 @@ fn veth(name: &str) -> Result<u32> {
     Ok(nix::net::if_::if_nametoindex(name)?)
 }
 
-fn load(policies: usize, peers: usize, ifs: &Interfaces) -> Result<Config> {
+fn load(policies: usize, peers: usize, cnps: usize, ifs: &Interfaces) -> Result<Config> {
     let started = Instant::now();
-    let cluster = synthetic::verdict_cluster(policies, peers)?;
+    let cluster = if cnps > 0 {
+        synthetic::verdict_cluster_with_cluster_policies(policies, peers, cnps)?
+    } else {
+        synthetic::verdict_cluster(policies, peers)?
+    };
     let out = Compiler::new().compile_all(&cluster);
     let compiled = started.elapsed();
     let state = out
@@ -371,6 +521,8 @@ fn load(policies: usize, peers: usize, ifs: &Interfaces) -> Result<Config> {
     let started = Instant::now();
     let mut dp = Dataplane::load(None).context("loading the eBPF programs")?;
     let mut maps = DataplaneMaps::take(&mut dp)?;
+    let events = RingBuf::try_from(dp.take_map(weir_common::maps::EVENTS)?)
+        .context("the flow events map is not a ring buffer")?;
     let loaded = started.elapsed();
     let started = Instant::now();
     maps.set_config(NodeConfig::new(1, 0, 0))?;
@@ -396,7 +548,7 @@ fn load(policies: usize, peers: usize, ifs: &Interfaces) -> Result<Config> {
     ]);
     maps.sync_endpoints(&endpoints)?;
     println!(
-        "  prepared {policies} policies × {peers} peers: compile {compiled:.1?}, load {loaded:.1?}, {} classes and {} verdicts written in {:.1?}",
+        "  prepared {policies} policies × {peers} peers, {cnps} ClusterNetworkPolicies: compile {compiled:.1?}, load {loaded:.1?}, {} classes and {} verdicts written in {:.1?}",
         state.peer_classes.len(),
         state.verdicts.len(),
         started.elapsed()
@@ -404,9 +556,24 @@ fn load(policies: usize, peers: usize, ifs: &Interfaces) -> Result<Config> {
     Ok(Config {
         policies,
         peers,
+        cluster_policies: cnps,
         dp,
         maps,
+        events,
     })
+}
+
+/// The peers whose new flows an other-node path cycles through.
+fn path_peers(c: &Config, path: Path) -> usize {
+    match path {
+        Path::OtherNodeSamePeers => c.peers.min(SAME_PEERS),
+        _ => c.peers,
+    }
+}
+
+/// The peer that sends the `n`-th packet of an other-node path.
+fn peer_of(c: &Config, path: Path, n: usize) -> usize {
+    n % path_peers(c, path)
 }
 
 /// The packet a flow's `n`-th sender sends: (program, ifindex, frame).
@@ -436,12 +603,8 @@ fn packet(
             )
         }
         Path::OtherNode | Path::OtherNodeSamePeers => {
-            let peers = match path {
-                Path::OtherNodeSamePeers => c.peers.min(SAME_PEERS),
-                _ => c.peers,
-            };
-            let peer = n % peers;
-            let sport = 1024 + ((n / peers) % 64_000) as u16;
+            let peer = peer_of(c, path, n);
+            let sport = 1024 + ((n / path_peers(c, path)) % 64_000) as u16;
             (
                 FROM_NETWORK,
                 ifs.uplink,
@@ -459,22 +622,33 @@ fn packet(
     }
 }
 
-/// Median kernel time of `count` new flows, one call each.
-fn new_flows(c: &mut Config, ifs: &Interfaces, path: Path, count: usize) -> Result<f64> {
+/// Kernel time of each of `count` new flows, one call each, and whether policy dropped it
+/// (as it should: checked).
+fn new_flows(
+    c: &mut Config,
+    ifs: &Interfaces,
+    path: Path,
+    count: usize,
+) -> Result<Vec<(f64, bool)>> {
     clear_conntrack(&mut c.maps);
     let packets: Vec<_> = (0..count)
-        .map(|n| packet(c, ifs, path, n, TCP_SYN))
+        .map(|n| (packet(c, ifs, path, n, TCP_SYN), c.drops(path, n)))
         .collect();
     let what = format!("{}, {}", c.label(), path.label());
     let mut times = Vec::with_capacity(count);
-    for (program, ifindex, frame) in &packets {
+    for ((program, ifindex, frame), dropped) in &packets {
         let prog = c.dp.program(program)?;
         let (verdict, t) = test_run(prog, *ifindex, frame)?;
-        ensure_redirected(verdict, &what)?;
-        times.push(t.as_nanos() as f64);
+        if *dropped {
+            ensure_dropped(verdict, &what)?;
+        } else {
+            ensure_redirected(verdict, &what)?;
+        }
+        times.push((t.as_nanos() as f64, *dropped));
     }
     clear_conntrack(&mut c.maps);
-    Ok(Stats::of(&times).map_or(f64::NAN, |s| s.median))
+    while c.events.next().is_some() {}
+    Ok(times)
 }
 
 /// Median kernel time of `count` packets of established flows, one call each (see the
@@ -502,11 +676,22 @@ fn established(c: &mut Config, ifs: &Interfaces, path: Path, count: usize) -> Re
     Ok(Stats::of(&times).map_or(f64::NAN, |s| s.median))
 }
 
-/// A benchmark of dropped packets would measure the wrong thing: every packet is allowed.
+/// A benchmark of dropped packets would measure the wrong thing: every packet is allowed
+/// (but those an Admin Deny rule drops on purpose, [`ensure_dropped`]).
 fn ensure_redirected(verdict: u32, what: &str) -> Result<()> {
     if verdict != TC_ACT_REDIRECT {
         bail!(
             "{what}: the program returned {verdict}, not TC_ACT_REDIRECT (the synthetic cluster's policies should allow every measured packet)"
+        );
+    }
+    Ok(())
+}
+
+/// The packets of the peers a ClusterNetworkPolicy denies must be dropped.
+fn ensure_dropped(verdict: u32, what: &str) -> Result<()> {
+    if verdict != TC_ACT_SHOT {
+        bail!(
+            "{what}: the program returned {verdict}, not TC_ACT_SHOT (the Admin tier should deny this peer)"
         );
     }
     Ok(())
