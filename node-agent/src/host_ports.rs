@@ -185,9 +185,26 @@ pub fn merged(
 ) -> BTreeMap<ServiceFrontend, ServiceEntry> {
     let mut out = services.clone();
     for (f, e) in host_ports {
-        out.entry(*f).or_insert_with(|| e.clone());
+        match out.get(f) {
+            Some(owner) => taken_over(f, e, owner),
+            None => {
+                out.insert(*f, e.clone());
+            }
+        }
     }
     out
+}
+
+/// Logs that a Service's NodePort took a pod's host port over (the cluster's Services win;
+/// the host port comes back when the NodePort goes).
+fn taken_over(f: &ServiceFrontend, host_port: &ServiceEntry, owner: &ServiceEntry) {
+    tracing::warn!(
+        port = f.port,
+        proto = ?f.proto,
+        host_port = %host_port.service,
+        service = %owner.service,
+        "a Service's NodePort takes over a pod's hostPort on this node; the hostPort is not served until the NodePort goes"
+    );
 }
 
 /// The controller's diff as it applies to the [`merged`] table: a frontend the controller
@@ -197,6 +214,11 @@ pub fn merge_diff(
     host_ports: &BTreeMap<ServiceFrontend, ServiceEntry>,
 ) -> TableDiff<ServiceFrontend, ServiceEntry> {
     let mut out = diff.clone();
+    for (f, owner) in &diff.upsert {
+        if let Some(e) = host_ports.get(f) {
+            taken_over(f, e, owner);
+        }
+    }
     out.remove.retain(|f| !host_ports.contains_key(f));
     for f in &diff.remove {
         if let Some(e) = host_ports.get(f) {
