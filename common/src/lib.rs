@@ -98,6 +98,9 @@ pub mod programs {
     pub const TO_POD: &str = "to_pod";
     /// TC ingress of the node's uplink: delivery to local pods.
     pub const FROM_NETWORK: &str = "from_network";
+    /// TC egress of the node's uplink: the node's own replies of NodePort flows whose
+    /// backend is its own stack (a host-network pod) are translated back.
+    pub const TO_NETWORK: &str = "to_network";
     /// TC ingress of the tunnel device: only other nodes' packets, then as `from_network`.
     pub const FROM_TUNNEL: &str = "from_tunnel";
     /// TC egress of the tunnel device: picks the remote node to encapsulate towards.

@@ -126,6 +126,11 @@ impl ServiceValue {
 /// second address and port to write — the node's address and the port chosen for the flow
 /// (original direction, the new source), or the client's (reply direction, the new
 /// destination).
+///
+/// A flow from the network whose backend is one of this node's own addresses (a
+/// host-network pod) goes up the node's stack; the reply entry of such a flow has
+/// [`NatEntry::FLAG_HOST`]: the stack's replies are rewritten as they leave the node, on the
+/// uplink's or the tunnel device's egress.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatEntry {
@@ -144,6 +149,9 @@ impl NatEntry {
     pub const FLAG_REPLY: u32 = 1 << 0;
     /// The source (original direction) or destination (reply) is translated too.
     pub const FLAG_SNAT: u32 = 1 << 1;
+    /// Reply direction: the backend is this node's own stack, whose replies are rewritten
+    /// on their way out of the node.
+    pub const FLAG_HOST: u32 = 1 << 2;
 
     /// The original direction of a flow: its backend.
     pub const fn original(addr: IpKey, port_be: u16, service: u32) -> Self {
@@ -200,6 +208,9 @@ impl NatEntry {
     }
     pub const fn is_snat(&self) -> bool {
         self.flags & Self::FLAG_SNAT != 0
+    }
+    pub const fn is_host(&self) -> bool {
+        self.flags & Self::FLAG_HOST != 0
     }
 }
 

@@ -1,5 +1,5 @@
 //! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
-//! `from_tunnel`, `to_tunnel`; XDP on the uplink in `xdp`; the socket hooks in `sock`), one
+//! `to_network`, `from_tunnel`, `to_tunnel`; XDP on the uplink in `xdp`; the socket hooks in `sock`), one
 //! per mechanism (`parse`, `conntrack`, `policy`, `nat`,
 //! `forward`, `route`, `arp`, `events`), maps in `maps`.
 #![no_std]
@@ -20,6 +20,7 @@ mod policy;
 mod reject;
 mod route;
 mod sock;
+mod to_network;
 mod to_pod;
 mod to_tunnel;
 mod xdp;
@@ -42,6 +43,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_network(ctx: TcContext) -> i32 {
     from_network::run(&ctx)
+}
+
+#[classifier]
+pub fn to_network(ctx: TcContext) -> i32 {
+    to_network::run(&ctx)
 }
 
 #[classifier]

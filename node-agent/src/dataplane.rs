@@ -359,6 +359,7 @@ impl Dataplane {
             programs::FROM_POD,
             programs::TO_POD,
             programs::FROM_NETWORK,
+            programs::TO_NETWORK,
             programs::FROM_TUNNEL,
             programs::TO_TUNNEL,
         ] {
@@ -435,10 +436,13 @@ impl Dataplane {
         self.attach(ifname, programs::TO_POD, TcAttachType::Egress)
     }
 
-    /// Attaches `from_network` to the ingress of the node's uplink: traffic from other nodes
-    /// for local pods is checked and delivered straight to them.
+    /// Attaches `from_network` to the ingress of the node's uplink (traffic from other nodes
+    /// for local pods is checked and delivered straight to them) and `to_network` to its
+    /// egress (the node's replies for NodePort flows served by its own stack are translated
+    /// back).
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
-        self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)
+        self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)?;
+        self.attach(ifname, programs::TO_NETWORK, TcAttachType::Egress)
     }
 
     /// The XDP program, e.g. for `BPF_PROG_TEST_RUN`.

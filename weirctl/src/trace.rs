@@ -564,7 +564,14 @@ fn node_port(
                     hairpin: false,
                     notes: Vec::new(),
                 };
-                if !view.endpoints.contains_key(&b.ip) {
+                if view.host_addrs.contains(&b.ip) {
+                    // One of the receiving node's own addresses: up its stack, the
+                    // client's address kept; the replies are translated as they leave.
+                    hop.notes.push(format!(
+                        "to {}'s own stack (a host-network backend)",
+                        view.node
+                    ));
+                } else if !view.endpoints.contains_key(&b.ip) {
                     // Not a pod of the receiving node: forwarded with the node's address
                     // as the source, so that the replies come back through it.
                     hop.peer = dst;

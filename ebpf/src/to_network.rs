@@ -1,0 +1,29 @@
+//! TC egress of the node's uplink: what leaves the node. The one thing done here is the
+//! reverse translation of NodePort flows whose backend is the node's own stack (a
+//! host-network pod): `from_network` handed their packets up the stack with the destination
+//! rewritten, and the stack's replies come from the backend's port; they leave from the
+//! frontend. Every other packet passes untouched, after one `HOST_ADDRS` lookup (and, for
+//! the node's own packets, one `SERVICE_NAT` lookup).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+
+use crate::{
+    nat,
+    parse::{self, L3},
+};
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> i32 {
+    let mut pkt = match parse::parse(ctx) {
+        Ok(L3::Ip(pkt)) => pkt,
+        // Not ours: ARP, and whatever the node sends that weir does not parse.
+        _ => return TC_ACT_OK,
+    };
+    match nat::host_reply(ctx, &mut pkt) {
+        Ok(()) => TC_ACT_OK,
+        Err(()) => TC_ACT_SHOT,
+    }
+}
