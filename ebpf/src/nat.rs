@@ -29,8 +29,9 @@ use weir_common::{
 
 use crate::{
     events::record_drop,
-    maps::{AFFINITY, ENDPOINTS, HOST_ADDRS, SCRATCH_KEYS, SERVICE_NAT, SERVICES},
+    maps::{AFFINITY, ENDPOINTS, HOST_ADDRS, SCRATCH_KEYS, SERVICE_NAT, SERVICES, TUNNEL_PEERS},
     parse::{ETH_HLEN, Packet},
+    route,
 };
 
 /// Ports this node's address takes as the source of NodePort flows it forwards to a backend
@@ -122,7 +123,8 @@ fn translate_inner(
         None if unsafe { HOST_ADDRS.get(&pkt.daddr).is_some() } => {
             frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
             match unsafe { SERVICES.get(&frontend_key) } {
-                Some(f) => *f,
+                // A pod is a client inside the cluster.
+                Some(f) => for_cluster_client(&mut frontend_key, *f),
                 None => return Ok(Translated::No),
             }
         }
@@ -258,11 +260,14 @@ fn inbound_inner(
         // up the stack.
         return Ok(Inbound::ToBackend);
     }
-    let frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
+    let mut frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
     // SAFETY: value copied out of the map.
-    let Some(frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
+    let Some(mut frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
         return Ok(Inbound::Pass);
     };
+    if frontend.cluster_frontend().is_some() && from_cluster(&pkt.saddr) {
+        frontend = for_cluster_client(&mut frontend_key, frontend);
+    }
     *service = frontend.id();
     let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
     let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
@@ -400,6 +405,37 @@ fn reverse_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
         return Err(DropReason::ServiceNatLost);
     };
     set_source(ctx, pkt, nat.addr(), nat.port_be())
+}
+
+/// `externalTrafficPolicy: Local`: a NodePort frontend's own slots hold this node's
+/// backends, for clients outside the cluster; a client inside it (a pod, a node) uses the
+/// frontend the NodePort names instead — its Service port's ClusterIP, as kube-proxy
+/// sends such clients to any backend of the cluster. Returns the frontend to pick from and
+/// points `key` at it; the NodePort itself if it names none or the named one is missing
+/// (written later, or removed first, by the agent).
+#[inline(always)]
+pub fn for_cluster_client(key: &mut ServiceKey, frontend: ServiceValue) -> ServiceValue {
+    let Some((addr, port_be)) = frontend.cluster_frontend() else {
+        return frontend;
+    };
+    let cluster_key = ServiceKey::new(*addr, port_be, key.proto(), 0);
+    // SAFETY: value copied out of the map.
+    match unsafe { SERVICES.get(&cluster_key) } {
+        Some(f) => {
+            *key = cluster_key;
+            *f
+        }
+        None => frontend,
+    }
+}
+
+/// Whether a packet from the network comes from inside the cluster: another node's address
+/// (`TUNNEL_PEERS` holds every other node's) or a pod of another node (`ROUTES`).
+#[inline(always)]
+fn from_cluster(saddr: &IpKey) -> bool {
+    // SAFETY: existence check only.
+    let node = unsafe { TUNNEL_PEERS.get(saddr).is_some() };
+    node || route::lookup(saddr).is_some()
 }
 
 /// A packet the node's own stack sends out of the node (egress of the uplink or of the

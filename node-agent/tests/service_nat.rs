@@ -4,7 +4,9 @@
 //! A NodePort packet from the network reaches a backend on this node with the client's
 //! address, or one on another node with this node's address, and the replies leave as if
 //! from the node's port; a backend on the node's own address gets it up the host stack, and
-//! the stack's reply is translated back on the uplink's egress. SCTP's CRC32c, which covers the ports, is right after every port
+//! the stack's reply is translated back on the uplink's egress. Under
+//! `externalTrafficPolicy: Local` pods and nodes use the ClusterIP's backends while the
+//! outside is refused. SCTP's CRC32c, which covers the ports, is right after every port
 //! change.
 
 mod support;
@@ -731,6 +733,49 @@ fn node_port_to_the_node_own_address_goes_up_its_stack_and_the_reply_leaves_from
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(out, other);
     }
+}
+
+#[test]
+fn external_traffic_policy_local_refuses_the_outside_but_not_pods_and_nodes() {
+    let mut node = Node::new();
+    node.maps
+        .sync_tunnel_peers(&[IpKey::from(OTHER_NODE)].into_iter().collect())
+        .unwrap();
+    // No backend of this node's own; the ClusterIP lists the one elsewhere. (The test's
+    // NodePorts do not masquerade: externalTrafficPolicy Local.)
+    node.service(80, TCP, &[(IP_REMOTE, 8080, BackendState::Ready)], false);
+    node.node_port(NODE_PORT, TCP, &[]);
+
+    let syn = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
+    );
+    let (verdict, _) = node.arrived(&syn);
+    assert_eq!(verdict, TC_ACT_SHOT, "the outside is refused");
+    assert_eq!(node.drops(DropReason::NoBackend), 1);
+
+    // Another node, and a pod of another node: forwarded to the backend.
+    let remote_pod = Ipv4Addr::new(10, 244, 1, 5);
+    for client in [OTHER_NODE, remote_pod] {
+        let syn = frame(
+            CLIENT_MAC, UPLINK_MAC, client, NODE_IP, TCP, 40000, NODE_PORT, true,
+        );
+        let (verdict, out) = node.arrived(&syn);
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "{client}: on to the backend's node"
+        );
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst, seen.dport), (NODE_IP, IP_REMOTE, 8080));
+    }
+
+    // A pod of this node: translated at the source.
+    let (verdict, out) = node.sent_by_a(&frame(
+        MAC_A, GW_A, IP_A, NODE_IP, TCP, 40000, NODE_PORT, true,
+    ));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.dst, seen.dport), (IP_A, IP_REMOTE, 8080));
+    assert_eq!(node.drops(DropReason::NoBackend), 1);
 }
 
 #[test]
