@@ -21,7 +21,8 @@ pub use capacity::{CapacityError, MAX_CAPACITY, MIN_CAPACITY, MapCapacities, tab
 pub use diff::{NodeStateDiff, TableDiff};
 pub use lookup::{canonical_ip, ipv4_root};
 pub use service::{
-    BackendState, FrontendKind, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef,
+    BackendState, ClusterFrontends, FrontendKind, ServiceBackend, ServiceEntry, ServiceFrontend,
+    ServiceRef,
 };
 
 /// Rule-set id meaning "no policy selects the endpoint in this direction".

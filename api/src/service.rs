@@ -3,12 +3,14 @@
 //!
 //! The controller resolves everything Kubernetes leaves to the proxy before the state
 //! reaches the node: named target ports per backend pod, `internalTrafficPolicy` and
-//! `externalTrafficPolicy: Local` (a node's list then holds only its own backends), and
+//! `externalTrafficPolicy: Local` (a node's list then holds only its own backends; clients
+//! inside the cluster use the Service port's ClusterIP list instead, see
+//! [`ClusterFrontends`]), and
 //! the terminating-endpoint fallback (serving-terminating backends are listed only when no
 //! ready one is). The agent writes the list as it is; the dataplane picks among
 //! [`BackendState::Ready`] entries, or among the others when the list has no ready one.
 
-use std::{fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -85,4 +87,101 @@ pub struct ServiceEntry {
     /// NodePort with `externalTrafficPolicy: Cluster`: traffic from outside the node is
     /// SNATed to the node so replies return through it.
     pub masquerade_external: bool,
+}
+
+/// Where clients inside the cluster go on a NodePort with `externalTrafficPolicy: Local`.
+///
+/// Such a NodePort's own list holds the node's own backends: clients outside the cluster
+/// keep their address and reach only those. Pods and nodes are not restricted, as with
+/// kube-proxy (which sends them to the Service's cluster-wide endpoints, or, under
+/// `internalTrafficPolicy: Local` too, to the node's own): they get the list of the Service
+/// port's ClusterIP frontend of the same protocol and family, which is exactly that. An
+/// index of a table's ClusterIP frontends by Service port id, protocol and family.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterFrontends(BTreeMap<(u32, IpProto, bool), ServiceFrontend>);
+
+impl ClusterFrontends {
+    pub fn new(table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> Self {
+        Self(
+            table
+                .iter()
+                .filter(|(f, _)| f.kind == FrontendKind::ClusterIp)
+                .map(|(f, e)| ((e.id, f.proto, f.ip.is_ipv6()), *f))
+                .collect(),
+        )
+    }
+
+    /// The frontend whose backends serve clients inside the cluster instead of `frontend`'s
+    /// own: for a NodePort with `externalTrafficPolicy: Local` (one that does not
+    /// masquerade), its ClusterIP frontend; None for every other frontend, which serves
+    /// every client alike.
+    pub fn of(&self, frontend: &ServiceFrontend, entry: &ServiceEntry) -> Option<ServiceFrontend> {
+        if frontend.kind != FrontendKind::NodePort || entry.masquerade_external {
+            return None;
+        }
+        self.0
+            .get(&(entry.id, frontend.proto, frontend.ip.is_ipv6()))
+            .copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn entry(id: u32, masquerade_external: bool) -> ServiceEntry {
+        ServiceEntry {
+            service: ServiceRef {
+                namespace: "default".into(),
+                name: format!("s{id}"),
+                port_name: String::new(),
+            },
+            id,
+            backends: Vec::new(),
+            affinity_timeout_s: None,
+            masquerade_external,
+        }
+    }
+
+    fn frontend(kind: FrontendKind, ip: Ipv4Addr, port: u16, proto: IpProto) -> ServiceFrontend {
+        ServiceFrontend {
+            kind,
+            ip: IpAddr::V4(ip),
+            port,
+            proto,
+        }
+    }
+
+    #[test]
+    fn local_node_ports_name_the_cluster_ip_of_their_service_port() {
+        let cip = frontend(FrontendKind::ClusterIp, Ipv4Addr::new(10, 96, 0, 1), 80, 6);
+        let cip_udp = frontend(FrontendKind::ClusterIp, Ipv4Addr::new(10, 96, 0, 1), 80, 17);
+        let local = frontend(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, 30080, 6);
+        let local_udp = frontend(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, 30080, 17);
+        let cluster = frontend(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, 30081, 6);
+        let other_id = frontend(FrontendKind::NodePort, Ipv4Addr::UNSPECIFIED, 30082, 6);
+        let table: BTreeMap<_, _> = [
+            (cip, entry(1, false)),
+            (cip_udp, entry(2, false)),
+            (local, entry(1, false)),
+            (local_udp, entry(2, false)),
+            (cluster, entry(1, true)),
+            (other_id, entry(3, false)),
+        ]
+        .into_iter()
+        .collect();
+        let index = ClusterFrontends::new(&table);
+        let of = |f: &ServiceFrontend| index.of(f, &table[f]);
+        assert_eq!(of(&local), Some(cip));
+        assert_eq!(of(&local_udp), Some(cip_udp), "same protocol");
+        assert_eq!(of(&cluster), None, "externalTrafficPolicy Cluster");
+        assert_eq!(
+            of(&other_id),
+            None,
+            "no ClusterIP for the port (a hostPort)"
+        );
+        assert_eq!(of(&cip), None, "a ClusterIP serves everyone");
+    }
 }

@@ -104,8 +104,9 @@ pub mod programs {
     pub const TO_POD: &str = "to_pod";
     /// TC ingress of the node's uplink: delivery to local pods.
     pub const FROM_NETWORK: &str = "from_network";
-    /// TC egress of the node's uplink: the node's own new flows, tracked while a host
-    /// policy isolates the node (so their replies are let in).
+    /// TC egress of the node's uplink: the node's own replies of NodePort flows whose
+    /// backend is its own stack (a host-network pod) are translated back, and the node's own
+    /// new flows are tracked while a host policy isolates the node (so their replies get in).
     pub const TO_NETWORK: &str = "to_network";
     /// TC ingress of the tunnel device: only other nodes' packets, then as `from_network`.
     pub const FROM_TUNNEL: &str = "from_tunnel";

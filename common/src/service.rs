@@ -53,9 +53,12 @@ impl ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceValue {
-    /// Backend slots: the backend's address. Frontend: unused (zero).
+    /// Backend slots: the backend's address. Frontend with [`Self::FLAG_CLUSTER_FRONTEND`]:
+    /// the address of the frontend clients inside the cluster use instead; other frontends:
+    /// unused (zero).
     backend: IpKey,
-    /// Backend slots: the target port. Frontend: unused (zero).
+    /// Backend slots: the target port. Frontend with [`Self::FLAG_CLUSTER_FRONTEND`]: that
+    /// frontend's port; other frontends: unused (zero).
     backend_port_be: u16,
     flags: u16,
     /// Frontend: the number of backend slots (0: the Service has no backend here).
@@ -71,6 +74,11 @@ impl ServiceValue {
     pub const FLAG_AFFINITY: u16 = 1 << 0;
     /// NodePort with `externalTrafficPolicy: Cluster`.
     pub const FLAG_MASQUERADE_EXTERNAL: u16 = 1 << 1;
+    /// NodePort with `externalTrafficPolicy: Local`: its own slots (this node's backends)
+    /// serve clients outside the cluster; pods and nodes are served by the frontend its
+    /// backend fields name (the Service port's ClusterIP, same protocol), as kube-proxy
+    /// serves them.
+    pub const FLAG_CLUSTER_FRONTEND: u16 = 1 << 2;
 
     pub const fn frontend(id: u32, count: u32, flags: u16, affinity_s: u32) -> Self {
         Self {
@@ -80,6 +88,25 @@ impl ServiceValue {
             count,
             id,
             affinity_s,
+        }
+    }
+    /// This frontend, with [`Self::FLAG_CLUSTER_FRONTEND`] naming `addr`:`port` as the
+    /// frontend of clients inside the cluster.
+    pub const fn with_cluster_frontend(self, addr: IpKey, port: u16) -> Self {
+        Self {
+            backend: addr,
+            backend_port_be: port.to_be(),
+            flags: self.flags | Self::FLAG_CLUSTER_FRONTEND,
+            ..self
+        }
+    }
+    /// The frontend clients inside the cluster use instead of this one (address, port in
+    /// network byte order), if it names one.
+    pub const fn cluster_frontend(&self) -> Option<(&IpKey, u16)> {
+        if self.flags & Self::FLAG_CLUSTER_FRONTEND != 0 {
+            Some((&self.backend, self.backend_port_be))
+        } else {
+            None
         }
     }
     pub const fn backend(id: u32, addr: IpKey, port: u16) -> Self {
@@ -126,6 +153,11 @@ impl ServiceValue {
 /// second address and port to write — the node's address and the port chosen for the flow
 /// (original direction, the new source), or the client's (reply direction, the new
 /// destination).
+///
+/// A flow from the network whose backend is one of this node's own addresses (a
+/// host-network pod) goes up the node's stack; the reply entry of such a flow has
+/// [`NatEntry::FLAG_HOST`]: the stack's replies are rewritten as they leave the node, on the
+/// uplink's or the tunnel device's egress.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatEntry {
@@ -144,6 +176,9 @@ impl NatEntry {
     pub const FLAG_REPLY: u32 = 1 << 0;
     /// The source (original direction) or destination (reply) is translated too.
     pub const FLAG_SNAT: u32 = 1 << 1;
+    /// Reply direction: the backend is this node's own stack, whose replies are rewritten
+    /// on their way out of the node.
+    pub const FLAG_HOST: u32 = 1 << 2;
 
     /// The original direction of a flow: its backend.
     pub const fn original(addr: IpKey, port_be: u16, service: u32) -> Self {
@@ -200,6 +235,9 @@ impl NatEntry {
     }
     pub const fn is_snat(&self) -> bool {
         self.flags & Self::FLAG_SNAT != 0
+    }
+    pub const fn is_host(&self) -> bool {
+        self.flags & Self::FLAG_HOST != 0
     }
 }
 

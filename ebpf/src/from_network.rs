@@ -3,7 +3,9 @@
 //! straight to the pod. A packet to one of the node's own addresses on a NodePort is
 //! translated to a backend (on this node: as above; on another: sent on with this node's
 //! address as its source), and the replies of the latter are translated back and sent to
-//! the client. Everything else (the node's own traffic) goes up the host stack.
+//! the client; a backend on the node's own address (a host-network pod) gets it up the host
+//! stack, whose replies `to_network` translates back. Everything else (the node's own
+//! traffic) goes up the host stack.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -51,6 +53,9 @@ pub fn run(ctx: &TcContext) -> i32 {
             Ok(Inbound::Pass) => return host::ingress(ctx, &mut pkt),
             Ok(Inbound::ReplyToClient) => return forward::by_fib(ctx, &pkt.saddr, &pkt.daddr),
             Ok(Inbound::ToRemoteBackend) => return to_remote_backend(ctx, &pkt),
+            // A backend on the node's own stack (a host-network pod): its replies are
+            // translated back as they leave the node (`to_network`, `to_tunnel`).
+            Ok(Inbound::ToHost) => return TC_ACT_OK,
             Ok(Inbound::ToBackend) => {
                 flags = CtEntry::FLAG_SERVICE;
                 // SAFETY: value copied out of the map.

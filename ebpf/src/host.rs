@@ -1,7 +1,7 @@
 //! Host policy: the node's own addresses as a policy endpoint (`HOST_ENDPOINT`), stateful in
 //! TC on the uplink. `from_network` judges new flows from the network to the node with the
 //! node's `HostPolicy` rule set, after the failsafe ports (`FAILSAFE`), which no policy
-//! closes; `to_network` records the node's own new flows in conntrack so that their replies
+//! closes; `to_network` records the node's own flows in conntrack so that their replies
 //! are let in. Nothing runs while no host policy selects the node.
 
 use aya_ebpf::{
@@ -13,7 +13,7 @@ use weir_common::{endpoint::FailsafeKey, policy::NOT_ISOLATED};
 use crate::{
     conntrack::enforce,
     maps::{FAILSAFE, HOST_ADDRS, HOST_ENDPOINT},
-    parse::{self, L3, Packet},
+    parse::Packet,
 };
 
 /// A packet from the network to one of the node's own addresses (not a Service's): pass or
@@ -38,31 +38,27 @@ pub fn ingress(ctx: &TcContext, pkt: &mut Packet) -> i32 {
     }
 }
 
-/// TC egress of the uplink: the node's own packets (not forwarded or redirected ones) open
-/// or refresh their flow's conntrack entry while a host policy isolates the node.
+/// On the uplink's egress (`to_network`): the node's own packets (not forwarded or
+/// redirected ones) open or refresh their flow's conntrack entry while a host policy
+/// isolates the node.
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> i32 {
+pub fn track(ctx: &TcContext, pkt: &mut Packet) {
     let Some(host) = HOST_ENDPOINT.get(0).copied() else {
-        return TC_ACT_OK;
+        return;
     };
     if host.ingress_policy() == NOT_ISOLATED {
-        return TC_ACT_OK;
+        return;
     }
     // Locally generated: no interface received it.
     // SAFETY: reading a field of the socket buffer the program was given.
     if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
-        return TC_ACT_OK;
+        return;
     }
-    let mut pkt = match parse::parse(ctx) {
-        Ok(L3::Ip(pkt)) => pkt,
-        _ => return TC_ACT_OK,
-    };
     // SAFETY: existence check only.
     if unsafe { HOST_ADDRS.get(&pkt.saddr).is_none() } {
-        return TC_ACT_OK;
+        return;
     }
     // The node's egress is not isolated: this only records the flow. A full table refuses
     // nothing here (the packet leaves; its replies then meet the host policy as new flows).
-    let _ = enforce(ctx, &mut pkt, Some(&host), None, 0);
-    TC_ACT_OK
+    let _ = enforce(ctx, pkt, Some(&host), None, 0);
 }

@@ -1,5 +1,5 @@
 //! weir's eBPF programs. One module per program (`from_pod`, `to_pod`, `from_network`,
-//! `from_tunnel`, `to_tunnel`; XDP on the uplink in `xdp`; the socket hooks in `sock`), one
+//! `to_network`, `from_tunnel`, `to_tunnel`; XDP on the uplink in `xdp`; the socket hooks in `sock`), one
 //! per mechanism (`parse`, `conntrack`, `policy`, `nat`,
 //! `forward`, `route`, `arp`, `events`), maps in `maps`.
 #![no_std]
@@ -21,6 +21,7 @@ mod policy;
 mod reject;
 mod route;
 mod sock;
+mod to_network;
 mod to_pod;
 mod to_tunnel;
 mod xdp;
@@ -47,7 +48,7 @@ pub fn from_network(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn to_network(ctx: TcContext) -> i32 {
-    host::egress(&ctx)
+    to_network::run(&ctx)
 }
 
 #[classifier]

@@ -29,8 +29,9 @@ use weir_common::{
 
 use crate::{
     events::record_drop,
-    maps::{AFFINITY, ENDPOINTS, HOST_ADDRS, SCRATCH_KEYS, SERVICE_NAT, SERVICES},
+    maps::{AFFINITY, ENDPOINTS, HOST_ADDRS, SCRATCH_KEYS, SERVICE_NAT, SERVICES, TUNNEL_PEERS},
     parse::{ETH_HLEN, Packet},
+    route,
 };
 
 /// Ports this node's address takes as the source of NodePort flows it forwards to a backend
@@ -55,6 +56,9 @@ pub enum Inbound {
     /// A reply of a flow translated as `ToRemoteBackend`: rewritten back (from the
     /// frontend, to the client). It leaves by the node's routing table.
     ReplyToClient,
+    /// Translated to a backend that is one of this node's own addresses: for the node's
+    /// stack.
+    ToHost,
 }
 
 const IPV4_MF: u16 = 0x2000;
@@ -119,7 +123,8 @@ fn translate_inner(
         None if unsafe { HOST_ADDRS.get(&pkt.daddr).is_some() } => {
             frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
             match unsafe { SERVICES.get(&frontend_key) } {
-                Some(f) => *f,
+                // A pod is a client inside the cluster.
+                Some(f) => for_cluster_client(&mut frontend_key, *f),
                 None => return Ok(Translated::No),
             }
         }
@@ -144,7 +149,7 @@ fn translate_inner(
     let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
     let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
     if backend != pkt.saddr {
-        remember(original, pkt, &backend, port_be, frontend.id())?;
+        remember(original, pkt, &backend, port_be, frontend.id(), 0)?;
         set_destination(ctx, pkt, &backend, port_be)?;
         return Ok(Translated::Yes);
     }
@@ -251,21 +256,42 @@ fn inbound_inner(
             set_source(ctx, pkt, nat.other(), nat.other_port_be())?;
             return Ok(Inbound::ToRemoteBackend);
         }
+        // A backend on the node's own stack has no endpoint: `from_network` hands the packet
+        // up the stack.
         return Ok(Inbound::ToBackend);
     }
-    let frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
+    let mut frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
     // SAFETY: value copied out of the map.
-    let Some(frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
+    let Some(mut frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
         return Ok(Inbound::Pass);
     };
+    if frontend.cluster_frontend().is_some() && from_cluster(&pkt.saddr) {
+        frontend = for_cluster_client(&mut frontend_key, frontend);
+    }
     *service = frontend.id();
     let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
     let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
     // SAFETY: existence check only.
     if unsafe { ENDPOINTS.get(&backend).is_some() } {
-        remember(key, pkt, &backend, port_be, frontend.id())?;
+        remember(key, pkt, &backend, port_be, frontend.id(), 0)?;
         set_destination(ctx, pkt, &backend, port_be)?;
         return Ok(Inbound::ToBackend);
+    }
+    // A backend outside the pod network on this node (a host-network pod): the flow goes up
+    // the node's own stack with the client's address kept, and the stack's replies are
+    // rewritten as they leave the node (`host_reply`).
+    // SAFETY: existence check only.
+    if unsafe { HOST_ADDRS.get(&backend).is_some() } {
+        remember(
+            key,
+            pkt,
+            &backend,
+            port_be,
+            frontend.id(),
+            NatEntry::FLAG_HOST,
+        )?;
+        set_destination(ctx, pkt, &backend, port_be)?;
+        return Ok(Inbound::ToHost);
     }
     // The backend is on another node: its replies must come back here to be translated
     // back, so the flow leaves with this node's address and a port of its own.
@@ -381,6 +407,74 @@ fn reverse_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
     set_source(ctx, pkt, nat.addr(), nat.port_be())
 }
 
+/// `externalTrafficPolicy: Local`: a NodePort frontend's own slots hold this node's
+/// backends, for clients outside the cluster; a client inside it (a pod, a node) uses the
+/// frontend the NodePort names instead — its Service port's ClusterIP, as kube-proxy
+/// sends such clients to any backend of the cluster. Returns the frontend to pick from and
+/// points `key` at it; the NodePort itself if it names none or the named one is missing
+/// (written later, or removed first, by the agent).
+#[inline(always)]
+pub fn for_cluster_client(key: &mut ServiceKey, frontend: ServiceValue) -> ServiceValue {
+    let Some((addr, port_be)) = frontend.cluster_frontend() else {
+        return frontend;
+    };
+    let cluster_key = ServiceKey::new(*addr, port_be, key.proto(), 0);
+    // SAFETY: value copied out of the map.
+    match unsafe { SERVICES.get(&cluster_key) } {
+        Some(f) => {
+            *key = cluster_key;
+            *f
+        }
+        None => frontend,
+    }
+}
+
+/// Whether a packet from the network comes from inside the cluster: another node's address
+/// (`TUNNEL_PEERS` holds every other node's) or a pod of another node (`ROUTES`).
+#[inline(always)]
+fn from_cluster(saddr: &IpKey) -> bool {
+    // SAFETY: existence check only.
+    let node = unsafe { TUNNEL_PEERS.get(saddr).is_some() };
+    node || route::lookup(saddr).is_some()
+}
+
+/// A packet the node's own stack sends out of the node (egress of the uplink or of the
+/// tunnel device) that is the reply of a flow `inbound` handed to the stack (a NodePort
+/// whose backend is on this node's own address): rewritten to come from the frontend.
+/// Everything else is left alone, for one `HOST_ADDRS` lookup (and one `SERVICE_NAT` lookup
+/// for the node's own packets). Err: counted and reported, drop.
+#[inline(always)]
+pub fn host_reply(ctx: &TcContext, pkt: &mut Packet) -> Result<(), ()> {
+    host_reply_inner(ctx, pkt).map_err(|reason| {
+        record_drop(ctx, scratch_key(0), reason, 0, 0);
+    })
+}
+
+#[inline(always)]
+fn host_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
+    if pkt.l4 == 0 || !pkt.saddr.is_v4() {
+        return Ok(());
+    }
+    // SAFETY: existence check only.
+    if unsafe { HOST_ADDRS.get(&pkt.saddr).is_none() } {
+        return Ok(());
+    }
+    let Some(key) = SCRATCH_KEYS.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: per-CPU scratch value, used by this program run alone.
+    let key = unsafe { &mut *key };
+    *key = pkt.ct_key();
+    // SAFETY: value copied out of the map.
+    let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }).copied() else {
+        return Ok(());
+    };
+    if !(nat.is_reply() && nat.is_host()) {
+        return Ok(());
+    }
+    set_source(ctx, pkt, nat.addr(), nat.port_be())
+}
+
 /// Slot 1..=count, by the client's address under session affinity (its flows keep one
 /// backend while the backend set is unchanged), at random otherwise. Shared with the socket
 /// hooks (`sock`).
@@ -467,6 +561,7 @@ fn remember(
     backend: &IpKey,
     backend_port_be: u16,
     service: u32,
+    reply_flags: u32,
 ) -> Result<(), DropReason> {
     SERVICE_NAT
         .insert(
@@ -487,8 +582,16 @@ fn remember(
         pkt.sport_be,
         pkt.proto,
     );
+    let back = NatEntry::new(
+        pkt.daddr,
+        pkt.dport_be,
+        service,
+        IpKey::UNSPECIFIED,
+        0,
+        NatEntry::FLAG_REPLY | reply_flags,
+    );
     SERVICE_NAT
-        .insert(reply, &NatEntry::reply(pkt.daddr, pkt.dport_be, service), 0)
+        .insert(reply, &back, 0)
         .map_err(|_| DropReason::ServiceNatLost)
 }
 

@@ -7,7 +7,8 @@
 //!
 //! * `connect4` (TCP, connected UDP) and `sendmsg4` (each datagram of unconnected UDP): a
 //!   frontend — a ClusterIP, or one of the node's addresses (`HOST_ADDRS`) on a nodePort —
-//!   becomes a backend picked as `nat` picks one. No backend: the call fails with
+//!   becomes a backend picked as `nat` picks one (the node is a client inside the cluster:
+//!   `externalTrafficPolicy: Local` does not restrict it). No backend: the call fails with
 //!   ECONNREFUSED, counted and reported as `service_no_backend`.
 //! * `recvmsg4` and `getpeername4`: the backend is reported as the frontend the socket asked
 //!   for (`SOCK_REVNAT`, keyed by socket cookie and backend), so e.g. a DNS client accepts
@@ -34,7 +35,7 @@ use weir_common::{
 use crate::{
     events::emit_on,
     maps::{DROPS, HOST_ADDRS, NODE_NETNS, SERVICES, SOCK_REVNAT, count},
-    nat::pick_backend,
+    nat::{for_cluster_client, pick_backend},
 };
 
 /// Return values of a cgroup sock_addr program.
@@ -125,7 +126,8 @@ fn forward_inner(ctx: &SockAddrContext) -> Result<(), DropReason> {
             key = ServiceKey::new(IpKey::UNSPECIFIED, dport_be, proto, 0);
             // SAFETY: value copied out of the map.
             match unsafe { SERVICES.get(&key) } {
-                Some(f) => *f,
+                // The node is a client inside the cluster.
+                Some(f) => for_cluster_client(&mut key, *f),
                 None => return Ok(()),
             }
         }

@@ -1,6 +1,8 @@
 //! TC egress of the VXLAN device (collect-metadata mode): every packet leaving through it —
 //! redirected by `from_pod` or routed by the host stack — gets the tunnel key of the node
-//! that owns its destination.
+//! that owns its destination. A reply of the node's own stack to a NodePort flow it served
+//! (a host-network backend, for a pod of another node) is first translated back, as on the
+//! uplink (`to_network`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -11,16 +13,20 @@ use weir_common::event::DropReason;
 use crate::{
     events::record_drop,
     maps::node_config,
+    nat,
     parse::{self, L3},
     route,
 };
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
-    let pkt = match parse::parse(ctx) {
+    let mut pkt = match parse::parse(ctx) {
         Ok(L3::Ip(pkt)) => pkt,
         _ => return TC_ACT_SHOT,
     };
+    if nat::host_reply(ctx, &mut pkt).is_err() {
+        return TC_ACT_SHOT;
+    }
     match route::set_tunnel_key(ctx, &pkt.daddr, node_config().vni()) {
         Ok(()) => TC_ACT_OK,
         Err(()) => {

@@ -1,8 +1,11 @@
 //! Services whose backends are node addresses, not pods — the `kubernetes` Service (the API
 //! server on the control-plane nodes' addresses) is one in every cluster, and what CoreDNS
-//! and every in-cluster client needs when weir replaces kube-proxy. Pods reach such a
-//! backend on their own node and on another node, and the replies come back from the
-//! frontend.
+//! and every in-cluster client needs when weir replaces kube-proxy; an ingress controller
+//! running with hostNetwork behind a NodePort is another. Pods reach such a backend on their
+//! own node and on another node, and the replies come back from the frontend. Through a
+//! NodePort, every kind of client reaches it — pods and processes of both nodes, and a host
+//! outside the cluster — on the backend's own node (which takes the flow up its own stack)
+//! and on the other node (which forwards it).
 
 mod support;
 
@@ -70,16 +73,32 @@ impl Drop for HostServer {
 /// A Service without a selector and its EndpointSlice listing `backend`, as the API server
 /// writes them for `kubernetes`.
 fn host_service(name: &str, ip: Ipv4Addr, backend: Ipv4Addr) -> [serde_json::Value; 2] {
+    host_service_with(name, ip, backend, None)
+}
+
+/// The same, of type NodePort on `node_port` when given.
+fn host_service_with(
+    name: &str,
+    ip: Ipv4Addr,
+    backend: Ipv4Addr,
+    node_port: Option<u16>,
+) -> [serde_json::Value; 2] {
+    let mut port = json!({"name": "https", "protocol": "TCP", "port": PORT, "targetPort": TARGET});
+    let mut spec = json!({
+        "clusterIP": ip.to_string(),
+        "clusterIPs": [ip.to_string()],
+    });
+    if let Some(node_port) = node_port {
+        port["nodePort"] = json!(node_port);
+        spec["type"] = json!("NodePort");
+    }
+    spec["ports"] = json!([port]);
     [
         json!({
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {"name": name, "namespace": "default"},
-            "spec": {
-                "clusterIP": ip.to_string(),
-                "clusterIPs": [ip.to_string()],
-                "ports": [{"name": "https", "protocol": "TCP", "port": PORT, "targetPort": TARGET}],
-            },
+            "spec": spec,
         }),
         json!({
             "apiVersion": "discovery.k8s.io/v1",
@@ -162,4 +181,76 @@ async fn pods_reach_node_address_backends_on_one_segment() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_reach_node_address_backends_across_subnets() {
     pods_reach_node_backends(Topology::Routed).await;
+}
+
+const NODE_PORT: u16 = 30443;
+
+/// A NodePort whose one backend is node 0's own address (a host-network server), reached on
+/// both nodes' addresses by a pod of each node, each node's own processes and the external
+/// host, and through its ClusterIP by the pods and processes; every reply comes from the
+/// address and port the client asked for.
+async fn node_port_reaches_node_backends(topology: Topology) {
+    let mut c = cluster(2, topology).await;
+    let pods = [
+        pod(&mut c, "default", "client-0", 0).await,
+        pod(&mut c, "default", "client-1", 1).await,
+    ];
+    let nodes: Vec<(Netns, Ipv4Addr)> = c.nodes().iter().map(|n| (n.netns.clone(), n.ip)).collect();
+    let external = c.external().expect("external host").clone();
+    let _servers: Vec<HostServer> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (netns, ip))| {
+            HostServer::start(netns, SocketAddr::from((*ip, TARGET)), &format!("node-{i}"))
+        })
+        .collect();
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 33);
+    for object in host_service_with("ingress", cluster_ip, nodes[0].1, Some(NODE_PORT)) {
+        c.apply_object(&object).unwrap();
+    }
+    c.sync().await.unwrap();
+
+    let clients: Vec<(&str, Netns)> = vec![
+        ("pod on node 0", pods[0].netns.clone()),
+        ("pod on node 1", pods[1].netns.clone()),
+        ("node 0", nodes[0].0.clone()),
+        ("node 1", nodes[1].0.clone()),
+        ("the external host", external.netns.clone()),
+    ];
+    let frontends = [
+        ("the ClusterIP", SocketAddr::from((cluster_ip, PORT))),
+        (
+            "the backend's node",
+            SocketAddr::from((nodes[0].1, NODE_PORT)),
+        ),
+        ("the other node", SocketAddr::from((nodes[1].1, NODE_PORT))),
+    ];
+    let mut failures = Vec::new();
+    for (client, netns) in &clients {
+        for (what, frontend) in frontends {
+            if what == "the ClusterIP" && *client == "the external host" {
+                continue;
+            }
+            // Each round is a new connection (a new source port, a new translation).
+            for round in 0..2 {
+                match tcp_name(netns, frontend) {
+                    Ok((name, peer)) if name == "node-0" && peer == frontend => {}
+                    other => failures.push(format!(
+                        "{client} -> {what} {frontend} (round {round}): {other:?}"
+                    )),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{topology}: {failures:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_port_reaches_node_address_backends_on_one_segment() {
+    node_port_reaches_node_backends(Topology::L2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_port_reaches_node_address_backends_across_subnets() {
+    node_port_reaches_node_backends(Topology::Routed).await;
 }

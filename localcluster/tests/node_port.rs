@@ -2,7 +2,8 @@
 //! reached on every node's address from a host outside the cluster, from another node and
 //! from a pod. A connection arriving at the backend's own node keeps the client's address;
 //! one arriving at the other node is forwarded with that node's address, and its replies
-//! are translated back there.
+//! are translated back there. Under `externalTrafficPolicy: Local` the node without a
+//! backend refuses the outside but serves pods and nodes, as kube-proxy does.
 
 mod support;
 
@@ -194,4 +195,98 @@ async fn node_port_is_open_on_every_node_on_one_segment() {
 #[tokio::test(flavor = "multi_thread")]
 async fn node_port_is_open_on_every_node_across_subnets() {
     node_port_is_open_on_every_node(Topology::Routed).await;
+}
+
+/// `externalTrafficPolicy: Local`, as kube-proxy implements it: a node without a backend of
+/// its own refuses clients from outside the cluster, but pods and nodes — the node's own
+/// and the others — reach the Service through it on any backend of the cluster. A node with
+/// a backend serves the outside with the client's address kept.
+async fn external_traffic_policy_local_spares_cluster_clients(topology: Topology) {
+    let mut c = cluster(2, topology).await;
+    let web = pod(&mut c, "default", "web", 0).await;
+    let pods = [
+        pod(&mut c, "default", "client-0", 0).await,
+        pod(&mut c, "default", "client-1", 1).await,
+    ];
+    c.apply_object(&json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web-local", "namespace": "default"},
+        "spec": {
+            "type": "NodePort",
+            "clusterIP": "10.96.0.82",
+            "externalTrafficPolicy": "Local",
+            "selector": {"pod": "web"},
+            "ports": [
+                {"name": "tcp", "port": SERVICE_PORT, "targetPort": TARGET, "protocol": "TCP", "nodePort": NODE_PORT},
+                {"name": "udp", "port": SERVICE_PORT, "targetPort": TARGET, "protocol": "UDP", "nodePort": NODE_PORT},
+            ],
+        },
+    }))
+    .expect("apply");
+    c.sync().await.expect("sync");
+    let external = c.external().expect("external host").clone();
+    let nodes: Vec<(Netns, IpAddr)> = c
+        .nodes()
+        .iter()
+        .map(|n| (n.netns.clone(), IpAddr::V4(n.ip)))
+        .collect();
+    let (ip0, ip1) = (nodes[0].1, nodes[1].1);
+
+    // From outside: the backend's node serves with the client's address kept, the other
+    // node has no backend of its own and refuses.
+    let seen = seen_by_backend(&web.netns, web.ip, &external.netns, (ip0, NODE_PORT));
+    assert_eq!(
+        seen,
+        IpAddr::V4(external.ip),
+        "{topology}: via the backend's node"
+    );
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let _servers = Servers::start(&web.netns.path(), &[TARGET], &[protocol]).expect("servers");
+        let outcome = probe(&external.netns, ip1, NODE_PORT, protocol).await;
+        assert!(
+            !outcome.is_connected(),
+            "{topology}: {protocol:?} from outside via the node without a backend: {outcome:?}"
+        );
+    }
+
+    // From inside the cluster, every node's port leads to the backend: pods of both nodes,
+    // both nodes' own processes.
+    let clients = [
+        ("pod on node 0", &pods[0].netns),
+        ("pod on node 1", &pods[1].netns),
+        ("node 0", &nodes[0].0),
+        ("node 1", &nodes[1].0),
+    ];
+    let _servers = Servers::start(
+        &web.netns.path(),
+        &[TARGET],
+        &[Protocol::Tcp, Protocol::Udp],
+    )
+    .expect("servers");
+    let mut failures = Vec::new();
+    for (client, netns) in clients {
+        for to in [ip0, ip1] {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                // Twice: each time a new flow.
+                for _ in 0..2 {
+                    let outcome = probe(netns, to, NODE_PORT, protocol).await;
+                    if !outcome.is_connected() {
+                        failures.push(format!("{protocol:?} {client} -> {to}: {outcome:?}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{topology}: {failures:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn external_traffic_policy_local_on_one_segment() {
+    external_traffic_policy_local_spares_cluster_clients(Topology::L2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn external_traffic_policy_local_across_subnets() {
+    external_traffic_policy_local_spares_cluster_clients(Topology::Routed).await;
 }

@@ -438,7 +438,8 @@ impl Dataplane {
 
     /// Attaches `from_network` to the ingress of the node's uplink (traffic from other nodes
     /// for local pods is checked and delivered straight to them; traffic to the node meets
-    /// its host policy) and `to_network` to its egress (the node's own flows, tracked while a
+    /// its host policy) and `to_network` to its egress (the node's replies for NodePort flows
+    /// served by its own stack are translated back; the node's own flows are tracked while a
     /// host policy isolates the node).
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
         self.attach(ifname, programs::FROM_NETWORK, TcAttachType::Ingress)?;

@@ -4,10 +4,16 @@
 //! Writes are ordered so that a packet never meets a frontend whose count names a slot not
 //! yet written: backend slots first, then the frontend; when a frontend shrinks or goes,
 //! the frontend first, then the slots it no longer names.
+//!
+//! A NodePort with `externalTrafficPolicy: Local` names its Service port's ClusterIP
+//! frontend in its slot 0 ([`ClusterFrontends`]): the programs pick from that one for
+//! clients inside the cluster. ClusterIP frontends sort before NodePorts, so a diff writes
+//! the named frontend first; one that is missing (removed first) sends the programs back to
+//! the NodePort's own slots.
 
 use std::collections::{BTreeMap, HashSet};
 
-use weir_api::{BackendState, ServiceEntry, ServiceFrontend, TableDiff};
+use weir_api::{BackendState, ClusterFrontends, ServiceEntry, ServiceFrontend, TableDiff};
 use weir_common::{
     conntrack::CtKey,
     ip::IpKey,
@@ -85,7 +91,11 @@ pub fn usable_backends(entry: &ServiceEntry) -> Vec<(IpKey, u16)> {
         .collect()
 }
 
-fn frontend_value(entry: &ServiceEntry, count: u32) -> ServiceValue {
+fn frontend_value(
+    entry: &ServiceEntry,
+    count: u32,
+    cluster: Option<ServiceFrontend>,
+) -> ServiceValue {
     let mut flags = 0;
     if entry.affinity_timeout_s.is_some() {
         flags |= ServiceValue::FLAG_AFFINITY;
@@ -93,12 +103,16 @@ fn frontend_value(entry: &ServiceEntry, count: u32) -> ServiceValue {
     if entry.masquerade_external {
         flags |= ServiceValue::FLAG_MASQUERADE_EXTERNAL;
     }
-    ServiceValue::frontend(
+    let value = ServiceValue::frontend(
         entry.id,
         count,
         flags,
         entry.affinity_timeout_s.unwrap_or(0),
-    )
+    );
+    match cluster {
+        Some(c) => value.with_cluster_frontend(IpKey::from(c.ip), c.port),
+        None => value,
+    }
 }
 
 fn write_err(f: &ServiceFrontend, source: aya::maps::MapError) -> MapsError {
@@ -115,7 +129,12 @@ impl DataplaneMaps {
         self.services.get(key, 0).map(|v| v.count()).unwrap_or(0)
     }
 
-    fn write_frontend(&mut self, f: &ServiceFrontend, entry: &ServiceEntry) -> Result<()> {
+    fn write_frontend(
+        &mut self,
+        f: &ServiceFrontend,
+        entry: &ServiceEntry,
+        cluster: Option<ServiceFrontend>,
+    ) -> Result<()> {
         let key = frontend_key(f);
         let old = self.written_count(&key);
         let backends = usable_backends(entry);
@@ -127,7 +146,7 @@ impl DataplaneMaps {
         }
         let count = backends.len() as u32;
         self.services
-            .insert(key, frontend_value(entry, count), 0)
+            .insert(key, frontend_value(entry, count, cluster), 0)
             .map_err(|e| write_err(f, e))?;
         for slot in count + 1..=old {
             let _ = self.services.remove(&key.with_slot(slot));
@@ -154,8 +173,17 @@ impl DataplaneMaps {
         let mut new = old.clone();
         diff.apply_to(&mut new);
         fits(&new, self.capacities.services)?;
+        let (was, is) = (ClusterFrontends::new(old), ClusterFrontends::new(&new));
         for (f, entry) in &diff.upsert {
-            self.write_frontend(f, entry)?;
+            self.write_frontend(f, entry, is.of(f, entry))?;
+        }
+        // NodePorts the diff leaves alone whose ClusterIP frontend came, went or changed.
+        let upserted: HashSet<&ServiceFrontend> = diff.upsert.iter().map(|(f, _)| f).collect();
+        for (f, entry) in &new {
+            let before = old.get(f).and_then(|e| was.of(f, e));
+            if !upserted.contains(f) && is.of(f, entry) != before {
+                self.write_frontend(f, entry, is.of(f, entry))?;
+            }
         }
         for f in &diff.remove {
             self.remove_frontend(f);
@@ -168,8 +196,9 @@ impl DataplaneMaps {
     pub fn sync_services(&mut self, table: &BTreeMap<ServiceFrontend, ServiceEntry>) -> Result<()> {
         fits(table, self.capacities.services)?;
         let mut wanted: HashSet<ServiceKey> = HashSet::new();
+        let cluster = ClusterFrontends::new(table);
         for (f, entry) in table {
-            self.write_frontend(f, entry)?;
+            self.write_frontend(f, entry, cluster.of(f, entry))?;
             let key = frontend_key(f);
             wanted.insert(key);
             for slot in 1..=usable_backends(entry).len() as u32 {

@@ -3,7 +3,10 @@
 //! rewritten back, the choice sticks to the flow, and policy judges the translated flow.
 //! A NodePort packet from the network reaches a backend on this node with the client's
 //! address, or one on another node with this node's address, and the replies leave as if
-//! from the node's port. SCTP's CRC32c, which covers the ports, is right after every port
+//! from the node's port; a backend on the node's own address gets it up the host stack, and
+//! the stack's reply is translated back on the uplink's egress. Under
+//! `externalTrafficPolicy: Local` pods and nodes use the ClusterIP's backends while the
+//! outside is refused. SCTP's CRC32c, which covers the ports, is right after every port
 //! change.
 
 mod support;
@@ -30,7 +33,7 @@ use weir_common::{
     endpoint::EndpointInfo,
     event::DropReason,
     ip::IpKey,
-    programs::{FROM_NETWORK, FROM_POD},
+    programs::{FROM_NETWORK, FROM_POD, TO_NETWORK},
     route::RouteEntry,
 };
 
@@ -213,6 +216,12 @@ impl Node {
     fn arrived(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let ifindex = self.uplink;
         support::test_run(&mut self.dp, FROM_NETWORK, ifindex, frame)
+    }
+
+    /// What the node's stack sends out of the uplink (`to_network`).
+    fn leaving(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.uplink;
+        support::test_run(&mut self.dp, TO_NETWORK, ifindex, frame)
     }
 
     fn drops(&self, reason: DropReason) -> u64 {
@@ -678,6 +687,95 @@ fn a_pod_reaches_a_node_port_on_its_own_node_address() {
     let (_, out) = node.sent_by_b(&frame(MAC_B, GW_B, IP_B, IP_A, TCP, 8080, 40000, false));
     let seen = inspect(&out);
     assert_eq!((seen.src, seen.sport), (NODE_IP, NODE_PORT));
+}
+
+#[test]
+fn node_port_to_the_node_own_address_goes_up_its_stack_and_the_reply_leaves_from_the_node_port() {
+    let mut node = Node::new();
+    node.node_port(NODE_PORT, TCP, &[(NODE_IP, 6443)]);
+    let syn = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
+    );
+    for round in 0..2 {
+        let (verdict, out) = node.arrived(&syn);
+        assert_eq!(verdict, TC_ACT_OK, "up the host stack (round {round})");
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.sport), (CLIENT, 40000), "client kept");
+        assert_eq!((seen.dst, seen.dport), (NODE_IP, 6443));
+    }
+
+    let reply = frame(
+        UPLINK_MAC, CLIENT_MAC, NODE_IP, CLIENT, TCP, 6443, 40000, false,
+    );
+    let (verdict, out) = node.leaving(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    let seen = inspect(&out);
+    assert_eq!(
+        (seen.src, seen.sport),
+        (NODE_IP, NODE_PORT),
+        "from the node's port"
+    );
+    assert_eq!((seen.dst, seen.dport), (CLIENT, 40000));
+
+    // The node's other traffic leaves as it is.
+    for other in [
+        frame(
+            UPLINK_MAC, CLIENT_MAC, NODE_IP, CLIENT, TCP, 6443, 40001, false,
+        ),
+        frame(
+            UPLINK_MAC, CLIENT_MAC, NODE_IP, CLIENT, TCP, 22, 40000, false,
+        ),
+        frame(
+            UPLINK_MAC, CLIENT_MAC, IP_A, CLIENT, TCP, 6443, 40000, false,
+        ),
+    ] {
+        let (verdict, out) = node.leaving(&other);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, other);
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_refuses_the_outside_but_not_pods_and_nodes() {
+    let mut node = Node::new();
+    node.maps
+        .sync_tunnel_peers(&[IpKey::from(OTHER_NODE)].into_iter().collect())
+        .unwrap();
+    // No backend of this node's own; the ClusterIP lists the one elsewhere. (The test's
+    // NodePorts do not masquerade: externalTrafficPolicy Local.)
+    node.service(80, TCP, &[(IP_REMOTE, 8080, BackendState::Ready)], false);
+    node.node_port(NODE_PORT, TCP, &[]);
+
+    let syn = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
+    );
+    let (verdict, _) = node.arrived(&syn);
+    assert_eq!(verdict, TC_ACT_SHOT, "the outside is refused");
+    assert_eq!(node.drops(DropReason::NoBackend), 1);
+
+    // Another node, and a pod of another node: forwarded to the backend.
+    let remote_pod = Ipv4Addr::new(10, 244, 1, 5);
+    for client in [OTHER_NODE, remote_pod] {
+        let syn = frame(
+            CLIENT_MAC, UPLINK_MAC, client, NODE_IP, TCP, 40000, NODE_PORT, true,
+        );
+        let (verdict, out) = node.arrived(&syn);
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "{client}: on to the backend's node"
+        );
+        let seen = inspect(&out);
+        assert_eq!((seen.src, seen.dst, seen.dport), (NODE_IP, IP_REMOTE, 8080));
+    }
+
+    // A pod of this node: translated at the source.
+    let (verdict, out) = node.sent_by_a(&frame(
+        MAC_A, GW_A, IP_A, NODE_IP, TCP, 40000, NODE_PORT, true,
+    ));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.dst, seen.dport), (IP_A, IP_REMOTE, 8080));
+    assert_eq!(node.drops(DropReason::NoBackend), 1);
 }
 
 #[test]

@@ -20,8 +20,9 @@ use std::{
 use anyhow::{Result, bail};
 use serde::Serialize;
 use weir_api::{
-    Action, BackendState, CLASS_UNMATCHED, Direction, EndpointPolicy, FrontendKind, IpProto,
-    NOT_ISOLATED, NodeState, PodKey, ServiceBackend, ServiceEntry, ServiceFrontend,
+    Action, BackendState, CLASS_UNMATCHED, ClusterFrontends, Direction, EndpointPolicy,
+    FrontendKind, IpProto, NOT_ISOLATED, NodeState, PodKey, ServiceBackend, ServiceEntry,
+    ServiceFrontend,
 };
 use weir_common::policy::FAIL_CLOSED;
 use weir_controller::PodInfo;
@@ -522,7 +523,34 @@ fn node_port(
         port: req.port,
         proto: req.proto,
     };
-    let entry = view.state.services.get(&frontend)?;
+    let mut entry = view.state.services.get(&frontend)?;
+    let own_node = src_node == Some(view.node.as_str())
+        || node_with_address(views, src).is_some_and(|v| v.node == view.node);
+    // Inside the cluster as the receiving node's programs see it: its own pods and
+    // processes, another node's address, a pod of another node's CIDR.
+    let in_cluster = own_node
+        || src_node.is_some()
+        || node_with_address(views, src).is_some()
+        || view.state.routes.keys().any(|cidr| cidr.contains(&src));
+    let cluster = ClusterFrontends::new(&view.state.services)
+        .of(&frontend, entry)
+        .and_then(|f| view.state.services.get(&f).map(|e| (f, e)));
+    let mut local_note = None;
+    if !entry.masquerade_external {
+        local_note = Some(match cluster {
+            Some((f, cluster_entry)) if in_cluster => {
+                entry = cluster_entry;
+                format!(
+                    "externalTrafficPolicy Local spares clients inside the cluster: the backends of {}:{}",
+                    f.ip, f.port
+                )
+            }
+            _ => format!(
+                "externalTrafficPolicy Local: {}'s own backends only",
+                view.node
+            ),
+        });
+    }
     let backends = usable(entry);
     let mut step = service_step(
         view,
@@ -532,14 +560,7 @@ fn node_port(
         entry,
         &backends,
     );
-    if !entry.masquerade_external {
-        step.notes.push(format!(
-            "externalTrafficPolicy Local: {}'s own backends only",
-            view.node
-        ));
-    }
-    let own_node = src_node == Some(view.node.as_str())
-        || node_with_address(views, src).is_some_and(|v| v.node == view.node);
+    step.notes.extend(local_note);
     let hops = if own_node {
         step.notes.push(format!(
             "from {}'s own {}: translated at the source, like a ClusterIP",
@@ -564,7 +585,14 @@ fn node_port(
                     hairpin: false,
                     notes: Vec::new(),
                 };
-                if !view.endpoints.contains_key(&b.ip) {
+                if view.host_addrs.contains(&b.ip) {
+                    // One of the receiving node's own addresses: up its stack, the
+                    // client's address kept; the replies are translated as they leave.
+                    hop.notes.push(format!(
+                        "to {}'s own stack (a host-network backend)",
+                        view.node
+                    ));
+                } else if !view.endpoints.contains_key(&b.ip) {
                     // Not a pod of the receiving node: forwarded with the node's address
                     // as the source, so that the replies come back through it.
                     hop.peer = dst;
@@ -932,6 +960,26 @@ spec:
         assert!(text.contains("externalTrafficPolicy Local"), "{text}");
         let (t, text) = run("192.0.2.9", "10.0.0.1:30081");
         assert!(t.allowed, "{text}");
+        assert!(
+            !text.contains("spares clients inside the cluster"),
+            "{text}"
+        );
+        // Clients inside the cluster are not restricted (as with kube-proxy): a pod of n2
+        // reaches web through n2's port, translated at the source to the ClusterIP's
+        // backends; n1's address through n2's port is forwarded to web with n2's address,
+        // which web's rules do not admit.
+        let web: IpAddr = "10.244.1.2".parse().unwrap();
+        let (t, text) = run("ops/probe", "10.0.0.2:30081");
+        assert!(t.allowed, "{text}");
+        assert!(
+            text.contains("spares clients inside the cluster: the backends of 10.96.0.11:81"),
+            "{text}"
+        );
+        assert_eq!(t.paths[0].dst, web);
+        let (t, text) = run("10.0.0.1", "10.0.0.2:30081");
+        assert!(!t.allowed, "{text}");
+        assert_eq!(t.paths[0].dst, web);
+        assert!(text.contains("source translated to 10.0.0.2"), "{text}");
 
         // A pod to its own node's address: translated there like a ClusterIP, the egress
         // rules judge the backend; to another node's: the egress rules judge the node's
