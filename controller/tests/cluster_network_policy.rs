@@ -4,9 +4,7 @@
 
 mod support;
 
-use std::{collections::BTreeMap, path::Path};
-
-use k8s_openapi::api::core::v1::Node;
+use std::path::Path;
 
 use support::*;
 use weir_api::{Action, NOT_ISOLATED, PodKey, PolicyTier, TieredAction, TieredRule};
@@ -446,20 +444,6 @@ spec:
     );
 }
 
-/// Nodes as ClusterNetworkPolicy has them: labels, and every IP in `status.addresses`.
-fn node_object(name: &str, labels: &[(&str, &str)], addresses: &[(&str, &str)]) -> Node {
-    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    let addresses: Vec<_> = addresses
-        .iter()
-        .map(|(kind, address)| serde_json::json!({"type": kind, "address": address}))
-        .collect();
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels},
-        "status": {"addresses": addresses},
-    }))
-    .unwrap()
-}
-
 #[test]
 fn nodes_peers_select_node_addresses_by_label() {
     let p = r#"
@@ -490,19 +474,19 @@ spec:
     ];
     let mut c = cluster(&namespaces, &pods(), &[]);
     let linux = ("kubernetes.io/os", "linux");
-    c.upsert_node(&node_object(
+    c.upsert_node(&node(
         "node-1",
         &[linux, ("zone", "a")],
         &[("InternalIP", "192.168.1.1"), ("Hostname", "node-1")],
     ))
     .unwrap();
-    c.upsert_node(&node_object(
+    c.upsert_node(&node(
         "node-2",
         &[linux, ("zone", "b")],
         &[("InternalIP", "192.168.1.2"), ("ExternalIP", "203.0.113.2")],
     ))
     .unwrap();
-    c.upsert_node(&node_object(
+    c.upsert_node(&node(
         "node-3",
         &[("kubernetes.io/os", "windows")],
         &[("InternalIP", "192.168.1.3")],
@@ -528,25 +512,21 @@ spec:
     assert!(h.tcp("prod/web", "dev/web", 22), "pods are not nodes");
     assert!(h.tcp("dev/web", "192.168.1.2", 10250), "not a subject");
     // The drop names the rule.
-    let node = &h.out.nodes["node-1"];
-    let rs = node.endpoints[&PodKey::new("prod", "web")].egress;
-    let (action, rule) = node.verdict(rs, "192.168.1.2".parse().unwrap(), TCP, 22);
+    let state = &h.out.nodes["node-1"];
+    let rs = state.endpoints[&PodKey::new("prod", "web")].egress;
+    let (action, rule) = state.verdict(rs, "192.168.1.2".parse().unwrap(), TCP, 22);
     assert_eq!(action, Action::Deny);
     assert_eq!(
-        node.rules[&rule].tiered.as_ref().map(|t| t.name.as_str()),
+        state.rules[&rule].tiered.as_ref().map(|t| t.name.as_str()),
         Some("no-other-node")
     );
 
     // A node's labels move it in and out of the peer.
     h.cluster
-        .upsert_node(&node_object(
-            "node-3",
-            &[linux],
-            &[("InternalIP", "192.168.1.3")],
-        ))
+        .upsert_node(&node("node-3", &[linux], &[("InternalIP", "192.168.1.3")]))
         .unwrap();
     h.cluster
-        .upsert_node(&node_object(
+        .upsert_node(&node(
             "node-2",
             &[linux, ("zone", "a")],
             &[("InternalIP", "192.168.1.2")],

@@ -3,21 +3,9 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::api::core::v1::Node;
 use support::*;
 use weir_api::{Action, NOT_ISOLATED, NodeState, PodKey};
 use weir_controller::{Cluster, compiler::host_policy::HostPolicy};
-
-fn node_object(name: &str, labels: &[(&str, &str)], ip: &str) -> Node {
-    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
-    }))
-    .unwrap()
-}
 
 const WORKERS: &str = r#"
 apiVersion: weir.dev/v1alpha1
@@ -49,16 +37,24 @@ fn cluster_with(policies: &[&str]) -> Cluster {
             .node("node-2"),
     ];
     let mut c = cluster(&namespaces, &pods, &[]);
-    c.upsert_node(&node_object(
+    c.upsert_node(&node(
         "cp",
         &[("role", "control-plane")],
-        "192.168.1.10",
+        &[("InternalIP", "192.168.1.10")],
     ))
     .unwrap();
-    c.upsert_node(&node_object("node-1", &[("role", "worker")], "192.168.1.1"))
-        .unwrap();
-    c.upsert_node(&node_object("node-2", &[("role", "worker")], "192.168.1.2"))
-        .unwrap();
+    c.upsert_node(&node(
+        "node-1",
+        &[("role", "worker")],
+        &[("InternalIP", "192.168.1.1")],
+    ))
+    .unwrap();
+    c.upsert_node(&node(
+        "node-2",
+        &[("role", "worker")],
+        &[("InternalIP", "192.168.1.2")],
+    ))
+    .unwrap();
     for p in policies {
         let hp: HostPolicy = serde_norway::from_str(p).unwrap();
         c.upsert_host_policy(&hp).unwrap();
@@ -113,10 +109,18 @@ fn a_host_policy_isolates_the_nodes_it_selects_and_allows_what_its_rules_say() {
 
     // A label change moves a node out (and the control plane in).
     h.cluster
-        .upsert_node(&node_object("node-1", &[("role", "spare")], "192.168.1.1"))
+        .upsert_node(&node(
+            "node-1",
+            &[("role", "spare")],
+            &[("InternalIP", "192.168.1.1")],
+        ))
         .unwrap();
     h.cluster
-        .upsert_node(&node_object("cp", &[("role", "worker")], "192.168.1.10"))
+        .upsert_node(&node(
+            "cp",
+            &[("role", "worker")],
+            &[("InternalIP", "192.168.1.10")],
+        ))
         .unwrap();
     h.recompile();
     assert!(

@@ -83,18 +83,22 @@ fn node_addresses(n: usize) -> [IpAddr; 2] {
 }
 
 fn node_object(n: usize, labels: &BTreeMap<String, String>) -> Node {
-    let mut labels = labels.clone();
-    labels.insert("kubernetes.io/hostname".to_owned(), format!("node-{n}"));
-    let addresses: Vec<serde_json::Value> = node_addresses(n)
+    let name = format!("node-{n}");
+    let ips = node_addresses(n).map(|ip| ip.to_string());
+    let mut pairs: Vec<(&str, &str)> = labels
         .iter()
-        .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip.to_string()}))
-        .chain([serde_json::json!({"type": "Hostname", "address": format!("node-{n}")})])
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": format!("node-{n}"), "labels": labels},
-        "status": {"addresses": addresses},
-    }))
-    .unwrap()
+    pairs.push(("kubernetes.io/hostname", &name));
+    support::node(
+        &name,
+        &pairs,
+        &[
+            ("InternalIP", &ips[0]),
+            ("InternalIP", &ips[1]),
+            ("Hostname", &name),
+        ],
+    )
 }
 
 fn node_labels() -> impl Strategy<Value = BTreeMap<String, String>> {

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus},
+        core::v1::{Container, ContainerPort, Namespace, Node, Pod, PodIP, PodSpec, PodStatus},
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -30,6 +30,20 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect()
+}
+
+/// A Node with these labels and `status.addresses` (`(type, address)`: `InternalIP`,
+/// `ExternalIP`, `Hostname`, ...).
+pub fn node(name: &str, pairs: &[(&str, &str)], addresses: &[(&str, &str)]) -> Node {
+    let addresses: Vec<_> = addresses
+        .iter()
+        .map(|(kind, address)| serde_json::json!({"type": kind, "address": address}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels(pairs)},
+        "status": {"addresses": addresses},
+    }))
+    .expect("Node")
 }
 
 pub fn namespace(name: &str, pairs: &[(&str, &str)]) -> Namespace {
