@@ -51,7 +51,13 @@ impl PodKey {
         Self::new("", "host")
     }
 
-    /// Whether this is [`PodKey::host`].
+    /// The node's untracked host-policy rules (a rule set of Deny rules the XDP program
+    /// applies to packets for the node's addresses), as its ingress rule set.
+    pub fn host_untracked() -> Self {
+        Self::new("", "host-untracked")
+    }
+
+    /// Whether this is [`PodKey::host`] or [`PodKey::host_untracked`].
     pub fn is_host(&self) -> bool {
         self.namespace.is_empty()
     }
@@ -205,6 +211,9 @@ impl fmt::Display for RuleRef {
         let direction = self.direction.as_str();
         match &self.tiered {
             None => write!(f, "{} {direction} #{}", self.policy, self.index),
+            Some(t) if t.tier == PolicyTier::Untracked => {
+                write!(f, "{}/{} (untracked)", self.policy, self.rule_name())
+            }
             Some(t) => write!(
                 f,
                 "{}/{} {direction} ({} tier, priority {})",
@@ -222,6 +231,8 @@ impl fmt::Display for RuleRef {
 pub enum PolicyTier {
     Admin,
     Baseline,
+    /// A `HostPolicy`'s untracked rules: Deny rules applied in XDP before anything else.
+    Untracked,
 }
 
 impl PolicyTier {
@@ -230,6 +241,7 @@ impl PolicyTier {
         match self {
             Self::Admin => "Admin",
             Self::Baseline => "Baseline",
+            Self::Untracked => "Untracked",
         }
     }
 }

@@ -26,16 +26,22 @@ pub struct EndpointInfo {
 impl EndpointInfo {
     /// The controller has not yet told the agent which policies select this pod.
     pub const FLAG_POLICY_PENDING: u32 = 1 << 0;
-    /// The node itself (`HOST_ENDPOINT`): its ingress rule set is its `HostPolicy`s'.
+    /// The node itself (`HOST_ENDPOINT`): its rule sets are its `HostPolicy`s'.
     pub const FLAG_HOST: u32 = 1 << 1;
 
-    /// The node as a policy endpoint: isolated for ingress by rule set `ingress`
-    /// ([`crate::policy::NOT_ISOLATED`]: no host policy selects the node).
-    pub const fn host(ingress: u32) -> Self {
+    /// `HOST_ENDPOINT`'s slot for the node's host policy (tracked, in TC).
+    pub const HOST_SLOT: u32 = 0;
+    /// `HOST_ENDPOINT`'s slot for the node's untracked rules (in XDP): their rule set is the
+    /// ingress one.
+    pub const HOST_UNTRACKED_SLOT: u32 = 1;
+
+    /// The node as a policy endpoint: isolated by rule sets `ingress` and `egress`
+    /// ([`crate::policy::NOT_ISOLATED`]: no host policy isolates that direction).
+    pub const fn host(ingress: u32, egress: u32) -> Self {
         Self {
             ifindex: 0,
             ingress_policy: ingress,
-            egress_policy: crate::policy::NOT_ISOLATED,
+            egress_policy: egress,
             flags: Self::FLAG_HOST,
             pod_mac: [0; 6],
             gateway_mac: [0; 6],

@@ -38,7 +38,9 @@ mod pod;
 /// 7: `PREFILTER` and `PREFILTER_DROPS` hold 131,072 slots (were 65,536).
 /// 8: host policy: new maps `HOST_ENDPOINT` and `FAILSAFE`; `DROPS` has the reason
 ///    `host_policy`.
-pub const ABI_VERSION: u32 = 8;
+/// 9: `HOST_ENDPOINT` has two slots: the node's host policy (now with an egress rule set) and
+///    its untracked rules, which the XDP program applies.
+pub const ABI_VERSION: u32 = 9;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {

@@ -171,7 +171,7 @@ impl ReportedDiagnostic {
         let subject = match d.policy.kind {
             PolicyKind::NetworkPolicy => Subject::NetworkPolicy,
             PolicyKind::ClusterNetworkPolicy => Subject::ClusterNetworkPolicy,
-            PolicyKind::HostPolicy => Subject::HostPolicy,
+            PolicyKind::HostPolicy | PolicyKind::UntrackedHostPolicy => Subject::HostPolicy,
         };
         Self {
             subject,

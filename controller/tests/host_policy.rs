@@ -165,3 +165,100 @@ spec:
         "workers unaffected"
     );
 }
+
+#[test]
+fn egress_rules_isolate_the_nodes_own_connections() {
+    let out = r#"
+apiVersion: weir.dev/v1alpha1
+kind: HostPolicy
+metadata: {name: out}
+spec:
+  nodeSelector: {matchLabels: {role: worker}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{nodeSelector: {matchLabels: {role: control-plane}}}]
+  - to: [{ipBlock: {cidr: 192.0.2.0/24}}]
+    ports: [{protocol: UDP, port: 123}]
+"#;
+    let h = Harness::new(cluster_with(&[out]));
+    assert!(h.out.diagnostics.is_empty(), "{:?}", h.out.diagnostics);
+    let n1 = &h.out.nodes["node-1"];
+    let host = n1.endpoints[&PodKey::host()];
+    assert_eq!(host.ingress, NOT_ISOLATED, "policyTypes: [Egress]");
+    assert_ne!(host.egress, NOT_ISOLATED);
+    let allows = |dst: &str, protocol, port| {
+        n1.verdict(host.egress, dst.parse().unwrap(), protocol, port)
+            .0
+            == Action::Allow
+    };
+    assert!(allows("192.168.1.10", TCP, 6443), "the control plane");
+    assert!(!allows("192.168.1.2", TCP, 6443), "another worker");
+    assert!(allows("192.0.2.9", UDP, 123));
+    assert!(!allows("192.0.2.9", TCP, 123));
+    assert!(!allows("10.0.1.1", TCP, 80), "a pod");
+    let (_, rule) = n1.verdict(host.egress, "192.0.2.9".parse().unwrap(), UDP, 123);
+    assert_eq!(
+        n1.rules[&rule].to_string(),
+        "HostPolicy/out egress #1",
+        "drops and flows name the rule"
+    );
+}
+
+#[test]
+fn untracked_rules_are_a_deny_rule_set_of_their_own() {
+    let edge = r#"
+apiVersion: weir.dev/v1alpha1
+kind: HostPolicy
+metadata: {name: edge}
+spec:
+  nodeSelector: {matchLabels: {role: worker}}
+  policyTypes: []
+  untracked:
+  - from: [{ipBlock: {cidr: 198.51.100.0/24, except: [198.51.100.128/25]}}]
+    ports: [{protocol: UDP, port: 161}]
+  - from: [{nodeSelector: {matchLabels: {role: control-plane}}}]
+"#;
+    let mut h = Harness::new(cluster_with(&[WORKERS, edge]));
+    assert!(h.out.diagnostics.is_empty(), "{:?}", h.out.diagnostics);
+    let n1 = &h.out.nodes["node-1"];
+    let host = n1.endpoints[&PodKey::host()];
+    let untracked = n1.endpoints[&PodKey::host_untracked()];
+    assert_eq!(untracked.egress, NOT_ISOLATED);
+    assert_ne!(untracked.ingress, host.ingress, "a rule set of their own");
+    let drops = |src: &str, protocol, port| {
+        n1.verdict(untracked.ingress, src.parse().unwrap(), protocol, port)
+            .0
+            == Action::Deny
+    };
+    assert!(drops("198.51.100.7", UDP, 161));
+    assert!(!drops("198.51.100.7", UDP, 162), "another port passes");
+    assert!(!drops("198.51.100.200", UDP, 161), "the except passes");
+    assert!(!drops("192.0.2.7", TCP, 9100), "another source passes");
+    assert!(
+        drops("192.168.1.10", TCP, 22),
+        "the control plane, anything"
+    );
+    let (_, rule) = n1.verdict(untracked.ingress, "198.51.100.7".parse().unwrap(), UDP, 161);
+    assert_eq!(
+        n1.rules[&rule].to_string(),
+        "HostPolicy/edge/untracked[0] (untracked)"
+    );
+    // The tracked part is WORKERS's alone: `edge` isolates nothing.
+    assert_eq!(n1.rule_sets[&host.ingress].policies.len(), 1);
+    assert!(
+        !h.out.nodes["cp"]
+            .endpoints
+            .contains_key(&PodKey::host_untracked()),
+        "not selected"
+    );
+    // Removing the untracked rules removes the rule set.
+    let mut changed: HostPolicy = serde_norway::from_str(edge).unwrap();
+    changed.spec.untracked = None;
+    h.cluster.upsert_host_policy(&changed).unwrap();
+    h.recompile();
+    assert!(
+        !h.out.nodes["node-1"]
+            .endpoints
+            .contains_key(&PodKey::host_untracked())
+    );
+}

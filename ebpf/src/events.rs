@@ -48,16 +48,17 @@ pub fn record_drop(
 }
 
 /// [`record_drop`] for the XDP program: counts the drop by reason and reports it as a flow
-/// event on `ifindex` (no policy drops happen there).
+/// event on `ifindex`: `policy` is the rule set of an untracked host-policy rule `id`, 0 when
+/// `id` is a prefilter entry (or nothing).
 #[inline(always)]
-pub fn record_xdp_drop(ifindex: u32, flow: &CtKey, reason: DropReason, id: u32) {
+pub fn record_xdp_drop(ifindex: u32, flow: &CtKey, reason: DropReason, policy: u32, id: u32) {
     count(&DROPS, reason as u32);
     emit_on(
         ifindex,
         Some(flow),
         FlowEvent::VERDICT_DROP,
         reason as u32,
-        0,
+        policy,
         id,
     );
 }

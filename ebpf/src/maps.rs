@@ -27,9 +27,10 @@ pub static ENDPOINTS: HashMap<IpKey, EndpointInfo> =
 pub static HOST_ADDRS: HashMap<IpKey, HostAddr> =
     HashMap::with_max_entries(capacity::HOST_ADDRS, 0);
 
-/// The node itself as a policy endpoint (one slot): its `HostPolicy` ingress rule set.
+/// The node itself as a policy endpoint: its `HostPolicy` rule sets
+/// ([`EndpointInfo::HOST_SLOT`]) and its untracked rules ([`EndpointInfo::HOST_UNTRACKED_SLOT`]).
 #[map]
-pub static HOST_ENDPOINT: Array<EndpointInfo> = Array::with_max_entries(1, 0);
+pub static HOST_ENDPOINT: Array<EndpointInfo> = Array::with_max_entries(2, 0);
 
 /// Ports no host policy closes.
 #[map]

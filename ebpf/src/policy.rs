@@ -40,7 +40,7 @@ fn peer_class(peer: &IpKey) -> u32 {
 /// Does rule set `policy` let traffic to/from `peer` on `proto`/`port` through?
 /// Ok(rule) when allowed, Err(rule) when denied (rule 0: nothing matched, default deny).
 #[inline(always)]
-fn check(policy: u32, peer: &IpKey, proto: u8, port: u16) -> Result<u32, u32> {
+pub fn check(policy: u32, peer: &IpKey, proto: u8, port: u16) -> Result<u32, u32> {
     if policy == NOT_ISOLATED {
         return Ok(0);
     }
@@ -80,9 +80,14 @@ pub fn admit(
     };
     if let Some(src) = src_ep {
         let policy = src.egress_policy();
+        let reason = if src.is_host() {
+            DropReason::HostPolicy
+        } else {
+            DropReason::PolicyEgress
+        };
         admission.egress_rule =
             check(policy, flow.daddr(), flow.proto(), port).map_err(|rule| Denial {
-                reason: DropReason::PolicyEgress,
+                reason,
                 policy,
                 rule,
             })?;

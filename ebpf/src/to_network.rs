@@ -2,8 +2,8 @@
 //! reverse translation of NodePort flows whose backend is the node's own stack (a
 //! host-network pod): `from_network` handed their packets up the stack with the destination
 //! rewritten, and the stack's replies come from the backend's port; they leave from the
-//! frontend. And, while a host policy selects the node, the node's own flows are tracked
-//! ([`crate::host::track`]). Every other packet passes untouched, after one `HOST_ADDRS`
+//! frontend. And, while a host policy selects the node, the node's own flows are judged by
+//! its egress rules and tracked ([`crate::host::egress`]). Every other packet passes untouched, after one `HOST_ADDRS`
 //! lookup (and, for the node's own packets, one `SERVICE_NAT` lookup).
 
 use aya_ebpf::{
@@ -26,6 +26,5 @@ pub fn run(ctx: &TcContext) -> i32 {
     if nat::host_reply(ctx, &mut pkt).is_err() {
         return TC_ACT_SHOT;
     }
-    host::track(ctx, &mut pkt);
-    TC_ACT_OK
+    host::egress(ctx, &mut pkt)
 }

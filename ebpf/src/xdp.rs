@@ -13,6 +13,11 @@
 //! * **Spoofed sources**: no packet from the network may claim this node's addresses or a
 //!   local pod's (the node-to-pod policy exemption is keyed on them), as outer or as inner
 //!   source of a VXLAN datagram. The same check as `from_network`'s (reason `spoofed`).
+//! * **Untracked host-policy rules**: a packet to one of this node's addresses that the
+//!   node's untracked rule set (`HOST_ENDPOINT`'s second slot) denies, failsafe ports
+//!   excepted: reason `host_policy`, naming the rule. Decided by the same peer-class and
+//!   verdict lookups as the TC programs' policy, without conntrack (replies of the node's
+//!   own connections included). IPv4 only; a later fragment (no ports) is not judged.
 //! * **Tunnel admission**: a VXLAN datagram to one of this node's addresses is accepted only
 //!   from another node (`TUNNEL_PEERS`): reason `tunnel_untrusted`. `from_tunnel` checks the
 //!   same after decapsulation (reason `unknown_tunnel_peer`) for the packets XDP did not see
@@ -28,29 +33,53 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
-use weir_common::{TUNNEL_PORT, conntrack::CtKey, event::DropReason, ip::IpKey, policy::proto};
+use weir_common::{
+    TUNNEL_PORT,
+    conntrack::CtKey,
+    endpoint::EndpointInfo,
+    event::DropReason,
+    ip::IpKey,
+    policy::{NOT_ISOLATED, proto},
+};
 
 use crate::{
     events::record_xdp_drop,
     hdr::{Ipv4Hdr, Ipv6Hdr},
-    maps::{ENDPOINTS, HOST_ADDRS, PREFILTER, PREFILTER_DROPS, TUNNEL_PEERS, count},
+    host,
+    maps::{
+        ENDPOINTS, HOST_ADDRS, HOST_ENDPOINT, PREFILTER, PREFILTER_DROPS, RULE_HITS, TUNNEL_PEERS,
+        count,
+    },
     parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr},
+    policy,
 };
 
-/// Why a packet is dropped, and by which prefilter entry (0: none).
+/// Why a packet is dropped, and by which prefilter entry or rule (0: none) of which rule
+/// set (`policy`, 0 for a prefilter entry).
 struct Drop {
     reason: DropReason,
     entry: u32,
     flow: CtKey,
+    policy: u32,
 }
 
 impl Drop {
     #[inline(always)]
     fn malformed() -> Self {
+        Self::new(
+            DropReason::Malformed,
+            0,
+            CtKey::new(IpKey::UNSPECIFIED, IpKey::UNSPECIFIED, 0, 0, 0),
+        )
+    }
+
+    #[inline(always)]
+    fn new(reason: DropReason, entry: u32, flow: CtKey) -> Self {
         Self {
-            reason: DropReason::Malformed,
-            entry: 0,
-            flow: CtKey::new(IpKey::UNSPECIFIED, IpKey::UNSPECIFIED, 0, 0, 0),
+            reason,
+            entry,
+            flow,
+            policy: 0,
         }
     }
 }
@@ -61,11 +90,18 @@ pub fn run(ctx: &XdpContext) -> u32 {
         Ok(()) => XDP_PASS,
         Err(d) => {
             if d.entry != 0 {
-                count(&PREFILTER_DROPS, d.entry);
+                count(
+                    if d.policy == 0 {
+                        &PREFILTER_DROPS
+                    } else {
+                        &RULE_HITS
+                    },
+                    d.entry,
+                );
             }
             // SAFETY: the xdp_md the kernel passed this program.
             let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-            record_xdp_drop(ifindex, &d.flow, d.reason, d.entry);
+            record_xdp_drop(ifindex, &d.flow, d.reason, d.policy, d.entry);
             XDP_DROP
         }
     }
@@ -132,6 +168,14 @@ fn outer_v4(ctx: &XdpContext) -> Result<(), Drop> {
         return Err(Drop::malformed());
     }
     check_source(saddr, daddr, p)?;
+    untracked(
+        ctx,
+        saddr,
+        daddr,
+        p,
+        ETH_HLEN + ihl,
+        frag_off & IP_OFFSET == 0,
+    )?;
     if p != proto::UDP || frag_off & IP_OFFSET != 0 {
         // Not UDP, or a later fragment (no UDP header in it).
         return Ok(());
@@ -158,11 +202,11 @@ fn outer_v4(ctx: &XdpContext) -> Result<(), Drop> {
     // A VXLAN datagram to this node: the kernel would decapsulate it whoever sent it.
     // SAFETY: existence check only.
     if unsafe { TUNNEL_PEERS.get(&saddr).is_none() } {
-        return Err(Drop {
-            reason: DropReason::TunnelUntrusted,
-            entry: 0,
-            flow: CtKey::new(saddr, daddr, sport_be, dport_be, proto::UDP),
-        });
+        return Err(Drop::new(
+            DropReason::TunnelUntrusted,
+            0,
+            CtKey::new(saddr, daddr, sport_be, dport_be, proto::UDP),
+        ));
     }
     if frag_off & IP_MF != 0 {
         // The inner packet continues in other fragments: `from_tunnel` and `from_network`
@@ -222,19 +266,65 @@ fn v6_addrs(ctx: &XdpContext, offset: usize) -> Result<(IpKey, IpKey, u8), Drop>
 #[inline(always)]
 fn check_source(saddr: IpKey, daddr: IpKey, p: u8) -> Result<(), Drop> {
     if let Some(entry) = PREFILTER.get(Key::new(128, saddr)) {
-        return Err(Drop {
-            reason: DropReason::Prefilter,
-            entry: entry.id(),
-            flow: CtKey::new(saddr, daddr, 0, 0, p),
-        });
+        return Err(Drop::new(
+            DropReason::Prefilter,
+            entry.id(),
+            CtKey::new(saddr, daddr, 0, 0, p),
+        ));
     }
     // SAFETY: existence checks only.
     if unsafe { HOST_ADDRS.get(&saddr).is_some() || ENDPOINTS.get(&saddr).is_some() } {
-        return Err(Drop {
-            reason: DropReason::Spoofed,
-            entry: 0,
-            flow: CtKey::new(saddr, daddr, 0, 0, p),
-        });
+        return Err(Drop::new(
+            DropReason::Spoofed,
+            0,
+            CtKey::new(saddr, daddr, 0, 0, p),
+        ));
     }
     Ok(())
+}
+
+/// The node's untracked rules, for an IPv4 packet whose layer-4 header is at `l4` (its ports
+/// are there if `first_fragment`).
+#[inline(always)]
+fn untracked(
+    ctx: &XdpContext,
+    saddr: IpKey,
+    daddr: IpKey,
+    p: u8,
+    l4: usize,
+    first_fragment: bool,
+) -> Result<(), Drop> {
+    let Some(host) = HOST_ENDPOINT.get(EndpointInfo::HOST_UNTRACKED_SLOT) else {
+        return Ok(());
+    };
+    let set = host.ingress_policy();
+    // SAFETY: existence check only.
+    if set == NOT_ISOLATED || unsafe { HOST_ADDRS.get(&daddr).is_none() } {
+        return Ok(());
+    }
+    let (sport_be, dport_be) = if matches!(p, proto::TCP | proto::UDP | proto::SCTP) {
+        if !first_fragment {
+            return Ok(());
+        }
+        // Source and destination port lead all three headers.
+        let ports = ptr_at::<[u16; 2]>(ctx, l4)?;
+        // SAFETY: bounds checked by ptr_at.
+        let (sport_be, dport_be) = unsafe { ((*ports)[0], (*ports)[1]) };
+        if host::failsafe(p, u16::from_be(dport_be), u16::from_be(sport_be)) {
+            return Ok(());
+        }
+        (sport_be, dport_be)
+    } else {
+        (0, 0)
+    };
+    match policy::check(set, &saddr, p, u16::from_be(dport_be)) {
+        // A verdict that names no rule decides nothing here: only Deny rules drop.
+        Err(rule) if rule != 0 => Err(Drop {
+            reason: DropReason::HostPolicy,
+            entry: rule,
+            flow: CtKey::new(saddr, daddr, sport_be, dport_be, p),
+            policy: set,
+        }),
+        _ => Ok(()),
+    }
 }

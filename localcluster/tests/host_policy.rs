@@ -121,3 +121,89 @@ async fn a_host_policy_firewalls_the_nodes_it_selects_and_never_closes_the_fails
         "unselected again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_rules_judge_the_nodes_own_connections_and_untracked_rules_drop_in_xdp() {
+    let mut c = cluster(2, Topology::Routed).await;
+    let local_pod = pod(&mut c, "default", "local", 0).await;
+    let external = c.external().expect("external host").clone();
+    let (node0, node1) = (c.nodes()[0].netns.clone(), c.nodes()[1].netns.clone());
+    let node0_ip = IpAddr::V4(c.nodes()[0].ip);
+    let node1_ip = IpAddr::V4(c.nodes()[1].ip);
+    let _servers = Servers::start(
+        &node0.path(),
+        &[OPEN_TO_NODES, CLOSED],
+        &[Protocol::Tcp, Protocol::Udp],
+    )
+    .unwrap();
+    let _other = Servers::start(&node1.path(), &[CLOSED], &[Protocol::Tcp]).unwrap();
+    let _outside = Servers::start(&external.netns.path(), &[CLOSED], &[Protocol::Tcp]).unwrap();
+    c.set_node_labels(0, [("firewall".to_owned(), "on".to_owned())].into())
+        .unwrap();
+    c.apply_object(&json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "HostPolicy",
+        "metadata": {"name": "edge"},
+        "spec": {"nodeSelector": {"matchLabels": {"firewall": "on"}},
+                 "policyTypes": ["Egress"],
+                 "egress": [{"to": [{"nodeSelector": {}}]}],
+                 "untracked": [{"from": [{"ipBlock": {"cidr": format!("{}/32", external.ip)}}],
+                                "ports": [{"protocol": "UDP", "port": CLOSED}]}]},
+    }))
+    .unwrap();
+    c.sync()
+        .await
+        .expect("the agent still hears the controller (a failsafe port)");
+
+    // Egress: the node reaches the other node, not the outside; its pods still do.
+    let before = drops(&c, 0, "host_policy");
+    assert!(reaches(&node0, node1_ip, CLOSED, Protocol::Tcp).await);
+    assert!(
+        !reaches(&node0, external.ip.into(), CLOSED, Protocol::Tcp).await,
+        "not allowed by the egress rules"
+    );
+    assert!(
+        reaches(&local_pod.netns, external.ip.into(), CLOSED, Protocol::Tcp).await,
+        "a pod's traffic is not the node's"
+    );
+    // Ingress is not isolated, and the node's replies pass its egress rules.
+    assert!(reaches(&external.netns, node0_ip, CLOSED, Protocol::Tcp).await);
+    assert!(reaches(&external.netns, node0_ip, OPEN_TO_NODES, Protocol::Udp).await);
+    // Untracked: the external host's UDP to that port is dropped in XDP.
+    let hits_before = drops(&c, 0, "host_policy");
+    assert!(hits_before > before, "the egress drop is counted");
+    assert!(!reaches(&external.netns, node0_ip, CLOSED, Protocol::Udp).await);
+    assert!(
+        reaches(&node1, node0_ip, CLOSED, Protocol::Udp).await,
+        "another source"
+    );
+    assert!(drops(&c, 0, "host_policy") > hits_before);
+    let (_, flows) = c.agent_http(0, "/flows?limit=500").unwrap();
+    let flows: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    let flows = flows.as_array().unwrap();
+    let untracked = flows
+        .iter()
+        .find(|f| {
+            f["reason"] == "host_policy" && f["src"] == external.ip.to_string() && f["proto"] == 17
+        })
+        .unwrap_or_else(|| panic!("no untracked drop from the external host in {flows:#?}"));
+    assert_eq!(
+        untracked["policies"],
+        json!(["HostPolicy/edge"]),
+        "{untracked:#}"
+    );
+    assert_eq!(
+        untracked["rule"], "HostPolicy/edge/untracked[0] (untracked)",
+        "{untracked:#}"
+    );
+    let egress = flows
+        .iter()
+        .find(|f| f["reason"] == "host_policy" && f["dst"] == external.ip.to_string())
+        .unwrap_or_else(|| panic!("no egress drop to the external host in {flows:#?}"));
+    assert_eq!(egress["policies"], json!(["HostPolicy/edge"]), "{egress:#}");
+
+    c.delete_object("HostPolicy", None, "edge").unwrap();
+    c.sync().await.unwrap();
+    assert!(reaches(&node0, external.ip.into(), CLOSED, Protocol::Tcp).await);
+    assert!(reaches(&external.netns, node0_ip, CLOSED, Protocol::Udp).await);
+}

@@ -11,6 +11,7 @@ use weir_common::{
     config::{CtTimeouts, NodeConfig},
     endpoint::EndpointInfo,
     ip::IpKey,
+    policy::NOT_ISOLATED,
 };
 use weir_transport::Applied;
 
@@ -337,7 +338,8 @@ impl Agent {
             config = config.with_flags(NodeConfig::FLAG_HOST_PATH);
         }
         maps.set_config(config)?;
-        let own: Vec<(u8, u16)> = [(weir_common::policy::proto::UDP, weir_common::TUNNEL_PORT)]
+        let tunnel = (weir_common::policy::proto::UDP, weir_common::TUNNEL_PORT);
+        let own: Vec<(u8, u16)> = [tunnel]
             .into_iter()
             .chain(cfg.http_port.map(|p| (weir_common::policy::proto::TCP, p)))
             .collect();
@@ -345,6 +347,7 @@ impl Agent {
             &cfg.failsafe_inbound,
             &cfg.failsafe_outbound,
             &own,
+            &[tunnel],
         ))?;
         attach_sockets(&mut dp, &mut maps, cfg.cgroup.as_deref())?;
         // Pod CIDRs: configured, or as the controller last assigned them (so a restarted
@@ -1175,14 +1178,22 @@ impl Agent {
         // The node itself: its host policy, as the controller last said (until it has, the
         // map keeps what a previous agent left).
         if self.have_controller_state {
-            let ingress = self
+            let (ingress, egress) = self
                 .policy
                 .endpoints
                 .get(&weir_api::PodKey::host())
-                .map_or(weir_common::policy::NOT_ISOLATED, |p| {
-                    fail_closed(p.ingress, p.egress, &self.incomplete_rule_sets).0
+                .map_or((NOT_ISOLATED, NOT_ISOLATED), |p| {
+                    fail_closed(p.ingress, p.egress, &self.incomplete_rule_sets)
                 });
-            self.maps.set_host_policy(ingress)?;
+            // Untracked rules only drop: until their rule set is complete, none apply.
+            let untracked = self
+                .policy
+                .endpoints
+                .get(&weir_api::PodKey::host_untracked())
+                .map(|p| p.ingress)
+                .filter(|rs| !self.incomplete_rule_sets.contains(rs))
+                .unwrap_or(NOT_ISOLATED);
+            self.maps.set_host_policy(ingress, egress, untracked)?;
         }
         Ok(())
     }

@@ -4,8 +4,9 @@
 //! Inbound entries are ports of the node: a new connection to one is let in whatever the
 //! host policies say. Outbound entries are ports of remote hosts the node connects to: a
 //! packet from one (the reply of such a connection, even one opened before a host policy
-//! selected the node) is let in. The agent adds its own ports: its HTTP endpoint and the
-//! tunnel's UDP port.
+//! selected the node) is let in, and a new connection to one leaves whatever the node's
+//! egress rules say. The agent adds its own ports: its HTTP endpoint (inbound) and the
+//! tunnel's UDP port (both ways: the encapsulated traffic between nodes).
 
 use std::{fmt, str::FromStr};
 
@@ -70,7 +71,12 @@ impl fmt::Display for Ports {
 }
 
 /// The `FAILSAFE` map's keys: `inbound` and `outbound`, plus the agent's own ports.
-pub fn keys(inbound: &Ports, outbound: &Ports, own_inbound: &[(u8, u16)]) -> Vec<FailsafeKey> {
+pub fn keys(
+    inbound: &Ports,
+    outbound: &Ports,
+    own_inbound: &[(u8, u16)],
+    own_outbound: &[(u8, u16)],
+) -> Vec<FailsafeKey> {
     let mut keys: Vec<FailsafeKey> = inbound
         .0
         .iter()
@@ -80,6 +86,7 @@ pub fn keys(inbound: &Ports, outbound: &Ports, own_inbound: &[(u8, u16)]) -> Vec
             outbound
                 .0
                 .iter()
+                .chain(own_outbound)
                 .map(|&(p, port)| FailsafeKey::new(p, port, false)),
         )
         .collect();
@@ -113,11 +120,13 @@ mod tests {
             &"tcp:22,udp:4789".parse().unwrap(),
             &"tcp:6443".parse().unwrap(),
             &[(proto::UDP, 4789), (proto::TCP, 9962)],
+            &[(proto::UDP, 4789)],
         );
         assert_eq!(
             keys,
             vec![
                 FailsafeKey::new(proto::TCP, 6443, false),
+                FailsafeKey::new(proto::UDP, 4789, false),
                 FailsafeKey::new(proto::TCP, 22, true),
                 FailsafeKey::new(proto::TCP, 9962, true),
                 FailsafeKey::new(proto::UDP, 4789, true),

@@ -24,7 +24,7 @@ use weir_common::{
     event::DropReason,
     ip::{IpKey, V4_MAPPED_PREFIX, trie_prefix_len},
     maps as names,
-    policy::{PeerClass, Verdict, VerdictKey},
+    policy::{NOT_ISOLATED, PeerClass, Verdict, VerdictKey},
     prefilter::PrefilterEntry,
     route::{RouteEntry, TunnelPeer},
     service::{NatEntry, ServiceKey, ServiceValue},
@@ -415,14 +415,22 @@ impl DataplaneMaps {
         Ok(maps)
     }
 
-    /// Isolates the node's own addresses with host-policy rule set `ingress`
-    /// ([`weir_common::policy::NOT_ISOLATED`]: none).
-    pub fn set_host_policy(&mut self, ingress: u32) -> Result<()> {
-        let host = EndpointInfo::host(ingress);
-        if self.host_endpoint.get(&0, 0).ok() != Some(host) {
-            self.host_endpoint
-                .set(0, host, 0)
-                .map_err(map_err(names::HOST_ENDPOINT, "writing"))?;
+    /// Isolates the node's own addresses with host-policy rule sets `ingress` and `egress`,
+    /// and drops in XDP what rule set `untracked` denies
+    /// ([`NOT_ISOLATED`]: none).
+    pub fn set_host_policy(&mut self, ingress: u32, egress: u32, untracked: u32) -> Result<()> {
+        for (slot, host) in [
+            (EndpointInfo::HOST_SLOT, EndpointInfo::host(ingress, egress)),
+            (
+                EndpointInfo::HOST_UNTRACKED_SLOT,
+                EndpointInfo::host(untracked, NOT_ISOLATED),
+            ),
+        ] {
+            if self.host_endpoint.get(&slot, 0).ok() != Some(host) {
+                self.host_endpoint
+                    .set(slot, host, 0)
+                    .map_err(map_err(names::HOST_ENDPOINT, "writing"))?;
+            }
         }
         Ok(())
     }

@@ -503,6 +503,8 @@ impl FlowRecord {
                     }
                 })
                 .or_else(|| host_ports.get(&self.raw.rule).cloned());
+        } else if DropReason::from_u32(self.raw.reason) == Some(DropReason::Prefilter) {
+            // The rule field carries the prefilter entry's id, not a rule's.
         } else if let Some(r) = state.rules.get(&self.raw.rule) {
             self.rule = Some(r.to_string());
             if let Some(t) = &r.tiered {

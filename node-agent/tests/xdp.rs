@@ -307,6 +307,12 @@ fn xdp_attaches_natively_to_a_veth_and_a_restarted_agent_takes_the_pinned_link_o
     }
     assert_ne!(ids[0], ids[1]);
     drop(pins);
+    // The last reference goes with the pin; the kernel releases the link after that (later
+    // on a busy machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while attached_xdp("uplink").is_some() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(attached_xdp("uplink"), None, "unpinning detaches");
 }
 
@@ -372,4 +378,61 @@ fn ipv6_sources_are_prefiltered_truncated_headers_are_malformed_and_the_rest_pas
     assert_eq!(node.arrives(&other[..14 + 30]), XDP_DROP);
     assert_eq!(node.drops(DropReason::Prefilter), 2);
     assert_eq!(node.drops(DropReason::Malformed), 1);
+}
+
+#[test]
+fn untracked_host_policy_rules_drop_what_they_deny_to_the_node_and_nothing_else() {
+    use weir_api::{Action, PortPrefix, VerdictEntry, VerdictMatch};
+    use weir_common::{endpoint::FailsafeKey, policy::NOT_ISOLATED};
+    const SET: u32 = 7;
+    const CLASS: u32 = 5;
+    let mut node = Node::new();
+    node.maps
+        .set_peer_class(&format!("{STRANGER}/32").parse().unwrap(), CLASS)
+        .unwrap();
+    let deny = |node: &mut Node, proto: Option<u8>, ports: Option<PortPrefix>, rule: u32| {
+        let m = VerdictMatch {
+            rule_set: SET,
+            class: CLASS,
+            proto,
+            ports,
+        };
+        let v = VerdictEntry {
+            action: Action::Deny,
+            rule,
+        };
+        node.maps.set_verdict(&m, &v).unwrap();
+    };
+    // Rule 3: UDP/161 from the stranger. Rule 4: everything from it over TCP.
+    deny(&mut node, Some(packet::UDP), PortPrefix::new(161, 16), 3);
+    deny(&mut node, Some(packet::TCP), None, 4);
+    node.maps
+        .sync_failsafe(&[FailsafeKey::new(packet::TCP, 22, true)])
+        .unwrap();
+    let snmp = |dst: Ipv4Addr, port: u16| {
+        packet::udp_with(ROUTER_MAC, UPLINK_MAC, STRANGER, dst, 5000, port, b"get")
+    };
+    let tcp = |port: u16| {
+        packet::tcp(
+            ROUTER_MAC, UPLINK_MAC, STRANGER, NODE_IP, 40000, port, TCP_SYN,
+        )
+    };
+
+    // No untracked rule set: everything passes.
+    assert_eq!(node.arrives(&snmp(NODE_IP, 161)), XDP_PASS);
+    node.maps
+        .set_host_policy(NOT_ISOLATED, NOT_ISOLATED, SET)
+        .unwrap();
+    assert_eq!(node.arrives(&snmp(NODE_IP, 161)), XDP_DROP);
+    assert_eq!(node.arrives(&snmp(NODE_IP, 162)), XDP_PASS, "another port");
+    assert_eq!(node.arrives(&snmp(IP_B, 161)), XDP_PASS, "not to the node");
+    assert_eq!(node.arrives(&tcp(80)), XDP_DROP);
+    assert_eq!(node.arrives(&tcp(22)), XDP_PASS, "a failsafe port");
+    let other = packet::udp_with(
+        ROUTER_MAC, UPLINK_MAC, PEER_NODE, NODE_IP, 5000, 161, b"get",
+    );
+    assert_eq!(node.arrives(&other), XDP_PASS, "another source");
+    assert_eq!(node.drops(DropReason::HostPolicy), 2);
+    let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits, [3, 4]);
+    assert_eq!((hits[&3], hits[&4]), (1, 1), "counted by rule");
 }

@@ -163,6 +163,7 @@ fn rule(id: u32, r: &RuleRef) -> pb::Rule {
                 tier: match t.tier {
                     PolicyTier::Admin => pb::PolicyTier::Admin,
                     PolicyTier::Baseline => pb::PolicyTier::Baseline,
+                    PolicyTier::Untracked => pb::PolicyTier::Untracked,
                 }
                 .into(),
                 priority: t.priority,
@@ -517,6 +518,7 @@ fn decode_tiered_rule(t: pb::TieredRule) -> Result<TieredRule, ProtoError> {
     let tier = match pb::PolicyTier::try_from(t.tier) {
         Ok(pb::PolicyTier::Admin) => PolicyTier::Admin,
         Ok(pb::PolicyTier::Baseline) => PolicyTier::Baseline,
+        Ok(pb::PolicyTier::Untracked) => PolicyTier::Untracked,
         Ok(pb::PolicyTier::Unspecified) | Err(_) => {
             return Err(ProtoError::UnknownEnum {
                 field: "TieredRule.tier",

@@ -735,7 +735,7 @@ impl Cluster {
             PolicyKind::ClusterNetworkPolicy => {
                 self.cluster_policies.get(key).map(|r| &r.validated)
             }
-            PolicyKind::HostPolicy => self.host_policies.get(key),
+            PolicyKind::HostPolicy | PolicyKind::UntrackedHostPolicy => self.host_policies.get(key),
         }
     }
 
@@ -745,22 +745,36 @@ impl Cluster {
     /// invalid one is stored and fails closed, see [`host_policy`]).
     pub fn upsert_host_policy(&mut self, hp: &HostPolicy) -> Result<&[PolicyDiagnostic]> {
         let validated = host_policy::validate(hp)?;
-        let key = validated.policy.key.clone();
+        let key = validated.tracked.policy.key.clone();
+        let untracked_key = PolicyKey {
+            kind: PolicyKind::UntrackedHostPolicy,
+            ..key.clone()
+        };
+        match validated.untracked {
+            Some(u) => self.host_policies.insert(untracked_key, Arc::new(u)),
+            None => self.host_policies.remove(&untracked_key),
+        };
         let slot = match self.host_policies.entry(key) {
             btree_map::Entry::Occupied(mut e) => {
-                e.insert(Arc::new(validated));
+                e.insert(Arc::new(validated.tracked));
                 e.into_mut()
             }
-            btree_map::Entry::Vacant(e) => e.insert(Arc::new(validated)),
+            btree_map::Entry::Vacant(e) => e.insert(Arc::new(validated.tracked)),
         };
         Ok(&slot.diagnostics)
     }
 
     pub fn delete_host_policy(&mut self, name: &str) {
-        self.host_policies.remove(&PolicyKey::host(name));
+        let key = PolicyKey::host(name);
+        self.host_policies.remove(&PolicyKey {
+            kind: PolicyKind::UntrackedHostPolicy,
+            ..key.clone()
+        });
+        self.host_policies.remove(&key);
     }
 
-    /// Every HostPolicy, in name order.
+    /// Every HostPolicy, in name order, each followed by its untracked part if it has one
+    /// (kind [`PolicyKind::UntrackedHostPolicy`]).
     pub fn host_policies(&self) -> impl Iterator<Item = (&PolicyKey, &Arc<ValidatedPolicy>)> {
         self.host_policies.iter()
     }

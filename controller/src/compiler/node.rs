@@ -25,7 +25,7 @@ use super::{
     cluster::{Cluster, NsIdx, PodIdx, PodRecord},
     ids::IdAllocator,
     peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers},
-    policy::{PolicyKey, PortMatch, RuleAction, Tier},
+    policy::{PolicyKey, PolicyKind, PortMatch, RuleAction, Tier},
     ports::Allowances,
     tiers::{Coverage, Decision, TierRule, Tiers},
 };
@@ -66,6 +66,8 @@ pub(crate) struct View<'a> {
 
 /// The key of the node itself among its endpoints.
 static HOST: std::sync::LazyLock<PodKey> = std::sync::LazyLock::new(PodKey::host);
+static HOST_UNTRACKED: std::sync::LazyLock<PodKey> =
+    std::sync::LazyLock::new(PodKey::host_untracked);
 
 /// A rule set of one node during its compile.
 struct LocalRuleSet<'a> {
@@ -246,30 +248,52 @@ impl<'a> View<'a> {
                 });
             }
         }
-        // The node itself, isolated for ingress by the HostPolicies that select it.
+        // The node itself, isolated by the HostPolicies that select it, and its untracked
+        // deny rules (a rule set of their own, for XDP).
         let labels = cluster.node_labels(node);
-        let host: Vec<&'a CachedPolicy> = self
+        let selected = |p: &&&'a CachedPolicy| {
+            let selector = &p.validated.policy.pod_selector;
+            match labels {
+                Some(l) => selector.matches(l),
+                // Without a Node object only a policy for every node applies.
+                None => selector.matches(&Default::default()),
+            }
+        };
+        let (untracked, host): (Vec<&'a CachedPolicy>, Vec<&'a CachedPolicy>) = self
             .host_policies
             .iter()
+            .filter(selected)
             .copied()
-            .filter(|p| {
-                let selector = &p.validated.policy.pod_selector;
-                match labels {
-                    Some(l) => selector.matches(l),
-                    // Without a Node object only a policy for every node applies.
-                    None => selector.matches(&Default::default()),
-                }
-            })
-            .collect();
-        if !host.is_empty() {
+            .partition(|p| p.validated.policy.key.kind == PolicyKind::UntrackedHostPolicy);
+        let mut host_set = |direction: Direction, policies: &[&'a CachedPolicy]| {
+            let chosen: Vec<&'a CachedPolicy> = policies
+                .iter()
+                .copied()
+                .filter(|p| p.rules(direction).is_some())
+                .collect();
+            if chosen.is_empty() {
+                return None;
+            }
             rule_sets.push(LocalRuleSet {
-                direction: Direction::Ingress,
-                policies: host,
+                direction,
+                policies: chosen,
                 ports: Vec::new(),
             });
+            Some(rule_sets.len() - 1)
+        };
+        let ingress = host_set(Direction::Ingress, &host);
+        let egress = host_set(Direction::Egress, &host);
+        if ingress.is_some() || egress.is_some() {
             endpoints.push(LocalEndpoint {
                 key: &HOST,
-                ingress: Some(rule_sets.len() - 1),
+                ingress,
+                egress,
+            });
+        }
+        if let Some(set) = host_set(Direction::Ingress, &untracked) {
+            endpoints.push(LocalEndpoint {
+                key: &HOST_UNTRACKED,
+                ingress: Some(set),
                 egress: None,
             });
         }
@@ -297,6 +321,9 @@ impl<'a> View<'a> {
                 let interned = policy.rules(set.direction).unwrap_or_default();
                 let written_policy = &policy.validated.policy;
                 let tier = match written_policy.tier {
+                    _ if written_policy.key.kind == PolicyKind::UntrackedHostPolicy => {
+                        Some(PolicyTier::Untracked)
+                    }
                     Tier::Admin => Some(PolicyTier::Admin),
                     Tier::Baseline => Some(PolicyTier::Baseline),
                     Tier::NetworkPolicy => None,

@@ -25,6 +25,8 @@ pub enum PolicyKind {
     ClusterNetworkPolicy,
     /// weir's `HostPolicy` (see [`super::host_policy`]).
     HostPolicy,
+    /// The `untracked` rules of a `HostPolicy`, as a policy of their own (named like it).
+    UntrackedHostPolicy,
 }
 
 impl PolicyKind {
@@ -32,7 +34,7 @@ impl PolicyKind {
         match self {
             Self::NetworkPolicy => NETWORK_POLICY_KIND,
             Self::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
-            Self::HostPolicy => super::host_policy::KIND,
+            Self::HostPolicy | Self::UntrackedHostPolicy => super::host_policy::KIND,
         }
     }
 }
@@ -89,7 +91,9 @@ impl fmt::Display for PolicyKey {
             PolicyKind::NetworkPolicy => {
                 write!(f, "{NETWORK_POLICY_KIND}/{}/{}", self.namespace, self.name)
             }
-            PolicyKind::ClusterNetworkPolicy | PolicyKind::HostPolicy => {
+            PolicyKind::ClusterNetworkPolicy
+            | PolicyKind::HostPolicy
+            | PolicyKind::UntrackedHostPolicy => {
                 write!(f, "{}/{}", self.kind.as_str(), self.name)
             }
         }

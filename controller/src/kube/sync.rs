@@ -231,7 +231,7 @@ impl ClusterSync {
             let kind = match d.policy.kind {
                 PolicyKind::NetworkPolicy => Kind::NetworkPolicy,
                 PolicyKind::ClusterNetworkPolicy => Kind::ClusterNetworkPolicy,
-                PolicyKind::HostPolicy => Kind::HostPolicy,
+                PolicyKind::HostPolicy | PolicyKind::UntrackedHostPolicy => Kind::HostPolicy,
             };
             ReportedDiagnostic::policy(d, object(kind, &d.policy.namespace, &d.policy.name))
         });

@@ -58,7 +58,11 @@ fn arb_direction() -> impl Strategy<Value = Direction> {
 fn arb_tiered() -> impl Strategy<Value = Option<TieredRule>> {
     prop::option::of(
         (
-            prop_oneof![Just(PolicyTier::Admin), Just(PolicyTier::Baseline)],
+            prop_oneof![
+                Just(PolicyTier::Admin),
+                Just(PolicyTier::Baseline),
+                Just(PolicyTier::Untracked)
+            ],
             0u32..=1000,
             prop_oneof![Just(String::new()), "[a-z]{1,8}"],
             prop_oneof![
