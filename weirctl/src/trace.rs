@@ -367,10 +367,31 @@ fn trace_path(
             proto,
             egress_to.1,
         )),
-        None => {
-            notes.push(format!("{src} is no node's pod: no egress check"));
-            None
-        }
+        None => match node_with_address(views, src)
+            .filter(|v| host_policy(v, &PodKey::host()).egress != NOT_ISOLATED)
+        {
+            Some(v) => {
+                let host = host_policy(v, &PodKey::host());
+                notes.push(format!(
+                    "{src} is node {}'s: its host policy's egress rules apply (the agent's \
+                     outbound failsafe ports pass whatever they say)",
+                    v.node
+                ));
+                Some(check_side(
+                    v,
+                    Direction::Egress,
+                    format!("node {}", v.node),
+                    host.egress,
+                    egress_to.0,
+                    proto,
+                    egress_to.1,
+                ))
+            }
+            None => {
+                notes.push(format!("{src} is no node's pod: no egress check"));
+                None
+            }
+        },
     };
     let ingress = match view_of(views, dst) {
         Some(v) => Some(check_side(
@@ -382,10 +403,16 @@ fn trace_path(
             proto,
             port,
         )),
-        None => {
-            notes.push(format!("{dst} is no node's pod: no ingress check"));
-            None
-        }
+        None => match node_with_address(views, dst).filter(|v| {
+            host_policy(v, &PodKey::host()).ingress != NOT_ISOLATED
+                || host_policy(v, &PodKey::host_untracked()).ingress != NOT_ISOLATED
+        }) {
+            Some(v) => Some(host_ingress(v, &mut notes, dst, peer, proto, port)),
+            None => {
+                notes.push(format!("{dst} is no node's pod: no ingress check"));
+                None
+            }
+        },
     };
     let allowed =
         egress.as_ref().is_none_or(|s| s.allowed) && ingress.as_ref().is_none_or(|s| s.allowed);
@@ -399,6 +426,68 @@ fn trace_path(
         notes,
         allowed,
     }
+}
+
+/// The rule sets of the node's host-policy endpoint `key` ([`PodKey::host`],
+/// [`PodKey::host_untracked`]); not isolated when no host policy selects the node.
+fn host_policy(view: &NodeView, key: &PodKey) -> EndpointPolicy {
+    view.state
+        .endpoints
+        .get(key)
+        .copied()
+        .unwrap_or(EndpointPolicy {
+            ingress: NOT_ISOLATED,
+            egress: NOT_ISOLATED,
+        })
+}
+
+/// A packet from the network to node `view`'s address `dst`: its untracked rules (in XDP)
+/// first, then its host policy's ingress rules.
+fn host_ingress(
+    view: &NodeView,
+    notes: &mut Vec<String>,
+    dst: IpAddr,
+    peer: IpAddr,
+    proto: IpProto,
+    port: u16,
+) -> SideTrace {
+    let endpoint = format!("node {}", view.node);
+    let untracked = host_policy(view, &PodKey::host_untracked()).ingress;
+    if untracked != NOT_ISOLATED {
+        let side = check_side(
+            view,
+            Direction::Ingress,
+            endpoint.clone(),
+            untracked,
+            peer,
+            proto,
+            port,
+        );
+        // Untracked rules only deny: no rule, no decision.
+        if !side.allowed && side.rule.is_some() {
+            notes.push(format!(
+                "{dst} is node {}'s: dropped in XDP by an untracked rule, before conntrack \
+                 (unless the port is one of the agent's failsafe ports)",
+                view.node
+            ));
+            return side;
+        }
+    }
+    let host = host_policy(view, &PodKey::host());
+    notes.push(format!(
+        "{dst} is node {}'s: its host policy's ingress rules apply (the agent's inbound \
+         failsafe ports pass whatever they say)",
+        view.node
+    ));
+    check_side(
+        view,
+        Direction::Ingress,
+        endpoint,
+        host.ingress,
+        peer,
+        proto,
+        port,
+    )
 }
 
 /// The node `ip` is an address of: its pinned `HOST_ADDRS`, or the route table's address of
@@ -1094,5 +1183,67 @@ spec:
         );
         assert!("default/b:http".parse::<SpecPort>().is_err());
         assert!("[::1]443".parse::<SpecPort>().is_err());
+    }
+
+    #[test]
+    fn host_policy_rules_judge_traffic_to_and_from_a_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = format!(
+            "{NODE_PORTS}---\n{}",
+            r#"apiVersion: weir.dev/v1alpha1
+kind: HostPolicy
+metadata: {name: edge}
+spec:
+  nodeSelector: {}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from: [{ipBlock: {cidr: 192.0.2.0/24}}]
+    ports: [{protocol: TCP, port: 9100}]
+  egress:
+  - to: [{nodeSelector: {}}]
+  untracked:
+  - from: [{ipBlock: {cidr: 198.51.100.0/24}}]
+"#
+        );
+        std::fs::write(dir.path().join("objects.yaml"), objects).unwrap();
+        let p = playground::compile(dir.path()).unwrap();
+        assert!(p.diagnostics.is_empty(), "{:?}", p.diagnostics);
+        let run = |from: &str, to: &str| {
+            let t = trace(&p.views, &p.pods, &tcp(from, to)).unwrap();
+            let text = render(&t);
+            (t, text)
+        };
+        let (t, text) = run("192.0.2.9", "10.0.0.1:9100");
+        assert!(t.allowed, "{text}");
+        let ingress = t.paths[0].ingress.as_ref().unwrap();
+        assert_eq!(ingress.endpoint, "node n1");
+        assert_eq!(ingress.rule.as_deref(), Some("HostPolicy/edge ingress #0"));
+        let (t, text) = run("192.0.2.9", "10.0.0.1:22");
+        assert!(!t.allowed, "{text}");
+        assert!(text.contains("failsafe"), "{text}");
+        let (t, text) = run("198.51.100.7", "10.0.0.1:9100");
+        assert!(!t.allowed, "{text}");
+        assert!(
+            text.contains("dropped in XDP by an untracked rule"),
+            "{text}"
+        );
+        assert_eq!(
+            t.paths[0].ingress.as_ref().unwrap().rule.as_deref(),
+            Some("HostPolicy/edge/untracked[0] (untracked)")
+        );
+        // The node's own connections: to another node, yes; elsewhere, no.
+        let (t, text) = run("10.0.0.1", "192.0.2.9:443");
+        assert!(!t.allowed, "{text}");
+        assert_eq!(
+            t.paths[0].egress.as_ref().unwrap().endpoint,
+            "node n1",
+            "{text}"
+        );
+        // To the other node: its egress rules allow, n2's ingress rules do not.
+        let (t, text) = run("10.0.0.1", "10.0.0.2:9100");
+        assert!(t.paths[0].egress.as_ref().unwrap().allowed, "{text}");
+        let ingress = t.paths[0].ingress.as_ref().unwrap();
+        assert_eq!(ingress.endpoint, "node n2");
+        assert!(!t.allowed, "{text}");
     }
 }
