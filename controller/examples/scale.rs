@@ -9,7 +9,8 @@
 //!
 //! Optional second argument: number of compile threads (default: all cores). With
 //! `SCALE_HEAP=1` the live heap is counted too (cluster store, compiler memory, output), at
-//! some cost in speed.
+//! some cost in speed. With `SCALE_DIGEST=1` a digest of the full compile's output is printed,
+//! so that a change to the compiler can be checked to give the same state on every node.
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -93,6 +94,26 @@ fn summarize(out: &CompileOutput) -> String {
     )
 }
 
+/// Feeds formatted text into a hasher.
+struct HashWriter<'h>(&'h mut std::hash::DefaultHasher);
+
+impl std::fmt::Write for HashWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        std::hash::Hasher::write(self.0, s.as_bytes());
+        Ok(())
+    }
+}
+
+/// A digest of every node's state (its debug form, which lists every table in order).
+fn digest(out: &CompileOutput) -> u64 {
+    use std::fmt::Write;
+    let mut hasher = std::hash::DefaultHasher::new();
+    for (name, state) in &out.nodes {
+        let _ = write!(HashWriter(&mut hasher), "{name}{state:?}");
+    }
+    std::hash::Hasher::finish(&hasher)
+}
+
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let t = Instant::now();
     let v = f();
@@ -131,6 +152,9 @@ fn main() {
     let (rss, hwm) = rss_mb();
     println!("full compile: {t_first:.2?}; RSS {rss} MB, peak {hwm} MB");
     println!("  {}", summarize(&first));
+    if std::env::var_os("SCALE_DIGEST").is_some() {
+        println!("  output digest {:016x}", digest(&first));
+    }
     let heap_all = live_mb();
     let output_mb = {
         let before = live_mb();
