@@ -27,6 +27,7 @@ use super::{
     peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers},
     policy::{PolicyKey, PortMatch, RuleAction, Tier},
     ports::Allowances,
+    subjects::SubjectIndex,
     tiers::{Coverage, Decision, TierRule, Tiers},
 };
 
@@ -62,6 +63,9 @@ pub(crate) struct View<'a> {
     pub cluster_policies: Vec<&'a CachedPolicy>,
     /// Every HostPolicy, in name order.
     pub host_policies: Vec<&'a CachedPolicy>,
+    /// The pods each ClusterNetworkPolicy applies to, inverted; built by the first node
+    /// compile that needs it, then shared by all.
+    pub subjects: std::sync::OnceLock<SubjectIndex>,
 }
 
 /// The key of the node itself among its endpoints.
@@ -186,26 +190,18 @@ impl<'a> View<'a> {
                     .copied()
                     .filter(|p| p.validated.policy.pod_selector.matches(&record.info.labels))
                     .collect();
-                let subject_of = |p: &&&'a CachedPolicy| {
-                    p.subject
-                        .is_some_and(|a| self.members.pods(a).binary_search(&pod).is_ok())
-                };
                 if !self.cluster_policies.is_empty() {
                     // Evaluation order: Admin tier, NetworkPolicies, Baseline tier.
-                    let admin = self
-                        .cluster_policies
-                        .iter()
-                        .filter(|p| p.validated.policy.tier == Tier::Admin)
-                        .filter(subject_of);
-                    let baseline = self
-                        .cluster_policies
-                        .iter()
-                        .filter(|p| p.validated.policy.tier == Tier::Baseline)
-                        .filter(subject_of);
-                    selecting = admin
-                        .copied()
+                    let applying = self.subjects().of(pod);
+                    let tier = |tier: Tier| {
+                        applying
+                            .iter()
+                            .map(|&i| self.cluster_policies[i as usize])
+                            .filter(move |p| p.validated.policy.tier == tier)
+                    };
+                    selecting = tier(Tier::Admin)
                         .chain(selecting)
-                        .chain(baseline.copied())
+                        .chain(tier(Tier::Baseline))
                         .collect();
                 }
                 let mut set_of = |direction: Direction| -> Option<usize> {
@@ -551,6 +547,18 @@ impl<'a> View<'a> {
                 ));
             }
         }
+    }
+
+    /// The ClusterNetworkPolicies (positions in `cluster_policies`) applying to each pod.
+    fn subjects(&self) -> &SubjectIndex {
+        self.subjects.get_or_init(|| {
+            let members: Vec<&[PodIdx]> = self
+                .cluster_policies
+                .iter()
+                .map(|p| p.subject.map_or(&[][..], |a| self.members.pods(a)))
+                .collect();
+            SubjectIndex::new(&members)
+        })
     }
 
     /// The policies of a namespace, in key order.
