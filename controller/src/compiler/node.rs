@@ -24,11 +24,11 @@ use super::{
     classes::{Activation, ClassSignature, Classification, NodePeers},
     cluster::{Cluster, NsIdx, PodIdx, PodRecord},
     ids::IdAllocator,
-    peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers},
-    policy::{PolicyKey, PortMatch, RuleAction, Tier},
+    peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers, RuleAtoms},
+    policy::{PolicyKey, PortMatch, Rule, RuleAction, Tier},
     ports::Allowances,
     subjects::SubjectIndex,
-    tiers::{Coverage, Decision, TierRule, Tiers},
+    tiers::{Coverage, Decision, TierEntry, TierRule, Tiers},
 };
 
 /// Id memory of one node.
@@ -381,6 +381,8 @@ impl<'a> View<'a> {
         if all_classes.first() != Some(&0) {
             all_classes.insert(0, 0);
         }
+        // Scratch of the tiered rule sets: the rules matching each class.
+        let mut matched: Vec<Vec<u32>> = vec![Vec::new(); classes.signatures.len()];
         for (set, &set_id) in rule_sets.iter().zip(set_ids) {
             let tiered = set
                 .policies
@@ -394,6 +396,8 @@ impl<'a> View<'a> {
                     classes,
                     class_of,
                     &all_classes,
+                    &classes_with_atom,
+                    &mut matched,
                     &mut verdicts,
                 );
                 continue;
@@ -468,6 +472,14 @@ impl<'a> View<'a> {
     /// The verdicts of a rule set that ClusterNetworkPolicies take part in: for every class
     /// (the unmatched one included, as the tiers can allow what no rule names), the
     /// decision of the tiers over every protocol and port (the `tiers` module).
+    ///
+    /// A class's decision depends only on which of the set's rules match it (and, for
+    /// egress, on what port names stand for at its addresses). So each rule's classes are
+    /// found through `classes_with_atom`, as for NetworkPolicies; the decision is made once
+    /// per distinct set of matching rules; and the classes no rule matches share one
+    /// decision, which the dataplane's default already gives when the set is isolated by
+    /// NetworkPolicies. A node holds hundreds of classes (every partner namespace of
+    /// every ClusterNetworkPolicy of its pods) of which a rule set's rules match a few.
     #[expect(clippy::too_many_arguments, reason = "the parts of one node's compile")]
     fn tiered_verdicts(
         &self,
@@ -477,36 +489,59 @@ impl<'a> View<'a> {
         classes: &Classification,
         class_of: &[u32],
         all_classes: &[usize],
+        classes_with_atom: &HashMap<u32, Vec<usize>>,
+        matched: &mut [Vec<u32>],
         out: &mut Vec<(VerdictMatch, VerdictEntry)>,
     ) {
         let isolated = set
             .policies
             .iter()
             .any(|p| p.validated.policy.tier == Tier::NetworkPolicy);
-        for &class in all_classes {
-            let signature = &classes.signatures[class];
-            let atoms = signature.atoms();
+        // The set's rules in evaluation order, and for each class the rules matching it
+        // (indexes into `set_rules`, ascending).
+        let mut set_rules: Vec<(&CachedPolicy, &Rule, &RuleAtoms, usize)> = Vec::new();
+        for &policy in &set.policies {
+            let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
+                continue;
+            };
+            let written = policy
+                .validated
+                .policy
+                .rules(set.direction)
+                .unwrap_or_default();
+            let interned = policy.rules(set.direction).unwrap_or_default();
+            for (i, (rule, ratoms)) in written.iter().zip(interned).enumerate() {
+                set_rules.push((policy, rule, ratoms, first + i));
+            }
+        }
+        let mut touched: Vec<usize> = Vec::new();
+        for (k, (_, _, ratoms, _)) in set_rules.iter().enumerate() {
+            let k = u32::try_from(k).unwrap_or(u32::MAX);
+            let mut mark = |class: usize| {
+                let list = &mut matched[class];
+                if list.is_empty() {
+                    touched.push(class);
+                }
+                // A class containing several of the rule's peers is matched once.
+                if list.last() != Some(&k) {
+                    list.push(k);
+                }
+            };
+            match &ratoms.peers {
+                None => all_classes.iter().for_each(|&c| mark(c)),
+                Some(ids) => ids
+                    .iter()
+                    .flat_map(|a| classes_with_atom.get(a).into_iter().flatten())
+                    .for_each(|&c| mark(c)),
+            }
+        }
+        let decide = |matching: &[u32], signature: &ClassSignature| -> Vec<TierEntry> {
             let mut tiers = Tiers::default();
             let mut np_rules: Vec<(u32, u32, Coverage)> = Vec::new();
-            for &policy in &set.policies {
-                let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
-                    continue;
-                };
-                let written = policy
-                    .validated
-                    .policy
-                    .rules(set.direction)
-                    .unwrap_or_default();
-                let interned = policy.rules(set.direction).unwrap_or_default();
-                for (i, (rule, ratoms)) in written.iter().zip(interned).enumerate() {
-                    let matches = match &ratoms.peers {
-                        None => true,
-                        Some(ids) => ids.iter().any(|a| atoms.binary_search(a).is_ok()),
-                    };
-                    if !matches {
-                        continue;
-                    }
-                    let coverage = rule_coverage(rule.ports.as_deref(), &ratoms.named, |named| {
+            for &k in matching {
+                let (policy, rule, ratoms, position) = set_rules[k as usize];
+                let coverage =
+                    rule_coverage(rule.ports.as_deref(), &ratoms.named, |named| {
                         match set.direction {
                             Direction::Ingress => set
                                 .ports
@@ -515,18 +550,17 @@ impl<'a> View<'a> {
                             Direction::Egress => signature.port_numbers(named),
                         }
                     });
-                    let id = rules.ids[first + i];
-                    let tier_rule = TierRule {
-                        action: rule.action,
-                        rule: id,
-                        coverage,
-                    };
-                    match policy.validated.policy.tier {
-                        Tier::Admin => tiers.admin.push(tier_rule),
-                        Tier::Baseline => tiers.baseline.push(tier_rule),
-                        Tier::NetworkPolicy => {
-                            np_rules.push((rules.rank[first + i], id, tier_rule.coverage));
-                        }
+                let id = rules.ids[position];
+                let tier_rule = TierRule {
+                    action: rule.action,
+                    rule: id,
+                    coverage,
+                };
+                match policy.validated.policy.tier {
+                    Tier::Admin => tiers.admin.push(tier_rule),
+                    Tier::Baseline => tiers.baseline.push(tier_rule),
+                    Tier::NetworkPolicy => {
+                        np_rules.push((rules.rank[position], id, tier_rule.coverage));
                     }
                 }
             }
@@ -535,7 +569,10 @@ impl<'a> View<'a> {
                 tiers.network_policy =
                     Some(np_rules.into_iter().map(|(_, id, c)| (id, c)).collect());
             }
-            for (protocol, ports, decision) in tiers.entries() {
+            tiers.entries()
+        };
+        let mut emit = |class: usize, entries: &[TierEntry]| {
+            for &(protocol, ports, decision) in entries {
                 out.push((
                     VerdictMatch {
                         rule_set: set_id,
@@ -546,6 +583,33 @@ impl<'a> View<'a> {
                     verdict_entry(decision),
                 ));
             }
+        };
+        // Classes matched by the same rules, with the same port names' meaning (egress
+        // resolves them at the destination, i.e. per class), decide alike.
+        let mut decided: HashMap<(&[u32], &[u32]), Vec<TierEntry>> = HashMap::default();
+        for &class in &touched {
+            let signature = &classes.signatures[class];
+            let resolutions = match set.direction {
+                Direction::Ingress => &[][..],
+                Direction::Egress => signature.port_resolutions(),
+            };
+            let matching = &matched[class][..];
+            let entries = decided
+                .entry((matching, resolutions))
+                .or_insert_with(|| decide(matching, signature));
+            emit(class, entries);
+        }
+        let unmatched = decide(&[], &classes.signatures[0]);
+        if !unmatched.is_empty() {
+            for &class in all_classes {
+                if matched[class].is_empty() {
+                    emit(class, &unmatched);
+                }
+            }
+        }
+        drop(decided);
+        for class in touched {
+            matched[class].clear();
         }
     }
 
