@@ -66,6 +66,31 @@ pub(crate) struct View<'a> {
     /// The pods each ClusterNetworkPolicy applies to, inverted; built by the first node
     /// compile that needs it, then shared by all.
     pub subjects: std::sync::OnceLock<SubjectIndex>,
+    /// Each policy's position in [`weir_api::PolicyRef`] order, by policy id ([`policy_order`]);
+    /// built by the first node compile that needs it.
+    pub policy_order: std::sync::OnceLock<Vec<u32>>,
+}
+
+/// The position of each policy (indexed by id) in the order of its [`weir_api::PolicyRef`]
+/// (kind name, namespace, name), which leads the order of [`RuleRef`]s. A rule's rank for
+/// attribution is then (position, direction, index), compared as integers: sorting a
+/// node's rules by their `RuleRef`s compares kind and policy name strings, and a node with
+/// ClusterNetworkPolicies has hundreds of rules of one kind. Ids no policy has: `u32::MAX`.
+fn policy_order<'p>(policies: impl Iterator<Item = (u32, &'p PolicyKey)>) -> Vec<u32> {
+    let mut by_ref: Vec<(u32, &PolicyKey)> = policies.collect();
+    by_ref.sort_unstable_by(|(_, a), (_, b)| {
+        (a.kind.as_str(), &a.namespace, &a.name).cmp(&(b.kind.as_str(), &b.namespace, &b.name))
+    });
+    let ids = by_ref
+        .iter()
+        .map(|(id, _)| *id as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut order = vec![u32::MAX; ids];
+    for (position, (id, _)) in by_ref.iter().enumerate() {
+        order[*id as usize] = u32::try_from(position).unwrap_or(u32::MAX);
+    }
+    order
 }
 
 /// The key of the node itself among its endpoints.
@@ -341,8 +366,19 @@ impl<'a> View<'a> {
             }
         }
         let ids = memory.rules.assign(&keys);
+        // `RuleRef` order, from integers: (policy, direction, index) identifies a rule.
+        let order = self.policy_order.get_or_init(|| {
+            policy_order(
+                self.policies
+                    .values()
+                    .map(|p| (p.id, &p.validated.policy.key)),
+            )
+        });
         let mut by_rank: Vec<usize> = (0..refs.len()).collect();
-        by_rank.sort_by(|a, b| refs[*a].cmp(&refs[*b]));
+        by_rank.sort_unstable_by_key(|&i| {
+            let (policy, direction, index) = keys[i];
+            (order[policy as usize], direction, index)
+        });
         let mut rank = vec![0u32; refs.len()];
         for (r, &i) in by_rank.iter().enumerate() {
             rank[i] = u32::try_from(r).unwrap_or(u32::MAX);
@@ -723,5 +759,41 @@ fn add_rule_ports(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_api::PolicyRef;
+
+    use super::*;
+
+    #[test]
+    fn policy_order_is_the_order_of_policy_refs() {
+        let keys = [
+            PolicyKey::new("team-b", "allow"),
+            PolicyKey::cluster("guard-2"),
+            PolicyKey::new("team-a", "deny"),
+            PolicyKey::host("nodes"),
+            PolicyKey::cluster("guard-10"),
+            PolicyKey::new("team-a", "allow"),
+        ];
+        // Ids as the compiler hands them out: small, not in key order, with a gap.
+        let ids = [4u32, 0, 7, 2, 1, 3];
+        let order = policy_order(ids.iter().copied().zip(&keys));
+        let mut refs: Vec<(PolicyRef, u32)> = keys
+            .iter()
+            .zip(ids)
+            .map(|(k, id)| (k.policy_ref(), id))
+            .collect();
+        refs.sort();
+        for (position, (_, id)) in refs.iter().enumerate() {
+            assert_eq!(
+                order[*id as usize], position as u32,
+                "{:?}",
+                refs[position].0
+            );
+        }
+        assert_eq!(order[5], u32::MAX, "an id no policy has");
     }
 }
