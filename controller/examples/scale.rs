@@ -81,7 +81,15 @@ fn summarize(out: &CompileOutput) -> String {
     let mut verdicts = 0usize;
     let mut max_verdicts = 0usize;
     let mut rule_sets = 0usize;
+    let mut rules = 0usize;
+    let mut listed = 0usize;
     for s in out.nodes.values() {
+        rules += s.rules.len();
+        listed += s
+            .rule_sets
+            .values()
+            .map(|r| r.policies.len())
+            .sum::<usize>();
         classes += s.peer_classes.len();
         max_classes = max_classes.max(s.peer_classes.len());
         verdicts += s.verdicts.len();
@@ -89,7 +97,7 @@ fn summarize(out: &CompileOutput) -> String {
         rule_sets += s.rule_sets.len();
     }
     format!(
-        "{} nodes; peer_classes entries {classes} (max/node {max_classes}); verdicts {verdicts} (max/node {max_verdicts}); rule sets {rule_sets}",
+        "{} nodes; peer_classes entries {classes} (max/node {max_classes}); verdicts {verdicts} (max/node {max_verdicts}); rule sets {rule_sets} (listing {listed} policies); rules {rules}",
         out.nodes.len()
     )
 }
