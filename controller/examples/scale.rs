@@ -9,7 +9,8 @@
 //!
 //! Optional second argument: number of compile threads (default: all cores). With
 //! `SCALE_HEAP=1` the live heap is counted too (cluster store, compiler memory, output), at
-//! some cost in speed.
+//! some cost in speed. With `SCALE_DIGEST=1` a digest of the full compile's output is printed,
+//! so that a change to the compiler can be checked to give the same state on every node.
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -80,7 +81,15 @@ fn summarize(out: &CompileOutput) -> String {
     let mut verdicts = 0usize;
     let mut max_verdicts = 0usize;
     let mut rule_sets = 0usize;
+    let mut rules = 0usize;
+    let mut listed = 0usize;
     for s in out.nodes.values() {
+        rules += s.rules.len();
+        listed += s
+            .rule_sets
+            .values()
+            .map(|r| r.policies.len())
+            .sum::<usize>();
         classes += s.peer_classes.len();
         max_classes = max_classes.max(s.peer_classes.len());
         verdicts += s.verdicts.len();
@@ -88,9 +97,29 @@ fn summarize(out: &CompileOutput) -> String {
         rule_sets += s.rule_sets.len();
     }
     format!(
-        "{} nodes; peer_classes entries {classes} (max/node {max_classes}); verdicts {verdicts} (max/node {max_verdicts}); rule sets {rule_sets}",
+        "{} nodes; peer_classes entries {classes} (max/node {max_classes}); verdicts {verdicts} (max/node {max_verdicts}); rule sets {rule_sets} (listing {listed} policies); rules {rules}",
         out.nodes.len()
     )
+}
+
+/// Feeds formatted text into a hasher.
+struct HashWriter<'h>(&'h mut std::hash::DefaultHasher);
+
+impl std::fmt::Write for HashWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        std::hash::Hasher::write(self.0, s.as_bytes());
+        Ok(())
+    }
+}
+
+/// A digest of every node's state (its debug form, which lists every table in order).
+fn digest(out: &CompileOutput) -> u64 {
+    use std::fmt::Write;
+    let mut hasher = std::hash::DefaultHasher::new();
+    for (name, state) in &out.nodes {
+        let _ = write!(HashWriter(&mut hasher), "{name}{state:?}");
+    }
+    std::hash::Hasher::finish(&hasher)
 }
 
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
@@ -131,6 +160,9 @@ fn main() {
     let (rss, hwm) = rss_mb();
     println!("full compile: {t_first:.2?}; RSS {rss} MB, peak {hwm} MB");
     println!("  {}", summarize(&first));
+    if std::env::var_os("SCALE_DIGEST").is_some() {
+        println!("  output digest {:016x}", digest(&first));
+    }
     let heap_all = live_mb();
     let output_mb = {
         let before = live_mb();

@@ -53,6 +53,13 @@ impl ClassSignature {
         &self.0[..end]
     }
 
+    /// What port names stand for at the address, as stored after the atoms (empty if
+    /// nothing): two signatures with the same resolutions give every named port the same
+    /// numbers.
+    pub fn port_resolutions(&self) -> &[u32] {
+        &self.0[self.atoms().len()..]
+    }
+
     /// The numbers `named_atom` stands for at the address (empty if none).
     pub fn port_numbers(&self, named_atom: u32) -> Vec<u16> {
         let Some(mark) = self.0.iter().position(|a| *a == PORTS_MARK) else {

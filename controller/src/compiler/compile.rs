@@ -118,6 +118,8 @@ impl Compiler {
             by_namespace: None,
             cluster_policies: Self::cluster_policies(&self.policies, cluster),
             host_policies: Self::host_policies(&self.policies, cluster),
+            subjects: Default::default(),
+            policy_order: Default::default(),
         };
         let memory = self.nodes.entry(node.to_owned()).or_default();
         let mut state = view.compile_node(memory, node);
@@ -159,6 +161,8 @@ impl Compiler {
             by_namespace: Some(by_namespace),
             cluster_policies: Self::cluster_policies(&self.policies, cluster),
             host_policies: Self::host_policies(&self.policies, cluster),
+            subjects: Default::default(),
+            policy_order: Default::default(),
         };
         let chunk = work.len().div_ceil(self.threads).max(1);
         let mut nodes = BTreeMap::new();

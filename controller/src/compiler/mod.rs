@@ -48,6 +48,7 @@ pub mod ports;
 pub mod selector;
 pub mod service;
 mod service_table;
+mod subjects;
 mod tiers;
 pub mod validate;
 

@@ -24,10 +24,11 @@ use super::{
     classes::{Activation, ClassSignature, Classification, NodePeers},
     cluster::{Cluster, NsIdx, PodIdx, PodRecord},
     ids::IdAllocator,
-    peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers},
-    policy::{PolicyKey, PolicyKind, PortMatch, RuleAction, Tier},
+    peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers, RuleAtoms},
+    policy::{PolicyKey, PolicyKind, PortMatch, Rule, RuleAction, Tier},
     ports::Allowances,
-    tiers::{Coverage, Decision, TierRule, Tiers},
+    subjects::SubjectIndex,
+    tiers::{Coverage, Decision, TierEntry, TierRule, Tiers},
 };
 
 /// Id memory of one node.
@@ -62,6 +63,37 @@ pub(crate) struct View<'a> {
     pub cluster_policies: Vec<&'a CachedPolicy>,
     /// Every HostPolicy, in name order.
     pub host_policies: Vec<&'a CachedPolicy>,
+    /// The pods each ClusterNetworkPolicy applies to, inverted; built by the first node
+    /// compile that needs it, then shared by all.
+    pub subjects: std::sync::OnceLock<SubjectIndex>,
+    /// Each policy's position in [`weir_api::PolicyRef`] order, by policy id ([`policy_order`]);
+    /// built by the first node compile that needs it.
+    pub policy_order: std::sync::OnceLock<Vec<u32>>,
+}
+
+/// The position of each policy (indexed by id) in the order of its [`weir_api::PolicyRef`]
+/// (kind name, namespace, name), which leads the order of [`RuleRef`]s. A rule's rank for
+/// attribution is then (position, direction, index), compared as integers: sorting a
+/// node's rules by their `RuleRef`s compares kind and policy name strings, and a node with
+/// ClusterNetworkPolicies has hundreds of rules of one kind. Ids no policy has: `u32::MAX`.
+fn policy_order<'p>(policies: impl Iterator<Item = (u32, &'p PolicyKey)>) -> Vec<u32> {
+    let mut by_ref: Vec<(u32, &PolicyKey)> = policies.collect();
+    by_ref.sort_unstable_by(|(_, a), (_, b)| {
+        (a.kind.as_str(), &a.namespace, &a.name)
+            .cmp(&(b.kind.as_str(), &b.namespace, &b.name))
+            // A HostPolicy's untracked part is named like it.
+            .then(a.kind.cmp(&b.kind))
+    });
+    let ids = by_ref
+        .iter()
+        .map(|(id, _)| *id as usize + 1)
+        .max()
+        .unwrap_or(0);
+    let mut order = vec![u32::MAX; ids];
+    for (position, (id, _)) in by_ref.iter().enumerate() {
+        order[*id as usize] = u32::try_from(position).unwrap_or(u32::MAX);
+    }
+    order
 }
 
 /// The key of the node itself among its endpoints.
@@ -188,26 +220,18 @@ impl<'a> View<'a> {
                     .copied()
                     .filter(|p| p.validated.policy.pod_selector.matches(&record.info.labels))
                     .collect();
-                let subject_of = |p: &&&'a CachedPolicy| {
-                    p.subject
-                        .is_some_and(|a| self.members.pods(a).binary_search(&pod).is_ok())
-                };
                 if !self.cluster_policies.is_empty() {
                     // Evaluation order: Admin tier, NetworkPolicies, Baseline tier.
-                    let admin = self
-                        .cluster_policies
-                        .iter()
-                        .filter(|p| p.validated.policy.tier == Tier::Admin)
-                        .filter(subject_of);
-                    let baseline = self
-                        .cluster_policies
-                        .iter()
-                        .filter(|p| p.validated.policy.tier == Tier::Baseline)
-                        .filter(subject_of);
-                    selecting = admin
-                        .copied()
+                    let applying = self.subjects().of(pod);
+                    let tier = |tier: Tier| {
+                        applying
+                            .iter()
+                            .map(|&i| self.cluster_policies[i as usize])
+                            .filter(move |p| p.validated.policy.tier == tier)
+                    };
+                    selecting = tier(Tier::Admin)
                         .chain(selecting)
-                        .chain(baseline.copied())
+                        .chain(tier(Tier::Baseline))
                         .collect();
                 }
                 let mut set_of = |direction: Direction| -> Option<usize> {
@@ -372,8 +396,19 @@ impl<'a> View<'a> {
             }
         }
         let ids = memory.rules.assign(&keys);
+        // `RuleRef` order, from integers: (policy, direction, index) identifies a rule.
+        let order = self.policy_order.get_or_init(|| {
+            policy_order(
+                self.policies
+                    .values()
+                    .map(|p| (p.id, &p.validated.policy.key)),
+            )
+        });
         let mut by_rank: Vec<usize> = (0..refs.len()).collect();
-        by_rank.sort_by(|a, b| refs[*a].cmp(&refs[*b]));
+        by_rank.sort_unstable_by_key(|&i| {
+            let (policy, direction, index) = keys[i];
+            (order[policy as usize], direction, index)
+        });
         let mut rank = vec![0u32; refs.len()];
         for (r, &i) in by_rank.iter().enumerate() {
             rank[i] = u32::try_from(r).unwrap_or(u32::MAX);
@@ -412,6 +447,8 @@ impl<'a> View<'a> {
         if all_classes.first() != Some(&0) {
             all_classes.insert(0, 0);
         }
+        // Scratch of the tiered rule sets: the rules matching each class.
+        let mut matched: Vec<Vec<u32>> = vec![Vec::new(); classes.signatures.len()];
         for (set, &set_id) in rule_sets.iter().zip(set_ids) {
             let tiered = set
                 .policies
@@ -425,6 +462,8 @@ impl<'a> View<'a> {
                     classes,
                     class_of,
                     &all_classes,
+                    &classes_with_atom,
+                    &mut matched,
                     &mut verdicts,
                 );
                 continue;
@@ -499,6 +538,14 @@ impl<'a> View<'a> {
     /// The verdicts of a rule set that ClusterNetworkPolicies take part in: for every class
     /// (the unmatched one included, as the tiers can allow what no rule names), the
     /// decision of the tiers over every protocol and port (the `tiers` module).
+    ///
+    /// A class's decision depends only on which of the set's rules match it (and, for
+    /// egress, on what port names stand for at its addresses). So each rule's classes are
+    /// found through `classes_with_atom`, as for NetworkPolicies; the decision is made once
+    /// per distinct set of matching rules; and the classes no rule matches share one
+    /// decision, which the dataplane's default already gives when the set is isolated by
+    /// NetworkPolicies. A node holds hundreds of classes (every partner namespace of
+    /// every ClusterNetworkPolicy of its pods) of which a rule set's rules match a few.
     #[expect(clippy::too_many_arguments, reason = "the parts of one node's compile")]
     fn tiered_verdicts(
         &self,
@@ -508,36 +555,59 @@ impl<'a> View<'a> {
         classes: &Classification,
         class_of: &[u32],
         all_classes: &[usize],
+        classes_with_atom: &HashMap<u32, Vec<usize>>,
+        matched: &mut [Vec<u32>],
         out: &mut Vec<(VerdictMatch, VerdictEntry)>,
     ) {
         let isolated = set
             .policies
             .iter()
             .any(|p| p.validated.policy.tier == Tier::NetworkPolicy);
-        for &class in all_classes {
-            let signature = &classes.signatures[class];
-            let atoms = signature.atoms();
+        // The set's rules in evaluation order, and for each class the rules matching it
+        // (indexes into `set_rules`, ascending).
+        let mut set_rules: Vec<(&CachedPolicy, &Rule, &RuleAtoms, usize)> = Vec::new();
+        for &policy in &set.policies {
+            let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
+                continue;
+            };
+            let written = policy
+                .validated
+                .policy
+                .rules(set.direction)
+                .unwrap_or_default();
+            let interned = policy.rules(set.direction).unwrap_or_default();
+            for (i, (rule, ratoms)) in written.iter().zip(interned).enumerate() {
+                set_rules.push((policy, rule, ratoms, first + i));
+            }
+        }
+        let mut touched: Vec<usize> = Vec::new();
+        for (k, (_, _, ratoms, _)) in set_rules.iter().enumerate() {
+            let k = u32::try_from(k).unwrap_or(u32::MAX);
+            let mut mark = |class: usize| {
+                let list = &mut matched[class];
+                if list.is_empty() {
+                    touched.push(class);
+                }
+                // A class containing several of the rule's peers is matched once.
+                if list.last() != Some(&k) {
+                    list.push(k);
+                }
+            };
+            match &ratoms.peers {
+                None => all_classes.iter().for_each(|&c| mark(c)),
+                Some(ids) => ids
+                    .iter()
+                    .flat_map(|a| classes_with_atom.get(a).into_iter().flatten())
+                    .for_each(|&c| mark(c)),
+            }
+        }
+        let decide = |matching: &[u32], signature: &ClassSignature| -> Vec<TierEntry> {
             let mut tiers = Tiers::default();
             let mut np_rules: Vec<(u32, u32, Coverage)> = Vec::new();
-            for &policy in &set.policies {
-                let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
-                    continue;
-                };
-                let written = policy
-                    .validated
-                    .policy
-                    .rules(set.direction)
-                    .unwrap_or_default();
-                let interned = policy.rules(set.direction).unwrap_or_default();
-                for (i, (rule, ratoms)) in written.iter().zip(interned).enumerate() {
-                    let matches = match &ratoms.peers {
-                        None => true,
-                        Some(ids) => ids.iter().any(|a| atoms.binary_search(a).is_ok()),
-                    };
-                    if !matches {
-                        continue;
-                    }
-                    let coverage = rule_coverage(rule.ports.as_deref(), &ratoms.named, |named| {
+            for &k in matching {
+                let (policy, rule, ratoms, position) = set_rules[k as usize];
+                let coverage =
+                    rule_coverage(rule.ports.as_deref(), &ratoms.named, |named| {
                         match set.direction {
                             Direction::Ingress => set
                                 .ports
@@ -546,18 +616,17 @@ impl<'a> View<'a> {
                             Direction::Egress => signature.port_numbers(named),
                         }
                     });
-                    let id = rules.ids[first + i];
-                    let tier_rule = TierRule {
-                        action: rule.action,
-                        rule: id,
-                        coverage,
-                    };
-                    match policy.validated.policy.tier {
-                        Tier::Admin => tiers.admin.push(tier_rule),
-                        Tier::Baseline => tiers.baseline.push(tier_rule),
-                        Tier::NetworkPolicy => {
-                            np_rules.push((rules.rank[first + i], id, tier_rule.coverage));
-                        }
+                let id = rules.ids[position];
+                let tier_rule = TierRule {
+                    action: rule.action,
+                    rule: id,
+                    coverage,
+                };
+                match policy.validated.policy.tier {
+                    Tier::Admin => tiers.admin.push(tier_rule),
+                    Tier::Baseline => tiers.baseline.push(tier_rule),
+                    Tier::NetworkPolicy => {
+                        np_rules.push((rules.rank[position], id, tier_rule.coverage));
                     }
                 }
             }
@@ -566,7 +635,10 @@ impl<'a> View<'a> {
                 tiers.network_policy =
                     Some(np_rules.into_iter().map(|(_, id, c)| (id, c)).collect());
             }
-            for (protocol, ports, decision) in tiers.entries() {
+            tiers.entries()
+        };
+        let mut emit = |class: usize, entries: &[TierEntry]| {
+            for &(protocol, ports, decision) in entries {
                 out.push((
                     VerdictMatch {
                         rule_set: set_id,
@@ -577,7 +649,46 @@ impl<'a> View<'a> {
                     verdict_entry(decision),
                 ));
             }
+        };
+        // Classes matched by the same rules, with the same port names' meaning (egress
+        // resolves them at the destination, i.e. per class), decide alike.
+        let mut decided: HashMap<(&[u32], &[u32]), Vec<TierEntry>> = HashMap::default();
+        for &class in &touched {
+            let signature = &classes.signatures[class];
+            let resolutions = match set.direction {
+                Direction::Ingress => &[][..],
+                Direction::Egress => signature.port_resolutions(),
+            };
+            let matching = &matched[class][..];
+            let entries = decided
+                .entry((matching, resolutions))
+                .or_insert_with(|| decide(matching, signature));
+            emit(class, entries);
         }
+        let unmatched = decide(&[], &classes.signatures[0]);
+        if !unmatched.is_empty() {
+            for &class in all_classes {
+                if matched[class].is_empty() {
+                    emit(class, &unmatched);
+                }
+            }
+        }
+        drop(decided);
+        for class in touched {
+            matched[class].clear();
+        }
+    }
+
+    /// The ClusterNetworkPolicies (positions in `cluster_policies`) applying to each pod.
+    fn subjects(&self) -> &SubjectIndex {
+        self.subjects.get_or_init(|| {
+            let members: Vec<&[PodIdx]> = self
+                .cluster_policies
+                .iter()
+                .map(|p| p.subject.map_or(&[][..], |a| self.members.pods(a)))
+                .collect();
+            SubjectIndex::new(&members)
+        })
     }
 
     /// The policies of a namespace, in key order.
@@ -678,5 +789,41 @@ fn add_rule_ports(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weir_api::PolicyRef;
+
+    use super::*;
+
+    #[test]
+    fn policy_order_is_the_order_of_policy_refs() {
+        let keys = [
+            PolicyKey::new("team-b", "allow"),
+            PolicyKey::cluster("guard-2"),
+            PolicyKey::new("team-a", "deny"),
+            PolicyKey::host("nodes"),
+            PolicyKey::cluster("guard-10"),
+            PolicyKey::new("team-a", "allow"),
+        ];
+        // Ids as the compiler hands them out: small, not in key order, with a gap.
+        let ids = [4u32, 0, 7, 2, 1, 3];
+        let order = policy_order(ids.iter().copied().zip(&keys));
+        let mut refs: Vec<(PolicyRef, u32)> = keys
+            .iter()
+            .zip(ids)
+            .map(|(k, id)| (k.policy_ref(), id))
+            .collect();
+        refs.sort();
+        for (position, (_, id)) in refs.iter().enumerate() {
+            assert_eq!(
+                order[*id as usize], position as u32,
+                "{:?}",
+                refs[position].0
+            );
+        }
+        assert_eq!(order[5], u32::MAX, "an id no policy has");
     }
 }
