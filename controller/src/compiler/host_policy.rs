@@ -166,66 +166,32 @@ pub fn validate(hp: &HostPolicy) -> Result<ValidatedHostPolicy> {
         }
     };
     let (ingress_type, egress_type) = policy_types(&mut v, &hp.spec);
-    let ingress: Vec<Rule> = hp
-        .spec
-        .ingress
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, r)| {
-            let path = format!("spec.ingress[{i}]");
-            rule(
-                &mut v,
-                &path,
-                i,
-                r.from.as_deref(),
-                r.ports.as_deref(),
-                "from",
-                true,
-            )
-        })
-        .collect();
-    let egress: Vec<Rule> = hp
+    let egress_rules: Listed = hp
         .spec
         .egress
         .iter()
         .flatten()
-        .enumerate()
-        .map(|(i, r)| {
-            let path = format!("spec.egress[{i}]");
-            rule(
-                &mut v,
-                &path,
-                i,
-                r.to.as_deref(),
-                r.ports.as_deref(),
-                "to",
-                true,
-            )
-        })
+        .map(|r| (r.to.as_deref(), r.ports.as_deref()))
         .collect();
-    let untracked: Vec<Rule> = hp
-        .spec
-        .untracked
-        .iter()
-        .flatten()
-        .enumerate()
-        .map(|(i, r)| {
-            let path = format!("spec.untracked[{i}]");
-            let mut rule = rule(
-                &mut v,
-                &path,
-                i,
-                r.from.as_deref(),
-                r.ports.as_deref(),
-                "from",
-                false,
-            );
-            rule.action = RuleAction::Deny;
-            rule.name = Some(format!("untracked[{i}]"));
-            rule
-        })
-        .collect();
+    let ingress = rules(
+        &mut v,
+        "ingress",
+        &listed(hp.spec.ingress.as_deref()),
+        "from",
+        true,
+    );
+    let egress = rules(&mut v, "egress", &egress_rules, "to", true);
+    let mut untracked = rules(
+        &mut v,
+        "untracked",
+        &listed(hp.spec.untracked.as_deref()),
+        "from",
+        false,
+    );
+    for (i, rule) in untracked.iter_mut().enumerate() {
+        rule.action = RuleAction::Deny;
+        rule.name = Some(format!("untracked[{i}]"));
+    }
     let valid = v.error_count() == 0;
     // An unreadable node selector cannot tell which nodes were meant: all of them.
     let selector = nodes.unwrap_or_else(Selector::everything);
@@ -285,6 +251,34 @@ fn policy_types(v: &mut Validator, spec: &HostPolicySpec) -> (bool, bool) {
         }
     }
     (ingress, egress)
+}
+
+/// Peers and ports of each rule in `rules`.
+type Listed<'a> = Vec<(Option<&'a [HostPeer]>, Option<&'a [NetworkPolicyPort]>)>;
+
+fn listed(rules: Option<&[HostIngressRule]>) -> Listed<'_> {
+    rules
+        .into_iter()
+        .flatten()
+        .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+        .collect()
+}
+
+/// The rules of `spec.<section>`, each given as its peer list and ports.
+fn rules(
+    v: &mut Validator,
+    section: &str,
+    list: &[(Option<&[HostPeer]>, Option<&[NetworkPolicyPort]>)],
+    peers_field: &str,
+    pods: bool,
+) -> Vec<Rule> {
+    list.iter()
+        .enumerate()
+        .map(|(i, &(peers, ports))| {
+            let path = format!("spec.{section}[{i}]");
+            rule(v, &path, i, peers, ports, peers_field, pods)
+        })
+        .collect()
 }
 
 /// One rule: its peers (the list under `peers_field`) and ports. Pods are peers only where
