@@ -7,11 +7,17 @@ mod support;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use serde_json::json;
 use support::{cluster, cluster_with_agent_args, pod};
+use weir_agent::{dataplane::PinLayout, maps::pinned_drop_counts};
+use weir_common::event::DropReason;
 use weir_localcluster::{LocalCluster, Topology, netns::Netns};
 
 const VXLAN_PORT: u16 = 4789;
@@ -354,4 +360,178 @@ async fn a_drop_cidr_set_reaches_every_node_and_spares_the_cluster() {
         "a deleted set drops nothing"
     );
     assert_eq!(prefilter_drops(&c, 0, &external_net, "scanners"), None);
+}
+
+/// Packets the node's pinned drop counters hold under reason `prefilter`. Read from the
+/// pinned map, which outlives the agent, so it can be read while no agent runs.
+fn pinned_prefilter_drops(c: &LocalCluster, node: usize) -> u64 {
+    let pins = PinLayout::new(std::path::Path::new("/sys/fs/bpf"), &c.nodes()[node].name);
+    pinned_drop_counts(&pins)
+        .expect("reading the pinned drop counters")
+        .into_iter()
+        .find(|(r, _)| *r == DropReason::Prefilter)
+        .map_or(0, |(_, n)| n)
+}
+
+/// A UDP sender in its own thread inside `from`, one datagram to `to`:[`TARGET_PORT`]
+/// every `every` until dropped.
+struct UdpStream {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpStream {
+    fn start(from: &Netns, to: Ipv4Addr, payload: &'static [u8], every: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (flag, count) = (stop.clone(), sent.clone());
+        let path = from.path();
+        let thread = std::thread::spawn(move || {
+            weir_conformance::netns::enter(&path).expect("enter the sender's namespace");
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+            while !flag.load(Ordering::Relaxed) {
+                if s.send_to(payload, (to, TARGET_PORT)).is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(every);
+            }
+        });
+        Self {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Counts what a [`Listener`] receives, by payload, on a thread of its own.
+struct Tally {
+    flood: Arc<AtomicU64>,
+    benign: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Tally {
+    fn start(listener: Listener, flood_payload: &'static [u8]) -> Self {
+        let (flood, benign, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (f, b, s) = (flood.clone(), benign.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, _)) = listener.0.recv_from(&mut buf) {
+                    let counter = if &buf[..n] == flood_payload { &f } else { &b };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Self {
+            flood,
+            benign,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An agent killed with SIGKILL and restarted while a host in a `DropCIDRSet` floods its
+/// node: the prefilter keeps dropping throughout. The drop counter (read from the pinned
+/// maps) rises while the agent runs, while it is dead, while it starts and once it is back;
+/// not one flood datagram reaches the node's socket; a sender outside the set gets through
+/// in every phase.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_under_a_flood_keeps_dropping() {
+    const FLOOD: &[u8] = b"flood from a denied host";
+    let mut c = cluster(2, Topology::L2).await;
+    let external = c.external().expect("external host").clone();
+    let external_net = format!("{}/32", weir_localcluster::EXTERNAL_IP);
+    c.apply_object(&json!({
+        "apiVersion": "weir.dev/v1alpha1",
+        "kind": "DropCIDRSet",
+        "metadata": {"name": "flooders"},
+        "spec": {"cidrs": [external_net]},
+    }))
+    .unwrap();
+    c.sync().await.unwrap();
+    let target = c.nodes()[0].ip;
+    let tally = Tally::start(node_listener(&c.nodes()[0].netns), FLOOD);
+    // A modest rate: this is about correctness, not speed.
+    let flood = UdpStream::start(&external.netns, target, FLOOD, Duration::from_micros(200));
+    let benign = UdpStream::start(
+        &c.nodes()[1].netns.clone(),
+        target,
+        b"from another node",
+        Duration::from_millis(20),
+    );
+
+    // Each phase: the counter rises, benign datagrams arrive, no flood datagram does.
+    let mut last = pinned_prefilter_drops(&c, 0);
+    let mut check = |c: &LocalCluster, phase: &str| {
+        let benign_before = tally.benign.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(500));
+        let now = pinned_prefilter_drops(c, 0);
+        assert!(
+            now > last,
+            "{phase}: the prefilter drop counter did not rise ({last} → {now})"
+        );
+        last = now;
+        assert!(
+            tally.benign.load(Ordering::Relaxed) > benign_before,
+            "{phase}: the benign sender did not get through"
+        );
+        assert_eq!(
+            tally.flood.load(Ordering::Relaxed),
+            0,
+            "{phase}: a flood datagram reached the node"
+        );
+    };
+    check(&c, "before the kill");
+    c.kill_agent(0);
+    check(&c, "agent dead");
+    check(&c, "agent still dead");
+    c.start_agent(0).await.unwrap();
+    check(&c, "agent starting");
+    c.wait_agent_ready(0, Duration::from_secs(30))
+        .await
+        .unwrap();
+    check(&c, "agent back");
+    c.sync().await.unwrap();
+    check(&c, "agent back and in sync");
+    let sent = flood.sent.load(Ordering::Relaxed);
+    drop(flood);
+    drop(benign);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tally.flood.load(Ordering::Relaxed),
+        0,
+        "flood datagrams reached the node"
+    );
+    assert!(sent > 1_000, "the flood sent only {sent} datagrams");
+    assert!(
+        prefilter_drops(&c, 0, &external_net, "flooders").unwrap_or(0) > 0,
+        "the restarted agent reports the set's drops"
+    );
 }

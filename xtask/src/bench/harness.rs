@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
 use super::{
-    Args, Section, compile, datapath, propagation,
+    Args, Section, compile, datapath, flood, propagation,
     report::{self, Report},
     services,
     synthetic::Shape,
@@ -21,6 +21,7 @@ pub fn run(args: Args) -> Result<()> {
         Section::Datapath,
         Section::Propagation,
         Section::Services,
+        Section::Flood,
     ];
     let sections: Vec<Section> = all
         .into_iter()
@@ -132,6 +133,22 @@ pub fn run(args: Args) -> Result<()> {
                 e.context("setting up the networks"),
                 &mut report,
             ),
+        }
+    }
+    if sections.contains(&Section::Flood) {
+        let settings = flood::Settings::new(quick, runs);
+        println!("## Flood: setting up networks\n");
+        match flood::FloodNetworks::up(&settings) {
+            Ok(mut nets) => {
+                println!("\n## Flood from denied sources: XDP vs. TC vs. nftables\n");
+                if let Err(e) = flood::run(&mut report, &mut nets, &settings) {
+                    fail("flood", e, &mut report);
+                }
+                print_section(&report, flood::SECTION);
+                println!("Tearing the networks down.");
+                drop(nets);
+            }
+            Err(e) => fail("flood", e.context("setting up the networks"), &mut report),
         }
     }
     println!("## Goals\n");

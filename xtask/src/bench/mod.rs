@@ -14,7 +14,13 @@
 //! * `propagation`: how long a policy takes from the manifest write to being enforced;
 //! * `services`: new connections per second and request/response latency through a
 //!   ClusterIP against the backend's pod IP, with 10 and 10k Services, through weir and
-//!   through kube-proxy's iptables and nftables modes.
+//!   through kube-proxy's iptables and nftables modes;
+//! * `flood`: a flood of UDP from denied sources into a node (sent by an XDP program in
+//!   `BPF_PROG_TEST_RUN` live-frames mode), dropped by weir's XDP prefilter, by the same
+//!   lookup in a TC classifier, by nftables on the netdev ingress hook and in the inet input
+//!   chain, with 10 and 100k denied prefixes: packets dropped per second and per core of
+//!   receive CPU (baseline: the best non-XDP method), and benign TCP throughput through the
+//!   node with and without the flood.
 //!
 //! These are benchmarks, not timed tests: they print figures and never fail on a slow machine.
 //! Every figure is the median of several runs, interleaved across the configurations it is
@@ -32,9 +38,13 @@ mod compile;
 #[cfg(feature = "bench")]
 mod datapath;
 #[cfg(feature = "bench")]
+mod flood;
+#[cfg(feature = "bench")]
 mod harness;
 #[cfg(feature = "bench")]
 mod propagation;
+#[cfg(feature = "bench")]
+mod rawbpf;
 #[cfg(feature = "bench")]
 mod report;
 #[cfg(feature = "bench")]
@@ -80,6 +90,9 @@ pub enum Section {
     /// Connection rate and latency through a ClusterIP vs. the pod IP, 10 and 10k Services,
     /// weir vs. kube-proxy's iptables and nftables modes.
     Services,
+    /// A flood from denied sources dropped by weir's XDP prefilter, the same lookup in TC,
+    /// nftables netdev ingress and inet input; benign TCP during the flood.
+    Flood,
 }
 
 /// Set in the environment of the re-executed release build, so that a build without the
