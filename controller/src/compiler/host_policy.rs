@@ -268,7 +268,7 @@ fn listed(rules: Option<&[HostIngressRule]>) -> Listed<'_> {
 fn rules(
     v: &mut Validator,
     section: &str,
-    list: &[(Option<&[HostPeer]>, Option<&[NetworkPolicyPort]>)],
+    list: &Listed,
     peers_field: &str,
     pods: bool,
 ) -> Vec<Rule> {
