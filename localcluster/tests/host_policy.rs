@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use serde_json::json;
 use support::{cluster, pod, probe};
 use weir_conformance::{Protocol, probe::Servers};
-use weir_localcluster::{LocalCluster, Topology, netns::Netns};
+use weir_localcluster::{ExternalHost, LocalCluster, Topology, netns::Netns};
 
 /// A port of node 1 the policy opens to the other nodes only, one it does not open, and a
 /// failsafe port (SSH).
@@ -32,14 +32,36 @@ fn drops(c: &LocalCluster, node: usize, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The external host, and both nodes' namespaces and addresses.
+struct Hosts {
+    external: ExternalHost,
+    node0: Netns,
+    node1: Netns,
+    node0_ip: IpAddr,
+    node1_ip: IpAddr,
+}
+
+fn hosts(c: &LocalCluster) -> Hosts {
+    Hosts {
+        external: c.external().expect("external host").clone(),
+        node0: c.nodes()[0].netns.clone(),
+        node1: c.nodes()[1].netns.clone(),
+        node0_ip: IpAddr::V4(c.nodes()[0].ip),
+        node1_ip: IpAddr::V4(c.nodes()[1].ip),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_policy_firewalls_the_nodes_it_selects_and_never_closes_the_failsafe_ports() {
     let mut c = cluster(2, Topology::Routed).await;
     let remote_pod = pod(&mut c, "default", "client", 1).await;
-    let external = c.external().expect("external host").clone();
-    let (node0, node1) = (c.nodes()[0].netns.clone(), c.nodes()[1].netns.clone());
-    let node0_ip = IpAddr::V4(c.nodes()[0].ip);
-    let node1_ip = IpAddr::V4(c.nodes()[1].ip);
+    let Hosts {
+        external,
+        node0,
+        node1,
+        node0_ip,
+        node1_ip,
+    } = hosts(&c);
     let _servers = Servers::start(
         &node0.path(),
         &[OPEN_TO_NODES, CLOSED, SSH],
@@ -126,10 +148,13 @@ async fn a_host_policy_firewalls_the_nodes_it_selects_and_never_closes_the_fails
 async fn egress_rules_judge_the_nodes_own_connections_and_untracked_rules_drop_in_xdp() {
     let mut c = cluster(2, Topology::Routed).await;
     let local_pod = pod(&mut c, "default", "local", 0).await;
-    let external = c.external().expect("external host").clone();
-    let (node0, node1) = (c.nodes()[0].netns.clone(), c.nodes()[1].netns.clone());
-    let node0_ip = IpAddr::V4(c.nodes()[0].ip);
-    let node1_ip = IpAddr::V4(c.nodes()[1].ip);
+    let Hosts {
+        external,
+        node0,
+        node1,
+        node0_ip,
+        node1_ip,
+    } = hosts(&c);
     let _servers = Servers::start(
         &node0.path(),
         &[OPEN_TO_NODES, CLOSED],

@@ -337,12 +337,6 @@ impl<'a> View<'a> {
                     continue;
                 }
                 start.insert((policy.id, set.direction), refs.len());
-                let written = policy
-                    .validated
-                    .policy
-                    .rules(set.direction)
-                    .unwrap_or_default();
-                let interned = policy.rules(set.direction).unwrap_or_default();
                 let written_policy = &policy.validated.policy;
                 let tier = match written_policy.tier {
                     _ if written_policy.key.kind == PolicyKind::UntrackedHostPolicy => {
@@ -352,7 +346,7 @@ impl<'a> View<'a> {
                     Tier::Baseline => Some(PolicyTier::Baseline),
                     Tier::NetworkPolicy => None,
                 };
-                for (rule, atoms) in written.iter().zip(interned) {
+                for (rule, atoms) in policy.written_rules(set.direction) {
                     refs.push(RuleRef {
                         policy: written_policy.key.policy_ref(),
                         direction: set.direction,
@@ -472,13 +466,7 @@ impl<'a> View<'a> {
                 let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
                     continue;
                 };
-                let written = policy
-                    .validated
-                    .policy
-                    .rules(set.direction)
-                    .unwrap_or_default();
-                let interned = policy.rules(set.direction).unwrap_or_default();
-                for (i, (rule, atoms)) in written.iter().zip(interned).enumerate() {
+                for (i, (rule, atoms)) in policy.written_rules(set.direction).enumerate() {
                     let matched: Vec<usize> = match &atoms.peers {
                         None => present.clone(),
                         Some(ids) => {
@@ -570,13 +558,7 @@ impl<'a> View<'a> {
             let Some(&first) = rules.start.get(&(policy.id, set.direction)) else {
                 continue;
             };
-            let written = policy
-                .validated
-                .policy
-                .rules(set.direction)
-                .unwrap_or_default();
-            let interned = policy.rules(set.direction).unwrap_or_default();
-            for (i, (rule, ratoms)) in written.iter().zip(interned).enumerate() {
+            for (i, (rule, ratoms)) in policy.written_rules(set.direction).enumerate() {
                 set_rules.push((policy, rule, ratoms, first + i));
             }
         }

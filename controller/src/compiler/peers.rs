@@ -178,6 +178,18 @@ pub(crate) struct CachedPolicy {
 }
 
 impl CachedPolicy {
+    /// The rules of one direction as written, each with its interned form (none if the
+    /// policy does not isolate that direction).
+    pub fn written_rules(
+        &self,
+        direction: Direction,
+    ) -> impl Iterator<Item = (&super::policy::Rule, &RuleAtoms)> {
+        let written = self.validated.policy.rules(direction).unwrap_or_default();
+        written
+            .iter()
+            .zip(self.rules(direction).unwrap_or_default())
+    }
+
     /// The interned rules of one direction; `None` if the policy does not isolate it.
     pub fn rules(&self, direction: Direction) -> Option<&[RuleAtoms]> {
         match direction {
