@@ -126,26 +126,34 @@ impl CtEntry {
     }
 }
 
-/// Key of the `FRAGMENTS` LRU hash: identifies an IPv4 datagram being fragmented, so that
-/// later fragments (which carry no L4 header) are classified with the first one's ports.
+/// Key of the `FRAGMENTS` LRU hash: identifies an IPv4 or IPv6 datagram being fragmented, so
+/// that later fragments (which carry no L4 header) are classified with the first one's ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragKey {
     saddr: IpKey,
     daddr: IpKey,
-    id_be: u16,
+    /// The identification field as it is in the packet: IPv4's 16 bits (in the first two
+    /// bytes, the others zero), IPv6's 32.
+    id: u32,
     proto: u8,
-    _pad: u8,
+    _pad: [u8; 3],
 }
 
 impl FragKey {
-    pub const fn new(saddr: IpKey, daddr: IpKey, id_be: u16, proto: u8) -> Self {
+    /// For an IPv4 datagram, whose identification is 16 bits.
+    pub const fn v4(saddr: IpKey, daddr: IpKey, id_be: u16, proto: u8) -> Self {
+        let [a, b] = id_be.to_ne_bytes();
+        Self::new(saddr, daddr, u32::from_ne_bytes([a, b, 0, 0]), proto)
+    }
+    /// For an IPv6 datagram: `id` is the fragment header's identification, read natively.
+    pub const fn new(saddr: IpKey, daddr: IpKey, id: u32, proto: u8) -> Self {
         Self {
             saddr,
             daddr,
-            id_be,
+            id,
             proto,
-            _pad: 0,
+            _pad: [0; 3],
         }
     }
 }

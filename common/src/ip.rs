@@ -48,6 +48,17 @@ impl IpKey {
         self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_WORD
     }
 
+    /// An IPv6 link-local address (`fe80::/10`).
+    pub fn is_v6_link_local(&self) -> bool {
+        let [a, b, _, _] = self.words[0].to_ne_bytes();
+        a == 0xfe && b & 0xc0 == 0x80
+    }
+
+    /// `::`, the source of a node that has no address yet (IPv6 duplicate address detection).
+    pub fn is_unspecified(&self) -> bool {
+        self.words == [0; 4]
+    }
+
     pub fn v4_octets(&self) -> [u8; 4] {
         self.words[3].to_ne_bytes()
     }

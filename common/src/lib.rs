@@ -40,7 +40,8 @@ mod pod;
 ///    `host_policy`.
 /// 9: `HOST_ENDPOINT` has two slots: the node's host policy (now with an egress rule set) and
 ///    its untracked rules, which the XDP program applies.
-pub const ABI_VERSION: u32 = 9;
+/// 10: `FRAGMENTS` keys hold a 32-bit identification (IPv6 fragments).
+pub const ABI_VERSION: u32 = 10;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {

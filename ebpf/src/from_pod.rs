@@ -1,6 +1,6 @@
 //! TC ingress of a pod's host-side veth: everything the pod sends.
 //!
-//! Order: ARP is answered here; the source must be the pod's own address and MAC; a packet
+//! Order: ARP is answered here, IPv6 neighbour discovery goes to the host; the source must be the pod's own address and MAC; a packet
 //! to a Service frontend is translated to its backend (a pod that is its own backend gets
 //! its packet back at once, from the frontend's address); then conntrack and policy (the
 //! pod's egress rules, and the destination's ingress rules when it is a pod on this node);
@@ -32,6 +32,9 @@ pub fn run(ctx: &TcContext) -> i32 {
         Ok(L3::Other) => return drop(ctx, DropReason::UnsupportedL3),
         Err(reason) => return drop(ctx, reason),
     };
+    if pkt.is_link_control(ctx) {
+        return link_control(ctx, &pkt);
+    }
     // Anti-spoofing: the source address must belong to the pod behind this very veth,
     // and the frame must come from that pod's MAC.
     // SAFETY: value copied out of the map.
@@ -89,6 +92,30 @@ pub fn run(ctx: &TcContext) -> i32 {
         // node's addresses, which the host stack would take for a martian.
         (None, None) if reversed => forward::by_fib(ctx, &pkt.saddr, &pkt.daddr),
         (None, None) => TC_ACT_OK,
+    }
+}
+
+/// IPv6 neighbour and multicast listener discovery from the pod goes to the host stack,
+/// which answers for the pod's gateway (`fe80::1` on the host side of every pod's veth),
+/// never to policy. It may come from a link-local or the unspecified address (duplicate
+/// address detection), or from one of the pod's own addresses — nothing else. A pod never
+/// advertises itself as a router nor redirects the node.
+#[inline(always)]
+fn link_control(ctx: &TcContext, pkt: &parse::Packet) -> i32 {
+    if matches!(
+        pkt.icmpv6_type(ctx),
+        Some(parse::ICMPV6_ROUTER_ADVERTISEMENT | parse::ICMPV6_REDIRECT)
+    ) {
+        return drop(ctx, DropReason::Spoofed);
+    }
+    if pkt.saddr.is_v6_link_local() || pkt.saddr.is_unspecified() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: value copied out of the map; context pointer valid for the program's lifetime.
+    let (ep, ifindex) = unsafe { (ENDPOINTS.get(&pkt.saddr).copied(), (*ctx.skb.skb).ifindex) };
+    match ep {
+        Some(ep) if ep.ifindex() == ifindex => TC_ACT_OK,
+        _ => drop(ctx, DropReason::Spoofed),
     }
 }
 

@@ -46,6 +46,10 @@ pub fn ingress(ctx: &TcContext, pkt: &mut Packet) -> i32 {
     let Some(host) = endpoint() else {
         return TC_ACT_OK;
     };
+    // Neighbour discovery is the link's machinery, not a flow: no policy judges it.
+    if pkt.is_link_control(ctx) {
+        return TC_ACT_OK;
+    }
     let (dport, sport) = (u16::from_be(pkt.dport_be), u16::from_be(pkt.sport_be));
     if host.ingress_policy() != NOT_ISOLATED && failsafe(pkt.proto, dport, sport) {
         return TC_ACT_OK;
@@ -64,6 +68,9 @@ pub fn egress(ctx: &TcContext, pkt: &mut Packet) -> i32 {
     let Some(host) = endpoint() else {
         return TC_ACT_OK;
     };
+    if pkt.is_link_control(ctx) {
+        return TC_ACT_OK;
+    }
     // Locally generated: no interface received it.
     // SAFETY: reading a field of the socket buffer the program was given.
     if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {

@@ -134,6 +134,14 @@ pub static SCRATCH_TUNNEL_KEY: PerCpuArray<bpf_tunnel_key> = PerCpuArray::with_m
 #[map]
 pub static SCRATCH_FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU room where the IPv6 parser leaves the outcome of its extension-header walk
+/// (upper-layer offset, next header, fragment offset and flags, identification) and reads
+/// it back (not pinned either). Read back from a map, the outcome is the same unknown to the
+/// verifier whichever way the walk went, so the rest of a program is verified once rather
+/// than once per way through the walk.
+#[map]
+pub static SCRATCH_IPV6_WALK: PerCpuArray<[u32; 4]> = PerCpuArray::with_max_entries(1, 0);
+
 /// The XDP prefilter: sources in these prefixes are dropped on the uplink (see `xdp`).
 #[map]
 pub static PREFILTER: LpmTrie<IpKey, PrefilterEntry> =

@@ -25,6 +25,10 @@ pub fn run(ctx: &TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     };
+    if pkt.is_link_control(ctx) {
+        // Neighbour discovery between the host and the pod: never policy's to judge.
+        return TC_ACT_OK;
+    }
     // SAFETY: value copied out of the map.
     let Some(dst_ep) = (unsafe { ENDPOINTS.get(&pkt.daddr) }).copied() else {
         // Not addressed to the pod (e.g. broadcast): nothing to enforce.

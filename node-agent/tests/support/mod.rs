@@ -3,7 +3,7 @@
 
 pub mod packet;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// TC verdicts (`TC_ACT_*`).
 pub const TC_ACT_OK: u32 = 0;
@@ -18,6 +18,8 @@ pub const GW_A: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0a];
 pub const GW_B: [u8; 6] = [0xee, 0, 0, 0, 0, 0x0b];
 pub const IP_A: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
 pub const IP_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+pub const IP6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0x0a);
+pub const IP6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0x0b);
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
 pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 

@@ -204,3 +204,63 @@ pub fn udp6(
         .expect("a frame within IPv6's size");
     f
 }
+
+/// IPv6 next-header values of the extension headers the tests build.
+pub const HOP_BY_HOP: u8 = 0;
+pub const DEST_OPTS: u8 = 60;
+pub const FRAGMENT: u8 = 44;
+pub const ICMPV6: u8 = 58;
+
+/// An Ethernet + IPv6 frame around `payload` (extension headers and upper-layer header as
+/// bytes), `next` naming its first header. The payload length is the payload's; checksums
+/// are not computed (the programs do not verify them).
+pub fn ipv6_raw(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = eth(src_mac, dst_mac, 0x86dd);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+    f.extend_from_slice(&[next, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An options extension header (hop-by-hop or destination options) of `units` × 8 bytes
+/// (at least 1), filled with Pad1 options, followed by header `next`.
+pub fn ext_options(next: u8, units: u8) -> Vec<u8> {
+    let mut h = vec![next, units.max(1) - 1];
+    h.resize(usize::from(units.max(1)) * 8, 0);
+    h
+}
+
+/// A fragment header: `offset` in 8-byte units, the more-fragments flag, identification.
+pub fn ext_fragment(next: u8, offset: u16, more: bool, id: u32) -> Vec<u8> {
+    let mut h = vec![next, 0];
+    h.extend_from_slice(&((offset << 3) | u16::from(more)).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h
+}
+
+/// A 20-byte TCP header.
+pub fn tcp_header(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h.extend_from_slice(&[0; 8]);
+    h.extend_from_slice(&[0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+    h
+}
+
+/// An ICMPv6 message: type, code, a zero checksum and `body`.
+pub fn icmpv6(ty: u8, code: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(body);
+    m
+}
