@@ -487,7 +487,8 @@ impl Agent {
     /// Addresses of this node, for "traffic from the node to its pods is always allowed". The
     /// uplink's come first, then by interface: if there are more than the map holds (IPVS
     /// binds every ClusterIP to the node), the ones kubelet probes come from are kept.
-    pub async fn refresh_host_addrs(&mut self) -> Result<()> {
+    /// Returns the addresses read.
+    pub async fn refresh_host_addrs(&mut self) -> Result<Vec<IpAddr>> {
         let addrs = self.node_addresses().await?;
         let left_out = self.maps.sync_host_addrs(&addrs)?;
         if left_out != self.host_addrs_left_out {
@@ -503,7 +504,7 @@ impl Agent {
             }
             self.host_addrs_left_out = left_out;
         }
-        Ok(())
+        Ok(addrs)
     }
 
     /// The node's addresses as they are now: the uplink's first, then by interface.
@@ -696,7 +697,9 @@ impl Agent {
         // Checked before anything is built: a port already taken, or a hostIP that is not
         // the node's, fails the ADD whole.
         let node_addrs = if req.port_mappings.iter().any(|m| m.host_ip.is_some()) {
-            self.node_addresses().await?
+            // Read now (an address added since the last periodic refresh counts), and into
+            // the dataplane too, which must know the address as the node's.
+            self.refresh_host_addrs().await?
         } else {
             Vec::new()
         };
