@@ -22,7 +22,9 @@ pub enum FrontendKind {
     /// The Service's ClusterIP (`ServiceFrontend::ip` holds it).
     ClusterIp,
     /// `nodePort` on every address of every node (`ServiceFrontend::ip` is the unspecified
-    /// address of the family).
+    /// address of the family). The agent also writes pods' hostPorts as node ports of its
+    /// own node, on one of its addresses when the mapping has a `hostIP`; the controller's
+    /// node ports are always on the unspecified address.
     NodePort,
 }
 

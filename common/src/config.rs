@@ -21,6 +21,17 @@ impl NodeConfig {
     /// Service proxy, e.g. kube-proxy, translates in the host's netfilter and must see both
     /// directions of a flow).
     pub const FLAG_HOST_PATH: u32 = 1 << 0;
+    /// An untracked host-policy rule set is installed (`HOST_ENDPOINT`'s second slot): the
+    /// XDP program looks it up. Clear: the XDP program does not look. The agent sets the bit
+    /// after writing the slot and clears it before clearing the slot, so a packet never
+    /// meets a half-installed state other than "not yet" or "no longer".
+    pub const FLAG_HOST_UNTRACKED: u32 = 1 << 1;
+    /// `SERVICES` may hold frontends on one of this node's addresses (host ports with a
+    /// `hostIP`): a packet from the network to the node looks up its exact destination before
+    /// the unspecified address. Clear: only the unspecified address is looked up.
+    pub const FLAG_HOST_ADDR_FRONTENDS: u32 = 1 << 2;
+    /// The bits the agent derives from the maps' contents (kept across an agent restart).
+    pub const DERIVED_FLAGS: u32 = Self::FLAG_HOST_UNTRACKED | Self::FLAG_HOST_ADDR_FRONTENDS;
 
     pub const fn new(policy_gen: u32, sample_rate: u32, vni: u32) -> Self {
         Self {
@@ -59,6 +70,21 @@ impl NodeConfig {
     }
     pub const fn host_path(&self) -> bool {
         self.flags & Self::FLAG_HOST_PATH != 0
+    }
+    pub const fn host_untracked(&self) -> bool {
+        self.flags & Self::FLAG_HOST_UNTRACKED != 0
+    }
+    pub const fn host_addr_frontends(&self) -> bool {
+        self.flags & Self::FLAG_HOST_ADDR_FRONTENDS != 0
+    }
+    /// These flags with `bits` set (`on`) or cleared.
+    pub const fn with_flag(mut self, bits: u32, on: bool) -> Self {
+        if on {
+            self.flags |= bits;
+        } else {
+            self.flags &= !bits;
+        }
+        self
     }
 }
 

@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
 };
-use weir_common::{conntrack::CtEntry, event::DropReason};
+use weir_common::{config::NodeConfig, conntrack::CtEntry, event::DropReason};
 
 use crate::{
     conntrack::enforce,
@@ -39,17 +39,19 @@ pub fn run(ctx: &TcContext) -> i32 {
         record_drop(ctx, Some(&pkt.ct_key()), DropReason::Spoofed, 0, 0);
         return TC_ACT_SHOT;
     }
-    if node_config().host_path() {
+    let flags = node_config().flags();
+    if flags & NodeConfig::FLAG_HOST_PATH != 0 {
         // Another proxy translates in the host's netfilter: the host routes every packet;
         // a pod's ingress rules are enforced on its veth (`to_pod`).
         return TC_ACT_OK;
     }
     // SAFETY: value copied out of the map.
     let mut dst_ep = (unsafe { ENDPOINTS.get(&pkt.daddr) }).copied();
+    let host_addr_frontends = flags & NodeConfig::FLAG_HOST_ADDR_FRONTENDS != 0;
     let mut flags = 0;
     // SAFETY: existence check only.
     if dst_ep.is_none() && unsafe { HOST_ADDRS.get(&pkt.daddr).is_some() } {
-        match nat::inbound(ctx, &mut pkt) {
+        match nat::inbound(ctx, &mut pkt, host_addr_frontends) {
             Ok(Inbound::Pass) => return host::ingress(ctx, &mut pkt),
             Ok(Inbound::ReplyToClient) => return forward::by_fib(ctx, &pkt.saddr, &pkt.daddr),
             Ok(Inbound::ToRemoteBackend) => return to_remote_backend(ctx, &pkt),

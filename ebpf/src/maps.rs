@@ -164,6 +164,12 @@ pub fn node_config() -> NodeConfig {
     }
 }
 
+/// The node's flags (`NodeConfig::FLAG_*`) alone, without copying the rest of its settings.
+#[inline(always)]
+pub fn node_flags() -> u32 {
+    NODE_CONFIG.get(0).map_or(0, |c| c.flags())
+}
+
 /// Adds one to slot `index` of a per-CPU counter array (ids beyond its capacity are not
 /// counted).
 #[inline(always)]

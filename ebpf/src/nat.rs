@@ -214,9 +214,13 @@ fn hairpin_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropRe
 /// backend on another node. Updates `pkt` to what was written. Err: counted and reported,
 /// drop.
 #[inline(always)]
-pub fn inbound(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, ()> {
+pub fn inbound(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    host_addr_frontends: bool,
+) -> Result<Inbound, ()> {
     let mut service = 0;
-    inbound_inner(ctx, pkt, &mut service).map_err(|reason| {
+    inbound_inner(ctx, pkt, host_addr_frontends, &mut service).map_err(|reason| {
         record_drop(ctx, scratch_key(0), reason, 0, service);
     })
 }
@@ -225,6 +229,7 @@ pub fn inbound(ctx: &TcContext, pkt: &mut Packet) -> Result<Inbound, ()> {
 fn inbound_inner(
     ctx: &TcContext,
     pkt: &mut Packet,
+    host_addr_frontends: bool,
     service: &mut u32,
 ) -> Result<Inbound, DropReason> {
     if pkt.l4 == 0 || !pkt.daddr.is_v4() {
@@ -260,10 +265,27 @@ fn inbound_inner(
         // up the stack.
         return Ok(Inbound::ToBackend);
     }
-    let mut frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
-    // SAFETY: value copied out of the map.
-    let Some(mut frontend) = (unsafe { SERVICES.get(&frontend_key) }).copied() else {
-        return Ok(Inbound::Pass);
+    // A frontend on the destination address itself (a host port with a `hostIP`), looked up
+    // only while the agent says there may be one; then the frontends on every address of
+    // the node (NodePorts, host ports without `hostIP`). The agent never writes both for one
+    // port and protocol, so the order decides nothing but the cost.
+    let mut frontend_key = ServiceKey::new(pkt.daddr, pkt.dport_be, pkt.proto, 0);
+    let exact = if host_addr_frontends {
+        // SAFETY: value copied out of the map.
+        unsafe { SERVICES.get(&frontend_key) }.copied()
+    } else {
+        None
+    };
+    let mut frontend = match exact {
+        Some(f) => f,
+        None => {
+            frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
+            // SAFETY: value copied out of the map.
+            match unsafe { SERVICES.get(&frontend_key) } {
+                Some(f) => *f,
+                None => return Ok(Inbound::Pass),
+            }
+        }
     };
     if frontend.cluster_frontend().is_some() && from_cluster(&pkt.saddr) {
         frontend = for_cluster_client(&mut frontend_key, frontend);

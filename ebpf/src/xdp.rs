@@ -15,7 +15,7 @@
 //!   source of a VXLAN datagram. The same check as `from_network`'s (reason `spoofed`).
 //! * **Untracked host-policy rules**: a packet to one of this node's addresses that the
 //!   node's untracked rule set (`HOST_ENDPOINT`'s second slot) denies, failsafe ports
-//!   excepted: reason `host_policy`, naming the rule. Decided by the same peer-class and
+//!   excepted (looked up only while `NodeConfig::FLAG_HOST_UNTRACKED` says one is set): reason `host_policy`, naming the rule. Decided by the same peer-class and
 //!   verdict lookups as the TC programs' policy, without conntrack (replies of the node's
 //!   own connections included). IPv4 only; a later fragment (no ports) is not judged.
 //! * **Tunnel admission**: a VXLAN datagram to one of this node's addresses is accepted only
@@ -35,6 +35,7 @@ use aya_ebpf::{
 };
 use weir_common::{
     TUNNEL_PORT,
+    config::NodeConfig,
     conntrack::CtKey,
     endpoint::EndpointInfo,
     event::DropReason,
@@ -48,7 +49,7 @@ use crate::{
     host,
     maps::{
         ENDPOINTS, HOST_ADDRS, HOST_ENDPOINT, PREFILTER, PREFILTER_DROPS, RULE_HITS, TUNNEL_PEERS,
-        count,
+        count, node_flags,
     },
     parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr},
     policy,
@@ -294,6 +295,10 @@ fn untracked(
     l4: usize,
     first_fragment: bool,
 ) -> Result<(), Drop> {
+    // No untracked rule set installed (the common case): no lookup of the slot.
+    if node_flags() & NodeConfig::FLAG_HOST_UNTRACKED == 0 {
+        return Ok(());
+    }
     let Some(host) = HOST_ENDPOINT.get(EndpointInfo::HOST_UNTRACKED_SLOT) else {
         return Ok(());
     };

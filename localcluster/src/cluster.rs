@@ -1199,6 +1199,19 @@ impl LocalCluster {
         if self.opts.runtime == Runtime::Containerd {
             return self.add_container_pod(spec).await;
         }
+        self.add_direct_pod(spec, None).await
+    }
+
+    /// Creates a pod as [`Self::add_pod`] does (direct runtime), its hostPorts opened on
+    /// node address `host_ip` alone (the ports' `hostIP`).
+    pub async fn add_pod_with_host_ip(&mut self, spec: PodSpec, host_ip: IpAddr) -> Result<Pod> {
+        if self.opts.runtime == Runtime::Containerd {
+            bail!("a hostIP is passed to the plugin by the direct runtime only");
+        }
+        self.add_direct_pod(spec, Some(host_ip)).await
+    }
+
+    async fn add_direct_pod(&mut self, spec: PodSpec, host_ip: Option<IpAddr>) -> Result<Pod> {
         let idx = spec.node;
         let ns_name = self.ns_name(&format!("{}-{}", spec.namespace, spec.name));
         let netns = self.new_netns(&ns_name)?;
@@ -1218,7 +1231,8 @@ impl LocalCluster {
                 .iter()
                 .map(|(host, container, proto)| {
                     json!({"hostPort": host, "containerPort": container,
-                           "protocol": proto.to_lowercase(), "hostIP": ""})
+                           "protocol": proto.to_lowercase(),
+                           "hostIP": host_ip.map(|ip| ip.to_string()).unwrap_or_default()})
                 })
                 .collect();
             config["runtimeConfig"] = json!({"portMappings": mappings});

@@ -327,16 +327,24 @@ impl Agent {
                 log_carried(map, &pins.resized_dir(), outcome);
             }
         }
-        let mut config = maps.config()?;
-        if config == NodeConfig::default() {
-            config = NodeConfig::new(1, cfg.flow_sample_rate, VNI);
+        let previous = maps.config()?;
+        let mut config = if previous == NodeConfig::default() {
+            NodeConfig::new(1, cfg.flow_sample_rate, VNI)
         } else {
-            config = NodeConfig::new(config.policy_gen(), cfg.flow_sample_rate, VNI);
-        }
+            NodeConfig::new(previous.policy_gen(), cfg.flow_sample_rate, VNI)
+        };
         config = config.with_ct_timeouts(cfg.ct_timeouts);
-        if cfg.service_proxy == ServiceProxy::KubeProxy {
-            config = config.with_flags(NodeConfig::FLAG_HOST_PATH);
-        }
+        // The bits that describe what the maps hold stay as the previous agent left them
+        // until this one rewrites those maps; an untracked rule set left by an agent that
+        // did not set its bit is found in the map.
+        let untracked = maps.untracked_rule_set()? != weir_common::policy::NOT_ISOLATED;
+        config = config
+            .with_flags(previous.flags() & NodeConfig::DERIVED_FLAGS)
+            .with_flag(NodeConfig::FLAG_HOST_UNTRACKED, untracked)
+            .with_flag(
+                NodeConfig::FLAG_HOST_PATH,
+                cfg.service_proxy == ServiceProxy::KubeProxy,
+            );
         maps.set_config(config)?;
         let tunnel = (weir_common::policy::proto::UDP, weir_common::TUNNEL_PORT);
         let own: Vec<(u8, u16)> = [tunnel]
@@ -479,13 +487,9 @@ impl Agent {
     /// Addresses of this node, for "traffic from the node to its pods is always allowed". The
     /// uplink's come first, then by interface: if there are more than the map holds (IPVS
     /// binds every ClusterIP to the node), the ones kubelet probes come from are kept.
-    pub async fn refresh_host_addrs(&mut self) -> Result<()> {
-        let mut addrs: Vec<IpAddr> = self.uplink.subnets.iter().map(|n| n.addr()).collect();
-        for link in self.node.link_indices().await? {
-            for net in self.node.addresses(link).await? {
-                addrs.push(net.addr());
-            }
-        }
+    /// Returns the addresses read.
+    pub async fn refresh_host_addrs(&mut self) -> Result<Vec<IpAddr>> {
+        let addrs = self.node_addresses().await?;
         let left_out = self.maps.sync_host_addrs(&addrs)?;
         if left_out != self.host_addrs_left_out {
             if left_out > 0 {
@@ -500,7 +504,18 @@ impl Agent {
             }
             self.host_addrs_left_out = left_out;
         }
-        Ok(())
+        Ok(addrs)
+    }
+
+    /// The node's addresses as they are now: the uplink's first, then by interface.
+    async fn node_addresses(&self) -> Result<Vec<IpAddr>> {
+        let mut addrs: Vec<IpAddr> = self.uplink.subnets.iter().map(|n| n.addr()).collect();
+        for link in self.node.link_indices().await? {
+            for net in self.node.addresses(link).await? {
+                addrs.push(net.addr());
+            }
+        }
+        Ok(addrs)
     }
 
     /// Reads the prefilter file (if one is configured) and, when its contents changed since
@@ -679,8 +694,16 @@ impl Agent {
             self.remove_attachment(&existing.container_id, &existing.ifname, &existing.ips)
                 .await?;
         }
-        // Checked before anything is built: a port already taken fails the ADD whole.
-        let host_ports = self.claim_host_ports(&req)?;
+        // Checked before anything is built: a port already taken, or a hostIP that is not
+        // the node's, fails the ADD whole.
+        let node_addrs = if req.port_mappings.iter().any(|m| m.host_ip.is_some()) {
+            // Read now (an address added since the last periodic refresh counts), and into
+            // the dataplane too, which must know the address as the node's.
+            self.refresh_host_addrs().await?
+        } else {
+            Vec::new()
+        };
+        let host_ports = self.claim_host_ports(&req, &node_addrs)?;
         let owner = weir_ipam::Owner {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
@@ -752,7 +775,11 @@ impl Agent {
 
     /// The host ports `req` asks for, with their ids, if this node can serve them all.
     /// Under another Service proxy they are left to it (a chained `portmap` plugin).
-    fn claim_host_ports(&self, req: &Attach) -> Result<Vec<crate::host_ports::HostPort>> {
+    fn claim_host_ports(
+        &self,
+        req: &Attach,
+        node_addrs: &[IpAddr],
+    ) -> Result<Vec<crate::host_ports::HostPort>> {
         if req.port_mappings.is_empty() {
             return Ok(Vec::new());
         }
@@ -768,6 +795,7 @@ impl Agent {
             (&req.container_id, &req.ifname),
             self.endpoints.iter(),
             &self.policy.services,
+            node_addrs,
         )?)
     }
 
@@ -784,6 +812,12 @@ impl Agent {
         }
         let old = crate::host_ports::merged(&self.policy.services, &self.host_ports);
         self.maps.apply_service_diff(&diff, &old)?;
+        // Set once the frontends are written (a packet meanwhile is not translated yet, as
+        // before the ADD); cleared once they are gone (a packet meanwhile costs a lookup
+        // that finds nothing).
+        let on_one_address = new.keys().any(crate::host_ports::on_one_address);
+        self.maps
+            .set_flag(NodeConfig::FLAG_HOST_ADDR_FRONTENDS, on_one_address)?;
         self.host_ports = new;
         Ok(())
     }
@@ -792,7 +826,7 @@ impl Agent {
     pub fn host_port_count(&self) -> usize {
         self.host_ports
             .keys()
-            .filter(|f| !self.policy.services.contains_key(f))
+            .filter(|f| crate::host_ports::is_free(f, &self.policy.services))
             .count()
     }
 
@@ -1021,7 +1055,11 @@ impl Agent {
                 let written = self.maps.apply_policy_diff(diff)?;
                 let services = if self.cfg.service_proxy == ServiceProxy::Weir {
                     self.maps.apply_service_diff(
-                        &crate::host_ports::merge_diff(&diff.services, &self.host_ports),
+                        &crate::host_ports::merge_diff(
+                            &diff.services,
+                            &self.policy.services,
+                            &self.host_ports,
+                        ),
                         &crate::host_ports::merged(&self.policy.services, &self.host_ports),
                     )
                 } else {

@@ -1,14 +1,19 @@
 //! Pods' `hostPort`s (the CNI `portMappings` capability), served where Services are
-//! translated: each mapping is a NodePort-like frontend (the unspecified address: every
-//! address of this node) on this node only, with one backend, the pod's address and
-//! container port. The programs translate it as they translate a NodePort — from the
-//! network, from a pod to its node's address, and at the socket for the node's own
-//! processes — and the pod's ingress rules judge the translated flow.
+//! translated: each mapping is a NodePort-like frontend on this node only, with one backend,
+//! the pod's address and container port. Without a `hostIP` the frontend is on the
+//! unspecified address (every address of this node); with one, on that address alone, so
+//! the port stays free on the node's other addresses (for other pods' mappings with other
+//! `hostIP`s, or the node's own sockets), as the `portmap` plugin does. The programs
+//! translate it as they translate a NodePort — from the network, from a pod to its node's
+//! address, and at the socket for the node's own processes — and the pod's ingress rules
+//! judge the translated flow.
 //!
 //! The agent writes these frontends itself, next to the controller's: the table it writes
-//! into `SERVICES` is the controller's plus the host ports on frontends the controller does
-//! not use (a NodePort created later on a hostPort's port takes it over, as the controller's
-//! state is the cluster's; the hostPort comes back when the NodePort goes).
+//! into `SERVICES` is the controller's plus the host ports on the ports the controller does
+//! not use. A NodePort is on every address of the node, so it shadows every host port of
+//! its port and protocol, whatever their `hostIP` (a NodePort created later takes them
+//! over, as the controller's state is the cluster's; they come back when the NodePort
+//! goes).
 //!
 //! Service ids: the controller numbers Service ports upwards from 1; host ports take ids
 //! from [`IDS`] (the upper half of the id space), so the two never meet. An id stays with
@@ -54,16 +59,58 @@ pub enum HostPortError {
     /// Something the dataplane does not do (yet).
     #[error("host port {port}: {why}")]
     Unsupported { port: String, why: &'static str },
+    /// The `hostIP` is none of this node's addresses.
+    #[error(
+        "host port {port}: hostIP {ip} is not an address of this node (its addresses: {addrs})"
+    )]
+    NotANodeAddress {
+        port: String,
+        ip: IpAddr,
+        addrs: String,
+    },
 }
 
-/// The frontend of a mapping.
+/// The frontend of a mapping: on its `hostIP`, or on the unspecified address (every address
+/// of the node) without one.
 pub fn frontend(m: &PortMapping) -> ServiceFrontend {
     ServiceFrontend {
         kind: FrontendKind::NodePort,
-        ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ip: m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
         port: m.host_port,
         proto: m.protocol.number(),
     }
+}
+
+/// Whether `f` is a frontend on one address of the node (a host port with a `hostIP`).
+pub fn on_one_address(f: &ServiceFrontend) -> bool {
+    f.kind == FrontendKind::NodePort && !f.ip.is_unspecified()
+}
+
+/// The same port and protocol on every address of the node.
+fn on_every_address(f: &ServiceFrontend) -> ServiceFrontend {
+    ServiceFrontend {
+        ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ..*f
+    }
+}
+
+/// The controller's frontend that shadows host-port frontend `f`, if any: one on the same
+/// key, or a NodePort (every address) on the port and protocol of a host port on one
+/// address.
+fn holder<'a>(
+    f: &ServiceFrontend,
+    services: &'a BTreeMap<ServiceFrontend, ServiceEntry>,
+) -> Option<&'a ServiceEntry> {
+    services.get(f).or_else(|| {
+        on_one_address(f)
+            .then(|| services.get(&on_every_address(f)))
+            .flatten()
+    })
+}
+
+/// Whether the controller's `services` leave host-port frontend `f` free.
+pub fn is_free(f: &ServiceFrontend, services: &BTreeMap<ServiceFrontend, ServiceEntry>) -> bool {
+    holder(f, services).is_none()
 }
 
 /// The name of an endpoint's host-port Service (see [`NAME_PREFIX`]).
@@ -91,12 +138,14 @@ fn describe(ep: &LocalEndpoint) -> String {
 
 /// Checks that `mappings` can be served for a new attachment of `owner` (container id,
 /// interface), besides every other endpoint's host ports and the controller's `services`,
-/// and gives each an id not used by another endpoint. Nothing is changed.
+/// and gives each an id not used by another endpoint. A `hostIP` must be an IPv4 address
+/// among `node_addrs`. Nothing is changed.
 pub fn claim<'a>(
     mappings: &[PortMapping],
     owner: (&str, &str),
     endpoints: impl IntoIterator<Item = &'a LocalEndpoint>,
     services: &BTreeMap<ServiceFrontend, ServiceEntry>,
+    node_addrs: &[IpAddr],
 ) -> Result<Vec<HostPort>, HostPortError> {
     let others: Vec<&LocalEndpoint> = endpoints
         .into_iter()
@@ -109,12 +158,28 @@ pub fn claim<'a>(
     let mut out = Vec::with_capacity(mappings.len());
     let mut next = *IDS.start();
     for m in mappings {
-        if m.host_ip.is_some() {
-            return Err(HostPortError::Unsupported {
-                port: m.host_side(),
-                why: "a hostPort bound to one host address (hostIP) is not supported; \
-                      leave hostIP empty to open it on every address of the node",
-            });
+        match m.host_ip {
+            None => {}
+            Some(IpAddr::V6(_)) => {
+                return Err(HostPortError::Unsupported {
+                    port: m.host_side(),
+                    why: "an IPv6 hostIP is not supported yet (host ports are IPv4, like \
+                          Services); leave hostIP empty or give an IPv4 address of the node",
+                });
+            }
+            Some(ip) if !node_addrs.contains(&ip) => {
+                let addrs: Vec<String> = node_addrs
+                    .iter()
+                    .filter(|a| a.is_ipv4())
+                    .map(|a| a.to_string())
+                    .collect();
+                return Err(HostPortError::NotANodeAddress {
+                    port: m.host_side(),
+                    ip,
+                    addrs: addrs.join(", "),
+                });
+            }
+            Some(_) => {}
         }
         if let Some(ep) = others
             .iter()
@@ -125,7 +190,7 @@ pub fn claim<'a>(
                 by: format!("the hostPort of {}", describe(ep)),
             });
         }
-        if let Some(entry) = services.get(&frontend(m)) {
+        if let Some(entry) = holder(&frontend(m), services) {
             return Err(HostPortError::Conflict {
                 port: m.host_side(),
                 by: format!("the NodePort of Service {}", entry.service),
@@ -185,7 +250,7 @@ pub fn merged(
 ) -> BTreeMap<ServiceFrontend, ServiceEntry> {
     let mut out = services.clone();
     for (f, e) in host_ports {
-        match out.get(f) {
+        match holder(f, services) {
             Some(owner) => taken_over(f, e, owner),
             None => {
                 out.insert(*f, e.clone());
@@ -201,28 +266,53 @@ fn taken_over(f: &ServiceFrontend, host_port: &ServiceEntry, owner: &ServiceEntr
     tracing::warn!(
         port = f.port,
         proto = ?f.proto,
+        address = %f.ip,
         host_port = %host_port.service,
         service = %owner.service,
         "a Service's NodePort takes over a pod's hostPort on this node; the hostPort is not served until the NodePort goes"
     );
 }
 
-/// The controller's diff as it applies to the [`merged`] table: a frontend the controller
-/// gives up goes back to the host port on it, if there is one.
+/// The controller's diff, from its table `services` (before the diff), as it applies to the
+/// [`merged`] table: a NodePort that comes removes the host ports it shadows on one address
+/// (one on its own key is overwritten), and a frontend the controller gives up goes back to
+/// the host ports it shadowed.
 pub fn merge_diff(
     diff: &TableDiff<ServiceFrontend, ServiceEntry>,
+    services: &BTreeMap<ServiceFrontend, ServiceEntry>,
     host_ports: &BTreeMap<ServiceFrontend, ServiceEntry>,
 ) -> TableDiff<ServiceFrontend, ServiceEntry> {
+    let mut after = services.clone();
+    diff.apply_to(&mut after);
+    // Host ports shadowed by `f`: on its key, and, for a NodePort, on one address.
+    let shadowed_by = |f: &ServiceFrontend| {
+        let f = *f;
+        host_ports.iter().filter(move |(h, _)| {
+            **h == f
+                || (f.kind == FrontendKind::NodePort
+                    && f.ip.is_unspecified()
+                    && on_one_address(h)
+                    && on_every_address(h) == f)
+        })
+    };
     let mut out = diff.clone();
     for (f, owner) in &diff.upsert {
-        if let Some(e) = host_ports.get(f) {
-            taken_over(f, e, owner);
+        for (h, e) in shadowed_by(f) {
+            if is_free(h, services) {
+                taken_over(h, e, owner);
+                if h != f {
+                    out.remove.push(*h);
+                }
+            }
         }
     }
-    out.remove.retain(|f| !host_ports.contains_key(f));
+    out.remove
+        .retain(|f| !(host_ports.contains_key(f) && is_free(f, &after)));
     for f in &diff.remove {
-        if let Some(e) = host_ports.get(f) {
-            out.upsert.push((*f, e.clone()));
+        for (h, e) in shadowed_by(f) {
+            if is_free(h, &after) {
+                out.upsert.push((*h, e.clone()));
+            }
         }
     }
     out
@@ -237,12 +327,12 @@ pub fn diff(
 ) -> TableDiff<ServiceFrontend, ServiceEntry> {
     let mut out = TableDiff::default();
     for (f, e) in new {
-        if !services.contains_key(f) && old.get(f) != Some(e) {
+        if is_free(f, services) && old.get(f) != Some(e) {
             out.upsert.push((*f, e.clone()));
         }
     }
     for f in old.keys() {
-        if !services.contains_key(f) && !new.contains_key(f) {
+        if is_free(f, services) && !new.contains_key(f) {
             out.remove.push(*f);
         }
     }
@@ -318,6 +408,7 @@ mod tests {
             ("b", "eth0"),
             [&a],
             &BTreeMap::new(),
+            &[],
         )
         .unwrap();
         let ids: Vec<u32> = claimed.iter().map(|h| h.id).collect();
@@ -334,31 +425,192 @@ mod tests {
                 id: *IDS.start(),
             }],
         );
-        let err = claim(&[mapping(80, 8080)], ("b", "eth0"), [&a], &BTreeMap::new()).unwrap_err();
+        let err = claim(
+            &[mapping(80, 8080)],
+            ("b", "eth0"),
+            [&a],
+            &BTreeMap::new(),
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "host port 80/tcp is already in use on this node by the hostPort of pod default/a"
         );
         // The same attachment again (a rebuilt ADD) does not conflict with itself.
-        claim(&[mapping(80, 80)], ("a", "eth0"), [&a], &BTreeMap::new()).unwrap();
+        claim(
+            &[mapping(80, 80)],
+            ("a", "eth0"),
+            [&a],
+            &BTreeMap::new(),
+            &[],
+        )
+        .unwrap();
         // Another protocol is another port.
         let udp = PortMapping {
             protocol: PortProtocol::Udp,
             ..mapping(80, 80)
         };
-        claim(&[udp], ("b", "eth0"), [&a], &BTreeMap::new()).unwrap();
+        claim(&[udp], ("b", "eth0"), [&a], &BTreeMap::new(), &[]).unwrap();
         let services = BTreeMap::from([node_port(30080)]);
-        let err = claim(&[mapping(30080, 80)], ("b", "eth0"), [&a], &services).unwrap_err();
+        let err = claim(&[mapping(30080, 80)], ("b", "eth0"), [&a], &services, &[]).unwrap_err();
         assert!(
             err.to_string().contains("NodePort of Service default/np"),
             "{err}"
         );
-        let bound = PortMapping {
-            host_ip: Some("10.0.0.1".parse().unwrap()),
-            ..mapping(81, 80)
+    }
+
+    fn on(ip: &str, host_port: u16, container_port: u16) -> PortMapping {
+        PortMapping {
+            host_ip: Some(ip.parse().unwrap()),
+            ..mapping(host_port, container_port)
+        }
+    }
+
+    const NODE_ADDRS: [IpAddr; 3] = [
+        IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)),
+        IpAddr::V4(Ipv4Addr::new(192, 168, 1, 2)),
+        IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+    ];
+
+    #[test]
+    fn a_host_ip_claims_its_port_on_that_node_address_alone() {
+        let a = endpoint(
+            "a",
+            "10.0.0.2",
+            vec![HostPort {
+                mapping: on("192.168.1.1", 80, 80),
+                id: *IDS.start(),
+            }],
+        );
+        let claim_one = |m: PortMapping, services: &BTreeMap<_, _>| {
+            claim(&[m], ("b", "eth0"), [&a], services, &NODE_ADDRS)
         };
-        let err = claim(&[bound], ("b", "eth0"), [&a], &BTreeMap::new()).unwrap_err();
-        assert!(err.to_string().contains("hostIP"), "{err}");
+        let none = BTreeMap::new();
+        // The same port on the node's other address is free.
+        let claimed = claim_one(on("192.168.1.2", 80, 8080), &none).unwrap();
+        assert_eq!(claimed[0].mapping.host_ip, Some(NODE_ADDRS[1]));
+        // The same address, or every address, is not.
+        let err = claim_one(on("192.168.1.1", 80, 8080), &none).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "host port 192.168.1.1:80/tcp is already in use on this node by the hostPort of pod default/a"
+        );
+        let err = claim_one(mapping(80, 8080), &none).unwrap_err();
+        assert!(err.to_string().contains("pod default/a"), "{err}");
+        // Neither is a port a NodePort holds on every address.
+        let services = BTreeMap::from([node_port(30080)]);
+        let err = claim_one(on("192.168.1.2", 30080, 80), &services).unwrap_err();
+        assert!(
+            err.to_string().contains("NodePort of Service default/np"),
+            "{err}"
+        );
+        // An address the node does not have, and IPv6, are refused with what to do.
+        let err = claim_one(on("192.168.1.9", 81, 80), &none).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "host port 192.168.1.9:81/tcp: hostIP 192.168.1.9 is not an address of this node \
+             (its addresses: 192.168.1.1, 192.168.1.2)"
+        );
+        let err = claim_one(on("fd00::1", 81, 80), &none).unwrap_err();
+        assert!(err.to_string().contains("IPv6 hostIP"), "{err}");
+        // A mapping on every address conflicts with one on any address.
+        let b = endpoint(
+            "b",
+            "10.0.0.3",
+            vec![HostPort {
+                mapping: mapping(90, 90),
+                id: IDS.start() + 1,
+            }],
+        );
+        let err = claim(
+            &[on("192.168.1.2", 90, 90)],
+            ("c", "eth0"),
+            [&a, &b],
+            &none,
+            &NODE_ADDRS,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("pod default/b"), "{err}");
+    }
+
+    #[test]
+    fn host_ips_have_their_own_frontends_and_a_node_port_shadows_them_all() {
+        let a = endpoint(
+            "a",
+            "10.0.0.2",
+            vec![HostPort {
+                mapping: on("192.168.1.1", 30080, 80),
+                id: *IDS.start(),
+            }],
+        );
+        let b = endpoint(
+            "b",
+            "10.0.0.3",
+            vec![HostPort {
+                mapping: on("192.168.1.2", 30080, 80),
+                id: IDS.start() + 1,
+            }],
+        );
+        let host = table([&a, &b].into_iter());
+        let (fa, fb) = (
+            frontend(&on("192.168.1.1", 30080, 80)),
+            frontend(&on("192.168.1.2", 30080, 80)),
+        );
+        assert_eq!(host.keys().copied().collect::<Vec<_>>(), vec![fa, fb]);
+        assert!(on_one_address(&fa) && !on_one_address(&frontend(&mapping(1, 1))));
+        // In the dataplane: keyed by the address itself, not the unspecified one.
+        assert_eq!(
+            *crate::services::frontend_key(&fa).addr(),
+            weir_common::ip::IpKey::from(NODE_ADDRS[0])
+        );
+        assert_eq!(
+            *crate::services::frontend_key(&frontend(&mapping(1, 1))).addr(),
+            weir_common::ip::IpKey::UNSPECIFIED
+        );
+        let none = BTreeMap::new();
+        assert_eq!(merged(&none, &host), host);
+
+        // A NodePort on the port comes: both host ports leave the written table.
+        let (np, np_entry) = node_port(30080);
+        let came = TableDiff {
+            upsert: vec![(np, np_entry.clone())],
+            remove: vec![],
+        };
+        let d = merge_diff(&came, &none, &host);
+        assert_eq!(d.upsert, vec![(np, np_entry.clone())]);
+        assert_eq!(d.remove, vec![fa, fb]);
+        let services = BTreeMap::from([(np, np_entry.clone())]);
+        assert_eq!(merged(&services, &host), services);
+        // A later change of the NodePort removes nothing more.
+        let d = merge_diff(&came, &services, &host);
+        assert!(d.remove.is_empty(), "{d:?}");
+        // Host ports that change under the NodePort are not written.
+        let d = diff(&host, &BTreeMap::new(), &services);
+        assert!(d.remove.is_empty() && d.upsert.is_empty(), "{d:?}");
+
+        // The NodePort goes: both come back.
+        let gone = TableDiff {
+            upsert: vec![],
+            remove: vec![np],
+        };
+        let d = merge_diff(&gone, &services, &host);
+        assert_eq!(d.remove, vec![np]);
+        assert_eq!(
+            d.upsert,
+            vec![(fa, host[&fa].clone()), (fb, host[&fb].clone())]
+        );
+        // Another port's NodePort leaves them alone.
+        let (other, other_entry) = node_port(30081);
+        let d = merge_diff(
+            &TableDiff {
+                upsert: vec![(other, other_entry)],
+                remove: vec![],
+            },
+            &none,
+            &host,
+        );
+        assert!(d.remove.is_empty(), "{d:?}");
     }
 
     #[test]
@@ -394,7 +646,7 @@ mod tests {
             upsert: vec![],
             remove: vec![node_port(30080).0],
         };
-        let d = merge_diff(&gone, &host);
+        let d = merge_diff(&gone, &services, &host);
         assert!(d.remove.is_empty());
         assert_eq!(
             d.upsert,

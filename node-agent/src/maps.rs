@@ -418,7 +418,17 @@ impl DataplaneMaps {
     /// Isolates the node's own addresses with host-policy rule sets `ingress` and `egress`,
     /// and drops in XDP what rule set `untracked` denies
     /// ([`NOT_ISOLATED`]: none).
+    ///
+    /// The XDP program looks the untracked rule set up only while
+    /// [`NodeConfig::FLAG_HOST_UNTRACKED`] is set: the bit is set after the slot is written
+    /// and cleared before the slot is, so that in between a packet meets the state before or
+    /// after the change, never a rule set the bit hides half-way (and a set bit over an
+    /// empty slot only costs the lookup).
     pub fn set_host_policy(&mut self, ingress: u32, egress: u32, untracked: u32) -> Result<()> {
+        let active = untracked != NOT_ISOLATED;
+        if !active {
+            self.set_flag(NodeConfig::FLAG_HOST_UNTRACKED, false)?;
+        }
         for (slot, host) in [
             (EndpointInfo::HOST_SLOT, EndpointInfo::host(ingress, egress)),
             (
@@ -431,6 +441,29 @@ impl DataplaneMaps {
                     .set(slot, host, 0)
                     .map_err(map_err(names::HOST_ENDPOINT, "writing"))?;
             }
+        }
+        if active {
+            self.set_flag(NodeConfig::FLAG_HOST_UNTRACKED, true)?;
+        }
+        Ok(())
+    }
+
+    /// The untracked host-policy rule set in `HOST_ENDPOINT` ([`NOT_ISOLATED`]: none).
+    pub fn untracked_rule_set(&self) -> Result<u32> {
+        Ok(self
+            .host_endpoint
+            .get(&EndpointInfo::HOST_UNTRACKED_SLOT, 0)
+            .map_err(map_err(names::HOST_ENDPOINT, "reading"))?
+            .ingress_policy())
+    }
+
+    /// Sets (`on`) or clears flag `bit` of the node's settings (`NodeConfig::FLAG_*`),
+    /// writing only when it changes.
+    pub fn set_flag(&mut self, bit: u32, on: bool) -> Result<()> {
+        let c = self.config()?;
+        let updated = c.with_flag(bit, on);
+        if updated != c {
+            self.set_config(updated)?;
         }
         Ok(())
     }

@@ -67,11 +67,13 @@ fn fits(table: &BTreeMap<ServiceFrontend, ServiceEntry>, capacity: u32) -> Resul
     Ok(())
 }
 
-/// The slot-0 key of a frontend.
+/// The slot-0 key of a frontend. A node port is on every address of the node (the
+/// unspecified address), unless it names one (a host port with a `hostIP`).
 pub fn frontend_key(f: &ServiceFrontend) -> ServiceKey {
     let addr = match f.kind {
         weir_api::FrontendKind::ClusterIp => IpKey::from(f.ip),
-        weir_api::FrontendKind::NodePort => IpKey::UNSPECIFIED,
+        weir_api::FrontendKind::NodePort if f.ip.is_unspecified() => IpKey::UNSPECIFIED,
+        weir_api::FrontendKind::NodePort => IpKey::from(f.ip),
     };
     ServiceKey::new(addr, f.port.to_be(), f.proto, 0)
 }

@@ -689,6 +689,105 @@ fn a_pod_reaches_a_node_port_on_its_own_node_address() {
     assert_eq!((seen.src, seen.sport), (NODE_IP, NODE_PORT));
 }
 
+/// A second and a third address of the node, on the uplink's subnet.
+const NODE_IP_2: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 4);
+const NODE_IP_3: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 5);
+
+#[test]
+fn a_host_port_on_one_node_address_is_translated_there_alone() {
+    let mut node = Node::new();
+    node.maps
+        .sync_host_addrs(&[NODE_IP.into(), NODE_IP_2.into(), NODE_IP_3.into()])
+        .unwrap();
+    // One port, two pods: B on the node's first address, A on its second (as the agent
+    // writes host ports with a hostIP), and a NodePort on every address on another port.
+    for (addr, backend, id) in [(NODE_IP, IP_B, 0x8000_0001), (NODE_IP_2, IP_A, 0x8000_0002)] {
+        let frontend = ServiceFrontend {
+            kind: FrontendKind::NodePort,
+            ip: addr.into(),
+            port: NODE_PORT,
+            proto: TCP,
+        };
+        let entry = ServiceEntry {
+            service: ServiceRef {
+                namespace: "hostPort".into(),
+                name: format!("default/{backend}"),
+                port_name: String::new(),
+            },
+            id,
+            backends: vec![ServiceBackend {
+                ip: backend.into(),
+                port: 8080,
+                node: String::new(),
+                state: BackendState::Ready,
+            }],
+            affinity_timeout_s: None,
+            masquerade_external: false,
+        };
+        let mut new = node.services.clone();
+        new.insert(frontend, entry);
+        let diff = weir_api::TableDiff::between(&node.services, &new);
+        node.maps.apply_service_diff(&diff, &node.services).unwrap();
+        node.services = new;
+    }
+    node.node_port(NODE_PORT + 1, TCP, &[(IP_B, 9090)]);
+    let syn = |dst: Ipv4Addr, dport: u16, sport: u16| {
+        frame(CLIENT_MAC, UPLINK_MAC, CLIENT, dst, TCP, sport, dport, true)
+    };
+
+    // Until the agent says frontends on single addresses exist, none is looked up.
+    let first = syn(NODE_IP, NODE_PORT, 40000);
+    let (verdict, out) = node.arrived(&first);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &first), "not looked up");
+    node.maps
+        .set_flag(NodeConfig::FLAG_HOST_ADDR_FRONTENDS, true)
+        .unwrap();
+
+    let (verdict, out) = node.arrived(&syn(NODE_IP, NODE_PORT, 40001));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (CLIENT, 40001), "client kept");
+    assert_eq!((seen.dst, seen.dport, seen.dst_mac), (IP_B, 8080, MAC_B));
+
+    let (verdict, out) = node.arrived(&syn(NODE_IP_2, NODE_PORT, 40002));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport, seen.dst_mac), (IP_A, 8080, MAC_A));
+    // A's reply leaves from the address the client used.
+    let (_, out) = node.sent_by_a(&frame(MAC_A, GW_A, IP_A, CLIENT, TCP, 8080, 40002, false));
+    let seen = inspect(&out);
+    assert_eq!((seen.src, seen.sport), (NODE_IP_2, NODE_PORT));
+
+    // The node's third address has no host port on that port: the host's business.
+    let third = syn(NODE_IP_3, NODE_PORT, 40003);
+    let (verdict, out) = node.arrived(&third);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &third), "untouched");
+    // The NodePort is still on every address, the flag set or not.
+    for addr in [NODE_IP, NODE_IP_3] {
+        let (verdict, out) = node.arrived(&syn(addr, NODE_PORT + 1, 40004));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "NodePort on {addr}");
+        assert_eq!(inspect(&out).dport, 9090);
+    }
+
+    // A pod reaches the host port at that address (from_pod looks the exact address up
+    // first), and not at the node's third one.
+    let (verdict, out) = node.sent_by_a(&frame(
+        MAC_A, GW_A, IP_A, NODE_IP, TCP, 41000, NODE_PORT, true,
+    ));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport), (IP_B, 8080));
+    let (_, out) = node.sent_by_a(&frame(
+        MAC_A, GW_A, IP_A, NODE_IP_3, TCP, 41001, NODE_PORT, true,
+    ));
+    let seen = inspect(&out);
+    assert_eq!(
+        (seen.dst, seen.dport),
+        (NODE_IP_3, NODE_PORT),
+        "not translated"
+    );
+}
+
 #[test]
 fn node_port_to_the_node_own_address_goes_up_its_stack_and_the_reply_leaves_from_the_node_port() {
     let mut node = Node::new();

@@ -16,8 +16,8 @@ use weir_agent::{
     maps::DataplaneMaps,
 };
 use weir_common::{
-    TUNNEL_MAC, TUNNEL_PORT, TUNNEL_SOURCE_MAC, endpoint::EndpointInfo, event::DropReason,
-    ip::IpKey,
+    TUNNEL_MAC, TUNNEL_PORT, TUNNEL_SOURCE_MAC, config::NodeConfig, endpoint::EndpointInfo,
+    event::DropReason, ip::IpKey,
 };
 
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
@@ -435,4 +435,32 @@ fn untracked_host_policy_rules_drop_what_they_deny_to_the_node_and_nothing_else(
     assert_eq!(node.drops(DropReason::HostPolicy), 2);
     let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits, [3, 4]);
     assert_eq!((hits[&3], hits[&4]), (1, 1), "counted by rule");
+
+    // The rule set is looked up only while the node's flag says one is installed:
+    // installing it set the flag; with the flag cleared the slot is not read.
+    assert!(node.maps.config().unwrap().host_untracked());
+    node.maps
+        .set_flag(NodeConfig::FLAG_HOST_UNTRACKED, false)
+        .unwrap();
+    assert_eq!(node.arrives(&snmp(NODE_IP, 161)), XDP_PASS, "flag clear");
+    assert_eq!(node.arrives(&tcp(80)), XDP_PASS, "flag clear");
+    node.maps
+        .set_flag(NodeConfig::FLAG_HOST_UNTRACKED, true)
+        .unwrap();
+    assert_eq!(
+        node.arrives(&snmp(NODE_IP, 161)),
+        XDP_DROP,
+        "flag set again"
+    );
+    assert_eq!(node.drops(DropReason::HostPolicy), 3);
+    // Removing the rule set clears the flag; the other flags stay.
+    node.maps
+        .set_flag(NodeConfig::FLAG_HOST_ADDR_FRONTENDS, true)
+        .unwrap();
+    node.maps
+        .set_host_policy(NOT_ISOLATED, NOT_ISOLATED, NOT_ISOLATED)
+        .unwrap();
+    let config = node.maps.config().unwrap();
+    assert!(!config.host_untracked() && config.host_addr_frontends());
+    assert_eq!(node.arrives(&snmp(NODE_IP, 161)), XDP_PASS, "removed");
 }
