@@ -508,10 +508,10 @@ mod tests {
     /// A store that keeps nothing.
     struct NoStore;
     impl CidrStore for NoStore {
-        fn load(&self) -> Result<BTreeMap<String, ipnet::IpNet>, CidrError> {
+        fn load(&self) -> Result<crate::node_cidrs::Assignments, CidrError> {
             Ok(BTreeMap::new())
         }
-        fn save(&self, _: &BTreeMap<String, ipnet::IpNet>) -> Result<(), CidrError> {
+        fn save(&self, _: &crate::node_cidrs::Assignments) -> Result<(), CidrError> {
             Ok(())
         }
     }

@@ -16,7 +16,7 @@ use weir_controller::{
         run_kube, serve_agents_while_leading,
     },
     leader::{LeaderElector, Leadership, LeaseConfig, unique_identity},
-    node_cidrs::{FileCidrStore, NodeCidrAllocator},
+    node_cidrs::{FamilyCidr, FileCidrStore, NodeCidrAllocator},
     run::{Controller, run_directory},
 };
 use weir_transport::{
@@ -41,12 +41,22 @@ struct Args {
     /// With --manifests: write the enforced sync token here (see the manifest source docs).
     #[arg(long)]
     status_file: Option<PathBuf>,
-    /// Pods' addresses; nodes without spec.podCIDRs get a range of it.
-    #[arg(long, env = "WEIR_CLUSTER_CIDR", default_value = "10.244.0.0/16")]
-    cluster_cidr: ipnet::IpNet,
-    /// Prefix length of each node's range.
+    /// Pods' addresses, at most one CIDR per address family (comma-separated or repeated:
+    /// `10.244.0.0/16,fd00:10:244::/56` for dual stack, an IPv6 CIDR alone for IPv6 only);
+    /// nodes get a range of each family spec.podCIDRs does not give them.
+    #[arg(
+        long,
+        env = "WEIR_CLUSTER_CIDR",
+        value_delimiter = ',',
+        default_value = "10.244.0.0/16"
+    )]
+    cluster_cidr: Vec<ipnet::IpNet>,
+    /// Prefix length of each node's IPv4 range.
     #[arg(long, env = "WEIR_NODE_CIDR_MASK", default_value_t = 24)]
     node_cidr_mask: u8,
+    /// Prefix length of each node's IPv6 range.
+    #[arg(long, env = "WEIR_NODE_CIDR_MASK_IPV6", default_value_t = 64)]
+    node_cidr_mask_ipv6: u8,
     /// Where node pod-CIDR assignments are kept (with --manifests).
     #[arg(long, default_value = "/var/lib/weir-controller")]
     state_dir: PathBuf,
@@ -137,6 +147,22 @@ struct Args {
     tls_san: Vec<String>,
 }
 
+/// The allocator for --cluster-cidr, each family with its mask.
+fn node_cidr_allocator(args: &Args) -> Result<NodeCidrAllocator> {
+    let families: Vec<FamilyCidr> = args
+        .cluster_cidr
+        .iter()
+        .map(|&cluster| FamilyCidr {
+            cluster,
+            mask: match cluster {
+                ipnet::IpNet::V4(_) => args.node_cidr_mask,
+                ipnet::IpNet::V6(_) => args.node_cidr_mask_ipv6,
+            },
+        })
+        .collect();
+    Ok(NodeCidrAllocator::per_family(&families)?)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -198,7 +224,7 @@ async fn run_manifests(args: Args, dir: PathBuf) -> Result<()> {
     if args.allocate_node_cidrs {
         std::fs::create_dir_all(&args.state_dir)
             .with_context(|| format!("creating {}", args.state_dir.display()))?;
-        let allocator = NodeCidrAllocator::new(args.cluster_cidr, args.node_cidr_mask)?;
+        let allocator = node_cidr_allocator(&args)?;
         let store = FileCidrStore::new(args.state_dir.join("node-cidrs.json"));
         controller = controller.with_node_cidrs(allocator, Box::new(store))?;
     }
@@ -272,7 +298,7 @@ async fn run_in_cluster(args: Args) -> Result<()> {
 
     let mut controller = observed_controller(publisher, &compiles);
     if args.allocate_node_cidrs {
-        let allocator = NodeCidrAllocator::new(args.cluster_cidr, args.node_cidr_mask)?;
+        let allocator = node_cidr_allocator(&args)?;
         let (namespace, name) = args.node_cidrs_configmap.clone();
         let config = CidrStoreConfig::new(namespace, name);
         let (store, sync) = connect_cidr_store(&client, config, &leadership).await;

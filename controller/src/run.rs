@@ -48,7 +48,7 @@ pub struct Controller {
     nodes: BTreeMap<String, NodeInfo>,
     node_cidrs: Option<(NodeCidrAllocator, Box<dyn CidrStore + Send>)>,
     /// What the store holds (loaded, adopted or saved): saved again only when it differs.
-    cidrs_saved: BTreeMap<String, IpNet>,
+    cidrs_saved: crate::node_cidrs::Assignments,
     /// The route table every node state shares (replaced only when it changes, so unchanged
     /// node states compare equal by pointer).
     routes: Arc<BTreeMap<IpNet, NodeRoute>>,
@@ -654,7 +654,7 @@ mod tests {
         let mut c = controller(dir.path());
         c.apply(vec![node("b", "172.30.0.2", None)]);
         c.recompute();
-        let stored: BTreeMap<String, IpNet> = serde_json::from_slice(&saved()).unwrap();
+        let stored: crate::node_cidrs::Assignments = serde_json::from_slice(&saved()).unwrap();
         assert_eq!(stored.keys().collect::<Vec<_>>(), ["b"]);
         c.apply(vec![node("c", "172.30.0.3", None)]);
         c.recompute();
@@ -676,6 +676,48 @@ mod tests {
             .modified()
             .unwrap();
         assert_eq!(before, after, "an unchanged allocation is not saved again");
+    }
+
+    #[test]
+    fn dual_stack_nodes_route_one_range_per_family_to_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let alloc = NodeCidrAllocator::per_family(&[
+            crate::node_cidrs::FamilyCidr {
+                cluster: "10.244.0.0/16".parse().unwrap(),
+                mask: 24,
+            },
+            crate::node_cidrs::FamilyCidr {
+                cluster: "fd00:10:244::/56".parse().unwrap(),
+                mask: 64,
+            },
+        ])
+        .unwrap();
+        let mut c = Controller::new(StatePublisher::new())
+            .with_node_cidrs(
+                alloc,
+                Box::new(FileCidrStore::new(dir.path().join("c.json"))),
+            )
+            .unwrap();
+        c.apply(vec![
+            node("a", "172.30.0.1", None),
+            node("b", "172.30.0.2", Some("10.244.200.0/24")),
+        ]);
+        c.recompute();
+        let routes = routes_of(&c, "a");
+        let owners: Vec<(String, &str)> = routes
+            .iter()
+            .map(|(cidr, r)| (cidr.to_string(), r.node.as_str()))
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("10.244.0.0/24".to_string(), "a"),
+                ("10.244.200.0/24".to_string(), "b"),
+                // Nodes with a preset go first: b's IPv6 range is allocated before a's.
+                ("fd00:10:244::/64".to_string(), "b"),
+                ("fd00:10:244:1::/64".to_string(), "a"),
+            ]
+        );
     }
 
     #[test]

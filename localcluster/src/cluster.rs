@@ -5,7 +5,10 @@
 //!   two segments `-sw-a`/`-sw-b` joined by a router `-rtr`), `weir-<run>-ctl` (controller),
 //!   `weir-<node>` per node, `weir-<run>-<ns>-<pod>` per pod (with `--runtime containerd`
 //!   pods' namespaces are containerd's, mounted under the node's containerd state);
-//! * node `i` is named `<run>-n<i>`; the controller assigns its pod CIDR from 10.244.0.0/16;
+//! * node `i` is named `<run>-n<i>`; the controller assigns its pod CIDRs from 10.244.0.0/16
+//!   and, with `--ip-family ipv6` or `dual`, fd00:10:244::/56 (a /64 per node); the nodes'
+//!   own addresses (the underlay) are IPv4 in every family: IPv6 pods reach other nodes'
+//!   pods over VXLAN in IPv4 datagrams;
 //! * files under `/run/weir-local/<run>/`: the run record (for `down`), per-node agent state,
 //!   sockets and logs, and the manifest directory the controller reads.
 //!
@@ -61,6 +64,56 @@ impl std::str::FromStr for Topology {
     }
 }
 
+/// The address families of the pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IpFamily {
+    /// IPv4 pods only (the default).
+    #[default]
+    Ipv4,
+    /// IPv6 pods only.
+    Ipv6,
+    /// Every pod has an IPv4 and an IPv6 address (IPv4 first).
+    Dual,
+}
+
+/// The cluster's IPv4 pod CIDR.
+pub const POD_CIDR_V4: &str = "10.244.0.0/16";
+/// The cluster's IPv6 pod CIDR (a unique local range: never routed beyond the machine).
+pub const POD_CIDR_V6: &str = "fd00:10:244::/56";
+
+impl IpFamily {
+    /// The controller's `--cluster-cidr`.
+    pub fn cluster_cidrs(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => POD_CIDR_V4,
+            IpFamily::Ipv6 => POD_CIDR_V6,
+            IpFamily::Dual => "10.244.0.0/16,fd00:10:244::/56",
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+            IpFamily::Dual => "dual",
+        })
+    }
+}
+
+impl std::str::FromStr for IpFamily {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ipv4" => Ok(IpFamily::Ipv4),
+            "ipv6" => Ok(IpFamily::Ipv6),
+            "dual" => Ok(IpFamily::Dual),
+            other => Err(format!("unknown IP family {other:?} (ipv4, ipv6 or dual)")),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     pub nodes: usize,
@@ -76,6 +129,8 @@ pub struct ClusterOptions {
     pub agent_args: Vec<String>,
     /// How pods are created: the plugin called directly, or containers through containerd.
     pub runtime: Runtime,
+    /// The pods' address families.
+    pub ip_family: IpFamily,
 }
 
 impl ClusterOptions {
@@ -89,6 +144,7 @@ impl ClusterOptions {
             controller: true,
             agent_args: Vec::new(),
             runtime: Runtime::Direct,
+            ip_family: IpFamily::Ipv4,
         }
     }
 }
@@ -144,7 +200,10 @@ pub struct Pod {
     pub container_id: String,
     /// The app container's id (`--runtime containerd`; `container_id` is the sandbox's).
     pub app_container: Option<String>,
+    /// The first of its addresses (IPv4 on a dual-stack cluster).
     pub ip: IpAddr,
+    /// All its addresses, one per family, as the CNI result lists them.
+    pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
     /// (name, port, protocol) container ports, for named ports.
     pub ports: Vec<(String, u16, String)>,
@@ -545,6 +604,7 @@ impl LocalCluster {
         let bin = self.opts.bin_dir.join("weir-controller");
         let manifests = self.record.dir.join("manifests");
         let log_filter = self.opts.log.clone();
+        let cluster_cidrs = self.opts.ip_family.cluster_cidrs();
         let ctl = self
             .controller
             .as_mut()
@@ -558,7 +618,8 @@ impl LocalCluster {
             .arg(&manifests)
             .arg("--state-dir")
             .arg(&ctl.dir)
-            .args(["--cluster-cidr", "10.244.0.0/16", "--node-cidr-mask", "24"])
+            .args(["--cluster-cidr", cluster_cidrs, "--node-cidr-mask", "24"])
+            .args(["--node-cidr-mask-ipv6", "64"])
             .arg("--tls-dir")
             .arg(ctl.dir.join("tls"))
             .arg("--status-file")
@@ -718,7 +779,7 @@ impl LocalCluster {
             &pod.labels,
             &pod.ports,
             &pod.host_ports,
-            Some(pod.ip),
+            &pod.ips,
         )
     }
 
@@ -731,7 +792,7 @@ impl LocalCluster {
         labels: &BTreeMap<String, String>,
         ports: &[(String, u16, String)],
         host_ports: &[(u16, u16, String)],
-        ip: Option<IpAddr>,
+        ips: &[IpAddr],
     ) -> Result<()> {
         let mut ports: Vec<serde_json::Value> = ports
             .iter()
@@ -747,9 +808,11 @@ impl LocalCluster {
                     .push(json!({"containerPort": container, "hostPort": host, "protocol": proto})),
             }
         }
-        let status = match ip {
+        let status = match ips.first() {
             Some(ip) => {
-                json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]})
+                let all: Vec<serde_json::Value> =
+                    ips.iter().map(|i| json!({"ip": i.to_string()})).collect();
+                json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": all})
             }
             None => json!({"phase": "Pending"}),
         };
@@ -1266,10 +1329,19 @@ impl LocalCluster {
             );
         }
         let result = out.json();
-        let ip: IpAddr = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
+        let ips: Vec<IpAddr> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                c["address"]
+                    .as_str()
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| a.parse().ok())
+            })
+            .collect();
+        let ip = *ips
+            .first()
             .with_context(|| format!("no address in the CNI result {}", out.stdout))?;
         let pod = Pod {
             namespace: spec.namespace,
@@ -1279,6 +1351,7 @@ impl LocalCluster {
             container_id,
             app_container: None,
             ip,
+            ips,
             labels: spec.labels,
             ports: spec.ports,
             host_ports: spec.host_ports,
@@ -1306,7 +1379,7 @@ impl LocalCluster {
             &spec.labels,
             &spec.ports,
             &spec.host_ports,
-            None,
+            &[],
         )
     }
 
@@ -1384,6 +1457,7 @@ impl LocalCluster {
             container_id: sandbox,
             app_container: Some(app),
             ip,
+            ips: vec![ip],
             labels: spec.labels,
             ports: spec.ports,
             host_ports: spec.host_ports,

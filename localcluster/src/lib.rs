@@ -14,7 +14,7 @@ pub mod oci;
 pub mod record;
 
 pub use cluster::{
-    AGENT_HTTP_PORT, ClusterOptions, EXTERNAL_IP, ExternalHost, LocalCluster, Node, Pod, PodSpec,
-    Topology,
+    AGENT_HTTP_PORT, ClusterOptions, EXTERNAL_IP, ExternalHost, IpFamily, LocalCluster, Node, Pod,
+    PodSpec, Topology,
 };
 pub use containerd::Runtime;

@@ -207,11 +207,11 @@ pub struct Attach {
     pub port_mappings: Vec<weir_cni::spec::PortMapping>,
 }
 
-/// What ADD built, for the CNI result.
+/// What ADD built, for the CNI result (the gateways are [`podnet::gateway_for`] its
+/// addresses).
 #[derive(Clone, Debug)]
 pub struct Attached {
     pub endpoint: LocalEndpoint,
-    pub gateway: IpAddr,
 }
 
 pub struct Agent {
@@ -379,12 +379,14 @@ impl Agent {
             .ensure_vxlan(
                 TUNNEL_IFNAME,
                 VXLAN_PORT,
-                uplink.mtu.saturating_sub(crate::VXLAN_OVERHEAD),
+                uplink.mtu.saturating_sub(uplink.vxlan_overhead()),
                 TUNNEL_MAC,
             )
             .await?;
         if cfg.pod_mtu == 0 {
-            cfg.pod_mtu = uplink.mtu.saturating_sub(crate::VXLAN_OVERHEAD);
+            // One MTU for both families: inner IPv4 and IPv6 packets ride the same underlay,
+            // so they have the same room.
+            cfg.pod_mtu = uplink.mtu.saturating_sub(uplink.vxlan_overhead());
         }
         dp.attach_uplink(&uplink.ifname)?;
         dp.attach_tunnel(TUNNEL_IFNAME)?;
@@ -722,10 +724,7 @@ impl Agent {
         match self.build(req, ips.clone(), host_ports).await {
             Ok(ep) => {
                 info!(container = %ep.container_id, pod = ?ep.pod, ips = ?ep.ips, ifname = %ep.interface.host_ifname, "pod attached");
-                Ok(Attached {
-                    endpoint: ep,
-                    gateway: IpAddr::V4(podnet::GATEWAY_V4),
-                })
+                Ok(Attached { endpoint: ep })
             }
             Err(e) => {
                 if let Err(undo) = self.remove_attachment(&container_id, &ifname, &ips).await {
@@ -861,10 +860,7 @@ impl Agent {
         self.dp.attach_pod_interface(&ep.interface.host_ifname)?;
         self.sync_endpoint_map()?;
         info!(container = %ep.container_id, pod = ?ep.pod, "repeated ADD of an attached pod: same result");
-        Ok(Attached {
-            endpoint: ep,
-            gateway: IpAddr::V4(podnet::GATEWAY_V4),
-        })
+        Ok(Attached { endpoint: ep })
     }
 
     /// Removes everything an attachment may have on this node, whether or not ADD got as

@@ -111,6 +111,27 @@ fn host_prefix(ip: IpAddr) -> IpNet {
     IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("full-length prefix is valid")
 }
 
+/// The CNI result's addresses (each with its family's gateway, on the pod's interface) and
+/// one default route per family, in the order of the pod's addresses.
+fn addresses_and_routes(pod_ips: &[IpAddr]) -> (Vec<IpConfig>, Vec<Route>) {
+    let ips = pod_ips
+        .iter()
+        .map(|ip| IpConfig {
+            address: host_prefix(*ip),
+            gateway: Some(crate::podnet::gateway_for(*ip)),
+            interface: Some(1),
+        })
+        .collect();
+    let mut routes: Vec<Route> = Vec::new();
+    for ip in pod_ips {
+        let dst = crate::podnet::default_route_for(*ip);
+        if !routes.iter().any(|r| r.dst == dst) {
+            routes.push(Route::new(dst, Some(crate::podnet::gateway_for(*ip))));
+        }
+    }
+    (ips, routes)
+}
+
 fn mac_string(mac: [u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -149,19 +170,7 @@ impl CniHandler for CniService {
                 ..Interface::default()
             },
         ];
-        let ips = ep
-            .ips
-            .iter()
-            .map(|ip| IpConfig {
-                address: host_prefix(*ip),
-                gateway: ip.is_ipv4().then_some(attached.gateway),
-                interface: Some(1),
-            })
-            .collect();
-        let routes = vec![Route::new(
-            "0.0.0.0/0".parse().expect("literal"),
-            Some(attached.gateway),
-        )];
+        let (ips, routes) = addresses_and_routes(&ep.ips);
         Ok(CniResult {
             interfaces,
             ips,
@@ -238,5 +247,55 @@ impl CniHandler for CniService {
             .await
             .map(|_| ())
             .map_err(to_cni)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(pod_ips: &[&str]) -> serde_json::Value {
+        let ips: Vec<IpAddr> = pod_ips.iter().map(|i| i.parse().unwrap()).collect();
+        let (ips, routes) = addresses_and_routes(&ips);
+        serde_json::to_value(CniResult {
+            ips,
+            routes,
+            ..CniResult::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_dual_stack_result_has_both_addresses_and_both_default_routes() {
+        let r = render(&["10.244.0.5", "fd00:10:244::5"]);
+        assert_eq!(
+            r["ips"],
+            serde_json::json!([
+                {"address": "10.244.0.5/32", "gateway": "169.254.1.1", "interface": 1},
+                {"address": "fd00:10:244::5/128", "gateway": "fe80::1", "interface": 1},
+            ])
+        );
+        assert_eq!(
+            r["routes"],
+            serde_json::json!([
+                {"dst": "0.0.0.0/0", "gw": "169.254.1.1"},
+                {"dst": "::/0", "gw": "fe80::1"},
+            ])
+        );
+    }
+
+    #[test]
+    fn single_family_results_have_that_family_only() {
+        let v6 = render(&["fd00:10:244::5"]);
+        assert_eq!(
+            v6["routes"],
+            serde_json::json!([{"dst": "::/0", "gw": "fe80::1"}])
+        );
+        assert_eq!(v6["ips"].as_array().unwrap().len(), 1);
+        let v4 = render(&["10.244.0.5"]);
+        assert_eq!(
+            v4["routes"],
+            serde_json::json!([{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}])
+        );
     }
 }

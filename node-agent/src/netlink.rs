@@ -296,53 +296,67 @@ impl Netlink {
         index: Option<u32>,
     ) -> Result<()> {
         use rtnetlink::packet_route::route::RouteType;
-        let IpNet::V4(n) = dst else {
-            return Err(NetlinkError::Request {
-                action: format!("route {dst}: IPv6 node routes are not supported yet"),
-                source: rtnetlink::Error::RequestFailed,
-            });
+        let family_mismatch = || NetlinkError::Request {
+            action: format!("route {dst}: the gateway is of another address family"),
+            source: rtnetlink::Error::RequestFailed,
         };
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(n.addr(), n.prefix_len())
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
-        match (gateway, index) {
-            (Some(IpAddr::V4(gw)), Some(i)) => b = b.gateway(gw).output_interface(i),
-            (None, Some(i)) => b = b.output_interface(i).scope(RouteScope::Link),
-            (_, None) => b = b.kind(RouteType::BlackHole),
-            (Some(IpAddr::V6(_)), Some(_)) => {
-                return Err(NetlinkError::Request {
-                    action: format!("route {dst}: IPv6 gateway for an IPv4 route"),
-                    source: rtnetlink::Error::RequestFailed,
-                });
+        let msg = match dst {
+            IpNet::V4(n) => {
+                let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(n.addr(), n.prefix_len())
+                    .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+                match (gateway, index) {
+                    (Some(IpAddr::V4(gw)), Some(i)) => b = b.gateway(gw).output_interface(i),
+                    (None, Some(i)) => b = b.output_interface(i).scope(RouteScope::Link),
+                    (_, None) => b = b.kind(RouteType::BlackHole),
+                    (Some(IpAddr::V6(_)), Some(_)) => return Err(family_mismatch()),
+                }
+                b.build()
             }
-        }
+            IpNet::V6(n) => {
+                let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(n.addr(), n.prefix_len())
+                    .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+                match (gateway, index) {
+                    (Some(IpAddr::V6(gw)), Some(i)) => b = b.gateway(gw).output_interface(i),
+                    (None, Some(i)) => b = b.output_interface(i).scope(RouteScope::Link),
+                    (_, None) => b = b.kind(RouteType::BlackHole),
+                    (Some(IpAddr::V4(_)), Some(_)) => return Err(family_mismatch()),
+                }
+                b.build()
+            }
+        };
         self.handle
             .route()
-            .add(b.build())
+            .add(msg)
             .replace()
             .execute()
             .await
             .map_err(req(format!("adding route {dst}")))
     }
 
-    /// Destinations of every IPv4 route carrying weir's protocol number.
+    /// Destinations of every route (IPv4 and IPv6) carrying weir's protocol number.
     pub async fn owned_routes(&self) -> Result<Vec<IpNet>> {
         use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
         let mut out = Vec::new();
-        let mut routes = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(r) = routes.try_next().await.map_err(req("listing routes"))? {
-            if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
-                continue;
-            }
-            for a in &r.attributes {
-                if let RouteAttribute::Destination(RouteAddress::Inet(ip)) = a
-                    && let Ok(n) = IpNet::new(IpAddr::V4(*ip), r.header.destination_prefix_length)
-                {
-                    out.push(n);
+        for query in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.handle.route().get(query).execute();
+            while let Some(r) = routes.try_next().await.map_err(req("listing routes"))? {
+                if r.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                    continue;
+                }
+                for a in &r.attributes {
+                    let ip = match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => IpAddr::V4(*ip),
+                        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => IpAddr::V6(*ip),
+                        _ => continue,
+                    };
+                    if let Ok(n) = IpNet::new(ip, r.header.destination_prefix_length) {
+                        out.push(n);
+                    }
                 }
             }
         }

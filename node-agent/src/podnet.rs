@@ -1,13 +1,34 @@
 //! A pod's routed network attachment (no bridge).
 //!
-//! The pod gets a veth whose pod end carries its address as a /32 (/128) and a default
-//! route via a link-local gateway, [`GATEWAY_V4`], reachable on-link. The host end carries
-//! no pod-subnet address; the node reaches the pod through a /32 route on the host end.
-//! Both sides get permanent neighbour entries, so no ARP is needed (the eBPF program on the
-//! host end still answers ARP for pods that flush their neighbour table).
+//! The pod gets a veth whose pod end carries its addresses as /32 and /128 and a default
+//! route per family via a link-local gateway, [`GATEWAY_V4`] and [`GATEWAY_V6`], reachable
+//! on-link. The host end carries no pod-subnet address; the node reaches the pod through a
+//! /32 (/128) route on the host end. Both sides get permanent neighbour entries for every
+//! family, so no ARP or neighbour discovery is needed (the eBPF program on the host end still
+//! answers ARP for pods that flush their neighbour table; it does not answer IPv6 neighbour
+//! solicitations yet, so a pod that flushes its permanent IPv6 gateway entry loses IPv6
+//! until the pod is re-added).
+//!
+//! # IPv6 in the pod
+//!
+//! A pod with an IPv6 address gets IPv6 enabled on its interface with:
+//!
+//! * `accept_dad=0`: duplicate address detection would hold the address tentative for a
+//!   second and send neighbour solicitations from `::`, which the host end's program drops
+//!   as spoofed. Addresses come from the node's IPAM, which never hands one out twice, so
+//!   there is nothing to detect.
+//! * `accept_ra=0` and `router_solicitations=0`: the default route is the one set here. No
+//!   router advertisement may add another one, or addresses from a prefix (a pod's
+//!   addresses are the IPAM's alone), and the pod does not ask for any.
+//!
+//! The pod keeps its link-local address (the kernel needs one on an IPv6 interface); what
+//! it sends from it (neighbour discovery, MLD) is not pod traffic and is dropped on the host
+//! end. The gateway `fe80::1` is resolved by the permanent entry, so unicast traffic never
+//! needs neighbour discovery. A pod without an IPv6 address keeps IPv6 disabled on both ends,
+//! as before dual stack: no link-local chatter to filter.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -18,6 +39,40 @@ use crate::netlink::{self, Netlink, NetlinkError, link_mac, open_netns, write_sy
 
 /// The pod's default gateway: link-local, never routed, the same in every pod.
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pod's IPv6 default gateway: link-local, the same in every pod.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The pod's gateway for the family of `ip`.
+pub fn gateway_for(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(GATEWAY_V4),
+        IpAddr::V6(_) => IpAddr::V6(GATEWAY_V6),
+    }
+}
+
+/// The default route of the family of `ip`.
+pub fn default_route_for(ip: IpAddr) -> IpNet {
+    match ip {
+        IpAddr::V4(_) => "0.0.0.0/0".parse().expect("literal"),
+        IpAddr::V6(_) => "::/0".parse().expect("literal"),
+    }
+}
+
+/// The sysctls of an interface with IPv6 addresses from IPAM (see the module docs), or of
+/// one without any (IPv6 off). In the order they are written: IPv6 is enabled last, so no
+/// address is ever configured under the kernel's defaults.
+pub fn ipv6_sysctls(ifname: &str, has_ipv6: bool) -> Vec<(String, &'static str)> {
+    let key = |k: &str| format!("net.ipv6.conf.{ifname}.{k}");
+    if !has_ipv6 {
+        return vec![(key("disable_ipv6"), "1")];
+    }
+    vec![
+        (key("accept_dad"), "0"),
+        (key("accept_ra"), "0"),
+        (key("router_solicitations"), "0"),
+        (key("disable_ipv6"), "0"),
+    ]
+}
 
 /// What the CNI call asks for.
 #[derive(Clone, Debug)]
@@ -88,12 +143,11 @@ async fn configure(
         name: format!("{host_ifname} (no MAC)"),
     })?;
 
-    // Until dual stack lands, neither end speaks IPv6 (no link-local chatter to filter).
-    write_sysctl(
-        None,
-        &format!("net.ipv6.conf.{host_ifname}.disable_ipv6"),
-        "1",
-    )?;
+    // IPv6 only where the pod has an IPv6 address (see the module docs).
+    let has_ipv6 = spec.ips.iter().any(|ip| ip.is_ipv6());
+    for (key, value) in ipv6_sysctls(host_ifname, has_ipv6) {
+        write_sysctl(None, &key, value)?;
+    }
 
     let pod = Netlink::in_netns(&spec.netns).await?;
     let pod_link =
@@ -106,23 +160,30 @@ async fn configure(
     let pod_mac = link_mac(&pod_link).ok_or_else(|| NetlinkError::NoSuchLink {
         name: format!("{} (no MAC)", spec.ifname),
     })?;
-    write_sysctl(
-        Some(netns),
-        &format!("net.ipv6.conf.{}.disable_ipv6", spec.ifname),
-        "1",
-    )?;
-    for ip in spec.ips.iter().filter(|ip| ip.is_ipv4()) {
+    for (key, value) in ipv6_sysctls(&spec.ifname, has_ipv6) {
+        write_sysctl(Some(netns), &key, value)?;
+    }
+    for ip in &spec.ips {
         pod.add_address(pod_ifindex, host_net(*ip)).await?;
     }
     pod.set_up(pod_ifindex).await?;
-    let gw = IpAddr::V4(GATEWAY_V4);
-    pod.replace_link_route(host_net(gw), pod_ifindex).await?;
-    pod.replace_neighbour(pod_ifindex, gw, host_mac).await?;
-    pod.replace_gateway_route("0.0.0.0/0".parse().expect("literal"), gw, pod_ifindex)
-        .await?;
+    // One gateway per family the pod has an address of.
+    let mut families: Vec<IpAddr> = Vec::new();
+    for ip in &spec.ips {
+        if !families.iter().any(|f| f.is_ipv4() == ip.is_ipv4()) {
+            families.push(*ip);
+        }
+    }
+    for ip in &families {
+        let gw = gateway_for(*ip);
+        pod.replace_link_route(host_net(gw), pod_ifindex).await?;
+        pod.replace_neighbour(pod_ifindex, gw, host_mac).await?;
+        pod.replace_gateway_route(default_route_for(*ip), gw, pod_ifindex)
+            .await?;
+    }
 
     node.set_up(host_ifindex).await?;
-    for ip in spec.ips.iter().filter(|ip| ip.is_ipv4()) {
+    for ip in &spec.ips {
         node.replace_neighbour(host_ifindex, *ip, pod_mac).await?;
         node.replace_link_route(host_net(*ip), host_ifindex).await?;
     }
@@ -187,7 +248,7 @@ pub async fn check(
         .addresses(link.header.index)
         .await
         .map_err(|e| e.to_string())?;
-    for ip in spec.ips.iter().filter(|ip| ip.is_ipv4()) {
+    for ip in &spec.ips {
         if !addrs.iter().any(|n| n.addr() == *ip) {
             return Err(format!("address {ip} is missing on {}", spec.ifname));
         }
@@ -198,4 +259,40 @@ pub async fn check(
 /// Does a network namespace still exist at `path`?
 pub fn netns_exists(path: &Path) -> bool {
     netlink::open_netns(path).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_family_has_its_link_local_gateway_and_default_route() {
+        let v4: IpAddr = "10.244.0.5".parse().unwrap();
+        let v6: IpAddr = "fd00:10:244::5".parse().unwrap();
+        assert_eq!(gateway_for(v4).to_string(), "169.254.1.1");
+        assert_eq!(gateway_for(v6).to_string(), "fe80::1");
+        assert_eq!(default_route_for(v4).to_string(), "0.0.0.0/0");
+        assert_eq!(default_route_for(v6).to_string(), "::/0");
+        assert_eq!(host_net(v6).to_string(), "fd00:10:244::5/128");
+    }
+
+    #[test]
+    fn ipv6_is_off_without_an_ipv6_address_and_quiet_with_one() {
+        assert_eq!(
+            ipv6_sysctls("eth0", false),
+            [("net.ipv6.conf.eth0.disable_ipv6".to_string(), "1")]
+        );
+        let on = ipv6_sysctls("eth0", true);
+        assert_eq!(
+            on.last().unwrap(),
+            &("net.ipv6.conf.eth0.disable_ipv6".to_string(), "0"),
+            "enabled after the rest is set"
+        );
+        for key in ["accept_dad", "accept_ra", "router_solicitations"] {
+            assert!(
+                on.contains(&(format!("net.ipv6.conf.eth0.{key}"), "0")),
+                "{key} off: {on:?}"
+            );
+        }
+    }
 }

@@ -62,12 +62,15 @@ pub struct Uplink {
 
 impl Uplink {
     /// The first interface (in index order, or the one named `preferred`) other than
-    /// loopback and weir's own that has a global IPv4 address.
+    /// loopback and weir's own that has a global IPv4 address; on a node without one (an
+    /// IPv6-only node), the first with a global IPv6 address. Its subnets are its global
+    /// addresses of both families.
     pub async fn detect(
         nl: &Netlink,
         preferred: Option<&str>,
     ) -> Result<Option<Uplink>, NetlinkError> {
         use rtnetlink::packet_route::link::LinkAttribute;
+        let mut ipv6_only: Option<Uplink> = None;
         for index in nl.link_indices().await? {
             let Some(link) = nl.link_by_index(index).await? else {
                 continue;
@@ -91,25 +94,49 @@ impl Uplink {
                 .addresses(index)
                 .await?
                 .into_iter()
-                .filter(
-                    |n| matches!(n.addr(), IpAddr::V4(a) if !a.is_link_local() && !a.is_loopback()),
-                )
+                .filter(|n| is_global(n.addr()))
                 .collect();
             if subnets.is_empty() {
                 continue;
             }
-            return Ok(Some(Uplink {
+            let uplink = Uplink {
                 ifname: name,
                 ifindex: index,
                 subnets,
                 mtu,
-            }));
+            };
+            if uplink.has_ipv4() {
+                return Ok(Some(uplink));
+            }
+            ipv6_only.get_or_insert(uplink);
         }
-        Ok(None)
+        Ok(ipv6_only)
+    }
+
+    /// Whether the uplink has an IPv4 address (else the node is IPv6-only).
+    pub fn has_ipv4(&self) -> bool {
+        self.subnets.iter().any(|n| n.addr().is_ipv4())
+    }
+
+    /// Bytes VXLAN adds on this uplink's underlay: 20 more for an IPv6 outer header.
+    pub fn vxlan_overhead(&self) -> u32 {
+        if self.has_ipv4() {
+            crate::VXLAN_OVERHEAD
+        } else {
+            crate::VXLAN_OVERHEAD + 20
+        }
     }
 
     fn on_link(&self, ip: IpAddr) -> bool {
         self.subnets.iter().any(|n| n.trunc().contains(&ip))
+    }
+}
+
+/// An address another node can reach this one at: not loopback, not link-local.
+fn is_global(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => !a.is_link_local() && !a.is_loopback(),
+        IpAddr::V6(a) => !a.is_loopback() && !a.is_unicast_link_local() && !a.is_multicast(),
     }
 }
 
@@ -157,11 +184,18 @@ pub fn plan(
             continue;
         }
         plan.tunnel_peers.insert(IpKey::from(route.node_ip));
-        let direct = match mode {
-            RoutingMode::Direct => true,
-            RoutingMode::Vxlan => false,
-            RoutingMode::Auto => uplink.on_link(route.node_ip),
-        };
+        // A direct route's next hop is the node's address, and it must be of the pod CIDR's
+        // family: neither the kernel (an IPv6 route via an IPv4 gateway) nor
+        // `bpf_redirect_neigh` (an IPv6 packet takes an IPv6 next hop only) forwards across
+        // families. Such a CIDR (IPv6 pods over an IPv4 underlay) is reached over VXLAN,
+        // which carries either family inside an IPv4 datagram, whatever the mode says.
+        let same_family = cidr.addr().is_ipv4() == route.node_ip.is_ipv4();
+        let direct = same_family
+            && match mode {
+                RoutingMode::Direct => true,
+                RoutingMode::Vxlan => false,
+                RoutingMode::Auto => uplink.on_link(route.node_ip),
+            };
         if direct {
             plan.map.insert(
                 *cidr,
@@ -198,12 +232,6 @@ pub fn plan(
 /// Makes the kernel's weir-owned routes exactly `plan.kernel`.
 pub async fn apply_kernel_routes(nl: &Netlink, plan: &RoutePlan) -> Result<(), NetlinkError> {
     for r in &plan.kernel {
-        if r.dst.addr().is_ipv6() {
-            // IPv6 node routes are not supported yet; the IPv4 ones must still work on a
-            // dual-stack cluster.
-            tracing::debug!(dst = %r.dst, "skipping an IPv6 node route");
-            continue;
-        }
         nl.replace_owned_route(r.dst, r.gateway, r.ifindex).await?;
     }
     for dst in nl.owned_routes().await? {
@@ -297,5 +325,97 @@ mod tests {
                 .values()
                 .all(|r| r.mode() == RouteEntry::MODE_VXLAN)
         );
+    }
+
+    fn dual_routes() -> BTreeMap<IpNet, NodeRoute> {
+        let mut r = routes();
+        for (c, n, ip) in [
+            ("fd00:10:244:1::/64", "n1", "172.30.1.11"),
+            ("fd00:10:244:2::/64", "n2", "172.30.2.12"),
+            ("fd00:10:244:3::/64", "n3", "172.30.1.13"),
+            ("fd00:10:244:4::/64", "n4", "fd00:172:30::14"),
+            ("fd00:10:244:5::/64", "n5", "fd00:172:31::15"),
+        ] {
+            r.insert(
+                c.parse().unwrap(),
+                NodeRoute {
+                    node: n.into(),
+                    node_ip: ip.parse().unwrap(),
+                },
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn ipv6_pod_cidrs_of_ipv4_nodes_are_tunnelled_in_every_mode() {
+        for mode in [RoutingMode::Auto, RoutingMode::Direct, RoutingMode::Vxlan] {
+            let p = plan(&dual_routes(), "n1", &uplink(), 9, mode);
+            assert!(
+                p.own_cidrs
+                    .contains(&"fd00:10:244:1::/64".parse::<IpNet>().unwrap())
+            );
+            for c in ["fd00:10:244:2::/64", "fd00:10:244:3::/64"] {
+                let cidr: IpNet = c.parse().unwrap();
+                let r = p.map[&cidr];
+                assert_eq!(
+                    (r.mode(), r.ifindex()),
+                    (RouteEntry::MODE_VXLAN, 9),
+                    "{c} {mode:?}"
+                );
+                let k = p.kernel.iter().find(|k| k.dst == cidr).unwrap();
+                assert_eq!((k.gateway, k.ifindex), (None, Some(9)), "{c} {mode:?}");
+            }
+        }
+        // The IPv4 CIDR of the on-link node stays direct in auto mode.
+        let p = plan(&dual_routes(), "n1", &uplink(), 9, RoutingMode::Auto);
+        assert_eq!(
+            p.map[&"10.244.3.0/24".parse().unwrap()].mode(),
+            RouteEntry::MODE_DIRECT
+        );
+        let own6 = p
+            .kernel
+            .iter()
+            .find(|r| r.dst == "fd00:10:244:1::/64".parse().unwrap())
+            .unwrap();
+        assert_eq!(own6.ifindex, None, "own IPv6 CIDR is blackholed too");
+    }
+
+    #[test]
+    fn ipv6_pod_cidrs_of_nodes_on_an_ipv6_link_are_direct() {
+        let mut up = uplink();
+        up.subnets.push("fd00:172:30::11/64".parse().unwrap());
+        let p = plan(&dual_routes(), "n1", &up, 9, RoutingMode::Auto);
+        let n4: IpNet = "fd00:10:244:4::/64".parse().unwrap();
+        assert_eq!(p.map[&n4].mode(), RouteEntry::MODE_DIRECT);
+        let k = p.kernel.iter().find(|k| k.dst == n4).unwrap();
+        assert_eq!(
+            (k.gateway, k.ifindex),
+            (Some("fd00:172:30::14".parse().unwrap()), Some(2))
+        );
+        let n5: IpNet = "fd00:10:244:5::/64".parse().unwrap();
+        assert_eq!(p.map[&n5].mode(), RouteEntry::MODE_VXLAN, "another subnet");
+        assert!(up.has_ipv4());
+        assert_eq!(up.vxlan_overhead(), 50);
+        let v6_only = Uplink {
+            subnets: vec!["fd00:172:30::11/64".parse().unwrap()],
+            ..uplink()
+        };
+        assert_eq!(v6_only.vxlan_overhead(), 70);
+    }
+
+    #[test]
+    fn only_global_addresses_make_an_uplink() {
+        for (ip, global) in [
+            ("172.30.0.1", true),
+            ("169.254.0.1", false),
+            ("127.0.0.1", false),
+            ("fd00::1", true),
+            ("2001:db8::1", true),
+            ("fe80::1", false),
+            ("::1", false),
+        ] {
+            assert_eq!(is_global(ip.parse().unwrap()), global, "{ip}");
+        }
     }
 }

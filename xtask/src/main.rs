@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use weir_localcluster::{ClusterOptions, LocalCluster, Runtime, Topology};
+use weir_localcluster::{ClusterOptions, IpFamily, LocalCluster, Runtime, Topology};
 
 #[derive(Parser)]
 #[command(about = "weir developer tasks")]
@@ -44,6 +44,9 @@ enum Cmd {
         /// pods are containers started through its CRI).
         #[arg(long, default_value = "direct")]
         runtime: Runtime,
+        /// The pods' address families: ipv4, ipv6 or dual (the nodes' underlay is IPv4).
+        #[arg(long, default_value = "ipv4")]
+        ip_family: IpFamily,
     },
     /// Bring up a throwaway local cluster, show which pods reach which, tear it down.
     Demo {
@@ -139,7 +142,8 @@ fn main() -> Result<()> {
             topology,
             pods_per_node,
             runtime: pods,
-        } => up(nodes, topology, pods_per_node, pods),
+            ip_family,
+        } => up(nodes, topology, pods_per_node, pods, ip_family),
         Cmd::Demo { nodes, topology } => {
             let bin = build()?;
             runtime().block_on(demo::run(bin, nodes, topology))
@@ -237,13 +241,20 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn up(nodes: usize, topology: Topology, pods_per_node: usize, pods: Runtime) -> Result<()> {
+fn up(
+    nodes: usize,
+    topology: Topology,
+    pods_per_node: usize,
+    pods: Runtime,
+    ip_family: IpFamily,
+) -> Result<()> {
     let bin = build()?;
     runtime().block_on(async {
         let mut opts = ClusterOptions::new(bin);
         opts.nodes = nodes;
         opts.topology = topology;
         opts.runtime = pods;
+        opts.ip_family = ip_family;
         let mut cluster = LocalCluster::up(opts).await?;
         for n in 0..nodes {
             for p in 0..pods_per_node {
@@ -269,10 +280,11 @@ fn up(nodes: usize, topology: Topology, pods_per_node: usize, pods: Runtime) -> 
             );
         }
         for pod in cluster.pods() {
+            let ips: Vec<String> = pod.ips.iter().map(|i| i.to_string()).collect();
             println!(
                 "  pod  {:<24} ip {:<14} on {:<12} namespace {}",
                 format!("{}/{}", pod.namespace, pod.name),
-                pod.ip,
+                ips.join(","),
                 pod.node,
                 pod.netns.name()
             );

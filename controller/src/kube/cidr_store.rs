@@ -3,7 +3,8 @@
 //!
 //! # Where
 //!
-//! ConfigMap `weir-system/weir-node-cidrs`, one key per node: `data["<node>"] = "<cidr>"`.
+//! ConfigMap `weir-system/weir-node-cidrs`, one key per node: `data["<node>"] = "<cidr>"`, or
+//! `"<ipv4 cidr>,<ipv6 cidr>"` on a dual-stack cluster (one range per family).
 //! Node names are DNS subdomain names, which are valid ConfigMap keys. Only ranges this
 //! controller allocated are kept; a node whose `spec.podCIDRs` is set keeps that range and
 //! needs no entry (see [`crate::node_cidrs`]).
@@ -52,7 +53,7 @@ use weir_transport::Backoff;
 
 use crate::{
     leader::Leadership,
-    node_cidrs::{CidrError, CidrStore},
+    node_cidrs::{Assignments, CidrError, CidrStore},
 };
 
 /// Namespace of the ConfigMap `manifests/` grants access to.
@@ -111,7 +112,7 @@ impl CidrStoreConfig {
 /// The ConfigMap as last read or written.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Remote {
-    assignments: BTreeMap<String, IpNet>,
+    assignments: Assignments,
     /// None: the ConfigMap does not exist.
     resource_version: Option<String>,
 }
@@ -119,11 +120,11 @@ struct Remote {
 #[derive(Debug, Default)]
 struct StoreState {
     /// Read at start, for [`CidrStore::load`].
-    initial: BTreeMap<String, IpNet>,
+    initial: Assignments,
     /// What the allocator holds: its last save, or the assignments it last adopted.
-    desired: Option<BTreeMap<String, IpNet>>,
+    desired: Option<Assignments>,
     /// Read from the API and not adopted by the allocator yet.
-    fresh: Option<BTreeMap<String, IpNet>>,
+    fresh: Option<Assignments>,
 }
 
 #[derive(Debug, Default)]
@@ -177,17 +178,17 @@ pub async fn connect(
 }
 
 impl CidrStore for KubeCidrStore {
-    fn load(&self) -> Result<BTreeMap<String, IpNet>, CidrError> {
+    fn load(&self) -> Result<Assignments, CidrError> {
         Ok(self.shared.state().initial.clone())
     }
 
-    fn save(&self, assignments: &BTreeMap<String, IpNet>) -> Result<(), CidrError> {
+    fn save(&self, assignments: &Assignments) -> Result<(), CidrError> {
         self.shared.state().desired = Some(assignments.clone());
         self.shared.saved.notify_one();
         Ok(())
     }
 
-    fn refresh(&self) -> Option<BTreeMap<String, IpNet>> {
+    fn refresh(&self) -> Option<Assignments> {
         let mut state = self.shared.state();
         let fresh = state.fresh.take()?;
         // The allocator holds exactly these now; a change it makes from here is saved.
@@ -342,9 +343,9 @@ async fn read(api: &Api<ConfigMap>, config: &CidrStoreConfig) -> Result<Remote, 
 fn parse(config: &CidrStoreConfig, cm: &ConfigMap) -> Remote {
     let mut assignments = BTreeMap::new();
     for (node, value) in cm.data.iter().flatten() {
-        match value.trim().parse::<IpNet>() {
-            Ok(cidr) => {
-                assignments.insert(node.clone(), cidr);
+        match parse_ranges(value) {
+            Ok(cidrs) => {
+                assignments.insert(node.clone(), cidrs);
             }
             Err(e) => warn!(
                 config_map = %format!("{}/{}", config.namespace, config.name),
@@ -361,6 +362,20 @@ fn parse(config: &CidrStoreConfig, cm: &ConfigMap) -> Remote {
     }
 }
 
+/// A node's entry: its ranges, comma-separated (one per family; a single range is what a
+/// controller without dual stack wrote).
+fn parse_ranges(value: &str) -> Result<Vec<IpNet>, ipnet::AddrParseError> {
+    value.split(',').map(|c| c.trim().parse()).collect()
+}
+
+fn format_ranges(cidrs: &[IpNet]) -> String {
+    cidrs
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 enum WriteError {
     Conflict,
     Api(CidrStoreError),
@@ -370,7 +385,7 @@ async fn write(
     api: &Api<ConfigMap>,
     config: &CidrStoreConfig,
     remote: &Remote,
-    desired: &BTreeMap<String, IpNet>,
+    desired: &Assignments,
 ) -> Result<Remote, WriteError> {
     let cm = ConfigMap {
         metadata: ObjectMeta {
@@ -389,7 +404,7 @@ async fn write(
         data: Some(
             desired
                 .iter()
-                .map(|(node, cidr)| (node.clone(), cidr.to_string()))
+                .map(|(node, cidrs)| (node.clone(), format_ranges(cidrs)))
                 .collect(),
         ),
         ..ConfigMap::default()
@@ -406,5 +421,23 @@ async fn write(
         // Replaced meanwhile (Conflict), or created meanwhile (AlreadyExists).
         Err(kube::Error::Api(s)) if s.code == 409 => Err(WriteError::Conflict),
         Err(e) => Err(WriteError::Api(api_error(config, "writing", e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_hold_one_range_or_one_per_family() {
+        let one: Vec<IpNet> = vec!["10.244.1.0/24".parse().unwrap()];
+        assert_eq!(parse_ranges(" 10.244.1.0/24 ").unwrap(), one);
+        let two: Vec<IpNet> = vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        ];
+        assert_eq!(format_ranges(&two), "10.244.1.0/24,fd00:10:244:1::/64");
+        assert_eq!(parse_ranges(&format_ranges(&two)).unwrap(), two);
+        assert!(parse_ranges("10.244.1.0/24,nonsense").is_err());
     }
 }

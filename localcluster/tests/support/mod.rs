@@ -34,6 +34,23 @@ pub async fn cluster(nodes: usize, topology: Topology) -> LocalCluster {
     cluster_with_agent_args(nodes, topology, &[]).await
 }
 
+/// A cluster whose pods have addresses of `family`.
+pub async fn cluster_with_family(
+    nodes: usize,
+    topology: Topology,
+    family: weir_localcluster::IpFamily,
+) -> LocalCluster {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (network namespaces, eBPF); run `cargo xtask test` as root"
+    );
+    let mut opts = ClusterOptions::new(bin_dir());
+    opts.nodes = nodes;
+    opts.topology = topology;
+    opts.ip_family = family;
+    LocalCluster::up(opts).await.expect("cluster up")
+}
+
 /// A cluster whose agents all get `agent_args` besides the usual ones.
 pub async fn cluster_with_agent_args(
     nodes: usize,

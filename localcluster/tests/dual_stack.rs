@@ -1,0 +1,93 @@
+//! End to end on dual-stack and IPv6-only clusters: every pod has an address per family, and
+//! pods on one node and across nodes reach each other over IPv6 (ICMPv6 and TCP) while the
+//! IPv4 path keeps working. The nodes' underlay is IPv4: IPv6 traffic to another node's
+//! pods travels over VXLAN.
+
+mod support;
+
+use std::net::IpAddr;
+
+use support::{cluster_with_family, ping, pod, probe};
+use weir_conformance::{Protocol, probe::Servers};
+use weir_localcluster::{IpFamily, Pod, Topology};
+
+fn v4(p: &Pod) -> IpAddr {
+    *p.ips
+        .iter()
+        .find(|i| i.is_ipv4())
+        .unwrap_or_else(|| panic!("{} has no IPv4 address: {:?}", p.name, p.ips))
+}
+
+fn v6(p: &Pod) -> IpAddr {
+    *p.ips
+        .iter()
+        .find(|i| i.is_ipv6())
+        .unwrap_or_else(|| panic!("{} has no IPv6 address: {:?}", p.name, p.ips))
+}
+
+/// Both directions of every pair, over ICMP and TCP to port 80, to `addr` of the target.
+async fn all_pairs_reach(pods: &[&Pod], addr: fn(&Pod) -> IpAddr, what: &str) {
+    for from in pods {
+        for to in pods {
+            if from.name == to.name {
+                continue;
+            }
+            let dst = addr(to);
+            assert!(
+                ping(&from.netns, dst),
+                "{what}: {} pings {} at {dst}",
+                from.name,
+                to.name
+            );
+            let tcp = probe(&from.netns, dst, 80, Protocol::Tcp).await;
+            assert!(
+                tcp.is_connected(),
+                "{what}: {} -> {} at {dst}:80 over TCP: {tcp:?}",
+                from.name,
+                to.name
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_stack_pods_reach_each_other_over_ipv6_and_ipv4_on_one_node_and_across_nodes() {
+    let mut c = cluster_with_family(2, Topology::L2, IpFamily::Dual).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 0).await;
+    let r = pod(&mut c, "default", "r", 1).await;
+    for p in [&a, &b, &r] {
+        assert_eq!(p.ips.len(), 2, "{}: one address per family: {:?}", p.name, p.ips);
+        assert!(p.ips[0].is_ipv4() && p.ips[1].is_ipv6(), "{:?}", p.ips);
+        let v6 = v6(p).to_string();
+        assert!(v6.starts_with("fd00:10:244:"), "{v6} in the cluster's IPv6 CIDR");
+    }
+    // The pod's IPv6 default route goes via the link-local gateway.
+    let routes = a.netns.ip(&["-6", "route", "show", "default"]).unwrap();
+    assert!(routes.contains("via fe80::1"), "{routes}");
+    let _servers: Vec<Servers> = [&a, &b, &r]
+        .iter()
+        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
+        .collect();
+    all_pairs_reach(&[&a, &b, &r], v6, "IPv6").await;
+    all_pairs_reach(&[&a, &b, &r], v4, "IPv4").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_only_pods_reach_each_other_on_one_node_and_across_nodes() {
+    let mut c = cluster_with_family(2, Topology::L2, IpFamily::Ipv6).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 0).await;
+    let r = pod(&mut c, "default", "r", 1).await;
+    for p in [&a, &b, &r] {
+        assert_eq!(p.ips.len(), 1, "{}: {:?}", p.name, p.ips);
+        assert!(p.ip.is_ipv6(), "{}: {}", p.name, p.ip);
+        let v4 = p.netns.ip(&["-4", "address", "show", "dev", "eth0"]).unwrap();
+        assert!(!v4.contains("inet "), "no IPv4 address in an IPv6-only pod: {v4}");
+    }
+    let _servers: Vec<Servers> = [&a, &b, &r]
+        .iter()
+        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
+        .collect();
+    all_pairs_reach(&[&a, &b, &r], v6, "IPv6 only").await;
+}
