@@ -57,10 +57,19 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_ipv4_on_one_node_and_acr
     let b = pod(&mut c, "default", "b", 0).await;
     let r = pod(&mut c, "default", "r", 1).await;
     for p in [&a, &b, &r] {
-        assert_eq!(p.ips.len(), 2, "{}: one address per family: {:?}", p.name, p.ips);
+        assert_eq!(
+            p.ips.len(),
+            2,
+            "{}: one address per family: {:?}",
+            p.name,
+            p.ips
+        );
         assert!(p.ips[0].is_ipv4() && p.ips[1].is_ipv6(), "{:?}", p.ips);
         let v6 = v6(p).to_string();
-        assert!(v6.starts_with("fd00:10:244:"), "{v6} in the cluster's IPv6 CIDR");
+        assert!(
+            v6.starts_with("fd00:10:244:"),
+            "{v6} in the cluster's IPv6 CIDR"
+        );
     }
     // The pod's IPv6 default route goes via the link-local gateway.
     let routes = a.netns.ip(&["-6", "route", "show", "default"]).unwrap();
@@ -71,6 +80,26 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_ipv4_on_one_node_and_acr
         .collect();
     all_pairs_reach(&[&a, &b, &r], v6, "IPv6").await;
     all_pairs_reach(&[&a, &b, &r], v4, "IPv4").await;
+
+    // A pod that loses its permanent gateway entry resolves the gateway again by neighbour
+    // discovery: the host end answers for fe80::1, as it answers ARP for 169.254.1.1.
+    a.netns
+        .ip(&["-6", "neigh", "del", "fe80::1", "dev", "eth0"])
+        .expect("delete the gateway's neighbour entry");
+    let gone = a.netns.ip(&["-6", "neigh", "show", "dev", "eth0"]).unwrap();
+    assert!(!gone.contains("PERMANENT"), "{gone}");
+    assert!(
+        ping(&a.netns, v6(&r)),
+        "a pings r over IPv6 after re-resolving its gateway"
+    );
+    let learned = a
+        .netns
+        .ip(&["-6", "neigh", "show", "fe80::1", "dev", "eth0"])
+        .unwrap();
+    assert!(
+        learned.contains("lladdr"),
+        "gateway resolved by NDP: {learned}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -82,8 +111,14 @@ async fn ipv6_only_pods_reach_each_other_on_one_node_and_across_nodes() {
     for p in [&a, &b, &r] {
         assert_eq!(p.ips.len(), 1, "{}: {:?}", p.name, p.ips);
         assert!(p.ip.is_ipv6(), "{}: {}", p.name, p.ip);
-        let v4 = p.netns.ip(&["-4", "address", "show", "dev", "eth0"]).unwrap();
-        assert!(!v4.contains("inet "), "no IPv4 address in an IPv6-only pod: {v4}");
+        let v4 = p
+            .netns
+            .ip(&["-4", "address", "show", "dev", "eth0"])
+            .unwrap();
+        assert!(
+            !v4.contains("inet "),
+            "no IPv4 address in an IPv6-only pod: {v4}"
+        );
     }
     let _servers: Vec<Servers> = [&a, &b, &r]
         .iter()

@@ -5,9 +5,8 @@
 //! on-link. The host end carries no pod-subnet address; the node reaches the pod through a
 //! /32 (/128) route on the host end. Both sides get permanent neighbour entries for every
 //! family, so no ARP or neighbour discovery is needed (the eBPF program on the host end still
-//! answers ARP for pods that flush their neighbour table; it does not answer IPv6 neighbour
-//! solicitations yet, so a pod that flushes its permanent IPv6 gateway entry loses IPv6
-//! until the pod is re-added).
+//! answers ARP for pods that flush their neighbour table; for IPv6 the host end carries the
+//! gateway address `fe80::1/64`, so the host stack answers a pod's neighbour solicitations).
 //!
 //! # IPv6 in the pod
 //!
@@ -22,9 +21,9 @@
 //!   addresses are the IPAM's alone), and the pod does not ask for any.
 //!
 //! The pod keeps its link-local address (the kernel needs one on an IPv6 interface); what
-//! it sends from it (neighbour discovery, MLD) is not pod traffic and is dropped on the host
-//! end. The gateway `fe80::1` is resolved by the permanent entry, so unicast traffic never
-//! needs neighbour discovery. A pod without an IPv6 address keeps IPv6 disabled on both ends,
+//! it sends from it (neighbour discovery, MLD) is not pod traffic: the host end's program
+//! hands it to the host stack without policy. The gateway `fe80::1` is resolved by the
+//! permanent entry, so unicast traffic does not wait for neighbour discovery. A pod without an IPv6 address keeps IPv6 disabled on both ends,
 //! as before dual stack: no link-local chatter to filter.
 
 use std::{
@@ -183,6 +182,15 @@ async fn configure(
     }
 
     node.set_up(host_ifindex).await?;
+    if has_ipv6 {
+        // The host end answers neighbour solicitations for the pod's gateway (a pod that
+        // flushed its permanent entry resolves it again, as ARP does for IPv4).
+        node.add_address(
+            host_ifindex,
+            IpNet::new(IpAddr::V6(GATEWAY_V6), 64).expect("/64"),
+        )
+        .await?;
+    }
     for ip in &spec.ips {
         node.replace_neighbour(host_ifindex, *ip, pod_mac).await?;
         node.replace_link_route(host_net(*ip), host_ifindex).await?;
