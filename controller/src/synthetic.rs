@@ -1,7 +1,10 @@
 //! Synthetic clusters for measurements: object builders, and two large deterministic shapes
 //! (`cargo run --example scale`, `cargo xtask bench`).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::{
@@ -80,6 +83,14 @@ pub fn pod(ns: &str, name: &str, pairs: &[(&str, &str)], node: &str, ip: Ipv4Add
             ..Default::default()
         }),
     }
+}
+
+/// `pod` made dual-stack: `ip` added to its `status.podIPs` after its IPv4 address.
+pub fn with_ipv6(mut pod: Pod, ip: Ipv6Addr) -> Pod {
+    if let Some(ips) = pod.status.as_mut().and_then(|s| s.pod_ips.as_mut()) {
+        ips.push(PodIP { ip: ip.to_string() });
+    }
+    pod
 }
 
 pub fn policy(v: Value) -> Result<NetworkPolicy> {

@@ -2,14 +2,14 @@
 //! the per-packet benchmark, with or without ClusterNetworkPolicies; the large shapes of the
 //! control-plane benchmark come from [`weir_controller::synthetic`].
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use serde_json::json;
 pub use weir_controller::synthetic::Shape;
 use weir_controller::{
     Cluster,
-    synthetic::{cluster_policy, namespace, node, nth_ip, pod, policy},
+    synthetic::{cluster_policy, namespace, node, nth_ip, pod, policy, with_ipv6},
 };
 
 // ---------------------------------------------------------------------------------------
@@ -32,6 +32,22 @@ const PEER_NODES: usize = 10;
 /// Address of peer pod `j` (all on other nodes).
 pub fn peer_ip(j: usize) -> Ipv4Addr {
     nth_ip(11, j)
+}
+
+/// The IPv6 address of the dual-stack pod whose IPv4 address is `v4`: `fd00:b::/96` plus
+/// the IPv4 address, so IPv6 addresses interleave by group exactly as the IPv4 ones do.
+pub fn ipv6_of(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(
+        0xfd00,
+        0xb,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+    )
 }
 
 /// A cluster of `peers` peer pods and `policies` NetworkPolicies that all select the
@@ -109,6 +125,18 @@ impl Lane {
     }
 }
 
+/// The measured pods are dual-stack, so one compile serves both families' packets (the
+/// same tables, in which IPv4 and IPv6 classes share the tries).
+fn dual(pod: k8s_openapi::api::core::v1::Pod) -> k8s_openapi::api::core::v1::Pod {
+    let v4 = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        .expect("a synthetic pod has an IPv4 address");
+    with_ipv6(pod, ipv6_of(v4))
+}
+
 fn fill_verdict_cluster(
     mut c: Cluster,
     policies: usize,
@@ -122,20 +150,20 @@ fn fill_verdict_cluster(
     }
     let ns_labels: &[(&str, &str)] = if with_cnps { &[("env", "bench")] } else { &[] };
     c.upsert_namespace(&namespace(VERDICT_NAMESPACE, ns_labels))?;
-    c.upsert_pod(&pod(
+    c.upsert_pod(&dual(pod(
         VERDICT_NAMESPACE,
         SERVER,
         &[("bench-role", "server")],
         VERDICT_NODE,
         SERVER_IP,
-    ))?;
-    c.upsert_pod(&pod(
+    )))?;
+    c.upsert_pod(&dual(pod(
         VERDICT_NAMESPACE,
         CLIENT,
         &[("bench-role", "client"), ("group", "g-0")],
         VERDICT_NODE,
         CLIENT_IP,
-    ))?;
+    )))?;
     let groups = policies.min(peers).max(1);
     for j in 0..peers {
         let group = format!("g-{}", j % groups);
@@ -143,13 +171,13 @@ fn fill_verdict_cluster(
         if with_cnps {
             labels.push(("lane", Lane::of_peer(j).label()));
         }
-        c.upsert_pod(&pod(
+        c.upsert_pod(&dual(pod(
             VERDICT_NAMESPACE,
             &format!("peer-{j}"),
             &labels,
             &format!("peer-node-{}", j % PEER_NODES),
             peer_ip(j),
-        ))?;
+        )))?;
     }
     for i in 0..policies {
         let port = u32::from(ALLOWED_PORT) + 2 * (i / groups) as u32;

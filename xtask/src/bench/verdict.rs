@@ -32,6 +32,11 @@
 //!   the redirect (new MACs), which the anti-spoofing check then drops — the repetitions
 //!   would measure a drop, not a forwarded packet.
 //!
+//! IPv6: the measured pods are dual-stack (the peers too, so the class and verdict tables
+//! hold both families), and new flows over IPv6 are measured on the same-node and the
+//! fixed-traffic other-node paths with the same programs and maps; a goal compares them with
+//! the IPv4 figures of the same configuration.
+//!
 //! Baseline: the eBPF object has no trivial program to compare with, so the baseline is the
 //! same programs with no policy at all (the server not isolated: conntrack, no class or
 //! verdict lookup). Ratios show what policies add; flatness is the ratio between the
@@ -49,7 +54,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     process::Command,
     time::{Duration, Instant},
 };
@@ -72,7 +77,7 @@ use weir_controller::Compiler;
 
 use super::{
     report::{Better, Goal, Report, Stats},
-    synthetic::{self, ALLOWED_PORT, CLIENT_IP, Lane, SERVER_IP, peer_ip},
+    synthetic::{self, ALLOWED_PORT, CLIENT_IP, Lane, SERVER_IP, ipv6_of, peer_ip},
 };
 
 const SECTION: &str = "verdict";
@@ -131,15 +136,27 @@ enum Path {
     /// first [`SAME_PEERS`] peers (fewer if the configuration has fewer), which fall into as
     /// many groups, so as many distinct classes, verdicts and rules. Only the cluster grows.
     OtherNodeSamePeers,
+    /// [`Path::SameNode`] over IPv6.
+    SameNodeV6,
+    /// [`Path::OtherNodeSamePeers`] over IPv6.
+    OtherNodeSamePeersV6,
 }
 
 impl Path {
-    const ALL: [Path; 3] = [Path::SameNode, Path::OtherNode, Path::OtherNodeSamePeers];
+    const ALL: [Path; 5] = [
+        Path::SameNode,
+        Path::OtherNode,
+        Path::OtherNodeSamePeers,
+        Path::SameNodeV6,
+        Path::OtherNodeSamePeersV6,
+    ];
     fn id(self) -> &'static str {
         match self {
             Path::SameNode => "same-node",
             Path::OtherNode => "other-node",
             Path::OtherNodeSamePeers => "other-node-same-peers",
+            Path::SameNodeV6 => "same-node-ipv6",
+            Path::OtherNodeSamePeersV6 => "other-node-same-peers-ipv6",
         }
     }
     fn label(self) -> &'static str {
@@ -147,13 +164,37 @@ impl Path {
             Path::SameNode => "same node (from_pod)",
             Path::OtherNode => "other node (from_network)",
             Path::OtherNodeSamePeers => "other node (from_network), the same 1k peers",
+            Path::SameNodeV6 => "same node (from_pod), IPv6",
+            Path::OtherNodeSamePeersV6 => "other node (from_network), the same 1k peers, IPv6",
         }
     }
     /// Established flows only differ by path, not by traffic: measured on the first two.
     fn flows(self) -> &'static [Flow] {
         match self {
-            Path::OtherNodeSamePeers => &[Flow::New],
-            _ => &Flow::ALL,
+            Path::SameNode | Path::OtherNode => &Flow::ALL,
+            _ => &[Flow::New],
+        }
+    }
+    fn same_node(self) -> bool {
+        matches!(self, Path::SameNode | Path::SameNodeV6)
+    }
+    fn same_peers(self) -> bool {
+        matches!(self, Path::OtherNodeSamePeers | Path::OtherNodeSamePeersV6)
+    }
+    /// The IPv4 path an IPv6 one is compared with.
+    fn ipv4_counterpart(self) -> Option<Path> {
+        match self {
+            Path::SameNodeV6 => Some(Path::SameNode),
+            Path::OtherNodeSamePeersV6 => Some(Path::OtherNodeSamePeers),
+            _ => None,
+        }
+    }
+    /// The address a packet of this path carries for a pod whose IPv4 address is `v4`.
+    fn addr(self, v4: Ipv4Addr) -> IpAddr {
+        if self.ipv4_counterpart().is_some() {
+            IpAddr::V6(ipv6_of(v4))
+        } else {
+            IpAddr::V4(v4)
         }
     }
 }
@@ -237,7 +278,7 @@ impl Config {
     /// Whether the `n`-th packet of `path` is dropped by policy (an Admin Deny rule).
     fn drops(&self, path: Path, n: usize) -> bool {
         self.cluster_policies > 0
-            && path != Path::SameNode
+            && !path.same_node()
             && Lane::of_peer(peer_of(self, path, n)) == Lane::Quarantined
     }
 }
@@ -306,7 +347,7 @@ fn run_in_private_netns(report: &mut Report, settings: &Settings) -> Result<()> 
                     Better::Lower,
                     baseline.clone(),
                 );
-                if flow == Flow::New && c.cluster_policies > 0 && path != Path::SameNode {
+                if flow == Flow::New && c.cluster_policies > 0 && !path.same_node() {
                     for (part, label) in PARTS {
                         report.define(
                             SECTION,
@@ -334,7 +375,7 @@ fn run_in_private_netns(report: &mut Report, settings: &Settings) -> Result<()> 
                     let ns = match flow {
                         Flow::New => {
                             let times = new_flows(c, &ifs, path, settings.packets)?;
-                            if c.cluster_policies > 0 && path != Path::SameNode {
+                            if c.cluster_policies > 0 && !path.same_node() {
                                 for (part, _) in PARTS {
                                     let dropped = part == "denied";
                                     let subset: Vec<f64> = times
@@ -360,6 +401,7 @@ fn run_in_private_netns(report: &mut Report, settings: &Settings) -> Result<()> 
         }
     }
     flatness_goal(report, settings);
+    ipv6_goal(report, settings);
     if let Some(c) = configs.iter().find(|c| c.cluster_policies > 0) {
         cluster_policy_goal(report, c);
     }
@@ -410,6 +452,44 @@ fn cluster_policy_goal(report: &mut Report, c: &Config) {
                 count(c.cluster_policies),
                 count(c.policies),
                 count(c.peers)
+            ),
+            measured,
+            met,
+        });
+    }
+}
+
+/// Records whether IPv6 costs what IPv4 does: new flows over IPv6 within 1.15× of IPv4 in
+/// the largest NetworkPolicy configuration, per path.
+fn ipv6_goal(report: &mut Report, settings: &Settings) {
+    let Some(&(p, q)) = settings.configs.iter().max_by_key(|(p, q)| p * q) else {
+        return;
+    };
+    for path in Path::ALL {
+        let Some(v4) = path.ipv4_counterpart() else {
+            continue;
+        };
+        let a = report.stats(&key(v4, Flow::New, &np_id(p, q)));
+        let b = report.stats(&key(path, Flow::New, &np_id(p, q)));
+        let (measured, met) = match (a, b) {
+            (Some(a), Some(b)) => {
+                let r = b.median / a.median;
+                (
+                    format!(
+                        "IPv4 {:.0} → IPv6 {:.0} ns/packet ({r:.2}×)",
+                        a.median, b.median
+                    ),
+                    Some(r <= 1.15),
+                )
+            }
+            _ => ("—".into(), None),
+        };
+        report.goals.push(Goal {
+            goal: format!(
+                "IPv6 as fast as IPv4, {}: new flow at {} policies × {} peers within 1.15× of IPv4",
+                v4.label(),
+                count(p),
+                count(q)
             ),
             measured,
             met,
@@ -534,17 +614,16 @@ fn load(policies: usize, peers: usize, cnps: usize, ifs: &Interfaces) -> Result<
         written.missing(),
         written.first_error
     );
+    let server_ep = EndpointInfo::new(ifs.server, SERVER_MAC, SERVER_GW_MAC)
+        .with_policies(server.ingress, server.egress);
+    let client_ep = EndpointInfo::new(ifs.client, CLIENT_MAC, CLIENT_GW_MAC)
+        .with_policies(client.ingress, client.egress);
+    // Both of each pod's addresses, as the agent writes them.
     let endpoints = BTreeMap::from([
-        (
-            IpKey::from(SERVER_IP),
-            EndpointInfo::new(ifs.server, SERVER_MAC, SERVER_GW_MAC)
-                .with_policies(server.ingress, server.egress),
-        ),
-        (
-            IpKey::from(CLIENT_IP),
-            EndpointInfo::new(ifs.client, CLIENT_MAC, CLIENT_GW_MAC)
-                .with_policies(client.ingress, client.egress),
-        ),
+        (IpKey::from(SERVER_IP), server_ep),
+        (IpKey::from(ipv6_of(SERVER_IP)), server_ep),
+        (IpKey::from(CLIENT_IP), client_ep),
+        (IpKey::from(ipv6_of(CLIENT_IP)), client_ep),
     ]);
     maps.sync_endpoints(&endpoints)?;
     println!(
@@ -565,9 +644,10 @@ fn load(policies: usize, peers: usize, cnps: usize, ifs: &Interfaces) -> Result<
 
 /// The peers whose new flows an other-node path cycles through.
 fn path_peers(c: &Config, path: Path) -> usize {
-    match path {
-        Path::OtherNodeSamePeers => c.peers.min(SAME_PEERS),
-        _ => c.peers,
+    if path.same_peers() {
+        c.peers.min(SAME_PEERS)
+    } else {
+        c.peers
     }
 }
 
@@ -584,41 +664,38 @@ fn packet(
     n: usize,
     flags: u8,
 ) -> (&'static str, u32, Vec<u8>) {
-    match path {
-        Path::SameNode => {
-            // One client: the source port makes the flow.
-            let sport = 1024 + (n % 64_000) as u16;
-            (
-                FROM_POD,
-                ifs.client,
-                tcp_frame(
-                    CLIENT_MAC,
-                    CLIENT_GW_MAC,
-                    CLIENT_IP,
-                    SERVER_IP,
-                    sport,
-                    ALLOWED_PORT,
-                    flags,
-                ),
-            )
-        }
-        Path::OtherNode | Path::OtherNodeSamePeers => {
-            let peer = peer_of(c, path, n);
-            let sport = 1024 + ((n / path_peers(c, path)) % 64_000) as u16;
-            (
-                FROM_NETWORK,
-                ifs.uplink,
-                tcp_frame(
-                    ROUTER_MAC,
-                    UPLINK_MAC,
-                    peer_ip(peer),
-                    SERVER_IP,
-                    sport,
-                    ALLOWED_PORT,
-                    flags,
-                ),
-            )
-        }
+    if path.same_node() {
+        // One client: the source port makes the flow.
+        let sport = 1024 + (n % 64_000) as u16;
+        (
+            FROM_POD,
+            ifs.client,
+            tcp_frame(
+                CLIENT_MAC,
+                CLIENT_GW_MAC,
+                path.addr(CLIENT_IP),
+                path.addr(SERVER_IP),
+                sport,
+                ALLOWED_PORT,
+                flags,
+            ),
+        )
+    } else {
+        let peer = peer_of(c, path, n);
+        let sport = 1024 + ((n / path_peers(c, path)) % 64_000) as u16;
+        (
+            FROM_NETWORK,
+            ifs.uplink,
+            tcp_frame(
+                ROUTER_MAC,
+                UPLINK_MAC,
+                path.addr(peer_ip(peer)),
+                path.addr(SERVER_IP),
+                sport,
+                ALLOWED_PORT,
+                flags,
+            ),
+        )
     }
 }
 
@@ -717,27 +794,32 @@ fn test_run(prog: &mut SchedClassifier, ifindex: u32, frame: &[u8]) -> Result<(u
     Ok((res.return_value, res.duration))
 }
 
-/// Ethernet + IPv4 + TCP, no options, no payload, valid checksums.
+/// Ethernet + IPv4 or IPv6 + TCP, no options, no payload, valid checksums. `src` and `dst`
+/// are of one family.
 fn tcp_frame(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     sport: u16,
     dport: u16,
     flags: u8,
 ) -> Vec<u8> {
-    let mut tcp = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 0, 64240);
+    let eth = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac);
+    let ip = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("{src} and {dst} are of different families"),
+    };
+    let mut tcp = ip.tcp(sport, dport, 0, 64240);
     if flags & TCP_SYN != 0 {
         tcp = tcp.syn();
     }
     if flags & TCP_ACK != 0 {
         tcp = tcp.ack(0);
     }
-    let mut f = Vec::with_capacity(54);
-    tcp.write(&mut f, &[]).expect("a frame within IPv4's size");
+    let mut f = Vec::with_capacity(74);
+    tcp.write(&mut f, &[]).expect("a frame within IP's size");
     f
 }
 
@@ -750,8 +832,8 @@ mod tests {
         let f = tcp_frame(
             CLIENT_MAC,
             CLIENT_GW_MAC,
-            CLIENT_IP,
-            SERVER_IP,
+            CLIENT_IP.into(),
+            SERVER_IP.into(),
             1234,
             80,
             TCP_SYN,
@@ -763,6 +845,22 @@ mod tests {
         assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(&ip, &[]).unwrap());
         assert_eq!(tcp.source_port, 1234);
         assert!(tcp.syn && !tcp.ack);
+
+        let f = tcp_frame(
+            CLIENT_MAC,
+            CLIENT_GW_MAC,
+            Path::SameNodeV6.addr(CLIENT_IP),
+            Path::SameNodeV6.addr(SERVER_IP),
+            1234,
+            80,
+            TCP_SYN,
+        );
+        assert_eq!(f.len(), 74);
+        assert_eq!(u16::from_be_bytes([f[12], f[13]]), 0x86dd);
+        let (ip, rest) = etherparse::Ipv6Header::from_slice(&f[14..]).unwrap();
+        assert_eq!(ip.source, ipv6_of(CLIENT_IP).octets());
+        let (tcp, _) = etherparse::TcpHeader::from_slice(rest).unwrap();
+        assert_eq!(tcp.checksum, tcp.calc_checksum_ipv6(&ip, &[]).unwrap());
     }
 
     #[test]
