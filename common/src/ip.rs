@@ -68,6 +68,17 @@ impl IpKey {
     pub const fn v4_word(&self) -> u32 {
         self.words[3]
     }
+
+    /// The address as the four 32-bit words of an `in6_addr` (network byte order, read
+    /// natively), as the kernel's tunnel metadata holds an IPv6 address.
+    pub const fn words(&self) -> [u32; 4] {
+        self.words
+    }
+
+    /// The address whose `in6_addr` words are `words` (see [`IpKey::words`]).
+    pub const fn from_words(words: [u32; 4]) -> Self {
+        Self { words }
+    }
 }
 
 /// Addresses order by their bytes (numerically), whatever the machine's byte order.

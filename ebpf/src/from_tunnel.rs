@@ -3,7 +3,7 @@
 //! then takes the uplink's path (`from_network`).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, bpf_tunnel_key},
+    bindings::{BPF_F_TUNINFO_IPV6, TC_ACT_SHOT, bpf_tunnel_key},
     helpers::generated::bpf_skb_get_tunnel_key,
     programs::TcContext,
 };
@@ -39,25 +39,34 @@ pub fn run(ctx: &TcContext) -> i32 {
     TC_ACT_SHOT
 }
 
-/// The outer IPv4 source of a decapsulated packet; None without tunnel metadata (then
-/// nothing says who sent it, so it is not trusted either).
+/// The outer source of a decapsulated packet (IPv4 or, on an IPv6 underlay, IPv6); None
+/// without tunnel metadata (then nothing says who sent it, so it is not trusted either).
 #[inline(always)]
 fn outer_source(ctx: &TcContext) -> Option<IpKey> {
     let key: *mut bpf_tunnel_key = SCRATCH_TUNNEL_KEY.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch value; its size is the struct the kernel expects.
-    let r = unsafe {
-        bpf_skb_get_tunnel_key(
-            ctx.skb.skb,
-            key,
-            core::mem::size_of::<bpf_tunnel_key>() as u32,
-            0,
-        )
+    let get = |flags: u64| {
+        // SAFETY: per-CPU scratch value; its size is the struct the kernel expects.
+        unsafe {
+            bpf_skb_get_tunnel_key(
+                ctx.skb.skb,
+                key,
+                core::mem::size_of::<bpf_tunnel_key>() as u32,
+                flags,
+            )
+        }
     };
-    if r != 0 {
-        return None;
+    if get(0) == 0 {
+        // SAFETY: without BPF_F_TUNINFO_IPV6 the kernel fills in the IPv4 member, in host
+        // byte order.
+        let remote = unsafe { (*key).__bindgen_anon_1.remote_ipv4 };
+        return Some(IpKey::from_v4(remote.to_be_bytes()));
     }
-    // SAFETY: without BPF_F_TUNINFO_IPV6 the kernel fills in the IPv4 member, in host byte
-    // order.
-    let remote = unsafe { (*key).__bindgen_anon_1.remote_ipv4 };
-    Some(IpKey::from_v4(remote.to_be_bytes()))
+    // The kernel refuses the IPv4 form for metadata of an IPv6 outer header (and the other
+    // way round).
+    if get(u64::from(BPF_F_TUNINFO_IPV6)) == 0 {
+        // SAFETY: with BPF_F_TUNINFO_IPV6 the kernel fills in the IPv6 member, an in6_addr.
+        let remote = unsafe { (*key).__bindgen_anon_1.remote_ipv6 };
+        return Some(IpKey::from_words(remote));
+    }
+    None
 }

@@ -2,7 +2,7 @@
 //! or through the VXLAN device to a node in another subnet.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, bpf_redir_neigh, bpf_tunnel_key},
+    bindings::{BPF_F_TUNINFO_IPV6, TC_ACT_OK, bpf_redir_neigh, bpf_tunnel_key},
     helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_skb_set_tunnel_key},
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -68,22 +68,27 @@ pub fn set_tunnel_key(ctx: &TcContext, daddr: &IpKey, vni: u32) -> Result<(), ()
     // The inner frame goes to the receiving tunnel device's (shared) MAC, so the receiver
     // accepts it as its own, from a MAC that is not its own, so it is not taken for a loop.
     set_macs(ctx, TUNNEL_SOURCE_MAC, TUNNEL_MAC)?;
-    if !route.node_ip().is_v4() {
-        return Err(());
-    }
+    let node_ip = route.node_ip();
     // SAFETY: all-zero is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = vni;
-    // The helper takes the remote IPv4 address in host byte order.
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(route.node_ip().v4_octets());
     key.tunnel_ttl = 64;
+    let flags = if node_ip.is_v4() {
+        // The helper takes the remote IPv4 address in host byte order.
+        key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node_ip.v4_octets());
+        0
+    } else {
+        // An IPv6 underlay: the outer header is IPv6, the address an in6_addr's words.
+        key.__bindgen_anon_1.remote_ipv6 = node_ip.words();
+        u64::from(BPF_F_TUNINFO_IPV6)
+    };
     // SAFETY: key lives on our stack; size matches the struct the kernel expects.
     let r = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.skb.skb,
             &mut key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
-            0,
+            flags,
         )
     };
     if r == 0 { Ok(()) } else { Err(()) }

@@ -18,7 +18,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -131,6 +131,11 @@ pub struct ClusterOptions {
     pub runtime: Runtime,
     /// The pods' address families.
     pub ip_family: IpFamily,
+    /// The nodes are known by IPv6 addresses (an IPv6 underlay): the fabric carries IPv6
+    /// beside IPv4 (the control plane stays on IPv4), each Node object lists its IPv6
+    /// address first, so the controller hands out IPv6 node addresses and VXLAN's outer
+    /// header is IPv6.
+    pub ipv6_underlay: bool,
 }
 
 impl ClusterOptions {
@@ -145,6 +150,7 @@ impl ClusterOptions {
             agent_args: Vec::new(),
             runtime: Runtime::Direct,
             ip_family: IpFamily::Ipv4,
+            ipv6_underlay: false,
         }
     }
 }
@@ -154,6 +160,8 @@ pub struct Node {
     pub index: usize,
     pub netns: Netns,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on the fabric ([`ClusterOptions::ipv6_underlay`]).
+    pub ip6: Option<Ipv6Addr>,
     /// Set only when the cluster runs without a controller (which otherwise assigns it).
     pub pod_cidr: Option<Ipv4Net>,
     pub dir: PathBuf,
@@ -282,6 +290,25 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// The router's address on the external host's segment (routed topology).
 const EXTERNAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const EXTERNAL_NET: &str = "203.0.113.0/24";
+/// The fabric's IPv6 range ([`ClusterOptions::ipv6_underlay`]): a /64 per segment.
+const FABRIC_NET_V6: &str = "fd00:172:30::/48";
+
+/// Host `host` of fabric segment `subnet` in [`FABRIC_NET_V6`] (`fd00:172:30:<subnet>::<host>`,
+/// the IPv6 twin of `172.30.<subnet>.<host>`).
+fn fabric_ipv6(subnet: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x172, 0x30, subnet.into(), 0, 0, 0, host.into())
+}
+
+/// A node's `status.addresses`: its IPv6 InternalIP first on an IPv6 underlay (the address
+/// the controller hands out), then its IPv4 one.
+fn node_addresses(node: &Node) -> Vec<serde_json::Value> {
+    node.ip6
+        .map(IpAddr::V6)
+        .into_iter()
+        .chain([IpAddr::V4(node.ip)])
+        .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect()
+}
 
 /// The range ClusterIPs are allocated from when a Service leaves `clusterIP` unset (the
 /// local cluster has no API server to do it; kubeadm's default range starts here too).
@@ -423,6 +450,9 @@ impl LocalCluster {
             Topology::Routed => {
                 let rtr = self.new_netns(&self.ns_name("rtr"))?;
                 rtr.sysctl("net.ipv4.ip_forward", "1")?;
+                if self.opts.ipv6_underlay {
+                    rtr.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+                }
                 for (leg, subnet) in [("a", 1u8), ("b", 2u8)] {
                     let sw = self.new_segment(&format!("sw-{leg}"))?;
                     let port = format!("rtr-{leg}");
@@ -435,6 +465,16 @@ impl LocalCluster {
                         "dev",
                         &format!("eth-{leg}"),
                     ])?;
+                    if self.opts.ipv6_underlay {
+                        rtr.ip(&[
+                            "addr",
+                            "add",
+                            &format!("{}/64", fabric_ipv6(subnet, 1)),
+                            "dev",
+                            &format!("eth-{leg}"),
+                            "nodad",
+                        ])?;
+                    }
                     self.segments.push(Segment {
                         switch: sw,
                         subnet,
@@ -720,7 +760,7 @@ impl LocalCluster {
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": node.name, "labels": labels},
-            "status": {"addresses": [{"type": "InternalIP", "address": node.ip.to_string()}]},
+            "status": {"addresses": node_addresses(node)},
         });
         self.write_manifest(
             &format!("nodes/{}.yaml", node.name),
@@ -902,6 +942,22 @@ impl LocalCluster {
             // The external host shares the nodes' segment.
             ns.ip(&["route", "add", EXTERNAL_NET, "dev", "eth0"])?;
         }
+        let ip6 = self.opts.ipv6_underlay.then(|| fabric_ipv6(subnet, host));
+        if let Some(ip6) = ip6 {
+            ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            if gateway.is_some() {
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    FABRIC_NET_V6,
+                    "via",
+                    &fabric_ipv6(subnet, 1).to_string(),
+                ])?;
+            }
+            // The kernel forwards IPv6 pod traffic to nodes on the uplink's IPv6 subnet.
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -915,6 +971,7 @@ impl LocalCluster {
             index: i,
             netns: ns,
             ip,
+            ip6,
             pod_cidr,
             dir,
             labels: BTreeMap::new(),

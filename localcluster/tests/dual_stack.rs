@@ -126,3 +126,110 @@ async fn ipv6_only_pods_reach_each_other_on_one_node_and_across_nodes() {
         .collect();
     all_pairs_reach(&[&a, &b, &r], v6, "IPv6 only").await;
 }
+
+/// Packets the node sent as VXLAN in IPv6 datagrams, counted by an nftables rule in its
+/// namespace (installed by [`count_ipv6_vxlan`]).
+fn ipv6_vxlan_sent(node: &weir_localcluster::Node) -> u64 {
+    let out = nft(node, &["list", "table", "ip6", "vxlan_count"]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {out}"))
+}
+
+fn count_ipv6_vxlan(node: &weir_localcluster::Node) {
+    nft(node, &["add", "table", "ip6", "vxlan_count"]);
+    nft(
+        node,
+        &[
+            "add",
+            "chain",
+            "ip6",
+            "vxlan_count",
+            "out",
+            "{",
+            "type",
+            "filter",
+            "hook",
+            "output",
+            "priority",
+            "0",
+            ";",
+            "}",
+        ],
+    );
+    nft(
+        node,
+        &[
+            "add",
+            "rule",
+            "ip6",
+            "vxlan_count",
+            "out",
+            "udp",
+            "dport",
+            "4789",
+            "counter",
+        ],
+    );
+}
+
+fn nft(node: &weir_localcluster::Node, args: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.netns.path().display()))
+        .arg("nft")
+        .args(args)
+        .output()
+        .expect("nft runs");
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Nodes known by IPv6 addresses: the controller hands out IPv6 node addresses, and pods of
+/// both families reach the other node's pods. IPv4 pods always go through VXLAN in IPv6
+/// datagrams (no IPv4 next hop is known); IPv6 pods too across subnets, and directly on the
+/// same segment.
+async fn ipv6_underlay(topology: Topology) {
+    let mut opts = weir_localcluster::ClusterOptions::new(support::bin_dir());
+    opts.nodes = 2;
+    opts.topology = topology;
+    opts.ip_family = IpFamily::Dual;
+    opts.ipv6_underlay = true;
+    let mut c = weir_localcluster::LocalCluster::up(opts)
+        .await
+        .expect("cluster up");
+    let a = pod(&mut c, "default", "a", 0).await;
+    let r = pod(&mut c, "default", "r", 1).await;
+    let _servers: Vec<Servers> = [&a, &r]
+        .iter()
+        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
+        .collect();
+    for node in c.nodes() {
+        count_ipv6_vxlan(node);
+    }
+    all_pairs_reach(&[&a, &r], v4, "IPv4 pods, IPv6 underlay").await;
+    for node in c.nodes() {
+        let sent = ipv6_vxlan_sent(node);
+        assert!(
+            sent >= 2,
+            "{} sent IPv4 pod traffic in IPv6 VXLAN datagrams: {sent} packets",
+            node.name
+        );
+    }
+    all_pairs_reach(&[&a, &r], v6, "IPv6 pods, IPv6 underlay").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_underlay_on_one_segment_carries_both_families() {
+    ipv6_underlay(Topology::L2).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_underlay_across_a_router_carries_both_families_over_vxlan() {
+    ipv6_underlay(Topology::Routed).await;
+}

@@ -118,12 +118,15 @@ impl Uplink {
         self.subnets.iter().any(|n| n.addr().is_ipv4())
     }
 
-    /// Bytes VXLAN adds on this uplink's underlay: 20 more for an IPv6 outer header.
+    /// Bytes VXLAN adds on this uplink's underlay: 20 more for an IPv6 outer header, which
+    /// any uplink with a global IPv6 address may send (its peers may be known by IPv6
+    /// addresses), so encapsulated packets never outgrow the uplink whichever family the
+    /// peers' addresses are.
     pub fn vxlan_overhead(&self) -> u32 {
-        if self.has_ipv4() {
-            crate::VXLAN_OVERHEAD
-        } else {
+        if self.subnets.iter().any(|n| n.addr().is_ipv6()) {
             crate::VXLAN_OVERHEAD + 20
+        } else {
+            crate::VXLAN_OVERHEAD
         }
     }
 
@@ -396,7 +399,12 @@ mod tests {
         let n5: IpNet = "fd00:10:244:5::/64".parse().unwrap();
         assert_eq!(p.map[&n5].mode(), RouteEntry::MODE_VXLAN, "another subnet");
         assert!(up.has_ipv4());
-        assert_eq!(up.vxlan_overhead(), 50);
+        assert_eq!(
+            up.vxlan_overhead(),
+            70,
+            "a dual-stack underlay may carry IPv6 outers"
+        );
+        assert_eq!(uplink().vxlan_overhead(), 50, "IPv4 only");
         let v6_only = Uplink {
             subnets: vec!["fd00:172:30::11/64".parse().unwrap()],
             ..uplink()

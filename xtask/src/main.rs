@@ -47,6 +47,10 @@ enum Cmd {
         /// The pods' address families: ipv4, ipv6 or dual (the nodes' underlay is IPv4).
         #[arg(long, default_value = "ipv4")]
         ip_family: IpFamily,
+        /// Nodes known by IPv6 addresses: VXLAN in IPv6 datagrams (the control plane stays
+        /// on IPv4).
+        #[arg(long)]
+        ipv6_underlay: bool,
     },
     /// Bring up a throwaway local cluster, show which pods reach which, tear it down.
     Demo {
@@ -143,7 +147,15 @@ fn main() -> Result<()> {
             pods_per_node,
             runtime: pods,
             ip_family,
-        } => up(nodes, topology, pods_per_node, pods, ip_family),
+            ipv6_underlay,
+        } => up(
+            nodes,
+            topology,
+            pods_per_node,
+            pods,
+            ip_family,
+            ipv6_underlay,
+        ),
         Cmd::Demo { nodes, topology } => {
             let bin = build()?;
             runtime().block_on(demo::run(bin, nodes, topology))
@@ -247,6 +259,7 @@ fn up(
     pods_per_node: usize,
     pods: Runtime,
     ip_family: IpFamily,
+    ipv6_underlay: bool,
 ) -> Result<()> {
     let bin = build()?;
     runtime().block_on(async {
@@ -255,6 +268,7 @@ fn up(
         opts.topology = topology;
         opts.runtime = pods;
         opts.ip_family = ip_family;
+        opts.ipv6_underlay = ipv6_underlay;
         let mut cluster = LocalCluster::up(opts).await?;
         for n in 0..nodes {
             for p in 0..pods_per_node {
@@ -272,10 +286,14 @@ fn up(
         }
         println!("Local cluster {} is up.", cluster.run_id());
         for node in cluster.nodes() {
+            let ips = match node.ip6 {
+                Some(ip6) => format!("{ip6},{}", node.ip),
+                None => node.ip.to_string(),
+            };
             println!(
                 "  node {:<12} ip {:<14} namespace {}",
                 node.name,
-                node.ip,
+                ips,
                 node.netns.name()
             );
         }
