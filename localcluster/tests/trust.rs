@@ -42,9 +42,14 @@ fn v4(ip: IpAddr) -> Ipv4Addr {
 
 /// Sends `datagram` over UDP from inside `from` to `to`:4789 (the kernel adds the outer
 /// headers, with the namespace's own source address).
-fn send_vxlan(from: &Netns, to: Ipv4Addr, datagram: Vec<u8>) {
+fn send_vxlan(from: &Netns, to: impl Into<IpAddr>, datagram: Vec<u8>) {
+    let to: IpAddr = to.into();
     from.within(move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let any: IpAddr = match to {
+            IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let s = UdpSocket::bind((any, 0))?;
         s.send_to(&datagram, (to, VXLAN_PORT))
     })
     .expect("enter the sender's namespace")
@@ -188,6 +193,52 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
         listener.received(Duration::from_secs(2)).as_deref(),
         Some(&b"probe"[..]),
         "{topology}: the node reaches its isolated pod"
+    );
+}
+
+/// On an IPv6 underlay the tunnel's outer header is IPv6, which the XDP program does not
+/// parse: a pod's forged VXLAN datagram to the node's IPv6 address is decapsulated by the
+/// kernel and dropped by `from_tunnel`, whose outer source (the pod's IPv6 address) is no
+/// tunnel peer (real tunnel traffic over an IPv6 underlay: `dual_stack.rs`).
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_tunnel_packets_over_an_ipv6_underlay_are_dropped() {
+    let mut opts = weir_localcluster::ClusterOptions::new(support::bin_dir());
+    opts.nodes = 2;
+    opts.topology = Topology::L2;
+    opts.ip_family = weir_localcluster::IpFamily::Dual;
+    opts.ipv6_underlay = true;
+    let mut c = LocalCluster::up(opts).await.expect("cluster up");
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 1).await;
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+    let listener = Listener::open(&b.netns, b.ip);
+    let target = &c.nodes()[1];
+    let target_v6 = target.ip6.expect("an IPv6 node address");
+    let datagram = support::vxlan_udp(
+        target.ip,
+        v4(b.ip),
+        40000,
+        TARGET_PORT,
+        b"from a pod over IPv6",
+    );
+    let unknown_before = drops(&c, 1, "unknown_tunnel_peer");
+    send_vxlan(&a.netns, target_v6, datagram);
+    assert_eq!(
+        listener.received(Duration::from_secs(1)),
+        None,
+        "a pod's forged IPv6 tunnel datagram reached the isolated pod"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while drops(&c, 1, "unknown_tunnel_peer") == unknown_before
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        drops(&c, 1, "unknown_tunnel_peer") > unknown_before,
+        "from_tunnel drops the decapsulated packet: its IPv6 outer source is no node"
     );
 }
 
