@@ -17,9 +17,11 @@
 //!   node's untracked rule set (`HOST_ENDPOINT`'s second slot) denies, failsafe ports
 //!   excepted (looked up only while `NodeConfig::FLAG_HOST_UNTRACKED` says one is set): reason `host_policy`, naming the rule. Decided by the same peer-class and
 //!   verdict lookups as the TC programs' policy, without conntrack (replies of the node's
-//!   own connections included). IPv4 only; a later fragment (no ports) is not judged.
-//! * **Tunnel admission**: a VXLAN datagram to one of this node's addresses is accepted only
-//!   from another node (`TUNNEL_PEERS`): reason `tunnel_untrusted`. `from_tunnel` checks the
+//!   own connections included). A later IPv4 fragment (no ports) is not judged, nor an
+//!   IPv6 packet with extension headers (TC walks them) or neighbour discovery.
+//! * **Tunnel admission**: a VXLAN datagram to one of this node's addresses, over IPv4 or (an
+//!   IPv6 underlay, UDP right after the fixed header) IPv6, is accepted only from another
+//!   node (`TUNNEL_PEERS`): reason `tunnel_untrusted`. `from_tunnel` checks the
 //!   same after decapsulation (reason `unknown_tunnel_peer`) for the packets XDP did not see
 //!   (an interface without the XDP program, fragmented datagrams reassembled by the kernel).
 //!
@@ -136,20 +138,53 @@ const IP_OFFSET: u16 = 0x1fff;
 fn check(ctx: &XdpContext) -> Result<(), Drop> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    match u16::from_be(unsafe { (*eth).proto_be }) {
-        ETH_P_IP => outer_v4(ctx),
-        ETH_P_IPV6 => {
-            let (saddr, daddr, next) = v6_addrs(ctx, ETH_HLEN)?;
-            check_source(saddr, daddr, next)
-        }
+    let datagram = match u16::from_be(unsafe { (*eth).proto_be }) {
+        ETH_P_IP => outer_v4(ctx)?,
+        ETH_P_IPV6 => outer_v6(ctx)?,
         // ARP, VLAN tags and the rest: not ours to judge here.
-        _ => Ok(()),
+        _ => None,
+    };
+    match datagram {
+        Some(d) => tunnel(ctx, &d),
+        None => Ok(()),
     }
 }
 
-/// The outer IPv4 header: its own checks, then the tunnel's if it is a VXLAN datagram.
+/// A UDP datagram to the tunnel port of one of this node's addresses, over either family.
+struct TunnelDatagram {
+    saddr: IpKey,
+    daddr: IpKey,
+    sport_be: u16,
+    dport_be: u16,
+    /// The UDP header's offset.
+    l4: usize,
+    /// The datagram continues in other fragments.
+    more_fragments: bool,
+}
+
+/// Tunnel admission (one copy for both families): only another node may send VXLAN to this
+/// one, and the inner packet's source is checked as an outer one would be.
 #[inline(always)]
-fn outer_v4(ctx: &XdpContext) -> Result<(), Drop> {
+fn tunnel(ctx: &XdpContext, d: &TunnelDatagram) -> Result<(), Drop> {
+    // SAFETY: existence check only.
+    if unsafe { TUNNEL_PEERS.get(&d.saddr).is_none() } {
+        return Err(Drop::new(
+            DropReason::TunnelUntrusted,
+            0,
+            CtKey::new(d.saddr, d.daddr, d.sport_be, d.dport_be, proto::UDP),
+        ));
+    }
+    if d.more_fragments {
+        // The inner packet continues in other fragments: `from_tunnel` and `from_network`
+        // check it once the kernel has reassembled it.
+        return Ok(());
+    }
+    inner(ctx, d.l4 + size_of::<UdpHdr>() + VXLAN_HLEN)
+}
+
+/// The outer IPv4 header's own checks; the datagram to check as a tunnel's, if it is one.
+#[inline(always)]
+fn outer_v4(ctx: &XdpContext) -> Result<Option<TunnelDatagram>, Drop> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: bounds checked by ptr_at.
     let (ver_ihl, tot_len, frag_off, p, saddr, daddr) = unsafe {
@@ -179,7 +214,7 @@ fn outer_v4(ctx: &XdpContext) -> Result<(), Drop> {
     )?;
     if p != proto::UDP || frag_off & IP_OFFSET != 0 {
         // Not UDP, or a later fragment (no UDP header in it).
-        return Ok(());
+        return Ok(None);
     }
     let l4 = ETH_HLEN + ihl;
     let udp = ptr_at::<UdpHdr>(ctx, l4)?;
@@ -198,23 +233,64 @@ fn outer_v4(ctx: &XdpContext) -> Result<(), Drop> {
     }
     // SAFETY: existence check only.
     if u16::from_be(dport_be) != TUNNEL_PORT || unsafe { HOST_ADDRS.get(&daddr).is_none() } {
-        return Ok(());
+        return Ok(None);
     }
     // A VXLAN datagram to this node: the kernel would decapsulate it whoever sent it.
+    Ok(Some(TunnelDatagram {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        l4,
+        more_fragments: frag_off & IP_MF != 0,
+    }))
+}
+
+/// The IPv6 fixed header's length.
+const IPV6_HLEN: usize = 40;
+
+/// The outer IPv6 header: its source, then, when the upper-layer header follows the fixed
+/// header directly, the untracked rules and (a VXLAN datagram on an IPv6 underlay) the
+/// tunnel's checks. A packet with extension headers is left to TC, which walks them: its
+/// untracked rules are not judged, and a VXLAN datagram in it meets `from_tunnel`'s check.
+#[inline(always)]
+fn outer_v6(ctx: &XdpContext) -> Result<Option<TunnelDatagram>, Drop> {
+    let (saddr, daddr, next) = v6_addrs(ctx, ETH_HLEN)?;
+    check_source(saddr, daddr, next)?;
+    let l4 = ETH_HLEN + IPV6_HLEN;
+    let judged = match next {
+        proto::TCP | proto::UDP | proto::SCTP => true,
+        proto::ICMPV6 => {
+            // Neighbour discovery and MLD are the link's machinery, never judged by policy
+            // (as in TC).
+            let icmp = ptr_at::<[u8; 2]>(ctx, l4)?;
+            // SAFETY: bounds checked by ptr_at.
+            let icmp_type = unsafe { (*icmp)[0] };
+            !matches!(icmp_type, 130..=137 | 143)
+        }
+        _ => false,
+    };
+    if judged {
+        untracked(ctx, saddr, daddr, next, l4, true)?;
+    }
+    if next != proto::UDP {
+        return Ok(None);
+    }
+    let udp = ptr_at::<UdpHdr>(ctx, l4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (sport_be, dport_be) = unsafe { ((*udp).sport_be, (*udp).dport_be) };
     // SAFETY: existence check only.
-    if unsafe { TUNNEL_PEERS.get(&saddr).is_none() } {
-        return Err(Drop::new(
-            DropReason::TunnelUntrusted,
-            0,
-            CtKey::new(saddr, daddr, sport_be, dport_be, proto::UDP),
-        ));
+    if u16::from_be(dport_be) != TUNNEL_PORT || unsafe { HOST_ADDRS.get(&daddr).is_none() } {
+        return Ok(None);
     }
-    if frag_off & IP_MF != 0 {
-        // The inner packet continues in other fragments: `from_tunnel` and `from_network`
-        // check it once the kernel has reassembled it.
-        return Ok(());
-    }
-    inner(ctx, l4 + size_of::<UdpHdr>() + VXLAN_HLEN)
+    Ok(Some(TunnelDatagram {
+        saddr,
+        daddr,
+        sport_be,
+        dport_be,
+        l4,
+        more_fragments: false,
+    }))
 }
 
 /// The inner packet of a VXLAN datagram from another node, whose Ethernet header is at
@@ -284,8 +360,8 @@ fn check_source(saddr: IpKey, daddr: IpKey, p: u8) -> Result<(), Drop> {
     Ok(())
 }
 
-/// The node's untracked rules, for an IPv4 packet whose layer-4 header is at `l4` (its ports
-/// are there if `first_fragment`).
+/// The node's untracked rules, for a packet whose layer-4 header is at `l4` (its ports are
+/// there if `first_fragment`).
 #[inline(always)]
 fn untracked(
     ctx: &XdpContext,

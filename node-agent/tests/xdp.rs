@@ -464,3 +464,133 @@ fn untracked_host_policy_rules_drop_what_they_deny_to_the_node_and_nothing_else(
     assert!(!config.host_untracked() && config.host_addr_frontends());
     assert_eq!(node.arrives(&snmp(NODE_IP, 161)), XDP_PASS, "removed");
 }
+
+/// The node's, another node's and a stranger's IPv6 addresses (an IPv6 underlay).
+const NODE_IP6: &str = "fd00:172:30::2";
+const PEER_NODE6: &str = "fd00:172:30::3";
+const STRANGER6: &str = "fd00:172:30::66";
+
+fn v6(a: &str) -> std::net::Ipv6Addr {
+    a.parse().unwrap()
+}
+
+/// The node also has an IPv6 address, and its tunnel peer is known by its IPv6 one.
+fn ipv6_underlay_node() -> Node {
+    let mut node = Node::new();
+    node.maps
+        .sync_host_addrs(&[NODE_IP.into(), v6(NODE_IP6).into()])
+        .unwrap();
+    node.maps
+        .sync_tunnel_peers(&BTreeSet::from([IpKey::from(v6(PEER_NODE6))]))
+        .unwrap();
+    node
+}
+
+/// A VXLAN datagram over IPv6 from `outer` to the node, carrying a SYN from `inner` to B.
+fn vxlan6_from(outer: &str, inner: Ipv4Addr) -> Vec<u8> {
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    payload.extend_from_slice(&packet::tcp(
+        TUNNEL_SOURCE_MAC,
+        TUNNEL_MAC,
+        inner,
+        IP_B,
+        40000,
+        80,
+        TCP_SYN,
+    ));
+    packet::udp6(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        v6(outer),
+        v6(NODE_IP6),
+        40000,
+        TUNNEL_PORT,
+        &payload,
+    )
+}
+
+#[test]
+fn vxlan_over_ipv6_is_admitted_from_nodes_only_and_its_inner_source_checked() {
+    let mut node = ipv6_underlay_node();
+    assert_eq!(node.arrives(&vxlan6_from(PEER_NODE6, REMOTE_POD)), XDP_PASS);
+    assert!(node.maps.drop_counts().iter().all(|(_, n)| *n == 0));
+    assert_eq!(
+        node.arrives(&vxlan6_from(STRANGER6, REMOTE_POD)),
+        XDP_DROP,
+        "a host that is no node"
+    );
+    assert_eq!(node.drops(DropReason::TunnelUntrusted), 1);
+    assert_eq!(
+        node.arrives(&vxlan6_from(PEER_NODE6, IP_A)),
+        XDP_DROP,
+        "a node's datagram whose inner source claims a local pod"
+    );
+    assert_eq!(node.drops(DropReason::Spoofed), 1);
+    // The same datagram to an address that is not the node's is no tunnel traffic of weir's.
+    let mut to_other = vxlan6_from(STRANGER6, REMOTE_POD);
+    to_other[14 + 24 + 15] ^= 1;
+    assert_eq!(node.arrives(&to_other), XDP_PASS);
+}
+
+#[test]
+fn untracked_rules_judge_ipv6_packets_to_the_node_but_not_neighbour_discovery() {
+    use weir_api::{Action, VerdictEntry, VerdictMatch};
+    use weir_common::policy::NOT_ISOLATED;
+    const SET: u32 = 9;
+    const CLASS: u32 = 6;
+    let mut node = ipv6_underlay_node();
+    node.maps
+        .set_peer_class(&format!("{STRANGER6}/128").parse().unwrap(), CLASS)
+        .unwrap();
+    // Rule 5: everything from the stranger.
+    node.maps
+        .set_verdict(
+            &VerdictMatch {
+                rule_set: SET,
+                class: CLASS,
+                proto: None,
+                ports: None,
+            },
+            &VerdictEntry {
+                action: Action::Deny,
+                rule: 5,
+            },
+        )
+        .unwrap();
+    node.maps
+        .set_host_policy(NOT_ISOLATED, NOT_ISOLATED, SET)
+        .unwrap();
+    let udp = |src: &str, dst: &str| {
+        packet::udp6(ROUTER_MAC, UPLINK_MAC, v6(src), v6(dst), 5000, 161, b"get")
+    };
+    assert_eq!(node.arrives(&udp(STRANGER6, NODE_IP6)), XDP_DROP);
+    assert_eq!(
+        node.arrives(&udp(PEER_NODE6, NODE_IP6)),
+        XDP_PASS,
+        "another source"
+    );
+    assert_eq!(
+        node.arrives(&udp(STRANGER6, "fd00:172:30::99")),
+        XDP_PASS,
+        "not to the node"
+    );
+    let icmp = |icmp_type: u8| {
+        packet::ipv6_raw(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            v6(STRANGER6),
+            v6(NODE_IP6),
+            packet::ICMPV6,
+            &packet::icmpv6(icmp_type, 0, &[0; 20]),
+        )
+    };
+    assert_eq!(node.arrives(&icmp(128)), XDP_DROP, "an echo request");
+    assert_eq!(
+        node.arrives(&icmp(135)),
+        XDP_PASS,
+        "a neighbour solicitation is never judged"
+    );
+    assert_eq!(node.drops(DropReason::HostPolicy), 2);
+    let hits = DataplaneMaps::counter_totals(&node.maps.rule_hits, [5]);
+    assert_eq!(hits[&5], 2, "counted by rule");
+}
