@@ -1514,7 +1514,7 @@ impl LocalCluster {
             container_id: sandbox,
             app_container: Some(app),
             ip,
-            ips: vec![ip],
+            ips: status.ips.clone(),
             labels: spec.labels,
             ports: spec.ports,
             host_ports: spec.host_ports,

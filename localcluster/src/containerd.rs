@@ -402,13 +402,20 @@ impl Cri {
                     .and_then(|ns| ns["path"].as_str())
             })
             .map(PathBuf::from);
+        // The pod's first address, then the others (dual stack), as kubelet reads them.
+        let ips: Vec<std::net::IpAddr> = status
+            .network
+            .map(|n| {
+                std::iter::once(n.ip)
+                    .chain(n.additional_ips.into_iter().map(|a| a.ip))
+                    .filter_map(|ip| ip.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(SandboxStatus {
             ready: status.state == cri::PodSandboxState::SandboxReady as i32,
-            ip: status
-                .network
-                .map(|n| n.ip)
-                .filter(|ip| !ip.is_empty())
-                .and_then(|ip| ip.parse().ok()),
+            ip: ips.first().copied(),
+            ips,
             netns,
             pid: info["pid"].as_u64().map(|p| p as u32),
         })
@@ -499,6 +506,8 @@ impl Cri {
 pub struct SandboxStatus {
     pub ready: bool,
     pub ip: Option<std::net::IpAddr>,
+    /// All its addresses, `ip` first.
+    pub ips: Vec<std::net::IpAddr>,
     pub netns: Option<PathBuf>,
     pub pid: Option<u32>,
 }

@@ -233,3 +233,29 @@ async fn ipv6_underlay_on_one_segment_carries_both_families() {
 async fn ipv6_underlay_across_a_router_carries_both_families_over_vxlan() {
     ipv6_underlay(Topology::Routed).await;
 }
+
+/// Pods as real containers on a dual-stack cluster: containerd reads both addresses from the
+/// plugin's result (the sandbox status lists the IPv6 one as an additional IP, as kubelet
+/// reads it), and the containers reach each other over both families.
+#[tokio::test(flavor = "multi_thread")]
+async fn container_pods_get_both_families_from_the_runtime() {
+    let mut opts = weir_localcluster::ClusterOptions::new(support::bin_dir());
+    opts.nodes = 2;
+    opts.runtime = weir_localcluster::Runtime::Containerd;
+    opts.ip_family = IpFamily::Dual;
+    let mut c = weir_localcluster::LocalCluster::up(opts)
+        .await
+        .expect("cluster up");
+    let a = pod(&mut c, "default", "a", 0).await;
+    let r = pod(&mut c, "default", "r", 1).await;
+    for p in [&a, &r] {
+        assert_eq!(p.ips.len(), 2, "{}: both families: {:?}", p.name, p.ips);
+        assert!(p.ips[0].is_ipv4() && p.ips[1].is_ipv6(), "{:?}", p.ips);
+    }
+    let _servers: Vec<Servers> = [&a, &r]
+        .iter()
+        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
+        .collect();
+    all_pairs_reach(&[&a, &r], v6, "IPv6 container pods").await;
+    all_pairs_reach(&[&a, &r], v4, "IPv4 container pods").await;
+}

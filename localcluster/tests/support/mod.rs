@@ -93,8 +93,10 @@ pub async fn probe(from: &Netns, to: IpAddr, port: u16, protocol: Protocol) -> P
 
 /// `ping -c1` from inside `from`.
 pub fn ping(from: &Netns, to: IpAddr) -> bool {
-    std::process::Command::new("ip")
-        .args(["netns", "exec", from.name(), "ping", "-c", "1", "-W", "2"])
+    // By path: a container's namespace has no name under /run/netns.
+    std::process::Command::new("nsenter")
+        .arg(format!("--net={}", from.path().display()))
+        .args(["ping", "-c", "1", "-W", "2"])
         .arg(to.to_string())
         .output()
         .map(|o| o.status.success())
