@@ -80,6 +80,10 @@ enum Cmd {
         /// Report cases with this tag as skipped (repeatable).
         #[arg(long = "skip-tag")]
         skip_tags: Vec<String>,
+        /// ipv4, ipv6 or dual: the pods' address families. Under dual every case runs
+        /// twice, once over IPv4 and once over IPv6.
+        #[arg(long, default_value = "ipv4")]
+        ip_family: IpFamily,
     },
     /// Tear down every local cluster on this machine (or one run).
     Down {
@@ -157,6 +161,7 @@ fn main() -> Result<()> {
             case,
             json,
             skip_tags,
+            ip_family,
         } => {
             let bin = build()?;
             let args = conformance::Args {
@@ -168,6 +173,7 @@ fn main() -> Result<()> {
                 filter: case,
                 json,
                 skip_tags,
+                ip_family,
             };
             if !runtime().block_on(conformance::run(bin, args))? {
                 bail!("conformance cases failed");
@@ -364,6 +370,7 @@ fn test() -> Result<()> {
             filter: None,
             json: None,
             skip_tags: Vec::new(),
+            ip_family: IpFamily::Ipv4,
         };
         if !runtime().block_on(conformance::run(bin.clone(), args))? {
             let file = cases.file_name().unwrap_or_default().to_string_lossy();
