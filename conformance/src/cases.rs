@@ -680,7 +680,7 @@ impl FromStr for PairPattern {
 // ---------------------------------------------------------------------------------------
 
 /// A piece of a string that may hold placeholders.
-enum Segment<'a> {
+pub(crate) enum Segment<'a> {
     Text(&'a str),
     PodIp(PodRef),
     /// `{{ip external}}`: the address of the server outside the cluster.
@@ -690,7 +690,7 @@ enum Segment<'a> {
 /// Splits `text` into literal text and `{{ip ns/pod}}` placeholders (whitespace inside the
 /// braces is free). Any other use of `{{` is an error, so a typo never reaches the API
 /// server as a literal.
-fn segments(text: &str) -> Result<Vec<Segment<'_>>, (String, &'static str)> {
+pub(crate) fn segments(text: &str) -> Result<Vec<Segment<'_>>, (String, &'static str)> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("{{") {
@@ -727,7 +727,10 @@ fn segments(text: &str) -> Result<Vec<Segment<'_>>, (String, &'static str)> {
     Ok(out)
 }
 
-fn visit_strings<E>(value: &Value, visit: &mut impl FnMut(&str) -> Result<(), E>) -> Result<(), E> {
+pub(crate) fn visit_strings<E>(
+    value: &Value,
+    visit: &mut impl FnMut(&str) -> Result<(), E>,
+) -> Result<(), E> {
     match value {
         Value::String(text) => visit(text),
         Value::Array(items) => items.iter().try_for_each(|item| visit_strings(item, visit)),

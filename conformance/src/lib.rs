@@ -22,6 +22,7 @@
 //! driver and uses [`probe`] for its pods.
 
 pub mod cases;
+pub mod family;
 pub mod netns;
 pub mod probe;
 pub mod runner;
@@ -29,6 +30,7 @@ pub mod runner;
 use std::path::PathBuf;
 
 pub use cases::{CaseFile, Model, PodRef, Protocol, Verdict};
+pub use family::{Families, Family};
 pub use probe::ProbeOutcome;
 pub use runner::{Driver, RunOptions, RunSummary};
 

@@ -62,6 +62,15 @@
 //! A case tagged `nodes=N` runs only when the cluster has exactly N nodes
 //! ([`Driver::node_count`], else the model's `nodes`); otherwise it is skipped.
 //!
+//! # IP families
+//!
+//! [`RunOptions::families`] says which families the run uses; every case runs once per
+//! family (a pass), the IPv4 pass first, and under dual stack each report's name ends in
+//! ` [ipv4]` or ` [ipv6]`. A pass takes pod, Service and external addresses of its family
+//! only. An IPv6 pass rewrites applied objects first ([`crate::family::adapt_object`]) and
+//! skips cases that are IPv4-only ([`crate::family::ipv4_only_reason`]) or need what the
+//! cluster lacks in that family ([`Driver::unsupported`]), with the reason in the report.
+//!
 //! # Output
 //!
 //! For a failing step, every (port, protocol) of each failing block gets the expected and
@@ -88,6 +97,7 @@ use crate::cases::{
     ObjectRef, PodRef, Protocol, SAME_BACKEND_ATTEMPTS, SERVICE_ATTEMPTS, ServiceRef, Step,
     Verdict, placeholder_pods, substitute, uses_external_ip,
 };
+use crate::family::{Families, Family, Need, adapt_object, case_needs, ipv4_only_reason};
 use crate::probe::ProbeOutcome;
 use crate::{Error, Result};
 
@@ -161,9 +171,9 @@ pub trait Driver {
         false
     }
 
-    /// The pod's address for probes and for `{{ip ns/pod}}` (the IPv4 address in a dual-stack
-    /// cluster, as the format specifies), or `None` if the pod has none.
-    fn pod_ip(&self, pod: &PodRef) -> impl Future<Output = Option<IpAddr>> + Send;
+    /// The pod's address of `family`, for probes and for `{{ip ns/pod}}`, or `None` if the
+    /// pod has none.
+    fn pod_ip(&self, pod: &PodRef, family: Family) -> impl Future<Output = Option<IpAddr>> + Send;
 
     /// Returns the cluster to the model's initial state: deletes every object created by
     /// `apply` in earlier cases (policies of every kind) and restores every pod's and
@@ -209,32 +219,49 @@ pub trait Driver {
         None
     }
 
-    /// The address of the host outside the cluster (`external`, `{{ip external}}`).
-    fn external_ip(&self) -> Option<IpAddr> {
+    /// The address of `family` of the host outside the cluster (`external`,
+    /// `{{ip external}}`).
+    fn external_ip(&self, family: Family) -> Option<IpAddr> {
+        let _ = family;
         None
     }
 
-    /// The ClusterIP and Service port a client uses for `service`'s port `port`/`protocol`.
+    /// The ClusterIP of `family` and the Service port a client uses for `service`'s port
+    /// `port`/`protocol`.
     fn service_target(
         &self,
         service: &ServiceRef,
         port: u16,
         protocol: Protocol,
+        family: Family,
     ) -> Result<SocketAddr, String> {
-        let _ = (port, protocol);
+        let _ = (port, protocol, family);
         Err(format!("this cluster cannot probe Service {service}"))
     }
 
-    /// Every node's address with the nodePort of `service`'s port `port`/`protocol`, in node
-    /// order.
+    /// Every node's address of `family` with the nodePort of `service`'s port
+    /// `port`/`protocol`, in node order.
     fn node_port_targets(
         &self,
         service: &ServiceRef,
         port: u16,
         protocol: Protocol,
+        family: Family,
     ) -> Result<Vec<SocketAddr>, String> {
-        let _ = (port, protocol);
+        let _ = (port, protocol, family);
         Err(format!("this cluster cannot probe nodePorts of {service}"))
+    }
+
+    /// Why cases that use `need` cannot run in this cluster's `family` pass, if they cannot
+    /// (they are then reported skipped with this reason, never passed). By default an IPv6
+    /// pass lacks the external host when [`Driver::external_ip`] has no IPv6 address.
+    fn unsupported(&self, family: Family, need: Need) -> Option<String> {
+        match (family, need) {
+            (Family::Ipv6, Need::External) if self.external_ip(family).is_none() => {
+                Some("the external host has no IPv6 address".to_owned())
+            }
+            _ => None,
+        }
     }
 
     /// Runs probes from any source to any target, concurrently, one answer per probe in the
@@ -294,6 +321,8 @@ pub struct RunOptions {
     /// Cases with any of these tags are reported skipped (a known gap of the cluster under
     /// test), never run and never passed.
     pub skip_tags: Vec<String>,
+    /// The run's IP families: one pass per family over every case (see [`crate::family`]).
+    pub families: Families,
 }
 
 impl Default for RunOptions {
@@ -304,6 +333,7 @@ impl Default for RunOptions {
             verbose: false,
             case_filter: None,
             skip_tags: Vec::new(),
+            families: Families::default(),
         }
     }
 }
@@ -540,21 +570,28 @@ pub async fn run<D: Driver>(
         {
             continue;
         }
-        let mut text = String::new();
-        let report = run_case(&file.model, case, driver, options, &mut text).await;
-        let _ = writeln!(
-            text,
-            "{} {} ({:.2}s)",
-            report.status, report.name, report.duration_seconds
-        );
-        out.write_all(text.as_bytes()).map_err(Error::Output)?;
-        out.flush().map_err(Error::Output)?;
-        match report.status {
-            CaseStatus::Pass => summary.passed += 1,
-            CaseStatus::Fail => summary.failed += 1,
-            CaseStatus::Skip => summary.skipped += 1,
+        let passes = options.families.passes();
+        for &family in passes {
+            let mut text = String::new();
+            let mut report = run_case(&file.model, case, family, driver, options, &mut text).await;
+            // Under dual stack every case runs once per family: the name says which pass.
+            if passes.len() > 1 {
+                report.name = format!("{} [{family}]", report.name);
+            }
+            let _ = writeln!(
+                text,
+                "{} {} ({:.2}s)",
+                report.status, report.name, report.duration_seconds
+            );
+            out.write_all(text.as_bytes()).map_err(Error::Output)?;
+            out.flush().map_err(Error::Output)?;
+            match report.status {
+                CaseStatus::Pass => summary.passed += 1,
+                CaseStatus::Fail => summary.failed += 1,
+                CaseStatus::Skip => summary.skipped += 1,
+            }
+            summary.cases.push(report);
         }
-        summary.cases.push(report);
     }
     writeln!(out, "{}", summary.closing_line()).map_err(Error::Output)?;
     Ok(summary)
@@ -563,6 +600,7 @@ pub async fn run<D: Driver>(
 async fn run_case<D: Driver>(
     model: &Model,
     case: &Case,
+    family: Family,
     driver: &mut D,
     options: &RunOptions,
     text: &mut String,
@@ -584,6 +622,22 @@ async fn run_case<D: Driver>(
     }
     if let Some(tag) = case.tags.iter().find(|t| options.skip_tags.contains(t)) {
         let reason = format!("tagged {tag}, which this run skips");
+        let _ = writeln!(text, "  skipped: {reason}");
+        report.status = CaseStatus::Skip;
+        report.reason = Some(reason);
+        return report;
+    }
+    let family_gap = match family {
+        Family::Ipv4 => None,
+        Family::Ipv6 => ipv4_only_reason(case),
+    }
+    .or_else(|| {
+        case_needs(case)
+            .into_iter()
+            .find_map(|need| driver.unsupported(family, need))
+            .map(|reason| format!("{family} pass: {reason}"))
+    });
+    if let Some(reason) = family_gap {
         let _ = writeln!(text, "  skipped: {reason}");
         report.status = CaseStatus::Skip;
         report.reason = Some(reason);
@@ -614,7 +668,8 @@ async fn run_case<D: Driver>(
         report.reason = Some(reason);
     } else {
         for (index, step) in case.steps.iter().enumerate() {
-            let (step_report, tables) = run_step(model, step, index + 1, driver, options).await;
+            let (step_report, tables) =
+                run_step(model, step, index + 1, family, driver, options).await;
             let passed = step_report.passed();
             write_step(text, &step_report, &tables, options.verbose);
             if !passed {
@@ -637,6 +692,7 @@ async fn run_step<D: Driver>(
     model: &Model,
     step: &Step,
     number: usize,
+    family: Family,
     driver: &mut D,
     options: &RunOptions,
 ) -> (StepReport, Vec<BlockTables>) {
@@ -645,7 +701,7 @@ async fn run_step<D: Driver>(
         error: None,
         blocks: Vec::new(),
     };
-    if let Err(error) = apply_changes(step, driver).await {
+    if let Err(error) = apply_changes(step, family, driver).await {
         report.error = Some(error);
         return (report, Vec::new());
     }
@@ -656,14 +712,18 @@ async fn run_step<D: Driver>(
     let mut tables = Vec::new();
     for (index, block) in step.expect.iter().enumerate() {
         let (block_report, block_tables) =
-            check_block(model, block, index + 1, driver, options).await;
+            check_block(model, block, index + 1, family, driver, options).await;
         report.blocks.push(block_report);
         tables.push(block_tables);
     }
     (report, tables)
 }
 
-async fn apply_changes<D: Driver>(step: &Step, driver: &mut D) -> Result<(), String> {
+async fn apply_changes<D: Driver>(
+    step: &Step,
+    family: Family,
+    driver: &mut D,
+) -> Result<(), String> {
     for (pod, labels) in &step.set_pod_labels {
         driver
             .set_pod_labels(pod, labels.clone())
@@ -679,14 +739,15 @@ async fn apply_changes<D: Driver>(step: &Step, driver: &mut D) -> Result<(), Str
             .map_err(|error| format!("setting labels of namespace {namespace}: {error}"))?;
     }
     for object in &step.apply {
+        let object = &adapt_object(object, family);
         let mut ips = BTreeMap::new();
         for pod in placeholder_pods(object) {
-            if let Some(ip) = driver.pod_ip(&pod).await {
+            if let Some(ip) = driver.pod_ip(&pod, family).await {
                 ips.insert(pod, ip);
             }
         }
         let external = if uses_external_ip(object) {
-            driver.external_ip()
+            driver.external_ip(family)
         } else {
             None
         };
@@ -818,13 +879,14 @@ async fn check_block<D: Driver>(
     model: &Model,
     block: &Expectation,
     number: usize,
+    family: Family,
     driver: &D,
     options: &RunOptions,
 ) -> (BlockReport, BlockTables) {
     let pods = model.pod_refs();
     let mut ips = Vec::with_capacity(pods.len());
     for pod in &pods {
-        ips.push(driver.pod_ip(pod).await);
+        ips.push(driver.pod_ip(pod, family).await);
     }
     let mut cells = Vec::new();
     for (port, protocol) in block.port_protocols() {
@@ -876,8 +938,8 @@ async fn check_block<D: Driver>(
         pairs: probed,
         mismatches: Vec::new(),
         reprobed: Vec::new(),
-        named: check_named_pairs(model, block, driver, options).await,
-        backends: check_backends(block, driver, options).await,
+        named: check_named_pairs(model, block, family, driver, options).await,
+        backends: check_backends(block, family, driver, options).await,
     };
     report.pairs += report.named.len() + report.backends.len();
     let mut tables = BlockTables {
@@ -991,6 +1053,7 @@ fn named_targets<D: Driver>(
     to: &Endpoint,
     port: u16,
     protocol: Protocol,
+    family: Family,
 ) -> Vec<(Option<usize>, Result<SocketAddr, String>)> {
     match to {
         Endpoint::Pod(pod) => vec![(
@@ -999,30 +1062,36 @@ fn named_targets<D: Driver>(
                 .map(|ip| SocketAddr::new(*ip, port))
                 .ok_or_else(|| format!("pod {pod} has no IP address")),
         )],
-        Endpoint::Service(service) => vec![(None, driver.service_target(service, port, protocol))],
-        Endpoint::NodePort(service) => match driver.node_port_targets(service, port, protocol) {
-            Ok(targets) => targets
-                .into_iter()
-                .enumerate()
-                .map(|(index, target)| (Some(index + 1), Ok(target)))
-                .collect(),
-            Err(error) => vec![(None, Err(error))],
-        },
+        Endpoint::Service(service) => {
+            vec![(None, driver.service_target(service, port, protocol, family))]
+        }
+        Endpoint::NodePort(service) => {
+            match driver.node_port_targets(service, port, protocol, family) {
+                Ok(targets) => targets
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, target)| (Some(index + 1), Ok(target)))
+                    .collect(),
+                Err(error) => vec![(None, Err(error))],
+            }
+        }
         Endpoint::External => vec![(
             None,
             driver
-                .external_ip()
+                .external_ip(family)
                 .map(|ip| SocketAddr::new(ip, port))
-                .ok_or_else(|| "this cluster has no external host".to_owned()),
+                .ok_or_else(|| {
+                    format!("this cluster has no external host with an {family} address")
+                }),
         )],
         Endpoint::Node(node) => vec![(None, Err(format!("node:{node} is not a destination")))],
     }
 }
 
-async fn pod_ips<D: Driver>(driver: &D, model: &Model) -> BTreeMap<PodRef, IpAddr> {
+async fn pod_ips<D: Driver>(driver: &D, model: &Model, family: Family) -> BTreeMap<PodRef, IpAddr> {
     let mut ips = BTreeMap::new();
     for pod in model.pod_refs() {
-        if let Some(ip) = driver.pod_ip(&pod).await {
+        if let Some(ip) = driver.pod_ip(&pod, family).await {
             ips.insert(pod, ip);
         }
     }
@@ -1033,6 +1102,7 @@ async fn pod_ips<D: Driver>(driver: &D, model: &Model) -> BTreeMap<PodRef, IpAdd
 async fn check_named_pairs<D: Driver>(
     model: &Model,
     block: &Expectation,
+    family: Family,
     driver: &D,
     options: &RunOptions,
 ) -> Vec<NamedPairReport> {
@@ -1040,7 +1110,7 @@ async fn check_named_pairs<D: Driver>(
     if pairs.is_empty() {
         return Vec::new();
     }
-    let ips = pod_ips(driver, model).await;
+    let ips = pod_ips(driver, model, family).await;
     let mut cells = Vec::new();
     for (port, protocol) in block.port_protocols() {
         for (from, to) in &pairs {
@@ -1051,7 +1121,7 @@ async fn check_named_pairs<D: Driver>(
                 Endpoint::Service(_) | Endpoint::NodePort(_) => SERVICE_ATTEMPTS,
                 _ => 1,
             };
-            for (node, target) in named_targets(driver, &ips, to, port, protocol) {
+            for (node, target) in named_targets(driver, &ips, to, port, protocol, family) {
                 cells.push(NamedCell {
                     report: NamedPairReport {
                         from: from.clone(),
@@ -1177,6 +1247,7 @@ async fn endpoint_answers<D: Driver>(driver: &D, probes: &[EndpointProbe]) -> Ve
 /// protocols: their connections one after another per check, checks side by side.
 async fn check_backends<D: Driver>(
     block: &Expectation,
+    family: Family,
     driver: &D,
     options: &RunOptions,
 ) -> Vec<BackendReport> {
@@ -1189,7 +1260,7 @@ async fn check_backends<D: Driver>(
     let mut checks = Vec::new();
     for (port, protocol) in block.port_protocols() {
         let target = |to: &Endpoint| match to {
-            Endpoint::Service(service) => driver.service_target(service, port, protocol),
+            Endpoint::Service(service) => driver.service_target(service, port, protocol, family),
             other => Err(format!("{other} is not a Service")),
         };
         for (from, to, pods) in &block.backends {

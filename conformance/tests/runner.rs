@@ -2,14 +2,14 @@
 //! podSelector labels, allow-all rules) plus scripted probe outcomes for flakiness.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
 use weir_conformance::cases::{Labels, ObjectRef};
 use weir_conformance::runner::{CaseStatus, Probe, RetryPolicy, RunOptions, RunSummary, run};
-use weir_conformance::{CaseFile, Driver, PodRef, ProbeOutcome, Protocol};
+use weir_conformance::{CaseFile, Driver, Families, Family, PodRef, ProbeOutcome, Protocol};
 
 const MODEL: &str = "
 format: weir-reachability/v1
@@ -34,7 +34,8 @@ type PairKey = (PodRef, PodRef, u16, Protocol);
 struct FakeCluster {
     pod_labels: BTreeMap<PodRef, Labels>,
     namespace_labels: BTreeMap<String, Labels>,
-    ips: BTreeMap<PodRef, IpAddr>,
+    /// Every pod's addresses: IPv4 10.0.0.x and IPv6 fd00::x (a dual-stack cluster).
+    ips: BTreeMap<PodRef, Vec<IpAddr>>,
     initial_pod_labels: BTreeMap<PodRef, Labels>,
     initial_namespace_labels: BTreeMap<String, Labels>,
     policies: BTreeMap<(String, String), Value>,
@@ -69,7 +70,9 @@ impl FakeCluster {
             .enumerate()
             .map(|(index, pod)| {
                 let last = u8::try_from(index + 10).expect("small model");
-                (pod.clone(), IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)))
+                let v4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, last));
+                let v6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last.into()));
+                (pod.clone(), vec![v4, v6])
             })
             .collect();
         FakeCluster {
@@ -167,8 +170,8 @@ impl Driver for FakeCluster {
         self.experimental
     }
 
-    async fn pod_ip(&self, pod: &PodRef) -> Option<IpAddr> {
-        self.ips.get(pod).copied()
+    async fn pod_ip(&self, pod: &PodRef, family: Family) -> Option<IpAddr> {
+        family.pick(self.ips.get(pod)?)
     }
 
     async fn reset(&mut self) -> Result<(), String> {
@@ -235,7 +238,11 @@ impl Driver for FakeCluster {
         let mut outcomes = Vec::with_capacity(probes.len());
         for probe in probes {
             self.probes.lock().expect("probe log").push(probe.clone());
-            if Some(&probe.target.ip()) != self.ips.get(&probe.to) {
+            if !self
+                .ips
+                .get(&probe.to)
+                .is_some_and(|ips| ips.contains(&probe.target.ip()))
+            {
                 outcomes.push(ProbeOutcome::Error(
                     "probe target is not the pod's IP".to_owned(),
                 ));
@@ -276,6 +283,7 @@ fn options() -> RunOptions {
         verbose: false,
         case_filter: None,
         skip_tags: Vec::new(),
+        families: Families::Ipv4,
     }
 }
 
@@ -757,4 +765,55 @@ fn a_run_can_be_spawned_on_a_multi_threaded_runtime() {
     let options = options();
     let future = run(&file, &mut cluster, &options, &mut out);
     assert_send(&future);
+}
+
+#[tokio::test]
+async fn dual_stack_runs_every_case_once_per_family() {
+    let file = load(&format!(
+        "{}
+  - name: \"ipv4 literal\"
+    steps:
+      - apply:
+          - apiVersion: networking.k8s.io/v1
+            kind: NetworkPolicy
+            metadata: {{name: cidr, namespace: x}}
+            spec:
+              podSelector: {{}}
+              ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/8}}}}]}}]
+        expect:
+          - default: allow
+",
+        deny_case("deny ingress in x")
+    ));
+    let mut cluster = FakeCluster::new(&file);
+    let options = RunOptions {
+        families: Families::Dual,
+        ..options()
+    };
+    let (summary, _) = run_file(&file, &mut cluster, &options).await;
+    let names: Vec<(&str, CaseStatus)> = summary
+        .cases
+        .iter()
+        .map(|case| (case.name.as_str(), case.status))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("deny ingress in x [ipv4]", CaseStatus::Pass),
+            ("deny ingress in x [ipv6]", CaseStatus::Pass),
+            ("ipv4 literal [ipv4]", CaseStatus::Pass),
+            ("ipv4 literal [ipv6]", CaseStatus::Skip),
+        ]
+    );
+    assert_eq!((summary.passed, summary.failed, summary.skipped), (3, 0, 1));
+    assert!(
+        summary.cases[3]
+            .reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("10.0.0.0/8"))
+    );
+    let probes = cluster.probes_of("y/b", "x/b", 80, Protocol::Tcp);
+    let targets: Vec<IpAddr> = probes.iter().map(|probe| probe.target.ip()).collect();
+    assert!(targets.contains(&IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11))));
+    assert!(targets.contains(&IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 11))));
 }

@@ -2,11 +2,16 @@
 //! runner, backed by real pods, real servers in them and real probes.
 //!
 //! The local cluster has no API server, so this driver does what one would for Services:
-//! it allocates a ClusterIP from [`SERVICE_CIDR`] for a Service that leaves `clusterIP`
-//! unset (not for headless ones, `clusterIP: None`) and a nodePort from
+//! it allocates ClusterIPs from [`SERVICE_CIDR`] and [`SERVICE_CIDR_V6`] for a Service that
+//! leaves `clusterIP` unset (not for headless ones, `clusterIP: None`) and a nodePort from
 //! [`NODE_PORT_RANGE`] for each port of a NodePort Service that leaves `nodePort` unset,
 //! keeps both when the Service is applied again (as an update does), and writes the
 //! completed object for the controller. The controller derives the EndpointSlices.
+//!
+//! Address families follow the cluster's: on an IPv6 cluster a Service gets an IPv6
+//! ClusterIP; on a dual-stack one a Service without `ipFamilyPolicy` is made
+//! `RequireDualStack` and gets one of each (IPv4 first), and each pass of the run probes the
+//! ClusterIP of its family.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -14,25 +19,29 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 use weir_conformance::{
-    PodRef,
+    Family, PodRef,
     cases::{Endpoint, Labels, Model, ObjectRef, Protocol, ServiceRef, Topology as CaseTopology},
+    family::Need,
     probe::{ProbeOutcome, ProbeRequest, Servers, probe_many, probe_many_answered},
     runner::{Answer, Driver, EndpointProbe, Probe},
 };
 
 use crate::{
-    ClusterOptions, LocalCluster, PodSpec, Topology,
+    ClusterOptions, IpFamily, LocalCluster, PodSpec, Topology,
     cluster::{NODE_PORT_RANGE, SERVICE_CIDR},
 };
+
+/// The range IPv6 ClusterIPs are allocated from (a /112, as kubeadm's IPv6 default is).
+pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/112";
 
 /// What the driver allocated for one Service.
 #[derive(Clone, Debug, Default)]
 struct ServiceAddresses {
-    /// `None` for a headless Service.
-    cluster_ip: Option<IpAddr>,
+    /// Empty for a headless Service; one per family otherwise, IPv4 first.
+    cluster_ips: Vec<IpAddr>,
     /// `(port, protocol, nodePort)` of every Service port.
     ports: Vec<(u16, Protocol, Option<u16>)>,
 }
@@ -44,7 +53,9 @@ struct ServiceAddresses {
 pub struct ClusterDriver {
     cluster: LocalCluster,
     model: Model,
-    ips: BTreeMap<PodRef, IpAddr>,
+    ip_family: IpFamily,
+    /// Every pod's addresses, one per family, IPv4 first.
+    ips: BTreeMap<PodRef, Vec<IpAddr>>,
     services: BTreeMap<ServiceRef, ServiceAddresses>,
     _servers: Vec<Servers>,
 }
@@ -58,6 +69,7 @@ impl ClusterDriver {
                 CaseTopology::Routed => Topology::Routed,
             };
         }
+        let ip_family = opts.ip_family;
         let mut cluster = LocalCluster::up(opts).await?;
         for ns in &model.namespaces {
             cluster.set_namespace_labels(ns, &model.namespace_labels(ns))?;
@@ -91,7 +103,7 @@ impl ClusterDriver {
                 )
                 .with_context(|| format!("starting servers in {pod}"))?,
             );
-            ips.insert(pod, created.ip);
+            ips.insert(pod, created.ips.clone());
         }
         if let Some(external) = cluster.external() {
             servers.push(
@@ -108,6 +120,7 @@ impl ClusterDriver {
         Ok(Self {
             cluster,
             model: model.clone(),
+            ip_family,
             ips,
             services: BTreeMap::new(),
             _servers: servers,
@@ -136,20 +149,54 @@ impl ClusterDriver {
         let spec = spec
             .as_object_mut()
             .context("Service spec is not a mapping")?;
-        let cluster_ip = match spec.get("clusterIP").and_then(Value::as_str) {
-            Some("None") => None,
-            Some(ip) if !ip.is_empty() => Some(
-                ip.parse::<IpAddr>()
-                    .with_context(|| format!("Service {key}: clusterIP {ip:?}"))?,
-            ),
+        let cluster_ips = match spec.get("clusterIP").and_then(Value::as_str) {
+            Some("None") => Vec::new(),
+            Some(ip) if !ip.is_empty() => {
+                let mut ips = vec![
+                    ip.parse::<IpAddr>()
+                        .with_context(|| format!("Service {key}: clusterIP {ip:?}"))?,
+                ];
+                for other in spec
+                    .get("clusterIPs")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    let other = other
+                        .parse::<IpAddr>()
+                        .with_context(|| format!("Service {key}: clusterIPs {other:?}"))?;
+                    if !ips.contains(&other) {
+                        ips.push(other);
+                    }
+                }
+                ips
+            }
             _ => {
-                let ip = match previous.cluster_ip {
-                    Some(ip) => ip,
-                    None => self.free_cluster_ip()?,
-                };
-                spec.insert("clusterIP".into(), Value::String(ip.to_string()));
-                spec.insert("clusterIPs".into(), serde_json::json!([ip.to_string()]));
-                Some(ip)
+                let families = self.service_families(spec);
+                let mut ips = Vec::new();
+                for family in families {
+                    let ip = match family.pick(&previous.cluster_ips) {
+                        Some(ip) => ip,
+                        None => self.free_cluster_ip(family)?,
+                    };
+                    ips.push(ip);
+                }
+                let texts: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+                spec.insert("clusterIP".into(), Value::String(texts[0].clone()));
+                spec.insert("clusterIPs".into(), serde_json::json!(texts));
+                spec.insert(
+                    "ipFamilies".into(),
+                    serde_json::json!(
+                        ips.iter()
+                            .map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" })
+                            .collect::<Vec<_>>()
+                    ),
+                );
+                if ips.len() > 1 && !spec.contains_key("ipFamilyPolicy") {
+                    spec.insert("ipFamilyPolicy".into(), "RequireDualStack".into());
+                }
+                ips
             }
         };
         let node_ports = matches!(
@@ -198,23 +245,71 @@ impl ClusterDriver {
             }
         }
         self.services
-            .insert(key, ServiceAddresses { cluster_ip, ports });
+            .insert(key, ServiceAddresses { cluster_ips, ports });
         Ok(object)
     }
 
-    fn free_cluster_ip(&self) -> Result<IpAddr> {
-        let net: Ipv4Net = SERVICE_CIDR.parse().context("the service CIDR")?;
+    /// The families a Service that leaves `clusterIP` unset gets, in order, as an API server
+    /// with this cluster's service ranges would give them: `ipFamilies` if the Service
+    /// lists them (within the cluster's), else the cluster's first family, or both on a
+    /// dual-stack cluster unless `ipFamilyPolicy` is `SingleStack` (the runner makes every
+    /// Service without a policy `RequireDualStack` there).
+    fn service_families(&self, spec: &serde_json::Map<String, Value>) -> Vec<Family> {
+        let cluster: &[Family] = match self.ip_family {
+            IpFamily::Ipv4 => &[Family::Ipv4],
+            IpFamily::Ipv6 => &[Family::Ipv6],
+            IpFamily::Dual => &[Family::Ipv4, Family::Ipv6],
+        };
+        let listed: Vec<Family> = spec
+            .get("ipFamilies")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|family| match family.as_str() {
+                Some("IPv4") => Some(Family::Ipv4),
+                Some("IPv6") => Some(Family::Ipv6),
+                _ => None,
+            })
+            .filter(|family| cluster.contains(family))
+            .collect();
+        let single = spec.get("ipFamilyPolicy").and_then(Value::as_str) == Some("SingleStack");
+        let mut families = if listed.is_empty() {
+            cluster.to_vec()
+        } else {
+            listed
+        };
+        if single {
+            families.truncate(1);
+        }
+        families
+    }
+
+    fn free_cluster_ip(&self, family: Family) -> Result<IpAddr> {
         let used: BTreeSet<IpAddr> = self
             .services
             .values()
-            .filter_map(|service| service.cluster_ip)
+            .flat_map(|service| service.cluster_ips.iter().copied())
             .collect();
-        // .1 is the API server's Service in a real cluster; start above it.
-        net.hosts()
-            .skip(9)
-            .map(IpAddr::V4)
-            .find(|ip| !used.contains(ip))
-            .context("the service CIDR is full")
+        // The first addresses are the API server's and DNS Services in a real cluster;
+        // start above them.
+        match family {
+            Family::Ipv4 => {
+                let net: Ipv4Net = SERVICE_CIDR.parse().context("the service CIDR")?;
+                net.hosts()
+                    .skip(9)
+                    .map(IpAddr::V4)
+                    .find(|ip| !used.contains(ip))
+                    .context("the service CIDR is full")
+            }
+            Family::Ipv6 => {
+                let net: Ipv6Net = SERVICE_CIDR_V6.parse().context("the IPv6 service CIDR")?;
+                net.hosts()
+                    .skip(10)
+                    .map(IpAddr::V6)
+                    .find(|ip| !used.contains(ip))
+                    .context("the IPv6 service CIDR is full")
+            }
+        }
     }
 
     fn used_node_ports(&self) -> BTreeSet<u16> {
@@ -279,8 +374,8 @@ impl ClusterDriver {
 impl Driver for ClusterDriver {
     type Error = anyhow::Error;
 
-    async fn pod_ip(&self, pod: &PodRef) -> Option<IpAddr> {
-        self.ips.get(pod).copied()
+    async fn pod_ip(&self, pod: &PodRef, family: Family) -> Option<IpAddr> {
+        family.pick(self.ips.get(pod)?)
     }
 
     async fn reset(&mut self) -> Result<()> {
@@ -343,10 +438,30 @@ impl Driver for ClusterDriver {
         Some(self.cluster.nodes().len())
     }
 
-    fn external_ip(&self) -> Option<IpAddr> {
+    /// The external host has an IPv4 address only.
+    fn external_ip(&self, family: Family) -> Option<IpAddr> {
         self.cluster
             .external()
             .map(|external| IpAddr::V4(external.ip))
+            .filter(|ip| family.holds(ip))
+    }
+
+    fn unsupported(&self, family: Family, need: Need) -> Option<String> {
+        match (family, need) {
+            (Family::Ipv4, _) => None,
+            // The dataplane's Service translation handles IPv4 destinations only: the
+            // controller programs IPv6 ClusterIPs, but nothing translates them yet.
+            (Family::Ipv6, Need::Services) => {
+                Some("the dataplane translates IPv4 Services only".to_owned())
+            }
+            (Family::Ipv6, Need::NodePorts) => {
+                Some("nodes have IPv4 addresses only, and Services are IPv4-only".to_owned())
+            }
+            (Family::Ipv6, Need::External) => self
+                .external_ip(family)
+                .is_none()
+                .then(|| "the external host has no IPv6 address".to_owned()),
+        }
     }
 
     fn service_target(
@@ -354,11 +469,17 @@ impl Driver for ClusterDriver {
         service: &ServiceRef,
         port: u16,
         protocol: Protocol,
+        family: Family,
     ) -> Result<SocketAddr, String> {
         let (addresses, _) = self.service_port(service, port, protocol)?;
-        let ip = addresses
-            .cluster_ip
-            .ok_or_else(|| format!("Service {service} is headless: it has no ClusterIP"))?;
+        if addresses.cluster_ips.is_empty() {
+            return Err(format!(
+                "Service {service} is headless: it has no ClusterIP"
+            ));
+        }
+        let ip = family
+            .pick(&addresses.cluster_ips)
+            .ok_or_else(|| format!("Service {service} has no {family} ClusterIP"))?;
         Ok(SocketAddr::new(ip, port))
     }
 
@@ -367,7 +488,11 @@ impl Driver for ClusterDriver {
         service: &ServiceRef,
         port: u16,
         protocol: Protocol,
+        family: Family,
     ) -> Result<Vec<SocketAddr>, String> {
+        if family != Family::Ipv4 {
+            return Err(format!("nodes have no {family} addresses"));
+        }
         let (_, node_port) = self.service_port(service, port, protocol)?;
         let node_port =
             node_port.ok_or_else(|| format!("Service {service} is not of type NodePort"))?;

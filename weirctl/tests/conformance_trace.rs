@@ -11,10 +11,11 @@ use std::{
 };
 
 use weir_conformance::{
-    PodRef,
+    Family, PodRef,
     cases::{
         CaseFile, Endpoint, Labels, ObjectRef, Protocol, ServiceRef, Topology as CaseTopology,
     },
+    family::Need,
     probe::ProbeOutcome,
     runner::{self, Answer, Driver, EndpointProbe, Probe, RunOptions},
 };
@@ -101,8 +102,8 @@ impl Tracing {
 impl Driver for Tracing {
     type Error = anyhow::Error;
 
-    async fn pod_ip(&self, pod: &PodRef) -> Option<IpAddr> {
-        self.inner.pod_ip(pod).await
+    async fn pod_ip(&self, pod: &PodRef, family: Family) -> Option<IpAddr> {
+        self.inner.pod_ip(pod, family).await
     }
 
     async fn reset(&mut self) -> anyhow::Result<()> {
@@ -157,8 +158,12 @@ impl Driver for Tracing {
         self.inner.node_count()
     }
 
-    fn external_ip(&self) -> Option<IpAddr> {
-        self.inner.external_ip()
+    fn external_ip(&self, family: Family) -> Option<IpAddr> {
+        self.inner.external_ip(family)
+    }
+
+    fn unsupported(&self, family: Family, need: Need) -> Option<String> {
+        self.inner.unsupported(family, need)
     }
 
     fn service_target(
@@ -166,8 +171,9 @@ impl Driver for Tracing {
         service: &ServiceRef,
         port: u16,
         protocol: Protocol,
+        family: Family,
     ) -> Result<SocketAddr, String> {
-        self.inner.service_target(service, port, protocol)
+        self.inner.service_target(service, port, protocol, family)
     }
 
     fn node_port_targets(
@@ -175,8 +181,10 @@ impl Driver for Tracing {
         service: &ServiceRef,
         port: u16,
         protocol: Protocol,
+        family: Family,
     ) -> Result<Vec<SocketAddr>, String> {
-        self.inner.node_port_targets(service, port, protocol)
+        self.inner
+            .node_port_targets(service, port, protocol, family)
     }
 
     async fn probe_endpoints(&self, probes: &[EndpointProbe]) -> Vec<Answer> {

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use weir_conformance::{CaseFile, RunOptions, cases::Topology as CaseTopology, runner};
-use weir_localcluster::{ClusterOptions, Runtime, Topology, conformance::ClusterDriver};
+use weir_conformance::{CaseFile, Families, RunOptions, cases::Topology as CaseTopology, runner};
+use weir_localcluster::{ClusterOptions, IpFamily, Runtime, Topology, conformance::ClusterDriver};
 
 pub struct Args {
     pub cases: PathBuf,
@@ -17,6 +17,8 @@ pub struct Args {
     pub json: Option<PathBuf>,
     /// Cases with these tags are reported skipped.
     pub skip_tags: Vec<String>,
+    /// The pods' address families; under `dual` every case runs once per family.
+    pub ip_family: IpFamily,
 }
 
 /// Returns whether every case passed.
@@ -43,20 +45,31 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<bool> {
     let nodes = file.model.nodes.unwrap_or(1);
     let topology = file.model.topology.unwrap_or(CaseTopology::L2);
     println!(
-        "Conformance: {} ({} cases) on {nodes} node(s), {topology:?} topology, runtime {}",
+        "Conformance: {} ({} cases) on {nodes} node(s), {topology:?} topology, runtime {}, {}",
         args.cases.display(),
         file.cases.len(),
-        args.runtime
+        args.runtime,
+        match args.ip_family {
+            IpFamily::Ipv4 => "IPv4",
+            IpFamily::Ipv6 => "IPv6",
+            IpFamily::Dual => "dual-stack (every case once per family)",
+        }
     );
     let started = std::time::Instant::now();
     let mut opts = ClusterOptions::new(bin);
     opts.runtime = args.runtime;
+    opts.ip_family = args.ip_family;
     let mut driver = ClusterDriver::start(&file.model, opts).await?;
     println!("Cluster ready in {:.1?}.", started.elapsed());
     let opts = RunOptions {
         verbose: args.verbose,
         case_filter: args.filter,
         skip_tags: args.skip_tags,
+        families: match args.ip_family {
+            IpFamily::Ipv4 => Families::Ipv4,
+            IpFamily::Ipv6 => Families::Ipv6,
+            IpFamily::Dual => Families::Dual,
+        },
         ..RunOptions::default()
     };
     let mut out = std::io::stdout();

@@ -84,6 +84,10 @@ enum Cmd {
         /// Report cases with this tag as skipped (repeatable).
         #[arg(long = "skip-tag")]
         skip_tags: Vec<String>,
+        /// ipv4, ipv6 or dual: the pods' address families. Under dual every case runs
+        /// twice, once over IPv4 and once over IPv6.
+        #[arg(long, default_value = "ipv4")]
+        ip_family: IpFamily,
     },
     /// Tear down every local cluster on this machine (or one run).
     Down {
@@ -169,6 +173,7 @@ fn main() -> Result<()> {
             case,
             json,
             skip_tags,
+            ip_family,
         } => {
             let bin = build()?;
             let args = conformance::Args {
@@ -180,6 +185,7 @@ fn main() -> Result<()> {
                 filter: case,
                 json,
                 skip_tags,
+                ip_family,
             };
             if !runtime().block_on(conformance::run(bin, args))? {
                 bail!("conformance cases failed");
@@ -356,23 +362,34 @@ fn test() -> Result<()> {
     // the NetworkPolicy suite once more on one node whose pods are containers started by
     // containerd through its CRI, which calls the plugin as on a kubelet node. The
     // network-policy-api ClusterNetworkPolicy suite on one node and on two nodes in both
-    // topologies.
+    // topologies. Then the NetworkPolicy suite on dual-stack clusters (every case once over
+    // IPv4 and once over IPv6) of two nodes in both topologies, and on one IPv6-only node.
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
     let cnp = workspace_root().join("conformance/cases/upstream-cnp.yaml");
+    let v4 = IpFamily::Ipv4;
     let runs = [
-        (&netpol, 1, Topology::L2, Runtime::Direct),
-        (&netpol, 2, Topology::L2, Runtime::Direct),
-        (&netpol, 2, Topology::Routed, Runtime::Direct),
-        (&services, 2, Topology::L2, Runtime::Direct),
-        (&services, 2, Topology::Routed, Runtime::Direct),
-        (&netpol, 1, Topology::L2, Runtime::Containerd),
-        (&cnp, 1, Topology::L2, Runtime::Direct),
-        (&cnp, 2, Topology::L2, Runtime::Direct),
-        (&cnp, 2, Topology::Routed, Runtime::Direct),
+        (&netpol, 1, Topology::L2, Runtime::Direct, v4),
+        (&netpol, 2, Topology::L2, Runtime::Direct, v4),
+        (&netpol, 2, Topology::Routed, Runtime::Direct, v4),
+        (&services, 2, Topology::L2, Runtime::Direct, v4),
+        (&services, 2, Topology::Routed, Runtime::Direct, v4),
+        (&netpol, 1, Topology::L2, Runtime::Containerd, v4),
+        (&cnp, 1, Topology::L2, Runtime::Direct, v4),
+        (&cnp, 2, Topology::L2, Runtime::Direct, v4),
+        (&cnp, 2, Topology::Routed, Runtime::Direct, v4),
+        (&netpol, 2, Topology::L2, Runtime::Direct, IpFamily::Dual),
+        (
+            &netpol,
+            2,
+            Topology::Routed,
+            Runtime::Direct,
+            IpFamily::Dual,
+        ),
+        (&netpol, 1, Topology::L2, Runtime::Direct, IpFamily::Ipv6),
     ];
     let mut failed = Vec::new();
-    for (cases, nodes, topology, pods) in runs {
+    for (cases, nodes, topology, pods, ip_family) in runs {
         let args = conformance::Args {
             cases: cases.clone(),
             nodes: Some(nodes),
@@ -382,11 +399,12 @@ fn test() -> Result<()> {
             filter: None,
             json: None,
             skip_tags: Vec::new(),
+            ip_family,
         };
         if !runtime().block_on(conformance::run(bin.clone(), args))? {
             let file = cases.file_name().unwrap_or_default().to_string_lossy();
             failed.push(format!(
-                "{file} on {nodes} node(s), {topology}, runtime {pods}"
+                "{file} on {nodes} node(s), {topology}, runtime {pods}, {ip_family}"
             ));
         }
     }

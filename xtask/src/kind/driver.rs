@@ -39,7 +39,7 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use weir_conformance::{
-    Model, PodRef, ProbeOutcome, Protocol,
+    Family, Model, PodRef, ProbeOutcome, Protocol,
     cases::{Labels, ObjectRef},
     runner::{Driver, Probe},
 };
@@ -362,8 +362,12 @@ impl KubeDriver {
 impl Driver for KubeDriver {
     type Error = DriverError;
 
-    async fn pod_ip(&self, pod: &PodRef) -> Option<IpAddr> {
-        self.pods.get(pod).and_then(|(ip, _)| *ip)
+    /// The kind cluster is IPv4 (its pods' IPv4 address is the one recorded).
+    async fn pod_ip(&self, pod: &PodRef, family: Family) -> Option<IpAddr> {
+        self.pods
+            .get(pod)
+            .and_then(|(ip, _)| *ip)
+            .filter(|ip| family.holds(ip))
     }
 
     async fn reset(&mut self) -> Result<(), DriverError> {
