@@ -78,6 +78,15 @@ pub fn frontend_key(f: &ServiceFrontend) -> ServiceKey {
     ServiceKey::new(addr, f.port.to_be(), f.proto, 0)
 }
 
+/// Whether the frontend has entries in `SERVICES`. Node ports on every address are keyed
+/// by the unspecified address whatever their family, and the programs translate IPv4
+/// destinations only: a dual-stack Service's IPv6 node port (`::`) would take the key of its
+/// IPv4 one (`0.0.0.0`) and, written after it, hand IPv4 clients IPv6 backends. So it is
+/// left out until the programs translate IPv6.
+pub fn in_dataplane(f: &ServiceFrontend) -> bool {
+    !(f.kind == weir_api::FrontendKind::NodePort && f.ip.is_ipv6() && f.ip.is_unspecified())
+}
+
 /// The backends new flows may go to: the ready ones, or, when none is, the terminating ones
 /// the controller listed as the fallback.
 pub fn usable_backends(entry: &ServiceEntry) -> Vec<(IpKey, u16)> {
@@ -137,6 +146,9 @@ impl DataplaneMaps {
         entry: &ServiceEntry,
         cluster: Option<ServiceFrontend>,
     ) -> Result<()> {
+        if !in_dataplane(f) {
+            return Ok(());
+        }
         let key = frontend_key(f);
         let old = self.written_count(&key);
         let backends = usable_backends(entry);
@@ -157,6 +169,9 @@ impl DataplaneMaps {
     }
 
     fn remove_frontend(&mut self, f: &ServiceFrontend) {
+        if !in_dataplane(f) {
+            return;
+        }
         let key = frontend_key(f);
         let old = self.written_count(&key);
         let _ = self.services.remove(&key);
@@ -199,7 +214,7 @@ impl DataplaneMaps {
         fits(table, self.capacities.services)?;
         let mut wanted: HashSet<ServiceKey> = HashSet::new();
         let cluster = ClusterFrontends::new(table);
-        for (f, entry) in table {
+        for (f, entry) in table.iter().filter(|(f, _)| in_dataplane(f)) {
             self.write_frontend(f, entry, cluster.of(f, entry))?;
             let key = frontend_key(f);
             wanted.insert(key);
@@ -280,5 +295,39 @@ impl DataplaneMaps {
             }
         }
         (frontends, backends)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use weir_api::FrontendKind;
+
+    use super::*;
+
+    fn frontend(kind: FrontendKind, ip: IpAddr) -> ServiceFrontend {
+        ServiceFrontend {
+            kind,
+            ip,
+            port: 30080,
+            proto: 6,
+        }
+    }
+
+    #[test]
+    fn a_dual_stack_node_port_keeps_the_ipv4_key_to_itself() {
+        let v4 = frontend(FrontendKind::NodePort, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let v6 = frontend(FrontendKind::NodePort, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        assert_eq!(frontend_key(&v4), frontend_key(&v6), "the two share a key");
+        assert!(in_dataplane(&v4));
+        assert!(!in_dataplane(&v6));
+        for f in [
+            frontend(FrontendKind::ClusterIp, "fd00:10:96::a".parse().unwrap()),
+            frontend(FrontendKind::ClusterIp, "10.96.0.10".parse().unwrap()),
+            frontend(FrontendKind::NodePort, "10.0.0.1".parse().unwrap()),
+        ] {
+            assert!(in_dataplane(&f), "{f:?}");
+        }
     }
 }
