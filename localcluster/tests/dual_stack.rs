@@ -7,7 +7,7 @@ mod support;
 
 use std::net::IpAddr;
 
-use support::{cluster_with_family, ping, pod, probe};
+use support::{cluster_with, cluster_with_family, ping, pod, probe};
 use weir_conformance::{Protocol, probe::Servers};
 use weir_localcluster::{IpFamily, Pod, Topology};
 
@@ -23,6 +23,13 @@ fn v6(p: &Pod) -> IpAddr {
         .iter()
         .find(|i| i.is_ipv6())
         .unwrap_or_else(|| panic!("{} has no IPv6 address: {:?}", p.name, p.ips))
+}
+
+/// A TCP server on port 80 in each pod, for as long as the result lives.
+fn tcp_servers(pods: &[&Pod]) -> Vec<Servers> {
+    pods.iter()
+        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
+        .collect()
 }
 
 /// Both directions of every pair, over ICMP and TCP to port 80, to `addr` of the target.
@@ -74,10 +81,7 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_ipv4_on_one_node_and_acr
     // The pod's IPv6 default route goes via the link-local gateway.
     let routes = a.netns.ip(&["-6", "route", "show", "default"]).unwrap();
     assert!(routes.contains("via fe80::1"), "{routes}");
-    let _servers: Vec<Servers> = [&a, &b, &r]
-        .iter()
-        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
-        .collect();
+    let _servers = tcp_servers(&[&a, &b, &r]);
     all_pairs_reach(&[&a, &b, &r], v6, "IPv6").await;
     all_pairs_reach(&[&a, &b, &r], v4, "IPv4").await;
 
@@ -120,10 +124,7 @@ async fn ipv6_only_pods_reach_each_other_on_one_node_and_across_nodes() {
             "no IPv4 address in an IPv6-only pod: {v4}"
         );
     }
-    let _servers: Vec<Servers> = [&a, &b, &r]
-        .iter()
-        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
-        .collect();
+    let _servers = tcp_servers(&[&a, &b, &r]);
     all_pairs_reach(&[&a, &b, &r], v6, "IPv6 only").await;
 }
 
@@ -195,20 +196,14 @@ fn nft(node: &weir_localcluster::Node, args: &[&str]) -> String {
 /// datagrams (no IPv4 next hop is known); IPv6 pods too across subnets, and directly on the
 /// same segment.
 async fn ipv6_underlay(topology: Topology) {
-    let mut opts = weir_localcluster::ClusterOptions::new(support::bin_dir());
-    opts.nodes = 2;
-    opts.topology = topology;
-    opts.ip_family = IpFamily::Dual;
-    opts.ipv6_underlay = true;
-    let mut c = weir_localcluster::LocalCluster::up(opts)
-        .await
-        .expect("cluster up");
+    let mut c = cluster_with(2, topology, |o| {
+        o.ip_family = IpFamily::Dual;
+        o.ipv6_underlay = true;
+    })
+    .await;
     let a = pod(&mut c, "default", "a", 0).await;
     let r = pod(&mut c, "default", "r", 1).await;
-    let _servers: Vec<Servers> = [&a, &r]
-        .iter()
-        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
-        .collect();
+    let _servers = tcp_servers(&[&a, &r]);
     for node in c.nodes() {
         count_ipv6_vxlan(node);
     }
@@ -239,23 +234,18 @@ async fn ipv6_underlay_across_a_router_carries_both_families_over_vxlan() {
 /// reads it), and the containers reach each other over both families.
 #[tokio::test(flavor = "multi_thread")]
 async fn container_pods_get_both_families_from_the_runtime() {
-    let mut opts = weir_localcluster::ClusterOptions::new(support::bin_dir());
-    opts.nodes = 2;
-    opts.runtime = weir_localcluster::Runtime::Containerd;
-    opts.ip_family = IpFamily::Dual;
-    let mut c = weir_localcluster::LocalCluster::up(opts)
-        .await
-        .expect("cluster up");
+    let mut c = cluster_with(2, Topology::L2, |o| {
+        o.ip_family = IpFamily::Dual;
+        o.runtime = weir_localcluster::Runtime::Containerd;
+    })
+    .await;
     let a = pod(&mut c, "default", "a", 0).await;
     let r = pod(&mut c, "default", "r", 1).await;
     for p in [&a, &r] {
         assert_eq!(p.ips.len(), 2, "{}: both families: {:?}", p.name, p.ips);
         assert!(p.ips[0].is_ipv4() && p.ips[1].is_ipv6(), "{:?}", p.ips);
     }
-    let _servers: Vec<Servers> = [&a, &r]
-        .iter()
-        .map(|p| Servers::start(&p.netns.path(), &[80], &[Protocol::Tcp]).expect("servers"))
-        .collect();
+    let _servers = tcp_servers(&[&a, &r]);
     all_pairs_reach(&[&a, &r], v6, "IPv6 container pods").await;
     all_pairs_reach(&[&a, &r], v4, "IPv4 container pods").await;
 }

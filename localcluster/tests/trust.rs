@@ -202,12 +202,11 @@ async fn forged_tunnel_packets_are_dropped(topology: Topology) {
 /// underlay: `dual_stack.rs`).
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_tunnel_packets_over_an_ipv6_underlay_are_dropped() {
-    let mut opts = weir_localcluster::ClusterOptions::new(support::bin_dir());
-    opts.nodes = 2;
-    opts.topology = Topology::L2;
-    opts.ip_family = weir_localcluster::IpFamily::Dual;
-    opts.ipv6_underlay = true;
-    let mut c = LocalCluster::up(opts).await.expect("cluster up");
+    let mut c = support::cluster_with(2, Topology::L2, |o| {
+        o.ip_family = weir_localcluster::IpFamily::Dual;
+        o.ipv6_underlay = true;
+    })
+    .await;
     let a = pod(&mut c, "default", "a", 0).await;
     let b = pod(&mut c, "default", "b", 1).await;
     c.apply_object(&deny_ingress("default", "lock-b", "b"))

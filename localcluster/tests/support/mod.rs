@@ -34,11 +34,11 @@ pub async fn cluster(nodes: usize, topology: Topology) -> LocalCluster {
     cluster_with_agent_args(nodes, topology, &[]).await
 }
 
-/// A cluster whose pods have addresses of `family`.
-pub async fn cluster_with_family(
+/// A cluster of `nodes` in `topology` with the options `configure` sets besides.
+pub async fn cluster_with(
     nodes: usize,
     topology: Topology,
-    family: weir_localcluster::IpFamily,
+    configure: impl FnOnce(&mut ClusterOptions),
 ) -> LocalCluster {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -47,8 +47,17 @@ pub async fn cluster_with_family(
     let mut opts = ClusterOptions::new(bin_dir());
     opts.nodes = nodes;
     opts.topology = topology;
-    opts.ip_family = family;
+    configure(&mut opts);
     LocalCluster::up(opts).await.expect("cluster up")
+}
+
+/// A cluster whose pods have addresses of `family`.
+pub async fn cluster_with_family(
+    nodes: usize,
+    topology: Topology,
+    family: weir_localcluster::IpFamily,
+) -> LocalCluster {
+    cluster_with(nodes, topology, |o| o.ip_family = family).await
 }
 
 /// A cluster whose agents all get `agent_args` besides the usual ones.
@@ -57,15 +66,10 @@ pub async fn cluster_with_agent_args(
     topology: Topology,
     agent_args: &[&str],
 ) -> LocalCluster {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "end-to-end tests need root (network namespaces, eBPF); run `cargo xtask test` as root"
-    );
-    let mut opts = ClusterOptions::new(bin_dir());
-    opts.nodes = nodes;
-    opts.topology = topology;
-    opts.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
-    LocalCluster::up(opts).await.expect("cluster up")
+    cluster_with(nodes, topology, |o| {
+        o.agent_args = agent_args.iter().map(|a| a.to_string()).collect()
+    })
+    .await
 }
 
 pub async fn pod(c: &mut LocalCluster, namespace: &str, name: &str, node: usize) -> Pod {
