@@ -19,7 +19,20 @@ pub const V4_MAPPED_PREFIX: u32 = 96;
 const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl IpKey {
+    /// `::`: no address; also any IPv6 address of the node (the key of IPv6 node ports).
     pub const UNSPECIFIED: IpKey = IpKey { words: [0; 4] };
+    /// `0.0.0.0`, IPv4-mapped: any IPv4 address of the node (the key of IPv4 node ports).
+    pub const ANY_V4: IpKey = IpKey::from_v4([0; 4]);
+
+    /// "Any address" of `addr`'s family: [`IpKey::ANY_V4`] or [`IpKey::UNSPECIFIED`].
+    #[inline(always)]
+    pub fn any_like(addr: &IpKey) -> IpKey {
+        if addr.is_v4() {
+            Self::ANY_V4
+        } else {
+            Self::UNSPECIFIED
+        }
+    }
 
     pub const fn from_v4(octets: [u8; 4]) -> Self {
         Self {
@@ -67,6 +80,12 @@ impl IpKey {
     /// read natively).
     pub const fn v4_word(&self) -> u32 {
         self.words[3]
+    }
+
+    /// Word `i` (0..4) of [`IpKey::words`], read in place.
+    #[inline(always)]
+    pub const fn word(&self, i: usize) -> u32 {
+        self.words[i]
     }
 
     /// The address as the four 32-bit words of an `in6_addr` (network byte order, read

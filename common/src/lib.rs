@@ -41,7 +41,9 @@ mod pod;
 /// 9: `HOST_ENDPOINT` has two slots: the node's host policy (now with an egress rule set) and
 ///    its untracked rules, which the XDP program applies.
 /// 10: `FRAGMENTS` keys hold a 32-bit identification (IPv6 fragments).
-pub const ABI_VERSION: u32 = 10;
+/// 11: `SERVICES` keys node ports on any IPv4 address by `0.0.0.0` (IPv4-mapped), those on
+///    any IPv6 address by `::` (was `::` for both); IPv6 frontends are translated.
+pub const ABI_VERSION: u32 = 11;
 
 /// Names of the maps, shared by the programs and the loader.
 pub mod maps {
@@ -127,6 +129,12 @@ pub mod programs {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup `getpeername4`: a connected socket's peer is the frontend it asked for.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// The IPv6 counterparts of the four above (also IPv6 sockets connecting to IPv4-mapped
+    /// addresses).
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
 
     /// The socket programs, attached to the cgroup v2 root.
     pub const SOCK: &[&str] = &[
@@ -134,6 +142,10 @@ pub mod programs {
         SOCK_SENDMSG4,
         SOCK_RECVMSG4,
         SOCK_GETPEERNAME4,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG6,
+        SOCK_RECVMSG6,
+        SOCK_GETPEERNAME6,
     ];
 }
 

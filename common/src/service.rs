@@ -12,7 +12,8 @@ use crate::ip::IpKey;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
-    /// The ClusterIP, or [`IpKey::UNSPECIFIED`] for a NodePort (any of the node's addresses).
+    /// The ClusterIP, or for a NodePort on any of the node's addresses that family's "any"
+    /// ([`IpKey::ANY_V4`] or [`IpKey::UNSPECIFIED`], see [`IpKey::any_like`]).
     addr: IpKey,
     port_be: u16,
     proto: u8,

@@ -16,6 +16,7 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Rewrites the Ethernet header to gateway → pod and hands the packet straight to the
 /// pod's interface inside its namespace. `bpf_redirect_peer` (kernel ≥ 5.10) only works
@@ -41,10 +42,10 @@ pub fn set_macs(ctx: &TcContext, src: [u8; 6], dst: [u8; 6]) -> Result<(), ()> {
     Ok(())
 }
 
-/// Sends an IPv4 packet whose source weir rewrote to one of the node's own addresses (a
-/// NodePort flow's reply) out of the interface the node's routing table picks for
-/// `daddr`, as the node itself would send it. The host stack cannot take such a packet: a
-/// packet arriving with one of the node's addresses as its source is a martian.
+/// Sends a packet whose source weir rewrote to one of the node's own addresses (a NodePort
+/// flow's reply) out of the interface the node's routing table picks for `daddr`, as the
+/// node itself would send it. The host stack cannot take such a packet: a packet arriving
+/// with one of the node's addresses as its source is a martian. Both families.
 #[inline(always)]
 pub fn by_fib(ctx: &TcContext, saddr: &IpKey, daddr: &IpKey) -> i32 {
     let Some(params) = SCRATCH_FIB.get_ptr_mut(0) else {
@@ -54,11 +55,18 @@ pub fn by_fib(ctx: &TcContext, saddr: &IpKey, daddr: &IpKey) -> i32 {
     let params = unsafe { &mut *params };
     // SAFETY: all-zero is a valid bpf_fib_lookup.
     *params = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    let v4 = daddr.is_v4();
     // SAFETY: context pointer valid for the program's lifetime.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr.v4_octets());
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr.v4_octets());
+    if v4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = saddr.v4_word();
+        params.__bindgen_anon_4.ipv4_dst = daddr.v4_word();
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = saddr.words();
+        params.__bindgen_anon_4.ipv6_dst = daddr.words();
+    }
     // SAFETY: params points to per-CPU map memory of the size passed.
     let r = unsafe {
         fib_lookup(
@@ -71,15 +79,21 @@ pub fn by_fib(ctx: &TcContext, saddr: &IpKey, daddr: &IpKey) -> i32 {
     if r != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return TC_ACT_SHOT;
     }
-    // The lookup leaves the next hop (the gateway, or the destination itself) in ipv4_dst;
-    // bpf_redirect_neigh resolves its MAC and fills in the Ethernet header.
+    // The lookup leaves the next hop (the gateway, or the destination itself) in the
+    // destination field; bpf_redirect_neigh resolves its MAC and fills in the Ethernet
+    // header.
     let mut nh = bpf_redir_neigh {
-        nh_family: u32::from(AF_INET),
+        nh_family: u32::from(if v4 { AF_INET } else { AF_INET6 }),
         // SAFETY: all-zero is a valid union value.
         __bindgen_anon_1: unsafe { core::mem::zeroed() },
     };
-    // SAFETY: written by the lookup above for an IPv4 family.
-    nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    if v4 {
+        // SAFETY: written by the lookup above for an IPv4 family.
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { params.__bindgen_anon_4.ipv4_dst };
+    } else {
+        // SAFETY: written by the lookup above for an IPv6 family.
+        nh.__bindgen_anon_1.ipv6_nh = unsafe { params.__bindgen_anon_4.ipv6_dst };
+    }
     // SAFETY: nh lives on our stack for the duration of the call.
     unsafe {
         bpf_redirect_neigh(

@@ -4,14 +4,18 @@
 //! frontend (`reverse`). Both happen on weir's own redirect paths, so the host's netfilter
 //! never sees these packets and cannot un-translate them.
 //!
-//! IPv4 only for now: the rewrite fixes the IPv4 header checksum, the TCP/UDP checksums
-//! (pseudo header and port) and SCTP's CRC32c, which covers the ports but not the
-//! addresses: a port change updates it in place in O(log n) (`weir_common::sctp`), for the
-//! packet's length as its IPv4 header gives it. Left as they are: an SCTP checksum field of
-//! zero (a sender offloading the CRC, `CHECKSUM_PARTIAL`, leaves it zero for the device or
-//! segmentation to fill in over the final packet; a real CRC of zero, one packet in 2^32,
-//! then arrives wrong and is retransmitted) and the first fragment of a fragmented SCTP
-//! packet, whose full length is not known (Linux's SCTP sets DF and avoids fragmenting).
+//! Both families: a frontend and its backends are of one family (the controller keeps them
+//! apart), so a flow is rewritten within its family. The rewrite fixes the IPv4 header
+//! checksum (IPv6 has none), the TCP/UDP checksums (pseudo header and port) and SCTP's
+//! CRC32c, which covers the ports but not the addresses: a port change updates it in place
+//! in O(log n) (`weir_common::sctp`), for the packet's length as its IPv4 header (IPv6:
+//! payload length less the extension headers) gives it. Left as they are: an SCTP checksum
+//! field of zero (a sender offloading the CRC, `CHECKSUM_PARTIAL`, leaves it zero for the
+//! device or segmentation to fill in over the final packet; a real CRC of zero, one packet
+//! in 2^32, then arrives wrong and is retransmitted) and the first fragment of a fragmented
+//! IPv4 SCTP packet, whose full length is not known (Linux's SCTP sets DF and avoids
+//! fragmenting; over IPv6 it never fragments but to the path MTU, and a first fragment's
+//! CRC would be rewritten for the wrong length).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
@@ -65,6 +69,9 @@ const IPV4_MF: u16 = 0x2000;
 const IPV4_CHECK: usize = ETH_HLEN + 10;
 const IPV4_SADDR: usize = ETH_HLEN + 12;
 const IPV4_DADDR: usize = ETH_HLEN + 16;
+const IPV6_HLEN: usize = 40;
+const IPV6_SADDR: usize = ETH_HLEN + 8;
+const IPV6_DADDR: usize = ETH_HLEN + 24;
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 const SCTP_CHECK: usize = 8;
@@ -110,21 +117,21 @@ fn translate_inner(
     pkt: &mut Packet,
     service: &mut u32,
 ) -> Result<Translated, DropReason> {
-    // A later fragment carries no ports to rewrite; IPv6 Services come with dual stack.
-    if pkt.l4 == 0 || !pkt.daddr.is_v4() {
+    // A later fragment carries no ports to rewrite.
+    if pkt.l4 == 0 {
         return Ok(Translated::No);
     }
     let mut frontend_key = ServiceKey::new(pkt.daddr, pkt.dport_be, pkt.proto, 0);
     // SAFETY: value copied out of the map.
     let frontend = match unsafe { SERVICES.get(&frontend_key) } {
-        Some(f) => *f,
+        Some(f) => f,
         // A NodePort on one of this node's own addresses.
         // SAFETY: existence check, then a value copied out of the map.
         None if unsafe { HOST_ADDRS.get(&pkt.daddr).is_some() } => {
-            frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
+            frontend_key = ServiceKey::new(IpKey::any_like(&pkt.daddr), pkt.dport_be, pkt.proto, 0);
             match unsafe { SERVICES.get(&frontend_key) } {
                 // A pod is a client inside the cluster.
-                Some(f) => for_cluster_client(&mut frontend_key, *f),
+                Some(f) => for_cluster_client(&mut frontend_key, f),
                 None => return Ok(Translated::No),
             }
         }
@@ -138,7 +145,7 @@ fn translate_inner(
     let original = unsafe { &mut *original };
     *original = pkt.ct_key();
     // SAFETY: value copied out of the map.
-    if let Some(nat) = (unsafe { SERVICE_NAT.get(&*original) }).copied() {
+    if let Some(nat) = unsafe { SERVICE_NAT.get(&*original) } {
         set_destination(ctx, pkt, nat.addr(), nat.port_be())?;
         if nat.is_snat() {
             set_source(ctx, pkt, nat.other(), nat.other_port_be())?;
@@ -146,22 +153,22 @@ fn translate_inner(
         }
         return Ok(Translated::Yes);
     }
-    let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
-    let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
-    if backend != pkt.saddr {
-        remember(original, pkt, &backend, port_be, frontend.id(), 0)?;
-        set_destination(ctx, pkt, &backend, port_be)?;
+    let b = pick_backend(&frontend_key, frontend, &pkt.saddr)?;
+    let (backend, port_be) = (b.backend_addr(), b.backend_port_be());
+    if *backend != pkt.saddr {
+        remember(original, pkt, backend, port_be, frontend.id(), 0)?;
+        set_destination(ctx, pkt, backend, port_be)?;
         return Ok(Translated::Yes);
     }
     // The client is its own backend. A packet from its own address would be a martian to
     // it, so the flow comes from the frontend's address and a port of its own.
     let frontend_addr = pkt.daddr;
-    let snat_port_be = claim_snat_port(pkt, &backend, port_be, frontend.id())?;
+    let snat_port_be = claim_snat_port(pkt, backend, port_be, frontend.id())?;
     SERVICE_NAT
         .insert(
             &*original,
             &NatEntry::new(
-                backend,
+                *backend,
                 port_be,
                 frontend.id(),
                 frontend_addr,
@@ -171,7 +178,7 @@ fn translate_inner(
             0,
         )
         .map_err(|_| DropReason::ServiceNatLost)?;
-    set_destination(ctx, pkt, &backend, port_be)?;
+    set_destination(ctx, pkt, backend, port_be)?;
     set_source(ctx, pkt, &frontend_addr, snat_port_be)?;
     Ok(Translated::Hairpin)
 }
@@ -188,7 +195,7 @@ pub fn hairpin_reply(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, ()> {
 
 #[inline(always)]
 fn hairpin_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropReason> {
-    if pkt.l4 == 0 || !pkt.daddr.is_v4() {
+    if pkt.l4 == 0 {
         return Ok(false);
     }
     let Some(key) = SCRATCH_KEYS.get_ptr_mut(0) else {
@@ -198,7 +205,7 @@ fn hairpin_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<bool, DropRe
     let key = unsafe { &mut *key };
     *key = pkt.ct_key();
     // SAFETY: value copied out of the map.
-    let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }).copied() else {
+    let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }) else {
         return Ok(false);
     };
     if !(nat.is_reply() && nat.is_snat() && *nat.other() == pkt.saddr) {
@@ -232,7 +239,7 @@ fn inbound_inner(
     host_addr_frontends: bool,
     service: &mut u32,
 ) -> Result<Inbound, DropReason> {
-    if pkt.l4 == 0 || !pkt.daddr.is_v4() {
+    if pkt.l4 == 0 {
         return Ok(Inbound::Pass);
     }
     let Some(key) = SCRATCH_KEYS.get_ptr_mut(0) else {
@@ -244,7 +251,7 @@ fn inbound_inner(
     // One lookup finds both directions: a NodePort flow's packets and the replies to the
     // source port this node gave a forwarded flow are both addressed to the node.
     // SAFETY: value copied out of the map.
-    if let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }).copied() {
+    if let Some(nat) = unsafe { SERVICE_NAT.get(&*key) } {
         *service = nat.service();
         if nat.is_reply() {
             if !nat.is_snat() {
@@ -255,8 +262,7 @@ fn inbound_inner(
             set_destination(ctx, pkt, nat.other(), nat.other_port_be())?;
             return Ok(Inbound::ReplyToClient);
         }
-        let (backend, port_be) = (*nat.addr(), nat.port_be());
-        set_destination(ctx, pkt, &backend, port_be)?;
+        set_destination(ctx, pkt, nat.addr(), nat.port_be())?;
         if nat.is_snat() {
             set_source(ctx, pkt, nat.other(), nat.other_port_be())?;
             return Ok(Inbound::ToRemoteBackend);
@@ -272,17 +278,17 @@ fn inbound_inner(
     let mut frontend_key = ServiceKey::new(pkt.daddr, pkt.dport_be, pkt.proto, 0);
     let exact = if host_addr_frontends {
         // SAFETY: value copied out of the map.
-        unsafe { SERVICES.get(&frontend_key) }.copied()
+        unsafe { SERVICES.get(&frontend_key) }
     } else {
         None
     };
     let mut frontend = match exact {
         Some(f) => f,
         None => {
-            frontend_key = ServiceKey::new(IpKey::UNSPECIFIED, pkt.dport_be, pkt.proto, 0);
+            frontend_key = ServiceKey::new(IpKey::any_like(&pkt.daddr), pkt.dport_be, pkt.proto, 0);
             // SAFETY: value copied out of the map.
             match unsafe { SERVICES.get(&frontend_key) } {
-                Some(f) => *f,
+                Some(f) => f,
                 None => return Ok(Inbound::Pass),
             }
         }
@@ -291,39 +297,39 @@ fn inbound_inner(
         frontend = for_cluster_client(&mut frontend_key, frontend);
     }
     *service = frontend.id();
-    let b = pick_backend(&frontend_key, &frontend, &pkt.saddr)?;
-    let (backend, port_be) = (*b.backend_addr(), b.backend_port_be());
+    let b = pick_backend(&frontend_key, frontend, &pkt.saddr)?;
+    let (backend, port_be) = (b.backend_addr(), b.backend_port_be());
     // SAFETY: existence check only.
-    if unsafe { ENDPOINTS.get(&backend).is_some() } {
-        remember(key, pkt, &backend, port_be, frontend.id(), 0)?;
-        set_destination(ctx, pkt, &backend, port_be)?;
+    if unsafe { ENDPOINTS.get(backend).is_some() } {
+        remember(key, pkt, backend, port_be, frontend.id(), 0)?;
+        set_destination(ctx, pkt, backend, port_be)?;
         return Ok(Inbound::ToBackend);
     }
     // A backend outside the pod network on this node (a host-network pod): the flow goes up
     // the node's own stack with the client's address kept, and the stack's replies are
     // rewritten as they leave the node (`host_reply`).
     // SAFETY: existence check only.
-    if unsafe { HOST_ADDRS.get(&backend).is_some() } {
+    if unsafe { HOST_ADDRS.get(backend).is_some() } {
         remember(
             key,
             pkt,
-            &backend,
+            backend,
             port_be,
             frontend.id(),
             NatEntry::FLAG_HOST,
         )?;
-        set_destination(ctx, pkt, &backend, port_be)?;
+        set_destination(ctx, pkt, backend, port_be)?;
         return Ok(Inbound::ToHost);
     }
     // The backend is on another node: its replies must come back here to be translated
     // back, so the flow leaves with this node's address and a port of its own.
     let node = pkt.daddr;
-    let snat_port_be = claim_snat_port(pkt, &backend, port_be, frontend.id())?;
+    let snat_port_be = claim_snat_port(pkt, backend, port_be, frontend.id())?;
     SERVICE_NAT
         .insert(
             &*key,
             &NatEntry::new(
-                backend,
+                *backend,
                 port_be,
                 frontend.id(),
                 node,
@@ -333,7 +339,7 @@ fn inbound_inner(
             0,
         )
         .map_err(|_| DropReason::ServiceNatLost)?;
-    set_destination(ctx, pkt, &backend, port_be)?;
+    set_destination(ctx, pkt, backend, port_be)?;
     set_source(ctx, pkt, &node, snat_port_be)?;
     Ok(Inbound::ToRemoteBackend)
 }
@@ -379,9 +385,13 @@ fn set_destination(
     addr: &IpKey,
     port_be: u16,
 ) -> Result<(), DropReason> {
-    let old = pkt.daddr;
-    rewrite(ctx, pkt, IPV4_DADDR, 2, &old, addr, pkt.dport_be, port_be)
-        .map_err(|()| DropReason::ServiceNatLost)?;
+    let offset = if pkt.daddr.is_v4() {
+        IPV4_DADDR
+    } else {
+        IPV6_DADDR
+    };
+    let at = Rewrite::new(offset, 2, pkt.dport_be, port_be);
+    rewrite(ctx, pkt, &pkt.daddr, addr, at).map_err(|()| DropReason::ServiceNatLost)?;
     pkt.daddr = *addr;
     pkt.dport_be = port_be;
     Ok(())
@@ -394,9 +404,13 @@ fn set_source(
     addr: &IpKey,
     port_be: u16,
 ) -> Result<(), DropReason> {
-    let old = pkt.saddr;
-    rewrite(ctx, pkt, IPV4_SADDR, 0, &old, addr, pkt.sport_be, port_be)
-        .map_err(|()| DropReason::ServiceNatLost)?;
+    let offset = if pkt.saddr.is_v4() {
+        IPV4_SADDR
+    } else {
+        IPV6_SADDR
+    };
+    let at = Rewrite::new(offset, 0, pkt.sport_be, port_be);
+    rewrite(ctx, pkt, &pkt.saddr, addr, at).map_err(|()| DropReason::ServiceNatLost)?;
     pkt.saddr = *addr;
     pkt.sport_be = port_be;
     Ok(())
@@ -413,7 +427,7 @@ pub fn reverse(ctx: &TcContext, pkt: &mut Packet) -> Result<(), ()> {
 
 #[inline(always)]
 fn reverse_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
-    if pkt.l4 == 0 || !pkt.saddr.is_v4() {
+    if pkt.l4 == 0 {
         return Err(DropReason::ServiceNatLost);
     }
     let Some(reply) = SCRATCH_KEYS.get_ptr_mut(0) else {
@@ -423,7 +437,7 @@ fn reverse_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
     let reply = unsafe { &mut *reply };
     *reply = pkt.ct_key();
     // SAFETY: value copied out of the map.
-    let Some(nat) = (unsafe { SERVICE_NAT.get(&*reply) }).copied() else {
+    let Some(nat) = (unsafe { SERVICE_NAT.get(&*reply) }) else {
         return Err(DropReason::ServiceNatLost);
     };
     set_source(ctx, pkt, nat.addr(), nat.port_be())
@@ -436,7 +450,10 @@ fn reverse_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
 /// points `key` at it; the NodePort itself if it names none or the named one is missing
 /// (written later, or removed first, by the agent).
 #[inline(always)]
-pub fn for_cluster_client(key: &mut ServiceKey, frontend: ServiceValue) -> ServiceValue {
+pub fn for_cluster_client(
+    key: &mut ServiceKey,
+    frontend: &'static ServiceValue,
+) -> &'static ServiceValue {
     let Some((addr, port_be)) = frontend.cluster_frontend() else {
         return frontend;
     };
@@ -445,7 +462,7 @@ pub fn for_cluster_client(key: &mut ServiceKey, frontend: ServiceValue) -> Servi
     match unsafe { SERVICES.get(&cluster_key) } {
         Some(f) => {
             *key = cluster_key;
-            *f
+            f
         }
         None => frontend,
     }
@@ -474,7 +491,7 @@ pub fn host_reply(ctx: &TcContext, pkt: &mut Packet) -> Result<(), ()> {
 
 #[inline(always)]
 fn host_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason> {
-    if pkt.l4 == 0 || !pkt.saddr.is_v4() {
+    if pkt.l4 == 0 {
         return Ok(());
     }
     // SAFETY: existence check only.
@@ -488,7 +505,7 @@ fn host_reply_inner(ctx: &TcContext, pkt: &mut Packet) -> Result<(), DropReason>
     let key = unsafe { &mut *key };
     *key = pkt.ct_key();
     // SAFETY: value copied out of the map.
-    let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }).copied() else {
+    let Some(nat) = (unsafe { SERVICE_NAT.get(&*key) }) else {
         return Ok(());
     };
     if !(nat.is_reply() && nat.is_host()) {
@@ -505,7 +522,7 @@ pub fn pick_backend(
     frontend_key: &ServiceKey,
     frontend: &ServiceValue,
     client: &IpKey,
-) -> Result<ServiceValue, DropReason> {
+) -> Result<&'static ServiceValue, DropReason> {
     let count = frontend.count();
     if count == 0 {
         return Err(DropReason::NoBackend);
@@ -517,7 +534,7 @@ pub fn pick_backend(
     let slot = 1 + unsafe { bpf_get_prandom_u32() } % count;
     // SAFETY: value copied out of the map.
     match unsafe { SERVICES.get(&frontend_key.with_slot(slot)) } {
-        Some(b) => Ok(*b),
+        Some(b) => Ok(b),
         None => Err(DropReason::NoBackend),
     }
 }
@@ -531,7 +548,7 @@ fn pick_with_affinity(
     frontend: &ServiceValue,
     client: &IpKey,
     count: u32,
-) -> Result<ServiceValue, DropReason> {
+) -> Result<&'static ServiceValue, DropReason> {
     let key = AffinityKey::new(frontend.id(), *client);
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -544,7 +561,6 @@ fn pick_with_affinity(
                 if b.backend_addr() == last.backend()
                     && b.backend_port_be() == last.backend_port_be()
                 {
-                    let b = *b;
                     let _ = AFFINITY.insert(
                         &key,
                         &AffinityValue::new(
@@ -563,7 +579,7 @@ fn pick_with_affinity(
     // SAFETY: helper without preconditions.
     let slot = 1 + unsafe { bpf_get_prandom_u32() } % count;
     // SAFETY: value copied out of the map.
-    let Some(b) = (unsafe { SERVICES.get(&frontend_key.with_slot(slot)) }).copied() else {
+    let Some(b) = (unsafe { SERVICES.get(&frontend_key.with_slot(slot)) }) else {
         return Err(DropReason::NoBackend);
     };
     let _ = AFFINITY.insert(
@@ -617,40 +633,59 @@ fn remember(
         .map_err(|_| DropReason::ServiceNatLost)
 }
 
-/// Replaces the IPv4 address at `addr_offset` and the L4 port at `port_offset` (0: source,
-/// 2: destination), fixing the IPv4 header checksum and the TCP/UDP checksum or the SCTP
-/// CRC32c.
+/// Where [`rewrite`] writes and which ports it swaps, packed into one register (a BPF
+/// function takes five arguments at most).
+#[derive(Clone, Copy)]
+struct Rewrite(u64);
+
+impl Rewrite {
+    /// The address at `addr_offset`, the port at `port_offset` (0: source, 2: destination)
+    /// from `old_port_be` to `new_port_be`.
+    #[inline(always)]
+    fn new(addr_offset: usize, port_offset: usize, old_port_be: u16, new_port_be: u16) -> Self {
+        Self(
+            (addr_offset as u64 & 0xff)
+                | (port_offset as u64 & 0xff) << 8
+                | u64::from(old_port_be) << 16
+                | u64::from(new_port_be) << 32,
+        )
+    }
+}
+
+/// Replaces an address and an L4 port as `at` says, fixing the IPv4 header checksum and the
+/// TCP/UDP checksum or the SCTP CRC32c. The new address is of the old one's family.
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one rewrite, spelled out for the verifier"
-)]
 fn rewrite(
     ctx: &TcContext,
     pkt: &Packet,
-    addr_offset: usize,
-    port_offset: usize,
     old_addr: &IpKey,
     new_addr: &IpKey,
-    old_port_be: u16,
-    new_port_be: u16,
+    at: Rewrite,
 ) -> Result<(), ()> {
-    let old = u32::from_ne_bytes(old_addr.v4_octets());
-    let new = u32::from_ne_bytes(new_addr.v4_octets());
+    let addr_offset = (at.0 & 0xff) as usize;
+    let port_offset = ((at.0 >> 8) & 0xff) as usize;
+    let old_port_be = (at.0 >> 16) as u16;
+    let new_port_be = (at.0 >> 32) as u16;
     let l4 = usize::from(pkt.l4);
     let l4_check = match pkt.proto {
         proto::TCP => Some((l4 + TCP_CHECK, 0)),
         proto::UDP => Some((l4 + UDP_CHECK, u64::from(BPF_F_MARK_MANGLED_0))),
         _ => None,
     };
+    let v4 = old_addr.is_v4();
+    // The words of the address that may differ: the last for IPv4 (the others are the
+    // IPv4-mapped prefix), all four for IPv6. (Constant indices, read in place: the
+    // verifier refuses the stack arithmetic a loop over them compiles to, and the programs'
+    // stack has no room for copies.)
+    let (old, new) = (old_addr, new_addr);
     if let Some((check, extra)) = l4_check {
-        ctx.l4_csum_replace(
-            check,
-            u64::from(old),
-            u64::from(new),
-            u64::from(BPF_F_PSEUDO_HDR) | extra | 4,
-        )
-        .map_err(|_| ())?;
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | extra | 4;
+        if !v4 {
+            csum_word(ctx, check, old.word(0), new.word(0), flags)?;
+            csum_word(ctx, check, old.word(1), new.word(1), flags)?;
+            csum_word(ctx, check, old.word(2), new.word(2), flags)?;
+        }
+        csum_word(ctx, check, old.word(3), new.word(3), flags)?;
         if old_port_be != new_port_be {
             ctx.l4_csum_replace(
                 check,
@@ -661,9 +696,14 @@ fn rewrite(
             .map_err(|_| ())?;
         }
     }
-    ctx.l3_csum_replace(IPV4_CHECK, u64::from(old), u64::from(new), 4)
-        .map_err(|_| ())?;
-    ctx.store(addr_offset, &new, 0).map_err(|_| ())?;
+    if v4 {
+        let word = new.v4_word();
+        ctx.l3_csum_replace(IPV4_CHECK, u64::from(old.v4_word()), u64::from(word), 4)
+            .map_err(|_| ())?;
+        ctx.store(addr_offset, &word, 0).map_err(|_| ())?;
+    } else {
+        ctx.store(addr_offset, new, 0).map_err(|_| ())?;
+    }
     if old_port_be != new_port_be {
         // TCP and UDP: the checksum moved with the port, so a CHECKSUM_COMPLETE sum over
         // the packet is unchanged. SCTP: it is not (the CRC is no ones' complement sum).
@@ -681,32 +721,58 @@ fn rewrite(
             } else {
                 [0, 0, x[0], x[1]]
             };
-            sctp_ports_changed(ctx, l4, ports_xor)?;
+            sctp_ports_changed(ctx, l4, v4, ports_xor)?;
         }
     }
     Ok(())
+}
+
+/// Updates the L4 checksum at `check` for one 32-bit word of the pseudo header that
+/// changed from `old` to `new`.
+#[inline(always)]
+fn csum_word(ctx: &TcContext, check: usize, old: u32, new: u32, flags: u64) -> Result<(), ()> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.l4_csum_replace(check, u64::from(old), u64::from(new), flags)
+        .map_err(|_| ())
 }
 
 /// Updates the CRC32c of the SCTP packet at `l4` (an offset into the frame) whose ports
 /// changed by `ports_xor` (old ^ new, the 4 bytes as in the packet). Err when the packet
 /// could not be written.
 #[inline(always)]
-fn sctp_ports_changed(ctx: &TcContext, l4: usize, ports_xor: [u8; 4]) -> Result<(), ()> {
+fn sctp_ports_changed(ctx: &TcContext, l4: usize, v4: bool, ports_xor: [u8; 4]) -> Result<(), ()> {
     let (Ok(ip), Ok(field)) = (
         ctx.load::<Ipv4Fields>(ETH_HLEN),
         ctx.load::<[u8; 4]>(l4 + SCTP_CHECK),
     ) else {
         return Err(());
     };
-    let (tot_len, frag_off) = (u16::from_be(ip.tot_len_be), u16::from_be(ip.frag_off_be));
     // Zero: the CRC is still to be computed over the final packet (see the module comment).
-    // A first fragment: the SCTP packet's length is not known here.
-    if field == [0; 4] || frag_off & IPV4_MF != 0 {
+    if field == [0; 4] {
         return Ok(());
     }
-    // The SCTP packet's length from the IPv4 header (the frame may carry padding).
-    let ihl = l4.wrapping_sub(ETH_HLEN) as u16;
-    let len = tot_len.wrapping_sub(ihl);
+    // The IP packet's length counted from the IP header, and the bytes before the SCTP
+    // packet in it (the frame may carry padding).
+    let (tot_len, before) = if v4 {
+        // A first fragment: the SCTP packet's length is not known here.
+        if u16::from_be(ip.frag_off_be) & IPV4_MF != 0 {
+            return Ok(());
+        }
+        (
+            u16::from_be(ip.tot_len_be),
+            l4.wrapping_sub(ETH_HLEN) as u16,
+        )
+    } else {
+        // The IPv6 payload length (bytes 4–5, where IPv4 has its identification) excludes
+        // the fixed header.
+        (
+            u16::from_be(ip.id_be).wrapping_add(IPV6_HLEN as u16),
+            l4.wrapping_sub(ETH_HLEN) as u16,
+        )
+    };
+    let len = tot_len.wrapping_sub(before);
     if len < SCTP_HLEN || len > tot_len {
         return Ok(());
     }
@@ -722,7 +788,8 @@ fn sctp_ports_changed(ctx: &TcContext, l4: usize, ports_xor: [u8; 4]) -> Result<
         .map_err(|_| ())
 }
 
-/// The start of the IPv4 header, up to the fields [`sctp_ports_changed`] reads.
+/// The start of the IPv4 header, up to the fields [`sctp_ports_changed`] reads (of an
+/// IPv6 header: `id_be` is the payload length).
 #[repr(C)]
 struct Ipv4Fields {
     ver_ihl: u8,

@@ -449,14 +449,14 @@ impl Driver for ClusterDriver {
     fn unsupported(&self, family: Family, need: Need) -> Option<String> {
         match (family, need) {
             (Family::Ipv4, _) => None,
-            // The dataplane's Service translation handles IPv4 destinations only: the
-            // controller programs IPv6 ClusterIPs, but nothing translates them yet.
-            (Family::Ipv6, Need::Services) => {
-                Some("the dataplane translates IPv4 Services only".to_owned())
-            }
-            (Family::Ipv6, Need::NodePorts) => {
-                Some("nodes have IPv4 addresses only, and Services are IPv4-only".to_owned())
-            }
+            (Family::Ipv6, Need::Services) => None,
+            // A node's IPv6 address is on the fabric only over an IPv6 underlay.
+            (Family::Ipv6, Need::NodePorts) => self
+                .cluster
+                .nodes()
+                .iter()
+                .any(|node| node.ip6.is_none())
+                .then(|| "nodes have no IPv6 address on the fabric (IPv4 underlay)".to_owned()),
             (Family::Ipv6, Need::External) => self
                 .external_ip(family)
                 .is_none()
@@ -490,18 +490,23 @@ impl Driver for ClusterDriver {
         protocol: Protocol,
         family: Family,
     ) -> Result<Vec<SocketAddr>, String> {
-        if family != Family::Ipv4 {
-            return Err(format!("nodes have no {family} addresses"));
-        }
         let (_, node_port) = self.service_port(service, port, protocol)?;
         let node_port =
             node_port.ok_or_else(|| format!("Service {service} is not of type NodePort"))?;
-        Ok(self
-            .cluster
+        self.cluster
             .nodes()
             .iter()
-            .map(|node| SocketAddr::new(IpAddr::V4(node.ip), node_port))
-            .collect())
+            .map(|node| {
+                let ip = match family {
+                    Family::Ipv4 => IpAddr::V4(node.ip),
+                    Family::Ipv6 => IpAddr::V6(
+                        node.ip6
+                            .ok_or_else(|| format!("node {} has no IPv6 address", node.name))?,
+                    ),
+                };
+                Ok(SocketAddr::new(ip, node_port))
+            })
+            .collect()
     }
 
     async fn probe_endpoints(&self, probes: &[EndpointProbe]) -> Vec<Answer> {

@@ -85,6 +85,20 @@ async fn dual_stack_pods_reach_each_other_over_ipv6_and_ipv4_on_one_node_and_acr
     all_pairs_reach(&[&a, &b, &r], v6, "IPv6").await;
     all_pairs_reach(&[&a, &b, &r], v4, "IPv4").await;
 
+    // The node reaches its own pods and the other node's over IPv6 too: it sends from an
+    // IPv6 address of its own pod CIDR (the underlay has none), which the other node routes
+    // back to it.
+    let node = c.nodes()[0].netns.clone();
+    for p in [&a, &r] {
+        assert!(ping(&node, v6(p)), "node 0 pings {} at {}", p.name, v6(p));
+        let tcp = probe(&node, v6(p), 80, Protocol::Tcp).await;
+        assert!(
+            tcp.is_connected(),
+            "node 0 -> {} over IPv6: {tcp:?}",
+            p.name
+        );
+    }
+
     // A pod that loses its permanent gateway entry resolves the gateway again by neighbour
     // discovery: the host end answers for fe80::1, as it answers ARP for 169.254.1.1.
     a.netns
@@ -217,6 +231,55 @@ async fn ipv6_underlay(topology: Topology) {
         );
     }
     all_pairs_reach(&[&a, &r], v6, "IPv6 pods, IPv6 underlay").await;
+    dual_stack_service_reaches_its_backend_over_both_families(&mut c, &a, &r).await;
+}
+
+/// A dual-stack NodePort Service whose backend is `backend` (on node 1): its ClusterIP and
+/// node port of each family lead there, from `client` (a pod of node 0) and from node 0
+/// itself (the socket hooks), on either node's address of that family.
+async fn dual_stack_service_reaches_its_backend_over_both_families(
+    c: &mut weir_localcluster::LocalCluster,
+    client: &Pod,
+    backend: &Pod,
+) {
+    const NODE_PORT: u16 = 30080;
+    let cluster_ips: [IpAddr; 2] = [
+        "10.96.0.80".parse().unwrap(),
+        "fd00:10:96::80".parse().unwrap(),
+    ];
+    c.apply_object(&serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "type": "NodePort",
+            "clusterIP": cluster_ips[0].to_string(),
+            "clusterIPs": cluster_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "RequireDualStack",
+            "selector": {"pod": backend.name},
+            "ports": [{"port": 8080, "targetPort": 80, "protocol": "TCP", "nodePort": NODE_PORT}],
+        },
+    }))
+    .expect("apply");
+    c.sync().await.expect("sync");
+    let node0 = c.nodes()[0].netns.clone();
+    let mut targets: Vec<(IpAddr, u16)> = cluster_ips.iter().map(|ip| (*ip, 8080)).collect();
+    for node in c.nodes() {
+        targets.push((IpAddr::V4(node.ip), NODE_PORT));
+        let ip6 = node.ip6.expect("a node address on the IPv6 underlay");
+        targets.push((IpAddr::V6(ip6), NODE_PORT));
+    }
+    for (ip, port) in targets {
+        for (who, from) in [("pod", &client.netns), ("node 0", &node0)] {
+            let outcome = probe(from, ip, port, Protocol::Tcp).await;
+            assert!(
+                outcome.is_connected(),
+                "{who} -> {ip}:{port} reaches {}: {outcome:?}",
+                backend.name
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

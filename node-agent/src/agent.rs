@@ -74,6 +74,9 @@ fn log_carried(
     }
 }
 
+/// The IPAM owner of the node's IPv6 source address ([`Agent::ensure_ipv6_source`]).
+pub const NODE_SOURCE_OWNER: (&str, &str) = ("weir-node", "host");
+
 /// Settings the agent starts with.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -439,6 +442,7 @@ impl Agent {
         }
         agent.readopt().await?;
         agent.sync_host_ports()?;
+        agent.ensure_ipv6_source().await?;
         agent.refresh_host_addrs().await?;
         // Every link this agent knows is ours now; what another version pinned besides is
         // released with its maps.
@@ -997,8 +1001,14 @@ impl Agent {
         for (c, i) in &stale {
             self.del(c, i).await?;
         }
+        // The node's own reservation is no attachment a runtime knows of.
+        let mut valid = valid.to_vec();
+        valid.push((
+            NODE_SOURCE_OWNER.0.to_string(),
+            NODE_SOURCE_OWNER.1.to_string(),
+        ));
         let released = match &self.ipam {
-            Some(ipam) => ipam.gc(valid)?.len(),
+            Some(ipam) => ipam.gc(&valid)?.len(),
             None => 0,
         };
         Ok(stale.len().max(released))
@@ -1142,7 +1152,39 @@ impl Agent {
                     warn!(error = %e, "remembering the assigned pod CIDRs");
                 }
                 info!(pod_cidrs = ?plan.own_cidrs, "pod CIDR assigned by the controller");
+                self.ensure_ipv6_source().await?;
+                self.refresh_host_addrs().await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Gives the node an IPv6 address its own connections to other nodes' pods can come
+    /// from, when its uplink has none (IPv6 pods on an IPv4 underlay): without one the kernel
+    /// sends from a link-local address, which a remote pod cannot answer. The address comes
+    /// from the node's IPv6 pool (reserved in IPAM for [`NODE_SOURCE_OWNER`], so no pod gets
+    /// it) and sits on `lo` as a /128, where no duplicate address detection delays it; the
+    /// other nodes route it to this node with the rest of its pod CIDR.
+    pub async fn ensure_ipv6_source(&mut self) -> Result<()> {
+        if self.uplink.subnets.iter().any(|n| n.addr().is_ipv6()) {
+            return Ok(());
+        }
+        let Some(ipam) = &self.ipam else {
+            return Ok(());
+        };
+        if !ipam.pools().iter().any(|p| p.addr().is_ipv6()) {
+            return Ok(());
+        }
+        let alloc = ipam.allocate(&weir_ipam::Owner {
+            container_id: NODE_SOURCE_OWNER.0.to_string(),
+            ifname: NODE_SOURCE_OWNER.1.to_string(),
+            pod: None,
+        })?;
+        let lo = self.node.link_index("lo").await?;
+        for a in alloc.addresses.iter().filter(|a| a.addr().is_ipv6()) {
+            let host = ipnet::IpNet::new(a.addr(), 128).expect("a /128");
+            self.node.add_address(lo, host).await?;
+            info!(address = %host, "the node's IPv6 source address for other nodes' pods");
         }
         Ok(())
     }

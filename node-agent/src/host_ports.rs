@@ -566,7 +566,7 @@ mod tests {
         );
         assert_eq!(
             *crate::services::frontend_key(&frontend(&mapping(1, 1))).addr(),
-            weir_common::ip::IpKey::UNSPECIFIED
+            weir_common::ip::IpKey::ANY_V4
         );
         let none = BTreeMap::new();
         assert_eq!(merged(&none, &host), host);

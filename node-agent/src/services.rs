@@ -67,24 +67,11 @@ fn fits(table: &BTreeMap<ServiceFrontend, ServiceEntry>, capacity: u32) -> Resul
     Ok(())
 }
 
-/// The slot-0 key of a frontend. A node port is on every address of the node (the
-/// unspecified address), unless it names one (a host port with a `hostIP`).
+/// The slot-0 key of a frontend: its address, which for a node port on every address of
+/// the node is that family's unspecified one (`0.0.0.0` IPv4-mapped, or `::`), so the two
+/// node ports of a dual-stack Service keep apart.
 pub fn frontend_key(f: &ServiceFrontend) -> ServiceKey {
-    let addr = match f.kind {
-        weir_api::FrontendKind::ClusterIp => IpKey::from(f.ip),
-        weir_api::FrontendKind::NodePort if f.ip.is_unspecified() => IpKey::UNSPECIFIED,
-        weir_api::FrontendKind::NodePort => IpKey::from(f.ip),
-    };
-    ServiceKey::new(addr, f.port.to_be(), f.proto, 0)
-}
-
-/// Whether the frontend has entries in `SERVICES`. Node ports on every address are keyed
-/// by the unspecified address whatever their family, and the programs translate IPv4
-/// destinations only: a dual-stack Service's IPv6 node port (`::`) would take the key of its
-/// IPv4 one (`0.0.0.0`) and, written after it, hand IPv4 clients IPv6 backends. So it is
-/// left out until the programs translate IPv6.
-pub fn in_dataplane(f: &ServiceFrontend) -> bool {
-    !(f.kind == weir_api::FrontendKind::NodePort && f.ip.is_ipv6() && f.ip.is_unspecified())
+    ServiceKey::new(IpKey::from(f.ip), f.port.to_be(), f.proto, 0)
 }
 
 /// The backends new flows may go to: the ready ones, or, when none is, the terminating ones
@@ -146,9 +133,6 @@ impl DataplaneMaps {
         entry: &ServiceEntry,
         cluster: Option<ServiceFrontend>,
     ) -> Result<()> {
-        if !in_dataplane(f) {
-            return Ok(());
-        }
         let key = frontend_key(f);
         let old = self.written_count(&key);
         let backends = usable_backends(entry);
@@ -169,9 +153,6 @@ impl DataplaneMaps {
     }
 
     fn remove_frontend(&mut self, f: &ServiceFrontend) {
-        if !in_dataplane(f) {
-            return;
-        }
         let key = frontend_key(f);
         let old = self.written_count(&key);
         let _ = self.services.remove(&key);
@@ -214,7 +195,7 @@ impl DataplaneMaps {
         fits(table, self.capacities.services)?;
         let mut wanted: HashSet<ServiceKey> = HashSet::new();
         let cluster = ClusterFrontends::new(table);
-        for (f, entry) in table.iter().filter(|(f, _)| in_dataplane(f)) {
+        for (f, entry) in table {
             self.write_frontend(f, entry, cluster.of(f, entry))?;
             let key = frontend_key(f);
             wanted.insert(key);
@@ -316,18 +297,16 @@ mod tests {
     }
 
     #[test]
-    fn a_dual_stack_node_port_keeps_the_ipv4_key_to_itself() {
+    fn the_node_ports_of_a_dual_stack_service_have_a_key_each() {
         let v4 = frontend(FrontendKind::NodePort, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let v6 = frontend(FrontendKind::NodePort, IpAddr::V6(Ipv6Addr::UNSPECIFIED));
-        assert_eq!(frontend_key(&v4), frontend_key(&v6), "the two share a key");
-        assert!(in_dataplane(&v4));
-        assert!(!in_dataplane(&v6));
-        for f in [
-            frontend(FrontendKind::ClusterIp, "fd00:10:96::a".parse().unwrap()),
-            frontend(FrontendKind::ClusterIp, "10.96.0.10".parse().unwrap()),
-            frontend(FrontendKind::NodePort, "10.0.0.1".parse().unwrap()),
-        ] {
-            assert!(in_dataplane(&f), "{f:?}");
-        }
+        assert_ne!(frontend_key(&v4), frontend_key(&v6));
+        assert_eq!(*frontend_key(&v4).addr(), IpKey::ANY_V4);
+        assert_eq!(*frontend_key(&v6).addr(), IpKey::UNSPECIFIED);
+        // What the programs look up for a packet to one of the node's addresses.
+        let node_v4 = IpKey::from(IpAddr::V4("10.0.0.1".parse().unwrap()));
+        let node_v6 = IpKey::from(IpAddr::V6("fd00::1".parse().unwrap()));
+        assert_eq!(IpKey::any_like(&node_v4), *frontend_key(&v4).addr());
+        assert_eq!(IpKey::any_like(&node_v6), *frontend_key(&v6).addr());
     }
 }

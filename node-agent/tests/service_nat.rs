@@ -7,16 +7,21 @@
 //! the stack's reply is translated back on the uplink's egress. Under
 //! `externalTrafficPolicy: Local` pods and nodes use the ClusterIP's backends while the
 //! outside is refused. SCTP's CRC32c, which covers the ports, is right after every port
-//! change.
+//! change. IPv6 frontends are translated the same way, and the two node ports of a
+//! dual-stack Service each keep to their family.
 
 mod support;
 
 use support::{
-    GW_A, GW_B, IP_A, IP_B, MAC_A, MAC_B, NODE_IP, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-    UPLINK_MAC,
+    GW_A, GW_B, IP_A, IP_B, IP6_A, IP6_B, MAC_A, MAC_B, NODE_IP, TC_ACT_OK, TC_ACT_REDIRECT,
+    TC_ACT_SHOT, UPLINK_MAC,
 };
 
-use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+};
 
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
 use weir_agent::{
@@ -49,6 +54,10 @@ const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const SCTP: u8 = 132;
+const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x0a);
+/// The node's IPv6 address on the uplink, and a host beside it.
+const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 9);
 
 /// Two pods on this node: A (the client) behind `veth_a`, B behind `veth_b`; the node's
 /// uplink `uplink` has `NODE_IP` on a /24 shared with `CLIENT` and `OTHER_NODE`.
@@ -71,8 +80,18 @@ impl Node {
         let uplink = support::dummy_interface("uplink");
         for args in [
             &["ip", "addr", "add", "192.168.50.2/24", "dev", "uplink"][..],
+            &[
+                "ip",
+                "addr",
+                "add",
+                "fd00:50::2/64",
+                "dev",
+                "uplink",
+                "nodad",
+            ],
             &["ip", "link", "set", "uplink", "up"],
             &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
         ] {
             let ok = Command::new(args[0]).args(&args[1..]).status().unwrap();
             assert!(ok.success(), "{args:?}");
@@ -80,7 +99,8 @@ impl Node {
         let mut dp = Dataplane::load(None).expect("loading the programs");
         let mut maps = DataplaneMaps::take(&mut dp).expect("maps");
         maps.set_config(NodeConfig::new(1, 0, 0)).unwrap();
-        maps.sync_host_addrs(&[NODE_IP.into()]).unwrap();
+        maps.sync_host_addrs(&[NODE_IP.into(), NODE_IP6.into()])
+            .unwrap();
         let mut node = Node {
             dp,
             maps,
@@ -101,17 +121,16 @@ impl Node {
         node
     }
 
-    /// (Re)writes both endpoints, A with egress rule set `a_out`, B with ingress `b_in`.
+    /// (Re)writes both endpoints (each with an IPv4 and an IPv6 address), A with egress rule
+    /// set `a_out`, B with ingress `b_in`.
     fn set_endpoints(&mut self, a_out: u32, b_in: u32) {
+        let a = EndpointInfo::new(self.veth_a, MAC_A, GW_A).with_policies(0, a_out);
+        let b = EndpointInfo::new(self.veth_b, MAC_B, GW_B).with_policies(b_in, 0);
         let eps = [
-            (
-                IpKey::from(IP_A),
-                EndpointInfo::new(self.veth_a, MAC_A, GW_A).with_policies(0, a_out),
-            ),
-            (
-                IpKey::from(IP_B),
-                EndpointInfo::new(self.veth_b, MAC_B, GW_B).with_policies(b_in, 0),
-            ),
+            (IpKey::from(IP_A), a),
+            (IpKey::from(IP6_A), a),
+            (IpKey::from(IP_B), b),
+            (IpKey::from(IP6_B), b),
         ];
         self.maps
             .sync_endpoints(&eps.into_iter().collect())
@@ -167,6 +186,23 @@ impl Node {
             FrontendKind::ClusterIp => CLUSTER_IP.into(),
             FrontendKind::NodePort => Ipv4Addr::UNSPECIFIED.into(),
         };
+        let backends: Vec<_> = backends
+            .iter()
+            .map(|(ip, port, state)| (IpAddr::V4(*ip), *port, *state))
+            .collect();
+        self.frontend_at(kind, ip, port, proto, &backends, affinity);
+    }
+
+    /// Sets (or replaces) the frontend `kind` on `ip`, `port`, `proto` with `backends`.
+    fn frontend_at(
+        &mut self,
+        kind: FrontendKind,
+        ip: IpAddr,
+        port: u16,
+        proto: u8,
+        backends: &[(IpAddr, u16, BackendState)],
+        affinity: bool,
+    ) {
         let frontend = ServiceFrontend {
             kind,
             ip,
@@ -183,7 +219,7 @@ impl Node {
             backends: backends
                 .iter()
                 .map(|(ip, port, state)| ServiceBackend {
-                    ip: (*ip).into(),
+                    ip: *ip,
                     port: *port,
                     node: String::new(),
                     state: *state,
@@ -1156,4 +1192,256 @@ fn a_late_reply_of_a_swept_translated_flow_is_dropped_not_delivered_untranslated
     let (verdict, out) = node.sent_by_b(&reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!((inspect(&out).src, inspect(&out).sport), (CLUSTER_IP, 53));
+}
+
+// IPv6: the same translation over the IPv6 header, which has no checksum of its own.
+
+/// An Ethernet/IPv6 frame with valid checksums: TCP with `syn` (else ACK), UDP, or SCTP.
+#[expect(clippy::too_many_arguments, reason = "one argument per header field")]
+fn frame6(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    syn: bool,
+) -> Vec<u8> {
+    let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.octets(), dst.octets(), 64);
+    let payload = b"weir";
+    let mut out = Vec::new();
+    match proto {
+        TCP => {
+            let b = ip.tcp(sport, dport, 1000, 64240);
+            let b = if syn { b.syn() } else { b.ack(1) };
+            b.write(&mut out, payload).unwrap();
+        }
+        UDP => ip.udp(sport, dport).write(&mut out, payload).unwrap(),
+        _ => {
+            let mut sctp = Vec::new();
+            sctp.extend_from_slice(&sport.to_be_bytes());
+            sctp.extend_from_slice(&dport.to_be_bytes());
+            sctp.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+            sctp.extend_from_slice(&[0; 4]);
+            sctp.extend((0..37).map(|i| (i * 7 + 3) as u8));
+            let sum = sctp_checksum(&sctp);
+            sctp[8..12].copy_from_slice(&sum.to_le_bytes());
+            ip.write(&mut out, etherparse::IpNumber::SCTP, &sctp)
+                .unwrap();
+        }
+    }
+    out
+}
+
+/// [`Seen`] of an IPv6 frame: addresses, ports, and every checksum checked (TCP, UDP, or
+/// SCTP's CRC32c).
+struct Seen6 {
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    dst_mac: [u8; 6],
+}
+
+fn inspect6(out: &[u8]) -> Seen6 {
+    let p = SlicedPacket::from_ethernet(out).expect("a parsable frame");
+    let Some(etherparse::NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6");
+    };
+    let header = ip.header().to_header();
+    let (sport, dport) = match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let expect = t
+                .to_header()
+                .calc_checksum_ipv6(&header, t.payload())
+                .unwrap();
+            assert_eq!(t.checksum(), expect, "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let expect = u
+                .to_header()
+                .calc_checksum_ipv6(&header, u.payload())
+                .unwrap();
+            assert_eq!(u.checksum(), expect, "UDP checksum");
+            (u.source_port(), u.destination_port())
+        }
+        _ => {
+            let sctp = ip.payload().payload;
+            assert_eq!(header.next_header, etherparse::IpNumber::SCTP);
+            assert_eq!(
+                sctp[8..12],
+                sctp_checksum(sctp).to_le_bytes(),
+                "SCTP CRC32c"
+            );
+            (
+                u16::from_be_bytes([sctp[0], sctp[1]]),
+                u16::from_be_bytes([sctp[2], sctp[3]]),
+            )
+        }
+    };
+    Seen6 {
+        src: header.source.into(),
+        dst: header.destination.into(),
+        sport,
+        dport,
+        dst_mac: out[0..6].try_into().unwrap(),
+    }
+}
+
+#[test]
+fn ipv6_pod_to_cluster_ip_is_translated_both_ways_with_valid_checksums() {
+    let mut node = Node::new();
+    for (proto, port) in [(TCP, 80), (UDP, 53), (SCTP, 100)] {
+        node.frontend_at(
+            FrontendKind::ClusterIp,
+            CLUSTER_IP6.into(),
+            port,
+            proto,
+            &[(IP6_B.into(), 8000 + port, BackendState::Ready)],
+            false,
+        );
+        let (verdict, out) = node.sent_by_a(&frame6(
+            MAC_A,
+            GW_A,
+            IP6_A,
+            CLUSTER_IP6,
+            proto,
+            40000,
+            port,
+            true,
+        ));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "protocol {proto}");
+        let seen = inspect6(&out);
+        assert_eq!((seen.src, seen.sport), (IP6_A, 40000));
+        assert_eq!(
+            (seen.dst, seen.dport),
+            (IP6_B, 8000 + port),
+            "protocol {proto}"
+        );
+        assert_eq!(seen.dst_mac, MAC_B);
+
+        let reply = frame6(MAC_B, GW_B, IP6_B, IP6_A, proto, 8000 + port, 40000, false);
+        let (verdict, out) = node.sent_by_b(&reply);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "protocol {proto}");
+        let seen = inspect6(&out);
+        assert_eq!(
+            (seen.src, seen.sport),
+            (CLUSTER_IP6, port),
+            "the reply from the frontend, protocol {proto}"
+        );
+        assert_eq!((seen.dst, seen.dport), (IP6_A, 40000));
+        assert_eq!(seen.dst_mac, MAC_A);
+    }
+}
+
+#[test]
+fn an_ipv6_service_without_backends_refuses_with_a_reset_and_an_icmpv6_port_unreachable() {
+    let mut node = Node::new();
+    for (proto, port) in [(TCP, 80), (UDP, 53)] {
+        node.frontend_at(
+            FrontendKind::ClusterIp,
+            CLUSTER_IP6.into(),
+            port,
+            proto,
+            &[],
+            false,
+        );
+    }
+    let syn = frame6(MAC_A, GW_A, IP6_A, CLUSTER_IP6, TCP, 40000, 80, true);
+    let (verdict, out) = node.sent_by_a(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "answered straight back");
+    let seen = inspect6(&out);
+    assert_eq!((seen.src, seen.sport), (CLUSTER_IP6, 80));
+    assert_eq!((seen.dst, seen.dport), (IP6_A, 40000));
+    assert_eq!(seen.dst_mac, MAC_A);
+    let p = SlicedPacket::from_ethernet(&out).unwrap();
+    let Some(TransportSlice::Tcp(t)) = p.transport else {
+        panic!("not TCP");
+    };
+    assert!(t.rst() && t.ack() && !t.syn(), "RST+ACK");
+    assert_eq!(t.acknowledgment_number(), 1005, "acknowledges SYN and data");
+
+    let datagram = frame6(MAC_A, GW_A, IP6_A, CLUSTER_IP6, UDP, 40001, 53, false);
+    let (verdict, out) = node.sent_by_a(&datagram);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out[0..6], MAC_A);
+    let p = SlicedPacket::from_ethernet(&out).expect("a parsable frame");
+    let Some(etherparse::NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6");
+    };
+    let header = ip.header().to_header();
+    assert_eq!(
+        (
+            Ipv6Addr::from(header.source),
+            Ipv6Addr::from(header.destination)
+        ),
+        (CLUSTER_IP6, IP6_A)
+    );
+    let Some(TransportSlice::Icmpv6(icmp)) = &p.transport else {
+        panic!("not ICMPv6: {:?}", p.transport);
+    };
+    assert_eq!((icmp.type_u8(), icmp.code_u8()), (1, 4), "port unreachable");
+    let expect = icmp
+        .icmp_type()
+        .calc_checksum(header.source, header.destination, icmp.payload())
+        .unwrap();
+    assert_eq!(icmp.checksum(), expect, "ICMPv6 checksum");
+    assert_eq!(
+        icmp.payload(),
+        &datagram[14..14 + 48],
+        "quotes the header and 8 bytes"
+    );
+    assert_eq!(node.drops(DropReason::NoBackend), 2);
+}
+
+#[test]
+fn the_node_ports_of_a_dual_stack_service_each_keep_to_their_family() {
+    let mut node = Node::new();
+    let ready = BackendState::Ready;
+    node.frontend_at(
+        FrontendKind::NodePort,
+        Ipv4Addr::UNSPECIFIED.into(),
+        NODE_PORT,
+        TCP,
+        &[(IP_B.into(), 8080, ready)],
+        false,
+    );
+    node.frontend_at(
+        FrontendKind::NodePort,
+        Ipv6Addr::UNSPECIFIED.into(),
+        NODE_PORT,
+        TCP,
+        &[(IP6_B.into(), 8080, ready)],
+        false,
+    );
+    let syn = frame(
+        CLIENT_MAC, UPLINK_MAC, CLIENT, NODE_IP, TCP, 40000, NODE_PORT, true,
+    );
+    let (verdict, out) = node.arrived(&syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out);
+    assert_eq!((seen.dst, seen.dport), (IP_B, 8080), "IPv4 to IPv4");
+
+    let syn6 = frame6(
+        CLIENT_MAC, UPLINK_MAC, CLIENT6, NODE_IP6, TCP, 40000, NODE_PORT, true,
+    );
+    let (verdict, out) = node.arrived(&syn6);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "straight into the backend");
+    let seen = inspect6(&out);
+    assert_eq!((seen.src, seen.sport), (CLIENT6, 40000), "client kept");
+    assert_eq!((seen.dst, seen.dport), (IP6_B, 8080), "IPv6 to IPv6");
+    assert_eq!(seen.dst_mac, MAC_B);
+
+    let reply = frame6(MAC_B, GW_B, IP6_B, CLIENT6, TCP, 8080, 40000, false);
+    let (verdict, out) = node.sent_by_b(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+    let seen = inspect6(&out);
+    assert_eq!(
+        (seen.src, seen.sport),
+        (NODE_IP6, NODE_PORT),
+        "from the node's port"
+    );
+    assert_eq!((seen.dst, seen.dport), (CLIENT6, 40000));
 }

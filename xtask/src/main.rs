@@ -363,7 +363,9 @@ fn test() -> Result<()> {
     // containerd through its CRI, which calls the plugin as on a kubelet node. The
     // network-policy-api ClusterNetworkPolicy suite on one node and on two nodes in both
     // topologies. Then the NetworkPolicy suite on dual-stack clusters (every case once over
-    // IPv4 and once over IPv6) of two nodes in both topologies, and on one IPv6-only node.
+    // IPv4 and once over IPv6) of two nodes in both topologies, and on one IPv6-only node;
+    // the Service suite on a dual-stack cluster of two nodes (the IPv6 pass skips nodePort
+    // cases: over an IPv4 underlay the nodes have no IPv6 address of their own to probe).
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
     let cnp = workspace_root().join("conformance/cases/upstream-cnp.yaml");
@@ -387,6 +389,7 @@ fn test() -> Result<()> {
             IpFamily::Dual,
         ),
         (&netpol, 1, Topology::L2, Runtime::Direct, IpFamily::Ipv6),
+        (&services, 2, Topology::L2, Runtime::Direct, IpFamily::Dual),
     ];
     let mut failed = Vec::new();
     for (cases, nodes, topology, pods, ip_family) in runs {
