@@ -1,6 +1,6 @@
 //! Where cluster objects come from. Both sources — a directory of manifests and (in a real
 //! cluster) the Kubernetes API — produce the same typed [`Change`]s, which the controller
-//! applies to its [`crate::Cluster`].
+//! applies to its [`weir_compiler::Cluster`].
 
 use std::{
     collections::BTreeMap,
@@ -15,8 +15,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use serde::Deserialize;
-
-use crate::compiler::{
+use weir_compiler::{
     cnp::{self, ClusterNetworkPolicy},
     drop_cidrs::{self, DropCidrSet},
     host_policy::{self, HostPolicy},
