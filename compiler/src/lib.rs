@@ -29,6 +29,8 @@
 //! * [`capacity`]: whether a node's compiled state fits its agent's maps.
 //! * [`oracle`]: a naive reference evaluator, and the emulated dataplane decision over
 //!   compiled state, for tests and debugging tools.
+//! * `synthetic` (feature `synthetic`): generated clusters for measurements (the `scale`
+//!   example, `cargo xtask bench`).
 //!
 //! ```
 //! use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
@@ -77,6 +79,8 @@ pub mod selector;
 pub mod service;
 mod service_table;
 mod subjects;
+#[cfg(feature = "synthetic")]
+pub mod synthetic;
 mod tiers;
 pub mod validate;
 

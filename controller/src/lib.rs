@@ -12,8 +12,7 @@
 //! * [`run`]: the loop — changes in, compile, check capacities, publish the node states that
 //!   changed to the agents;
 //! * [`leader`] (Lease election), [`node_cidrs`] (pod CIDRs for nodes), [`events`]
-//!   (diagnostics as Kubernetes Events), [`http`] (`/readyz`, `/metrics`);
-//! * `synthetic` (feature `synthetic`): generated clusters for measurements.
+//!   (diagnostics as Kubernetes Events), [`http`] (`/readyz`, `/metrics`).
 
 pub mod events;
 pub mod http;
@@ -22,8 +21,6 @@ pub mod leader;
 pub mod node_cidrs;
 pub mod run;
 pub mod source;
-#[cfg(feature = "synthetic")]
-pub mod synthetic;
 
 // The compiler, under the path it had while it was a module of this crate, and its front
 // door (what the runtime, tests and tools name most).
