@@ -359,6 +359,16 @@ items:
     }
 
     #[test]
+    fn cluster_network_policies_of_another_api_version_are_refused() {
+        let err = parse_manifests(
+            "f.yaml",
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: x}\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("v1alpha2"), "{err}");
+    }
+
+    #[test]
     fn a_broken_document_is_an_error_naming_file_and_document() {
         let err = parse_manifests(
             "f.yaml",
