@@ -59,12 +59,11 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use weir_api::PolicyRef;
-
-use crate::{
-    PolicyDiagnostic, Severity,
-    compiler::{capacity::TooLarge, policy::PolicyKind, service::ServiceDiagnostic},
-    leader::Leadership,
+use weir_compiler::{
+    PolicyDiagnostic, Severity, capacity::TooLarge, policy::PolicyKind, service::ServiceDiagnostic,
 };
+
+use crate::leader::Leadership;
 
 /// Reason of the Event for a policy that fails closed.
 pub const INVALID_POLICY_REASON: &str = "InvalidNetworkPolicy";
@@ -103,21 +102,21 @@ impl Subject {
         match self {
             Self::NetworkPolicy => "NetworkPolicy",
             Self::ClusterNetworkPolicy => "ClusterNetworkPolicy",
-            Self::HostPolicy => crate::compiler::host_policy::KIND,
+            Self::HostPolicy => weir_compiler::host_policy::KIND,
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
-            Self::DropCidrSet => crate::compiler::drop_cidrs::KIND,
+            Self::DropCidrSet => weir_compiler::drop_cidrs::KIND,
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
             Self::NetworkPolicy => "networking.k8s.io/v1",
-            Self::ClusterNetworkPolicy => crate::compiler::cnp::API_VERSION,
-            Self::HostPolicy => crate::compiler::host_policy::API_VERSION,
+            Self::ClusterNetworkPolicy => weir_compiler::cnp::API_VERSION,
+            Self::HostPolicy => weir_compiler::host_policy::API_VERSION,
             Self::Service => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
-            Self::DropCidrSet => crate::compiler::drop_cidrs::API_VERSION,
+            Self::DropCidrSet => weir_compiler::drop_cidrs::API_VERSION,
         }
     }
 

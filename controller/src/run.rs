@@ -17,15 +17,15 @@ use std::net::IpAddr;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use weir_api::{NodeRoute, NodeState, PodKey};
+use weir_compiler::{
+    Cluster, Compiler, PolicyKey, Severity,
+    capacity::{self, Capacities, TooLarge},
+    drop_cidrs, host_policy,
+    service::{ObjectName, ServiceDiagnostic},
+};
 use weir_transport::StatePublisher;
 
 use crate::{
-    Cluster, Compiler, PolicyKey, Severity,
-    compiler::{
-        capacity::{self, Capacities, TooLarge},
-        drop_cidrs, host_policy,
-        service::{ObjectName, ServiceDiagnostic},
-    },
     node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
     source::{Change, ManifestDir, Object},
 };

@@ -1,6 +1,6 @@
 //! Where cluster objects come from. Both sources — a directory of manifests and (in a real
 //! cluster) the Kubernetes API — produce the same typed [`Change`]s, which the controller
-//! applies to its [`crate::Cluster`].
+//! applies to its [`weir_compiler::Cluster`].
 
 use std::{
     collections::BTreeMap,
@@ -15,8 +15,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use serde::Deserialize;
-
-use crate::compiler::{
+use weir_compiler::{
     cnp::{self, ClusterNetworkPolicy},
     drop_cidrs::{self, DropCidrSet},
     host_policy::{self, HostPolicy},
@@ -357,6 +356,16 @@ items:
             keys,
             ["Namespace x", "Service x/web", "NetworkPolicy x/deny"]
         );
+    }
+
+    #[test]
+    fn cluster_network_policies_of_another_api_version_are_refused() {
+        let err = parse_manifests(
+            "f.yaml",
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: ClusterNetworkPolicy\nmetadata: {name: x}\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("v1alpha2"), "{err}");
     }
 
     #[test]

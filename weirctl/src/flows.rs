@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use weir_controller::PodInfo;
+use weir_compiler::PodInfo;
 
 use crate::target::Target;
 

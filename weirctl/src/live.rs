@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use weir_api::NodeState;
-use weir_controller::PodInfo;
+use weir_compiler::PodInfo;
 
 use crate::{
     pinned,

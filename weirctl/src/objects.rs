@@ -8,10 +8,8 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use weir_controller::{
-    Cluster,
-    source::{Change, ManifestDir, Object},
-};
+use weir_compiler::Cluster;
+use weir_controller::source::{Change, ManifestDir, Object};
 
 /// Node a playground pod without `spec.nodeName` is placed on.
 pub const PLAYGROUND_NODE: &str = "playground";
@@ -75,7 +73,7 @@ pub fn load_dir_with_node_addresses(
     Ok((cluster, node_addresses))
 }
 
-pub fn upsert(cluster: &mut Cluster, object: &Object) -> weir_controller::compiler::Result<()> {
+pub fn upsert(cluster: &mut Cluster, object: &Object) -> weir_compiler::Result<()> {
     match object {
         Object::Namespace(o) => cluster.upsert_namespace(o),
         Object::Pod(o) => cluster.upsert_pod(o),

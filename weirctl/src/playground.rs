@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use weir_controller::{Cluster, Compiler, PodInfo};
+use weir_compiler::{Cluster, Compiler, PodInfo};
 
 use crate::{
     objects::{PLAYGROUND_NODE, load_dir_with_node_addresses},

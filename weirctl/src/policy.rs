@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use weir_api::{Action, CLASS_UNMATCHED, Direction, NOT_ISOLATED, PodKey};
 use weir_common::policy::FAIL_CLOSED;
-use weir_controller::PodInfo;
+use weir_compiler::PodInfo;
 
 use crate::{flows::proto_name, trace::NodeView};
 

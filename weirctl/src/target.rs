@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
-use weir_controller::{Cluster, PodInfo};
+use weir_compiler::{Cluster, PodInfo};
 use weir_localcluster::{AGENT_HTTP_PORT, netns::Netns, record::RunRecord};
 
 /// Port of the controller's HTTP endpoint (its `--metrics-addr` default).

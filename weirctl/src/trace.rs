@@ -25,7 +25,7 @@ use weir_api::{
     ServiceFrontend,
 };
 use weir_common::policy::FAIL_CLOSED;
-use weir_controller::PodInfo;
+use weir_compiler::PodInfo;
 
 use crate::flows::proto_name;
 

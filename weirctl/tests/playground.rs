@@ -10,7 +10,7 @@ use std::{fs, path::Path, process::Command};
 use support::{MANIFESTS, POLICIES};
 
 use weir_api::PodKey;
-use weir_controller::compiler::oracle::{self, Endpoint};
+use weir_compiler::oracle::{self, Endpoint};
 use weirctl::{
     playground,
     trace::{self, Request, Spec},

@@ -25,10 +25,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use kube::runtime::watcher::Event;
 use tracing::{debug, info};
+use weir_compiler::policy::PolicyKind;
 
 use super::watch::{Kind, KindEvent};
+
 use crate::{
-    compiler::policy::PolicyKind,
     events::{ObjectRef, ReportedDiagnostic},
     run::Controller,
     source::{Change, Object, ObjectKey},

@@ -24,13 +24,13 @@
 //!
 //! # Memory
 //!
-//! The controller keeps no API objects: the typed [`crate::Cluster`] stores only what policy
+//! The controller keeps no API objects: the typed [`weir_compiler::Cluster`] stores only what policy
 //! needs. Objects are still slimmed as they arrive ([`slim_pod`] and friends), so the
 //! batches between two compiles stay small:
 //!
 //! * Pods are watched with the field selector [`POD_FIELD_SELECTOR`]: host-network pods and
 //!   terminal pods (phase Succeeded or Failed) are neither endpoints nor peers
-//!   (see [`crate::compiler::cluster`]), so the API server does not send them at all. A pod that
+//!   (see [`weir_compiler::cluster`]), so the API server does not send them at all. A pod that
 //!   becomes terminal leaves the selection, which the API server reports as a deletion
 //!   (<https://kubernetes.io/docs/concepts/overview/working-with-objects/field-selectors/>,
 //!   selectable pod fields: `spec.hostNetwork`, `status.phase`). Of the rest only name,
@@ -60,16 +60,14 @@ use kube::{
     },
 };
 use tracing::{debug, info, warn};
-
-use crate::{
-    compiler::{
-        cnp::{self, ClusterNetworkPolicy},
-        drop_cidrs::{self, DropCidrSet},
-        host_policy::{self, HostPolicy},
-        policy::CLUSTER_NETWORK_POLICY_KIND,
-    },
-    source::Object,
+use weir_compiler::{
+    cnp::{self, ClusterNetworkPolicy},
+    drop_cidrs::{self, DropCidrSet},
+    host_policy::{self, HostPolicy},
+    policy::CLUSTER_NETWORK_POLICY_KIND,
 };
+
+use crate::source::Object;
 
 /// The kinds the compiler reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -215,15 +213,15 @@ pub fn watch_cluster(
         ),
         crd_stream(
             Kind::ClusterNetworkPolicy,
-            Api::<ClusterNetworkPolicy>::all(client.clone()),
+            Api::<Crd<ClusterNetworkPolicy>>::all(client.clone()),
             config.clone(),
-            |o| Object::ClusterNetworkPolicy(slim_cluster_policy(o)),
+            |Crd(o)| Object::ClusterNetworkPolicy(slim_cluster_policy(o)),
         ),
         crd_stream(
             Kind::DropCidrSet,
-            Api::<DropCidrSet>::all(client.clone()),
+            Api::<Crd<DropCidrSet>>::all(client.clone()),
             config.clone(),
-            |o| {
+            |Crd(o)| {
                 Object::DropCidrSet(DropCidrSet {
                     metadata: slim_meta(o.metadata),
                     ..o
@@ -232,9 +230,9 @@ pub fn watch_cluster(
         ),
         crd_stream(
             Kind::HostPolicy,
-            Api::<HostPolicy>::all(client),
+            Api::<Crd<HostPolicy>>::all(client),
             config,
-            |o| {
+            |Crd(o)| {
                 Object::HostPolicy(HostPolicy {
                     metadata: slim_meta(o.metadata),
                     ..o
@@ -271,11 +269,19 @@ where
         .boxed()
 }
 
+/// An object of a CRD the compiler reads, as kube-rs lists and watches it. The compiler's
+/// types know nothing of kube-rs, so the `kube::Resource` impls (which the orphan rule lets
+/// live only beside the trait or the type) are on this wrapper, which deserializes as the
+/// object itself.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(transparent)]
+struct Crd<T>(T);
+
 /// The API server's names for a cluster-scoped CRD type, so that kube-rs can list and watch
 /// it (`/apis/GROUP/VERSION/PLURAL`), from the constants of the type's module.
 macro_rules! cluster_scoped_crd {
     ($ty:ty, $module:ident) => {
-        impl kube::Resource for $ty {
+        impl kube::Resource for Crd<$ty> {
             type DynamicType = ();
             type Scope = k8s_openapi::ClusterResourceScope;
 
@@ -300,11 +306,11 @@ macro_rules! cluster_scoped_crd {
             }
 
             fn meta(&self) -> &ObjectMeta {
-                &self.metadata
+                &self.0.metadata
             }
 
             fn meta_mut(&mut self) -> &mut ObjectMeta {
-                &mut self.metadata
+                &mut self.0.metadata
             }
         }
     };
@@ -429,7 +435,7 @@ pub fn slim_namespace(ns: Namespace) -> Namespace {
     }
 }
 
-/// What [`crate::PodInfo::from_pod`] reads: labels, node, host network, phase, IPs,
+/// What [`weir_compiler::PodInfo::from_pod`] reads: labels, node, host network, phase, IPs,
 /// and the named ports of containers and restartable init containers (sidecars).
 pub fn slim_pod(pod: Pod) -> Pod {
     let container = |c: Container| Container {
@@ -546,9 +552,9 @@ mod tests {
                                       {"type": "PodScheduled", "status": "True"}]},
         }))
         .unwrap();
-        let before = crate::PodInfo::from_pod(&pod).unwrap();
+        let before = weir_compiler::PodInfo::from_pod(&pod).unwrap();
         let slim = slim_pod(pod);
-        assert_eq!(crate::PodInfo::from_pod(&slim).unwrap(), before);
+        assert_eq!(weir_compiler::PodInfo::from_pod(&slim).unwrap(), before);
         assert!(slim.metadata.annotations.is_none());
         assert!(slim.metadata.managed_fields.is_none());
         let spec = slim.spec.unwrap();

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 use weir_api::PodKey;
-use weir_controller::{CompileOutput, Compiler};
+use weir_compiler::{CompileOutput, Compiler};
 
 use super::{
     report::{Better, Goal, Report},

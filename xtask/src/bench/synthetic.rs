@@ -1,13 +1,13 @@
 //! Synthetic clusters for the benchmarks: the cluster whose compiled state fills the maps of
 //! the per-packet benchmark, with or without ClusterNetworkPolicies; the large shapes of the
-//! control-plane benchmark come from [`weir_controller::synthetic`].
+//! control-plane benchmark come from [`weir_compiler::synthetic`].
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use serde_json::json;
-pub use weir_controller::synthetic::Shape;
-use weir_controller::{
+pub use weir_compiler::synthetic::Shape;
+use weir_compiler::{
     Cluster,
     synthetic::{cluster_policy, namespace, node, nth_ip, pod, policy, with_ipv6},
 };
@@ -278,7 +278,7 @@ fn fill_verdict_cluster(
         }),
     ];
     for mut cnp in deciding {
-        cnp["apiVersion"] = weir_controller::compiler::cnp::API_VERSION.into();
+        cnp["apiVersion"] = weir_compiler::cnp::API_VERSION.into();
         cnp["kind"] = "ClusterNetworkPolicy".into();
         c.upsert_cluster_policy(&cluster_policy(cnp)?)?;
     }
@@ -333,7 +333,7 @@ fn filler_cluster_policy(i: usize, groups: usize) -> serde_json::Value {
         json!({"namespaces": {"matchLabels": {"owner": tenant_owner}}})
     };
     json!({
-        "apiVersion": weir_controller::compiler::cnp::API_VERSION,
+        "apiVersion": weir_compiler::cnp::API_VERSION,
         "kind": "ClusterNetworkPolicy",
         "metadata": {"name": format!("guard-{i:04}")},
         "spec": {
@@ -352,9 +352,9 @@ fn filler_cluster_policy(i: usize, groups: usize) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use weir_api::{Action, PodKey, PolicyTier, TieredAction};
-    use weir_controller::{
+    use weir_compiler::{
         Compiler,
-        compiler::oracle::{self, Endpoint},
+        oracle::{self, Endpoint},
     };
 
     use super::*;

@@ -73,7 +73,7 @@ use weir_common::{
     ip::IpKey,
     programs::{FROM_NETWORK, FROM_POD},
 };
-use weir_controller::Compiler;
+use weir_compiler::Compiler;
 
 use super::{
     report::{Better, Goal, Report, Stats},

@@ -4,7 +4,7 @@
 mod support;
 
 use support::*;
-use weir_controller::{Cluster, PolicyDiagnostic, Problem, Severity, compiler::validate::validate};
+use weir_compiler::{Cluster, PolicyDiagnostic, Problem, Severity, validate::validate};
 
 fn diagnostics(yaml: &str) -> Vec<PolicyDiagnostic> {
     validate(&policy(yaml)).expect("named policy").diagnostics

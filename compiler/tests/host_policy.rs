@@ -5,7 +5,7 @@ mod support;
 
 use support::*;
 use weir_api::{Action, NOT_ISOLATED, NodeState, PodKey};
-use weir_controller::{Cluster, compiler::host_policy::HostPolicy};
+use weir_compiler::{Cluster, host_policy::HostPolicy};
 
 const WORKERS: &str = r#"
 apiVersion: weir.dev/v1alpha1

@@ -1,12 +1,13 @@
-//! The policy compiler: a pure function (no I/O, no clocks, no async runtime, no API client)
-//! from a [`Cluster`](cluster::Cluster) snapshot to one [`weir_api::NodeState`] per node.
-//! The semantics it implements, and every choice made where Kubernetes leaves one open, are
+//! weir's policy compiler: a pure function (no I/O, no clocks, no async runtime, no API
+//! client) from a [`Cluster`] snapshot to one [`weir_api::NodeState`] per node. The
+//! semantics it implements, and every choice made where Kubernetes leaves one open, are
 //! described in `docs/policy-semantics.md`.
 //!
-//! Everything here takes plain structs and returns plain structs; the runtime around it (the
-//! crate's other modules: manifest and Kubernetes sources, leader election, the publishing
-//! loop, Events, the HTTP endpoint) feeds it objects and publishes what it returns, and
-//! nothing here imports them.
+//! Everything here takes plain structs and returns plain structs; the runtime around it
+//! (the `weir-controller` crate: manifest and Kubernetes sources, leader election, the
+//! publishing loop, Events, the HTTP endpoint) feeds it objects and publishes what it
+//! returns. This crate depends on none of it, nor on an async runtime or an API client:
+//! its inputs are the `k8s-openapi` types and its own CRD types, its output `weir-api`'s.
 //!
 //! * [`cluster`]: the typed store (Namespaces, Pods, Nodes, NetworkPolicies,
 //!   ClusterNetworkPolicies, Services, EndpointSlices) with its indexes; [`service`] reads
@@ -28,6 +29,35 @@
 //! * [`capacity`]: whether a node's compiled state fits its agent's maps.
 //! * [`oracle`]: a naive reference evaluator, and the emulated dataplane decision over
 //!   compiled state, for tests and debugging tools.
+//! * `synthetic` (feature `synthetic`): generated clusters for measurements (the `scale`
+//!   example, `cargo xtask bench`).
+//!
+//! ```
+//! use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
+//! use weir_compiler::{Cluster, Compiler};
+//!
+//! let mut cluster = Cluster::new();
+//! let pod: Pod = serde_json::from_value(serde_json::json!({
+//!     "metadata": {"name": "db", "namespace": "prod", "labels": {"app": "db"}},
+//!     "spec": {"nodeName": "node-1", "containers": []},
+//!     "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.2"}]},
+//! }))?;
+//! cluster.upsert_pod(&pod)?;
+//! let deny: NetworkPolicy = serde_json::from_value(serde_json::json!({
+//!     "metadata": {"name": "deny", "namespace": "prod"},
+//!     "spec": {"podSelector": {}},
+//! }))?;
+//! cluster.upsert_policy(&deny)?;
+//!
+//! let mut compiler = Compiler::new();
+//! let out = compiler.compile_all(&cluster);
+//! let node = &out.nodes["node-1"];
+//! let db = node.endpoints[&weir_api::PodKey::new("prod", "db")];
+//! // Isolated for ingress, and nothing allows any peer in.
+//! let (action, _) = node.verdict(db.ingress, "10.0.0.9".parse()?, 6, 5432);
+//! assert_eq!(action, weir_api::Action::Deny);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod capacity;
 mod classes;
@@ -49,8 +79,16 @@ pub mod selector;
 pub mod service;
 mod service_table;
 mod subjects;
+#[cfg(feature = "synthetic")]
+pub mod synthetic;
 mod tiers;
 pub mod validate;
+
+// The front door: what the runtime, tests and tools name most.
+pub use cluster::{Cluster, PodInfo};
+pub use compile::{CompileOutput, Compiler};
+pub use policy::PolicyKey;
+pub use validate::{PolicyDiagnostic, Problem, Severity};
 
 /// Errors of the compiler's input: objects the store cannot take.
 #[derive(Debug, thiserror::Error)]

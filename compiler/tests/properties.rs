@@ -22,16 +22,14 @@ use k8s_openapi::{
 use proptest::prelude::*;
 use support::*;
 use weir_api::PodKey;
-use weir_controller::{
+use weir_compiler::{
     Cluster, CompileOutput, Compiler,
-    compiler::{
-        cnp::{
-            self, ClusterNetworkPolicy, ClusterNetworkPolicySpec, EgressRule, IngressRule,
-            NamespacedPod, PortRange, ProtocolMatch, ProtocolPorts, RulePeer, Subject,
-        },
-        oracle::{self, Endpoint},
-        policy::{NamespaceScope, Peer, Policy},
+    cnp::{
+        self, ClusterNetworkPolicy, ClusterNetworkPolicySpec, EgressRule, IngressRule,
+        NamespacedPod, PortRange, ProtocolMatch, ProtocolPorts, RulePeer, Subject,
     },
+    oracle::{self, Endpoint},
+    policy::{NamespaceScope, Peer, Policy},
 };
 
 // ------------------------------------------------------------------ model
@@ -784,7 +782,7 @@ fn apply_to_cluster(cluster: &mut Cluster, before: &Model, after: &Model) {
             .unwrap();
     }
     let name = |p: &NetworkPolicy| {
-        weir_controller::PolicyKey::new(
+        weir_compiler::PolicyKey::new(
             p.metadata.namespace.clone().unwrap(),
             p.metadata.name.clone().unwrap(),
         )

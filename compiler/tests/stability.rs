@@ -5,7 +5,7 @@ mod support;
 
 use support::*;
 use weir_api::{NodeState, PodKey};
-use weir_controller::{Compiler, PolicyKey};
+use weir_compiler::{Compiler, PolicyKey};
 
 /// Two namespaces on separate nodes; `a` has a policy admitting `role: client` pods of `b`.
 fn setup() -> Harness {

@@ -19,7 +19,7 @@ use proptest::{
 use serde_json::{Value, json};
 use support::*;
 use weir_api::{FrontendKind, ServiceEntry, ServiceFrontend};
-use weir_controller::Cluster;
+use weir_compiler::Cluster;
 
 const TCP: u8 = 6;
 

@@ -14,9 +14,9 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 use support::*;
 use weir_api::PodKey;
-use weir_controller::{
+use weir_compiler::{
     Cluster, Compiler, PolicyKey,
-    compiler::oracle::{self, Endpoint},
+    oracle::{self, Endpoint},
 };
 
 const CASES: &str = include_str!("../../conformance/cases/upstream-netpol.yaml");

@@ -2,9 +2,9 @@
 //! cluster, and the diffs a one-pod label change causes.
 //!
 //! ```text
-//! cargo run --release -p weir-controller --features synthetic --example scale -- a   # 5k nodes, 150k pods, 10k policies
-//! cargo run --release -p weir-controller --features synthetic --example scale -- b   # 25k namespaces, 100k pods, 75k policies
-//! cargo run --release -p weir-controller --features synthetic --example scale -- b-cnp   # b + 1k ClusterNetworkPolicies
+//! cargo run --release -p weir-compiler --features synthetic --example scale -- a   # 5k nodes, 150k pods, 10k policies
+//! cargo run --release -p weir-compiler --features synthetic --example scale -- b   # 25k namespaces, 100k pods, 75k policies
+//! cargo run --release -p weir-compiler --features synthetic --example scale -- b-cnp   # b + 1k ClusterNetworkPolicies
 //! ```
 //!
 //! Optional second argument: number of compile threads (default: all cores). With
@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use weir_controller::{CompileOutput, Compiler, synthetic::Shape};
+use weir_compiler::{CompileOutput, Compiler, synthetic::Shape};
 
 /// Counts live heap bytes, to tell the cluster store, the compiler's memory and the output
 /// apart (RSS also holds what the allocator keeps after frees).

@@ -250,16 +250,10 @@ spec:
     );
     let h = Harness::new(cluster(&fixture_namespaces(), &pods, &[p]));
     let web = |ip: &str| {
-        weir_controller::compiler::oracle::Endpoint::PodAt(
-            PodKey::new("prod", "web"),
-            ip.parse().unwrap(),
-        )
+        weir_compiler::oracle::Endpoint::PodAt(PodKey::new("prod", "web"), ip.parse().unwrap())
     };
     let db = |ip: &str| {
-        weir_controller::compiler::oracle::Endpoint::PodAt(
-            PodKey::new("prod", "db"),
-            ip.parse().unwrap(),
-        )
+        weir_compiler::oracle::Endpoint::PodAt(PodKey::new("prod", "db"), ip.parse().unwrap())
     };
     assert!(h.allows(&web("fd00::1"), &ip_ep("2001:db8::1"), TCP, 80));
     assert!(!h.allows(&web("fd00::1"), &db("fd00::2"), TCP, 80));

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use weir_api::{
     BackendState, FrontendKind, NodeState, ServiceBackend, ServiceEntry, ServiceFrontend,
 };
-use weir_controller::{Cluster, Compiler, compiler::service::ObjectName};
+use weir_compiler::{Cluster, Compiler, service::ObjectName};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;

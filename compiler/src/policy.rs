@@ -17,6 +17,9 @@ pub const NETWORK_POLICY_KIND: &str = "NetworkPolicy";
 /// The `kind` in [`PolicyRef`]s naming ClusterNetworkPolicies
 /// (`policy.networking.k8s.io/v1alpha2`).
 pub const CLUSTER_NETWORK_POLICY_KIND: &str = "ClusterNetworkPolicy";
+/// The `kind` in [`PolicyRef`]s naming weir's `HostPolicy`s (`weir.dev/v1alpha1`), and
+/// their untracked rules.
+pub const HOST_POLICY_KIND: &str = "HostPolicy";
 
 /// The kinds of policy objects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,7 +37,7 @@ impl PolicyKind {
         match self {
             Self::NetworkPolicy => NETWORK_POLICY_KIND,
             Self::ClusterNetworkPolicy => CLUSTER_NETWORK_POLICY_KIND,
-            Self::HostPolicy | Self::UntrackedHostPolicy => super::host_policy::KIND,
+            Self::HostPolicy | Self::UntrackedHostPolicy => HOST_POLICY_KIND,
         }
     }
 }

@@ -15,9 +15,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use weir_api::PodKey;
-use weir_controller::{
+use weir_compiler::{
     Cluster, CompileOutput, Compiler,
-    compiler::oracle::{self, Endpoint},
+    oracle::{self, Endpoint},
 };
 
 pub const TCP: u8 = 6;

@@ -16,7 +16,7 @@ use k8s_openapi::{
 };
 use serde_json::{Value, json};
 
-use crate::{Cluster, compiler::cnp::ClusterNetworkPolicy};
+use crate::{Cluster, cnp::ClusterNetworkPolicy};
 
 pub fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
     Some(
@@ -512,7 +512,7 @@ pub fn cluster_policies_b(n: usize) -> Result<Vec<ClusterNetworkPolicy>> {
                 spec["egress"] = egress;
             }
             cluster_policy(json!({
-                "apiVersion": crate::compiler::cnp::API_VERSION,
+                "apiVersion": crate::cnp::API_VERSION,
                 "kind": "ClusterNetworkPolicy",
                 "metadata": {"name": format!("guard-{i:04}")},
                 "spec": spec,
@@ -545,7 +545,7 @@ mod tests {
             let problems = c.upsert_cluster_policy(cnp).unwrap();
             assert!(problems.is_empty(), "{:?}: {problems:?}", cnp.metadata.name);
         }
-        let spec = |f: fn(&crate::compiler::cnp::ClusterNetworkPolicySpec) -> String| {
+        let spec = |f: fn(&crate::cnp::ClusterNetworkPolicySpec) -> String| {
             cnps.iter()
                 .map(|p| f(&p.spec))
                 .collect::<std::collections::BTreeSet<_>>()

@@ -56,14 +56,14 @@ use serde::{Deserialize, Serialize};
 use super::{
     Error, Result,
     policy::{
-        NamespaceScope, Peer, PodPeer, Policy, PolicyKey, PolicyKind, PortMatch, Rule, RuleAction,
-        Tier,
+        HOST_POLICY_KIND, NamespaceScope, Peer, PodPeer, Policy, PolicyKey, PolicyKind, PortMatch,
+        Rule, RuleAction, Tier,
     },
     selector::Selector,
     validate::{Problem, ValidatedPolicy, Validator},
 };
 
-pub const KIND: &str = "HostPolicy";
+pub const KIND: &str = HOST_POLICY_KIND;
 pub const GROUP: &str = "weir.dev";
 pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "weir.dev/v1alpha1";
