@@ -1,24 +1,26 @@
 //! Sections `throughput`, `latency` and `connections`: traffic between two pods through weir,
 //! through iptables/ipset/nftables rule sets of the same size, and through plain routed
 //! veths (the baseline), on the same node and — when the local cluster routes between nodes
-//! — across nodes.
+//! — across nodes; over IPv4, and over IPv6 through weir and plain IPv6 routing.
 //!
 //! weir runs as it is deployed: a local cluster ([`LocalCluster`]) with the real agents and
 //! controller, pods created through the CNI plugin, policies written as manifests and waited
-//! for with `sync()`. Its rule sets are NetworkPolicies selecting the server pod: `count − 1`
-//! each allowing one /32 that is not a client (ipBlock), and one allowing the client pods
-//! (podSelector) on the measured ports. The iptables, ipset and nftables networks enforce the
-//! same rules (see [`RuleSet`]) on a baseline network built without weir.
+//! for with `sync()`. The clusters are dual-stack, so each one carries the IPv4 and the IPv6
+//! traffic with the same pods and policies. Its rule sets are NetworkPolicies selecting the
+//! server pod: `count − 1` each allowing one /32 and one /128 that are not clients (ipBlock),
+//! and one allowing the client pods (podSelector) on the measured ports. The iptables, ipset
+//! and nftables networks enforce the same IPv4 rules (see [`RuleSet`]) on a baseline network
+//! built without weir; the IPv6 baseline is the same network built for IPv6, without a filter.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use weir_localcluster::{ClusterOptions, LocalCluster, Pod, PodSpec, netns::Netns};
+use weir_localcluster::{ClusterOptions, IpFamily, LocalCluster, Pod, PodSpec, netns::Netns};
 
 use super::{
     report::{Better, Goal, Report},
-    topology::{BenchRun, Filter, OTHER_PORT, PlainNetwork, RuleSet},
+    topology::{BenchRun, Family, Filter, OTHER_PORT, PlainNetwork, RuleSet},
     traffic::{
         self, CRR_PORTS, IPERF_PORT, PingPongServer, RR_PORT, TupleCursor, connection_rate,
         request_response,
@@ -73,7 +75,7 @@ impl Settings {
     }
 }
 
-/// A weir local cluster with the benchmark's pods.
+/// A weir local cluster with the benchmark's pods, all of them dual-stack.
 pub struct WeirCluster {
     pub policies: usize,
     pub cluster: LocalCluster,
@@ -102,20 +104,42 @@ pub struct Networks {
     run: BenchRun,
 }
 
-fn ipv4(pod: &Pod) -> Result<Ipv4Addr> {
-    match pod.ip {
-        std::net::IpAddr::V4(ip) => Ok(ip),
-        other => bail!(
-            "pod {}/{} has no IPv4 address ({other})",
-            pod.namespace,
-            pod.name
-        ),
+/// The pod's address of `family`.
+fn pod_ip(pod: &Pod, family: Family) -> Result<IpAddr> {
+    pod.ips
+        .iter()
+        .copied()
+        .find(|ip| Family::of(*ip) == family)
+        .with_context(|| {
+            format!(
+                "pod {}/{} has no {} address ({:?})",
+                pod.namespace,
+                pod.name,
+                family.label(),
+                pod.ips
+            )
+        })
+}
+
+/// The baseline networks: for IPv4 plain routing and each filter, for IPv6 plain routing.
+fn plain_configs(settings: &Settings) -> Vec<(Family, Option<Filter>)> {
+    let mut configs = vec![(Family::V4, None)];
+    configs.extend(settings.filters.iter().map(|&f| (Family::V4, Some(f))));
+    configs.push((Family::V6, None));
+    configs
+}
+
+/// A baseline network's configuration id and label (without its family).
+fn plain_config(filter: Option<Filter>) -> (String, String) {
+    match filter {
+        None => ("plain".into(), "plain routing (baseline)".into()),
+        Some(f) => (f.id(), f.label()),
     }
 }
 
 impl Networks {
-    /// Builds the networks: the weir clusters, and (`plain`) the baseline network with and
-    /// without each filter. Starts the servers in every server pod.
+    /// Builds the networks: the weir clusters, and (`plain`) the baseline networks (IPv4 with
+    /// and without each filter, IPv6 without). Starts the servers in every server pod.
     pub fn up(
         rt: &tokio::runtime::Runtime,
         bin_dir: PathBuf,
@@ -126,9 +150,13 @@ impl Networks {
         let mut nets = Vec::new();
         let mut servers = Vec::new();
         if plain {
-            for filter in std::iter::once(None).chain(settings.filters.iter().copied().map(Some)) {
-                let tag = filter.map_or("plain".to_string(), |f| f.id());
-                let net = PlainNetwork::build(&mut run, &tag, settings.cross)
+            for (family, filter) in plain_configs(settings) {
+                let (id, label) = plain_config(filter);
+                let tag = match family {
+                    Family::V4 => id,
+                    Family::V6 => format!("{id}-v6"),
+                };
+                let net = PlainNetwork::build(&mut run, &tag, settings.cross, family)
                     .with_context(|| format!("building the {tag} network"))?;
                 if let Some(f) = filter {
                     let mut clients = vec![net.client.ip];
@@ -138,10 +166,7 @@ impl Networks {
                         .with_context(|| format!("installing {}", f.label()))?;
                 }
                 start_servers(&mut run, &mut servers, &net.server.netns)?;
-                println!(
-                    "  network ready: {}",
-                    filter.map_or("plain routing (baseline)".into(), |f| f.label())
-                );
+                println!("  network ready: {}, {label}", family.label());
                 nets.push((filter, net));
             }
         }
@@ -194,12 +219,14 @@ fn start_servers(run: &mut BenchRun, servers: &mut Vec<PingPongServer>, ns: &Net
 }
 
 /// The rule set as NetworkPolicies: one `List` manifest (one file keeps the controller's
-/// directory scan cheap).
+/// directory scan cheap). Each non-matching policy allows one peer of each family, so both
+/// families' traffic meets a rule set of `count` policies.
 fn policy_list(rules: RuleSet) -> Value {
     let mut items: Vec<Value> = rules
-        .other_peers()
+        .other_peers(Family::V4)
+        .zip(rules.other_peers(Family::V6))
         .enumerate()
-        .map(|(i, peer)| {
+        .map(|(i, (v4, v6))| {
             json!({
                 "apiVersion": "networking.k8s.io/v1",
                 "kind": "NetworkPolicy",
@@ -208,7 +235,10 @@ fn policy_list(rules: RuleSet) -> Value {
                     "podSelector": {"matchLabels": {"bench-role": "server"}},
                     "policyTypes": ["Ingress"],
                     "ingress": [{
-                        "from": [{"ipBlock": {"cidr": format!("{peer}/32")}}],
+                        "from": [
+                            {"ipBlock": {"cidr": format!("{v4}/32")}},
+                            {"ipBlock": {"cidr": format!("{v6}/128")}},
+                        ],
                         "ports": [{"protocol": "TCP", "port": OTHER_PORT}],
                     }],
                 },
@@ -239,6 +269,7 @@ async fn weir_up(bin_dir: PathBuf, policies: usize, cross: bool) -> Result<WeirC
     let mut opts = ClusterOptions::new(bin_dir);
     opts.nodes = if cross { 2 } else { 1 };
     opts.log = "info".into();
+    opts.ip_family = IpFamily::Dual;
     let mut cluster = LocalCluster::up(opts).await?;
     let spec = |name: &str, node: usize, role: &str| PodSpec {
         namespace: NAMESPACE.into(),
@@ -297,26 +328,74 @@ impl Placement {
     }
 }
 
+/// What carries a target's traffic: a baseline network or a weir cluster, and the family.
+struct Config {
+    family: Family,
+    /// `plain`, a filter's id or a weir cluster's id.
+    id: String,
+    label: String,
+    weir: bool,
+}
+
+impl Config {
+    /// The measured pairs to `server`: one per (placement, client namespace, client address).
+    fn targets(
+        &self,
+        server: IpAddr,
+        clients: impl IntoIterator<Item = (Placement, Netns, IpAddr)>,
+    ) -> impl Iterator<Item = Target> {
+        clients
+            .into_iter()
+            .map(move |(placement, client_ns, client_ip)| Target {
+                placement,
+                family: self.family,
+                config: self.id.clone(),
+                label: self.label.clone(),
+                weir: self.weir,
+                client_ns,
+                client_ip,
+                server_ip: server,
+                cursor: TupleCursor::default(),
+            })
+    }
+}
+
 /// One measured client → server pair.
 struct Target {
     placement: Placement,
+    family: Family,
     config: String,
     label: String,
+    weir: bool,
     client_ns: Netns,
-    client_ip: Ipv4Addr,
-    server_ip: Ipv4Addr,
+    client_ip: IpAddr,
+    server_ip: IpAddr,
     cursor: TupleCursor,
 }
 
 impl Target {
     fn key(&self, metric: Metric) -> String {
-        key(self.placement, &self.config, metric)
+        key(self.placement, self.family, &self.config, metric)
+    }
+
+    /// Placement, family (IPv6 only: the IPv4 labels predate it) and configuration.
+    fn prefix(&self) -> String {
+        match self.family {
+            Family::V4 => format!("{}, {}", self.placement.label(), self.label),
+            Family::V6 => format!("{}, IPv6, {}", self.placement.label(), self.label),
+        }
     }
 }
 
-fn key(placement: Placement, config: &str, metric: Metric) -> String {
+/// `<section>.<metric>.<placement>.<config>` for IPv4 (the keys of earlier runs),
+/// `<section>.<metric>.<placement>.ipv6.<config>` for IPv6.
+fn key(placement: Placement, family: Family, config: &str, metric: Metric) -> String {
+    let family = match family {
+        Family::V4 => "",
+        Family::V6 => "ipv6.",
+    };
     format!(
-        "{}.{}.{}.{config}",
+        "{}.{}.{}.{family}{config}",
         metric.section(),
         metric.id(),
         placement.id()
@@ -432,46 +511,49 @@ fn weir_cpu_seconds(nets: &Networks) -> BTreeMap<String, f64> {
     out
 }
 
-pub fn run(report: &mut Report, nets: &mut Networks, settings: &Settings) -> Result<()> {
+/// Every measured pair: per baseline network its clients, per weir cluster its clients over
+/// each family. IPv4 first, then IPv6, so each family's rows stay together in the tables.
+fn targets(nets: &Networks) -> Result<Vec<Target>> {
     let mut targets = Vec::new();
-    for (filter, net) in &nets.plain {
-        let (config, label) = match filter {
-            None => ("plain".to_string(), "plain routing (baseline)".to_string()),
-            Some(f) => (f.id(), f.label()),
-        };
-        for (placement, client) in [
-            (Placement::SameNode, Some(&net.client)),
-            (Placement::CrossNode, net.remote_client.as_ref()),
-        ] {
-            let Some(client) = client else { continue };
-            targets.push(Target {
-                placement,
-                config: config.clone(),
-                label: label.clone(),
-                client_ns: client.netns.clone(),
-                client_ip: client.ip,
-                server_ip: net.server.ip,
-                cursor: TupleCursor::default(),
-            });
+    for family in Family::ALL {
+        for (filter, net) in nets.plain.iter().filter(|(_, n)| n.family == family) {
+            let (id, label) = plain_config(*filter);
+            let config = Config {
+                family,
+                id,
+                label,
+                weir: false,
+            };
+            let clients = [
+                (Placement::SameNode, Some(&net.client)),
+                (Placement::CrossNode, net.remote_client.as_ref()),
+            ]
+            .into_iter()
+            .filter_map(|(p, c)| c.map(|c| (p, c.netns.clone(), c.ip)));
+            targets.extend(config.targets(net.server.ip, clients));
         }
-    }
-    for w in &nets.weir {
-        for (placement, client) in [
-            (Placement::SameNode, Some(&w.client)),
-            (Placement::CrossNode, w.remote_client.as_ref()),
-        ] {
-            let Some(client) = client else { continue };
-            targets.push(Target {
-                placement,
-                config: w.id(),
+        for w in &nets.weir {
+            let config = Config {
+                family,
+                id: w.id(),
                 label: w.label(),
-                client_ns: client.netns.clone(),
-                client_ip: ipv4(client)?,
-                server_ip: ipv4(&w.server)?,
-                cursor: TupleCursor::default(),
-            });
+                weir: true,
+            };
+            let clients = [
+                (Placement::SameNode, Some(&w.client)),
+                (Placement::CrossNode, w.remote_client.as_ref()),
+            ]
+            .into_iter()
+            .filter_map(|(p, c)| c.map(|c| Ok((p, c.netns.clone(), pod_ip(c, family)?))))
+            .collect::<Result<Vec<_>>>()?;
+            targets.extend(config.targets(pod_ip(&w.server, family)?, clients));
         }
     }
+    Ok(targets)
+}
+
+pub fn run(report: &mut Report, nets: &mut Networks, settings: &Settings) -> Result<()> {
+    let targets = targets(nets)?;
     // Every pair must connect before anything is measured. weir across nodes depends on
     // the local cluster routing between nodes; without it those pairs are skipped.
     let mut reachable = Vec::new();
@@ -493,17 +575,15 @@ pub fn run(report: &mut Report, nets: &mut Networks, settings: &Settings) -> Res
             });
         if ok {
             reachable.push(t);
-        } else if t.placement == Placement::CrossNode && t.config.starts_with("weir") {
+        } else if t.placement == Placement::CrossNode && t.weir {
             report.skip(format!(
-                "{}, {}: the client cannot reach the server across nodes of the local cluster (no cross-node pod routing yet?)",
-                t.placement.label(),
-                t.label
+                "{}: the client cannot reach the server across nodes of the local cluster (no cross-node pod routing yet?)",
+                t.prefix()
             ));
         } else {
             bail!(
-                "{}, {}: the client {} cannot reach the server {} (ports {RR_PORT}, {IPERF_PORT}, {})",
-                t.placement.label(),
-                t.label,
+                "{}: the client {} cannot reach the server {} (ports {RR_PORT}, {IPERF_PORT}, {})",
+                t.prefix(),
                 t.client_ip,
                 t.server_ip,
                 CRR_PORTS.start()
@@ -532,11 +612,14 @@ pub fn run(report: &mut Report, nets: &mut Networks, settings: &Settings) -> Res
         for &metric in &metrics {
             let mut line = format!("  [data path run {run}/{}] {}:", settings.runs, metric.id());
             for t in &mut targets {
-                let value = measure(report, t, metric, settings).with_context(|| {
-                    format!("{} {}, {}", metric.id(), t.placement.label(), t.label)
-                })?;
+                let value = measure(report, t, metric, settings)
+                    .with_context(|| format!("{} {}", metric.id(), t.prefix()))?;
+                let family = match t.family {
+                    Family::V4 => "",
+                    Family::V6 => "ipv6/",
+                };
                 line.push_str(&format!(
-                    " {}/{}={}",
+                    " {}/{family}{}={}",
                     t.placement.id(),
                     t.config,
                     super::report::num(value)
@@ -563,26 +646,52 @@ pub fn run(report: &mut Report, nets: &mut Networks, settings: &Settings) -> Res
                 .join(", ")
         ),
     );
-    for placement in [Placement::SameNode, Placement::CrossNode] {
-        let k = key(placement, "weir-10k", Metric::Throughput(1));
-        if let Some(r) = report.ratio(&k) {
-            report.goals.push(Goal {
-                goal: format!(
-                    "≥ 95 % of baseline throughput with 10k policies ({}, 1 stream)",
-                    placement.label()
+    throughput_goals(report);
+    Ok(())
+}
+
+/// TCP throughput (1 stream) with 10k policies ≥ 0.95× of plain routing of the same family,
+/// per family and placement.
+fn throughput_goals(report: &mut Report) {
+    for family in Family::ALL {
+        for placement in [Placement::SameNode, Placement::CrossNode] {
+            let k = key(placement, family, "weir-10k", Metric::Throughput(1));
+            let Some(r) = report.ratio(&k) else { continue };
+            let base = key(placement, family, "plain", Metric::Throughput(1));
+            let median = |k: &str| report.stats(k).map_or(f64::NAN, |s| s.median);
+            let (goal, measured) = match family {
+                Family::V4 => (
+                    format!(
+                        "≥ 95 % of baseline throughput with 10k policies ({}, 1 stream)",
+                        placement.label()
+                    ),
+                    format!("{:.0} %", r * 100.0),
                 ),
-                measured: format!("{:.0} %", r * 100.0),
+                Family::V6 => (
+                    format!(
+                        "IPv6 throughput, 10k policies ≥ 0.95× plain IPv6 routing ({}, 1 stream)",
+                        placement.label()
+                    ),
+                    format!(
+                        "{r:.2}× ({} against {} Gbit/s)",
+                        super::report::num(median(&k)),
+                        super::report::num(median(&base))
+                    ),
+                ),
+            };
+            report.goals.push(Goal {
+                goal,
+                measured,
                 met: Some(r >= 0.95),
             });
         }
     }
-    Ok(())
 }
 
 fn define(report: &mut Report, t: &Target, metric: Metric) {
     let section = metric.section();
-    let base = |m: Metric| Some(key(t.placement, "plain", m));
-    let prefix = format!("{}, {}", t.placement.label(), t.label);
+    let base = |m: Metric| Some(key(t.placement, t.family, "plain", m));
+    let prefix = t.prefix();
     match metric {
         Metric::Throughput(n) => report.define(
             section,
@@ -670,6 +779,10 @@ mod tests {
         let list = policy_list(RuleSet { count: 5 });
         let items = list["items"].as_array().unwrap();
         assert_eq!(items.len(), 5);
+        // The non-matching policies allow one peer of each family.
+        let from = items[0]["spec"]["ingress"][0]["from"].as_array().unwrap();
+        assert_eq!(from[0]["ipBlock"]["cidr"], "10.200.0.0/32");
+        assert_eq!(from[1]["ipBlock"]["cidr"], "fd00:200::/128");
         for item in items {
             assert_eq!(item["kind"], "NetworkPolicy");
             assert_eq!(
@@ -681,5 +794,42 @@ mod tests {
             assert_eq!(np.metadata.namespace.as_deref(), Some(NAMESPACE));
         }
         assert_eq!(items[4]["metadata"]["name"], "allow-clients");
+    }
+
+    #[test]
+    fn ipv4_keys_are_those_of_earlier_runs_and_ipv6_keys_name_the_family() {
+        assert_eq!(
+            key(
+                Placement::SameNode,
+                Family::V4,
+                "weir-10k",
+                Metric::Throughput(1)
+            ),
+            "throughput.tcp-1.same-node.weir-10k"
+        );
+        assert_eq!(
+            key(
+                Placement::CrossNode,
+                Family::V6,
+                "plain",
+                Metric::ConnectionRate
+            ),
+            "connections.crr.cross-node.ipv6.plain"
+        );
+    }
+
+    #[test]
+    fn ipv6_has_a_plain_baseline_and_no_filters() {
+        let settings = Settings::new(true, 1);
+        let configs = plain_configs(&settings);
+        assert_eq!(configs.first(), Some(&(Family::V4, None)));
+        assert_eq!(
+            configs
+                .iter()
+                .filter(|(f, _)| *f == Family::V6)
+                .collect::<Vec<_>>(),
+            [&(Family::V6, None)]
+        );
+        assert_eq!(configs.len(), settings.filters.len() + 2);
     }
 }

@@ -7,7 +7,8 @@
 //!   and with 1k ClusterNetworkPolicies added (baseline: the same NetworkPolicies alone);
 //! * `datapath`: pod-to-pod TCP throughput (iperf3), request/response rate and latency, and
 //!   new connections per second, through weir, through iptables, ipset and nftables rule sets
-//!   of the same size, and through plain routed veths (the baseline);
+//!   of the same size, and through plain routed veths (the baseline); over IPv4, and over
+//!   IPv6 through weir (the same dual-stack clusters) against plain IPv6 routing;
 //! * `compile`: full compile time and peak memory of the controller for large synthetic
 //!   clusters (the Antrea shape also with 1k ClusterNetworkPolicies), and the cost of one
 //!   pod label change and one policy change;
@@ -81,7 +82,7 @@ pub struct Args {
 pub enum Section {
     /// Per-packet verdict cost under BPF_PROG_TEST_RUN.
     Verdict,
-    /// Throughput, request/response latency and connection rate between pods.
+    /// Throughput, request/response latency and connection rate between pods, IPv4 and IPv6.
     Datapath,
     /// Controller compile time, memory and incremental cost at scale.
     Compile,

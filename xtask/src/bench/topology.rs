@@ -1,9 +1,11 @@
 //! The network the data-path baselines run on, built from namespaces without weir: pods
-//! attached to their node by routed veths exactly as weir's CNI attaches them (a /32 on the
-//! pod end, a default route via a link-local gateway, permanent neighbour entries, a /32
-//! route on the node), nodes joined by a bridge like the local cluster's L2 fabric, static
-//! routes between nodes. On top of it, optionally, the same rule set as weir's policies in
-//! the server node's `FORWARD` path as iptables rules, an ipset or an nftables set.
+//! attached to their node by routed veths exactly as weir's CNI attaches them (a /32 or /128
+//! on the pod end, a default route via a link-local gateway, permanent neighbour entries, a
+//! /32 or /128 route on the node), nodes joined by a bridge like the local cluster's L2
+//! fabric, static routes between nodes. One network carries one address family ([`Family`]):
+//! the IPv4 and IPv6 baselines are the same topology built twice. On top of an IPv4 network,
+//! optionally, the same rule set as weir's policies in the server node's `FORWARD` path as
+//! iptables rules, an ipset or an nftables set.
 //!
 //! Everything lives in namespaces recorded in a run record under the local clusters' run
 //! directory, so that teardown on drop — or `cargo xtask down` after a crash — removes it;
@@ -12,12 +14,13 @@
 use std::{
     fmt::Write as _,
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
+use weir_agent::podnet::{gateway_for, ipv6_sysctls};
 use weir_localcluster::{
     netns::{self, Netns},
     record::{ProcessRecord, RUNS_DIR, RunRecord},
@@ -84,16 +87,81 @@ impl Drop for BenchRun {
     }
 }
 
+/// The address family of a baseline network and of the traffic measured on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    /// `ip`'s family flag.
+    fn flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    fn host_prefix_len(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    /// Address `host` of the baseline's pod range of node `node` (10.250.N.0/24,
+    /// fd00:250:0:N::/64).
+    fn pod_ip(self, node: u8, host: u8) -> IpAddr {
+        match self {
+            Family::V4 => Ipv4Addr::new(10, 250, node, host).into(),
+            Family::V6 => Ipv6Addr::new(0xfd00, 0x250, 0, node.into(), 0, 0, 0, host.into()).into(),
+        }
+    }
+
+    fn pod_range(self, node: u8) -> String {
+        match self {
+            Family::V4 => format!("10.250.{node}.0/24"),
+            Family::V6 => format!("fd00:250:0:{node}::/64"),
+        }
+    }
+
+    /// Node `node`'s address on the fabric between the nodes, and the fabric's prefix length.
+    fn fabric_ip(self, node: u8) -> (IpAddr, u8) {
+        match self {
+            Family::V4 => (Ipv4Addr::new(172, 31, 0, node).into(), 24),
+            Family::V6 => (
+                Ipv6Addr::new(0xfd00, 0x172, 0x31, 0, 0, 0, 0, node.into()).into(),
+                64,
+            ),
+        }
+    }
+}
+
 /// A pod of a baseline network.
 #[derive(Clone, Debug)]
 pub struct PlainPod {
     pub netns: Netns,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
 }
 
-/// A baseline network: a server pod and a client on its node, and with `cross` a second
-/// node with another client.
+/// A baseline network of one address family: a server pod and a client on its node, and
+/// with `cross` a second node with another client.
 pub struct PlainNetwork {
+    pub family: Family,
     pub server: PlainPod,
     pub client: PlainPod,
     pub remote_client: Option<PlainPod>,
@@ -103,47 +171,47 @@ pub struct PlainNetwork {
 
 /// The pods' MTU, as weir's agent sets it on a 1500-byte fabric (room for VXLAN).
 const POD_MTU: &str = "1450";
-const GATEWAY: &str = "169.254.1.1";
 
 impl PlainNetwork {
-    pub fn build(run: &mut BenchRun, tag: &str, cross: bool) -> Result<Self> {
-        let n1 = node(run, &format!("{tag}-n1"))?;
-        let server = attach_pod(
-            run,
-            &n1,
-            &format!("{tag}-srv"),
-            Ipv4Addr::new(10, 250, 1, 2),
-        )?;
-        let client = attach_pod(
-            run,
-            &n1,
-            &format!("{tag}-cli"),
-            Ipv4Addr::new(10, 250, 1, 3),
-        )?;
+    pub fn build(run: &mut BenchRun, tag: &str, cross: bool, family: Family) -> Result<Self> {
+        let n1 = node(run, &format!("{tag}-n1"), family)?;
+        let server = attach_pod(run, &n1, &format!("{tag}-srv"), family, 1, 2)?;
+        let client = attach_pod(run, &n1, &format!("{tag}-cli"), family, 1, 3)?;
         let remote_client = if cross {
-            let n2 = node(run, &format!("{tag}-n2"))?;
+            let n2 = node(run, &format!("{tag}-n2"), family)?;
             let sw = run.netns(&format!("{tag}-sw"))?;
             sw.ip(&["link", "add", "br0", "type", "bridge"])?;
             sw.ip(&["link", "set", "br0", "up"])?;
-            for (n, port, ip, other_pods, other_ip) in [
-                (&n1, "n1", "172.31.0.1/24", "10.250.2.0/24", "172.31.0.2"),
-                (&n2, "n2", "172.31.0.2/24", "10.250.1.0/24", "172.31.0.1"),
-            ] {
-                netns::veth(n, "eth0", &sw, port)?;
-                sw.ip(&["link", "set", port, "master", "br0"])?;
-                n.ip(&["addr", "add", ip, "dev", "eth0"])?;
-                n.ip(&["route", "add", other_pods, "via", other_ip])?;
+            for (n, index, other) in [(&n1, 1, 2), (&n2, 2, 1)] {
+                let port = format!("n{index}");
+                netns::veth(n, "eth0", &sw, &port)?;
+                sw.ip(&["link", "set", &port, "master", "br0"])?;
+                let (ip, len) = family.fabric_ip(index);
+                // No duplicate address detection: the address is usable at once.
+                n.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{ip}/{len}"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+                let (via, _) = family.fabric_ip(other);
+                n.ip(&[
+                    family.flag(),
+                    "route",
+                    "add",
+                    &family.pod_range(other),
+                    "via",
+                    &via.to_string(),
+                ])?;
             }
-            Some(attach_pod(
-                run,
-                &n2,
-                &format!("{tag}-clx"),
-                Ipv4Addr::new(10, 250, 2, 3),
-            )?)
+            Some(attach_pod(run, &n2, &format!("{tag}-clx"), family, 2, 3)?)
         } else {
             None
         };
         Ok(Self {
+            family,
             server,
             client,
             remote_client,
@@ -152,33 +220,57 @@ impl PlainNetwork {
     }
 }
 
-fn node(run: &mut BenchRun, what: &str) -> Result<Netns> {
+fn node(run: &mut BenchRun, what: &str, family: Family) -> Result<Netns> {
     let n = run.netns(what)?;
-    n.sysctl("net.ipv4.ip_forward", "1")?;
-    n.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
-    n.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+    match family {
+        Family::V4 => {
+            n.sysctl("net.ipv4.ip_forward", "1")?;
+            n.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            n.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+        }
+        Family::V6 => n.sysctl("net.ipv6.conf.all.forwarding", "1")?,
+    }
     Ok(n)
 }
 
-/// A pod namespace attached to `node` the way weir's CNI attaches pods.
-fn attach_pod(run: &mut BenchRun, node: &Netns, what: &str, ip: Ipv4Addr) -> Result<PlainPod> {
+/// A pod namespace attached to `node` the way weir's CNI attaches pods (see
+/// `weir_agent::podnet`), with address `host` of node `node_index`'s pod range of `family`:
+/// the pod's address as /32 or /128, a default route via the link-local gateway with a
+/// permanent neighbour entry, IPv6 set up as the agent sets it (or off on an IPv4 pod); on
+/// the node a /32 or /128 route and a permanent neighbour entry, and on an IPv6 pod's host
+/// end the gateway address.
+fn attach_pod(
+    run: &mut BenchRun,
+    node: &Netns,
+    what: &str,
+    family: Family,
+    node_index: u8,
+    host: u8,
+) -> Result<PlainPod> {
+    let ip = family.pod_ip(node_index, host);
     let pod = run.netns(what)?;
-    // Interface names are per namespace; the last octet keeps the node's unique.
-    let host_if = format!("veth{}-{}", ip.octets()[2], ip.octets()[3]);
+    // Interface names are per namespace; the host number keeps the node's unique.
+    let host_if = format!("veth{node_index}-{host}");
     netns::veth(node, &host_if, &pod, "eth0")?;
     node.ip(&["link", "set", &host_if, "mtu", POD_MTU])?;
     pod.ip(&["link", "set", "eth0", "mtu", POD_MTU])?;
-    node.sysctl(&format!("net.ipv6.conf.{host_if}.disable_ipv6"), "1")?;
-    pod.sysctl("net.ipv6.conf.eth0.disable_ipv6", "1")?;
+    let has_ipv6 = family == Family::V6;
+    for (key, value) in ipv6_sysctls(&host_if, has_ipv6) {
+        node.sysctl(&key, value)?;
+    }
+    for (key, value) in ipv6_sysctls("eth0", has_ipv6) {
+        pod.sysctl(&key, value)?;
+    }
     let host_mac = mac(node, &host_if)?;
     let pod_mac = mac(&pod, "eth0")?;
-    let cidr = format!("{ip}/32");
+    let gateway = gateway_for(ip).to_string();
+    let cidr = format!("{ip}/{}", family.host_prefix_len());
     pod.ip(&["addr", "add", &cidr, "dev", "eth0"])?;
-    pod.ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+    pod.ip(&["route", "replace", &gateway, "dev", "eth0", "scope", "link"])?;
     pod.ip(&[
         "neigh",
         "replace",
-        GATEWAY,
+        &gateway,
         "lladdr",
         &host_mac,
         "dev",
@@ -186,7 +278,19 @@ fn attach_pod(run: &mut BenchRun, node: &Netns, what: &str, ip: Ipv4Addr) -> Res
         "nud",
         "permanent",
     ])?;
-    pod.ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"])?;
+    pod.ip(&[
+        family.flag(),
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway,
+        "dev",
+        "eth0",
+    ])?;
+    if has_ipv6 {
+        node.ip(&["addr", "add", &format!("{gateway}/64"), "dev", &host_if])?;
+    }
     node.ip(&[
         "neigh",
         "replace",
@@ -223,10 +327,15 @@ pub struct RuleSet {
 pub const OTHER_PORT: u16 = 9000;
 
 impl RuleSet {
-    /// Sources of the rules that never match the measured traffic.
-    pub fn other_peers(&self) -> impl Iterator<Item = Ipv4Addr> {
-        let base = u32::from(Ipv4Addr::new(10, 200, 0, 0));
-        (0..self.count.saturating_sub(1) as u32).map(move |i| Ipv4Addr::from(base + i))
+    /// Sources of the rules that never match the measured traffic, in `family`
+    /// (10.200.0.0/16 and up, fd00:200::/64).
+    pub fn other_peers(&self, family: Family) -> impl Iterator<Item = IpAddr> {
+        let v4 = u32::from(Ipv4Addr::new(10, 200, 0, 0));
+        let v6 = u128::from(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0));
+        (0..self.count.saturating_sub(1) as u32).map(move |i| match family {
+            Family::V4 => Ipv4Addr::from(v4 + i).into(),
+            Family::V6 => Ipv6Addr::from(v6 + u128::from(i)).into(),
+        })
     }
 }
 
@@ -268,13 +377,18 @@ impl Filter {
 
     /// Installs the filter in `node`'s FORWARD path for traffic to `server`. Established
     /// flows are accepted first, as every conntrack-based implementation does.
+    /// IPv4 only, as the rule sets are written (`iptables`, `hash:ip,port family inet`,
+    /// `ipv4_addr`).
     pub fn install(
         &self,
         node: &Netns,
         dir: &Path,
-        server: Ipv4Addr,
-        clients: &[Ipv4Addr],
+        server: IpAddr,
+        clients: &[IpAddr],
     ) -> Result<()> {
+        if !server.is_ipv4() || !clients.iter().all(IpAddr::is_ipv4) {
+            bail!("{}: the filters are written for IPv4 only", self.label());
+        }
         let crr = format!("{}:{}", CRR_PORTS.start(), CRR_PORTS.end());
         match self {
             Filter::Iptables(rules) => {
@@ -283,7 +397,7 @@ impl Filter {
                 );
                 s.push_str("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n");
                 let _ = writeln!(s, "-A FORWARD -d {server}/32 -j BENCH-INGRESS");
-                for peer in rules.other_peers() {
+                for peer in rules.other_peers(Family::V4) {
                     let _ = writeln!(
                         s,
                         "-A BENCH-INGRESS -s {peer}/32 -p tcp -m tcp --dport {OTHER_PORT} -j ACCEPT"
@@ -302,7 +416,7 @@ impl Filter {
                 let mut set = String::from(
                     "create bench-allow hash:ip,port family inet hashsize 16384 maxelem 1048576\n",
                 );
-                for peer in rules.other_peers() {
+                for peer in rules.other_peers(Family::V4) {
                     let _ = writeln!(set, "add bench-allow {peer},tcp:{OTHER_PORT}");
                 }
                 for c in clients {
@@ -330,7 +444,7 @@ impl Filter {
             }
             Filter::Nft(rules) => {
                 let mut elements: Vec<String> = rules
-                    .other_peers()
+                    .other_peers(Family::V4)
                     .map(|p| format!("{p} . {OTHER_PORT}"))
                     .collect();
                 for c in clients {
@@ -387,11 +501,37 @@ mod tests {
     #[test]
     fn a_rule_set_of_n_has_n_minus_one_other_peers_none_of_them_a_client() {
         let r = RuleSet { count: 1000 };
-        let peers: Vec<Ipv4Addr> = r.other_peers().collect();
-        assert_eq!(peers.len(), 999);
-        assert!(peers.iter().all(|p| p.octets()[0..2] == [10, 200]));
-        let unique: std::collections::BTreeSet<_> = peers.iter().collect();
-        assert_eq!(unique.len(), peers.len());
-        assert_eq!(RuleSet { count: 0 }.other_peers().count(), 0);
+        for family in Family::ALL {
+            let peers: Vec<IpAddr> = r.other_peers(family).collect();
+            assert_eq!(peers.len(), 999);
+            assert!(peers.iter().all(|p| Family::of(*p) == family));
+            let unique: std::collections::BTreeSet<_> = peers.iter().collect();
+            assert_eq!(unique.len(), peers.len());
+            let clients = [family.pod_ip(1, 3), family.pod_ip(2, 3)];
+            assert!(peers.iter().all(|p| !clients.contains(p)));
+            assert_eq!(RuleSet { count: 0 }.other_peers(family).count(), 0);
+        }
+        assert_eq!(
+            r.other_peers(Family::V4).nth(256),
+            Some("10.200.1.0".parse().unwrap())
+        );
+        assert_eq!(
+            r.other_peers(Family::V6).nth(256),
+            Some("fd00:200::100".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn baseline_addresses_of_both_families_follow_node_and_host() {
+        assert_eq!(Family::V4.pod_ip(2, 3).to_string(), "10.250.2.3");
+        assert_eq!(Family::V6.pod_ip(2, 3).to_string(), "fd00:250:0:2::3");
+        for family in Family::ALL {
+            let range: ipnet::IpNet = family.pod_range(2).parse().unwrap();
+            assert!(range.contains(&family.pod_ip(2, 3)));
+            assert!(!range.contains(&family.pod_ip(1, 3)));
+            let (fabric, len) = family.fabric_ip(1);
+            let fabric = ipnet::IpNet::new(fabric, len).unwrap().trunc();
+            assert!(fabric.contains(&family.fabric_ip(2).0));
+        }
     }
 }

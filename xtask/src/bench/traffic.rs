@@ -2,7 +2,8 @@
 //! request/response latency and for new connections per second.
 //!
 //! The tool's server runs on threads of this process, its sockets created inside the server
-//! pod's namespace; its clients run on threads that have entered the client pod's namespace.
+//! pod's namespace (listening on both families); its clients run on threads that have
+//! entered the client pod's namespace, over the family of the server address they are given.
 //! * Request/response (like netperf's TCP_RR): one connection, `TCP_NODELAY`, one byte each
 //!   way per transaction, back to back; every transaction's latency is recorded.
 //! * Connect/request/close (like netperf's TCP_CRR): one connection at a time — connect,
@@ -18,7 +19,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     path::{Path, PathBuf},
     sync::{
@@ -91,10 +92,25 @@ impl Drop for PingPongServer {
     }
 }
 
+/// A listening socket for both families (`[::]`, not IPv6-only), or for IPv4 alone where
+/// the namespace has no IPv6 at all.
 fn listener(port: u16) -> std::io::Result<Socket> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    let dual = || -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        s.set_only_v6(false)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(s)
+    };
+    let s = match dual() {
+        Ok(s) => s,
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+            s
+        }
+    };
     s.listen(1024)?;
     Ok(s)
 }
@@ -154,9 +170,10 @@ pub struct RequestResponse {
 /// One-byte request/response transactions for `duration` over one connection.
 pub fn request_response(
     client_ns: &Path,
-    server: Ipv4Addr,
+    server: impl Into<IpAddr>,
     duration: Duration,
 ) -> Result<RequestResponse> {
+    let server = server.into();
     let ns = client_ns.to_path_buf();
     weir_conformance::netns::run_in(&ns, move || -> Result<RequestResponse> {
         pin_to_bench_cpu();
@@ -228,11 +245,12 @@ impl TupleCursor {
 /// (and says so) if the pair's fresh tuples run out.
 pub fn connection_rate(
     client_ns: &Path,
-    client: Ipv4Addr,
-    server: Ipv4Addr,
+    client: impl Into<IpAddr>,
+    server: impl Into<IpAddr>,
     duration: Duration,
     cursor: &mut TupleCursor,
 ) -> Result<f64> {
+    let (client, server) = (client.into(), server.into());
     let ns = client_ns.to_path_buf();
     let mut c = *cursor;
     let (rate, c) = weir_conformance::netns::run_in(&ns, move || -> Result<(f64, TupleCursor)> {
@@ -266,14 +284,12 @@ pub fn connection_rate(
     Ok(rate)
 }
 
-fn one_connection(client: Ipv4Addr, sport: u16, server: Ipv4Addr, dport: u16) -> Result<()> {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+fn one_connection(client: IpAddr, sport: u16, server: IpAddr, dport: u16) -> Result<()> {
+    let to = SocketAddr::from((server, dport));
+    let s = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
-    s.bind(&SocketAddrV4::new(client, sport).into())?;
-    s.connect_timeout(
-        &SocketAddrV4::new(server, dport).into(),
-        Duration::from_secs(1),
-    )?;
+    s.bind(&SocketAddr::from((client, sport)).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(1))?;
     s.set_tcp_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut conn = std::net::TcpStream::from(s);
@@ -289,7 +305,13 @@ fn one_connection(client: Ipv4Addr, sport: u16, server: Ipv4Addr, dport: u16) ->
 }
 
 /// Whether a TCP connection from `client_ns` to `server:port` completes within `timeout`.
-pub fn can_connect(client_ns: &Path, server: Ipv4Addr, port: u16, timeout: Duration) -> bool {
+pub fn can_connect(
+    client_ns: &Path,
+    server: impl Into<IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> bool {
+    let server = server.into();
     let ns: PathBuf = client_ns.to_path_buf();
     weir_conformance::netns::run_in(&ns, move || {
         std::net::TcpStream::connect_timeout(&SocketAddr::from((server, port)), timeout).is_ok()
@@ -300,11 +322,12 @@ pub fn can_connect(client_ns: &Path, server: Ipv4Addr, port: u16, timeout: Durat
 /// iperf3 throughput in Gbit/s (received), `streams` parallel TCP streams.
 pub fn iperf3(
     client_ns: &Netns,
-    server: Ipv4Addr,
+    server: impl Into<IpAddr>,
     streams: usize,
     seconds: u32,
     omit: u32,
 ) -> Result<f64> {
+    let server = server.into();
     let mut cmd = std::process::Command::new("iperf3");
     cmd.args(["-c", &server.to_string()])
         .args(["-p", &IPERF_PORT.to_string()])
