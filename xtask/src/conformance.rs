@@ -19,6 +19,9 @@ pub struct Args {
     pub skip_tags: Vec<String>,
     /// The pods' address families; under `dual` every case runs once per family.
     pub ip_family: IpFamily,
+    /// The nodes reach each other over IPv6 (and have IPv6 addresses node ports are
+    /// probed on).
+    pub ipv6_underlay: bool,
 }
 
 /// Returns whether every case passed.
@@ -55,10 +58,14 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<bool> {
             IpFamily::Dual => "dual-stack (every case once per family)",
         }
     );
+    if args.ipv6_underlay {
+        println!("The nodes' underlay is IPv6.");
+    }
     let started = std::time::Instant::now();
     let mut opts = ClusterOptions::new(bin);
     opts.runtime = args.runtime;
     opts.ip_family = args.ip_family;
+    opts.ipv6_underlay = args.ipv6_underlay;
     let mut driver = ClusterDriver::start(&file.model, opts).await?;
     println!("Cluster ready in {:.1?}.", started.elapsed());
     let opts = RunOptions {

@@ -88,6 +88,11 @@ enum Cmd {
         /// twice, once over IPv4 and once over IPv6.
         #[arg(long, default_value = "ipv4")]
         ip_family: IpFamily,
+        /// Nodes with IPv6 addresses on the fabric, reaching each other over IPv6 (VXLAN in
+        /// IPv6 datagrams, or routed directly on one segment); node ports are then probed
+        /// over IPv6 too.
+        #[arg(long)]
+        ipv6_underlay: bool,
     },
     /// Tear down every local cluster on this machine (or one run).
     Down {
@@ -174,6 +179,7 @@ fn main() -> Result<()> {
             json,
             skip_tags,
             ip_family,
+            ipv6_underlay,
         } => {
             let bin = build()?;
             let args = conformance::Args {
@@ -186,6 +192,7 @@ fn main() -> Result<()> {
                 json,
                 skip_tags,
                 ip_family,
+                ipv6_underlay,
             };
             if !runtime().block_on(conformance::run(bin, args))? {
                 bail!("conformance cases failed");
@@ -364,35 +371,32 @@ fn test() -> Result<()> {
     // network-policy-api ClusterNetworkPolicy suite on one node and on two nodes in both
     // topologies. Then the NetworkPolicy suite on dual-stack clusters (every case once over
     // IPv4 and once over IPv6) of two nodes in both topologies, and on one IPv6-only node;
-    // the Service suite on a dual-stack cluster of two nodes (the IPv6 pass skips nodePort
-    // cases: over an IPv4 underlay the nodes have no IPv6 address of their own to probe).
+    // the Service suite on a dual-stack cluster of two nodes (over the IPv4 underlay the
+    // nodes have no IPv6 address of their own, so the IPv6 pass skips node port cases; the
+    // dual-stack e2e tests probe IPv6 node ports on an IPv6 underlay).
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
     let cnp = workspace_root().join("conformance/cases/upstream-cnp.yaml");
-    let v4 = IpFamily::Ipv4;
+    let (v4, v6, dual) = (IpFamily::Ipv4, IpFamily::Ipv6, IpFamily::Dual);
+    let (direct, containerd) = (Runtime::Direct, Runtime::Containerd);
+    // (cases, nodes, topology, runtime, families, IPv6 underlay)
     let runs = [
-        (&netpol, 1, Topology::L2, Runtime::Direct, v4),
-        (&netpol, 2, Topology::L2, Runtime::Direct, v4),
-        (&netpol, 2, Topology::Routed, Runtime::Direct, v4),
-        (&services, 2, Topology::L2, Runtime::Direct, v4),
-        (&services, 2, Topology::Routed, Runtime::Direct, v4),
-        (&netpol, 1, Topology::L2, Runtime::Containerd, v4),
-        (&cnp, 1, Topology::L2, Runtime::Direct, v4),
-        (&cnp, 2, Topology::L2, Runtime::Direct, v4),
-        (&cnp, 2, Topology::Routed, Runtime::Direct, v4),
-        (&netpol, 2, Topology::L2, Runtime::Direct, IpFamily::Dual),
-        (
-            &netpol,
-            2,
-            Topology::Routed,
-            Runtime::Direct,
-            IpFamily::Dual,
-        ),
-        (&netpol, 1, Topology::L2, Runtime::Direct, IpFamily::Ipv6),
-        (&services, 2, Topology::L2, Runtime::Direct, IpFamily::Dual),
+        (&netpol, 1, Topology::L2, direct, v4, false),
+        (&netpol, 2, Topology::L2, direct, v4, false),
+        (&netpol, 2, Topology::Routed, direct, v4, false),
+        (&services, 2, Topology::L2, direct, v4, false),
+        (&services, 2, Topology::Routed, direct, v4, false),
+        (&netpol, 1, Topology::L2, containerd, v4, false),
+        (&cnp, 1, Topology::L2, direct, v4, false),
+        (&cnp, 2, Topology::L2, direct, v4, false),
+        (&cnp, 2, Topology::Routed, direct, v4, false),
+        (&netpol, 2, Topology::L2, direct, dual, false),
+        (&netpol, 2, Topology::Routed, direct, dual, false),
+        (&netpol, 1, Topology::L2, direct, v6, false),
+        (&services, 2, Topology::L2, direct, dual, false),
     ];
     let mut failed = Vec::new();
-    for (cases, nodes, topology, pods, ip_family) in runs {
+    for (cases, nodes, topology, pods, ip_family, ipv6_underlay) in runs {
         let args = conformance::Args {
             cases: cases.clone(),
             nodes: Some(nodes),
@@ -403,11 +407,13 @@ fn test() -> Result<()> {
             json: None,
             skip_tags: Vec::new(),
             ip_family,
+            ipv6_underlay,
         };
         if !runtime().block_on(conformance::run(bin.clone(), args))? {
             let file = cases.file_name().unwrap_or_default().to_string_lossy();
+            let underlay = if ipv6_underlay { ", IPv6 underlay" } else { "" };
             failed.push(format!(
-                "{file} on {nodes} node(s), {topology}, runtime {pods}, {ip_family}"
+                "{file} on {nodes} node(s), {topology}, runtime {pods}, {ip_family}{underlay}"
             ));
         }
     }
