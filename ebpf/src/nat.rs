@@ -390,7 +390,12 @@ fn set_destination(
     } else {
         IPV6_DADDR
     };
-    let at = Rewrite::new(offset, 2, pkt.dport_be, port_be);
+    let at = Rewrite {
+        addr_offset: offset,
+        port_offset: 2,
+        old_port_be: pkt.dport_be,
+        new_port_be: port_be,
+    };
     rewrite(ctx, pkt, &pkt.daddr, addr, at).map_err(|()| DropReason::ServiceNatLost)?;
     pkt.daddr = *addr;
     pkt.dport_be = port_be;
@@ -409,7 +414,12 @@ fn set_source(
     } else {
         IPV6_SADDR
     };
-    let at = Rewrite::new(offset, 0, pkt.sport_be, port_be);
+    let at = Rewrite {
+        addr_offset: offset,
+        port_offset: 0,
+        old_port_be: pkt.sport_be,
+        new_port_be: port_be,
+    };
     rewrite(ctx, pkt, &pkt.saddr, addr, at).map_err(|()| DropReason::ServiceNatLost)?;
     pkt.saddr = *addr;
     pkt.sport_be = port_be;
@@ -633,51 +643,38 @@ fn remember(
         .map_err(|_| DropReason::ServiceNatLost)
 }
 
-/// Where [`rewrite`] writes and which ports it swaps, packed into one register (a BPF
-/// function takes five arguments at most).
+/// Where [`rewrite`] writes the address, and the port it changes.
 #[derive(Clone, Copy)]
-struct Rewrite(u64);
-
-impl Rewrite {
-    /// The address at `addr_offset`, the port at `port_offset` (0: source, 2: destination)
-    /// from `old_port_be` to `new_port_be`.
-    #[inline(always)]
-    fn new(addr_offset: usize, port_offset: usize, old_port_be: u16, new_port_be: u16) -> Self {
-        Self(
-            (addr_offset as u64 & 0xff)
-                | (port_offset as u64 & 0xff) << 8
-                | u64::from(old_port_be) << 16
-                | u64::from(new_port_be) << 32,
-        )
-    }
+struct Rewrite {
+    /// Offset of the address in the frame.
+    addr_offset: usize,
+    /// Offset of the port in the L4 header (0: source, 2: destination).
+    port_offset: usize,
+    old_port_be: u16,
+    new_port_be: u16,
 }
 
 /// Replaces an address and an L4 port as `at` says, fixing the IPv4 header checksum and the
 /// TCP/UDP checksum or the SCTP CRC32c. The new address is of the old one's family.
 #[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
-    pkt: &Packet,
-    old_addr: &IpKey,
-    new_addr: &IpKey,
-    at: Rewrite,
-) -> Result<(), ()> {
-    let addr_offset = (at.0 & 0xff) as usize;
-    let port_offset = ((at.0 >> 8) & 0xff) as usize;
-    let old_port_be = (at.0 >> 16) as u16;
-    let new_port_be = (at.0 >> 32) as u16;
+fn rewrite(ctx: &TcContext, pkt: &Packet, old: &IpKey, new: &IpKey, at: Rewrite) -> Result<(), ()> {
+    let Rewrite {
+        addr_offset,
+        port_offset,
+        old_port_be,
+        new_port_be,
+    } = at;
     let l4 = usize::from(pkt.l4);
     let l4_check = match pkt.proto {
         proto::TCP => Some((l4 + TCP_CHECK, 0)),
         proto::UDP => Some((l4 + UDP_CHECK, u64::from(BPF_F_MARK_MANGLED_0))),
         _ => None,
     };
-    let v4 = old_addr.is_v4();
+    let v4 = old.is_v4();
     // The words of the address that may differ: the last for IPv4 (the others are the
     // IPv4-mapped prefix), all four for IPv6. (Constant indices, read in place: the
     // verifier refuses the stack arithmetic a loop over them compiles to, and the programs'
     // stack has no room for copies.)
-    let (old, new) = (old_addr, new_addr);
     if let Some((check, extra)) = l4_check {
         let flags = u64::from(BPF_F_PSEUDO_HDR) | extra | 4;
         if !v4 {
