@@ -23,7 +23,9 @@ use std::{
     process::Command,
 };
 
-use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{
+    IpHeaders, PacketBuilder, PacketBuilderStep, SlicedPacket, TcpSlice, TransportSlice, UdpSlice,
+};
 use weir_agent::{
     dataplane::Dataplane,
     maps::{DataplaneMaps, monotonic_ns},
@@ -284,7 +286,7 @@ impl Node {
     }
 }
 
-/// An Ethernet/IPv4 frame with valid checksums: TCP with `syn` (else ACK), or UDP.
+/// An Ethernet/IPv4 frame with valid checksums: TCP with `syn` (else ACK), UDP, or SCTP.
 #[expect(clippy::too_many_arguments, reason = "one argument per header field")]
 fn frame(
     src_mac: [u8; 6],
@@ -297,22 +299,43 @@ fn frame(
     syn: bool,
 ) -> Vec<u8> {
     let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4(src.octets(), dst.octets(), 64);
+    transport(ip, proto, sport, dport, syn)
+}
+
+/// The transport header of [`frame`] and [`frame6`] with a 4-byte payload (37 bytes of
+/// data for SCTP), written after `ip`.
+fn transport(
+    ip: PacketBuilderStep<IpHeaders>,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    syn: bool,
+) -> Vec<u8> {
     let payload = b"weir";
     let mut out = Vec::new();
-    if proto == TCP {
-        let b = ip.tcp(sport, dport, 1000, 64240);
-        let b = if syn { b.syn() } else { b.ack(1) };
-        b.write(&mut out, payload).unwrap();
-    } else {
-        ip.udp(sport, dport).write(&mut out, payload).unwrap();
+    match proto {
+        TCP => {
+            let b = ip.tcp(sport, dport, 1000, 64240);
+            let b = if syn { b.syn() } else { b.ack(1) };
+            b.write(&mut out, payload).unwrap();
+        }
+        UDP => ip.udp(sport, dport).write(&mut out, payload).unwrap(),
+        _ => ip
+            .write(
+                &mut out,
+                etherparse::IpNumber::SCTP,
+                &sctp_packet(sport, dport, 37),
+            )
+            .unwrap(),
     }
     out
 }
 
-/// Addresses, ports and whether every checksum of an output frame is right.
-struct Seen {
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+/// Addresses, ports and the destination MAC of an output frame whose checksums were
+/// checked.
+struct Seen<A = Ipv4Addr> {
+    src: A,
+    dst: A,
     sport: u16,
     dport: u16,
     dst_mac: [u8; 6],
@@ -320,7 +343,7 @@ struct Seen {
 
 fn inspect(out: &[u8]) -> Seen {
     let p = SlicedPacket::from_ethernet(out).expect("a parsable frame");
-    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
         panic!("not IPv4");
     };
     let header = ip.header().to_header();
@@ -329,32 +352,51 @@ fn inspect(out: &[u8]) -> Seen {
         header.calc_header_checksum(),
         "IPv4 header checksum"
     );
-    let (src, dst) = (header.source, header.destination);
-    let (sport, dport) = match p.transport {
-        Some(TransportSlice::Tcp(t)) => {
-            let expect = t
-                .to_header()
-                .calc_checksum_ipv4(&header, t.payload())
-                .unwrap();
-            assert_eq!(t.checksum(), expect, "TCP checksum");
-            (t.source_port(), t.destination_port())
-        }
-        Some(TransportSlice::Udp(u)) => {
-            let expect = u
-                .to_header()
-                .calc_checksum_ipv4(&header, u.payload())
-                .unwrap();
-            assert_eq!(u.checksum(), expect, "UDP checksum");
-            (u.source_port(), u.destination_port())
-        }
-        _ => panic!("no TCP or UDP header"),
-    };
+    let (sport, dport) = checked_ports(
+        &p,
+        ip.payload().payload,
+        |t| t.to_header().calc_checksum_ipv4(&header, t.payload()),
+        |u| u.to_header().calc_checksum_ipv4(&header, u.payload()),
+    );
     Seen {
-        src: src.into(),
-        dst: dst.into(),
+        src: header.source.into(),
+        dst: header.destination.into(),
         sport,
         dport,
         dst_mac: out[0..6].try_into().unwrap(),
+    }
+}
+
+/// The ports of the TCP, UDP or SCTP packet in `p` (SCTP: `ip_payload`), after checking its
+/// checksum: TCP's and UDP's against what `tcp_sum` and `udp_sum` compute, SCTP's CRC32c.
+fn checked_ports<E: std::fmt::Debug>(
+    p: &SlicedPacket,
+    ip_payload: &[u8],
+    tcp_sum: impl Fn(&TcpSlice) -> Result<u16, E>,
+    udp_sum: impl Fn(&UdpSlice) -> Result<u16, E>,
+) -> (u16, u16) {
+    match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            assert_eq!(t.checksum(), tcp_sum(t).unwrap(), "TCP checksum");
+            (t.source_port(), t.destination_port())
+        }
+        Some(TransportSlice::Udp(u)) => {
+            assert_eq!(u.checksum(), udp_sum(u).unwrap(), "UDP checksum");
+            (u.source_port(), u.destination_port())
+        }
+        _ => {
+            let sctp = ip_payload;
+            assert!(sctp.len() >= 12, "no TCP, UDP or SCTP header");
+            assert_eq!(
+                sctp[8..12],
+                sctp_checksum(sctp).to_le_bytes(),
+                "SCTP CRC32c"
+            );
+            (
+                u16::from_be_bytes([sctp[0], sctp[1]]),
+                u16::from_be_bytes([sctp[2], sctp[3]]),
+            )
+        }
     }
 }
 
@@ -969,6 +1011,21 @@ fn sctp_frame(
     payload_len: usize,
     padding: usize,
 ) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .write(
+            &mut out,
+            etherparse::IpNumber::SCTP,
+            &sctp_packet(sport, dport, payload_len),
+        )
+        .unwrap();
+    out.extend(std::iter::repeat_n(0xa5, padding));
+    out
+}
+
+/// An SCTP packet (common header with a valid CRC32c, then `payload_len` bytes).
+fn sctp_packet(sport: u16, dport: u16, payload_len: usize) -> Vec<u8> {
     let mut sctp = Vec::new();
     sctp.extend_from_slice(&sport.to_be_bytes());
     sctp.extend_from_slice(&dport.to_be_bytes());
@@ -977,13 +1034,7 @@ fn sctp_frame(
     sctp.extend((0..payload_len).map(|i| (i * 7 + 3) as u8));
     let sum = sctp_checksum(&sctp);
     sctp[8..12].copy_from_slice(&sum.to_le_bytes());
-    let mut out = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src.octets(), dst.octets(), 64)
-        .write(&mut out, etherparse::IpNumber::SCTP, &sctp)
-        .unwrap();
-    out.extend(std::iter::repeat_n(0xa5, padding));
-    out
+    sctp
 }
 
 /// CRC32c of an SCTP packet as its checksum field should hold it (the field zeroed).
@@ -1196,7 +1247,7 @@ fn a_late_reply_of_a_swept_translated_flow_is_dropped_not_delivered_untranslated
 
 // IPv6: the same translation over the IPv6 header, which has no checksum of its own.
 
-/// An Ethernet/IPv6 frame with valid checksums: TCP with `syn` (else ACK), UDP, or SCTP.
+/// [`frame`] over IPv6.
 #[expect(clippy::too_many_arguments, reason = "one argument per header field")]
 fn frame6(
     src_mac: [u8; 6],
@@ -1209,79 +1260,23 @@ fn frame6(
     syn: bool,
 ) -> Vec<u8> {
     let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv6(src.octets(), dst.octets(), 64);
-    let payload = b"weir";
-    let mut out = Vec::new();
-    match proto {
-        TCP => {
-            let b = ip.tcp(sport, dport, 1000, 64240);
-            let b = if syn { b.syn() } else { b.ack(1) };
-            b.write(&mut out, payload).unwrap();
-        }
-        UDP => ip.udp(sport, dport).write(&mut out, payload).unwrap(),
-        _ => {
-            let mut sctp = Vec::new();
-            sctp.extend_from_slice(&sport.to_be_bytes());
-            sctp.extend_from_slice(&dport.to_be_bytes());
-            sctp.extend_from_slice(&0x1234_5678u32.to_be_bytes());
-            sctp.extend_from_slice(&[0; 4]);
-            sctp.extend((0..37).map(|i| (i * 7 + 3) as u8));
-            let sum = sctp_checksum(&sctp);
-            sctp[8..12].copy_from_slice(&sum.to_le_bytes());
-            ip.write(&mut out, etherparse::IpNumber::SCTP, &sctp)
-                .unwrap();
-        }
-    }
-    out
+    transport(ip, proto, sport, dport, syn)
 }
 
-/// [`Seen`] of an IPv6 frame: addresses, ports, and every checksum checked (TCP, UDP, or
-/// SCTP's CRC32c).
-struct Seen6 {
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    sport: u16,
-    dport: u16,
-    dst_mac: [u8; 6],
-}
-
-fn inspect6(out: &[u8]) -> Seen6 {
+/// [`inspect`] of an IPv6 frame (which has no header checksum).
+fn inspect6(out: &[u8]) -> Seen<Ipv6Addr> {
     let p = SlicedPacket::from_ethernet(out).expect("a parsable frame");
     let Some(etherparse::NetSlice::Ipv6(ip)) = &p.net else {
         panic!("not IPv6");
     };
     let header = ip.header().to_header();
-    let (sport, dport) = match &p.transport {
-        Some(TransportSlice::Tcp(t)) => {
-            let expect = t
-                .to_header()
-                .calc_checksum_ipv6(&header, t.payload())
-                .unwrap();
-            assert_eq!(t.checksum(), expect, "TCP checksum");
-            (t.source_port(), t.destination_port())
-        }
-        Some(TransportSlice::Udp(u)) => {
-            let expect = u
-                .to_header()
-                .calc_checksum_ipv6(&header, u.payload())
-                .unwrap();
-            assert_eq!(u.checksum(), expect, "UDP checksum");
-            (u.source_port(), u.destination_port())
-        }
-        _ => {
-            let sctp = ip.payload().payload;
-            assert_eq!(header.next_header, etherparse::IpNumber::SCTP);
-            assert_eq!(
-                sctp[8..12],
-                sctp_checksum(sctp).to_le_bytes(),
-                "SCTP CRC32c"
-            );
-            (
-                u16::from_be_bytes([sctp[0], sctp[1]]),
-                u16::from_be_bytes([sctp[2], sctp[3]]),
-            )
-        }
-    };
-    Seen6 {
+    let (sport, dport) = checked_ports(
+        &p,
+        ip.payload().payload,
+        |t| t.to_header().calc_checksum_ipv6(&header, t.payload()),
+        |u| u.to_header().calc_checksum_ipv6(&header, u.payload()),
+    );
+    Seen {
         src: header.source.into(),
         dst: header.destination.into(),
         sport,
