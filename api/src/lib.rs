@@ -289,7 +289,29 @@ pub struct RuleSetInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeRoute {
     pub node: String,
+    /// The address other nodes reach it at (VXLAN's outer address, the next hop of a direct
+    /// route).
     pub node_ip: IpAddr,
+    /// Its other addresses (the InternalIPs of the other family on a dual-stack node).
+    /// Traffic to them is the cluster's own and is never masqueraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_ips: Vec<IpAddr>,
+}
+
+impl NodeRoute {
+    /// A node reached at `node_ip` that has no other address.
+    pub fn new(node: impl Into<String>, node_ip: IpAddr) -> Self {
+        Self {
+            node: node.into(),
+            node_ip,
+            other_ips: Vec::new(),
+        }
+    }
+
+    /// Every address of the node, `node_ip` first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.node_ip).chain(self.other_ips.iter().copied())
+    }
 }
 
 /// Everything one node's dataplane needs. Maps serialise as lists of `[key, value]` pairs

@@ -353,6 +353,22 @@ pub fn node_ip(node: &k8s_openapi::api::core::v1::Node) -> Option<IpAddr> {
         .and_then(|a| a.address.parse().ok())
 }
 
+/// A Node's InternalIPs other than `node_ip` (the other family's, on a dual-stack node).
+pub fn node_other_ips(node: &k8s_openapi::api::core::v1::Node, node_ip: IpAddr) -> Vec<IpAddr> {
+    let Some(addrs) = node.status.as_ref().and_then(|s| s.addresses.as_ref()) else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = addrs
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .filter(|ip| *ip != node_ip)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// `spec.podCIDRs` (or the older `spec.podCIDR`) of a Node; unparseable entries are skipped.
 pub fn node_pod_cidrs(node: &k8s_openapi::api::core::v1::Node) -> Vec<IpNet> {
     let Some(spec) = &node.spec else {

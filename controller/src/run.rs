@@ -26,7 +26,9 @@ use weir_compiler::{
 use weir_transport::StatePublisher;
 
 use crate::{
-    node_cidrs::{CidrError, CidrStore, NodeCidrAllocator, node_ip, node_pod_cidrs},
+    node_cidrs::{
+        CidrError, CidrStore, NodeCidrAllocator, node_ip, node_other_ips, node_pod_cidrs,
+    },
     source::{Change, ManifestDir, Object},
 };
 
@@ -97,6 +99,7 @@ pub struct CompileReport {
 #[derive(Clone, Debug, Default)]
 struct NodeInfo {
     ip: Option<IpAddr>,
+    other_ips: Vec<IpAddr>,
     preset_cidrs: Vec<IpNet>,
 }
 
@@ -190,10 +193,12 @@ impl Controller {
                     Object::Pod(o) => self.cluster.upsert_pod(o),
                     Object::Node(o) => {
                         let name = o.metadata.name.clone().unwrap_or_default();
+                        let ip = node_ip(o);
                         self.nodes.insert(
                             name,
                             NodeInfo {
-                                ip: node_ip(o),
+                                ip,
+                                other_ips: ip.map(|ip| node_other_ips(o, ip)).unwrap_or_default(),
                                 preset_cidrs: node_pod_cidrs(o),
                             },
                         );
@@ -474,6 +479,7 @@ impl Controller {
                     NodeRoute {
                         node: name.clone(),
                         node_ip: ip,
+                        other_ips: info.other_ips.clone(),
                     },
                 );
             }
@@ -613,12 +619,17 @@ mod tests {
     use super::*;
     use crate::node_cidrs::FileCidrStore;
 
-    fn node(name: &str, ip: &str, pod_cidr: Option<&str>) -> Change {
+    /// A Node with InternalIPs `ips` (comma-separated).
+    fn node(name: &str, ips: &str, pod_cidr: Option<&str>) -> Change {
+        let addresses: Vec<_> = ips
+            .split(',')
+            .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip}))
+            .collect();
         let mut obj = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": name},
-            "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+            "status": {"addresses": addresses},
         });
         if let Some(c) = pod_cidr {
             obj["spec"] = serde_json::json!({"podCIDR": c, "podCIDRs": [c]});
@@ -699,11 +710,17 @@ mod tests {
             )
             .unwrap();
         c.apply(vec![
-            node("a", "172.30.0.1", None),
+            node("a", "fd00:172:30::1,172.30.0.1", None),
             node("b", "172.30.0.2", Some("10.244.200.0/24")),
         ]);
         c.recompute();
         let routes = routes_of(&c, "a");
+        let a = &routes[&"10.244.0.0/24".parse().unwrap()];
+        assert_eq!(
+            a.addresses().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+            ["fd00:172:30::1", "172.30.0.1"],
+            "reached at its first InternalIP, its other address carried beside it"
+        );
         let owners: Vec<(String, &str)> = routes
             .iter()
             .map(|(cidr, r)| (cidr.to_string(), r.node.as_str()))

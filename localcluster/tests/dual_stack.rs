@@ -7,7 +7,7 @@ mod support;
 
 use std::net::IpAddr;
 
-use support::{cluster_with, cluster_with_family, ping, pod, probe};
+use support::{cluster_with, cluster_with_family, ping, pod, probe, source_seen_by};
 use weir_conformance::{Protocol, probe::Servers};
 use weir_localcluster::{IpFamily, Pod, Topology};
 
@@ -231,6 +231,29 @@ async fn ipv6_underlay(topology: Topology) {
         );
     }
     all_pairs_reach(&[&a, &r], v6, "IPv6 pods, IPv6 underlay").await;
+    // A node's own connections to pods, of either family: the remote pod answers the node's
+    // IPv4 address directly (no masquerade rewrites it to the other node's address).
+    let node0 = c.nodes()[0].netns.clone();
+    for p in [&a, &r] {
+        for ip in [v4(p), v6(p)] {
+            assert!(ping(&node0, ip), "node 0 pings {} at {ip}", p.name);
+            let tcp = probe(&node0, ip, 80, Protocol::Tcp).await;
+            assert!(tcp.is_connected(), "node 0 -> {} at {ip}: {tcp:?}", p.name);
+        }
+        let seen = source_seen_by(
+            &p.netns,
+            v4(p),
+            8081,
+            &node0,
+            std::net::SocketAddr::new(v4(p), 8081),
+        );
+        assert_eq!(
+            seen,
+            IpAddr::V4(c.nodes()[0].ip),
+            "{} answers node 0 at its own IPv4 address",
+            p.name
+        );
+    }
     dual_stack_service_reaches_its_backend_over_both_families(&mut c, &a, &r).await;
 }
 

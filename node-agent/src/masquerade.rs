@@ -130,8 +130,9 @@ pub fn plan(
         .collect();
     let exempt: Vec<Ipv4Net> = routes
         .iter()
-        .flat_map(|(cidr, route)| [Some(*cidr), host_net(route.node_ip)])
-        .flatten()
+        .flat_map(|(cidr, route)| {
+            std::iter::once(*cidr).chain(route.addresses().filter_map(host_net))
+        })
         .chain(config.non_masquerade_cidrs.iter().copied())
         .filter_map(v4)
         .map(|net| net.trunc())
@@ -383,10 +384,7 @@ mod tests {
         .map(|(cidr, node, ip)| {
             (
                 cidr.parse().expect("cidr"),
-                NodeRoute {
-                    node: node.into(),
-                    node_ip: ip.parse().expect("ip"),
-                },
+                NodeRoute::new(node, ip.parse().expect("ip")),
             )
         })
         .collect()
@@ -418,6 +416,33 @@ mod tests {
                 "192.168.0.0/16",
             ]),
             "pod CIDRs and node addresses aggregated, IPv6 left out, host bits dropped"
+        );
+    }
+
+    #[test]
+    fn ipv4_addresses_of_nodes_known_by_ipv6_are_exempt() {
+        // An IPv6 underlay: nodes reach each other at IPv6 addresses, but pods still answer
+        // the nodes' IPv4 addresses (a node's own connections to remote pods come from it).
+        let routes: BTreeMap<IpNet, NodeRoute> = [
+            ("10.244.1.0/24", "n1", "fd00:172:30::11", "172.30.0.11"),
+            ("10.244.2.0/24", "n2", "fd00:172:30::12", "172.30.0.12"),
+        ]
+        .into_iter()
+        .map(|(cidr, node, ip, v4)| {
+            let mut route = NodeRoute::new(node, ip.parse().expect("ip"));
+            route.other_ips.push(v4.parse().expect("ip"));
+            (cidr.parse().expect("cidr"), route)
+        })
+        .collect();
+        let plan = plan(&routes, "n1", &MasqueradeConfig::default());
+        assert_eq!(
+            plan.exempt,
+            nets(&[
+                "10.244.1.0/24",
+                "10.244.2.0/24",
+                "172.30.0.11/32",
+                "172.30.0.12/32"
+            ])
         );
     }
 

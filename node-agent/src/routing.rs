@@ -265,15 +265,7 @@ mod tests {
             ("10.244.3.0/24", "n3", "172.30.1.13"),
         ]
         .into_iter()
-        .map(|(c, n, ip)| {
-            (
-                c.parse().unwrap(),
-                NodeRoute {
-                    node: n.into(),
-                    node_ip: ip.parse().unwrap(),
-                },
-            )
-        })
+        .map(|(c, n, ip)| (c.parse().unwrap(), NodeRoute::new(n, ip.parse().unwrap())))
         .collect()
     }
 
@@ -339,13 +331,7 @@ mod tests {
             ("fd00:10:244:4::/64", "n4", "fd00:172:30::14"),
             ("fd00:10:244:5::/64", "n5", "fd00:172:31::15"),
         ] {
-            r.insert(
-                c.parse().unwrap(),
-                NodeRoute {
-                    node: n.into(),
-                    node_ip: ip.parse().unwrap(),
-                },
-            );
+            r.insert(c.parse().unwrap(), NodeRoute::new(n, ip.parse().unwrap()));
         }
         r
     }

@@ -202,6 +202,7 @@ fn route(cidr: &IpNet, r: &NodeRoute) -> pb::Route {
         route: Some(pb::NodeRoute {
             node: r.node.clone(),
             node_ip: ip_bytes(r.node_ip),
+            other_ips: r.other_ips.iter().map(|ip| ip_bytes(*ip)).collect(),
         }),
     }
 }
@@ -571,6 +572,11 @@ fn decode_route(r: pb::Route) -> Result<(IpNet, NodeRoute), ProtoError> {
         cidr,
         NodeRoute {
             node_ip: decode_ip(&route.node_ip, "NodeRoute.node_ip")?,
+            other_ips: route
+                .other_ips
+                .iter()
+                .map(|ip| decode_ip(ip, "NodeRoute.other_ips"))
+                .collect::<Result<_, _>>()?,
             node: route.node,
         },
     ))
@@ -1094,6 +1100,7 @@ mod tests {
                 route: Some(pb::NodeRoute {
                     node: "n".into(),
                     node_ip: vec![],
+                    other_ips: vec![],
                 }),
             }],
             ..Default::default()

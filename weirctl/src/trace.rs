@@ -1131,10 +1131,7 @@ spec:
         .map(|(node, cidr, ip)| {
             (
                 cidr.parse().unwrap(),
-                NodeRoute {
-                    node: node.into(),
-                    node_ip: ip.parse().unwrap(),
-                },
+                NodeRoute::new(node, ip.parse().unwrap()),
             )
         })
         .collect();

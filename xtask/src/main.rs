@@ -371,9 +371,9 @@ fn test() -> Result<()> {
     // network-policy-api ClusterNetworkPolicy suite on one node and on two nodes in both
     // topologies. Then the NetworkPolicy suite on dual-stack clusters (every case once over
     // IPv4 and once over IPv6) of two nodes in both topologies, and on one IPv6-only node;
-    // the Service suite on a dual-stack cluster of two nodes (over the IPv4 underlay the
-    // nodes have no IPv6 address of their own, so the IPv6 pass skips node port cases; the
-    // dual-stack e2e tests probe IPv6 node ports on an IPv6 underlay).
+    // the Service suite on a dual-stack cluster of two nodes on an IPv6 underlay (the nodes
+    // then have addresses of both families, so both passes probe node ports; the IPv4 runs
+    // above cover the IPv4 underlay).
     let netpol = workspace_root().join("conformance/cases/upstream-netpol.yaml");
     let services = workspace_root().join("conformance/cases/upstream-services.yaml");
     let cnp = workspace_root().join("conformance/cases/upstream-cnp.yaml");
@@ -393,7 +393,7 @@ fn test() -> Result<()> {
         (&netpol, 2, Topology::L2, direct, dual, false),
         (&netpol, 2, Topology::Routed, direct, dual, false),
         (&netpol, 1, Topology::L2, direct, v6, false),
-        (&services, 2, Topology::L2, direct, dual, false),
+        (&services, 2, Topology::L2, direct, dual, true),
     ];
     let mut failed = Vec::new();
     for (cases, nodes, topology, pods, ip_family, ipv6_underlay) in runs {

@@ -213,7 +213,16 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
     );
     let routes = btree_map(
         arb_net(),
-        ("node-[0-9]", arb_ip()).prop_map(|(node, node_ip)| NodeRoute { node, node_ip }),
+        (
+            "node-[0-9]",
+            arb_ip(),
+            prop::collection::vec(arb_ip(), 0..2),
+        )
+            .prop_map(|(node, node_ip, other_ips)| NodeRoute {
+                node,
+                node_ip,
+                other_ips,
+            }),
         0..4,
     );
     let services = btree_map(arb_service_frontend(), arb_service_entry(), 0..4);
