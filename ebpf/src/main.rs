@@ -61,7 +61,7 @@ pub fn to_tunnel(ctx: TcContext) -> i32 {
     to_tunnel::run(&ctx)
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     xdp::run(&ctx)
 }

@@ -32,6 +32,7 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::generated::bpf_xdp_get_buff_len,
     maps::lpm_trie::Key,
     programs::XdpContext,
 };
@@ -199,7 +200,8 @@ fn outer_v4(ctx: &XdpContext) -> Result<Option<TunnelDatagram>, Drop> {
     };
     // At most 60: the verifier sees the bound.
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
-    let frame = ctx.data_end() - ctx.data();
+    // The whole packet: a multi-buffer packet's linear part holds only its first bytes.
+    let frame = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as usize;
     if ver_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || ETH_HLEN + tot_len > frame {
         return Err(Drop::malformed());
     }

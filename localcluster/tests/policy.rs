@@ -439,7 +439,8 @@ async fn with_pending_pod_policy_allow_a_pod_started_without_the_controller_is_u
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_of_a_new_map_layout_takes_over_flows_and_enforcement_of_the_old_one() {
-    let mut c = cluster(1, Topology::L2).await;
+    // XDP always on, so that its link moves over too.
+    let mut c = cluster_with_agent_args(1, Topology::L2, &["--uplink-xdp", "always"]).await;
     let a = pod(&mut c, "default", "a", 0).await;
     let b = pod(&mut c, "default", "b", 0).await;
     let d = pod(&mut c, "default", "d", 0).await;

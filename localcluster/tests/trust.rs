@@ -1,7 +1,9 @@
 //! What a node trusts from the network, end to end: forged VXLAN datagrams (real
 //! encapsulation, sent over plain UDP to port 4789) must not reach an ingress-isolated pod,
 //! whoever sends them, in both topologies. The XDP program on the node's uplink (native on
-//! the local cluster's veths) drops them before decapsulation, so TC never sees them.
+//! the local cluster's veths; attached always with `--uplink-xdp always`) drops them before
+//! decapsulation, so TC never sees them. By default it is attached only while the prefilter
+//! has a prefix or a host policy an untracked rule.
 
 mod support;
 
@@ -129,7 +131,7 @@ impl Listener {
 /// from another node (a known peer, but the inner source is a lie). The node itself still
 /// reaches the pod.
 async fn forged_tunnel_packets_are_dropped(topology: Topology) {
-    let mut c = cluster(2, topology).await;
+    let mut c = cluster_with_agent_args(2, topology, &["--uplink-xdp", "always"]).await;
     let a = pod(&mut c, "default", "a", 0).await;
     let b = pod(&mut c, "default", "b", 1).await;
     c.apply_object(&deny_ingress("default", "lock-b", "b"))
@@ -205,6 +207,7 @@ async fn forged_tunnel_packets_over_an_ipv6_underlay_are_dropped() {
     let mut c = support::cluster_with(2, Topology::L2, |o| {
         o.ip_family = weir_localcluster::IpFamily::Dual;
         o.ipv6_underlay = true;
+        o.agent_args = vec!["--uplink-xdp".into(), "always".into()];
     })
     .await;
     let a = pod(&mut c, "default", "a", 0).await;
@@ -337,12 +340,23 @@ fn send_udp(from: &Netns, to: Ipv4Addr, payload: &'static [u8]) {
 /// XDP on each node (counted under the set's name) while the nodes still reach each other;
 /// an entry holding a node's address is left out and reported, the set's other entries
 /// apply; an agent that restarts keeps dropping; deleting the set lets the host through.
+/// The XDP program is on the uplinks only while the set lists something.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_drop_cidr_set_reaches_every_node_and_spares_the_cluster() {
     let mut c = cluster(2, Topology::L2).await;
     let external = c.external().expect("external host").clone();
     let external_net = format!("{}/32", weir_localcluster::EXTERNAL_IP);
     let node1_net = format!("{}/32", c.nodes()[1].ip);
+    const NO_XDP: &str = "weir_agent_xdp_mode{interface=\"\",mode=\"none\"} 1";
+    const NATIVE: &str = "weir_agent_xdp_mode{interface=\"eth0\",mode=\"native\"} 1";
+    for node in 0..2 {
+        assert_eq!(
+            xdp_mode(&c, node).as_deref(),
+            Some(NO_XDP),
+            "node {node}: no XDP while nothing is prefiltered"
+        );
+        assert!(!xdp_attached(&c.nodes()[node].netns), "node {node}");
+    }
     c.apply_object(&json!({
         "apiVersion": "weir.dev/v1alpha1",
         "kind": "DropCIDRSet",
@@ -353,6 +367,12 @@ async fn a_drop_cidr_set_reaches_every_node_and_spares_the_cluster() {
     c.sync().await.unwrap();
 
     for node in 0..2 {
+        assert_eq!(
+            xdp_mode(&c, node).as_deref(),
+            Some(NATIVE),
+            "node {node}: XDP attached for the set"
+        );
+        assert!(xdp_attached(&c.nodes()[node].netns), "node {node}");
         let listener = node_listener(&c.nodes()[node].netns);
         send_udp(&external.netns, c.nodes()[node].ip, b"from a listed host");
         assert_eq!(
@@ -410,6 +430,20 @@ async fn a_drop_cidr_set_reaches_every_node_and_spares_the_cluster() {
         "a deleted set drops nothing"
     );
     assert_eq!(prefilter_drops(&c, 0, &external_net, "scanners"), None);
+    for node in 0..2 {
+        assert_eq!(
+            xdp_mode(&c, node).as_deref(),
+            Some(NO_XDP),
+            "node {node}: XDP detached with the set"
+        );
+        assert!(!xdp_attached(&c.nodes()[node].netns), "node {node}");
+    }
+}
+
+/// Whether the kernel shows an XDP program on the node's uplink.
+fn xdp_attached(node: &Netns) -> bool {
+    let out = node.ip(&["link", "show", "dev", "eth0"]).expect("ip link");
+    out.contains("prog/xdp")
 }
 
 /// Packets the node's pinned drop counters hold under reason `prefilter`. Read from the

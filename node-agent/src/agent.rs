@@ -116,6 +116,40 @@ pub struct AgentConfig {
     pub failsafe_outbound: crate::failsafe::Ports,
     /// The agent's HTTP port (a failsafe port).
     pub http_port: Option<u16>,
+    /// When the XDP program runs on the uplink.
+    pub uplink_xdp: UplinkXdp,
+}
+
+/// When the XDP program runs on the uplink. It only adds early drops in front of checks the
+/// TC programs make anyway, but for two that exist only in XDP: the prefilter and untracked
+/// host-policy rules. And XDP has a price on some drivers, paid by every packet: a veth
+/// uplink (a node that is a container) strips its peer's segmentation offload, so a TCP
+/// stream is cut into MTU-sized packets before it reaches the node; virtio-net turns off its
+/// receive offloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UplinkXdp {
+    /// Attached while it has work of its own: a prefix in the prefilter, or an untracked
+    /// host-policy rule set; detached when the last goes.
+    #[default]
+    Auto,
+    /// Always attached (early drops of spoofed and untrusted tunnel traffic too).
+    Always,
+    /// Never attached: the prefilter and untracked host-policy rules are not enforced.
+    Off,
+}
+
+impl std::str::FromStr for UplinkXdp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown uplink XDP setting {other:?} (auto, always or off)"
+            )),
+        }
+    }
 }
 
 /// The policy of a pod whose rule sets the controller has not sent yet (it was away or behind
@@ -251,9 +285,12 @@ pub struct Agent {
     /// Rule sets of `policy` whose entries could not all be written: their endpoints point at
     /// [`weir_common::policy::FAIL_CLOSED`] instead.
     incomplete_rule_sets: std::collections::BTreeSet<u32>,
-    /// The interface the XDP program runs on and its mode; None: it could not be attached
-    /// (the TC programs still make the same checks, but for the prefilter's).
+    /// The interface the XDP program runs on and its mode; None: not attached (not wanted,
+    /// or it could not be: the TC programs still make the same checks, but for the
+    /// prefilter's and untracked rules').
     xdp: Option<(String, XdpMode)>,
+    /// The last attempt to attach it failed; not tried again while it stays wanted.
+    xdp_refused: bool,
     /// The prefilter file as last read.
     prefilter: Option<crate::prefilter::PrefilterList>,
     /// The controller's prefilter (its DropCIDRSets), once a state has been applied: until
@@ -394,19 +431,6 @@ impl Agent {
         dp.attach_uplink(&uplink.ifname)?;
         dp.attach_tunnel(TUNNEL_IFNAME)?;
         info!(uplink = %uplink.ifname, subnets = ?uplink.subnets, "attached to the uplink and the tunnel");
-        // XDP adds early drops in front of checks TC makes anyway: an uplink that takes no
-        // XDP program (another one's there) is reported, not a reason to leave the node
-        // without pod networking.
-        let xdp = match dp.attach_uplink_xdp(&uplink.ifname) {
-            Ok(mode) => {
-                info!(uplink = %uplink.ifname, mode = mode.as_str(), "XDP program attached to the uplink");
-                Some((uplink.ifname.clone(), mode))
-            }
-            Err(e) => {
-                warn!(uplink = %uplink.ifname, error = %e, "no XDP on the uplink: the prefilter is off; TC checks the rest");
-                None
-            }
-        };
         let mut agent = Self {
             cfg,
             dp,
@@ -427,7 +451,8 @@ impl Agent {
             ct_swept_total: 0,
             apply_status: ApplyStatus::default(),
             incomplete_rule_sets: Default::default(),
-            xdp,
+            xdp: None,
+            xdp_refused: false,
             prefilter: None,
             prefilter_cluster: None,
             prefilter_ids: BTreeMap::new(),
@@ -436,6 +461,9 @@ impl Agent {
         if let Err(e) = agent.refresh_prefilter() {
             warn!(error = %e, "loading the prefilter; it stays as a previous agent left it");
         }
+        // A link a previous agent pinned gets this agent's program (or goes, when no longer
+        // wanted) before anything else changes.
+        agent.sync_xdp();
         if !agent.cfg.masquerade.enabled {
             // Turning masquerade off removes what an earlier agent programmed.
             masquerade::remove()?;
@@ -600,7 +628,59 @@ impl Agent {
         self.prefilter_ids = self
             .maps
             .sync_prefilter(&nets, self.prefilter_cluster.is_none())?;
+        self.sync_xdp();
         Ok(())
+    }
+
+    /// Attaches or detaches the uplink's XDP program as [`UplinkXdp`] says, for the
+    /// prefilter and host policy the maps hold now. An uplink that takes no XDP program
+    /// (another one's there) is reported, not a reason to leave the node without pod
+    /// networking.
+    fn sync_xdp(&mut self) {
+        let untracked = match self.maps.untracked_rule_set() {
+            Ok(set) => set != weir_common::policy::NOT_ISOLATED,
+            Err(e) => {
+                warn!(error = %e, "reading the untracked host rule set; XDP stays as it is");
+                return;
+            }
+        };
+        let want = match self.cfg.uplink_xdp {
+            UplinkXdp::Always => true,
+            UplinkXdp::Off => false,
+            UplinkXdp::Auto => !self.prefilter_ids.is_empty() || untracked,
+        };
+        let ifname = self.uplink.ifname.clone();
+        if want && self.xdp.is_none() && !self.xdp_refused {
+            match self.dp.attach_uplink_xdp(&ifname) {
+                Ok(mode) => {
+                    info!(uplink = %ifname, mode = mode.as_str(), prefixes = self.prefilter_ids.len(), untracked, "XDP program attached to the uplink");
+                    self.xdp = Some((ifname, mode));
+                }
+                Err(e) => {
+                    warn!(uplink = %ifname, error = %e, "no XDP on the uplink: the prefilter and untracked host rules are off; TC checks the rest");
+                    self.xdp_refused = true;
+                }
+            }
+        } else if !want {
+            self.xdp_refused = false;
+            let had = self.xdp.take();
+            match self.dp.detach_uplink_xdp(&ifname) {
+                Ok(()) if had.is_some() => {
+                    info!(uplink = %ifname, "XDP program detached from the uplink: nothing left for it to drop");
+                }
+                Ok(()) => {}
+                Err(e) => warn!(uplink = %ifname, error = %e, "detaching the uplink's XDP program"),
+            }
+            if self.cfg.uplink_xdp == UplinkXdp::Off
+                && (!self.prefilter_ids.is_empty() || untracked)
+            {
+                warn!(
+                    prefixes = self.prefilter_ids.len(),
+                    untracked,
+                    "XDP is off on the uplink: the prefilter and untracked host rules are not enforced"
+                );
+            }
+        }
     }
 
     /// The prefilter's prefixes with their entry ids and where each comes from (the
@@ -1082,6 +1162,8 @@ impl Agent {
         };
         self.have_controller_state = true;
         self.maps.bump_policy_generation()?;
+        // The untracked host rule set may have come or gone.
+        self.sync_xdp();
         self.policy_applied.send_modify(|n| *n += 1);
         services?;
         if written.is_complete() && self.incomplete_rule_sets.is_empty() {

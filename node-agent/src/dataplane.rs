@@ -311,6 +311,8 @@ pub struct Dataplane {
     mode: AttachMode,
     /// Attach XDP in generic mode even where the driver has native XDP (tests).
     force_generic_xdp: bool,
+    /// The uplink's XDP link when there is no pin directory (tests): owned by the program.
+    xdp_unpinned: Option<aya::programs::xdp::XdpLinkId>,
     capacities: MapCapacities,
     resized: Vec<Resized>,
 }
@@ -382,6 +384,7 @@ impl Dataplane {
             pins,
             mode,
             force_generic_xdp: false,
+            xdp_unpinned: None,
             capacities: *capacities,
             resized,
         })
@@ -503,9 +506,9 @@ impl Dataplane {
         for &mode in modes {
             match prog.attach(ifname, mode.aya()) {
                 Ok(id) => {
-                    let link = prog.take_link(id).map_err(|e| err("releasing", e))?;
                     match pins.as_ref().map(|p| p.xdp_link_path(ifname, mode)) {
                         Some(path) => {
+                            let link = prog.take_link(id).map_err(|e| err("releasing", e))?;
                             let fd =
                                 FdLink::try_from(link).map_err(|source| DataplaneError::Link {
                                     path: path.clone(),
@@ -516,8 +519,8 @@ impl Dataplane {
                                 source: Box::new(source),
                             })?;
                         }
-                        // Unpinned (tests): attached as long as the process lives.
-                        None => std::mem::forget(link),
+                        // Unpinned (tests): attached as long as the program is loaded.
+                        None => self.xdp_unpinned = Some(id),
                     }
                     return Ok(mode);
                 }
@@ -529,6 +532,32 @@ impl Dataplane {
             "attaching",
             failure.expect("at least one mode was tried"),
         ))
+    }
+
+    /// Detaches the XDP program from the uplink: unpins its link (this version's or another
+    /// one's), which was the link's last reference. Nothing attached: nothing to do.
+    pub fn detach_uplink_xdp(&mut self, ifname: &str) -> Result<()> {
+        if let Some(id) = self.xdp_unpinned.take() {
+            xdp_program(&mut self.ebpf)?
+                .detach(id)
+                .map_err(|source| DataplaneError::Program {
+                    action: "detaching",
+                    program: programs::XDP_UPLINK,
+                    ifname: ifname.to_string(),
+                    source: Box::new(source),
+                })?;
+        }
+        let Some(pins) = self.pins.clone() else {
+            return Ok(());
+        };
+        while let Some((path, _)) = pins.pinned_xdp_link(ifname) {
+            fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                action: "unpinning the uplink's XDP link",
+                path,
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Attaches the tunnel programs to the VXLAN device: `from_tunnel` on ingress (decapsulated

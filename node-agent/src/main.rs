@@ -196,6 +196,12 @@ struct Args {
     /// per line (`#` comments), read at start and again when it changes.
     #[arg(long, env = "WEIR_PREFILTER_FILE")]
     prefilter_file: Option<PathBuf>,
+    /// When the XDP program runs on the uplink: `auto` while the prefilter has a prefix or a
+    /// HostPolicy has an untracked rule (XDP costs throughput on some drivers, veth and
+    /// virtio-net among them), `always`, or `off` (the prefilter and untracked rules are then
+    /// not enforced).
+    #[arg(long, env = "WEIR_UPLINK_XDP", default_value = "auto")]
+    uplink_xdp: weir_agent::agent::UplinkXdp,
     /// Ports of this node that no HostPolicy closes, `PROTOCOL:PORT[,…]` (tcp, udp, sctp;
     /// empty: none). The agent's HTTP port and the tunnel's are always added.
     #[arg(long, env = "WEIR_FAILSAFE_INBOUND", default_value = weir_agent::failsafe::DEFAULT_INBOUND)]
@@ -305,6 +311,7 @@ async fn run(args: Args) -> Result<()> {
         },
         map_capacities: args.map_capacity,
         prefilter_file: args.prefilter_file.clone(),
+        uplink_xdp: args.uplink_xdp,
         failsafe_inbound: args.failsafe_inbound.clone(),
         failsafe_outbound: args.failsafe_outbound.clone(),
         http_port: Some(args.metrics_addr.port()),
