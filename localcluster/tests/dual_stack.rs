@@ -315,6 +315,58 @@ async fn ipv6_underlay_across_a_router_carries_both_families_over_vxlan() {
     ipv6_underlay(Topology::Routed).await;
 }
 
+/// hostPorts on a dual-stack node known by addresses of both families: a mapping without
+/// hostIP is served on both families' addresses, each leading to the pod's address of that
+/// family; one with an IPv6 hostIP on that address. The clients' addresses are kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_ports_serve_both_families() {
+    const TARGET: u16 = 8080;
+    let mut c = cluster_with(2, Topology::L2, |o| {
+        o.ip_family = IpFamily::Dual;
+        o.ipv6_underlay = true;
+    })
+    .await;
+    let spec = |name: &str, host_port: u16| weir_localcluster::PodSpec {
+        namespace: "default".into(),
+        name: name.into(),
+        node: 0,
+        labels: [("pod".to_string(), name.to_string())].into(),
+        ports: vec![],
+        host_ports: vec![(host_port, TARGET, "TCP".into())],
+    };
+    let web = c.add_pod(spec("web", 8082)).await.expect("hostPort pod");
+    let node0_v6 = IpAddr::V6(c.nodes()[0].ip6.expect("an IPv6 node address"));
+    let web6 = c
+        .add_pod_with_host_ip(spec("web6", 8083), node0_v6)
+        .await
+        .expect("hostPort on the node's IPv6 address");
+    c.sync().await.expect("sync");
+    let node0_v4 = IpAddr::V4(c.nodes()[0].ip);
+    let client = c.nodes()[1].netns.clone();
+    let client_ips = [
+        IpAddr::V4(c.nodes()[1].ip),
+        IpAddr::V6(c.nodes()[1].ip6.expect("an IPv6 node address")),
+    ];
+    for (pod, port, node_ip, pod_ip, client_ip) in [
+        (&web, 8082, node0_v4, v4(&web), client_ips[0]),
+        (&web, 8082, node0_v6, v6(&web), client_ips[1]),
+        (&web6, 8083, node0_v6, v6(&web6), client_ips[1]),
+    ] {
+        let seen = source_seen_by(
+            &pod.netns,
+            pod_ip,
+            TARGET,
+            &client,
+            std::net::SocketAddr::new(node_ip, port),
+        );
+        assert_eq!(
+            seen, client_ip,
+            "{}:{port} leads to {} at {pod_ip}",
+            node_ip, pod.name
+        );
+    }
+}
+
 /// Pods as real containers on a dual-stack cluster: containerd reads both addresses from the
 /// plugin's result (the sandbox status lists the IPv6 one as an additional IP, as kubelet
 /// reads it), and the containers reach each other over both families.

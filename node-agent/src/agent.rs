@@ -873,12 +873,14 @@ impl Agent {
             );
             return Ok(Vec::new());
         }
+        let pools = self.ipam.as_ref().map(|i| i.pools()).unwrap_or_default();
         Ok(crate::host_ports::claim(
             &req.port_mappings,
             (&req.container_id, &req.ifname),
             self.endpoints.iter(),
             &self.policy.services,
             node_addrs,
+            &pools,
         )?)
     }
 

@@ -1,7 +1,8 @@
 //! Pods' `hostPort`s (the CNI `portMappings` capability), served where Services are
 //! translated: each mapping is a NodePort-like frontend on this node only, with one backend,
-//! the pod's address and container port. Without a `hostIP` the frontend is on the
-//! unspecified address (every address of this node); with one, on that address alone, so
+//! the pod's address and container port. Without a `hostIP` the frontends are on the
+//! unspecified address of each family the pod has (every address of this node, each family
+//! to the pod's address of that family); with one, on that address alone, so
 //! the port stays free on the node's other addresses (for other pods' mappings with other
 //! `hostIP`s, or the node's own sockets), as the `portmap` plugin does. The programs
 //! translate it as they translate a NodePort — from the network, from a pod to its node's
@@ -22,9 +23,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::RangeInclusive,
 };
+
+use ipnet::IpNet;
 
 use serde::{Deserialize, Serialize};
 use weir_api::{
@@ -70,15 +73,41 @@ pub enum HostPortError {
     },
 }
 
-/// The frontend of a mapping: on its `hostIP`, or on the unspecified address (every address
-/// of the node) without one.
-pub fn frontend(m: &PortMapping) -> ServiceFrontend {
+/// The unspecified address of a family: a frontend there is on every address of the node
+/// of that family.
+fn unspecified(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+/// The frontend of a mapping on `ip`.
+fn frontend_on(m: &PortMapping, ip: IpAddr) -> ServiceFrontend {
     ServiceFrontend {
         kind: FrontendKind::NodePort,
-        ip: m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        ip,
         port: m.host_port,
         proto: m.protocol.number(),
     }
+}
+
+/// The frontends of a mapping for a pod with addresses `pod_ips` (one per family), each with
+/// the pod address it leads to: on its `hostIP`, to the pod's address of that family; or,
+/// without one, on every address of each family the pod has (the family's unspecified
+/// address), as the `portmap` plugin does on a dual-stack node.
+pub fn frontends<'a>(
+    m: &'a PortMapping,
+    pod_ips: &'a [IpAddr],
+) -> impl Iterator<Item = (ServiceFrontend, IpAddr)> + 'a {
+    pod_ips
+        .iter()
+        .filter(move |ip| m.host_ip.is_none_or(|h| h.is_ipv6() == ip.is_ipv6()))
+        .map(move |ip| {
+            let on = m.host_ip.unwrap_or(unspecified(ip.is_ipv6()));
+            (frontend_on(m, on), *ip)
+        })
 }
 
 /// Whether `f` is a frontend on one address of the node (a host port with a `hostIP`).
@@ -86,10 +115,10 @@ pub fn on_one_address(f: &ServiceFrontend) -> bool {
     f.kind == FrontendKind::NodePort && !f.ip.is_unspecified()
 }
 
-/// The same port and protocol on every address of the node.
+/// The same port and protocol on every address of the node of `f`'s family.
 fn on_every_address(f: &ServiceFrontend) -> ServiceFrontend {
     ServiceFrontend {
-        ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ip: unspecified(f.ip.is_ipv6()),
         ..*f
     }
 }
@@ -138,15 +167,19 @@ fn describe(ep: &LocalEndpoint) -> String {
 
 /// Checks that `mappings` can be served for a new attachment of `owner` (container id,
 /// interface), besides every other endpoint's host ports and the controller's `services`,
-/// and gives each an id not used by another endpoint. A `hostIP` must be an IPv4 address
-/// among `node_addrs`. Nothing is changed.
+/// and gives each an id not used by another endpoint. A `hostIP` must be among
+/// `node_addrs`, of a family the pod gets an address of (`pod_pools`: the node's pod
+/// CIDRs). Nothing is changed.
 pub fn claim<'a>(
     mappings: &[PortMapping],
     owner: (&str, &str),
     endpoints: impl IntoIterator<Item = &'a LocalEndpoint>,
     services: &BTreeMap<ServiceFrontend, ServiceEntry>,
     node_addrs: &[IpAddr],
+    pod_pools: &[IpNet],
 ) -> Result<Vec<HostPort>, HostPortError> {
+    // A pod address of each family the pod gets one of: the frontends its mappings claim.
+    let pod_ips: Vec<IpAddr> = pod_pools.iter().map(|p| p.network()).collect();
     let others: Vec<&LocalEndpoint> = endpoints
         .into_iter()
         .filter(|ep| (ep.container_id.as_str(), ep.ifname.as_str()) != owner)
@@ -160,17 +193,17 @@ pub fn claim<'a>(
     for m in mappings {
         match m.host_ip {
             None => {}
-            Some(IpAddr::V6(_)) => {
+            Some(ip) if !pod_ips.iter().any(|p| p.is_ipv6() == ip.is_ipv6()) => {
                 return Err(HostPortError::Unsupported {
                     port: m.host_side(),
-                    why: "an IPv6 hostIP is not supported yet (host ports are IPv4, like \
-                          Services); leave hostIP empty or give an IPv4 address of the node",
+                    why: "the pod gets no address of the hostIP's family on this node; leave \
+                          hostIP empty or give an address of a family the node's pods have",
                 });
             }
             Some(ip) if !node_addrs.contains(&ip) => {
                 let addrs: Vec<String> = node_addrs
                     .iter()
-                    .filter(|a| a.is_ipv4())
+                    .filter(|a| a.is_ipv6() == ip.is_ipv6())
                     .map(|a| a.to_string())
                     .collect();
                 return Err(HostPortError::NotANodeAddress {
@@ -190,7 +223,7 @@ pub fn claim<'a>(
                 by: format!("the hostPort of {}", describe(ep)),
             });
         }
-        if let Some(entry) = holder(&frontend(m), services) {
+        if let Some(entry) = frontends(m, &pod_ips).find_map(|(f, _)| holder(&f, services)) {
             return Err(HostPortError::Conflict {
                 port: m.host_side(),
                 by: format!("the NodePort of Service {}", entry.service),
@@ -211,32 +244,31 @@ pub fn claim<'a>(
     Ok(out)
 }
 
-/// The host-port frontends of `endpoints`, as Service table entries. An endpoint without an
-/// IPv4 address has none (Services are IPv4 for now; ADD refuses such mappings).
+/// The host-port frontends of `endpoints`, as Service table entries: each mapping on each
+/// family it covers ([`frontends`]), both families sharing the mapping's id.
 pub fn table<'a>(
     endpoints: impl Iterator<Item = &'a LocalEndpoint>,
 ) -> BTreeMap<ServiceFrontend, ServiceEntry> {
     let mut out = BTreeMap::new();
     for ep in endpoints {
-        let Some(ip) = ep.ips.iter().find(|ip| ip.is_ipv4()) else {
-            continue;
-        };
         for h in &ep.host_ports {
-            out.insert(
-                frontend(&h.mapping),
-                ServiceEntry {
-                    service: name(ep),
-                    id: h.id,
-                    backends: vec![ServiceBackend {
-                        ip: *ip,
-                        port: h.mapping.container_port,
-                        node: String::new(),
-                        state: BackendState::Ready,
-                    }],
-                    affinity_timeout_s: None,
-                    masquerade_external: false,
-                },
-            );
+            for (frontend, ip) in frontends(&h.mapping, &ep.ips) {
+                out.insert(
+                    frontend,
+                    ServiceEntry {
+                        service: name(ep),
+                        id: h.id,
+                        backends: vec![ServiceBackend {
+                            ip,
+                            port: h.mapping.container_port,
+                            node: String::new(),
+                            state: BackendState::Ready,
+                        }],
+                        affinity_timeout_s: None,
+                        masquerade_external: false,
+                    },
+                );
+            }
         }
     }
     out
@@ -349,6 +381,22 @@ mod tests {
     use super::*;
     use crate::podnet::PodInterface;
 
+    /// The frontend of an IPv4 pod's mapping.
+    fn frontend(m: &PortMapping) -> ServiceFrontend {
+        frontend_on(m, m.host_ip.unwrap_or(unspecified(false)))
+    }
+
+    /// The node's pod CIDRs: IPv4 alone, and dual-stack.
+    fn v4_pools() -> Vec<IpNet> {
+        vec!["10.0.0.0/24".parse().unwrap()]
+    }
+    fn dual_pools() -> Vec<IpNet> {
+        vec![
+            "10.0.0.0/24".parse().unwrap(),
+            "fd00:10::/64".parse().unwrap(),
+        ]
+    }
+
     fn mapping(host_port: u16, container_port: u16) -> PortMapping {
         PortMapping {
             host_port,
@@ -409,6 +457,7 @@ mod tests {
             [&a],
             &BTreeMap::new(),
             &[],
+            &v4_pools(),
         )
         .unwrap();
         let ids: Vec<u32> = claimed.iter().map(|h| h.id).collect();
@@ -431,6 +480,7 @@ mod tests {
             [&a],
             &BTreeMap::new(),
             &[],
+            &v4_pools(),
         )
         .unwrap_err();
         assert_eq!(
@@ -444,6 +494,7 @@ mod tests {
             [&a],
             &BTreeMap::new(),
             &[],
+            &v4_pools(),
         )
         .unwrap();
         // Another protocol is another port.
@@ -451,9 +502,25 @@ mod tests {
             protocol: PortProtocol::Udp,
             ..mapping(80, 80)
         };
-        claim(&[udp], ("b", "eth0"), [&a], &BTreeMap::new(), &[]).unwrap();
+        claim(
+            &[udp],
+            ("b", "eth0"),
+            [&a],
+            &BTreeMap::new(),
+            &[],
+            &v4_pools(),
+        )
+        .unwrap();
         let services = BTreeMap::from([node_port(30080)]);
-        let err = claim(&[mapping(30080, 80)], ("b", "eth0"), [&a], &services, &[]).unwrap_err();
+        let err = claim(
+            &[mapping(30080, 80)],
+            ("b", "eth0"),
+            [&a],
+            &services,
+            &[],
+            &v4_pools(),
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("NodePort of Service default/np"),
             "{err}"
@@ -484,7 +551,14 @@ mod tests {
             }],
         );
         let claim_one = |m: PortMapping, services: &BTreeMap<_, _>| {
-            claim(&[m], ("b", "eth0"), [&a], services, &NODE_ADDRS)
+            claim(
+                &[m],
+                ("b", "eth0"),
+                [&a],
+                services,
+                &NODE_ADDRS,
+                &v4_pools(),
+            )
         };
         let none = BTreeMap::new();
         // The same port on the node's other address is free.
@@ -513,7 +587,11 @@ mod tests {
              (its addresses: 192.168.1.1, 192.168.1.2)"
         );
         let err = claim_one(on("fd00::1", 81, 80), &none).unwrap_err();
-        assert!(err.to_string().contains("IPv6 hostIP"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no address of the hostIP's family"),
+            "{err}"
+        );
         // A mapping on every address conflicts with one on any address.
         let b = endpoint(
             "b",
@@ -529,9 +607,74 @@ mod tests {
             [&a, &b],
             &none,
             &NODE_ADDRS,
+            &v4_pools(),
         )
         .unwrap_err();
         assert!(err.to_string().contains("pod default/b"), "{err}");
+    }
+
+    #[test]
+    fn a_dual_stack_pod_gets_its_host_port_on_both_families() {
+        let claim_one = |m: PortMapping, services: &BTreeMap<_, _>| {
+            claim(
+                &[m],
+                ("a", "eth0"),
+                [],
+                services,
+                &NODE_ADDRS,
+                &dual_pools(),
+            )
+        };
+        let none = BTreeMap::new();
+        let every = claim_one(mapping(80, 8080), &none).unwrap();
+        let on_v6 = claim_one(on("fd00::1", 81, 8081), &none).unwrap();
+        let a = LocalEndpoint {
+            ips: vec!["10.0.0.2".parse().unwrap(), "fd00:10::2".parse().unwrap()],
+            ..endpoint("a", "10.0.0.2", [every, on_v6].concat())
+        };
+        let host = table([&a].into_iter());
+        let routes: Vec<(String, String)> = host
+            .iter()
+            .map(|(f, e)| {
+                let b = &e.backends[0];
+                (
+                    std::net::SocketAddr::new(f.ip, f.port).to_string(),
+                    std::net::SocketAddr::new(b.ip, b.port).to_string(),
+                )
+            })
+            .collect();
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            routes,
+            pairs(&[
+                ("0.0.0.0:80", "10.0.0.2:8080"),
+                ("[::]:80", "[fd00:10::2]:8080"),
+                ("[fd00::1]:81", "[fd00:10::2]:8081"),
+            ]),
+            "each family's frontend leads to the pod's address of that family"
+        );
+        assert_eq!(
+            host[&frontend_on(&mapping(80, 8080), unspecified(false))].id,
+            host[&frontend_on(&mapping(80, 8080), unspecified(true))].id,
+            "one mapping, one id"
+        );
+        // An IPv6 NodePort holds its port on every IPv6 address: an IPv6 hostIP on it is
+        // refused, and so is a mapping without hostIP (it would be on IPv6 too).
+        let (_, entry) = node_port(30080);
+        let services = BTreeMap::from([(
+            frontend_on(&mapping(30080, 30080), unspecified(true)),
+            entry,
+        )]);
+        for m in [on("fd00::1", 30080, 80), mapping(30080, 80)] {
+            let err = claim_one(m, &services).unwrap_err();
+            assert!(err.to_string().contains("NodePort of Service"), "{err}");
+        }
+        claim_one(on("192.168.1.1", 30080, 80), &services)
+            .expect("an IPv4 hostIP: the IPv6 NodePort is another family's");
     }
 
     #[test]
