@@ -282,6 +282,8 @@ fn issue_node_certificate(ca: &ClusterCa, node: &Node) -> Result<()> {
 pub struct ExternalHost {
     pub netns: Netns,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on an IPv6 underlay ([`EXTERNAL_IP6`]).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// The external host's address: in TEST-NET-3 (RFC 5737), which is never routed anywhere,
@@ -290,6 +292,11 @@ pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// The router's address on the external host's segment (routed topology).
 const EXTERNAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const EXTERNAL_NET: &str = "203.0.113.0/24";
+/// The external host's IPv6 address on an IPv6 underlay: in the documentation prefix
+/// (RFC 3849), never routed anywhere either.
+pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 0x10);
+const EXTERNAL_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x203, 0, 0, 0, 0, 1);
+const EXTERNAL_NET6: &str = "2001:db8:203::/64";
 /// The fabric's IPv6 range ([`ClusterOptions::ipv6_underlay`]): a /64 per segment.
 const FABRIC_NET_V6: &str = "fd00:172:30::/48";
 
@@ -528,9 +535,32 @@ impl LocalCluster {
                 ext.ip(&["route", "add", "172.30.0.0/16", "dev", "eth0"])?;
             }
         }
+        let ip6 = self.opts.ipv6_underlay.then_some(EXTERNAL_IP6);
+        if ip6.is_some() {
+            let cidr6 = format!("{EXTERNAL_IP6}/64");
+            ext.ip(&["addr", "add", &cidr6, "dev", "eth0", "nodad"])?;
+            match &self.router {
+                Some(rtr) => {
+                    let gw = format!("{EXTERNAL_GATEWAY6}/64");
+                    rtr.ip(&["addr", "add", &gw, "dev", "eth-ext", "nodad"])?;
+                    ext.ip(&[
+                        "-6",
+                        "route",
+                        "add",
+                        FABRIC_NET_V6,
+                        "via",
+                        &EXTERNAL_GATEWAY6.to_string(),
+                    ])?;
+                }
+                None => {
+                    ext.ip(&["-6", "route", "add", FABRIC_NET_V6, "dev", "eth0"])?;
+                }
+            }
+        }
         self.external = Some(ExternalHost {
             netns: ext,
             ip: EXTERNAL_IP,
+            ip6,
         });
         Ok(())
     }
@@ -946,14 +976,11 @@ impl LocalCluster {
         if let Some(ip6) = ip6 {
             ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
             if gateway.is_some() {
-                ns.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    FABRIC_NET_V6,
-                    "via",
-                    &fabric_ipv6(subnet, 1).to_string(),
-                ])?;
+                let gw6 = fabric_ipv6(subnet, 1).to_string();
+                ns.ip(&["-6", "route", "add", FABRIC_NET_V6, "via", &gw6])?;
+                ns.ip(&["-6", "route", "add", EXTERNAL_NET6, "via", &gw6])?;
+            } else {
+                ns.ip(&["-6", "route", "add", EXTERNAL_NET6, "dev", "eth0"])?;
             }
             // The kernel forwards IPv6 pod traffic to nodes on the uplink's IPv6 subnet.
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;

@@ -438,12 +438,16 @@ impl Driver for ClusterDriver {
         Some(self.cluster.nodes().len())
     }
 
-    /// The external host has an IPv4 address only.
+    /// The external host has an IPv6 address on an IPv6 underlay only.
     fn external_ip(&self, family: Family) -> Option<IpAddr> {
-        self.cluster
-            .external()
-            .map(|external| IpAddr::V4(external.ip))
-            .filter(|ip| family.holds(ip))
+        let external = self.cluster.external()?;
+        [
+            Some(IpAddr::V4(external.ip)),
+            external.ip6.map(IpAddr::V6),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|ip| family.holds(ip))
     }
 
     fn unsupported(&self, family: Family, need: Need) -> Option<String> {

@@ -45,7 +45,8 @@ fn sources_seen_by(external: &Netns, ip: IpAddr, client: &Netns) -> (SocketAddr,
             stream
                 .read_exact(&mut reply)
                 .expect("TCP reply reaches the pod");
-            let udp = UdpSocket::bind(("0.0.0.0", 0)).expect("udp client");
+            let any = if ip.is_ipv6() { "::" } else { "0.0.0.0" };
+            let udp = UdpSocket::bind((any, 0)).expect("udp client");
             udp.set_read_timeout(Some(Duration::from_secs(5)))
                 .expect("timeout");
             udp.send_to(b"ping", (ip, 8081)).expect("udp send");
@@ -55,6 +56,28 @@ fn sources_seen_by(external: &Netns, ip: IpAddr, client: &Netns) -> (SocketAddr,
         })
         .expect("pod namespace");
     server.join().expect("external server")
+}
+
+/// IPv6 too: pods' unique local IPv6 addresses are masqueraded to their node's IPv6
+/// address, on nodes known by IPv6 addresses (the external host has an IPv6 address there),
+/// across a router.
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_reach_the_outside_over_ipv6_with_their_node_address() {
+    let mut c = support::cluster_with(2, Topology::Routed, |o| {
+        o.ip_family = weir_localcluster::IpFamily::Dual;
+        o.ipv6_underlay = true;
+    })
+    .await;
+    let external = c.external().expect("external host").clone();
+    let ext_ip = IpAddr::V6(external.ip6.expect("an IPv6 external host"));
+    for (name, node) in [("a", 0), ("b", 1)] {
+        let p = pod(&mut c, "default", name, node).await;
+        assert!(p.ips.iter().any(IpAddr::is_ipv6), "{:?}", p.ips);
+        let node_ip = IpAddr::V6(c.nodes()[node].ip6.expect("an IPv6 node address"));
+        let (tcp, udp) = sources_seen_by(&external.netns, ext_ip, &p.netns);
+        assert_eq!(tcp.ip(), node_ip, "TCP from pod {name} arrives from its node");
+        assert_eq!(udp.ip(), node_ip, "UDP from pod {name} arrives from its node");
+    }
 }
 
 async fn pods_reach_the_outside_with_their_node_address(topology: Topology) {

@@ -11,8 +11,8 @@
 //! opposite case: their translation happens on the redirect paths that bypass the host
 //! stack, so it lives in the programs.)
 //!
-//! The agent owns one nftables table, [`TABLE`] (family `ip`), and replaces it whole in one
-//! nf_tables transaction whenever the inputs change:
+//! The agent owns one nftables table per family, [`TABLE`] (families `ip` and `ip6`), and
+//! replaces them whole in one nf_tables transaction whenever the inputs change:
 //!
 //! ```text
 //! table ip weir-masquerade {
@@ -23,19 +23,20 @@
 //!         ip saddr 10.244.1.0/24 masquerade    # this node's pod CIDRs
 //!     }
 //! }
+//! table ip6 weir-masquerade { ... the same for the IPv6 pod CIDRs ... }
 //! ```
 //!
 //! The exempt prefixes are aggregated, and a nat chain is walked only by the first packet of
 //! a connection (conntrack remembers the verdict), so the linear rule list costs nothing per
-//! packet. The table is programmed over netlink (`NETLINK_NETFILTER`, the same messages
-//! `nft -f` sends), because the node image has no `nft` binary. IPv4 only for now: IPv6
-//! pods use addresses the outside can route to, or none.
+//! packet. The tables are programmed over netlink (`NETLINK_NETFILTER`, the same messages
+//! `nft -f` sends), because the node image has no `nft` binary. IPv6 pod CIDRs are
+//! masqueraded like IPv4 ones (they are usually unique local addresses the outside cannot
+//! answer); pods with globally routed IPv6 addresses list `::/0` as a non-masquerade CIDR.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NLMSG_ERROR, NetlinkBuffer,
     NetlinkMessage,
@@ -65,9 +66,11 @@ const SRCNAT_PRIORITY: u32 = 100;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 /// `NFT_PAYLOAD_NETWORK_HEADER`: payload offsets count from the IP header.
 const NETWORK_HEADER: u32 = 1;
-/// Offsets of the IPv4 source and destination addresses.
+/// Offsets of the IPv4 and IPv6 source and destination addresses.
 const IPV4_SADDR: u32 = 12;
 const IPV4_DADDR: u32 = 16;
+const IPV6_SADDR: u32 = 8;
+const IPV6_DADDR: u32 = 24;
 /// `NF_ACCEPT`, the base chain's policy.
 const POLICY_ACCEPT: u32 = 1;
 
@@ -107,14 +110,28 @@ impl Default for MasqueradeConfig {
     }
 }
 
-/// The table's contents: whose traffic is masqueraded and which destinations are exempt.
+/// The tables' contents: whose traffic is masqueraded and which destinations are exempt,
+/// both families together.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MasqueradePlan {
-    /// This node's pod CIDRs (IPv4).
-    pub sources: Vec<Ipv4Net>,
+    /// This node's pod CIDRs.
+    pub sources: Vec<IpNet>,
     /// Every pod CIDR and node address of the cluster and the configured non-masquerade
-    /// CIDRs (IPv4), aggregated.
-    pub exempt: Vec<Ipv4Net>,
+    /// CIDRs, aggregated per family.
+    pub exempt: Vec<IpNet>,
+}
+
+impl MasqueradePlan {
+    /// The part of the plan of one family (`ip` or `ip6`).
+    fn family(&self, v6: bool) -> (Vec<IpNet>, Vec<IpNet>) {
+        let of = |nets: &[IpNet]| -> Vec<IpNet> {
+            nets.iter()
+                .filter(|n| matches!(n, IpNet::V6(_)) == v6)
+                .copied()
+                .collect()
+        };
+        (of(&self.sources), of(&self.exempt))
+    }
 }
 
 /// Computes the plan from the controller's route table. Pure: no I/O.
@@ -123,61 +140,55 @@ pub fn plan(
     me: &str,
     config: &MasqueradeConfig,
 ) -> MasqueradePlan {
-    let sources: BTreeSet<Ipv4Net> = routes
+    let sources: BTreeSet<IpNet> = routes
         .iter()
         .filter(|(_, route)| route.node == me)
-        .filter_map(|(cidr, _)| v4(*cidr))
+        .map(|(cidr, _)| cidr.trunc())
         .collect();
-    let exempt: Vec<Ipv4Net> = routes
+    let exempt: Vec<IpNet> = routes
         .iter()
-        .flat_map(|(cidr, route)| {
-            std::iter::once(*cidr).chain(route.addresses().filter_map(host_net))
-        })
+        .flat_map(|(cidr, route)| std::iter::once(*cidr).chain(route.addresses().map(IpNet::from)))
         .chain(config.non_masquerade_cidrs.iter().copied())
-        .filter_map(v4)
         .map(|net| net.trunc())
         .collect();
     MasqueradePlan {
         sources: sources.into_iter().collect(),
-        exempt: Ipv4Net::aggregate(&exempt),
+        exempt: IpNet::aggregate(&exempt),
     }
 }
 
-fn v4(net: IpNet) -> Option<Ipv4Net> {
-    match net {
-        IpNet::V4(net) => Some(net),
-        IpNet::V6(_) => None,
-    }
-}
-
-fn host_net(ip: IpAddr) -> Option<IpNet> {
-    match ip {
-        IpAddr::V4(ip) => Some(IpNet::V4(Ipv4Net::from(ip))),
-        IpAddr::V6(_) => None,
-    }
-}
-
-/// Makes the kernel's [`TABLE`] exactly `plan`, in one transaction (so no packet ever sees a
-/// half-written table). A plan without sources removes the table.
+/// Makes the kernel's [`TABLE`]s (`ip` and `ip6`) exactly `plan`, in one transaction (so no
+/// packet ever sees a half-written table). A family without sources has no table.
 pub fn apply(plan: &MasqueradePlan) -> Result<(), MasqueradeError> {
     let mut batch = Batch::default();
-    // "add table; delete table; add table ...": the first add makes the delete succeed
-    // whether or not the table exists, as `nft -f` scripts do.
-    batch.push(new_table(), NLM_F_CREATE, "creating");
-    batch.push(delete_table(), 0, "replacing");
-    if !plan.sources.is_empty() {
-        batch.push(new_table(), NLM_F_CREATE, "creating");
-        batch.push(new_chain(), NLM_F_CREATE, "creating the chain");
-        for net in &plan.exempt {
+    for v6 in [false, true] {
+        let family = if v6 {
+            NetfilterProtoFamily::IPv6
+        } else {
+            NetfilterProtoFamily::IPv4
+        };
+        let (sources, exempt) = plan.family(v6);
+        // "add table; delete table; add table ...": the first add makes the delete succeed
+        // whether or not the table exists, as `nft -f` scripts do.
+        batch.push(family, new_table(), NLM_F_CREATE, "creating");
+        batch.push(family, delete_table(), 0, "replacing");
+        if sources.is_empty() {
+            continue;
+        }
+        batch.push(family, new_table(), NLM_F_CREATE, "creating");
+        batch.push(family, new_chain(), NLM_F_CREATE, "creating the chain");
+        for net in exempt {
             batch.push(
-                rule(match_prefix(IPV4_DADDR, *net), verdict(Verdict::Return)),
+                family,
+                rule(match_prefix(Field::Destination, net), verdict(Verdict::Return)),
                 NLM_F_CREATE | NLM_F_APPEND,
                 "adding an exemption rule",
             );
         }
-        for net in &plan.sources {
+        for net in sources {
             batch.push(
-                rule(match_prefix(IPV4_SADDR, *net), masquerade()),
+                family,
+                rule(match_prefix(Field::Source, net), masquerade()),
                 NLM_F_CREATE | NLM_F_APPEND,
                 "adding a masquerade rule",
             );
@@ -186,7 +197,7 @@ pub fn apply(plan: &MasqueradePlan) -> Result<(), MasqueradeError> {
     batch.commit()
 }
 
-/// Removes [`TABLE`] (nothing to do if it is absent).
+/// Removes the [`TABLE`]s (nothing to do where they are absent).
 pub fn remove() -> Result<(), MasqueradeError> {
     apply(&MasqueradePlan::default())
 }
@@ -195,12 +206,18 @@ pub fn remove() -> Result<(), MasqueradeError> {
 /// asking for an acknowledgement so that the first refusal can be reported.
 #[derive(Default)]
 struct Batch {
-    messages: Vec<(NfTablesMessage, u16, &'static str)>,
+    messages: Vec<(NetfilterProtoFamily, NfTablesMessage, u16, &'static str)>,
 }
 
 impl Batch {
-    fn push(&mut self, message: NfTablesMessage, flags: u16, what: &'static str) {
-        self.messages.push((message, flags, what));
+    fn push(
+        &mut self,
+        family: NetfilterProtoFamily,
+        message: NfTablesMessage,
+        flags: u16,
+        what: &'static str,
+    ) {
+        self.messages.push((family, message, flags, what));
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -220,9 +237,9 @@ impl Batch {
             ))
         };
         emit(control(ControlMessage::BatchBegin), 0, 0);
-        for (seq, (message, flags, _)) in (1..).zip(&self.messages) {
+        for (seq, (family, message, flags, _)) in (1..).zip(&self.messages) {
             let message = NetlinkMessage::from(NetfilterMessage::new(
-                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+                NetfilterHeader::new(*family, 0, 0),
                 message.clone(),
             ));
             emit(message, NLM_F_ACK | flags, seq);
@@ -268,7 +285,7 @@ impl Batch {
                         let what = self
                             .messages
                             .get(seq.wrapping_sub(1))
-                            .map_or("a message", |(_, _, what)| *what);
+                            .map_or("a message", |(_, _, _, what)| *what);
                         return Err(MasqueradeError::Refused {
                             what,
                             source: io::Error::from_raw_os_error(-code),
@@ -323,30 +340,41 @@ fn rule(
     })
 }
 
-/// `ip saddr|daddr <net>`: load the address, mask it, compare with the network.
-fn match_prefix(offset: u32, net: Ipv4Net) -> Vec<ListAttribute<ExpressionAttribute>> {
+/// Which address a rule matches.
+#[derive(Clone, Copy)]
+enum Field {
+    Source,
+    Destination,
+}
+
+/// `ip saddr|daddr <net>` (or `ip6 …`): load the address, mask it, compare with the network.
+fn match_prefix(field: Field, net: IpNet) -> Vec<ListAttribute<ExpressionAttribute>> {
+    let (offset, len, mask, network) = match (field, net) {
+        (Field::Source, IpNet::V4(n)) => (IPV4_SADDR, 4, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
+        (Field::Destination, IpNet::V4(n)) => (IPV4_DADDR, 4, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
+        (Field::Source, IpNet::V6(n)) => (IPV6_SADDR, 16, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
+        (Field::Destination, IpNet::V6(n)) => (IPV6_DADDR, 16, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
+    };
     vec![
         Expressions::Payload(vec![
             Payload::DestinationRegister(Register::Reg1),
             Payload::Base(NETWORK_HEADER),
             Payload::Offset(offset),
-            Payload::Len(4),
+            Payload::Len(len),
         ])
         .into(),
         Expressions::Bitwise(vec![
             Bitwise::SourceRegister(Register::Reg1),
             Bitwise::DestinationRegister(Register::Reg1),
-            Bitwise::Length(4),
-            Bitwise::Mask(DataAttribute::Value(net.netmask().octets().to_vec())),
-            Bitwise::Xor(DataAttribute::Value(
-                Ipv4Addr::UNSPECIFIED.octets().to_vec(),
-            )),
+            Bitwise::Length(len),
+            Bitwise::Mask(DataAttribute::Value(mask)),
+            Bitwise::Xor(DataAttribute::Value(vec![0; len as usize])),
         ])
         .into(),
         Expressions::Cmp(vec![
             Cmp::SourceRegister(Register::Reg1),
             Cmp::Op(Operator::Equal),
-            Cmp::Data(DataAttribute::Value(net.network().octets().to_vec())),
+            Cmp::Data(DataAttribute::Value(network)),
         ])
         .into(),
     ]
@@ -390,7 +418,7 @@ mod tests {
         .collect()
     }
 
-    fn nets(texts: &[&str]) -> Vec<Ipv4Net> {
+    fn nets(texts: &[&str]) -> Vec<IpNet> {
         texts.iter().map(|t| t.parse().expect("net")).collect()
     }
 
@@ -404,7 +432,10 @@ mod tests {
             ],
         };
         let plan = plan(&routes(), "n1", &config);
-        assert_eq!(plan.sources, nets(&["10.244.1.0/24"]));
+        assert_eq!(
+            plan.sources,
+            nets(&["10.244.1.0/24", "fd00:10:244:1::/64"])
+        );
         assert_eq!(
             plan.exempt,
             nets(&[
@@ -414,8 +445,13 @@ mod tests {
                 "172.30.1.13/32",
                 "172.30.2.12/32",
                 "192.168.0.0/16",
+                "fd00::/8",
             ]),
-            "pod CIDRs and node addresses aggregated, IPv6 left out, host bits dropped"
+            "pod CIDRs and node addresses aggregated per family, host bits dropped"
+        );
+        assert_eq!(
+            plan.family(true),
+            (nets(&["fd00:10:244:1::/64"]), nets(&["fd00::/8"]))
         );
     }
 
@@ -441,7 +477,9 @@ mod tests {
                 "10.244.1.0/24",
                 "10.244.2.0/24",
                 "172.30.0.11/32",
-                "172.30.0.12/32"
+                "172.30.0.12/32",
+                "fd00:172:30::11/128",
+                "fd00:172:30::12/128",
             ])
         );
     }
@@ -455,10 +493,11 @@ mod tests {
     #[test]
     fn the_transaction_is_framed_by_a_batch_and_every_message_asks_for_an_ack() {
         let mut batch = Batch::default();
-        batch.push(new_table(), NLM_F_CREATE, "creating");
+        batch.push(NetfilterProtoFamily::IPv4, new_table(), NLM_F_CREATE, "creating");
         batch.push(
+            NetfilterProtoFamily::IPv4,
             rule(
-                match_prefix(IPV4_SADDR, "10.244.1.0/24".parse().expect("net")),
+                match_prefix(Field::Source, "10.244.1.0/24".parse().expect("net")),
                 masquerade(),
             ),
             NLM_F_CREATE | NLM_F_APPEND,

@@ -321,9 +321,12 @@ fn up(
             );
         }
         if let Some(ext) = cluster.external() {
+            let ips = std::iter::once(ext.ip.to_string())
+                .chain(ext.ip6.map(|ip| ip.to_string()))
+                .collect::<Vec<_>>()
+                .join(",");
             println!(
-                "  external host          ip {:<14} namespace {} (outside the cluster, reached through the nodes)",
-                ext.ip,
+                "  external host          ip {ips:<14} namespace {} (outside the cluster, reached through the nodes)",
                 ext.netns.name()
             );
         }
