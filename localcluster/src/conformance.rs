@@ -441,13 +441,10 @@ impl Driver for ClusterDriver {
     /// The external host has an IPv6 address on an IPv6 underlay only.
     fn external_ip(&self, family: Family) -> Option<IpAddr> {
         let external = self.cluster.external()?;
-        [
-            Some(IpAddr::V4(external.ip)),
-            external.ip6.map(IpAddr::V6),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|ip| family.holds(ip))
+        [Some(IpAddr::V4(external.ip)), external.ip6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .find(|ip| family.holds(ip))
     }
 
     fn unsupported(&self, family: Family, need: Need) -> Option<String> {

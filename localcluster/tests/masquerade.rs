@@ -75,8 +75,16 @@ async fn pods_reach_the_outside_over_ipv6_with_their_node_address() {
         assert!(p.ips.iter().any(IpAddr::is_ipv6), "{:?}", p.ips);
         let node_ip = IpAddr::V6(c.nodes()[node].ip6.expect("an IPv6 node address"));
         let (tcp, udp) = sources_seen_by(&external.netns, ext_ip, &p.netns);
-        assert_eq!(tcp.ip(), node_ip, "TCP from pod {name} arrives from its node");
-        assert_eq!(udp.ip(), node_ip, "UDP from pod {name} arrives from its node");
+        assert_eq!(
+            tcp.ip(),
+            node_ip,
+            "TCP from pod {name} arrives from its node"
+        );
+        assert_eq!(
+            udp.ip(),
+            node_ip,
+            "UDP from pod {name} arrives from its node"
+        );
     }
 }
 

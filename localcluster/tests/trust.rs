@@ -126,6 +126,40 @@ impl Listener {
     }
 }
 
+/// Without XDP on the uplink (the default while there is nothing to prefilter), TC makes
+/// the same checks after decapsulation: a pod's forged datagram is dropped on the tunnel
+/// device as from an unknown tunnel peer, a node's datagram with a forged inner source as
+/// spoofed.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_tunnel_packets_are_dropped_by_tc_without_xdp() {
+    let mut c = cluster(2, Topology::L2).await;
+    let a = pod(&mut c, "default", "a", 0).await;
+    let b = pod(&mut c, "default", "b", 1).await;
+    c.apply_object(&deny_ingress("default", "lock-b", "b"))
+        .unwrap();
+    c.sync().await.unwrap();
+    assert_eq!(
+        xdp_mode(&c, 1).as_deref(),
+        Some("weir_agent_xdp_mode{interface=\"\",mode=\"none\"} 1")
+    );
+    let listener = Listener::open(&b.netns, b.ip);
+    let target_node = c.nodes()[1].ip;
+    let forged =
+        |payload: &[u8]| support::vxlan_udp(target_node, v4(b.ip), 40000, TARGET_PORT, payload);
+    let unknown_before = drops(&c, 1, "unknown_tunnel_peer");
+    send_vxlan(&a.netns, target_node, forged(b"from a pod"));
+    assert_eq!(listener.received(Duration::from_secs(1)), None);
+    assert!(drops(&c, 1, "unknown_tunnel_peer") > unknown_before);
+    let spoofed_before = drops(&c, 1, "spoofed");
+    send_vxlan(
+        &c.nodes()[0].netns.clone(),
+        target_node,
+        forged(b"from a node"),
+    );
+    assert_eq!(listener.received(Duration::from_secs(1)), None);
+    assert!(drops(&c, 1, "spoofed") > spoofed_before);
+}
+
 /// Forged tunnel traffic claiming the target node's own address as its inner source (the
 /// node-to-pod exemption) is dropped and counted: from a pod (an unknown tunnel peer) and
 /// from another node (a known peer, but the inner source is a lie). The node itself still

@@ -180,7 +180,10 @@ pub fn apply(plan: &MasqueradePlan) -> Result<(), MasqueradeError> {
         for net in exempt {
             batch.push(
                 family,
-                rule(match_prefix(Field::Destination, net), verdict(Verdict::Return)),
+                rule(
+                    match_prefix(Field::Destination, net),
+                    verdict(Verdict::Return),
+                ),
                 NLM_F_CREATE | NLM_F_APPEND,
                 "adding an exemption rule",
             );
@@ -350,10 +353,30 @@ enum Field {
 /// `ip saddr|daddr <net>` (or `ip6 …`): load the address, mask it, compare with the network.
 fn match_prefix(field: Field, net: IpNet) -> Vec<ListAttribute<ExpressionAttribute>> {
     let (offset, len, mask, network) = match (field, net) {
-        (Field::Source, IpNet::V4(n)) => (IPV4_SADDR, 4, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
-        (Field::Destination, IpNet::V4(n)) => (IPV4_DADDR, 4, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
-        (Field::Source, IpNet::V6(n)) => (IPV6_SADDR, 16, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
-        (Field::Destination, IpNet::V6(n)) => (IPV6_DADDR, 16, n.netmask().octets().to_vec(), n.network().octets().to_vec()),
+        (Field::Source, IpNet::V4(n)) => (
+            IPV4_SADDR,
+            4,
+            n.netmask().octets().to_vec(),
+            n.network().octets().to_vec(),
+        ),
+        (Field::Destination, IpNet::V4(n)) => (
+            IPV4_DADDR,
+            4,
+            n.netmask().octets().to_vec(),
+            n.network().octets().to_vec(),
+        ),
+        (Field::Source, IpNet::V6(n)) => (
+            IPV6_SADDR,
+            16,
+            n.netmask().octets().to_vec(),
+            n.network().octets().to_vec(),
+        ),
+        (Field::Destination, IpNet::V6(n)) => (
+            IPV6_DADDR,
+            16,
+            n.netmask().octets().to_vec(),
+            n.network().octets().to_vec(),
+        ),
     };
     vec![
         Expressions::Payload(vec![
@@ -432,10 +455,7 @@ mod tests {
             ],
         };
         let plan = plan(&routes(), "n1", &config);
-        assert_eq!(
-            plan.sources,
-            nets(&["10.244.1.0/24", "fd00:10:244:1::/64"])
-        );
+        assert_eq!(plan.sources, nets(&["10.244.1.0/24", "fd00:10:244:1::/64"]));
         assert_eq!(
             plan.exempt,
             nets(&[
@@ -493,7 +513,12 @@ mod tests {
     #[test]
     fn the_transaction_is_framed_by_a_batch_and_every_message_asks_for_an_ack() {
         let mut batch = Batch::default();
-        batch.push(NetfilterProtoFamily::IPv4, new_table(), NLM_F_CREATE, "creating");
+        batch.push(
+            NetfilterProtoFamily::IPv4,
+            new_table(),
+            NLM_F_CREATE,
+            "creating",
+        );
         batch.push(
             NetfilterProtoFamily::IPv4,
             rule(
