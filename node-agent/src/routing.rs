@@ -2,9 +2,10 @@
 //! which pod CIDR and at which address; the agent turns that into eBPF route entries (for
 //! pod traffic) and kernel routes (for traffic the node itself originates).
 //!
-//! Per peer node, the mode is chosen automatically: a node whose address is on one of the
-//! uplink's subnets is reached directly (`bpf_redirect_neigh` out of the uplink, like
-//! flannel's host-gw); any other node through VXLAN (like Calico's VXLAN CrossSubnet).
+//! Per peer node and pod CIDR, the mode is chosen automatically: a node whose address of the
+//! CIDR's family is on one of the uplink's subnets is reached directly (`bpf_redirect_neigh`
+//! out of the uplink, like flannel's host-gw); any other node through VXLAN (like Calico's
+//! VXLAN CrossSubnet).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -190,27 +191,27 @@ pub fn plan(
         // A direct route's next hop is the node's address, and it must be of the pod CIDR's
         // family: neither the kernel (an IPv6 route via an IPv4 gateway) nor
         // `bpf_redirect_neigh` (an IPv6 packet takes an IPv6 next hop only) forwards across
-        // families. Such a CIDR (IPv6 pods over an IPv4 underlay) is reached over VXLAN,
-        // which carries either family inside an IPv4 datagram, whatever the mode says.
-        let same_family = cidr.addr().is_ipv4() == route.node_ip.is_ipv4();
-        let direct = same_family
-            && match mode {
-                RoutingMode::Direct => true,
-                RoutingMode::Vxlan => false,
-                RoutingMode::Auto => uplink.on_link(route.node_ip),
-            };
-        if direct {
+        // families. A dual-stack node has an address of each family (`node_ip` and its
+        // other addresses): each pod CIDR goes directly via the address of its own family.
+        // A CIDR of a family the node has no address of (IPv6 pods over an IPv4-only
+        // underlay) is reached over VXLAN to `node_ip`, which carries either family,
+        // whatever the mode says.
+        let hop = route
+            .addresses()
+            .find(|a| a.is_ipv4() == cidr.addr().is_ipv4());
+        let direct = hop.filter(|hop| match mode {
+            RoutingMode::Direct => true,
+            RoutingMode::Vxlan => false,
+            RoutingMode::Auto => uplink.on_link(*hop),
+        });
+        if let Some(hop) = direct {
             plan.map.insert(
                 *cidr,
-                RouteEntry::new(
-                    IpKey::from(route.node_ip),
-                    RouteEntry::MODE_DIRECT,
-                    uplink.ifindex,
-                ),
+                RouteEntry::new(IpKey::from(hop), RouteEntry::MODE_DIRECT, uplink.ifindex),
             );
             plan.kernel.push(KernelRoute {
                 dst: *cidr,
-                gateway: Some(route.node_ip),
+                gateway: Some(hop),
                 ifindex: Some(uplink.ifindex),
             });
         } else {
@@ -396,6 +397,53 @@ mod tests {
             ..uplink()
         };
         assert_eq!(v6_only.vxlan_overhead(), 70);
+    }
+
+    #[test]
+    fn each_family_goes_directly_via_the_dual_stack_nodes_address_of_that_family() {
+        // Nodes known by IPv6 addresses that have IPv4 ones too: on one segment, both pod
+        // CIDRs are routed directly, each via the address of its own family; across
+        // subnets both go through VXLAN to the IPv6 address.
+        let mut up = uplink();
+        up.subnets.push("fd00:172:30:1::11/64".parse().unwrap());
+        let mut r = BTreeMap::new();
+        for (node, v6, v4, cidrs) in [
+            (
+                "n2",
+                "fd00:172:30:1::12",
+                "172.30.1.12",
+                ["10.244.2.0/24", "fd00:10:244:2::/64"],
+            ),
+            (
+                "n3",
+                "fd00:172:30:2::13",
+                "172.30.2.13",
+                ["10.244.3.0/24", "fd00:10:244:3::/64"],
+            ),
+        ] {
+            let mut route = NodeRoute::new(node, v6.parse().unwrap());
+            route.other_ips.push(v4.parse().unwrap());
+            for c in cidrs {
+                r.insert(c.parse::<IpNet>().unwrap(), route.clone());
+            }
+        }
+        let p = plan(&r, "n1", &up, 9, RoutingMode::Auto);
+        let via = |c: &str| {
+            let cidr: IpNet = c.parse().unwrap();
+            let k = p.kernel.iter().find(|k| k.dst == cidr).unwrap();
+            (p.map[&cidr].mode(), k.gateway.map(|g| g.to_string()))
+        };
+        let direct = |hop: &str| (RouteEntry::MODE_DIRECT, Some(hop.to_string()));
+        assert_eq!(via("10.244.2.0/24"), direct("172.30.1.12"));
+        assert_eq!(via("fd00:10:244:2::/64"), direct("fd00:172:30:1::12"));
+        assert_eq!(via("10.244.3.0/24"), (RouteEntry::MODE_VXLAN, None));
+        assert_eq!(via("fd00:10:244:3::/64"), (RouteEntry::MODE_VXLAN, None));
+        let tunnel = p.map[&"10.244.3.0/24".parse().unwrap()];
+        assert_eq!(
+            *tunnel.node_ip(),
+            IpKey::from("fd00:172:30:2::13".parse::<IpAddr>().unwrap()),
+            "VXLAN to the address the node is known by"
+        );
     }
 
     #[test]
