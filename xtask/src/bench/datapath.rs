@@ -6,7 +6,8 @@
 //! weir runs as it is deployed: a local cluster ([`LocalCluster`]) with the real agents and
 //! controller, pods created through the CNI plugin, policies written as manifests and waited
 //! for with `sync()`. The clusters are dual-stack, so each one carries the IPv4 and the IPv6
-//! traffic with the same pods and policies. Its rule sets are NetworkPolicies selecting the
+//! traffic with the same pods and policies, and their nodes have addresses of both families
+//! (as the baseline networks' nodes do), so both families are routed directly between them. Its rule sets are NetworkPolicies selecting the
 //! server pod: `count − 1` each allowing one /32 and one /128 that are not clients (ipBlock),
 //! and one allowing the client pods (podSelector) on the measured ports. The iptables, ipset
 //! and nftables networks enforce the same IPv4 rules (see [`RuleSet`]) on a baseline network
@@ -270,6 +271,9 @@ async fn weir_up(bin_dir: PathBuf, policies: usize, cross: bool) -> Result<WeirC
     opts.nodes = if cross { 2 } else { 1 };
     opts.log = "info".into();
     opts.ip_family = IpFamily::Dual;
+    // Nodes with addresses of both families, like the baseline networks' nodes: each
+    // family's pod traffic is routed directly via the other node's address of that family.
+    opts.ipv6_underlay = true;
     let mut cluster = LocalCluster::up(opts).await?;
     let spec = |name: &str, node: usize, role: &str| PodSpec {
         namespace: NAMESPACE.into(),
