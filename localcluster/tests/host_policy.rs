@@ -180,19 +180,12 @@ async fn egress_rules_judge_the_nodes_own_connections_and_untracked_rules_drop_i
         .await
         .expect("the agent still hears the controller (a failsafe port)");
     // The untracked rules are XDP's to enforce: it runs on the selected node alone.
-    let xdp_mode = |node: usize| {
-        let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
-        metrics
-            .lines()
-            .find(|l| l.starts_with("weir_agent_xdp_mode{"))
-            .map(str::to_owned)
-    };
     assert_eq!(
-        xdp_mode(0).as_deref(),
+        support::xdp_mode(&c, 0).as_deref(),
         Some("weir_agent_xdp_mode{interface=\"eth0\",mode=\"native\"} 1")
     );
     assert_eq!(
-        xdp_mode(1).as_deref(),
+        support::xdp_mode(&c, 1).as_deref(),
         Some("weir_agent_xdp_mode{interface=\"\",mode=\"none\"} 1")
     );
 

@@ -17,7 +17,7 @@ use std::{
 };
 
 use serde_json::json;
-use support::{cluster, cluster_with_agent_args, pod};
+use support::{cluster, cluster_with_agent_args, pod, xdp_mode};
 use weir_agent::{dataplane::PinLayout, maps::pinned_drop_counts};
 use weir_common::event::DropReason;
 use weir_localcluster::{LocalCluster, Topology, netns::Netns};
@@ -68,15 +68,6 @@ fn drops(c: &LocalCluster, node: usize, reason: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&prefix))
         .map(|n| n.trim().parse().expect("a count"))
         .unwrap_or(0)
-}
-
-/// The metric line `weir_agent_xdp_mode{...}` of a node.
-fn xdp_mode(c: &LocalCluster, node: usize) -> Option<String> {
-    let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
-    metrics
-        .lines()
-        .find(|l| l.starts_with("weir_agent_xdp_mode{"))
-        .map(str::to_owned)
 }
 
 /// Whether the node's flow log holds a drop for `reason` from `src` seen on interface

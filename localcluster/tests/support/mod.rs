@@ -374,3 +374,13 @@ pub fn listen_retrying(addr: std::net::SocketAddr) -> std::net::TcpListener {
         }
     }
 }
+
+/// The metric line `weir_agent_xdp_mode{...}` of node `node`'s agent: which mode the XDP
+/// program runs in on the uplink, or `mode="none"`.
+pub fn xdp_mode(c: &LocalCluster, node: usize) -> Option<String> {
+    let (_, metrics) = c.agent_http(node, "/metrics").expect("metrics");
+    metrics
+        .lines()
+        .find(|l| l.starts_with("weir_agent_xdp_mode{"))
+        .map(str::to_owned)
+}
