@@ -390,6 +390,16 @@ mod tests {
     fn v4_pools() -> Vec<IpNet> {
         vec!["10.0.0.0/24".parse().unwrap()]
     }
+    /// [`claim`] for a pod on an IPv4 node beside endpoint `a`, no `hostIP`s.
+    fn claim_v4(
+        mappings: &[PortMapping],
+        owner: (&str, &str),
+        a: &LocalEndpoint,
+        services: &BTreeMap<ServiceFrontend, ServiceEntry>,
+    ) -> Result<Vec<HostPort>, HostPortError> {
+        claim(mappings, owner, [a], services, &[], &v4_pools())
+    }
+
     fn dual_pools() -> Vec<IpNet> {
         vec![
             "10.0.0.0/24".parse().unwrap(),
@@ -451,13 +461,11 @@ mod tests {
                 id: *IDS.start(),
             }],
         );
-        let claimed = claim(
+        let claimed = claim_v4(
             &[mapping(81, 80), mapping(82, 80)],
             ("b", "eth0"),
-            [&a],
+            &a,
             &BTreeMap::new(),
-            &[],
-            &v4_pools(),
         )
         .unwrap();
         let ids: Vec<u32> = claimed.iter().map(|h| h.id).collect();
@@ -474,53 +482,21 @@ mod tests {
                 id: *IDS.start(),
             }],
         );
-        let err = claim(
-            &[mapping(80, 8080)],
-            ("b", "eth0"),
-            [&a],
-            &BTreeMap::new(),
-            &[],
-            &v4_pools(),
-        )
-        .unwrap_err();
+        let err = claim_v4(&[mapping(80, 8080)], ("b", "eth0"), &a, &BTreeMap::new()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "host port 80/tcp is already in use on this node by the hostPort of pod default/a"
         );
         // The same attachment again (a rebuilt ADD) does not conflict with itself.
-        claim(
-            &[mapping(80, 80)],
-            ("a", "eth0"),
-            [&a],
-            &BTreeMap::new(),
-            &[],
-            &v4_pools(),
-        )
-        .unwrap();
+        claim_v4(&[mapping(80, 80)], ("a", "eth0"), &a, &BTreeMap::new()).unwrap();
         // Another protocol is another port.
         let udp = PortMapping {
             protocol: PortProtocol::Udp,
             ..mapping(80, 80)
         };
-        claim(
-            &[udp],
-            ("b", "eth0"),
-            [&a],
-            &BTreeMap::new(),
-            &[],
-            &v4_pools(),
-        )
-        .unwrap();
+        claim_v4(&[udp], ("b", "eth0"), &a, &BTreeMap::new()).unwrap();
         let services = BTreeMap::from([node_port(30080)]);
-        let err = claim(
-            &[mapping(30080, 80)],
-            ("b", "eth0"),
-            [&a],
-            &services,
-            &[],
-            &v4_pools(),
-        )
-        .unwrap_err();
+        let err = claim_v4(&[mapping(30080, 80)], ("b", "eth0"), &a, &services).unwrap_err();
         assert!(
             err.to_string().contains("NodePort of Service default/np"),
             "{err}"
