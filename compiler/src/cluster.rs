@@ -29,6 +29,7 @@ use weir_api::{PodKey, canonical_ip};
 
 use super::{
     Error, HashMap, Result,
+    changes::Changes,
     cnp::{self, ClusterNetworkPolicy, ClusterNetworkPolicySpec},
     drop_cidrs::{self, DropCidrSet, DropSet},
     host_policy::{self, HostPolicy},
@@ -330,6 +331,8 @@ pub struct Cluster {
     derived_slices: BTreeMap<ObjectName, SliceRecord>,
     /// DropCIDRSets by name, with what could not be used of each.
     drop_sets: BTreeMap<String, (DropSet, Vec<ServiceDiagnostic>)>,
+    /// What changed since [`Cluster::take_changes`] (everything until it is first called).
+    journal: Changes,
 }
 
 /// What policy needs of a Node object.
@@ -403,6 +406,10 @@ impl Cluster {
         let Some(record) = self.namespaces.get_mut(idx) else {
             return idx;
         };
+        if record.labels != labels {
+            let before = record.labels.clone();
+            self.journal.note_namespace(name, || Some(before));
+        }
         let old = std::mem::replace(&mut record.labels, labels.clone());
         record.declared = declared;
         for (k, v) in old.iter() {
@@ -419,6 +426,7 @@ impl Cluster {
         if let Some(&idx) = self.namespace_ids.get(name) {
             return idx;
         }
+        self.journal.note_namespace(name, || None);
         let labels: Labels = [(NAMESPACE_NAME_LABEL, name)].into_iter().collect();
         let idx = self.namespaces.insert(NamespaceRecord {
             name: name.to_owned(),
@@ -442,6 +450,8 @@ impl Cluster {
             return;
         }
         if let Some(record) = self.namespaces.remove(idx) {
+            self.journal
+                .note_namespace(&record.name, || Some(record.labels.clone()));
             for (k, v) in record.labels.iter() {
                 self.namespaces_by_label.remove(k, v, idx);
             }
@@ -488,6 +498,11 @@ impl Cluster {
             }
         }
         info.ips = ips;
+        if self.pod(&info.key) == Some(&info) {
+            return;
+        }
+        let before = self.pod(&info.key).cloned();
+        self.journal.note_pod(&info.key, || before);
         self.delete_pod(&info.key.clone());
         let namespace = self.namespace_idx(&info.key.namespace);
         let key = info.key.clone();
@@ -527,6 +542,9 @@ impl Cluster {
         let Some(idx) = self.pod_ids.remove(key) else {
             return;
         };
+        let pods = &self.pods;
+        self.journal
+            .note_pod(key, || pods.get(idx).map(|r| r.info.clone()));
         let Some(record) = self.pods.remove(idx) else {
             return;
         };
@@ -608,7 +626,12 @@ impl Cluster {
         ips.sort_unstable();
         ips.dedup();
         let labels = node.metadata.labels.clone().unwrap_or_default().into();
-        self.nodes.insert(name, NodeRecord { labels, ips });
+        let record = NodeRecord { labels, ips };
+        if self.nodes.get(&name) != Some(&record) {
+            let nodes = &self.nodes;
+            self.journal.note_node(&name, || nodes.get(&name).cloned());
+            self.nodes.insert(name, record);
+        }
         Ok(())
     }
 
@@ -618,7 +641,9 @@ impl Cluster {
     }
 
     pub fn delete_node(&mut self, name: &str) {
-        self.nodes.remove(name);
+        if let Some(before) = self.nodes.remove(name) {
+            self.journal.note_node(name, || Some(before));
+        }
     }
 
     /// Node names: Node objects, and nodes that stored pods are scheduled to.
@@ -637,6 +662,7 @@ impl Cluster {
     pub fn upsert_policy(&mut self, np: &NetworkPolicy) -> Result<&[PolicyDiagnostic]> {
         let validated = validate::validate(np)?;
         let key = validated.policy.key.clone();
+        self.journal.note_policy(&key);
         let record = PolicyRecord {
             spec: self
                 .retain_specs
@@ -654,7 +680,9 @@ impl Cluster {
     }
 
     pub fn delete_policy(&mut self, key: &PolicyKey) {
-        self.policies.remove(key);
+        if self.policies.remove(key).is_some() {
+            self.journal.note_policy(key);
+        }
     }
 
     pub fn policy(&self, key: &PolicyKey) -> Option<&PolicyRecord> {
@@ -701,6 +729,7 @@ impl Cluster {
     ) -> Result<&[PolicyDiagnostic]> {
         let validated = cnp::validate(cnp)?;
         let key = validated.policy.key.clone();
+        self.journal.note_tiers();
         let record = ClusterPolicyRecord {
             spec: self.retain_specs.then(|| cnp.spec.clone()),
             validated: Arc::new(validated),
@@ -716,7 +745,13 @@ impl Cluster {
     }
 
     pub fn delete_cluster_policy(&mut self, name: &str) {
-        self.cluster_policies.remove(&PolicyKey::cluster(name));
+        if self
+            .cluster_policies
+            .remove(&PolicyKey::cluster(name))
+            .is_some()
+        {
+            self.journal.note_tiers();
+        }
     }
 
     pub fn cluster_policy(&self, name: &str) -> Option<&ClusterPolicyRecord> {
@@ -746,6 +781,7 @@ impl Cluster {
     pub fn upsert_host_policy(&mut self, hp: &HostPolicy) -> Result<&[PolicyDiagnostic]> {
         let validated = host_policy::validate(hp)?;
         let key = validated.tracked.policy.key.clone();
+        self.journal.note_tiers();
         let untracked_key = PolicyKey {
             kind: PolicyKind::UntrackedHostPolicy,
             ..key.clone()
@@ -766,6 +802,7 @@ impl Cluster {
 
     pub fn delete_host_policy(&mut self, name: &str) {
         let key = PolicyKey::host(name);
+        self.journal.note_tiers();
         self.host_policies.remove(&PolicyKey {
             kind: PolicyKind::UntrackedHostPolicy,
             ..key.clone()
@@ -789,6 +826,7 @@ impl Cluster {
     /// Creates or replaces a Service and returns what could not be used of it (left out).
     pub fn upsert_service(&mut self, svc: &Service) -> Result<&[ServiceDiagnostic]> {
         let (info, diagnostics) = ServiceInfo::from_service(svc)?;
+        self.journal.note_services();
         let record = ServiceRecord {
             info: Arc::new(info),
             diagnostics,
@@ -804,6 +842,7 @@ impl Cluster {
     }
 
     pub fn delete_service(&mut self, key: &ObjectName) {
+        self.journal.note_services();
         self.services.remove(key);
         self.derived_slices.remove(key);
     }
@@ -820,6 +859,7 @@ impl Cluster {
     /// Creates or replaces an EndpointSlice and returns what could not be used of it.
     pub fn upsert_endpoint_slice(&mut self, slice: &EndpointSlice) -> Result<&[ServiceDiagnostic]> {
         let (info, diagnostics) = SliceInfo::from_endpoint_slice(slice)?;
+        self.journal.note_services();
         let key = info.key.clone();
         self.delete_endpoint_slice(&key);
         if let Some(service) = &info.service {
@@ -839,6 +879,7 @@ impl Cluster {
         let Some(old) = self.slices.remove(key) else {
             return;
         };
+        self.journal.note_services();
         for service in old.slices.iter().filter_map(|s| s.service.as_ref()) {
             remove_from_btree_index_set(
                 &mut self.slices_by_service,
@@ -867,6 +908,17 @@ impl Cluster {
 
     /// Replaces the slices derived for `service`.
     pub(crate) fn set_derived_slices(&mut self, service: ObjectName, record: SliceRecord) {
+        if self
+            .derived_slices
+            .get(&service)
+            .map(|r| (&r.slices, &r.diagnostics))
+            != Some((&record.slices, &record.diagnostics))
+            && !(record.slices.is_empty()
+                && record.diagnostics.is_empty()
+                && !self.derived_slices.contains_key(&service))
+        {
+            self.journal.note_services();
+        }
         if record.slices.is_empty() && record.diagnostics.is_empty() {
             self.derived_slices.remove(&service);
         } else {
@@ -914,6 +966,45 @@ impl Cluster {
     /// What could not be used of stored DropCIDRSets.
     pub fn drop_set_diagnostics(&self) -> impl Iterator<Item = &ServiceDiagnostic> {
         self.drop_sets.values().flat_map(|(_, d)| d)
+    }
+
+    // ---------------------------------------------------------------- changes
+
+    /// What changed since the last call (everything, the first time), and starts recording
+    /// anew.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::replace(&mut self.journal, Changes::none())
+    }
+
+    /// The pods with address `ip` (more than one while the address is contested).
+    pub(crate) fn pods_at(&self, ip: IpAddr) -> impl Iterator<Item = &PodInfo> {
+        self.pods_by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.pods.get(*i))
+            .map(|r| &r.info)
+    }
+
+    /// The pods of namespace `name`.
+    pub(crate) fn pods_in(&self, name: &str) -> impl Iterator<Item = &PodInfo> {
+        self.namespace_ids
+            .get(name)
+            .and_then(|i| self.namespaces.get(*i))
+            .into_iter()
+            .flat_map(|r| r.pods.iter())
+            .filter_map(|i| self.pods.get(*i))
+            .map(|r| &r.info)
+    }
+
+    /// Node object `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.get(name)
+    }
+
+    /// Whether `name` is a node: a Node object, or a node a stored pod is scheduled to.
+    pub fn has_node(&self, name: &str) -> bool {
+        self.nodes.contains_key(name) || self.pods_by_node.contains_key(name)
     }
 
     // ---------------------------------------------------------------- index access

@@ -23,6 +23,7 @@ use weir_api::{NodeState, ServiceRef};
 
 use super::{
     HashMap,
+    changes::Changes,
     cluster::{Cluster, NsIdx},
     ids::IdAllocator,
     node::{NodeMemory, View},
@@ -30,7 +31,7 @@ use super::{
     policy::{NamespaceScope, PodPeer, PolicyKey, Rule},
     service::ServiceDiagnostic,
     service_table::ServiceTable,
-    validate::PolicyDiagnostic,
+    validate::{PolicyDiagnostic, ValidatedPolicy},
 };
 
 /// The result of compiling every node.
@@ -45,6 +46,26 @@ pub struct CompileOutput {
     pub service_diagnostics: Vec<ServiceDiagnostic>,
 }
 
+/// The result of an incremental compile ([`Compiler::compile_changes`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    /// Every node was compiled (the first compile, a change of ClusterNetworkPolicies or
+    /// HostPolicies, or too many changes at once): `nodes` holds every node.
+    pub everything: bool,
+    /// The states of the nodes recompiled (those the changes touch; their state may be
+    /// unchanged). Other nodes' states are as before, but for their Services when
+    /// `services_changed` ([`Compiler::services_for`]).
+    pub nodes: BTreeMap<String, NodeState>,
+    /// Nodes that are gone (their memory is forgotten).
+    pub removed: BTreeSet<String>,
+    /// The service table changed: every node's `services` may have.
+    pub services_changed: bool,
+    /// What is wrong with stored policies (those with errors fail closed).
+    pub diagnostics: Vec<PolicyDiagnostic>,
+    /// What could not be used of Services and EndpointSlices.
+    pub service_diagnostics: Vec<ServiceDiagnostic>,
+}
+
 /// Compiles clusters into node states, remembering the ids it handed out so that
 /// successive compiles give small diffs.
 #[derive(Debug)]
@@ -55,6 +76,11 @@ pub struct Compiler {
     nodes: HashMap<String, NodeMemory>,
     /// Ids of Service ports, the same on every node.
     service_ids: IdAllocator<ServiceRef>,
+    /// The service table of the last compile, and the frontends it refused.
+    services: ServiceTable,
+    service_conflicts: Vec<ServiceDiagnostic>,
+    /// Whether every node has been compiled once (incremental compiles build on that).
+    compiled: bool,
     threads: usize,
 }
 
@@ -94,6 +120,9 @@ impl Compiler {
             policy_ids: PolicyIds::default(),
             nodes: HashMap::default(),
             service_ids: IdAllocator::default(),
+            services: ServiceTable::default(),
+            service_conflicts: Vec::new(),
+            compiled: false,
             threads,
         }
     }
@@ -164,63 +193,137 @@ impl Compiler {
             subjects: Default::default(),
             policy_order: Default::default(),
         };
-        let chunk = work.len().div_ceil(self.threads).max(1);
-        let mut nodes = BTreeMap::new();
-        if self.threads <= 1 || work.len() <= 1 {
-            for (name, memory) in work {
-                nodes.insert(name.clone(), view.compile_node(memory, name));
-            }
-        } else {
-            let view = &view;
-            let results: Vec<Vec<(String, NodeState)>> = thread::scope(|s| {
-                let handles: Vec<_> = work
-                    .chunks_mut(chunk)
-                    .map(|part| {
-                        s.spawn(move || {
-                            part.iter_mut()
-                                .map(|(name, memory)| {
-                                    ((*name).clone(), view.compile_node(memory, name))
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                    .collect()
-            });
-            nodes.extend(results.into_iter().flatten());
-        }
+        let mut nodes = compile_nodes(&view, work, self.threads);
         // Every node has been recompiled without atoms no policy uses: release them.
-        let live: BTreeSet<u32> = self
-            .policies
-            .values()
-            .flat_map(|p| {
-                p.ingress
-                    .iter()
-                    .chain(&p.egress)
-                    .flat_map(RuleAtoms::atom_ids)
-                    .chain(p.subject)
-            })
-            .collect();
-        self.atoms.retain(&live);
-        let released = std::mem::take(&mut self.policy_ids.released);
-        self.policy_ids.free.extend(released);
-        self.service_ids.begin();
-        let (services, conflicts) = ServiceTable::build(cluster, &mut self.service_ids);
-        self.service_ids.finish();
+        self.release_unused();
+        self.rebuild_services(cluster);
         for (name, state) in &mut nodes {
-            state.services = services.for_node(name);
+            state.services = self.services.for_node(name);
         }
-        let mut service_diagnostics: Vec<ServiceDiagnostic> =
-            cluster.service_diagnostics().cloned().collect();
-        service_diagnostics.extend(conflicts);
+        self.compiled = true;
         CompileOutput {
             nodes,
             diagnostics: cluster.diagnostics().cloned().collect(),
-            service_diagnostics,
+            service_diagnostics: self.service_diagnostics(cluster),
         }
+    }
+
+    /// Compiles what `changes` touch: the nodes whose state may differ from their last
+    /// compile's, and nothing else. `changes` are those of `cluster` since the last compile
+    /// ([`Cluster::take_changes`]). Every node state is then what
+    /// [`Compiler::compile_all`] would give (a property the tests check on random change
+    /// sequences); the first compile, a change of ClusterNetworkPolicies or HostPolicies
+    /// (their subjects span namespaces), and very large batches compile everything.
+    ///
+    /// A node is recompiled when a pod on it changed; when a NetworkPolicy of a namespace
+    /// it has pods of changed; when its Node object changed; or when the members of a peer
+    /// its rules refer to moved (a pod joined or left a selector, or the addresses or
+    /// named ports of a member changed).
+    pub fn compile_changes(&mut self, cluster: &Cluster, changes: &Changes) -> Update {
+        let too_many = changes.len() > INCREMENTAL_MAX_CHANGES
+            || changes.pods.len().saturating_mul(self.atoms.len()) > INCREMENTAL_MAX_CHECKS;
+        if !self.compiled || changes.everything || changes.tiers || too_many {
+            let before: BTreeSet<String> = self.nodes.keys().cloned().collect();
+            let out = self.compile_all(cluster);
+            return Update {
+                everything: true,
+                removed: before
+                    .into_iter()
+                    .filter(|n| !out.nodes.contains_key(n))
+                    .collect(),
+                nodes: out.nodes,
+                services_changed: true,
+                diagnostics: out.diagnostics,
+                service_diagnostics: out.service_diagnostics,
+            };
+        }
+        for key in &changes.policies {
+            match cluster.validated_policy(key) {
+                Some(validated) => self.refresh_policy(key, validated),
+                None => {
+                    if let Some(old) = self.policies.remove(key) {
+                        self.policy_ids.released.push(old.id);
+                        self.atoms.release(old.atom_ids());
+                    }
+                }
+            }
+        }
+        let affected = super::affected::nodes(cluster, changes, &self.atoms, &self.nodes);
+        let mut removed = BTreeSet::new();
+        for name in &affected {
+            if !cluster.has_node(name) {
+                self.nodes.remove(name);
+                removed.insert(name.clone());
+            } else {
+                self.nodes.entry(name.clone()).or_default();
+            }
+        }
+        let members = AtomMembers::new(cluster, &self.atoms);
+        let view = View {
+            cluster,
+            members: &members,
+            policies: &self.policies,
+            by_namespace: None,
+            cluster_policies: Self::cluster_policies(&self.policies, cluster),
+            host_policies: Self::host_policies(&self.policies, cluster),
+            subjects: Default::default(),
+            policy_order: Default::default(),
+        };
+        let mut work: Vec<(&String, &mut NodeMemory)> = self
+            .nodes
+            .iter_mut()
+            .filter(|(name, _)| affected.contains(*name))
+            .collect();
+        work.sort_by(|a, b| a.0.cmp(b.0));
+        let mut nodes = compile_nodes(&view, work, self.threads);
+        // The nodes that referred to atoms of changed policies were among those recompiled.
+        self.release_unused();
+        if changes.services {
+            self.rebuild_services(cluster);
+        }
+        for (name, state) in &mut nodes {
+            state.services = self.services.for_node(name);
+        }
+        Update {
+            everything: false,
+            nodes,
+            removed,
+            services_changed: changes.services,
+            diagnostics: cluster.diagnostics().cloned().collect(),
+            service_diagnostics: self.service_diagnostics(cluster),
+        }
+    }
+
+    /// One node's Services, as of the last compile.
+    pub fn services_for(
+        &self,
+        node: &str,
+    ) -> BTreeMap<weir_api::ServiceFrontend, weir_api::ServiceEntry> {
+        self.services.for_node(node)
+    }
+
+    /// Releases the atoms and policy ids nothing refers to any more (once every node that
+    /// used them has been recompiled).
+    fn release_unused(&mut self) {
+        self.atoms.retain_referenced();
+        let released = std::mem::take(&mut self.policy_ids.released);
+        self.policy_ids.free.extend(released);
+    }
+
+    fn rebuild_services(&mut self, cluster: &Cluster) {
+        self.service_ids.begin();
+        let (services, conflicts) = ServiceTable::build(cluster, &mut self.service_ids);
+        self.service_ids.finish();
+        self.services = services;
+        self.service_conflicts = conflicts;
+    }
+
+    fn service_diagnostics(&self, cluster: &Cluster) -> Vec<ServiceDiagnostic> {
+        cluster
+            .service_diagnostics()
+            .cloned()
+            .chain(self.service_conflicts.iter().cloned())
+            .collect()
     }
 
     /// Drops the id memory of a node (its next compile starts from fresh ids).
@@ -232,10 +335,12 @@ impl Compiler {
     fn refresh_policies(&mut self, cluster: &Cluster, prune: bool) {
         if prune {
             let released = &mut self.policy_ids.released;
+            let atoms = &mut self.atoms;
             self.policies.retain(|k, p| {
                 let keep = cluster.validated_policy(k).is_some();
                 if !keep {
                     released.push(p.id);
+                    atoms.release(p.atom_ids());
                 }
                 keep
             });
@@ -246,12 +351,19 @@ impl Compiler {
             .chain(cluster.cluster_policies().map(|(k, r)| (k, &r.validated)))
             .chain(cluster.host_policies());
         for (key, validated) in stored {
+            self.refresh_policy(key, validated);
+        }
+    }
+
+    /// Interns the atoms of a stored policy unless it is cached as it is.
+    fn refresh_policy(&mut self, key: &PolicyKey, validated: &Arc<ValidatedPolicy>) {
+        {
             let fresh = self
                 .policies
                 .get(key)
                 .is_some_and(|c| Arc::ptr_eq(&c.validated, validated));
             if fresh {
-                continue;
+                return;
             }
             let policy = &validated.policy;
             let intern = |rules: Option<&Vec<Rule>>, atoms: &mut AtomTable| {
@@ -274,16 +386,17 @@ impl Compiler {
                 Some(old) => old.id,
                 None => self.policy_ids.allocate(),
             };
-            self.policies.insert(
-                key.clone(),
-                CachedPolicy {
-                    id,
-                    validated: validated.clone(),
-                    subject,
-                    ingress,
-                    egress,
-                },
-            );
+            let cached = CachedPolicy {
+                id,
+                validated: validated.clone(),
+                subject,
+                ingress,
+                egress,
+            };
+            self.atoms.acquire(cached.atom_ids());
+            if let Some(old) = self.policies.insert(key.clone(), cached) {
+                self.atoms.release(old.atom_ids());
+            }
         }
     }
 
@@ -315,4 +428,43 @@ impl Compiler {
     pub fn interned_peers(&self) -> usize {
         self.atoms.len()
     }
+}
+
+/// More changes than this at once compile everything.
+const INCREMENTAL_MAX_CHANGES: usize = 20_000;
+/// Nor more than this many (changed pod, peer) checks.
+const INCREMENTAL_MAX_CHECKS: usize = 50_000_000;
+
+/// Compiles `work`'s nodes on up to `threads` threads.
+fn compile_nodes(
+    view: &View<'_>,
+    mut work: Vec<(&String, &mut NodeMemory)>,
+    threads: usize,
+) -> BTreeMap<String, NodeState> {
+    let chunk = work.len().div_ceil(threads).max(1);
+    let mut nodes = BTreeMap::new();
+    if threads <= 1 || work.len() <= 1 {
+        for (name, memory) in work {
+            nodes.insert(name.clone(), view.compile_node(memory, name));
+        }
+        return nodes;
+    }
+    let results: Vec<Vec<(String, NodeState)>> = thread::scope(|s| {
+        let handles: Vec<_> = work
+            .chunks_mut(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter_mut()
+                        .map(|(name, memory)| ((*name).clone(), view.compile_node(memory, name)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    nodes.extend(results.into_iter().flatten());
+    nodes
 }

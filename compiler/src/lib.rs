@@ -59,7 +59,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod affected;
 pub mod capacity;
+pub mod changes;
 mod classes;
 pub mod cluster;
 pub mod cnp;
@@ -85,8 +87,9 @@ mod tiers;
 pub mod validate;
 
 // The front door: what the runtime, tests and tools name most.
+pub use changes::Changes;
 pub use cluster::{Cluster, PodInfo};
-pub use compile::{CompileOutput, Compiler};
+pub use compile::{CompileOutput, Compiler, Update};
 pub use policy::PolicyKey;
 pub use validate::{PolicyDiagnostic, Problem, Severity};
 

@@ -37,6 +37,9 @@ pub(crate) struct NodeMemory {
     classes: IdAllocator<ClassSignature>,
     rule_sets: IdAllocator<RuleSetKey>,
     rules: IdAllocator<RuleKey>,
+    /// The atoms the node's last compile read the members of (its rules' peers and egress
+    /// named ports), sorted: when one of them changes, the node is recompiled.
+    pub atoms: Box<[u32]>,
 }
 
 /// What a rule set is: its direction, its policies (ids, in policy-key order), and for
@@ -145,6 +148,18 @@ impl<'a> View<'a> {
     fn build(&self, memory: &mut NodeMemory, node: &str) -> NodeState {
         let (rule_sets, endpoints) = self.endpoints(node);
         let rules = self.rules(&rule_sets, memory);
+        let peers = &rules.peers;
+        let mut atoms: Vec<u32> = peers
+            .selectors
+            .iter()
+            .chain(&peers.blocks)
+            .chain(&peers.nodes)
+            .chain(peers.egress_ports.keys())
+            .copied()
+            .collect();
+        atoms.sort_unstable();
+        atoms.dedup();
+        memory.atoms = atoms.into_boxed_slice();
 
         let classes = Classification::classify(self.cluster, self.members, &rules.peers);
         let mut class_of = vec![CLASS_UNMATCHED];

@@ -47,6 +47,8 @@ pub(crate) struct AtomTable {
     keys: Vec<Option<Arc<AtomKey>>>,
     /// For `Pods` atoms with a namespace selector: the `Namespaces` atom of that selector.
     namespace_atom: Vec<Option<u32>>,
+    /// How many times cached policies refer to each atom.
+    refs: Vec<u32>,
     free: BTreeSet<u32>,
 }
 
@@ -67,6 +69,7 @@ impl AtomTable {
             None => {
                 self.keys.push(None);
                 self.namespace_atom.push(None);
+                self.refs.push(0);
                 u32::try_from(self.keys.len() - 1).unwrap_or(u32::MAX)
             }
         };
@@ -86,17 +89,39 @@ impl AtomTable {
         self.keys.len()
     }
 
-    /// Releases every atom not in `live` (and not the namespace atom of a live atom).
-    pub fn retain(&mut self, live: &BTreeSet<u32>) {
-        let mut keep: BTreeSet<u32> = live.clone();
-        for id in live {
-            if let Some(Some(ns)) = self.namespace_atom.get(*id as usize) {
-                keep.insert(*ns);
+    /// Counts the references of a cached policy to its atoms.
+    pub fn acquire(&mut self, ids: impl Iterator<Item = u32>) {
+        for id in ids {
+            if let Some(r) = self.refs.get_mut(id as usize) {
+                *r += 1;
+            }
+        }
+    }
+
+    /// Uncounts the references of a cached policy that is dropped.
+    pub fn release(&mut self, ids: impl Iterator<Item = u32>) {
+        for id in ids {
+            if let Some(r) = self.refs.get_mut(id as usize) {
+                *r = r.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Releases every atom no cached policy refers to (and that is not the namespace atom of
+    /// one that is). Only once every node state that used them has been recompiled.
+    pub fn retain_referenced(&mut self) {
+        let mut keep = vec![false; self.keys.len()];
+        for (id, refs) in self.refs.iter().enumerate() {
+            if *refs > 0 {
+                keep[id] = true;
+                if let Some(Some(ns)) = self.namespace_atom.get(id) {
+                    keep[*ns as usize] = true;
+                }
             }
         }
         for (id, slot) in self.keys.iter_mut().enumerate() {
             let Ok(id) = u32::try_from(id) else { break };
-            if slot.is_some() && !keep.contains(&id) {
+            if slot.is_some() && !keep[id as usize] {
                 if let Some(key) = slot.take() {
                     self.ids.remove(&*key);
                 }
@@ -108,6 +133,14 @@ impl AtomTable {
 
     pub fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Every interned atom with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &AtomKey)> {
+        self.keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| Some((u32::try_from(i).ok()?, k.as_deref()?)))
     }
 }
 
@@ -178,6 +211,15 @@ pub(crate) struct CachedPolicy {
 }
 
 impl CachedPolicy {
+    /// Every atom the policy refers to (with repetitions): its rules' and its subject's.
+    pub fn atom_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ingress
+            .iter()
+            .chain(&self.egress)
+            .flat_map(RuleAtoms::atom_ids)
+            .chain(self.subject)
+    }
+
     /// The rules of one direction as written, each with its interned form (none if the
     /// policy does not isolate that direction).
     pub fn written_rules(

@@ -159,7 +159,11 @@ fn named_ports() -> impl Strategy<Value = Vec<(String, i32, String)>> {
     )
 }
 
-fn pods(namespaces: usize, nodes: usize) -> impl Strategy<Value = Vec<PodBuilder>> {
+fn pods(
+    namespaces: usize,
+    nodes: usize,
+    count: std::ops::RangeInclusive<usize>,
+) -> impl Strategy<Value = Vec<PodBuilder>> {
     proptest::collection::vec(
         (
             0..namespaces,
@@ -168,7 +172,7 @@ fn pods(namespaces: usize, nodes: usize) -> impl Strategy<Value = Vec<PodBuilder
             pod_kind(),
             named_ports(),
         ),
-        2..=7,
+        count,
     )
     .prop_map(|specs| {
         specs
@@ -531,13 +535,21 @@ fn cluster_policies() -> impl Strategy<Value = Vec<ClusterNetworkPolicy>> {
 }
 
 fn model() -> impl Strategy<Value = Model> {
-    (2usize..=3, 2usize..=3)
-        .prop_flat_map(|(nodes, namespaces)| {
+    model_in(2..=3, 2..=7)
+}
+
+/// A model with a number of nodes and pods in these ranges.
+fn model_in(
+    nodes: std::ops::RangeInclusive<usize>,
+    pods_per_cluster: std::ops::RangeInclusive<usize>,
+) -> impl Strategy<Value = Model> {
+    (nodes, 2usize..=3)
+        .prop_flat_map(move |(nodes, namespaces)| {
             (
                 Just(nodes),
                 proptest::collection::vec(node_labels(), nodes),
                 proptest::collection::vec(namespace_labels(), namespaces),
-                pods(namespaces, nodes),
+                pods(namespaces, nodes, pods_per_cluster.clone()),
                 (0usize..=4).prop_flat_map(move |n| {
                     (0..n)
                         .map(|i| network_policy(namespaces, i))
@@ -698,7 +710,7 @@ fn change(namespaces: usize) -> impl Strategy<Value = Change> {
         3 => (any::<usize>(), pod_labels()).prop_map(|(i, l)| Change::PodLabels(i, l)),
         1 => (any::<usize>(), namespace_labels()).prop_map(|(i, l)| Change::NamespaceLabels(i, l)),
         1 => any::<usize>().prop_map(Change::DeletePod),
-        1 => (any::<usize>(), 0usize..3).prop_map(|(i, n)| Change::MovePod(i, n)),
+        1 => (any::<usize>(), 0usize..6).prop_map(|(i, n)| Change::MovePod(i, n)),
         1 => any::<usize>().prop_map(Change::DeletePolicy),
         2 => (any::<usize>(), network_policy(namespaces, 9)).prop_map(|(i, p)| Change::ReplacePolicy(i, Box::new(p))),
         1 => (any::<usize>(), cluster_network_policy(9)).prop_map(|(i, p)| Change::ReplaceClusterPolicy(i, Box::new(p))),
@@ -792,8 +804,11 @@ fn apply_to_cluster(cluster: &mut Cluster, before: &Model, after: &Model) {
             cluster.delete_policy(&name(p));
         }
     }
+    // Only what changed, as a watch reports it.
     for p in &after.policies {
-        cluster.upsert_policy(p).unwrap();
+        if !before.policies.contains(p) {
+            cluster.upsert_policy(p).unwrap();
+        }
     }
     for p in &before.cluster_policies {
         let name = p.metadata.name.clone().unwrap();
@@ -806,7 +821,9 @@ fn apply_to_cluster(cluster: &mut Cluster, before: &Model, after: &Model) {
         }
     }
     for p in &after.cluster_policies {
-        cluster.upsert_cluster_policy(p).unwrap();
+        if !before.cluster_policies.contains(p) {
+            cluster.upsert_cluster_policy(p).unwrap();
+        }
     }
 }
 
@@ -891,6 +908,119 @@ proptest! {
         for (node, state) in &all.nodes {
             let one = Compiler::new().compile_node(&cluster, node);
             prop_assert_eq!(&one, state);
+        }
+    }
+}
+
+/// A change to the cluster for the incremental compile tests: the changes above, and pods
+/// added or given another pod's address.
+#[derive(Clone, Debug)]
+enum Step {
+    Change(Change),
+    AddPod(usize, usize, BTreeMap<String, String>),
+    TakeAddress(usize, usize),
+}
+
+fn step(namespaces: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        8 => change(namespaces).prop_map(Step::Change),
+        1 => (0..namespaces, 0usize..6, pod_labels()).prop_map(|(ns, node, l)| Step::AddPod(ns, node, l)),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(i, j)| Step::TakeAddress(i, j)),
+    ]
+}
+
+fn apply_step(model: &Model, step: &Step, serial: usize) -> Model {
+    match step {
+        Step::Change(Change::PodLabels(..) | Change::DeletePod(_) | Change::MovePod(..))
+            if model.pods.is_empty() =>
+        {
+            model.clone()
+        }
+        Step::Change(c) => apply(model, c),
+        Step::AddPod(ns, node, labels) => {
+            let mut m = model.clone();
+            let mut p = pod(&format!("{}/added{serial}", ns_name(*ns)));
+            p.labels = labels.clone();
+            p.node = Some(format!("node-{}", node % m.nodes));
+            p.ips = vec![format!("10.0.{ns}.{}", 100 + serial)];
+            p.ports = vec![("http".to_owned(), 80, "TCP".to_owned())];
+            m.pods.push(p);
+            m
+        }
+        Step::TakeAddress(i, j) => {
+            let mut m = model.clone();
+            let n = m.pods.len();
+            if n > 0 {
+                m.pods[i % n].ips = m.pods[j % n].ips.clone();
+            }
+            m
+        }
+    }
+}
+
+/// Incremental compiles that recompiled fewer nodes than there are (the test is void if
+/// there are none).
+static PARTIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[test]
+fn incremental_compiles_equal_full_compiles_partially() {
+    incremental_compiles_equal_full_compiles();
+    let partial = PARTIAL.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        partial > 100,
+        "only {partial} incremental compiles left nodes out"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// After every batch of random changes, an incremental compile leaves every node's
+    /// state exactly what a full compile gives (ids included), and recompiles only some nodes
+    /// when it can. Run by `incremental_compiles_equal_full_compiles_partially`.
+    fn incremental_compiles_equal_full_compiles(
+        (model, batches) in model_in(3..=6, 4..=14).prop_flat_map(|m| {
+            let n = m.namespaces.len();
+            (Just(m), proptest::collection::vec(proptest::collection::vec(step(n), 1..=3), 1..=6))
+        })
+    ) {
+        let mut cluster = model.cluster();
+        let mut incremental = Compiler::new().with_threads(2);
+        let mut full = Compiler::new().with_threads(1);
+        let first = incremental.compile_changes(&cluster, &cluster.clone().take_changes());
+        prop_assert!(first.everything);
+        cluster.take_changes();
+        let mut states = first.nodes;
+        prop_assert_eq!(&states, &full.compile_all(&cluster).nodes);
+        let mut current = model;
+        let mut serial = 0;
+        for batch in &batches {
+            for s in batch {
+                serial += 1;
+                let next = apply_step(&current, s, serial);
+                apply_to_cluster(&mut cluster, &current, &next);
+                current = next;
+            }
+            let changes = cluster.take_changes();
+            let update = incremental.compile_changes(&cluster, &changes);
+            if !update.everything && update.nodes.len() < states.len() {
+                PARTIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            for node in &update.removed {
+                states.remove(node);
+            }
+            if update.everything {
+                states.clear();
+            }
+            if update.services_changed {
+                for (node, state) in states.iter_mut() {
+                    state.services = incremental.services_for(node);
+                }
+            }
+            states.extend(update.nodes.clone());
+            let expected = full.compile_all(&cluster);
+            prop_assert_eq!(&states, &expected.nodes, "after {:?}", batch);
+            prop_assert_eq!(&update.diagnostics, &expected.diagnostics);
         }
     }
 }
