@@ -6,7 +6,7 @@
 //! compile). So a node is touched when:
 //!
 //! * a pod on it changed (before or after the change);
-//! * a NetworkPolicy of a namespace it has pods of changed;
+//! * a NetworkPolicy that selected or selects one of its pods changed;
 //! * its Node object changed;
 //! * a peer it refers to changed members: a pod joined or left a pod selector (by its labels
 //!   or its namespace's), a member's addresses changed (or its claim on an address another
@@ -30,13 +30,15 @@ use super::{
     node::NodeMemory,
     peers::{AtomKey, AtomTable},
     policy::{NamespaceScope, PodPeer},
-    selector::Labels,
+    selector::{Labels, Selector},
 };
 
-/// The nodes `changes` touch (some may be gone from `cluster`).
+/// The nodes `changes` touch (some may be gone from `cluster`). `policies` holds, for every
+/// changed NetworkPolicy, its namespace and the pod selectors of its old and new versions.
 pub(crate) fn nodes(
     cluster: &Cluster,
     changes: &Changes,
+    policies: &[(&str, Selector)],
     atoms: &AtomTable,
     memories: &HashMap<String, NodeMemory>,
 ) -> BTreeSet<String> {
@@ -132,14 +134,15 @@ pub(crate) fn nodes(
         }
     }
 
-    // NetworkPolicies: the nodes of their namespace's pods.
-    let namespaces: BTreeSet<&str> = changes
-        .policies
-        .iter()
-        .map(|k| k.namespace.as_str())
-        .collect();
-    for ns in namespaces {
-        touched.extend(cluster.pods_in(ns).filter_map(|p| p.node.clone()));
+    // NetworkPolicies: the nodes of the pods they selected or select (their rule sets
+    // change; the policy is nobody else's).
+    for (ns, selector) in policies {
+        touched.extend(
+            cluster
+                .pods_in(ns)
+                .filter(|p| selector.matches(&p.labels))
+                .filter_map(|p| p.node.clone()),
+        );
     }
 
     // Nodes whose peers moved.

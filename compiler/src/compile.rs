@@ -29,6 +29,7 @@ use super::{
     node::{NodeMemory, View},
     peers::{AtomKey, AtomMembers, AtomTable, CachedPolicy, RuleAtoms},
     policy::{NamespaceScope, PodPeer, PolicyKey, Rule},
+    selector::Selector,
     service::ServiceDiagnostic,
     service_table::ServiceTable,
     validate::{PolicyDiagnostic, ValidatedPolicy},
@@ -148,7 +149,6 @@ impl Compiler {
             cluster_policies: Self::cluster_policies(&self.policies, cluster),
             host_policies: Self::host_policies(&self.policies, cluster),
             subjects: Default::default(),
-            policy_order: Default::default(),
         };
         let memory = self.nodes.entry(node.to_owned()).or_default();
         let mut state = view.compile_node(memory, node);
@@ -191,7 +191,6 @@ impl Compiler {
             cluster_policies: Self::cluster_policies(&self.policies, cluster),
             host_policies: Self::host_policies(&self.policies, cluster),
             subjects: Default::default(),
-            policy_order: Default::default(),
         };
         let mut nodes = compile_nodes(&view, work, self.threads);
         // Every node has been recompiled without atoms no policy uses: release them.
@@ -237,6 +236,18 @@ impl Compiler {
                 service_diagnostics: out.service_diagnostics,
             };
         }
+        // The pods a changed NetworkPolicy selected before and selects now.
+        let selections: Vec<(&str, Selector)> = changes
+            .policies
+            .iter()
+            .flat_map(|key| {
+                let before = self.policies.get(key).map(|p| &p.validated);
+                before
+                    .into_iter()
+                    .chain(cluster.validated_policy(key))
+                    .map(move |v| (key.namespace.as_str(), v.policy.pod_selector.clone()))
+            })
+            .collect();
         for key in &changes.policies {
             match cluster.validated_policy(key) {
                 Some(validated) => self.refresh_policy(key, validated),
@@ -248,7 +259,8 @@ impl Compiler {
                 }
             }
         }
-        let affected = super::affected::nodes(cluster, changes, &self.atoms, &self.nodes);
+        let affected =
+            super::affected::nodes(cluster, changes, &selections, &self.atoms, &self.nodes);
         let mut removed = BTreeSet::new();
         for name in &affected {
             if !cluster.has_node(name) {
@@ -267,7 +279,6 @@ impl Compiler {
             cluster_policies: Self::cluster_policies(&self.policies, cluster),
             host_policies: Self::host_policies(&self.policies, cluster),
             subjects: Default::default(),
-            policy_order: Default::default(),
         };
         let mut work: Vec<(&String, &mut NodeMemory)> = self
             .nodes

@@ -69,17 +69,15 @@ pub(crate) struct View<'a> {
     /// The pods each ClusterNetworkPolicy applies to, inverted; built by the first node
     /// compile that needs it, then shared by all.
     pub subjects: std::sync::OnceLock<SubjectIndex>,
-    /// Each policy's position in [`weir_api::PolicyRef`] order, by policy id ([`policy_order`]);
-    /// built by the first node compile that needs it.
-    pub policy_order: std::sync::OnceLock<Vec<u32>>,
 }
 
-/// The position of each policy (indexed by id) in the order of its [`weir_api::PolicyRef`]
+/// The position of each of `policies` (by id) in the order of its [`weir_api::PolicyRef`]
 /// (kind name, namespace, name), which leads the order of [`RuleRef`]s. A rule's rank for
 /// attribution is then (position, direction, index), compared as integers: sorting a
 /// node's rules by their `RuleRef`s compares kind and policy name strings, and a node with
-/// ClusterNetworkPolicies has hundreds of rules of one kind. Ids no policy has: `u32::MAX`.
-fn policy_order<'p>(policies: impl Iterator<Item = (u32, &'p PolicyKey)>) -> Vec<u32> {
+/// ClusterNetworkPolicies has hundreds of rules of one kind. Only the node's own policies are
+/// ordered (ranks are relative), so a change elsewhere costs the node nothing.
+fn policy_order<'p>(policies: impl Iterator<Item = (u32, &'p PolicyKey)>) -> HashMap<u32, u32> {
     let mut by_ref: Vec<(u32, &PolicyKey)> = policies.collect();
     by_ref.sort_unstable_by(|(_, a), (_, b)| {
         (a.kind.as_str(), &a.namespace, &a.name)
@@ -87,16 +85,12 @@ fn policy_order<'p>(policies: impl Iterator<Item = (u32, &'p PolicyKey)>) -> Vec
             // A HostPolicy's untracked part is named like it.
             .then(a.kind.cmp(&b.kind))
     });
-    let ids = by_ref
+    by_ref.dedup_by_key(|(id, _)| *id);
+    by_ref
         .iter()
-        .map(|(id, _)| *id as usize + 1)
-        .max()
-        .unwrap_or(0);
-    let mut order = vec![u32::MAX; ids];
-    for (position, (id, _)) in by_ref.iter().enumerate() {
-        order[*id as usize] = u32::try_from(position).unwrap_or(u32::MAX);
-    }
-    order
+        .enumerate()
+        .map(|(position, (id, _))| (*id, u32::try_from(position).unwrap_or(u32::MAX)))
+        .collect()
 }
 
 /// The key of the node itself among its endpoints.
@@ -345,12 +339,14 @@ impl<'a> View<'a> {
         let mut keys = Vec::new();
         let mut start = HashMap::default();
         let mut seen: HashSet<(u32, Direction)> = HashSet::default();
+        let mut mine: Vec<(u32, &PolicyKey)> = Vec::new();
         let mut peers = NodePeers::default();
         for set in rule_sets {
             for &policy in &set.policies {
                 if !seen.insert((policy.id, set.direction)) {
                     continue;
                 }
+                mine.push((policy.id, &policy.validated.policy.key));
                 start.insert((policy.id, set.direction), refs.len());
                 let written_policy = &policy.validated.policy;
                 let tier = match written_policy.tier {
@@ -406,17 +402,15 @@ impl<'a> View<'a> {
         }
         let ids = memory.rules.assign(&keys);
         // `RuleRef` order, from integers: (policy, direction, index) identifies a rule.
-        let order = self.policy_order.get_or_init(|| {
-            policy_order(
-                self.policies
-                    .values()
-                    .map(|p| (p.id, &p.validated.policy.key)),
-            )
-        });
+        let order = policy_order(mine.into_iter());
         let mut by_rank: Vec<usize> = (0..refs.len()).collect();
         by_rank.sort_unstable_by_key(|&i| {
             let (policy, direction, index) = keys[i];
-            (order[policy as usize], direction, index)
+            (
+                order.get(&policy).copied().unwrap_or(u32::MAX),
+                direction,
+                index,
+            )
         });
         let mut rank = vec![0u32; refs.len()];
         for (r, &i) in by_rank.iter().enumerate() {
@@ -815,12 +809,8 @@ mod tests {
             .collect();
         refs.sort();
         for (position, (_, id)) in refs.iter().enumerate() {
-            assert_eq!(
-                order[*id as usize], position as u32,
-                "{:?}",
-                refs[position].0
-            );
+            assert_eq!(order[id], position as u32, "{:?}", refs[position].0);
         }
-        assert_eq!(order[5], u32::MAX, "an id no policy has");
+        assert_eq!(order.len(), keys.len());
     }
 }

@@ -158,13 +158,23 @@ spec:
 }
 
 #[test]
-fn a_policy_change_recompiles_the_nodes_of_its_namespace() {
+fn a_policy_change_recompiles_the_nodes_of_the_pods_it_selected_or_selects() {
     let mut c = three_nodes();
     c.upsert_pod(&pod("dev/x").node("node-2").ip("10.0.2.7").build())
         .unwrap();
     let mut t = Twin::new(c);
     t.cluster.delete_policy(&PolicyKey::new("prod", "db"));
-    assert_eq!(t.compile(), names(&["node-0", "node-1", "node-2"]));
+    assert_eq!(t.compile(), names(&["node-1"]));
+    let isolate = |app: &str| {
+        policy(&format!(
+            "metadata: {{name: db, namespace: prod}}\nspec: {{podSelector: {{matchLabels: {{app: {app}}}}}}}\n"
+        ))
+    };
+    t.cluster.upsert_policy(&isolate("web")).unwrap();
+    assert_eq!(t.compile(), names(&["node-0"]));
+    // Now selecting `db` instead of `web`.
+    t.cluster.upsert_policy(&isolate("db")).unwrap();
+    assert_eq!(t.compile(), names(&["node-0", "node-1"]));
     t.cluster
         .upsert_policy(&policy(
             r#"

@@ -4,11 +4,12 @@
 //! Each measurement runs in a child process (`xtask bench-child compile <shape>`), so that
 //! the peak resident set (`VmHWM` in `/proc/self/status`) is that measurement's alone. The
 //! child builds the cluster store, compiles every node (timed; the peak RSS read right after
-//! covers the store, the compiler's memory and the output), then changes one pod's labels,
-//! recompiles and diffs every node against its previous state, as the controller does on
-//! every change (timed together: that is the latency a change adds before agents hear of it),
-//! and does the same for one edited policy. Diff sizes are counted in table entries and in
-//! protobuf bytes as sent to agents (the `NodeStateDiff` message, without gRPC/TLS framing).
+//! covers the store, the compiler's memory and the output), then changes one pod's labels and
+//! compiles the change incrementally, as the controller does: the nodes the change touches
+//! are recompiled and diffed against their previous state (timed together: that is the
+//! latency a change adds before agents hear of it). It does the same for one edited policy
+//! and for one policy added. Diff sizes are counted in table entries and in protobuf bytes as
+//! sent to agents (the `NodeStateDiff` message, without gRPC/TLS framing).
 //!
 //! Shape `b-cnp` is shape B with 1k ClusterNetworkPolicies added: its figures are compared
 //! with shape B's of the same run.
@@ -20,8 +21,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
-use weir_api::PodKey;
-use weir_compiler::{CompileOutput, Compiler};
+use weir_api::{NodeState, PodKey};
+use weir_compiler::{Cluster, Compiler};
 
 use super::{
     report::{Better, Goal, Report},
@@ -31,8 +32,9 @@ use super::{
 const SECTION: &str = "compile";
 
 /// What the incremental measurements report.
-const CHANGE_FIELDS: [(&str, &str, &str); 4] = [
+const CHANGE_FIELDS: [(&str, &str, &str); 5] = [
     ("seconds", "time to recompile and diff", "s"),
+    ("recompiled", "nodes recompiled", "nodes"),
     ("nodes", "nodes with a diff", "nodes"),
     ("entries", "diff entries, all nodes", "entries"),
     ("bytes", "diff bytes sent, all nodes", "bytes"),
@@ -71,12 +73,7 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
             Better::Lower,
             baseline("store_mb"),
         );
-        for change in ["pod_change", "policy_change"] {
-            let what = if change == "pod_change" {
-                "one pod label change"
-            } else {
-                "one policy change"
-            };
+        for (change, what) in CHANGES {
             for (field, label, unit) in CHANGE_FIELDS {
                 report.define(
                     SECTION,
@@ -121,23 +118,30 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
             record(format!("{SECTION}.{s}.full.seconds"), &v["full_seconds"]);
             record(format!("{SECTION}.{s}.full.peak_mb"), &v["full_peak_mb"]);
             record(format!("{SECTION}.{s}.store_mb"), &v["store_mb"]);
-            for change in ["pod_change", "policy_change"] {
+            for (change, _) in CHANGES {
                 for (field, _, _) in CHANGE_FIELDS {
                     record(format!("{SECTION}.{s}.{change}.{field}"), &v[change][field]);
                 }
             }
             println!(
-                "  [compile run {run}/{runs}] shape {s}: full compile {:.2} s, peak {} MB; pod change {:.2} s ({} nodes, {} entries, {} bytes); policy change {:.2} s ({} nodes, {} entries, {} bytes) [{:.0?} in all]",
+                "  [compile run {run}/{runs}] shape {s}: full compile {:.2} s, peak {} MB; {} [{:.0?} in all]",
                 v["full_seconds"].as_f64().unwrap_or(f64::NAN),
                 v["full_peak_mb"],
-                v["pod_change"]["seconds"].as_f64().unwrap_or(f64::NAN),
-                v["pod_change"]["nodes"],
-                v["pod_change"]["entries"],
-                v["pod_change"]["bytes"],
-                v["policy_change"]["seconds"].as_f64().unwrap_or(f64::NAN),
-                v["policy_change"]["nodes"],
-                v["policy_change"]["entries"],
-                v["policy_change"]["bytes"],
+                CHANGES
+                    .iter()
+                    .map(|(change, what)| {
+                        let c = &v[*change];
+                        format!(
+                            "{what}: {:.1} ms ({} recompiled, {} with a diff, {} entries, {} bytes)",
+                            c["seconds"].as_f64().unwrap_or(f64::NAN) * 1e3,
+                            c["recompiled"],
+                            c["nodes"],
+                            c["entries"],
+                            c["bytes"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 started.elapsed(),
             );
         }
@@ -153,6 +157,34 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
         });
         report.goals.push(Goal {
             goal: "Antrea-shape peak memory ≤ 600 MB (Antrea publishes 1.5–1.7 GB)".into(),
+            measured: mem.map_or("—".into(), |s| format!("{:.0} MB", s.median)),
+            met: mem.map(|s| s.median <= 600.0),
+        });
+    }
+    // Issue goals of the incremental control plane.
+    for (shape, change, what, limit) in [
+        (Shape::A, "pod_change", "one pod's label change", 0.050),
+        (Shape::B, "pod_change", "one pod's label change", 0.050),
+        (Shape::A, "policy_add", "one policy added", 0.100),
+    ] {
+        if !shapes.contains(&shape) {
+            continue;
+        }
+        let t = report.stats(&format!("{SECTION}.{}.{change}.seconds", shape.name()));
+        report.goals.push(Goal {
+            goal: format!(
+                "{what} at shape {}: change → diffs ready to publish ≤ {:.0} ms",
+                shape.name().to_uppercase(),
+                limit * 1e3
+            ),
+            measured: t.map_or("—".into(), |s| format!("{:.1} ms", s.median * 1e3)),
+            met: t.map(|s| s.median <= limit),
+        });
+    }
+    if shapes.contains(&Shape::A) {
+        let mem = report.stats(&format!("{SECTION}.a.full.peak_mb"));
+        report.goals.push(Goal {
+            goal: "peak memory at shape A ≤ 600 MB".into(),
             measured: mem.map_or("—".into(), |s| format!("{:.0} MB", s.median)),
             met: mem.map(|s| s.median <= 600.0),
         });
@@ -194,12 +226,19 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
     report.note(
         SECTION,
         format!(
-            "Compiler threads: {} (one per core, at most 8). Peak RSS includes the cluster store. An incremental change is a full recompile plus a diff of every node's state, as the controller does it today.",
+            "Compiler threads: {} (one per core, at most 8). Peak RSS includes the cluster store. A change is compiled incrementally, as the controller does: only the nodes it touches are recompiled and diffed.",
             std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
         ),
     );
     Ok(())
 }
+
+/// The changes measured: (key, label).
+const CHANGES: [(&str, &str); 3] = [
+    ("pod_change", "one pod label change"),
+    ("policy_change", "one policy change"),
+    ("policy_add", "one policy added"),
+];
 
 /// The child: `compile <shape>`. Prints one JSON line.
 pub fn child(args: &[String]) -> Result<()> {
@@ -212,6 +251,9 @@ pub fn child(args: &[String]) -> Result<()> {
     let mut compiler = Compiler::new();
     let (first, full) = timed(|| compiler.compile_all(&cluster));
     let full_peak_mb = rss_mb("VmHWM:");
+    // From here on the store records what changes.
+    cluster.take_changes();
+    let mut states = first.nodes;
 
     let key = PodKey::new(Shape::CHANGED_NAMESPACE, Shape::CHANGED_POD);
     let mut pod = cluster
@@ -221,21 +263,29 @@ pub fn child(args: &[String]) -> Result<()> {
     let (k, v) = shape.relabel();
     pod.labels.insert(k.to_owned(), v.to_owned());
     cluster.upsert_pod_info(pod);
-    let ((second, pod_change), pod_time) = timed(|| {
-        let next = compiler.compile_all(&cluster);
-        let change = diff_all(&first, &next);
-        (next, change)
-    });
-    drop(first);
+    let pod_change = incremental(&mut compiler, &mut cluster, &mut states);
 
+    // The policy the edit changes (a watch reports only that one).
+    let unedited = shape.policies(Shape::CHANGED_NAMESPACE, false)?;
     for np in shape.policies(Shape::CHANGED_NAMESPACE, true)? {
-        cluster.upsert_policy(&np)?;
+        if !unedited.contains(&np) {
+            cluster.upsert_policy(&np)?;
+        }
     }
-    let ((_, policy_change), policy_time) = timed(|| {
-        let next = compiler.compile_all(&cluster);
-        let change = diff_all(&second, &next);
-        (next, change)
-    });
+    let policy_change = incremental(&mut compiler, &mut cluster, &mut states);
+
+    cluster.upsert_policy(&weir_compiler::synthetic::policy(json!({
+        "metadata": {"name": "added", "namespace": Shape::CHANGED_NAMESPACE},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "app-1"}},
+            "ingress": [{
+                "from": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}],
+                "ports": [{"port": 9100}],
+            }],
+        },
+    }))?)?;
+    let policy_add = incremental(&mut compiler, &mut cluster, &mut states);
+
     let out = json!({
         "shape": shape.name(),
         "pods": cluster.pods().count(),
@@ -244,11 +294,46 @@ pub fn child(args: &[String]) -> Result<()> {
         "store_mb": store_mb,
         "full_seconds": full.as_secs_f64(),
         "full_peak_mb": full_peak_mb,
-        "pod_change": pod_change.to_json(pod_time),
-        "policy_change": policy_change.to_json(policy_time),
+        "pod_change": pod_change,
+        "policy_change": policy_change,
+        "policy_add": policy_add,
     });
     println!("{out}");
     Ok(())
+}
+
+/// Compiles the changes made to `cluster` since the last call and diffs the recompiled
+/// nodes against `states` (which it updates), as the controller does; timed together.
+fn incremental(
+    compiler: &mut Compiler,
+    cluster: &mut Cluster,
+    states: &mut std::collections::BTreeMap<String, NodeState>,
+) -> Value {
+    let started = Instant::now();
+    let changes = cluster.take_changes();
+    let update = compiler.compile_changes(cluster, &changes);
+    let recompiled = update.nodes.len();
+    let mut c = Change::default();
+    let empty = NodeState::default();
+    for (node, state) in update.nodes {
+        let before = states.get(&node).unwrap_or(&empty);
+        let diff = before.diff(&state, 1, 2);
+        if !diff.is_empty() {
+            c.nodes += 1;
+            c.entries += diff.len();
+            c.bytes += prost::Message::encoded_len(&weir_transport::pb::NodeStateDiff::from(&diff));
+        }
+        states.insert(node, state);
+    }
+    let took = started.elapsed();
+    json!({
+        "seconds": took.as_secs_f64(),
+        "recompiled": recompiled,
+        "nodes": c.nodes,
+        "entries": c.entries,
+        "bytes": c.bytes,
+        "everything": update.everything,
+    })
 }
 
 #[derive(Default)]
@@ -256,34 +341,6 @@ struct Change {
     nodes: usize,
     entries: usize,
     bytes: usize,
-}
-
-impl Change {
-    fn to_json(&self, t: Duration) -> Value {
-        json!({
-            "seconds": t.as_secs_f64(),
-            "nodes": self.nodes,
-            "entries": self.entries,
-            "bytes": self.bytes,
-        })
-    }
-}
-
-/// The diffs the controller would send: one per node whose state changed.
-fn diff_all(old: &CompileOutput, new: &CompileOutput) -> Change {
-    let mut c = Change::default();
-    let empty = weir_api::NodeState::default();
-    for (node, state) in &new.nodes {
-        let before = old.nodes.get(node).unwrap_or(&empty);
-        if before == state {
-            continue;
-        }
-        let diff = before.diff(state, 1, 2);
-        c.nodes += 1;
-        c.entries += diff.len();
-        c.bytes += prost::Message::encoded_len(&weir_transport::pb::NodeStateDiff::from(&diff));
-    }
-    c
 }
 
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
