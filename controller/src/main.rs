@@ -145,6 +145,10 @@ struct Args {
         default_value = "weir-controller,weir-controller.weir-system,weir-controller.weir-system.svc,weir-controller.weir-system.svc.cluster.local"
     )]
     tls_san: Vec<String>,
+    /// After every (incremental) compile, compile every node again from scratch and stop at
+    /// the first difference: a self-check for tests, costly on a large cluster.
+    #[arg(long, env = "WEIR_CHECK_INCREMENTAL_COMPILES")]
+    check_incremental_compiles: bool,
 }
 
 /// The allocator for --cluster-cidr, each family with its mask.
@@ -194,9 +198,19 @@ async fn spawn_endpoint(addr: SocketAddr, endpoint: ControllerEndpoint) -> Resul
 }
 
 /// A controller whose compiles are recorded in `metrics`.
-fn observed_controller(publisher: StatePublisher, metrics: &Arc<CompileMetrics>) -> Controller {
+fn observed_controller(
+    publisher: StatePublisher,
+    metrics: &Arc<CompileMetrics>,
+    self_check: bool,
+) -> Controller {
     let metrics = metrics.clone();
-    Controller::new(publisher).observe_compiles(move |report| metrics.record(report))
+    let controller =
+        Controller::new(publisher).observe_compiles(move |report| metrics.record(report));
+    if self_check {
+        controller.checking_incremental_compiles()
+    } else {
+        controller
+    }
 }
 
 async fn run_manifests(args: Args, dir: PathBuf) -> Result<()> {
@@ -220,7 +234,7 @@ async fn run_manifests(args: Args, dir: PathBuf) -> Result<()> {
         }
     });
     info!(dir = %dir.display(), "reading cluster objects from manifests");
-    let mut controller = observed_controller(publisher, &compiles);
+    let mut controller = observed_controller(publisher, &compiles, args.check_incremental_compiles);
     if args.allocate_node_cidrs {
         std::fs::create_dir_all(&args.state_dir)
             .with_context(|| format!("creating {}", args.state_dir.display()))?;
@@ -296,7 +310,7 @@ async fn run_in_cluster(args: Args) -> Result<()> {
         None => info!("no CA key: agents need provisioned certificates"),
     }
 
-    let mut controller = observed_controller(publisher, &compiles);
+    let mut controller = observed_controller(publisher, &compiles, args.check_incremental_compiles);
     if args.allocate_node_cidrs {
         let allocator = node_cidr_allocator(&args)?;
         let (namespace, name) = args.node_cidrs_configmap.clone();

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use weir_api::{NodeRoute, NodeState, PodKey};
 use weir_compiler::{
-    Cluster, Compiler, PolicyKey, Severity,
+    Changes, Cluster, Compiler, PolicyKey, Severity,
     capacity::{self, Capacities, TooLarge},
     drop_cidrs, host_policy,
     service::{ObjectName, ServiceDiagnostic},
@@ -72,6 +72,10 @@ pub struct Controller {
     too_large_reported: BTreeSet<String>,
     /// Rule sets too large for their node at the last compile.
     too_large: Vec<TooLarge>,
+    /// The same, by node (a compile refits only the nodes it recompiles).
+    too_large_by_node: BTreeMap<String, Vec<TooLarge>>,
+    /// A compiler that compiles everything after each compile, to check against.
+    self_check: Option<Compiler>,
 }
 
 type CompileObserver = Box<dyn Fn(&CompileReport) + Send>;
@@ -125,6 +129,8 @@ impl Controller {
             capacities: Default::default(),
             too_large_reported: BTreeSet::new(),
             too_large: Vec::new(),
+            too_large_by_node: BTreeMap::new(),
+            self_check: None,
             derive_endpoint_slices: false,
         }
     }
@@ -261,16 +267,24 @@ impl Controller {
         self.reported_capacities.has_changed().unwrap_or(false)
     }
 
-    /// Compiles every node and publishes the states that changed. Returns the version each
-    /// node is now at.
+    /// Compiles what changed since the last call (every node, the first time and when an
+    /// agent reports other map capacities) and publishes the states that changed. Returns
+    /// the version each node is now at.
     pub fn recompute(&mut self) -> BTreeMap<String, u64> {
         let started = Instant::now();
+        let capacities_changed = self.reported_capacities.has_changed().unwrap_or(false);
         let reported = self.reported_capacities.borrow_and_update().clone();
         if self.derive_endpoint_slices {
             self.cluster.derive_endpoint_slices();
         }
-        let out = self.compiler.compile_all(&self.cluster);
-        let invalid_policies = out
+        let mut changes = self.cluster.take_changes();
+        if capacities_changed {
+            // A state cut down to fit its agent's maps cannot be fitted to others: compile
+            // every node again.
+            changes = Changes::default();
+        }
+        let update = self.compiler.compile_changes(&self.cluster, &changes);
+        let invalid_policies = update
             .diagnostics
             .iter()
             .filter(|d| d.severity == Severity::Error)
@@ -278,20 +292,20 @@ impl Controller {
             .collect::<BTreeSet<_>>()
             .len();
         let mut current = BTreeSet::new();
-        for d in &out.diagnostics {
+        for d in &update.diagnostics {
             let line = d.to_string();
             current.insert(line.clone());
             if !self.reported.contains(&line) {
                 warn!(diagnostic = %line, "invalid policy (it fails closed for the pods it selects)");
             }
         }
-        let invalid_service_objects = out
+        let invalid_service_objects = update
             .service_diagnostics
             .iter()
             .map(|d| (d.kind, &d.object))
             .collect::<BTreeSet<_>>()
             .len();
-        for d in &out.service_diagnostics {
+        for d in &update.service_diagnostics {
             let line = d.to_string();
             current.insert(line.clone());
             if !self.reported.contains(&line) {
@@ -299,11 +313,13 @@ impl Controller {
             }
         }
         let routes = self.routes();
-        if *self.routes != routes {
+        let routes_changed = *self.routes != routes;
+        if routes_changed {
             self.routes = Arc::new(routes);
         }
         let (prefilter, mut drop_diags) = self.prefilter_table();
-        if *self.prefilter != prefilter {
+        let prefilter_changed = *self.prefilter != prefilter;
+        if prefilter_changed {
             self.prefilter = Arc::new(prefilter);
         }
         drop_diags.splice(0..0, self.cluster.drop_set_diagnostics().cloned());
@@ -321,78 +337,115 @@ impl Controller {
             .len();
         self.drop_set_diagnostics = drop_diags;
         self.reported = current;
-        self.service_diagnostics = out.service_diagnostics;
-        let mut versions = BTreeMap::new();
-        let mut published = 0usize;
-        let mut too_large = BTreeSet::new();
-        let mut too_large_sets = Vec::new();
-        for (node, mut state) in out.nodes {
-            state.routes = self.routes.clone();
-            state.prefilter = self.prefilter.clone();
-            // A state the agent cannot hold is cut down to one it can, failing closed for
-            // the policies that do not fit, before anything is published.
-            // The node's agent's own map sizes; the defaults if it reports none.
-            let caps = reported
-                .get(&node)
-                .map(Capacities::from)
-                .unwrap_or(self.capacities);
-            for t in capacity::fit(&node, &mut state, &caps) {
-                let line = t.to_string();
-                if !self.too_large_reported.contains(&line) {
-                    warn!(diagnostic = %line, "policies too large for the node's dataplane (they fail closed)");
-                }
-                too_large.insert(line);
-                too_large_sets.push(t);
-            }
-            let (version, changed) = match self.published.get(&node) {
-                Some((v, old)) if **old == state => (*v, false),
-                Some((v, _)) => (v + 1, true),
-                None => (1, true),
-            };
-            if changed {
-                let state = Arc::new(state);
-                match self.publisher.publish(&node, version, state.clone()) {
-                    Ok(()) => {
-                        tracing::debug!(
-                            %node,
-                            version,
-                            endpoints = state.endpoints.len(),
-                            classes = state.peer_classes.len(),
-                            verdicts = state.verdicts.len(),
-                            routes = state.routes.len(),
-                            services = state.services.len(),
-                            "published node state"
-                        );
-                        self.published.insert(node.clone(), (version, state));
-                        published += 1;
-                    }
-                    Err(e) => warn!(%node, error = %e, "publishing node state"),
-                }
-            }
-            versions.insert(node, version);
-        }
-        if published > 0 {
-            info!(
-                nodes = published,
-                took = ?started.elapsed(),
-                "published changed node states"
-            );
-        }
-        let gone: Vec<String> = self
-            .published
-            .keys()
-            .filter(|n| !versions.contains_key(*n))
-            .cloned()
-            .collect();
+        self.service_diagnostics = update.service_diagnostics;
+
+        // Nodes gone.
+        let gone: Vec<String> = if update.everything {
+            self.published
+                .keys()
+                .filter(|n| !update.nodes.contains_key(*n))
+                .cloned()
+                .collect()
+        } else {
+            update.removed.iter().cloned().collect()
+        };
         for node in gone {
             info!(%node, "node gone");
             self.publisher.remove_node(&node);
             self.compiler.forget_node(&node);
             self.published.remove(&node);
+            self.too_large_by_node.remove(&node);
+        }
+        if update.everything {
+            self.too_large_by_node.clear();
+        }
+        // The states to publish: those recompiled (fitted to their agent's maps), and the
+        // others' last states where a table every node shares changed.
+        let mut states: Vec<(String, NodeState, bool)> = update
+            .nodes
+            .into_iter()
+            .map(|(node, state)| (node, state, true))
+            .collect();
+        if !update.everything && (routes_changed || prefilter_changed || update.services_changed) {
+            let recompiled: BTreeSet<String> = states.iter().map(|(n, _, _)| n.clone()).collect();
+            for (node, (_, state)) in &self.published {
+                if recompiled.contains(node) {
+                    continue;
+                }
+                let mut state = (**state).clone();
+                if update.services_changed {
+                    state.services = self.compiler.services_for(node);
+                }
+                states.push((node.clone(), state, false));
+            }
+        }
+        let mut published = 0usize;
+        for (node, mut state, fit) in states {
+            state.routes = self.routes.clone();
+            state.prefilter = self.prefilter.clone();
+            if fit {
+                // A state the agent cannot hold is cut down to one it can, failing closed for
+                // the policies that do not fit, before anything is published. The node's
+                // agent's own map sizes; the defaults if it reports none.
+                let caps = reported
+                    .get(&node)
+                    .map(Capacities::from)
+                    .unwrap_or(self.capacities);
+                let cut = capacity::fit(&node, &mut state, &caps);
+                if cut.is_empty() {
+                    self.too_large_by_node.remove(&node);
+                } else {
+                    self.too_large_by_node.insert(node.clone(), cut);
+                }
+            }
+            let version = match self.published.get(&node) {
+                Some((_, old)) if **old == state => continue,
+                Some((v, _)) => v + 1,
+                None => 1,
+            };
+            let state = Arc::new(state);
+            match self.publisher.publish(&node, version, state.clone()) {
+                Ok(()) => {
+                    tracing::debug!(
+                        %node,
+                        version,
+                        endpoints = state.endpoints.len(),
+                        classes = state.peer_classes.len(),
+                        verdicts = state.verdicts.len(),
+                        routes = state.routes.len(),
+                        services = state.services.len(),
+                        "published node state"
+                    );
+                    self.published.insert(node, (version, state));
+                    published += 1;
+                }
+                Err(e) => warn!(%node, error = %e, "publishing node state"),
+            }
+        }
+        if published > 0 {
+            info!(
+                nodes = published,
+                took = ?started.elapsed(),
+                everything = update.everything,
+                "published changed node states"
+            );
+        }
+        let mut too_large = BTreeSet::new();
+        for t in self.too_large_by_node.values().flatten() {
+            let line = t.to_string();
+            if !self.too_large_reported.contains(&line) {
+                warn!(diagnostic = %line, "policies too large for the node's dataplane (they fail closed)");
+            }
+            too_large.insert(line);
         }
         let too_large_count = too_large.len();
         self.too_large_reported = too_large;
-        self.too_large = too_large_sets;
+        self.too_large = self.too_large_by_node.values().flatten().cloned().collect();
+        let versions: BTreeMap<String, u64> = self
+            .published
+            .iter()
+            .map(|(n, (v, _))| (n.clone(), *v))
+            .collect();
         if let Some(observe) = &self.compile_observer {
             observe(&CompileReport {
                 duration: started.elapsed(),
@@ -404,8 +457,61 @@ impl Controller {
                 rule_sets_too_large: too_large_count,
             });
         }
+        if let Some(twin) = &mut self.self_check {
+            let differing = check_against_full_compile(
+                twin,
+                &self.cluster,
+                &self.published,
+                &reported,
+                self.capacities,
+            );
+            assert!(
+                differing.is_empty(),
+                "incremental compile differs from a full compile on {differing:?}"
+            );
+        }
         versions
     }
+
+    /// Compiles every node with a compiler of its own after each compile and compares with
+    /// what was published: a self-check for tests, which stops the controller (a panic) at
+    /// the first difference.
+    pub fn checking_incremental_compiles(mut self) -> Self {
+        self.self_check = Some(Compiler::new());
+        self
+    }
+}
+
+/// Compiles every node with `twin`; returns the nodes whose published state differs.
+fn check_against_full_compile(
+    twin: &mut Compiler,
+    cluster: &Cluster,
+    published: &BTreeMap<String, (u64, Arc<NodeState>)>,
+    reported: &BTreeMap<String, weir_api::MapCapacities>,
+    defaults: Capacities,
+) -> Vec<String> {
+    let full = twin.compile_all(cluster);
+    let mut failures = Vec::new();
+    let names: BTreeSet<&String> = full.nodes.keys().chain(published.keys()).collect();
+    for node in names {
+        let expected = full.nodes.get(node).map(|state| {
+            let mut state = state.clone();
+            let caps = reported.get(node).map(Capacities::from).unwrap_or(defaults);
+            capacity::fit(node, &mut state, &caps);
+            state
+        });
+        let got = published.get(node).map(|(_, state)| {
+            let mut state = (**state).clone();
+            state.routes = Arc::default();
+            state.prefilter = Arc::default();
+            state
+        });
+        if expected != got {
+            tracing::error!(%node, "incremental compile differs from a full compile");
+            failures.push(node.clone());
+        }
+    }
+    failures
 }
 
 impl Controller {
@@ -641,8 +747,65 @@ mod tests {
     fn controller(dir: &std::path::Path) -> Controller {
         let alloc = NodeCidrAllocator::new("10.244.0.0/16".parse().unwrap(), 24).unwrap();
         Controller::new(StatePublisher::new())
+            .checking_incremental_compiles()
             .with_node_cidrs(alloc, Box::new(FileCidrStore::new(dir.join("cidrs.json"))))
             .unwrap()
+    }
+
+    fn object(v: serde_json::Value) -> Change {
+        let o = match v["kind"].as_str() {
+            Some("Pod") => Object::Pod(serde_json::from_value(v).unwrap()),
+            Some("NetworkPolicy") => Object::NetworkPolicy(serde_json::from_value(v).unwrap()),
+            other => panic!("no test objects of kind {other:?}"),
+        };
+        Change::Upsert(Box::new(o))
+    }
+
+    fn pod(name: &str, node: &str, ip: &str, app: &str) -> Change {
+        object(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "prod", "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        }))
+    }
+
+    #[test]
+    fn a_change_publishes_new_states_only_to_the_nodes_it_touches() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = controller(dir.path());
+        c.apply(vec![
+            node("a", "172.30.0.1", None),
+            node("b", "172.30.0.2", None),
+            node("c", "172.30.0.3", None),
+            pod("web", "a", "10.244.0.5", "web"),
+            pod("db", "b", "10.244.1.5", "db"),
+            pod("batch", "c", "10.244.2.5", "batch"),
+            object(serde_json::json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "db", "namespace": "prod"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "db"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}],
+                },
+            })),
+        ]);
+        let first = c.recompute();
+        assert_eq!(first.values().collect::<Vec<_>>(), [&1, &1, &1]);
+        // `web` leaves the peer `db` admits: db's node changes; web's is recompiled but no
+        // policy selects web, so its state is the same; batch's node is not even recompiled.
+        c.apply(vec![pod("web", "a", "10.244.0.5", "cache")]);
+        let second = c.recompute();
+        let bumped: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|n| second[*n] != first[*n])
+            .collect();
+        assert_eq!(bumped, ["b"]);
+        // A node joining changes every node's routes.
+        c.apply(vec![node("d", "172.30.0.4", None)]);
+        let third = c.recompute();
+        assert!(["a", "b", "c"].iter().all(|n| third[*n] > second[*n]));
+        assert_eq!(third["d"], 1);
     }
 
     fn routes_of(c: &Controller, node: &str) -> BTreeMap<IpNet, NodeRoute> {
@@ -704,6 +867,7 @@ mod tests {
         ])
         .unwrap();
         let mut c = Controller::new(StatePublisher::new())
+            .checking_incremental_compiles()
             .with_node_cidrs(
                 alloc,
                 Box::new(FileCidrStore::new(dir.path().join("c.json"))),
@@ -864,6 +1028,7 @@ status: {{phase: Running, podIPs: [{{ip: 10.244.1.5}}]}}
         let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = reports.clone();
         let mut c = Controller::new(publisher.clone())
+            .checking_incremental_compiles()
             .with_node_cidrs(
                 alloc,
                 Box::new(FileCidrStore::new(dir.path().join("c.json"))),

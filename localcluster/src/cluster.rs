@@ -136,6 +136,9 @@ pub struct ClusterOptions {
     /// address first, so the controller hands out IPv6 node addresses and VXLAN's outer
     /// header is IPv6.
     pub ipv6_underlay: bool,
+    /// The controller checks every incremental compile against a full one and stops at the
+    /// first difference (tests; it costs a full compile per change).
+    pub check_incremental_compiles: bool,
 }
 
 impl ClusterOptions {
@@ -151,6 +154,7 @@ impl ClusterOptions {
             runtime: Runtime::Direct,
             ip_family: IpFamily::Ipv4,
             ipv6_underlay: false,
+            check_incremental_compiles: false,
         }
     }
 }
@@ -696,6 +700,10 @@ impl LocalCluster {
             .arg(ctl.dir.join("status.json"))
             .args(["--listen", &format!("{}:7443", ctl.ip)])
             .env("RUST_LOG", log_filter)
+            .env(
+                "WEIR_CHECK_INCREMENTAL_COMPILES",
+                self.opts.check_incremental_compiles.to_string(),
+            )
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())

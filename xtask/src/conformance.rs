@@ -66,6 +66,8 @@ pub async fn run(bin: PathBuf, args: Args) -> Result<bool> {
     opts.runtime = args.runtime;
     opts.ip_family = args.ip_family;
     opts.ipv6_underlay = args.ipv6_underlay;
+    // Every change the cases make is also compiled from scratch and compared.
+    opts.check_incremental_compiles = true;
     let mut driver = ClusterDriver::start(&file.model, opts).await?;
     println!("Cluster ready in {:.1?}.", started.elapsed());
     let opts = RunOptions {

@@ -47,6 +47,7 @@ pub async fn cluster_with(
     let mut opts = ClusterOptions::new(bin_dir());
     opts.nodes = nodes;
     opts.topology = topology;
+    opts.check_incremental_compiles = true;
     configure(&mut opts);
     LocalCluster::up(opts).await.expect("cluster up")
 }
