@@ -141,15 +141,7 @@ impl Compiler {
     pub fn compile_node(&mut self, cluster: &Cluster, node: &str) -> NodeState {
         self.refresh_policies(cluster, false);
         let members = AtomMembers::new(cluster, &self.atoms);
-        let view = View {
-            cluster,
-            members: &members,
-            policies: &self.policies,
-            by_namespace: None,
-            cluster_policies: Self::cluster_policies(&self.policies, cluster),
-            host_policies: Self::host_policies(&self.policies, cluster),
-            subjects: Default::default(),
-        };
+        let view = Self::view(cluster, &members, &self.policies, None);
         let memory = self.nodes.entry(node.to_owned()).or_default();
         let mut state = view.compile_node(memory, node);
         // Ids of Service ports gone are released only by a full compile, like peers.
@@ -183,15 +175,7 @@ impl Compiler {
                 by_namespace.entry(ns).or_default().push(p);
             }
         }
-        let view = View {
-            cluster,
-            members: &members,
-            policies: &self.policies,
-            by_namespace: Some(by_namespace),
-            cluster_policies: Self::cluster_policies(&self.policies, cluster),
-            host_policies: Self::host_policies(&self.policies, cluster),
-            subjects: Default::default(),
-        };
+        let view = Self::view(cluster, &members, &self.policies, Some(by_namespace));
         let mut nodes = compile_nodes(&view, work, self.threads);
         // Every node has been recompiled without atoms no policy uses: release them.
         self.release_unused();
@@ -271,15 +255,7 @@ impl Compiler {
             }
         }
         let members = AtomMembers::new(cluster, &self.atoms);
-        let view = View {
-            cluster,
-            members: &members,
-            policies: &self.policies,
-            by_namespace: None,
-            cluster_policies: Self::cluster_policies(&self.policies, cluster),
-            host_policies: Self::host_policies(&self.policies, cluster),
-            subjects: Default::default(),
-        };
+        let view = Self::view(cluster, &members, &self.policies, None);
         let mut work: Vec<(&String, &mut NodeMemory)> = self
             .nodes
             .iter_mut()
@@ -408,6 +384,24 @@ impl Compiler {
             if let Some(old) = self.policies.insert(key.clone(), cached) {
                 self.atoms.release(old.atom_ids());
             }
+        }
+    }
+
+    /// What every node's compile reads.
+    fn view<'a>(
+        cluster: &'a Cluster,
+        members: &'a AtomMembers<'a>,
+        policies: &'a HashMap<PolicyKey, CachedPolicy>,
+        by_namespace: Option<HashMap<NsIdx, Vec<&'a CachedPolicy>>>,
+    ) -> View<'a> {
+        View {
+            cluster,
+            members,
+            policies,
+            by_namespace,
+            cluster_policies: Self::cluster_policies(policies, cluster),
+            host_policies: Self::host_policies(policies, cluster),
+            subjects: Default::default(),
         }
     }
 

@@ -35,6 +35,10 @@ impl Twin {
         }
     }
 
+    fn upsert(&mut self, pod: PodBuilder) {
+        self.cluster.upsert_pod(&pod.build()).unwrap();
+    }
+
     /// Compiles the changes made since the last call; returns the nodes recompiled.
     fn compile(&mut self) -> BTreeSet<String> {
         let changes = self.cluster.take_changes();
@@ -51,6 +55,11 @@ impl Twin {
     }
 }
 
+/// A pod labelled `app: <app>` on `node` at `ip`.
+fn app_pod(key: &str, app: &str, node: &str, ip: &str) -> PodBuilder {
+    pod(key).labels(&[("app", app)]).node(node).ip(ip)
+}
+
 fn names(nodes: &[&str]) -> BTreeSet<String> {
     nodes.iter().map(|n| (*n).to_owned()).collect()
 }
@@ -61,18 +70,9 @@ fn three_nodes() -> Cluster {
     cluster(
         &[namespace("prod", &[("env", "prod")])],
         &[
-            pod("prod/web")
-                .labels(&[("app", "web")])
-                .node("node-0")
-                .ip("10.0.0.1"),
-            pod("prod/db")
-                .labels(&[("app", "db")])
-                .node("node-1")
-                .ip("10.0.1.1"),
-            pod("prod/other")
-                .labels(&[("app", "other")])
-                .node("node-2")
-                .ip("10.0.2.1"),
+            app_pod("prod/web", "web", "node-0", "10.0.0.1"),
+            app_pod("prod/db", "db", "node-1", "10.0.1.1"),
+            app_pod("prod/other", "other", "node-2", "10.0.2.1"),
         ],
         &[policy(
             r#"
@@ -92,45 +92,21 @@ spec:
 #[test]
 fn a_pod_leaving_a_peer_recompiles_its_node_and_the_nodes_that_refer_to_the_peer() {
     let mut t = Twin::new(three_nodes());
-    t.cluster
-        .upsert_pod(
-            &pod("prod/web")
-                .labels(&[("app", "cache")])
-                .node("node-0")
-                .ip("10.0.0.1")
-                .build(),
-        )
-        .unwrap();
+    t.upsert(app_pod("prod/web", "cache", "node-0", "10.0.0.1"));
     assert_eq!(t.compile(), names(&["node-0", "node-1"]));
 }
 
 #[test]
 fn a_label_change_nobody_refers_to_recompiles_only_the_pods_node() {
     let mut t = Twin::new(three_nodes());
-    t.cluster
-        .upsert_pod(
-            &pod("prod/other")
-                .labels(&[("app", "batch")])
-                .node("node-2")
-                .ip("10.0.2.1")
-                .build(),
-        )
-        .unwrap();
+    t.upsert(app_pod("prod/other", "batch", "node-2", "10.0.2.1"));
     assert_eq!(t.compile(), names(&["node-2"]));
 }
 
 #[test]
 fn a_peer_changing_address_recompiles_the_nodes_that_refer_to_it() {
     let mut t = Twin::new(three_nodes());
-    t.cluster
-        .upsert_pod(
-            &pod("prod/web")
-                .labels(&[("app", "web")])
-                .node("node-0")
-                .ip("10.0.0.9")
-                .build(),
-        )
-        .unwrap();
+    t.upsert(app_pod("prod/web", "web", "node-0", "10.0.0.9"));
     assert_eq!(t.compile(), names(&["node-0", "node-1"]));
 }
 
@@ -192,25 +168,9 @@ spec:
 #[test]
 fn pods_added_moved_and_deleted_and_nodes_gone() {
     let mut t = Twin::new(three_nodes());
-    t.cluster
-        .upsert_pod(
-            &pod("prod/web2")
-                .labels(&[("app", "web")])
-                .node("node-3")
-                .ip("10.0.3.1")
-                .build(),
-        )
-        .unwrap();
+    t.upsert(app_pod("prod/web2", "web", "node-3", "10.0.3.1"));
     assert_eq!(t.compile(), names(&["node-1", "node-3"]));
-    t.cluster
-        .upsert_pod(
-            &pod("prod/web2")
-                .labels(&[("app", "web")])
-                .node("node-2")
-                .ip("10.0.3.1")
-                .build(),
-        )
-        .unwrap();
+    t.upsert(app_pod("prod/web2", "web", "node-2", "10.0.3.1"));
     // node-3 has no pod left and no Node object: it is gone. The peer's members are the
     // same: node-1 stays as it is.
     assert_eq!(t.compile(), names(&["node-2"]));
@@ -223,14 +183,6 @@ fn pods_added_moved_and_deleted_and_nodes_gone() {
 #[test]
 fn an_unchanged_cluster_recompiles_nothing() {
     let mut t = Twin::new(three_nodes());
-    t.cluster
-        .upsert_pod(
-            &pod("prod/web")
-                .labels(&[("app", "web")])
-                .node("node-0")
-                .ip("10.0.0.1")
-                .build(),
-        )
-        .unwrap();
+    t.upsert(app_pod("prod/web", "web", "node-0", "10.0.0.1"));
     assert_eq!(t.compile(), BTreeSet::new());
 }

@@ -429,7 +429,7 @@ impl Collector for Snapshot {
         )?;
         let m = encoder.encode_descriptor(
             "compile_duration_seconds",
-            "Time to compile the cluster and publish the node states that changed",
+            "Time to compile what changed and publish the node states that changed",
             None,
             MetricType::Histogram,
         )?;
