@@ -207,6 +207,7 @@ fn observed_controller(
     let controller =
         Controller::new(publisher).observe_compiles(move |report| metrics.record(report));
     if self_check {
+        info!("checking every compile against a full compile (--check-incremental-compiles)");
         controller.checking_incremental_compiles()
     } else {
         controller

@@ -700,15 +700,14 @@ impl LocalCluster {
             .arg(ctl.dir.join("status.json"))
             .args(["--listen", &format!("{}:7443", ctl.ip)])
             .env("RUST_LOG", log_filter)
-            .env(
-                "WEIR_CHECK_INCREMENTAL_COMPILES",
-                self.opts.check_incremental_compiles.to_string(),
-            )
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if self.opts.check_incremental_compiles {
+            cmd.arg("--check-incremental-compiles");
+        }
         let child = ctl
             .netns
             .spawn(&mut cmd)
