@@ -28,7 +28,7 @@ use super::{
     changes::Changes,
     cluster::{Cluster, NAMESPACE_NAME_LABEL, PodInfo},
     node::NodeMemory,
-    peers::{AtomKey, AtomTable},
+    peers::{AtomKey, AtomTable, selects},
     policy::{NamespaceScope, PodPeer},
     selector::{Labels, Selector},
 };
@@ -195,15 +195,6 @@ impl PodChange<'_> {
             }
         }
     }
-}
-
-/// Whether `peer` selects `pod` while its namespace has `ns_labels`.
-fn selects(peer: &PodPeer, pod: &PodInfo, ns_labels: &Labels) -> bool {
-    let namespace = match &peer.namespaces {
-        NamespaceScope::Own(ns) => pod.key.namespace == *ns,
-        NamespaceScope::Matching(sel) => sel.matches(ns_labels),
-    };
-    namespace && peer.pods.matches(&pod.labels)
 }
 
 /// A namespace's labels now (only its name label if it is implied or gone).

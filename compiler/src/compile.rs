@@ -255,7 +255,10 @@ impl Compiler {
             }
         }
         let members = AtomMembers::new(cluster, &self.atoms);
-        let view = Self::view(cluster, &members, &self.policies, None);
+        let mut view = Self::view(cluster, &members, &self.policies, None);
+        // Inverting every ClusterNetworkPolicy's subject costs more than testing them on
+        // the pods of a few nodes.
+        view.direct_subjects = affected.len() <= DIRECT_SUBJECTS_MAX_NODES;
         let mut work: Vec<(&String, &mut NodeMemory)> = self
             .nodes
             .iter_mut()
@@ -402,6 +405,7 @@ impl Compiler {
             cluster_policies: Self::cluster_policies(policies, cluster),
             host_policies: Self::host_policies(policies, cluster),
             subjects: Default::default(),
+            direct_subjects: false,
         }
     }
 
@@ -434,6 +438,10 @@ impl Compiler {
         self.atoms.len()
     }
 }
+
+/// Up to this many nodes compiled, each ClusterNetworkPolicy's subject is tested on their
+/// pods rather than inverted for the whole cluster.
+const DIRECT_SUBJECTS_MAX_NODES: usize = 64;
 
 /// More changes than this at once compile everything.
 const INCREMENTAL_MAX_CHANGES: usize = 20_000;

@@ -24,7 +24,7 @@ use super::{
     classes::{Activation, ClassSignature, Classification, NodePeers},
     cluster::{Cluster, NsIdx, PodIdx, PodRecord},
     ids::IdAllocator,
-    peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers, RuleAtoms},
+    peers::{AtomKey, AtomMembers, CachedPolicy, PortNumbers, RuleAtoms, selects},
     policy::{PolicyKey, PolicyKind, PortMatch, Rule, RuleAction, Tier},
     ports::Allowances,
     subjects::SubjectIndex,
@@ -69,6 +69,9 @@ pub(crate) struct View<'a> {
     /// The pods each ClusterNetworkPolicy applies to, inverted; built by the first node
     /// compile that needs it, then shared by all.
     pub subjects: std::sync::OnceLock<SubjectIndex>,
+    /// Test each ClusterNetworkPolicy's subject on each local pod instead of building the
+    /// index: cheaper when only a few nodes are compiled.
+    pub direct_subjects: bool,
 }
 
 /// The position of each of `policies` (by id) in the order of its [`weir_api::PolicyRef`]
@@ -231,7 +234,11 @@ impl<'a> View<'a> {
                     .collect();
                 if !self.cluster_policies.is_empty() {
                     // Evaluation order: Admin tier, NetworkPolicies, Baseline tier.
-                    let applying = self.subjects().of(pod);
+                    let applying: std::borrow::Cow<'_, [u32]> = if self.direct_subjects {
+                        self.subjects_of(record).into()
+                    } else {
+                        self.subjects().of(pod).into()
+                    };
                     let tier = |tier: Tier| {
                         applying
                             .iter()
@@ -671,6 +678,26 @@ impl<'a> View<'a> {
     }
 
     /// The ClusterNetworkPolicies (positions in `cluster_policies`) applying to each pod.
+    /// The positions of the ClusterNetworkPolicies whose subject selects the pod, each
+    /// subject tested on it.
+    fn subjects_of(&self, record: &PodRecord) -> Vec<u32> {
+        let Some(ns) = self.cluster.namespace_record(record.namespace) else {
+            return Vec::new();
+        };
+        (0u32..)
+            .zip(&self.cluster_policies)
+            .filter(|(_, p)| {
+                p.subject
+                    .and_then(|a| self.members.key(a))
+                    .is_some_and(|key| match key {
+                        AtomKey::Pods(peer) => selects(peer, &record.info, &ns.labels),
+                        _ => false,
+                    })
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     fn subjects(&self) -> &SubjectIndex {
         self.subjects.get_or_init(|| {
             let members: Vec<&[PodIdx]> = self

@@ -23,9 +23,9 @@ use weir_api::Direction;
 
 use super::{
     HashMap,
-    cluster::{Cluster, NsIdx, PodIdx},
+    cluster::{Cluster, NsIdx, PodIdx, PodInfo},
     policy::{IpBlockPeer, NamespaceScope, Peer, PodPeer, PortMatch, Protocol, Rule},
-    selector::Selector,
+    selector::{Labels, Selector},
     validate::ValidatedPolicy,
 };
 
@@ -334,6 +334,15 @@ impl<'a> AtomMembers<'a> {
             _ => Box::default(),
         })
     }
+}
+
+/// Whether `peer` selects `pod` while its namespace has `ns_labels`.
+pub(crate) fn selects(peer: &PodPeer, pod: &PodInfo, ns_labels: &Labels) -> bool {
+    let namespace = match &peer.namespaces {
+        NamespaceScope::Own(ns) => pod.key.namespace == *ns,
+        NamespaceScope::Matching(sel) => sel.matches(ns_labels),
+    };
+    namespace && peer.pods.matches(&pod.labels)
 }
 
 /// Posting lists of the cheapest `In` requirement: every match is in one of them.
