@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
 use super::{
-    Args, Section, compile, datapath, flood, propagation,
+    Args, Section, compile, datapath, fanout, flood, propagation,
     report::{self, Report},
     services,
     synthetic::Shape,
@@ -20,6 +20,7 @@ pub fn run(args: Args) -> Result<()> {
         Section::Compile,
         Section::Datapath,
         Section::Propagation,
+        Section::Fanout,
         Section::Services,
         Section::Flood,
     ];
@@ -69,6 +70,14 @@ pub fn run(args: Args) -> Result<()> {
             fail("compile", e, &mut report);
         }
         print_section(&report, "compile");
+    }
+    if sections.contains(&Section::Fanout) {
+        println!("## Control plane: one change reaching every agent\n");
+        let fanout_runs = if quick { 1 } else { runs.min(3) };
+        if let Err(e) = fanout::run(&mut report, &fanout::AGENTS, fanout_runs) {
+            fail("fanout", e, &mut report);
+        }
+        print_section(&report, "fanout");
     }
     let want_datapath = sections.contains(&Section::Datapath);
     let want_propagation = sections.contains(&Section::Propagation);
@@ -191,6 +200,7 @@ fn print_section(report: &Report, section: &str) {
 pub fn child(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("compile") => compile::child(&args[1..]),
+        Some("fanout") => fanout::child(&args[1..]),
         other => bail!("unknown benchmark child {other:?}"),
     }
 }

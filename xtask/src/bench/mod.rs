@@ -13,6 +13,8 @@
 //!   clusters (the Antrea shape also with 1k ClusterNetworkPolicies), and the cost of one
 //!   pod label change and one policy change;
 //! * `propagation`: how long a policy takes from the manifest write to being enforced;
+//! * `fanout`: one policy change reaching 10, 100 and 1,000 simulated agents (the real
+//!   controller and protocol over mTLS, agents that only receive);
 //! * `services`: new connections per second and request/response latency through a
 //!   ClusterIP against the backend's pod IP, with 10 and 10k Services, through weir and
 //!   through kube-proxy's iptables and nftables modes;
@@ -38,6 +40,8 @@ use anyhow::Result;
 mod compile;
 #[cfg(feature = "bench")]
 mod datapath;
+#[cfg(feature = "bench")]
+mod fanout;
 #[cfg(feature = "bench")]
 mod flood;
 #[cfg(feature = "bench")]
@@ -88,6 +92,8 @@ pub enum Section {
     Compile,
     /// Policy apply → enforced latency in the local cluster.
     Propagation,
+    /// One policy change reaching 10, 100 and 1,000 simulated agents over mTLS.
+    Fanout,
     /// Connection rate and latency through a ClusterIP vs. the pod IP, 10 and 10k Services,
     /// weir vs. kube-proxy's iptables and nftables modes.
     Services,
