@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use weir_api::PodKey;
 
 use super::{
-    cluster::{NodeRecord, PodInfo},
     policy::PolicyKey,
+    records::{NodeRecord, PodInfo},
     selector::Labels,
 };
 

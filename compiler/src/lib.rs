@@ -9,6 +9,9 @@
 //! returns. This crate depends on none of it, nor on an async runtime or an API client:
 //! its inputs are the `k8s-openapi` types and its own CRD types, its output `weir-api`'s.
 //!
+//! * [`records`]: what the store keeps of a Pod and of a Node. [`changes`]: the store's
+//!   journal of what changed since the last compile, which
+//!   [`Compiler::compile_changes`](compile::Compiler::compile_changes) recompiles.
 //! * [`cluster`]: the typed store (Namespaces, Pods, Nodes, NetworkPolicies,
 //!   ClusterNetworkPolicies, Services, EndpointSlices) with its indexes; [`service`] reads
 //!   Services and EndpointSlices, and manifest directories derive EndpointSlices from pods
@@ -77,6 +80,7 @@ pub mod oracle;
 mod peers;
 pub mod policy;
 pub mod ports;
+pub mod records;
 pub mod selector;
 pub mod service;
 mod service_table;
