@@ -19,12 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 use weir_api::{NodeState, PodKey};
 use weir_compiler::{Cluster, Compiler};
 
 use super::{
+    harness::child_json,
     report::{Better, Goal, Report},
     synthetic::Shape,
 };
@@ -94,21 +95,10 @@ pub fn run(report: &mut Report, shapes: &[Shape], runs: usize) -> Result<()> {
                 .args(["bench-child", "compile", shape.name()])
                 .output()
                 .context("running the compile benchmark child")?;
-            if !out.status.success() {
-                bail!(
-                    "the compile benchmark child for shape {} failed ({}): {}",
-                    shape.name(),
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let line = stdout
-                .lines()
-                .last()
-                .context("the compile benchmark child printed nothing")?;
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("the compile benchmark child printed {line:?}"))?;
+            let v = child_json(
+                &out,
+                &format!("the compile benchmark child for shape {}", shape.name()),
+            )?;
             let s = shape.name();
             let mut record = |key: String, value: &Value| {
                 if let Some(x) = value.as_f64() {

@@ -38,7 +38,10 @@ use weir_transport::{
     ClientTls, ClusterCa, NodeStateServer, NodeUpdate, ServerTls, StatePublisher,
 };
 
-use super::report::{Better, Goal, Report, percentile};
+use super::{
+    harness::child_json,
+    report::{Better, Goal, Report, percentile},
+};
 
 const SECTION: &str = "fanout";
 const SERVER_NAME: &str = "weir-controller";
@@ -96,20 +99,7 @@ pub fn run(report: &mut Report, counts: &[usize], runs: usize) -> Result<()> {
             let out = child
                 .wait_with_output()
                 .context("running the fanout benchmark child")?;
-            if !out.status.success() {
-                bail!(
-                    "the fanout child for {n} agents failed ({}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let line = stdout
-                .lines()
-                .last()
-                .context("the fanout child printed nothing")?;
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("the fanout child printed {line:?}"))?;
+            let v = child_json(&out, &format!("the fanout child for {n} agents"))?;
             for (field, _, _) in fields {
                 if let Some(x) = v[field].as_f64() {
                     report.record(&format!("{SECTION}.{n}.{field}"), x);

@@ -197,6 +197,23 @@ fn print_section(report: &Report, section: &str) {
 }
 
 /// `xtask bench-child <kind> …`.
+/// The JSON line a benchmark child printed last (`what` names the child in errors).
+pub fn child_json(out: &std::process::Output, what: &str) -> Result<serde_json::Value> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("{what} printed nothing"))?;
+    serde_json::from_str(line).with_context(|| format!("{what} printed {line:?}"))
+}
+
 pub fn child(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("compile") => compile::child(&args[1..]),
