@@ -64,45 +64,9 @@ impl Changes {
         }
     }
 
-    /// Whether everything must be compiled.
-    pub fn everything(&self) -> bool {
-        self.everything
-    }
-
-    /// Whether nothing changed.
-    pub fn is_empty(&self) -> bool {
-        !self.everything
-            && self.pods.is_empty()
-            && self.namespaces.is_empty()
-            && self.nodes.is_empty()
-            && self.policies.is_empty()
-            && !self.tiers
-            && !self.services
-    }
-
     /// Number of objects changed (pods, namespaces, nodes and NetworkPolicies).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.pods.len() + self.namespaces.len() + self.nodes.len() + self.policies.len()
-    }
-
-    /// Adds `later` (changes made after these) to these.
-    pub fn merge(&mut self, later: Changes) {
-        if self.everything || later.everything {
-            *self = Self::default();
-            return;
-        }
-        for (k, v) in later.pods {
-            self.pods.entry(k).or_insert(v);
-        }
-        for (k, v) in later.namespaces {
-            self.namespaces.entry(k).or_insert(v);
-        }
-        for (k, v) in later.nodes {
-            self.nodes.entry(k).or_insert(v);
-        }
-        self.policies.extend(later.policies);
-        self.tiers |= later.tiers;
-        self.services |= later.services;
     }
 
     pub(crate) fn note_pod(&mut self, key: &PodKey, before: impl FnOnce() -> Option<PodInfo>) {
