@@ -104,7 +104,7 @@ impl NodeState {
             from_version,
             to_version,
             endpoints: TableDiff::between(&self.endpoints, &new.endpoints),
-            peer_classes: TableDiff::between(&self.peer_classes, &new.peer_classes),
+            peer_classes: self.peer_classes.diff(&new.peer_classes),
             verdicts: TableDiff::between(&self.verdicts, &new.verdicts),
             rules: TableDiff::between(&self.rules, &new.rules),
             rule_sets: TableDiff::between(&self.rule_sets, &new.rule_sets),
@@ -125,7 +125,7 @@ impl NodeState {
 
     pub fn apply(&mut self, diff: &NodeStateDiff) {
         diff.endpoints.apply_to(&mut self.endpoints);
-        diff.peer_classes.apply_to(&mut self.peer_classes);
+        self.peer_classes.apply(&diff.peer_classes);
         diff.verdicts.apply_to(&mut self.verdicts);
         diff.rules.apply_to(&mut self.rules);
         diff.rule_sets.apply_to(&mut self.rule_sets);

@@ -38,7 +38,7 @@ impl NodeState {
                 for len in (0..=32u8).rev() {
                     let net = IpNet::V4(Ipv4Net::new(v4, len).ok()?.trunc());
                     if let Some(class) = self.peer_classes.get(&net) {
-                        return Some((net, *class));
+                        return Some((net, class));
                     }
                 }
                 // IPv6 prefixes shorter than the IPv4-mapped range still cover it.
@@ -53,7 +53,7 @@ impl NodeState {
         for len in (0..=max_len).rev() {
             let net = IpNet::V6(Ipv6Net::new(addr, len).ok()?.trunc());
             if let Some(class) = self.peer_classes.get(&net) {
-                return Some((net, *class));
+                return Some((net, class));
             }
         }
         None

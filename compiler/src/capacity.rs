@@ -155,7 +155,7 @@ fn class_counts(state: &NodeState) -> (usize, usize) {
 /// to unmatched, which only the emptied rule sets could have told apart).
 fn drop_unused_classes(state: &mut NodeState) {
     let used: BTreeSet<u32> = state.verdicts.keys().map(|m| m.class).collect();
-    state.peer_classes.retain(|_, c| used.contains(c));
+    state.peer_classes.retain(|_, c| used.contains(&c));
 }
 
 #[cfg(test)]
@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(too_large.len(), 1);
         assert_eq!(too_large[0].rule_set, 1);
         assert_eq!(too_large[0].entries, 10);
-        assert_eq!(too_large[0].policies[0].name, "big");
+        assert_eq!(too_large[0].policies[0].name, "big".into());
         assert!(
             too_large[0].to_string().contains("default/big"),
             "{}",

@@ -21,6 +21,7 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use weir_api::PeerClasses;
 
 use super::{
     HashMap,
@@ -229,7 +230,7 @@ impl Classification {
     }
 
     /// The `peer_classes` table, given the class id of each signature.
-    pub fn peer_class_entries(&self, class_of: &[u32]) -> BTreeMap<IpNet, u32> {
+    pub fn peer_class_entries(&self, class_of: &[u32]) -> PeerClasses {
         let mut regions = BTreeMap::new();
         let mut ordered: Vec<&(IpNet, usize)> = self.regions.list.iter().collect();
         ordered.sort_by_key(|(net, _)| (matches!(net, IpNet::V6(_)), net.prefix_len()));

@@ -378,6 +378,7 @@ impl Compiler {
             };
             let cached = CachedPolicy {
                 id,
+                reference: key.policy_ref(),
                 validated: validated.clone(),
                 subject,
                 ingress,

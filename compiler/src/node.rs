@@ -194,11 +194,7 @@ impl<'a> View<'a> {
                 .map(|(id, s)| {
                     let info = RuleSetInfo {
                         direction: s.direction,
-                        policies: s
-                            .policies
-                            .iter()
-                            .map(|p| p.validated.policy.key.policy_ref())
-                            .collect(),
+                        policies: s.policies.iter().map(|p| p.reference.clone()).collect(),
                     };
                     (*id, info)
                 })
@@ -366,7 +362,7 @@ impl<'a> View<'a> {
                 };
                 for (rule, atoms) in policy.written_rules(set.direction) {
                     refs.push(RuleRef {
-                        policy: written_policy.key.policy_ref(),
+                        policy: policy.reference.clone(),
                         direction: set.direction,
                         index: rule.index,
                         tiered: tier.map(|tier| TieredRule {

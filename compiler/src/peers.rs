@@ -203,6 +203,8 @@ impl RuleAtoms {
 pub(crate) struct CachedPolicy {
     /// Persistent small id (see `PolicyIds` in the `compile` module).
     pub id: u32,
+    /// How node states name it (shared by every rule and rule set that does).
+    pub reference: weir_api::PolicyRef,
     pub validated: Arc<ValidatedPolicy>,
     /// ClusterNetworkPolicy: the `Pods` atom of its subject (the pods it applies to).
     pub subject: Option<u32>,

@@ -79,12 +79,14 @@ impl PolicyKey {
         }
     }
 
+    /// The policy as node states name it. Each call allocates its names: the compiler
+    /// makes one per policy and shares it.
     pub fn policy_ref(&self) -> PolicyRef {
-        PolicyRef {
-            kind: self.kind.as_str().to_owned(),
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-        }
+        PolicyRef::new(
+            self.kind.as_str(),
+            self.namespace.as_str(),
+            self.name.as_str(),
+        )
     }
 }
 

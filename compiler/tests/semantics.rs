@@ -262,7 +262,7 @@ spec:
     let state = &h.out.nodes["node-1"];
     assert_eq!(
         state.peer_classes.get(&weir_api::ipv4_root()),
-        Some(&0),
+        Some(0),
         "{state:#?}"
     );
 }
@@ -670,7 +670,7 @@ spec:
     );
     assert_eq!(rule_of("10.0.2.1", ICMP, 0), ("b-rules".into(), 0));
     let info = &state.rule_sets[&rs];
-    let names: Vec<&str> = info.policies.iter().map(|p| p.name.as_str()).collect();
+    let names: Vec<&str> = info.policies.iter().map(|p| &*p.name).collect();
     assert_eq!(names, ["a-rules", "b-rules"]);
     assert_eq!(info.direction, weir_api::Direction::Ingress);
 }

@@ -188,12 +188,12 @@ impl ReportedDiagnostic {
     pub fn too_large(t: &TooLarge, policy: &PolicyRef, object: ObjectRef) -> Self {
         let subject = [Subject::ClusterNetworkPolicy, Subject::HostPolicy]
             .into_iter()
-            .find(|s| policy.kind == s.kind())
+            .find(|s| *policy.kind == *s.kind())
             .unwrap_or(Subject::NetworkPolicy);
         Self {
             subject,
-            namespace: policy.namespace.clone(),
-            name: policy.name.clone(),
+            namespace: policy.namespace.to_string(),
+            name: policy.name.to_string(),
             object,
             field: "spec".into(),
             severity: Severity::Warning,

@@ -268,7 +268,7 @@ impl PolicyWrite {
         for (net, class) in &self.failed_classes {
             classes.insert(*class);
             for (outer, c) in &state.peer_classes {
-                let covers = match (outer, net) {
+                let covers = match (&outer, net) {
                     // IPv4 is looked up IPv4-mapped: short IPv6 prefixes cover it too.
                     (IpNet::V6(o), IpNet::V4(n)) => {
                         o.prefix_len() <= 96 && o.contains(&n.addr().to_ipv6_mapped())
@@ -276,7 +276,7 @@ impl PolicyWrite {
                     _ => outer.contains(net),
                 };
                 if covers {
-                    classes.insert(*c);
+                    classes.insert(c);
                 }
             }
         }
@@ -694,7 +694,7 @@ impl DataplaneMaps {
             reset_counter(&mut self.policy_drops, *id, names::POLICY_DROPS)?;
         }
         let mut w = self.write_policy_entries(
-            diff.peer_classes.upsert.iter().map(|(n, c)| (n, c)),
+            diff.peer_classes.upsert.iter().copied(),
             diff.verdicts.upsert.iter().map(|(m, v)| (m, v)),
         );
         if !w.is_complete() {
@@ -702,7 +702,7 @@ impl DataplaneMaps {
             self.remove_policy_entries(diff);
             let failed = std::mem::take(&mut w);
             w = self.write_policy_entries(
-                failed.failed_classes.iter().map(|(n, c)| (n, c)),
+                failed.failed_classes.iter().copied(),
                 failed.failed_verdicts.iter().map(|(m, v)| (m, v)),
             );
         }
@@ -723,14 +723,14 @@ impl DataplaneMaps {
     /// that failed.
     fn write_policy_entries<'a>(
         &mut self,
-        classes: impl Iterator<Item = (&'a IpNet, &'a u32)>,
+        classes: impl Iterator<Item = (IpNet, u32)>,
         verdicts: impl Iterator<Item = (&'a VerdictMatch, &'a VerdictEntry)>,
     ) -> PolicyWrite {
         let mut w = PolicyWrite::default();
         for (net, class) in classes {
-            if let Err(e) = self.set_peer_class(net, *class) {
+            if let Err(e) = self.set_peer_class(&net, class) {
                 w.first_error.get_or_insert(e.to_string());
-                w.failed_classes.push((*net, *class));
+                w.failed_classes.push((net, class));
             }
         }
         // Smallest rule sets first: when room runs out, the largest ones miss entries (and
@@ -779,7 +779,7 @@ impl DataplaneMaps {
             self.prune_policy(state);
             let failed = std::mem::take(&mut w);
             w = self.write_policy_entries(
-                failed.failed_classes.iter().map(|(n, c)| (n, c)),
+                failed.failed_classes.iter().copied(),
                 failed.failed_verdicts.iter().map(|(m, v)| (m, v)),
             );
         }
@@ -825,7 +825,7 @@ impl DataplaneMaps {
             if n.prefix_len() == n.max_prefix_len() {
                 wanted_hosts.insert(IpKey::from(n.addr()));
             } else {
-                let k = prefix_key(n);
+                let k = prefix_key(&n);
                 wanted_prefixes.insert((k.prefix_len(), k.data()));
             }
         }

@@ -89,8 +89,8 @@ impl MetricsSnapshot {
             match &r.tiered {
                 None => rule_hits.push((
                     [
-                        ("namespace".to_string(), r.policy.namespace.clone()),
-                        ("policy".to_string(), r.policy.name.clone()),
+                        ("namespace".to_string(), r.policy.namespace.to_string()),
+                        ("policy".to_string(), r.policy.name.to_string()),
                         ("direction".to_string(), direction(r.direction).to_string()),
                         ("rule".to_string(), r.index.to_string()),
                     ],
@@ -98,7 +98,7 @@ impl MetricsSnapshot {
                 )),
                 Some(t) => cluster_rule_hits.push((
                     [
-                        ("policy".to_string(), r.policy.name.clone()),
+                        ("policy".to_string(), r.policy.name.to_string()),
                         ("rule".to_string(), r.rule_name()),
                         ("direction".to_string(), direction(r.direction).to_string()),
                         ("tier".to_string(), t.tier.as_str().to_string()),
@@ -587,7 +587,7 @@ mod tests {
     fn tiered_state() -> NodeState {
         let cnp = weir_api::PolicyRef {
             kind: "ClusterNetworkPolicy".into(),
-            namespace: String::new(),
+            namespace: "".into(),
             name: "guardrail".into(),
         };
         let np = weir_api::PolicyRef {

@@ -23,14 +23,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use ipnet::IpNet;
 use weir_api::{
     Action, CLASS_UNMATCHED, EndpointPolicy, IpProto, NOT_ISOLATED, NodeState, NodeStateDiff,
-    PortPrefix, RuleRef, TableDiff, VerdictEntry, VerdictMatch,
+    PeerClasses, PortPrefix, RuleRef, TableDiff, VerdictEntry, VerdictMatch,
 };
 use weir_common::policy::FAIL_CLOSED;
 
 /// What a node's policy maps hold, as far as matching needs it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyTables {
-    pub peer_classes: BTreeMap<IpNet, u32>,
+    pub peer_classes: PeerClasses,
     pub verdicts: BTreeMap<VerdictMatch, VerdictEntry>,
     /// What each rule id refers to, where known (not after an agent restart).
     pub rules: BTreeMap<u32, RuleRef>,
@@ -130,10 +130,10 @@ fn contents(
     out
 }
 
-fn prefix_sets(peer_classes: &BTreeMap<IpNet, u32>) -> BTreeMap<u32, Vec<IpNet>> {
+fn prefix_sets(peer_classes: &PeerClasses) -> BTreeMap<u32, Vec<IpNet>> {
     let mut out: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
     for (net, class) in peer_classes {
-        out.entry(*class).or_default().push(*net);
+        out.entry(class).or_default().push(net);
     }
     out
 }
@@ -164,10 +164,11 @@ impl IdTranslation {
         let mut cursor = 1;
         for class in snapshot
             .peer_classes
-            .values()
-            .chain(snapshot.verdicts.keys().map(|m| &m.class))
+            .iter()
+            .map(|(_, c)| c)
+            .chain(snapshot.verdicts.keys().map(|m| m.class))
         {
-            t.classes.get(*class, &avoid, &mut cursor);
+            t.classes.get(class, &avoid, &mut cursor);
         }
 
         // Rule sets: the same verdicts over the matched classes.
@@ -256,7 +257,7 @@ impl IdTranslation {
             peer_classes: state
                 .peer_classes
                 .iter()
-                .map(|(n, c)| (*n, self.classes.peek(*c)))
+                .map(|(n, c)| (n, self.classes.peek(c)))
                 .collect(),
             verdicts: state
                 .verdicts
@@ -528,8 +529,8 @@ mod tests {
         let local =
             IdTranslation::for_snapshot(&snapshot, &PolicyTables::of(&applied)).state(&snapshot);
         assert_no_id_changes_meaning(&applied, &local);
-        assert_eq!(local.peer_classes[&net("10.0.1.0/24")], 1);
-        assert!(![1, 2].contains(&local.peer_classes[&net("10.0.3.0/24")]));
+        assert_eq!(local.peer_classes.get(&net("10.0.1.0/24")), Some(1));
+        assert!(![Some(1), Some(2)].contains(&local.peer_classes.get(&net("10.0.3.0/24"))));
     }
 
     #[test]

@@ -146,9 +146,9 @@ fn verdict(m: &VerdictMatch, e: &VerdictEntry) -> pb::Verdict {
 
 fn policy_ref(p: &PolicyRef) -> pb::PolicyRef {
     pb::PolicyRef {
-        kind: p.kind.clone(),
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
+        kind: p.kind.to_string(),
+        namespace: p.namespace.to_string(),
+        name: p.name.to_string(),
     }
 }
 
@@ -298,7 +298,7 @@ impl From<&NodeState> for pb::NodeState {
             peer_classes: s
                 .peer_classes
                 .iter()
-                .map(|(k, v)| peer_class(k, *v))
+                .map(|(k, v)| peer_class(&k, v))
                 .collect(),
             verdicts: s.verdicts.iter().map(|(k, v)| verdict(k, v)).collect(),
             rules: s.rules.iter().map(|(k, v)| rule(*k, v)).collect(),
@@ -494,11 +494,7 @@ fn decode_verdict(v: &pb::Verdict) -> Result<(VerdictMatch, VerdictEntry), Proto
 }
 
 fn decode_policy_ref(p: pb::PolicyRef) -> PolicyRef {
-    PolicyRef {
-        kind: p.kind,
-        namespace: p.namespace,
-        name: p.name,
-    }
+    PolicyRef::new(p.kind, p.namespace, p.name)
 }
 
 fn decode_rule(r: pb::Rule) -> Result<(u32, RuleRef), ProtoError> {
@@ -737,7 +733,7 @@ impl TryFrom<pb::NodeState> for NodeState {
     fn try_from(s: pb::NodeState) -> Result<Self, ProtoError> {
         Ok(Self {
             endpoints: collect_table("endpoints", s.endpoints, decode_endpoint)?,
-            peer_classes: collect_table("peer_classes", &s.peer_classes, decode_peer_class)?,
+            peer_classes: collect_table("peer_classes", &s.peer_classes, decode_peer_class)?.into(),
             verdicts: collect_table("verdicts", &s.verdicts, decode_verdict)?,
             rules: collect_table("rules", s.rules, decode_rule)?,
             rule_sets: collect_table("rule_sets", s.rule_sets, decode_rule_set)?,

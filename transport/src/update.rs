@@ -29,10 +29,6 @@ impl fmt::Display for StateVersion {
 
 /// One message of a `Watch` stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "diffs are most of the messages; a stream holds one update at a time"
-)]
 pub enum NodeUpdate {
     /// The full state: the first message of a stream (unless [`NodeUpdate::Unchanged`]).
     Snapshot { at: StateVersion, state: NodeState },

@@ -52,7 +52,7 @@ pub async fn views(
                         )
                     }
                 };
-                state.peer_classes = tables.peer_classes;
+                state.peer_classes = tables.peer_classes.into();
                 state.verdicts = tables.verdicts;
                 views.push(NodeView {
                     node: node.clone(),

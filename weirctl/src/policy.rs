@@ -61,7 +61,7 @@ pub fn report(views: &[NodeView], pods: &[PodInfo], key: &PodKey) -> Result<Poli
     let by_ip: BTreeMap<_, _> = crate::target::pods_by_ip(pods);
     let mut class_prefixes: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
     for (net, class) in &view.state.peer_classes {
-        class_prefixes.entry(*class).or_default().push(*net);
+        class_prefixes.entry(class).or_default().push(net);
     }
     let describe = |net: &IpNet| {
         let single = net.prefix_len() == net.max_prefix_len();

@@ -256,7 +256,7 @@ impl ClusterSync {
                     Kind::HostPolicy,
                 ]
                 .into_iter()
-                .find(|k| p.kind == k.as_str())?;
+                .find(|k| *p.kind == *k.as_str())?;
                 Some(ReportedDiagnostic::too_large(
                     t,
                     p,

@@ -47,7 +47,7 @@ fn arb_policy() -> impl Strategy<Value = PolicyRef> {
         .prop_map(|(kind, ns, name)| PolicyRef {
             kind: kind.into(),
             namespace: ns.into(),
-            name,
+            name: name.into(),
         })
 }
 
@@ -241,7 +241,7 @@ pub fn arb_node_state() -> impl Strategy<Value = NodeState> {
             |(endpoints, peer_classes, verdicts, rules, rule_sets, routes, services, prefilter)| {
                 NodeState {
                     endpoints,
-                    peer_classes,
+                    peer_classes: peer_classes.into(),
                     verdicts,
                     rules,
                     rule_sets,
