@@ -195,11 +195,7 @@ mod tests {
                 id,
                 RuleSetInfo {
                     direction: Direction::Ingress,
-                    policies: vec![PolicyRef {
-                        kind: "NetworkPolicy".into(),
-                        namespace: "default".into(),
-                        name: name.into(),
-                    }],
+                    policies: vec![PolicyRef::new("NetworkPolicy", "default", name)],
                 },
             );
         }

@@ -585,16 +585,8 @@ mod tests {
     /// A node state whose rule 9 is an Admin-tier Deny rule of a ClusterNetworkPolicy and
     /// rule 4 a NetworkPolicy rule, both in rule set 3.
     fn tiered_state() -> NodeState {
-        let cnp = weir_api::PolicyRef {
-            kind: "ClusterNetworkPolicy".into(),
-            namespace: "".into(),
-            name: "guardrail".into(),
-        };
-        let np = weir_api::PolicyRef {
-            kind: "NetworkPolicy".into(),
-            namespace: "prod".into(),
-            name: "allow-web".into(),
-        };
+        let cnp = weir_api::PolicyRef::new("ClusterNetworkPolicy", "", "guardrail");
+        let np = weir_api::PolicyRef::new("NetworkPolicy", "prod", "allow-web");
         let mut state = NodeState::default();
         state.rules.insert(
             9,

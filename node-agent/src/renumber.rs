@@ -379,11 +379,7 @@ mod tests {
 
     fn rule(policy: &str, index: u32) -> RuleRef {
         RuleRef {
-            policy: PolicyRef {
-                kind: "NetworkPolicy".into(),
-                namespace: "ns".into(),
-                name: policy.into(),
-            },
+            policy: PolicyRef::new("NetworkPolicy", "ns", policy),
             direction: Direction::Ingress,
             index,
             tiered: None,

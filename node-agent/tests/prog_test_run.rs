@@ -243,11 +243,7 @@ fn ingress_policy_allows_only_the_listed_port_and_peer() {
     );
 
     // The controller gives ids 70 and 7 new meanings: their counters start again from zero.
-    let policy = weir_api::PolicyRef {
-        kind: "NetworkPolicy".into(),
-        namespace: "default".into(),
-        name: "other".into(),
-    };
+    let policy = weir_api::PolicyRef::new("NetworkPolicy", "default", "other");
     let mut diff = weir_api::NodeStateDiff::default();
     diff.rules.upsert.push((
         70,
@@ -282,11 +278,7 @@ fn a_snapshot_keeps_the_counts_of_rules_that_mean_the_same_and_zeroes_the_others
     assert_eq!(node.sent_by_a(&syn_a_to_b(40000, 80)).0, TC_ACT_REDIRECT);
     assert_eq!(node.sent_by_a(&syn_a_to_b(40001, 81)).0, TC_ACT_REDIRECT);
     let rule = |name: &str| weir_api::RuleRef {
-        policy: weir_api::PolicyRef {
-            kind: "NetworkPolicy".into(),
-            namespace: "default".into(),
-            name: name.into(),
-        },
+        policy: weir_api::PolicyRef::new("NetworkPolicy", "default", name),
         direction: weir_api::Direction::Ingress,
         index: 0,
         tiered: None,

@@ -44,11 +44,7 @@ fn load(pins: &PinLayout) -> (Dataplane, DataplaneMaps) {
 
 fn rule(policy: &str) -> RuleRef {
     RuleRef {
-        policy: PolicyRef {
-            kind: "NetworkPolicy".into(),
-            namespace: "ns".into(),
-            name: policy.into(),
-        },
+        policy: PolicyRef::new("NetworkPolicy", "ns", policy),
         direction: Direction::Ingress,
         index: 0,
         tiered: None,

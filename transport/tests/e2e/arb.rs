@@ -44,11 +44,7 @@ fn arb_policy() -> impl Strategy<Value = PolicyRef> {
         prop::sample::select(vec!["", "default", "prod"]),
         "[a-z]{1,6}",
     )
-        .prop_map(|(kind, ns, name)| PolicyRef {
-            kind: kind.into(),
-            namespace: ns.into(),
-            name: name.into(),
-        })
+        .prop_map(|(kind, ns, name)| PolicyRef::new(kind, ns, name))
 }
 
 fn arb_direction() -> impl Strategy<Value = Direction> {
