@@ -17,6 +17,9 @@
 //! * *other node, the same 1k peers*: the same path with the same traffic in every
 //!   configuration: new flows from the first 1,000 peers (in 1,000 groups: as many classes,
 //!   verdicts and rules), so only the cluster around them grows.
+//! * *other node, a warm set of 10 peers*: the same path with new flows from the first 10
+//!   peers only, whose class, verdict and counter entries stay in cache: what the spread-out
+//!   traffic of the largest configuration is compared with (cold peers against warm ones).
 //!
 //! Two kinds of packets:
 //! * *new flow*: a SYN whose 5-tuple conntrack has not seen, so the program classifies the
@@ -128,6 +131,9 @@ impl Settings {
 /// Peers of the fixed traffic ([`Path::OtherNodeSamePeers`]).
 const SAME_PEERS: usize = 1_000;
 
+/// Peers of the warm set ([`Path::OtherNodeWarmPeers`]).
+const WARM_PEERS: usize = 10;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     SameNode,
@@ -136,6 +142,9 @@ enum Path {
     /// first [`SAME_PEERS`] peers (fewer if the configuration has fewer), which fall into as
     /// many groups, so as many distinct classes, verdicts and rules. Only the cluster grows.
     OtherNodeSamePeers,
+    /// The other-node path with new flows from the first [`WARM_PEERS`] peers only: their
+    /// entries stay in cache, whatever the configuration.
+    OtherNodeWarmPeers,
     /// [`Path::SameNode`] over IPv6.
     SameNodeV6,
     /// [`Path::OtherNodeSamePeers`] over IPv6.
@@ -143,10 +152,11 @@ enum Path {
 }
 
 impl Path {
-    const ALL: [Path; 5] = [
+    const ALL: [Path; 6] = [
         Path::SameNode,
         Path::OtherNode,
         Path::OtherNodeSamePeers,
+        Path::OtherNodeWarmPeers,
         Path::SameNodeV6,
         Path::OtherNodeSamePeersV6,
     ];
@@ -155,6 +165,7 @@ impl Path {
             Path::SameNode => "same-node",
             Path::OtherNode => "other-node",
             Path::OtherNodeSamePeers => "other-node-same-peers",
+            Path::OtherNodeWarmPeers => "other-node-warm-peers",
             Path::SameNodeV6 => "same-node-ipv6",
             Path::OtherNodeSamePeersV6 => "other-node-same-peers-ipv6",
         }
@@ -164,6 +175,7 @@ impl Path {
             Path::SameNode => "same node (from_pod)",
             Path::OtherNode => "other node (from_network)",
             Path::OtherNodeSamePeers => "other node (from_network), the same 1k peers",
+            Path::OtherNodeWarmPeers => "other node (from_network), a warm set of 10 peers",
             Path::SameNodeV6 => "same node (from_pod), IPv6",
             Path::OtherNodeSamePeersV6 => "other node (from_network), the same 1k peers, IPv6",
         }
@@ -401,6 +413,7 @@ fn run_in_private_netns(report: &mut Report, settings: &Settings) -> Result<()> 
         }
     }
     flatness_goal(report, settings);
+    cold_peers_goal(report, settings);
     ipv6_goal(report, settings);
     if let Some(c) = configs.iter().find(|c| c.cluster_policies > 0) {
         cluster_policy_goal(report, c);
@@ -459,6 +472,43 @@ fn cluster_policy_goal(report: &mut Report, c: &Config) {
     }
 }
 
+/// Records whether new flows from many peers not seen lately (the other-node path of the
+/// largest NetworkPolicy configuration, cycling over all its peers) cost at most 1.3× of new
+/// flows from a warm set of peers in the same configuration: what cache misses on the
+/// class, verdict and counter entries add.
+fn cold_peers_goal(report: &mut Report, settings: &Settings) {
+    let Some(&(p, q)) = settings.configs.iter().max_by_key(|(p, q)| p * q) else {
+        return;
+    };
+    let warm = report.stats(&key(Path::OtherNodeWarmPeers, Flow::New, &np_id(p, q)));
+    let cold = report.stats(&key(Path::OtherNode, Flow::New, &np_id(p, q)));
+    let (measured, met) = match (warm, cold) {
+        (Some(w), Some(c)) => {
+            let r = c.median / w.median;
+            (
+                format!(
+                    "warm set {:.0} → {} cold peers {:.0} ns/packet ({r:.2}×)",
+                    w.median,
+                    count(q),
+                    c.median
+                ),
+                Some(r <= 1.30),
+            )
+        }
+        _ => ("—".into(), None),
+    };
+    report.goals.push(Goal {
+        goal: format!(
+            "new flows from {} cold peers at {} policies × {} peers ≤ 1.3× of a warm set of {WARM_PEERS} peers (other node, from_network)",
+            count(q),
+            count(p),
+            count(q)
+        ),
+        measured,
+        met,
+    });
+}
+
 /// Records whether IPv6 costs what IPv4 does: new flows over IPv6 within 1.15× of IPv4 in
 /// the largest NetworkPolicy configuration, per path.
 fn ipv6_goal(report: &mut Report, settings: &Settings) {
@@ -504,8 +554,8 @@ fn ipv6_goal(report: &mut Report, settings: &Settings) {
 /// client in every configuration, and on the fixed-traffic path the same 1k peers; both are
 /// compared from the smallest configuration that carries that traffic (10 × 10, and 1k × 1k)
 /// to the largest. The other-node path, whose traffic spreads over every peer (10 in the
-/// smallest configuration, 10k in the largest), is reported as a figure without a goal:
-/// it compares warm caches with cold ones (see docs/benchmarks.md).
+/// smallest configuration, 10k in the largest), compares warm caches with cold ones: its
+/// goal is [`cold_peers_goal`], against a warm set in the same configuration.
 fn flatness_goal(report: &mut Report, settings: &Settings) {
     let id = |(p, q): (usize, usize)| format!("{p}-policies-{q}-peers");
     for path in [Path::SameNode, Path::OtherNodeSamePeers] {
@@ -644,7 +694,9 @@ fn load(policies: usize, peers: usize, cnps: usize, ifs: &Interfaces) -> Result<
 
 /// The peers whose new flows an other-node path cycles through.
 fn path_peers(c: &Config, path: Path) -> usize {
-    if path.same_peers() {
+    if path == Path::OtherNodeWarmPeers {
+        c.peers.min(WARM_PEERS)
+    } else if path.same_peers() {
         c.peers.min(SAME_PEERS)
     } else {
         c.peers
