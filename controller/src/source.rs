@@ -205,16 +205,21 @@ pub const SYNC_FILE: &str = ".weir-sync";
 #[derive(Debug)]
 struct FileState {
     stamp: (SystemTime, u64),
-    objects: Vec<Object>,
+    /// The file's objects by key (a later document wins over an earlier one).
+    objects: BTreeMap<ObjectKey, Object>,
 }
 
 /// A directory of manifests, scanned incrementally: only files whose modification time or
-/// size changed are parsed again. A file that fails to parse keeps its previous objects (a
-/// typo in one file never removes what other files, or the last good version, declared).
+/// size changed are parsed again, and only the objects those files declare (or declared)
+/// are compared, so a change costs the changed files, not the directory. A file that fails
+/// to parse keeps its previous objects (a typo in one file never removes what other files,
+/// or the last good version, declared).
 #[derive(Debug)]
 pub struct ManifestDir {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The files that declare each object; the last in path order wins.
+    declared_in: BTreeMap<ObjectKey, std::collections::BTreeSet<PathBuf>>,
     current: BTreeMap<ObjectKey, Object>,
 }
 
@@ -230,6 +235,7 @@ impl ManifestDir {
         Self {
             root: root.into(),
             files: BTreeMap::new(),
+            declared_in: BTreeMap::new(),
             current: BTreeMap::new(),
         }
     }
@@ -253,6 +259,8 @@ impl ManifestDir {
         let mut seen = std::collections::HashSet::new();
         let mut paths = Vec::new();
         walk(&self.root, &mut paths);
+        // The objects whose declaring files changed: only they can have changed.
+        let mut touched = std::collections::BTreeSet::new();
         for path in paths {
             let Ok(meta) = fs::metadata(&path) else {
                 continue;
@@ -274,31 +282,69 @@ impl ManifestDir {
                 .and_then(|text| parse_manifests(&name, &text));
             match parsed {
                 Ok(objects) => {
+                    let objects: BTreeMap<ObjectKey, Object> =
+                        objects.into_iter().map(|o| (o.key(), o)).collect();
+                    self.forget_file(&path, &mut touched);
+                    for k in objects.keys() {
+                        self.declared_in
+                            .entry(k.clone())
+                            .or_default()
+                            .insert(path.clone());
+                        touched.insert(k.clone());
+                    }
                     self.files.insert(path, FileState { stamp, objects });
                 }
                 Err(e) => scan.errors.push(e),
             }
         }
-        self.files.retain(|p, _| seen.contains(p));
-        // Later files win when two declare the same object.
-        let mut desired: BTreeMap<ObjectKey, Object> = BTreeMap::new();
-        for f in self.files.values() {
-            for o in &f.objects {
-                desired.insert(o.key(), o.clone());
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.forget_file(&path, &mut touched);
+            self.files.remove(&path);
+        }
+        for k in touched {
+            // Later files win when two declare the same object.
+            let desired = self
+                .declared_in
+                .get(&k)
+                .and_then(|paths| paths.last())
+                .and_then(|p| self.files.get(p))
+                .and_then(|f| f.objects.get(&k));
+            match desired {
+                Some(o) if self.current.get(&k) != Some(o) => {
+                    scan.changes.push(Change::Upsert(Box::new(o.clone())));
+                    self.current.insert(k, o.clone());
+                }
+                Some(_) => {}
+                None => {
+                    if self.current.remove(&k).is_some() {
+                        scan.changes.push(Change::Delete(k));
+                    }
+                }
             }
         }
-        for (k, o) in &desired {
-            if self.current.get(k) != Some(o) {
-                scan.changes.push(Change::Upsert(Box::new(o.clone())));
-            }
-        }
-        for k in self.current.keys() {
-            if !desired.contains_key(k) {
-                scan.changes.push(Change::Delete(k.clone()));
-            }
-        }
-        self.current = desired;
         scan
+    }
+
+    /// Drops `path`'s objects from the index of declaring files, noting them as touched.
+    fn forget_file(&mut self, path: &Path, touched: &mut std::collections::BTreeSet<ObjectKey>) {
+        let Some(old) = self.files.get(path) else {
+            return;
+        };
+        for k in old.objects.keys() {
+            if let Some(paths) = self.declared_in.get_mut(k) {
+                paths.remove(path);
+                if paths.is_empty() {
+                    self.declared_in.remove(k);
+                }
+            }
+            touched.insert(k.clone());
+        }
     }
 }
 
@@ -377,6 +423,48 @@ items:
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("f.yaml: document 2"), "{err}");
+    }
+
+    #[test]
+    fn the_last_file_declaring_an_object_wins_and_the_earlier_one_takes_over_when_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| fs::write(dir.path().join(name), text).unwrap();
+        let ns = |labels: &str| {
+            format!("kind: Namespace\nmetadata: {{name: x, labels: {{{labels}}}}}\n")
+        };
+        let labels_of = |c: &Change| match c {
+            Change::Upsert(o) => match &**o {
+                Object::Namespace(n) => n.metadata.labels.clone().unwrap_or_default(),
+                other => panic!("not a namespace: {other:?}"),
+            },
+            other => panic!("not an upsert: {other:?}"),
+        };
+        write("a.yaml", &ns("from: a"));
+        write("b.yaml", &ns("from: b"));
+        write("c.yaml", "kind: Namespace\nmetadata: {name: other}\n");
+        let mut m = ManifestDir::new(dir.path());
+        let first = m.scan();
+        assert_eq!(first.changes.len(), 2, "{:?}", first.changes);
+        assert_eq!(labels_of(&first.changes[1])["from"], "b");
+
+        // Editing the file that lost changes nothing.
+        write("a.yaml", &ns("from: a2"));
+        assert!(m.scan().changes.is_empty());
+
+        // The winner goes: the other declaration takes over; then it goes too.
+        fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        let fallback = m.scan();
+        assert_eq!(fallback.changes.len(), 1, "{:?}", fallback.changes);
+        assert_eq!(labels_of(&fallback.changes[0])["from"], "a2");
+        fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(
+            m.scan().changes,
+            vec![Change::Delete(ObjectKey {
+                kind: "Namespace",
+                namespace: String::new(),
+                name: "x".into()
+            })]
+        );
     }
 
     #[test]

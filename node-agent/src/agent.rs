@@ -291,6 +291,13 @@ pub struct Agent {
     xdp: Option<(String, XdpMode)>,
     /// The last attempt to attach it failed; not tried again while it stays wanted.
     xdp_refused: bool,
+    /// The uplink is known to hold no XDP program of weir's (a previous run's pinned link
+    /// included): nothing to detach until one is attached.
+    xdp_detached: bool,
+    /// With `--uplink-xdp off`, the warning that the prefilter or untracked host rules are
+    /// not enforced was given for the present state; given again only once they went away
+    /// and came back.
+    xdp_off_warned: bool,
     /// The prefilter file as last read.
     prefilter: Option<crate::prefilter::PrefilterList>,
     /// The controller's prefilter (its DropCIDRSets), once a state has been applied: until
@@ -453,6 +460,8 @@ impl Agent {
             incomplete_rule_sets: Default::default(),
             xdp: None,
             xdp_refused: false,
+            xdp_detached: false,
+            xdp_off_warned: false,
             prefilter: None,
             prefilter_cluster: None,
             prefilter_ids: BTreeMap::new(),
@@ -655,6 +664,7 @@ impl Agent {
                 Ok(mode) => {
                     info!(uplink = %ifname, mode = mode.as_str(), prefixes = self.prefilter_ids.len(), untracked, "XDP program attached to the uplink");
                     self.xdp = Some((ifname, mode));
+                    self.xdp_detached = false;
                 }
                 Err(e) => {
                     warn!(uplink = %ifname, error = %e, "no XDP on the uplink: the prefilter and untracked host rules are off; TC checks the rest");
@@ -664,22 +674,29 @@ impl Agent {
         } else if !want {
             self.xdp_refused = false;
             let had = self.xdp.take();
-            match self.dp.detach_uplink_xdp(&ifname) {
-                Ok(()) if had.is_some() => {
-                    info!(uplink = %ifname, "XDP program detached from the uplink: nothing left for it to drop");
+            if had.is_some() || !self.xdp_detached {
+                match self.dp.detach_uplink_xdp(&ifname) {
+                    Ok(()) => {
+                        self.xdp_detached = true;
+                        if had.is_some() {
+                            info!(uplink = %ifname, "XDP program detached from the uplink: nothing left for it to drop");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(uplink = %ifname, error = %e, "detaching the uplink's XDP program")
+                    }
                 }
-                Ok(()) => {}
-                Err(e) => warn!(uplink = %ifname, error = %e, "detaching the uplink's XDP program"),
             }
-            if self.cfg.uplink_xdp == UplinkXdp::Off
-                && (!self.prefilter_ids.is_empty() || untracked)
-            {
+            let unenforced = self.cfg.uplink_xdp == UplinkXdp::Off
+                && (!self.prefilter_ids.is_empty() || untracked);
+            if unenforced && !self.xdp_off_warned {
                 warn!(
                     prefixes = self.prefilter_ids.len(),
                     untracked,
                     "XDP is off on the uplink: the prefilter and untracked host rules are not enforced"
                 );
             }
+            self.xdp_off_warned = unenforced;
         }
     }
 
