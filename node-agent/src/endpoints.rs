@@ -12,8 +12,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use weir_api::PodKey;
+use weir_cni::spec::PortMapping;
 
-use crate::{host_ports::HostPort, podnet::PodInterface};
+use crate::podnet::PodInterface;
 
 /// One pod attachment (CNI: container id + interface name).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +30,15 @@ pub struct LocalEndpoint {
     /// The pod's hostPorts (CNI `portMappings`), served as NodePort-like frontends.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_ports: Vec<HostPort>,
+}
+
+/// One of an endpoint's host ports, with the Service id its frontend carries (ids from
+/// [`crate::host_ports::IDS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    #[serde(flatten)]
+    pub mapping: PortMapping,
+    pub id: u32,
 }
 
 pub type AttachmentId = (String, String);

@@ -29,13 +29,13 @@ use std::{
 
 use ipnet::IpNet;
 
-use serde::{Deserialize, Serialize};
 use weir_api::{
     BackendState, FrontendKind, ServiceBackend, ServiceEntry, ServiceFrontend, ServiceRef,
     TableDiff,
 };
 use weir_cni::spec::PortMapping;
 
+pub use crate::endpoints::HostPort;
 use crate::endpoints::LocalEndpoint;
 
 /// Service ids reserved for host ports (the controller's count up from 1).
@@ -44,14 +44,6 @@ pub const IDS: RangeInclusive<u32> = 0x8000_0000..=u32::MAX;
 /// What the flow events and metrics call a host port's Service: `hostPort/<ns>/<pod>`
 /// (`hostPort/<container id>` for a container that is not a Kubernetes pod).
 pub const NAME_PREFIX: &str = "hostPort";
-
-/// One of an endpoint's host ports, with the Service id its frontend carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostPort {
-    #[serde(flatten)]
-    pub mapping: PortMapping,
-    pub id: u32,
-}
 
 /// Why a pod's host ports cannot be served.
 #[derive(Debug, thiserror::Error)]
