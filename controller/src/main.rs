@@ -167,6 +167,11 @@ fn node_cidr_allocator(args: &Args) -> Result<NodeCidrAllocator> {
     Ok(NodeCidrAllocator::per_family(&families)?)
 }
 
+/// mimalloc: the compile allocates and frees millions of small objects, and glibc's
+/// allocator spent about a third of a full compile's time on them (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()

@@ -142,6 +142,11 @@ impl Cmd {
     }
 }
 
+/// The controller's allocator, so that the compile benchmarks measure what it does.
+#[cfg(feature = "bench")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if cli.command.needs_setup() {
